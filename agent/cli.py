@@ -1,0 +1,160 @@
+"""The ``vetd`` command.
+
+Node-side subcommands (``agent``, ``check``) need only the agent's light
+dependencies. Controller-side ones import ``vetd.controller`` lazily and say
+how to install ``vetd[controller]`` when it is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from vetd.agent import __version__
+
+EXIT_VETD = 2
+
+DEFAULT_AGENT_CONFIG = "/etc/vetd/agent.toml"
+DEFAULT_CONTROLLER_CONFIG = "/etc/vetd/controller.toml"
+
+
+def _agent_config_path(value: str | None) -> Path | None:
+    """An explicit --config, else $VETD_CONFIG, else /etc/vetd/agent.toml if present."""
+    chosen = value or os.environ.get("VETD_CONFIG")
+    if chosen:
+        return Path(chosen)
+    default = Path(DEFAULT_AGENT_CONFIG)
+    return default if default.exists() else None
+
+
+def _controller_config_path(value: str | None) -> Path:
+    return Path(value or os.environ.get("VETD_CONTROLLER_CONFIG") or DEFAULT_CONTROLLER_CONFIG)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vetd",
+        description="Node health for GPU clusters: vet nodes, exclude bad ones, bring them back.",
+    )
+    parser.add_argument("--version", action="version", version=f"vetd {__version__}")
+    parser.add_argument("--log-level", default=os.environ.get("VETD_LOG_LEVEL", "info"),
+                        help="debug, info, warning or error (env VETD_LOG_LEVEL)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    agent = sub.add_parser("agent", help="run the node daemon (systemd service)",
+                           description="Run the node daemon: scheduled checks and telemetry, "
+                           "streamed to the controller over MQTT. Env VETD_BROKER, VETD_CLUSTER "
+                           "and VETD_NODE override the config file.")
+    agent.add_argument("--config", help=f"agent TOML config (default $VETD_CONFIG or {DEFAULT_AGENT_CONFIG})")
+
+    check = sub.add_parser("check", help="run checks once on this node (prolog, preflight)",
+                           description="Run checks once on this node and print the results. "
+                           "Exit 0: all pass or warn; 1: a check failed, errored or timed out; "
+                           "2: vetd itself could not run.")
+    check.add_argument("--config", help=f"agent TOML config (default $VETD_CONFIG or {DEFAULT_AGENT_CONFIG})")
+    check.add_argument("--profile", help="run the checks of this profile (prolog, periodic, full)")
+    check.add_argument("--json", action="store_true", help="one JSON object per result per line")
+    check.add_argument("--list", action="store_true", help="list the available checks and exit")
+    check.add_argument("checks", nargs="*", metavar="CHECK", help="checks to run (default: all)")
+
+    controller = sub.add_parser("controller", help="run the central controller",
+                                description="Subscribe to the agents' results, keep fleet state, "
+                                "apply rules, drain bad nodes and alert. Env VETD_BROKER overrides "
+                                "the broker.")
+    controller.add_argument("--config", help=f"controller TOML config (default {DEFAULT_CONTROLLER_CONFIG})")
+
+    nodes = sub.add_parser("nodes", help="show every node's state",
+                           description="Node, state, online, last seen, failing checks, exclusion reason.")
+    nodes.add_argument("--config", help=f"controller TOML config (default {DEFAULT_CONTROLLER_CONFIG})")
+    nodes.add_argument("--json", action="store_true", help="a JSON array instead of a table")
+
+    node = sub.add_parser("node", help="show one node in detail",
+                          description="One node's state, latest results and audit history.")
+    node.add_argument("name")
+    node.add_argument("--config", help=f"controller TOML config (default {DEFAULT_CONTROLLER_CONFIG})")
+    node.add_argument("--json", action="store_true", help="JSON instead of text")
+
+    excluded = sub.add_parser("excluded", help="nodes vetd has excluded (for srun --exclude)",
+                              description="Print the nodes vetd has excluded, folded as a hostlist "
+                              "(nid[002,017-018]) ready for srun --exclude, one per line, or JSON.")
+    excluded.add_argument("--config", help=f"controller TOML config (default {DEFAULT_CONTROLLER_CONFIG})")
+    excluded.add_argument("--format", choices=("hostlist", "lines", "json"), default="hostlist")
+
+    rules = sub.add_parser("rules", help="validate rule files",
+                           description="Work with controller rule files.")
+    rules_sub = rules.add_subparsers(dest="rules_command", required=True, metavar="ACTION")
+    rules_check = rules_sub.add_parser("check", help="validate rule files (file, line, rule, CEL error)")
+    rules_check.add_argument("files", nargs="+", metavar="FILE")
+
+    up = sub.add_parser("up", help="run everything on this machine with embedded defaults",
+                        description="One-machine vetd: an embedded MQTT broker on 127.0.0.1, the "
+                        "controller with SQLite state and the default rules, and an agent for this "
+                        "machine. Prints where things are, then the node table as it changes.")
+    up.add_argument("--state-dir", default=os.environ.get("VETD_STATE_DIR", "vetd-state"),
+                    help="where the database, configs and logs go (default ./vetd-state)")
+    up.add_argument("--port", type=int, default=0, help="broker port (default: a free one)")
+    up.add_argument("--interval", default="10s", help="check interval of the local agent (default 10s)")
+    up.add_argument("--duration", default=None, help="stop after this long (e.g. 30s); default: until Ctrl-C")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from vetd.agent import logs
+    from vetd.agent.configfile import ConfigError
+
+    logs.setup(args.log_level)
+    try:
+        return _dispatch(args)
+    except ConfigError as exc:
+        print(f"vetd: config error: {exc}", file=sys.stderr)
+        return EXIT_VETD
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "agent":
+        from vetd.agent.daemon import run_agent
+
+        return run_agent(_agent_config_path(args.config))
+    if args.command == "check":
+        return _check(args)
+    try:
+        from vetd.controller import cli as controller_cli
+    except ImportError as exc:
+        print(f"vetd: '{args.command}' needs the controller extra: pip install 'vetd[controller]' ({exc})",
+              file=sys.stderr)
+        return EXIT_VETD
+    return controller_cli.dispatch(args, _controller_config_path(getattr(args, "config", None)))
+
+
+def _check(args: argparse.Namespace) -> int:
+    from vetd.agent import oneshot
+    from vetd.agent.config import load_agent_config
+    from vetd.agent.configfile import ConfigError
+    from vetd.agent.pluginhost import PluginError, PluginHost
+
+    try:
+        config = load_agent_config(_agent_config_path(args.config))
+        if args.list:
+            for check in PluginHost(config).register_checks():
+                print(f"{check.name:24} {check.plugin:12} {','.join(sorted(check.profiles)):24} {check.description}")
+            return 0
+        return oneshot.main(config, args.checks, args.profile, args.json)
+    except ConfigError as exc:
+        print(f"vetd: config error: {exc}", file=sys.stderr)
+        return EXIT_VETD
+    except (oneshot.SelectionError, PluginError) as exc:
+        print(f"vetd: {exc}", file=sys.stderr)
+        return EXIT_VETD
+    except Exception as exc:  # noqa: BLE001 - exit 2 means "vetd itself failed", never 1
+        print(f"vetd: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_VETD
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Agent configuration (``/etc/vetd/agent.toml``).
+
+Environment overrides, applied after the file: ``VETD_BROKER``
+(``mqtt://host:port``), ``VETD_CLUSTER``, ``VETD_NODE``. The node name defaults
+to the short host name, which is what Slurm calls the node on most sites.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import msgspec
+
+from vetd.agent.configfile import ConfigError, Duration, convert, read_toml
+from vetd.agent.protocol import valid_name
+
+
+class BrokerAddress(msgspec.Struct, frozen=True):
+    host: str
+    port: int
+
+
+def parse_broker(url: str) -> BrokerAddress:
+    """Parse ``mqtt://host[:port]`` (port 1883 when absent)."""
+    parts = urlsplit(url if "://" in url else f"mqtt://{url}")
+    if parts.scheme != "mqtt":
+        raise ValueError(f"unsupported broker scheme {parts.scheme!r} (use mqtt://host:port)")
+    if not parts.hostname:
+        raise ValueError(f"broker URL {url!r} has no host")
+    try:
+        port = parts.port or 1883
+    except ValueError as exc:
+        raise ValueError(f"broker URL {url!r}: {exc}") from exc
+    return BrokerAddress(parts.hostname, port)
+
+
+class CheckOverride(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``[checks.NAME]``: an operator's override of a check's schedule."""
+
+    enabled: bool = True
+    interval: Duration | None = None
+    timeout: Duration | None = None
+
+
+class AgentSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    cluster: str = "default"
+    #: Empty: the short host name.
+    node: str = ""
+    broker: str = "mqtt://127.0.0.1:1883"
+    #: Default interval of periodic checks; a check may set its own.
+    interval: Duration = Duration(60.0)
+    telemetry_interval: Duration = Duration(10.0)
+    #: Fraction of an interval each run is shifted by at random (0 to 0.5).
+    jitter: float = 0.1
+    #: How long in-flight checks may finish after SIGTERM.
+    shutdown_grace: Duration = Duration(5.0)
+    #: Plugins not to load, by name (``host``, or a third party's name).
+    disable_plugins: list[str] = []
+    #: Extra plugin modules to import and register, by dotted module name.
+    load_plugins: list[str] = []
+    #: Static labels sent in the birth message (partition, rack…).
+    labels: dict[str, str] = {}
+    #: Bound on messages held while the broker is unreachable.
+    outbox_limit: int = 10000
+
+
+class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    agent: AgentSection = msgspec.field(default_factory=AgentSection)
+    #: ``[plugins.NAME]`` tables, decoded by the plugin that owns them.
+    plugins: dict[str, dict[str, Any]] = {}
+    checks: dict[str, CheckOverride] = {}
+    #: Where this config came from (for error messages), not a TOML key.
+    source: str = "<defaults>"
+    source_text: str = ""
+
+    @property
+    def broker(self) -> BrokerAddress:
+        return parse_broker(self.agent.broker)
+
+
+def short_hostname() -> str:
+    return socket.gethostname().split(".")[0]
+
+
+def load_agent_config(path: Path | str | None, environ: dict[str, str] | None = None) -> AgentConfig:
+    """Load and validate the agent config, then apply environment overrides."""
+    env = os.environ if environ is None else environ
+    if path is None:
+        data: dict[str, Any] = {}
+        text, source = "", "<defaults>"
+    else:
+        data, text = read_toml(Path(path))
+        source = str(path)
+    data.pop("source", None)
+    data.pop("source_text", None)
+    config = convert(data, AgentConfig, path=source, text=text)
+    section = config.agent
+    overrides = {
+        "broker": env.get("VETD_BROKER"),
+        "cluster": env.get("VETD_CLUSTER"),
+        "node": env.get("VETD_NODE"),
+    }
+    section = msgspec.structs.replace(section, **{k: v for k, v in overrides.items() if v})
+    if not section.node:
+        section = msgspec.structs.replace(section, node=short_hostname())
+    for key in ("cluster", "node"):
+        value = getattr(section, key)
+        if not valid_name(value):
+            raise ConfigError(
+                f"{source}: agent.{key}: {value!r} is not a valid name "
+                "(letters, digits, '_', '.', '-'; at most 64)"
+            )
+    try:
+        parse_broker(section.broker)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: agent.broker: {exc}") from exc
+    if not 0 <= section.jitter <= 0.5:
+        raise ConfigError(f"{source}: agent.jitter: must be between 0 and 0.5")
+    if section.interval <= 0 or section.telemetry_interval <= 0:
+        raise ConfigError(f"{source}: agent.interval: intervals must be > 0")
+    return msgspec.structs.replace(config, agent=section, source=source, source_text=text)

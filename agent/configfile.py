@@ -1,0 +1,139 @@
+"""Typed configuration files: TOML decoded into msgspec Structs.
+
+Shared by the agent, the controller and every plugin's config table, so that a
+bad file always fails the same way: ``ConfigError`` naming the file, the line
+and the key (``/etc/vetd/agent.toml:12: plugins.host.min_memory_fraction: …``).
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+
+T = TypeVar("T")
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; the message says where and why."""
+
+
+class Duration(float):
+    """Seconds, written in config as a number or ``"500ms"``, ``"10s"``, ``"5m"``, ``"1h"``."""
+
+
+def parse_duration(value: object) -> Duration:
+    """Parse a config duration; raise ``ValueError`` on anything else."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as \"10s\"")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION.match(value)):
+        seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    else:
+        raise ValueError(f"expected a duration such as \"500ms\", \"10s\" or \"5m\", got {value!r}")
+    if not seconds >= 0 or seconds == float("inf"):
+        raise ValueError(f"duration must be a finite number of seconds >= 0, got {value!r}")
+    return Duration(seconds)
+
+
+def _dec_hook(type_: type, value: object) -> object:
+    if type_ is Duration:
+        return parse_duration(value)
+    raise NotImplementedError(f"unsupported config type {type_!r}")
+
+
+def _key_path(error: msgspec.ValidationError, prefix: str) -> tuple[str, str]:
+    """Turn msgspec's ``… - at `$.a.b``` into ``("prefix.a.b", message)``."""
+    text = str(error)
+    message, _, where = text.partition(" - at `$")
+    where = where.rstrip("`").replace("[...]", "")
+    keys = [part for part in re.split(r"[.\[\]]", where) if part and not part.isdigit()]
+    unknown = re.search(r"unknown field `([^`]+)`", message)
+    if unknown:
+        keys.append(unknown.group(1))
+    missing = re.search(r"missing required field `([^`]+)`", message)
+    if missing:
+        keys.append(missing.group(1))
+    path = ".".join(part for part in [prefix, *keys] if part)
+    return path, message
+
+
+def find_line(text: str, key_path: str) -> int | None:
+    """Best-effort line number of a dotted key in TOML ``text``.
+
+    Finds the deepest ``[table]`` header that prefixes the key, then the key
+    assignment inside it; falls back to the table header itself.
+    """
+    if not key_path:
+        return None
+    parts = key_path.split(".")
+    lines = text.splitlines()
+    best: int | None = None
+    for split in range(len(parts), -1, -1):
+        table, keys = parts[:split], parts[split:]
+        header_line = 0
+        if table:
+            header = re.compile(r"^\s*\[\s*" + r"\s*\.\s*".join(map(re.escape, table)) + r"\s*\]\s*(#.*)?$")
+            found = [i for i, line in enumerate(lines) if header.match(line)]
+            if not found:
+                continue
+            header_line = found[0] + 1
+        if not keys:
+            best = header_line or None
+            break
+        assignment = re.compile(r"^\s*" + r"\s*\.\s*".join(map(re.escape, keys[:1])) + r"\s*[=.]")
+        end = next(
+            (i for i in range(header_line, len(lines)) if lines[i].lstrip().startswith("[")),
+            len(lines),
+        )
+        for i in range(header_line, end):
+            if assignment.match(lines[i]):
+                return i + 1
+        if table:
+            best = header_line
+            break
+    return best
+
+
+def where(path: Path | str, text: str, key: str) -> str:
+    """``file:line: key`` (line omitted when it cannot be found)."""
+    line = find_line(text, key)
+    return f"{path}:{line}: {key}" if line else f"{path}: {key}"
+
+
+def read_toml(path: Path) -> tuple[dict[str, Any], str]:
+    """Read a TOML file, or raise :class:`ConfigError` naming the file and line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text: {exc}") from exc
+    try:
+        return tomllib.loads(text), text
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+
+
+def convert(
+    data: Mapping[str, Any] | Any,
+    type_: type[T],
+    *,
+    path: Path | str,
+    text: str = "",
+    prefix: str = "",
+) -> T:
+    """Convert decoded TOML into ``type_``; a mismatch names file, line and key."""
+    try:
+        return msgspec.convert(data, type_, dec_hook=_dec_hook)
+    except msgspec.ValidationError as exc:
+        key, message = _key_path(exc, prefix)
+        raise ConfigError(f"{where(path, text, key)}: {message}") from exc

@@ -1,0 +1,318 @@
+"""``vetd agent``: the node daemon.
+
+One root TaskGroup holds every task, each named: the transport, the watchdog,
+and a *schedule* (a TaskGroup of its own with one loop per check and per
+telemetry source). SIGHUP builds a new schedule from the re-read config and
+swaps it in; a bad config is logged and the running one kept. SIGTERM/SIGINT
+stop new runs, give in-flight checks ``shutdown_grace`` to finish and be sent,
+publish the retained offline state, and return.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import signal
+import time
+from pathlib import Path
+
+import structlog
+
+from vetd.agent.checks import Check, CheckRunner, TelemetrySource, clip, in_thread
+from vetd.agent.config import AgentConfig, load_agent_config
+from vetd.agent.configfile import ConfigError
+from vetd.agent.pluginhost import PluginError, PluginHost
+from vetd.agent.protocol import Command, Reply, Result, Telemetry
+from vetd.agent.systemd import Notifier
+from vetd.agent.transport import Identity, Outbox, Transport
+
+log = structlog.get_logger("vetd.agent")
+
+#: Longest a check waits before its first run after (re)start.
+FIRST_RUN_SPREAD_S = 5.0
+
+
+class Schedule:
+    """What runs, built from one config: checks, telemetry and their timing."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.plugins = PluginHost(config)
+        self.checks = self.plugins.register_checks()
+        self.telemetry = self.plugins.register_telemetry()
+        self.labels = {**self.plugins.node_labels(), **config.agent.labels}
+
+    def periodic(self) -> list[tuple[Check, float, float]]:
+        """``(check, interval, timeout)`` of every enabled periodic check."""
+        selected = []
+        for check in self.checks:
+            override = self.config.checks.get(check.name)
+            if "periodic" not in check.profiles or (override is not None and not override.enabled):
+                continue
+            interval = check.interval or self.config.agent.interval
+            timeout = check.timeout
+            if override is not None:
+                interval = override.interval or interval
+                timeout = override.timeout or timeout
+            selected.append((check, float(interval), float(timeout)))
+        return selected
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, config_path: Path | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.identity = Identity(config.agent.cluster, config.agent.node)
+        self.outbox = Outbox(config.agent.outbox_limit)
+        self.schedule = Schedule(config)
+        self.runner = CheckRunner()
+        self.transport = Transport(
+            config.broker,
+            self.identity,
+            self.outbox,
+            birth=self._birth,
+            on_command=self._on_command,
+        )
+        self.notifier = Notifier()
+        self.stop = asyncio.Event()
+        self.reload = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._inflight = 0
+
+    def _birth(self):  # type: ignore[no-untyped-def]
+        return self.identity.state(
+            True,
+            labels=self.schedule.labels,
+            checks=self.schedule.checks.names(),
+        )
+
+    def emit_result(self, check: Check, outcome_list, started: float, duration: float) -> None:  # type: ignore[no-untyped-def]
+        for outcome in outcome_list:
+            self.transport.send(
+                Result(
+                    cluster=self.identity.cluster,
+                    node=self.identity.node,
+                    session=self.identity.session,
+                    seq=self.identity.next_seq(),
+                    ts=started,
+                    check=check.name,
+                    status=outcome.status,
+                    entity=outcome.entity,
+                    codes=outcome.codes,
+                    metrics=outcome.metrics,
+                    message=outcome.message,
+                    duration_s=round(duration, 6),
+                    profile="periodic",
+                )
+            )
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def run(self, *, signals: bool = True) -> int:
+        """Run until ``stop`` is set (by SIGTERM/SIGINT when ``signals``)."""
+        loop = asyncio.get_running_loop()
+        if signals:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, self.stop.set)
+            loop.add_signal_handler(signal.SIGHUP, self.reload.set)
+        structlog.contextvars.bind_contextvars(node=self.identity.node)
+        log.info("agent_starting", cluster=self.identity.cluster, session=self.identity.session,
+                 broker=self.config.agent.broker, plugins=self.schedule.plugins.names(),
+                 checks=self.schedule.checks.names())
+        try:
+            async with asyncio.TaskGroup() as group:
+                transport = group.create_task(self.transport.run(), name="vetd.transport")
+                watchdog = None
+                if self.notifier.watchdog_s:
+                    watchdog = group.create_task(self._watchdog(), name="vetd.watchdog")
+                await self._main(group)
+                if await self.transport.publish_offline("agent stopped"):
+                    log.info("offline_published")
+                transport.cancel()
+                if watchdog is not None:
+                    watchdog.cancel()
+        finally:
+            if signals:
+                for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                    loop.remove_signal_handler(signum)
+        log.info("agent_stopped", unsent=len(self.outbox))
+        return 0
+
+    async def _main(self, group: asyncio.TaskGroup) -> None:
+        schedule_task = group.create_task(self._run_schedule(self.schedule), name="vetd.schedule")
+        self.notifier.notify("READY=1")
+        while True:
+            stop = asyncio.create_task(self.stop.wait(), name="vetd.wait_stop")
+            reload = asyncio.create_task(self.reload.wait(), name="vetd.wait_reload")
+            await asyncio.wait({stop, reload}, return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            reload.cancel()
+            if self.stop.is_set():
+                break
+            self.reload.clear()
+            new = self._reloaded()
+            if new is not None:
+                self._stopping.set()
+                schedule_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await schedule_task
+                self._stopping.clear()
+                self.schedule = new
+                self.config = new.config
+                schedule_task = group.create_task(self._run_schedule(new), name="vetd.schedule")
+                self.notifier.notify("READY=1")
+        self.notifier.notify("STOPPING=1")
+        log.info("agent_stopping", inflight=self._inflight, grace_s=self.config.agent.shutdown_grace)
+        self._stopping.set()
+        grace = float(self.config.agent.shutdown_grace)
+        deadline = time.monotonic() + grace
+        while self._inflight and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        schedule_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await schedule_task
+        # Give what the last checks produced a moment to reach the broker.
+        if self.transport.connected.is_set():
+            await self.outbox.drained(max(0.0, min(2.0, deadline - time.monotonic())))
+
+    def _reloaded(self) -> Schedule | None:
+        self.notifier.notify("RELOADING=1")
+        try:
+            config = load_agent_config(self.config_path)
+            schedule = Schedule(config)
+        except (ConfigError, PluginError) as exc:
+            log.error("reload_failed", error=str(exc))
+            self.notifier.notify("READY=1")
+            return None
+        for key in ("broker", "cluster", "node"):
+            if getattr(config.agent, key) != getattr(self.config.agent, key):
+                log.warning("reload_needs_restart", key=key,
+                            running=getattr(self.config.agent, key), configured=getattr(config.agent, key))
+        log.info("config_reloaded", checks=schedule.checks.names())
+        return schedule
+
+    async def _watchdog(self) -> None:
+        assert self.notifier.watchdog_s
+        while True:
+            self.notifier.notify("WATCHDOG=1")
+            await asyncio.sleep(self.notifier.watchdog_s / 2)
+
+    # -- scheduling --------------------------------------------------------
+
+    async def _run_schedule(self, schedule: Schedule) -> None:
+        for plugin, error in schedule.plugins.broken.items():
+            self.transport.send(
+                Result(
+                    cluster=self.identity.cluster,
+                    node=self.identity.node,
+                    session=self.identity.session,
+                    seq=self.identity.next_seq(),
+                    ts=time.time(),
+                    check="plugin_load",
+                    entity=plugin,
+                    status="error",
+                    codes=["plugin_broken"],
+                    message=clip(error),
+                )
+            )
+        async with asyncio.TaskGroup() as group:
+            for check, interval, timeout in schedule.periodic():
+                group.create_task(
+                    self._check_loop(check, interval, timeout),
+                    name=f"vetd[{check.plugin}].check.{check.name}",
+                )
+            for source in schedule.telemetry:
+                interval = float(source.interval or schedule.config.agent.telemetry_interval)
+                group.create_task(
+                    self._telemetry_loop(source, interval),
+                    name=f"vetd[{source.plugin}].telemetry.{source.name}",
+                )
+
+    async def _pause(self, seconds: float) -> bool:
+        """Sleep, or return True at once when stopping."""
+        try:
+            await asyncio.wait_for(self._stopping.wait(), max(0.0, seconds))
+        except TimeoutError:
+            return False
+        return True
+
+    def _next_delay(self, interval: float, started: float) -> float:
+        jitter = self.config.agent.jitter
+        target = started + interval * (1 + random.uniform(-jitter, jitter))
+        return target - time.monotonic()
+
+    async def _check_loop(self, check: Check, interval: float, timeout: float) -> None:
+        structlog.contextvars.bind_contextvars(check=check.name)
+        if await self._pause(random.uniform(0, min(interval, FIRST_RUN_SPREAD_S))):
+            return
+        while True:
+            started = time.monotonic()
+            self._inflight += 1
+            try:
+                run = await self.runner.run(check, timeout)
+            finally:
+                self._inflight -= 1
+            self.emit_result(check, run.outcomes, run.started, run.duration_s)
+            for outcome in run.outcomes:
+                if outcome.status not in ("pass", "skip"):
+                    log.warning("check_" + outcome.status, entity=outcome.entity, codes=outcome.codes,
+                                message=outcome.message)
+            if await self._pause(self._next_delay(interval, started)):
+                return
+
+    async def _telemetry_loop(self, source: TelemetrySource, interval: float) -> None:
+        while True:
+            started = time.monotonic()
+            try:
+                sample = await in_thread(source.func, source.timeout, name=f"vetd.telemetry.{source.name}")
+                now = time.time()
+                for entity, metrics in sample.items():
+                    self.transport.send(
+                        Telemetry(
+                            cluster=self.identity.cluster,
+                            node=self.identity.node,
+                            session=self.identity.session,
+                            seq=0,
+                            ts=now,
+                            source=source.name,
+                            entity=entity,
+                            metrics={k: float(v) for k, v in metrics.items()},
+                        )
+                    )
+            except Exception as exc:  # noqa: BLE001 - a failing sampler is logged, then retried
+                log.warning("telemetry_failed", source=source.name, error=f"{type(exc).__name__}: {exc}")
+            if await self._pause(self._next_delay(interval, started)):
+                return
+
+    # -- commands ----------------------------------------------------------
+
+    async def _on_command(self, command: Command) -> None:
+        ok, message = False, f"unknown action {command.action!r}"
+        if command.expires and command.expires < time.time():
+            ok, message = False, "expired"
+        elif command.action == "ping":
+            ok, message = True, "pong"
+        log.info("command", id=command.id, action=command.action, ok=ok, message=message)
+        self.transport.send(
+            Reply(
+                cluster=self.identity.cluster,
+                node=self.identity.node,
+                session=self.identity.session,
+                seq=0,
+                ts=time.time(),
+                id=command.id,
+                ok=ok,
+                message=message,
+            )
+        )
+
+
+def run_agent(config_path: Path | None) -> int:
+    config = load_agent_config(config_path)
+    return asyncio.run(_amain(config, config_path))
+
+
+async def _amain(config: AgentConfig, config_path: Path | None) -> int:
+    agent = Agent(config, config_path)
+    return await agent.run()

@@ -1,0 +1,69 @@
+"""Hook specifications of the vetd agent: the whole plugin contract.
+
+Hooks register; objects do the work. A plugin implements some of these with
+``@vetd.agent.hookspecs.hookimpl`` and adds check or telemetry objects to the
+registry it is given; the agent owns scheduling, threads, deadlines and
+transport. pluggy has no async support and none is needed: check objects run
+in worker threads with a deadline.
+
+Third-party plugins are modules exposed through the ``vetd`` entry-point group
+(``[project.entry-points.vetd] myplugin = "mypkg.vetd_plugin"``); the entry
+point's name is the plugin's name, which operators use to disable it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import msgspec
+import pluggy
+
+if TYPE_CHECKING:
+    from vetd.agent.checks import CheckRegistry, PluginConfigs, TelemetryRegistry
+
+PROJECT = "vetd"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def vetd_config_tables() -> Mapping[str, type[msgspec.Struct]]:
+    """Return the config tables this plugin owns: ``{table: Struct type}``.
+
+    Called once per config load, before any registration hook. The table
+    ``[plugins.NAME]`` of the agent config is decoded into the Struct (which
+    should set ``forbid_unknown_fields=True``); a table is decoded from ``{}``
+    when absent, so every field needs a default. Not ``firstresult``: each
+    plugin returns its own tables, and two plugins claiming one name is an error.
+    """
+    raise NotImplementedError
+
+
+@hookspec
+def vetd_register_checks(registry: CheckRegistry, configs: PluginConfigs) -> None:
+    """Add this plugin's :class:`vetd.agent.checks.Check` objects to ``registry``.
+
+    Called once at start and again after each config reload (SIGHUP), with the
+    decoded config tables of every plugin. Not ``firstresult``. Must not block:
+    do I/O in the checks' ``run()``, not here.
+    """
+
+
+@hookspec
+def vetd_register_telemetry(registry: TelemetryRegistry, configs: PluginConfigs) -> None:
+    """Add this plugin's :class:`vetd.agent.checks.TelemetrySource` objects.
+
+    Called at the same times as :func:`vetd_register_checks`. Not ``firstresult``.
+    """
+
+
+@hookspec
+def vetd_node_labels(configs: PluginConfigs) -> Mapping[str, str]:
+    """Return labels describing this node (GPU model, driver…) for the birth message.
+
+    Called when the agent connects to the broker; may do quick I/O. Results of
+    all plugins are merged, the agent's own ``[agent] labels`` winning. Not
+    ``firstresult``.
+    """
+    raise NotImplementedError

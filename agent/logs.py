@@ -1,0 +1,60 @@
+"""Logging, configured once per process: structlog, JSON lines unless on a TTY.
+
+Standard-library loggers (aiomqtt, paho, amqtt) go through the same processors,
+so one process writes one format.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import structlog
+
+_configured = False
+
+
+def setup(level: str = "info", *, json: bool | None = None, stream: object = None) -> None:
+    """Configure structlog and stdlib logging (idempotent)."""
+    global _configured
+    out = stream or sys.stderr
+    as_json = not getattr(out, "isatty", lambda: False)() if json is None else json
+    shared: list[structlog.types.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    renderer: structlog.types.Processor = (
+        structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+    )
+    handler = logging.StreamHandler(out)  # type: ignore[arg-type]
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # paho logs every packet at DEBUG; keep it out unless asked for.
+    logging.getLogger("mqtt").setLevel(max(root.level, logging.INFO))
+    logging.getLogger("amqtt").setLevel(max(root.level, logging.WARNING))
+    logging.getLogger("transitions").setLevel(logging.WARNING)
+    _configured = True
+
+
+def ensure() -> None:
+    """Configure with defaults unless already configured."""
+    if not _configured:
+        setup()

@@ -1,0 +1,120 @@
+"""``vetd check``: run checks once on this node, no broker needed.
+
+The Slurm prolog and sbatch-preflight entry point. Exit status:
+0 every result passed or warned (or was skipped), 1 a result failed, errored or
+timed out, 2 vetd itself could not run (bad config, unknown check…).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+from typing import TextIO
+
+import msgspec
+
+from vetd.agent.checks import Check, CheckRun, CheckRunner
+from vetd.agent.config import AgentConfig
+from vetd.agent.pluginhost import PluginHost
+from vetd.agent.protocol import BAD_STATUSES
+
+EXIT_OK, EXIT_FAILED, EXIT_VETD = 0, 1, 2
+
+
+class SelectionError(Exception):
+    pass
+
+
+def select(config: AgentConfig, host: PluginHost, names: Sequence[str], profile: str | None) -> list[Check]:
+    """Checks named, else those of ``profile``, else all enabled ones."""
+    registry = host.register_checks()
+    if names:
+        unknown = [name for name in names if name not in registry]
+        if unknown:
+            raise SelectionError(
+                f"unknown check(s): {', '.join(unknown)}; available: {', '.join(registry.names())}"
+            )
+        return [check for name in names if (check := registry.get(name)) is not None]
+    chosen = []
+    for check in registry:
+        override = config.checks.get(check.name)
+        if override is not None and not override.enabled:
+            continue
+        if profile and profile not in check.profiles:
+            continue
+        chosen.append(check)
+    if not chosen:
+        raise SelectionError(f"no checks in profile {profile!r}" if profile else "no checks registered")
+    return chosen
+
+
+async def run_checks(config: AgentConfig, checks: Sequence[Check]) -> list[CheckRun]:
+    runner = CheckRunner()
+
+    def timeout_of(check: Check) -> float:
+        override = config.checks.get(check.name)
+        return float(override.timeout) if override is not None and override.timeout else check.timeout
+
+    return list(await asyncio.gather(*(runner.run(check, timeout_of(check)) for check in checks)))
+
+
+def rows(runs: Sequence[CheckRun], profile: str | None) -> list[dict[str, object]]:
+    return [
+        {
+            "check": run.check.name,
+            "entity": outcome.entity,
+            "status": outcome.status,
+            "codes": list(outcome.codes),
+            "metrics": dict(outcome.metrics),
+            "message": outcome.message,
+            "duration_s": round(run.duration_s, 4),
+            "profile": profile or "",
+            "plugin": run.check.plugin,
+            "ts": run.started,
+        }
+        for run in runs
+        for outcome in run.outcomes
+    ]
+
+
+def print_table(results: Sequence[dict[str, object]], out: TextIO) -> None:
+    headers = ("CHECK", "ENTITY", "STATUS", "DURATION", "MESSAGE")
+    table = [
+        (str(r["check"]), str(r["entity"]), str(r["status"]).upper(), f"{r['duration_s']:.3f}s",
+         str(r["message"]).replace("\n", " "))
+        for r in results
+    ]
+    widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(headers[:-1])]
+    for row in [headers, *table]:
+        out.write("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1] + "\n")
+
+
+def main(
+    config: AgentConfig,
+    names: Sequence[str],
+    profile: str | None,
+    as_json: bool,
+    out: TextIO = sys.stdout,
+) -> int:
+    host = PluginHost(config)
+    checks = select(config, host, names, profile)
+    runs = asyncio.run(run_checks(config, checks))
+    results = rows(runs, profile)
+    for plugin, error in host.broken.items():
+        results.append({"check": "plugin_load", "entity": plugin, "status": "error",
+                        "codes": ["plugin_broken"], "metrics": {}, "message": error,
+                        "duration_s": 0.0, "profile": profile or "", "plugin": plugin, "ts": 0.0})
+    if as_json:
+        for result in results:
+            out.write(json.dumps(result, default=_json_default) + "\n")
+    else:
+        print_table(results, out)
+    return EXIT_FAILED if any(r["status"] in BAD_STATUSES for r in results) else EXIT_OK
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, msgspec.Struct):
+        return msgspec.to_builtins(value)
+    raise TypeError(type(value).__name__)

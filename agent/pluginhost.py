@@ -1,0 +1,154 @@
+"""The one typed facade through which the agent talks to its plugins.
+
+Built-in plugins are registered from :data:`BUILTIN_PLUGINS` exactly as third
+parties are from the ``vetd`` entry-point group; then modules named in
+``[agent] load_plugins``; then ``check_pending()``. Plugins named in
+``[agent] disable_plugins`` are blocked before any of that, so a disabled
+plugin's module is never even imported. ``VETD_TRACE_PLUGINS=1`` logs every hook
+call.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+import pluggy
+import structlog
+
+from vetd.agent import hookspecs
+from vetd.agent.checks import (
+    CheckRegistry,
+    PluginConfigs,
+    RegistryError,
+    TelemetryRegistry,
+)
+from vetd.agent.config import AgentConfig
+from vetd.agent.configfile import ConfigError, convert, where
+
+log = structlog.get_logger("vetd.plugins")
+
+#: Built-in plugins: (name, module). Registered like third-party ones.
+BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (("host", "vetd.plugins.host"),)
+
+
+class PluginError(Exception):
+    """A plugin could not be loaded or registered."""
+
+
+class PluginHost:
+    """Loads plugins and calls their hooks for the agent."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self.pm.add_hookspecs(hookspecs)
+        #: Plugins whose registration raised: name → error text.
+        self.broken: dict[str, str] = {}
+        disabled = set(config.agent.disable_plugins)
+        for name in disabled:
+            self.pm.set_blocked(name)
+        for name, module in BUILTIN_PLUGINS:
+            if name not in disabled:
+                self.pm.register(importlib.import_module(module), name=name)
+        try:
+            self.pm.load_setuptools_entrypoints(hookspecs.PROJECT)
+        except Exception as exc:  # noqa: BLE001 - a broken third party must not stop the agent
+            log.error("plugin_entrypoint_failed", error=f"{type(exc).__name__}: {exc}")
+        for module in config.agent.load_plugins:
+            name = module.rsplit(".", 1)[-1]
+            if name in disabled or self.pm.has_plugin(name):
+                continue
+            try:
+                self.pm.register(importlib.import_module(module), name=name)
+            except ImportError as exc:
+                raise ConfigError(
+                    f"{config.source}: agent.load_plugins: cannot import {module!r}: {exc}"
+                ) from exc
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            raise PluginError(str(exc)) from exc
+        if os.environ.get("VETD_TRACE_PLUGINS"):
+            self.pm.trace.root.setwriter(lambda text: log.debug("plugin_trace", trace=text.rstrip()))
+            self.pm.enable_tracing()
+        self.configs = self.decode_configs(config)
+
+    def names(self) -> list[str]:
+        """Names of the registered plugins."""
+        return sorted(name for name, plugin in self.pm.list_name_plugin() if plugin is not None)
+
+    def _per_plugin(self, hook: str) -> list[tuple[str, Any]]:
+        """``(plugin name, hook caller limited to that plugin)`` for each implementer."""
+        callers = []
+        plugins = dict(self.pm.list_name_plugin())
+        for impl in getattr(self.pm.hook, hook).get_hookimpls():
+            others = [p for n, p in plugins.items() if n != impl.plugin_name and p is not None]
+            callers.append((impl.plugin_name, self.pm.subset_hook_caller(hook, others)))
+        return callers
+
+    def decode_configs(self, config: AgentConfig) -> PluginConfigs:
+        """Decode every ``[plugins.NAME]`` table into its owner's Struct."""
+        owners: dict[str, tuple[str, type[msgspec.Struct]]] = {}
+        for plugin, caller in self._per_plugin("vetd_config_tables"):
+            for tables in caller():
+                for table, struct in tables.items():
+                    if table in owners:
+                        raise PluginError(
+                            f"config table {table!r} claimed by {owners[table][0]!r} and {plugin!r}"
+                        )
+                    owners[table] = (plugin, struct)
+        disabled = set(config.agent.disable_plugins)
+        for table in config.plugins:
+            if table not in owners and table not in disabled:
+                raise ConfigError(
+                    f"{where(config.source, config.source_text, f'plugins.{table}')}: "
+                    "no loaded plugin owns this table "
+                    f"(loaded: {', '.join(self.names()) or 'none'})"
+                )
+        decoded = {
+            table: convert(
+                config.plugins.get(table, {}),
+                struct,
+                path=config.source,
+                text=config.source_text,
+                prefix=f"plugins.{table}",
+            )
+            for table, (_plugin, struct) in owners.items()
+        }
+        return PluginConfigs(decoded)
+
+    def register_checks(self) -> CheckRegistry:
+        registry = CheckRegistry()
+        self._register("vetd_register_checks", registry)
+        return registry
+
+    def register_telemetry(self) -> TelemetryRegistry:
+        registry = TelemetryRegistry()
+        self._register("vetd_register_telemetry", registry)
+        return registry
+
+    def _register(self, hook: str, registry: CheckRegistry | TelemetryRegistry) -> None:
+        for plugin, caller in self._per_plugin(hook):
+            registry.plugin = plugin
+            try:
+                caller(registry=registry, configs=self.configs)
+            except RegistryError as exc:
+                self.broken[plugin] = str(exc)
+                log.error("plugin_register_failed", plugin=plugin, hook=hook, error=str(exc))
+            except Exception as exc:  # noqa: BLE001 - one plugin must not take down the rest
+                self.broken[plugin] = f"{type(exc).__name__}: {exc}"
+                log.error("plugin_register_failed", plugin=plugin, hook=hook, error=self.broken[plugin])
+        registry.plugin = ""
+
+    def node_labels(self) -> dict[str, str]:
+        labels: dict[str, str] = {}
+        for plugin, caller in self._per_plugin("vetd_node_labels"):
+            try:
+                for result in caller(configs=self.configs):
+                    labels.update({str(k): str(v) for k, v in result.items()})
+            except Exception as exc:  # noqa: BLE001
+                log.error("plugin_labels_failed", plugin=plugin, error=f"{type(exc).__name__}: {exc}")
+        return labels

@@ -1,0 +1,244 @@
+"""The agent's side of MQTT (aiomqtt 2.x).
+
+* On connect: a retained birth ``State(online=True)``; the Last Will is a
+  retained ``State(online=False)`` of the same session, so the broker marks the
+  node offline when the agent vanishes.
+* Results and events go at QoS 1 and leave the outbox only once the broker has
+  acknowledged them (PUBACK); telemetry goes at QoS 0.
+* Connection lost → reconnect with full-jitter exponential backoff; the outbox
+  keeps what is waiting (bounded: telemetry is dropped before anything else, and
+  every drop is counted and logged).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import aiomqtt
+import structlog
+
+from vetd.agent import __version__, protocol
+from vetd.agent.config import BrokerAddress
+from vetd.agent.protocol import Command, Message, State, Telemetry
+
+log = structlog.get_logger("vetd.transport")
+
+PUBLISH_TIMEOUT_S = 10.0
+
+
+@dataclass
+class Identity:
+    """Who this agent is on the wire, for one run (one session)."""
+
+    cluster: str
+    node: str
+    session: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+    started: float = field(default_factory=time.time)
+    _seq: int = 0
+
+    def next_seq(self) -> int:
+        """Next number of the reliable stream (results and events)."""
+        self._seq += 1
+        return self._seq
+
+    def state(self, online: bool, **fields: object) -> State:
+        return State(
+            cluster=self.cluster,
+            node=self.node,
+            session=self.session,
+            seq=0,
+            ts=time.time(),
+            online=online,
+            started=self.started,
+            agent_version=__version__,
+            **fields,  # type: ignore[arg-type]
+        )
+
+
+class Backoff:
+    """Full-jitter exponential backoff (AWS architecture blog's "Full Jitter")."""
+
+    def __init__(self, base: float = 0.5, cap: float = 30.0) -> None:
+        self.base, self.cap, self.attempt = base, cap, 0
+
+    def next(self) -> float:
+        delay = random.uniform(0, min(self.cap, self.base * 2**self.attempt))
+        self.attempt = min(self.attempt + 1, 30)
+        return delay
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class Outbox:
+    """Messages waiting for the broker, oldest first, bounded."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = max(1, limit)
+        self._items: deque[Message] = deque()
+        self._nonempty = asyncio.Event()
+        self.dropped: Counter[str] = Counter()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, message: Message) -> None:
+        if len(self._items) >= self.limit:
+            self._make_room(message)
+        self._items.append(message)
+        self._nonempty.set()
+
+    def _make_room(self, incoming: Message) -> None:
+        victim: Message | None = next((m for m in self._items if isinstance(m, Telemetry)), None)
+        if victim is None:
+            victim = incoming if isinstance(incoming, Telemetry) else self._items[0]
+        if victim is not incoming:
+            self._items.remove(victim)
+        kind = protocol.channel_of(victim)
+        self.dropped[kind] += 1
+        log.warning("outbox_full_dropped", kind=kind, limit=self.limit, dropped=self.dropped[kind])
+        if victim is incoming:
+            raise _Dropped
+
+    async def first(self) -> Message:
+        while not self._items:
+            self._nonempty.clear()
+            await self._nonempty.wait()
+        return self._items[0]
+
+    def done(self, message: Message) -> None:
+        if self._items and self._items[0] is message:
+            self._items.popleft()
+
+    async def drained(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self._items and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return not self._items
+
+
+class _Dropped(Exception):
+    pass
+
+
+CommandHandler = Callable[[Command], Awaitable[None]]
+
+
+class Transport:
+    """Keeps one MQTT connection up and moves the outbox through it."""
+
+    def __init__(
+        self,
+        broker: BrokerAddress,
+        identity: Identity,
+        outbox: Outbox,
+        *,
+        keepalive: int = 30,
+        birth: Callable[[], State] | None = None,
+        on_command: CommandHandler | None = None,
+    ) -> None:
+        self.broker = broker
+        self.identity = identity
+        self.outbox = outbox
+        self.keepalive = keepalive
+        self.birth = birth or (lambda: identity.state(True))
+        self.on_command = on_command
+        self.connected = asyncio.Event()
+        self.connects = 0
+        self.malformed_commands = 0
+        self._client: aiomqtt.Client | None = None
+
+    def send(self, message: Message) -> None:
+        """Queue a message; it is published as soon as the broker is reachable."""
+        try:
+            self.outbox.put(message)
+        except _Dropped:
+            pass
+
+    async def run(self) -> None:
+        """Connect, publish, reconnect; runs until cancelled."""
+        backoff = Backoff()
+        state_topic = protocol.topic(self.identity.cluster, self.identity.node, "state")
+        while True:
+            will = aiomqtt.Will(
+                state_topic,
+                protocol.encode(self.identity.state(False, reason="connection lost")),
+                qos=1,
+                retain=True,
+            )
+            try:
+                async with aiomqtt.Client(
+                    self.broker.host,
+                    self.broker.port,
+                    identifier=f"vetd-agent-{self.identity.cluster}-{self.identity.node}",
+                    will=will,
+                    keepalive=self.keepalive,
+                    timeout=PUBLISH_TIMEOUT_S,
+                ) as client:
+                    await client.publish(state_topic, protocol.encode(self.birth()), qos=1, retain=True)
+                    cmd_topic = protocol.topic(self.identity.cluster, self.identity.node, "cmd")
+                    await client.subscribe(cmd_topic, qos=1)
+                    self._client = client
+                    self.connects += 1
+                    self.connected.set()
+                    backoff.reset()
+                    log.info("broker_connected", host=self.broker.host, port=self.broker.port,
+                             waiting=len(self.outbox))
+                    async with asyncio.TaskGroup() as group:
+                        group.create_task(self._publish_loop(client), name="vetd.transport.publish")
+                        group.create_task(self._command_loop(client), name="vetd.transport.commands")
+            except* (aiomqtt.MqttError, OSError) as errors:
+                delay = backoff.next()
+                log.warning("broker_unavailable", host=self.broker.host, port=self.broker.port,
+                            error=str(errors.exceptions[0]), retry_in_s=round(delay, 2),
+                            waiting=len(self.outbox))
+                self._client = None
+                self.connected.clear()
+                await asyncio.sleep(delay)
+            finally:
+                self._client = None
+                self.connected.clear()
+
+    async def _publish_loop(self, client: aiomqtt.Client) -> None:
+        while True:
+            message = await self.outbox.first()
+            qos = 0 if isinstance(message, Telemetry) else 1
+            await client.publish(
+                protocol.topic_for(message), protocol.encode(message), qos=qos, timeout=PUBLISH_TIMEOUT_S
+            )
+            self.outbox.done(message)
+
+    async def _command_loop(self, client: aiomqtt.Client) -> None:
+        async for raw in client.messages:
+            try:
+                message = protocol.decode_from(raw.topic.value, bytes(raw.payload))  # type: ignore[arg-type]
+            except protocol.ProtocolError as exc:
+                self.malformed_commands += 1
+                log.warning("command_malformed", error=str(exc)[:200], count=self.malformed_commands)
+                continue
+            if not isinstance(message, Command):
+                continue
+            if self.on_command is not None:
+                await self.on_command(message)
+
+    async def publish_offline(self, reason: str, timeout: float = 2.0) -> bool:
+        """Publish the retained offline state now, if connected."""
+        client = self._client
+        if client is None:
+            return False
+        state = self.identity.state(False, reason=reason)
+        topic_name = protocol.topic(self.identity.cluster, self.identity.node, "state")
+        try:
+            await asyncio.wait_for(
+                client.publish(topic_name, protocol.encode(state), qos=1, retain=True), timeout
+            )
+        except (aiomqtt.MqttError, TimeoutError) as exc:
+            log.warning("offline_publish_failed", error=str(exc))
+            return False
+        return True

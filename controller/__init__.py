@@ -1,0 +1,1 @@
+"""vetd controller: fleet state, rules, exclusions and alerts."""

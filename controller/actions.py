@@ -1,0 +1,204 @@
+"""What the controller does to the world: scheduler backends and alert delivery.
+
+Scheduler backends exclude a node from new jobs:
+
+* ``none`` (default): vetd only records the exclusion; ``vetd excluded`` prints
+  the hostlist for ``srun --exclude``.
+* ``slurm``: ``scontrol update NodeName=<n> State=DRAIN Reason="vetd: …"``, as an
+  argv list (never a shell), honouring ``SLURM_CONF``. A node already drained
+  by someone else (reason not starting with ``vetd:``) is left alone, so an
+  operator's reason is never overwritten.
+
+Alerts are Alertmanager API v2 shaped (``POST /api/v2/alerts`` body: a JSON list
+of ``{labels, annotations, startsAt, endsAt, generatorURL}``) and sent to every
+configured URL, with retries, off the ingest path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import structlog
+
+log = structlog.get_logger("vetd.actions")
+
+REASON_PREFIX = "vetd:"
+MAX_REASON_CHARS = 200
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+
+
+def clean_reason(text: str, limit: int = MAX_REASON_CHARS) -> str:
+    """A drain reason safe to hand to ``scontrol``: one line, bounded, no control characters."""
+    text = _CONTROL.sub(" ", text).strip()
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+@dataclass(frozen=True)
+class ActionOutcome:
+    ok: bool
+    #: ``done``, ``skipped`` or ``failed``.
+    outcome: str
+    detail: str
+
+
+class SchedulerBackend(Protocol):
+    name: str
+
+    async def drain(self, node: str, reason: str) -> ActionOutcome: ...
+
+
+class NoScheduler:
+    """Exclusions live only in vetd (``vetd excluded`` exports them)."""
+
+    name = "none"
+
+    async def drain(self, node: str, reason: str) -> ActionOutcome:
+        return ActionOutcome(True, "done", "recorded in vetd only (scheduler backend none)")
+
+
+class SlurmError(Exception):
+    pass
+
+
+class Slurm:
+    """Drains through ``scontrol``."""
+
+    name = "slurm"
+
+    def __init__(self, scontrol: str = "scontrol", timeout: float = 30.0) -> None:
+        self.scontrol = scontrol
+        self.timeout = timeout
+
+    async def _run(self, *args: str) -> str:
+        executable = shutil.which(self.scontrol) or self.scontrol
+        try:
+            process = await asyncio.create_subprocess_exec(
+                executable, *args,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=os.environ.copy(),
+            )
+        except OSError as exc:
+            raise SlurmError(f"cannot run {self.scontrol}: {exc}") from exc
+        try:
+            out, err = await asyncio.wait_for(process.communicate(), self.timeout)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+            raise SlurmError(f"scontrol {' '.join(args[:2])} timed out after {self.timeout:g}s") from None
+        if process.returncode != 0:
+            raise SlurmError((err or out).decode(errors="replace").strip() or f"exit {process.returncode}")
+        return out.decode(errors="replace")
+
+    async def show(self, node: str) -> dict[str, str]:
+        """``scontrol show node -o`` parsed into fields (State, Reason…)."""
+        text = await self._run("show", "node", "-o", node)
+        fields: dict[str, str] = {}
+        # Reason is last-ish and may contain spaces: split on " Key=" boundaries.
+        for match in re.finditer(r"(?:^|\s)([A-Za-z_]+)=(.*?)(?=\s[A-Za-z_]+=|$)", text.strip()):
+            fields[match.group(1)] = match.group(2)
+        return fields
+
+    async def drain(self, node: str, reason: str) -> ActionOutcome:
+        try:
+            current = await self.show(node)
+        except SlurmError as exc:
+            return ActionOutcome(False, "failed", f"scontrol show node: {exc}")
+        state = current.get("State", "")
+        existing = current.get("Reason", "")
+        if ("DRAIN" in state or "DOWN" in state) and existing and not existing.startswith(REASON_PREFIX):
+            return ActionOutcome(
+                True, "skipped", f"already {state} by someone else (reason {existing!r}); left as is"
+            )
+        try:
+            await self._run("update", f"NodeName={node}", "State=DRAIN", f"Reason={clean_reason(reason)}")
+        except SlurmError as exc:
+            return ActionOutcome(False, "failed", f"scontrol update: {exc}")
+        return ActionOutcome(True, "done", f"drained in Slurm (was {state or 'unknown'})")
+
+
+def make_backend(name: str, scontrol: str = "scontrol", timeout: float = 30.0) -> SchedulerBackend:
+    if name == "slurm":
+        return Slurm(scontrol, timeout)
+    return NoScheduler()
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
+def alert_payload(
+    *,
+    rule: str,
+    cluster: str,
+    node: str,
+    severity: str,
+    summary: str,
+    description: str,
+    starts_at: float,
+    ends_at: float | None = None,
+    labels: dict[str, str] | None = None,
+    entity: str = "",
+) -> dict[str, Any]:
+    """One alert in Alertmanager API v2 form."""
+    alert_labels = {
+        "alertname": rule,
+        "cluster": cluster,
+        "node": node,
+        "severity": severity,
+        **({"entity": entity} if entity and entity != "node" else {}),
+        **(labels or {}),
+    }
+    alert: dict[str, Any] = {
+        "labels": alert_labels,
+        "annotations": {"summary": summary, "description": description},
+        "startsAt": iso(starts_at),
+        "generatorURL": f"vetd://{cluster}/node/{node}",
+    }
+    if ends_at is not None:
+        alert["endsAt"] = iso(ends_at)
+    return alert
+
+
+class AlertSender:
+    """Posts alerts to every URL, retrying with backoff; never blocks the caller."""
+
+    def __init__(self, urls: list[str], timeout: float = 10.0, attempts: int = 4) -> None:
+        self.urls = urls
+        self.timeout = timeout
+        self.attempts = attempts
+
+    def _post(self, url: str, body: bytes) -> int:
+        request = urllib.request.Request(
+            url, data=body, method="POST", headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310 - operator-configured URL
+            return int(response.status)
+
+    async def send(self, alerts: list[dict[str, Any]]) -> list[ActionOutcome]:
+        body = json.dumps(alerts).encode()
+        outcomes = []
+        for url in self.urls:
+            outcomes.append(await self._send_one(url, body))
+        return outcomes
+
+    async def _send_one(self, url: str, body: bytes) -> ActionOutcome:
+        error = ""
+        for attempt in range(self.attempts):
+            try:
+                status = await asyncio.to_thread(self._post, url, body)
+                return ActionOutcome(True, "done", f"{url}: HTTP {status}")
+            except (urllib.error.URLError, OSError, TimeoutError) as exc:
+                error = str(getattr(exc, "reason", exc))
+                log.warning("alert_delivery_failed", url=url, attempt=attempt + 1, error=error)
+                await asyncio.sleep(min(30.0, 0.5 * 2**attempt))
+        return ActionOutcome(False, "failed", f"{url}: {error}")

@@ -1,0 +1,168 @@
+"""Controller-side ``vetd`` subcommands: controller, nodes, node, excluded, rules, up."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from ClusterShell.NodeSet import NodeSet
+
+from vetd.agent.configfile import ConfigError
+from vetd.agent.protocol import BAD_STATUSES
+from vetd.controller.config import ControllerConfig, load_controller_config
+from vetd.controller.rules import load_rules
+from vetd.controller.store import Store
+
+EXIT_VETD = 2
+
+
+def dispatch(args: argparse.Namespace, config_path: Path) -> int:
+    command = args.command
+    if command == "rules":
+        return rules_check(args.files)
+    if command == "up":
+        from vetd.controller.embedded import up
+
+        return up(args)
+    config = load_controller_config(config_path)
+    if command == "controller":
+        from vetd.controller.service import Controller
+
+        return asyncio.run(Controller(config).run())
+    try:
+        store = Store(config.store.path, readonly=True)
+    except FileNotFoundError as exc:
+        print(f"vetd: {exc} (has the controller run with this config?)", file=sys.stderr)
+        return EXIT_VETD
+    try:
+        if command == "nodes":
+            return show_nodes(store, args.json, sys.stdout)
+        if command == "node":
+            return show_node(store, config, args.name, args.json, sys.stdout)
+        if command == "excluded":
+            return show_excluded(store, args.format, sys.stdout)
+    finally:
+        store.close()
+    raise AssertionError(command)
+
+
+def rules_check(files: list[str]) -> int:
+    try:
+        ruleset = load_rules(files)
+    except ConfigError as exc:
+        print(f"vetd: {exc}", file=sys.stderr)
+        return 1
+    for rule in ruleset.rules:
+        print(f"{rule.source}:{rule.line}: {rule.name}: ok ({rule.input}; "
+              f"{rule.spec.severity}; {', '.join(rule.spec.actions)})")
+    print(f"{len(ruleset.rules)} rules in {len(files)} file(s) valid")
+    return 0
+
+
+def node_summaries(store: Store) -> list[dict[str, Any]]:
+    failing: dict[tuple[str, str], list[str]] = {}
+    for row in store.latest():
+        if row["status"] in BAD_STATUSES:
+            entity = "" if row["entity"] == "node" else f"[{row['entity']}]"
+            failing.setdefault((row["cluster"], row["node"]), []).append(f"{row['check_name']}{entity}")
+    return [
+        {
+            "cluster": n.cluster,
+            "node": n.name,
+            "state": n.state,
+            "online": n.online,
+            "last_seen": n.last_seen,
+            "failing": sorted(failing.get((n.cluster, n.name), [])),
+            "reason": n.reason,
+            "labels": n.labels,
+            "delivery": store.delivery(n.cluster, n.name),
+        }
+        for n in store.node_rows()
+    ]
+
+
+def _ago(ts: float) -> str:
+    seconds = max(0.0, time.time() - ts)
+    if seconds < 120:
+        return f"{seconds:.0f}s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m ago"
+    return f"{seconds / 3600:.1f}h ago"
+
+
+def format_nodes(summaries: list[dict[str, Any]]) -> str:
+    headers = ("NODE", "STATE", "ONLINE", "LAST SEEN", "FAILING", "REASON")
+    many_clusters = len({s["cluster"] for s in summaries}) > 1
+    rows = [
+        (
+            f"{s['cluster']}/{s['node']}" if many_clusters else s["node"],
+            s["state"],
+            "yes" if s["online"] else "no",
+            _ago(s["last_seen"]),
+            ",".join(s["failing"]) or "-",
+            s["reason"] or "-",
+        )
+        for s in summaries
+    ]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [headers, *rows]]
+    return "\n".join(lines) + "\n"
+
+
+def show_nodes(store: Store, as_json: bool, out: TextIO) -> int:
+    summaries = node_summaries(store)
+    if as_json:
+        out.write(json.dumps(summaries, indent=2) + "\n")
+    else:
+        out.write(format_nodes(summaries) if summaries else "no nodes seen yet\n")
+    return 0
+
+
+def show_node(store: Store, config: ControllerConfig, name: str, as_json: bool, out: TextIO) -> int:
+    matches = [s for s in node_summaries(store) if s["node"] == name
+               and (not config.cluster or s["cluster"] == config.cluster)]
+    if not matches:
+        print(f"vetd: no node {name!r} in {store.path}", file=sys.stderr)
+        return 1
+    summary = matches[0]
+    detail = {
+        **summary,
+        "results": store.latest(summary["cluster"], name),
+        "history": store.history(summary["cluster"], name, limit=20),
+        "audit": store.audit_log(summary["cluster"], name, limit=50),
+    }
+    if as_json:
+        out.write(json.dumps(detail, indent=2) + "\n")
+        return 0
+    out.write(f"{name} ({summary['cluster']}): {summary['state']}, "
+              f"{'online' if summary['online'] else 'offline'}, last seen {_ago(summary['last_seen'])}\n")
+    if summary["reason"]:
+        out.write(f"  reason: {summary['reason']}\n")
+    delivery = summary["delivery"]
+    out.write(f"  delivery: {delivery['received']} received, {delivery['duplicates']} duplicates, "
+              f"{delivery['gaps']} missing\n  latest results:\n")
+    for row in detail["results"]:
+        out.write(f"    {row['check_name']:16} {row['entity']:12} {row['status']:8} {row['message']}\n")
+    out.write("  audit:\n")
+    for row in detail["audit"]:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["ts"]))
+        out.write(f"    {stamp} {row['actor']} {row['action']} {row['rule']} {row['outcome']} {row['detail']}\n")
+    return 0
+
+
+def show_excluded(store: Store, fmt: str, out: TextIO) -> int:
+    excluded = [n for n in store.node_rows() if n.state == "excluded"]
+    if fmt == "json":
+        out.write(json.dumps([{"cluster": n.cluster, "node": n.name, "reason": n.reason,
+                               "since": n.state_since} for n in excluded], indent=2) + "\n")
+    elif fmt == "lines":
+        for name in NodeSet.fromlist([n.name for n in excluded]):
+            out.write(f"{name}\n")
+    elif excluded:
+        out.write(f"{NodeSet.fromlist([n.name for n in excluded])}\n")
+    return 0

@@ -1,0 +1,73 @@
+"""Controller configuration (``/etc/vetd/controller.toml``).
+
+Relative paths (rule files, the database) are relative to the config file's
+folder. ``VETD_BROKER`` overrides ``broker``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from vetd.agent.config import parse_broker
+from vetd.agent.configfile import ConfigError, Duration, convert, read_toml
+from vetd.agent.protocol import valid_name
+
+
+class StoreSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    path: str = "/var/lib/vetd/controller.db"
+
+
+class SchedulerSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    backend: Literal["none", "slurm"] = "none"
+    #: The scontrol executable (name on PATH or absolute path).
+    scontrol: str = "scontrol"
+    timeout: Duration = Duration(30.0)
+
+
+class AlertsSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    #: Full URLs that receive Alertmanager API v2 alert lists, e.g.
+    #: ``http://alertmanager:9093/api/v2/alerts`` or a webhook receiver.
+    urls: list[str] = []
+    timeout: Duration = Duration(10.0)
+
+
+class ControllerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    broker: str = "mqtt://127.0.0.1:1883"
+    #: Only this cluster's nodes; empty: every cluster on the broker.
+    cluster: str = ""
+    #: MQTT client id; with a persistent session the broker keeps what arrives
+    #: while the controller is down. Run one controller per id.
+    client_id: str = "vetd-controller"
+    rules: list[str] = []
+    store: StoreSection = msgspec.field(default_factory=StoreSection)
+    scheduler: SchedulerSection = msgspec.field(default_factory=SchedulerSection)
+    alerts: AlertsSection = msgspec.field(default_factory=AlertsSection)
+    source: str = "<defaults>"
+
+
+def load_controller_config(path: Path | str, environ: dict[str, str] | None = None) -> ControllerConfig:
+    env = os.environ if environ is None else environ
+    path = Path(path)
+    data: dict[str, Any]
+    data, text = read_toml(path)
+    data.pop("source", None)
+    config = convert(data, ControllerConfig, path=path, text=text)
+    base = path.parent
+    broker = env.get("VETD_BROKER") or config.broker
+    try:
+        parse_broker(broker)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: broker: {exc}") from exc
+    if config.cluster and not valid_name(config.cluster):
+        raise ConfigError(f"{path}: cluster: {config.cluster!r} is not a valid cluster name")
+    return msgspec.structs.replace(
+        config,
+        broker=broker,
+        rules=[str(base / rule) for rule in config.rules],
+        store=msgspec.structs.replace(config.store, path=str(base / config.store.path)),
+        source=str(path),
+    )

@@ -1,0 +1,353 @@
+"""``vetd controller``: ingest, fleet state, rules, actions.
+
+Messages from the broker are processed in batches, one SQLite transaction per
+batch: decode and validate (bad ones counted and logged, never fatal),
+deduplicate by ``(node, session, seq)``, store, evaluate rules, decide. Decisions
+(exclude a node, alert) are written to the audit log inside the same
+transaction and carried out afterwards by an action worker, so a slow
+``scontrol`` or a dead Alertmanager never holds up ingest. A drain decided but
+not yet carried out when the controller died is carried out after restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiomqtt
+import structlog
+
+from vetd.agent import protocol
+from vetd.agent.config import parse_broker
+from vetd.agent.configfile import ConfigError
+from vetd.agent.protocol import Event, ProtocolError, Reply, Result, State, Telemetry
+from vetd.agent.transport import Backoff
+from vetd.controller.actions import (
+    REASON_PREFIX,
+    AlertSender,
+    alert_payload,
+    clean_reason,
+    make_backend,
+)
+from vetd.controller.config import ControllerConfig
+from vetd.controller.rules import Rule, RuleSet, evaluate_all, load_rules
+from vetd.controller.store import NodeRow, Store
+
+log = structlog.get_logger("vetd.controller")
+
+BATCH_MAX = 1000
+#: Log the first N malformed messages, then every Nth.
+MALFORMED_LOG_EVERY = 100
+
+
+@dataclass
+class Drain:
+    cluster: str
+    node: str
+    reason: str
+    rule: str
+    audit_id: int
+
+
+@dataclass
+class Alert:
+    cluster: str
+    node: str
+    rule: str
+    alerts: list[dict[str, Any]]
+
+
+@dataclass
+class Decisions:
+    drains: list[Drain] = field(default_factory=list)
+    alerts: list[Alert] = field(default_factory=list)
+
+
+class Controller:
+    def __init__(self, config: ControllerConfig) -> None:
+        self.config = config
+        self.rules: RuleSet = load_rules(config.rules)
+        self.store = Store(config.store.path)
+        self.backend = make_backend(
+            config.scheduler.backend, config.scheduler.scontrol, float(config.scheduler.timeout)
+        )
+        self.alerts = AlertSender(config.alerts.urls, timeout=float(config.alerts.timeout))
+        self.counters: Counter[str] = Counter()
+        self._unflushed: Counter[str] = Counter()
+        self._firing: dict[tuple[str, str, str, str], float] = {
+            (r["rule"], r["cluster"], r["node"], r["subject"]): r["since"]
+            for r in self.store.db.execute("SELECT * FROM firing")
+        }
+        self._actions: asyncio.Queue[Drain | Alert] | None = None
+        self.connected = asyncio.Event()
+        self.stop = asyncio.Event()
+
+    # -- processing (synchronous, one transaction per batch) ----------------
+
+    def _count(self, name: str, n: int = 1) -> None:
+        self.counters[name] += n
+        self._unflushed[name] += n
+
+    def process(self, batch: Sequence[tuple[str, bytes]], now: float | None = None) -> Decisions:
+        """Ingest a batch of ``(topic, payload)``; returns the actions decided."""
+        now = time.time() if now is None else now
+        decisions = Decisions()
+        with self.store.transaction():
+            for topic_name, payload in batch:
+                self._count("received")
+                try:
+                    message = protocol.decode_from(topic_name, payload)
+                except ProtocolError as exc:
+                    self._malformed(topic_name, exc)
+                    continue
+                if isinstance(message, State):
+                    if not self.store.apply_state(message, now):
+                        self._count("stale_state")
+                elif isinstance(message, Result | Event):
+                    history_id = self.store.record(message, now)
+                    if history_id is None:
+                        self._count("duplicates")
+                        continue
+                    self._count("results" if isinstance(message, Result) else "events")
+                    self._evaluate(message, history_id, now, decisions)
+                elif isinstance(message, Telemetry):
+                    self._count("telemetry")
+                elif isinstance(message, Reply):
+                    self._count("replies")
+                    log.info("agent_reply", node=message.node, id=message.id, ok=message.ok,
+                             message=message.message)
+            self.store.add_counters(self._unflushed)
+        self._unflushed.clear()
+        return decisions
+
+    def _malformed(self, topic_name: str, exc: ProtocolError) -> None:
+        self._count("malformed")
+        count = self.counters["malformed"]
+        if count <= 10 or count % MALFORMED_LOG_EVERY == 0:
+            log.warning("message_malformed", topic=topic_name[:200], error=str(exc)[:300], count=count)
+
+    def _evaluate(self, message: Result | Event, history_id: int, now: float, decisions: Decisions) -> None:
+        node = self.store.node(message.cluster, message.node, now)
+        if isinstance(message, Result):
+            kind, name = "result", message.check
+            data: dict[str, Any] = {
+                "check": message.check, "entity": message.entity, "status": message.status,
+                "codes": list(message.codes), "metrics": dict(message.metrics),
+                "message": message.message, "duration_s": message.duration_s,
+                "profile": message.profile, "job_id": message.job_id or "", "ts": message.ts,
+            }
+        else:
+            kind, name = "event", message.name
+            data = {
+                "name": message.name, "entity": message.entity, "severity": message.severity,
+                "codes": list(message.codes), "metrics": dict(message.metrics),
+                "message": message.message, "job_id": message.job_id or "", "ts": message.ts,
+            }
+        variables = {
+            "result": data if kind == "result" else {},
+            "event": data if kind == "event" else {},
+            "node": {
+                "name": node.name, "cluster": node.cluster, "state": node.state,
+                "online": node.online, "labels": dict(node.labels),
+            },
+        }
+        subject = f"{kind}:{name}:{message.entity}"
+        rules = self.rules.for_input(kind)
+        self._count("rules_evaluated", len(rules))
+        for rule, matched in evaluate_all(rules, variables):
+            if matched is None:
+                self._count("rule_errors")
+                continue
+            key = (rule.name, node.cluster, node.name, subject)
+            since = self._firing.get(key)
+            if matched and (since is None or kind == "event"):
+                if kind == "result":
+                    self._firing[key] = now
+                    self.store.set_firing(rule.name, node.cluster, node.name, subject, now)
+                self._fire(rule, node, message, subject, history_id, now, decisions)
+            elif not matched and since is not None:
+                del self._firing[key]
+                self.store.set_firing(rule.name, node.cluster, node.name, subject, None)
+                self.store.audit(node.cluster, node.name, "rule_resolved", rule=rule.name,
+                                 detail=subject, evidence=[history_id], now=now)
+                if "alert" in rule.spec.actions and self.alerts.urls:
+                    decisions.alerts.append(self._alert(rule, node, message, since, now))
+
+    def _fire(
+        self,
+        rule: Rule,
+        node: NodeRow,
+        message: Result | Event,
+        subject: str,
+        history_id: int,
+        now: float,
+        decisions: Decisions,
+    ) -> None:
+        self._count("rules_fired")
+        self.store.audit(node.cluster, node.name, "rule_fired", rule=rule.name, detail=subject,
+                         evidence=[history_id], now=now)
+        log.info("rule_fired", rule=rule.name, node=node.name, subject=subject, severity=rule.spec.severity)
+        if "drain" in rule.spec.actions:
+            if node.state == "excluded":
+                self._count("drains_already_excluded")
+            else:
+                what = message.check if isinstance(message, Result) else message.name
+                entity = "" if message.entity == "node" else f"[{message.entity}]"
+                reason = clean_reason(f"{REASON_PREFIX} {rule.name}: {what}{entity} {message.message}")
+                node.state, node.reason, node.state_since = "excluded", reason, now
+                self.store.save_node(node)
+                audit_id = self.store.audit(
+                    node.cluster, node.name, "drain", rule=rule.name, outcome="pending",
+                    detail=reason, evidence=[history_id], now=now,
+                )
+                decisions.drains.append(Drain(node.cluster, node.name, reason, rule.name, audit_id))
+        if "alert" in rule.spec.actions and self.alerts.urls:
+            decisions.alerts.append(self._alert(rule, node, message, now, None))
+
+    def _alert(self, rule: Rule, node: NodeRow, message: Result | Event, since: float,
+               ended: float | None) -> Alert:
+        what = message.check if isinstance(message, Result) else message.name
+        payload = alert_payload(
+            rule=rule.name,
+            cluster=node.cluster,
+            node=node.name,
+            severity=rule.spec.severity,
+            summary=f"{rule.name} on {node.name}: {what} {message.entity}",
+            description=rule.spec.description or message.message,
+            starts_at=since,
+            ends_at=ended,
+            labels={**node.labels, **rule.spec.labels},
+            entity=message.entity,
+        )
+        return Alert(node.cluster, node.name, rule.name, [payload])
+
+    def pending_drains(self) -> list[Drain]:
+        """Drains decided but not carried out (controller died in between)."""
+        rows = self.store.db.execute(
+            "SELECT id, cluster, node, rule, detail FROM audit WHERE action='drain' AND outcome='pending'"
+        ).fetchall()
+        return [Drain(r["cluster"], r["node"], r["detail"], r["rule"], r["id"]) for r in rows]
+
+    # -- actions -----------------------------------------------------------
+
+    async def carry_out(self, action: Drain | Alert) -> None:
+        if isinstance(action, Drain):
+            result = await self.backend.drain(action.node, action.reason)
+            self.store.db.execute(
+                "UPDATE audit SET outcome=?, detail=? WHERE id=?",
+                (result.outcome, f"{action.reason} | {self.backend.name}: {result.detail}", action.audit_id),
+            )
+            self._count(f"drain_{result.outcome}")
+            (log.info if result.ok else log.error)(
+                "drain_" + result.outcome, node=action.node, rule=action.rule, detail=result.detail
+            )
+        else:
+            for result in await self.alerts.send(action.alerts):
+                self.store.audit(action.cluster, action.node, "alert", rule=action.rule,
+                                 outcome=result.outcome, detail=result.detail)
+                self._count(f"alert_{result.outcome}")
+        self.store.add_counters(self._unflushed)
+        self._unflushed.clear()
+
+    async def _action_worker(self) -> None:
+        assert self._actions is not None
+        async with asyncio.TaskGroup() as group:
+            limit = asyncio.Semaphore(8)
+            while True:
+                action = await self._actions.get()
+
+                async def run(action: Drain | Alert = action) -> None:
+                    async with limit:
+                        try:
+                            await self.carry_out(action)
+                        except Exception as exc:  # noqa: BLE001 - an action failing must not stop others
+                            log.exception("action_failed", node=action.node, error=str(exc))
+
+                group.create_task(run(), name=f"vetd.action.{type(action).__name__.lower()}.{action.node}")
+
+    def _enqueue(self, decisions: Decisions) -> None:
+        assert self._actions is not None
+        for action in [*decisions.drains, *decisions.alerts]:
+            self._actions.put_nowait(action)
+
+    # -- MQTT ingest -------------------------------------------------------
+
+    async def _ingest(self) -> None:
+        broker = parse_broker(self.config.broker)
+        backoff = Backoff()
+        while True:
+            try:
+                async with aiomqtt.Client(
+                    broker.host,
+                    broker.port,
+                    identifier=self.config.client_id,
+                    clean_session=False,
+                    keepalive=30,
+                    max_queued_incoming_messages=100_000,
+                ) as client:
+                    await client.subscribe(protocol.subscription(self.config.cluster or None), qos=1)
+                    self.connected.set()
+                    backoff.reset()
+                    log.info("broker_connected", broker=self.config.broker,
+                             cluster=self.config.cluster or "*", rules=len(self.rules.rules))
+                    batch: list[tuple[str, bytes]] = []
+                    async for raw in client.messages:
+                        payload = raw.payload if isinstance(raw.payload, bytes | bytearray) else b""
+                        batch.append((raw.topic.value, bytes(payload)))
+                        if len(client.messages) == 0 or len(batch) >= BATCH_MAX:
+                            self._enqueue(self.process(batch))
+                            batch = []
+            except aiomqtt.MqttError as exc:
+                self.connected.clear()
+                delay = backoff.next()
+                log.warning("broker_unavailable", broker=self.config.broker, error=str(exc),
+                            retry_in_s=round(delay, 2))
+                await asyncio.sleep(delay)
+
+    def reload_rules(self) -> bool:
+        try:
+            self.rules = load_rules(self.config.rules)
+        except ConfigError as exc:
+            log.error("rules_reload_failed", error=str(exc), kept=len(self.rules.rules))
+            return False
+        log.info("rules_reloaded", rules=len(self.rules.rules))
+        return True
+
+    async def run(self, *, signals: bool = True) -> int:
+        """Run until ``stop`` is set (by SIGTERM/SIGINT when ``signals``)."""
+        loop = asyncio.get_running_loop()
+        if signals:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, self.stop.set)
+            loop.add_signal_handler(signal.SIGHUP, self.reload_rules)
+        self._actions = asyncio.Queue()
+        for drain in self.pending_drains():
+            log.info("drain_resumed_after_restart", node=drain.node, rule=drain.rule)
+            self._actions.put_nowait(drain)
+        log.info("controller_starting", store=str(self.store.path), backend=self.backend.name,
+                 rules=[rule.name for rule in self.rules.rules])
+        try:
+            async with asyncio.TaskGroup() as group:
+                ingest = group.create_task(self._ingest(), name="vetd.controller.ingest")
+                worker = group.create_task(self._action_worker(), name="vetd.controller.actions")
+                await self.stop.wait()
+                ingest.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await ingest
+                deadline = time.monotonic() + 5
+                while not self._actions.empty() and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+                worker.cancel()
+        finally:
+            if signals:
+                for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                    loop.remove_signal_handler(signum)
+            self.store.close()
+        log.info("controller_stopped", **dict(self.counters))
+        return 0

@@ -1,0 +1,374 @@
+"""Fleet state in SQLite (WAL): nodes, sessions, latest and historical results, audit.
+
+One writer (the controller process); any number of readers (``vetd nodes`` and
+friends open the same file read-only while the controller runs). Ingest is
+idempotent: ``(cluster, node, session, seq)`` is unique, so a message delivered
+twice is counted as a duplicate and changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vetd.agent.protocol import Event, Result, State
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS nodes (
+    cluster TEXT NOT NULL,
+    name TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'healthy',
+    state_since REAL NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    online INTEGER NOT NULL DEFAULT 0,
+    session TEXT NOT NULL DEFAULT '',
+    session_started REAL NOT NULL DEFAULT 0,
+    first_seen REAL NOT NULL,
+    last_seen REAL NOT NULL,
+    agent_version TEXT NOT NULL DEFAULT '',
+    labels TEXT NOT NULL DEFAULT '{}',
+    PRIMARY KEY (cluster, name)
+);
+CREATE TABLE IF NOT EXISTS sessions (
+    cluster TEXT NOT NULL,
+    node TEXT NOT NULL,
+    session TEXT NOT NULL,
+    first_seen REAL NOT NULL,
+    max_seq INTEGER NOT NULL DEFAULT 0,
+    received INTEGER NOT NULL DEFAULT 0,
+    duplicates INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (cluster, node, session)
+);
+CREATE TABLE IF NOT EXISTS history (
+    id INTEGER PRIMARY KEY,
+    cluster TEXT NOT NULL,
+    node TEXT NOT NULL,
+    session TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    ts REAL NOT NULL,
+    received_at REAL NOT NULL,
+    kind TEXT NOT NULL,
+    name TEXT NOT NULL,
+    entity TEXT NOT NULL,
+    status TEXT NOT NULL,
+    codes TEXT NOT NULL,
+    metrics TEXT NOT NULL,
+    message TEXT NOT NULL,
+    UNIQUE (cluster, node, session, seq)
+);
+CREATE INDEX IF NOT EXISTS history_node_ts ON history (cluster, node, ts);
+CREATE TABLE IF NOT EXISTS latest (
+    cluster TEXT NOT NULL,
+    node TEXT NOT NULL,
+    check_name TEXT NOT NULL,
+    entity TEXT NOT NULL,
+    status TEXT NOT NULL,
+    codes TEXT NOT NULL,
+    metrics TEXT NOT NULL,
+    message TEXT NOT NULL,
+    ts REAL NOT NULL,
+    history_id INTEGER,
+    PRIMARY KEY (cluster, node, check_name, entity)
+);
+CREATE TABLE IF NOT EXISTS firing (
+    rule TEXT NOT NULL,
+    cluster TEXT NOT NULL,
+    node TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    since REAL NOT NULL,
+    PRIMARY KEY (rule, cluster, node, subject)
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY,
+    ts REAL NOT NULL,
+    cluster TEXT NOT NULL,
+    node TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    rule TEXT NOT NULL DEFAULT '',
+    outcome TEXT NOT NULL DEFAULT '',
+    detail TEXT NOT NULL DEFAULT '',
+    evidence TEXT NOT NULL DEFAULT '[]'
+);
+CREATE INDEX IF NOT EXISTS audit_node ON audit (cluster, node, ts);
+CREATE TABLE IF NOT EXISTS counters (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+"""
+
+
+@dataclass
+class NodeRow:
+    cluster: str
+    name: str
+    state: str = "healthy"
+    state_since: float = 0.0
+    reason: str = ""
+    online: bool = False
+    session: str = ""
+    session_started: float = 0.0
+    first_seen: float = 0.0
+    last_seen: float = 0.0
+    agent_version: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+class Store:
+    """The controller's database."""
+
+    def __init__(self, path: Path | str, *, readonly: bool = False) -> None:
+        self.path = Path(path)
+        if readonly:
+            if not self.path.exists():
+                raise FileNotFoundError(f"no vetd state database at {self.path}")
+            self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(self.path, timeout=10, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.executescript(SCHEMA)
+        self.db.row_factory = sqlite3.Row
+        self.nodes: dict[tuple[str, str], NodeRow] = {} if readonly else self._load_nodes()
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    # -- nodes -------------------------------------------------------------
+
+    def _load_nodes(self) -> dict[tuple[str, str], NodeRow]:
+        rows = self.db.execute("SELECT * FROM nodes").fetchall()
+        return {(r["cluster"], r["name"]): _node_from_row(r) for r in rows}
+
+    def node(self, cluster: str, name: str, now: float) -> NodeRow:
+        """The node's row, created (healthy, offline) on first sight."""
+        key = (cluster, name)
+        row = self.nodes.get(key)
+        if row is None:
+            row = NodeRow(cluster, name, state_since=now, first_seen=now, last_seen=now)
+            self.nodes[key] = row
+            self.save_node(row)
+        return row
+
+    def save_node(self, row: NodeRow) -> None:
+        self.db.execute(
+            """INSERT INTO nodes (cluster, name, state, state_since, reason, online, session,
+                   session_started, first_seen, last_seen, agent_version, labels)
+               VALUES (?,?,?,?,?,?,?,?,?,?,?,?)
+               ON CONFLICT (cluster, name) DO UPDATE SET state=excluded.state,
+                   state_since=excluded.state_since, reason=excluded.reason,
+                   online=excluded.online, session=excluded.session,
+                   session_started=excluded.session_started, last_seen=excluded.last_seen,
+                   agent_version=excluded.agent_version, labels=excluded.labels""",
+            (row.cluster, row.name, row.state, row.state_since, row.reason, int(row.online),
+             row.session, row.session_started, row.first_seen, row.last_seen, row.agent_version,
+             json.dumps(row.labels, sort_keys=True)),
+        )
+
+    def apply_state(self, message: State, now: float) -> bool:
+        """Apply a birth or death; returns False for a stale death that was ignored."""
+        row = self.node(message.cluster, message.node, now)
+        if message.online:
+            if message.session != row.session and message.started < row.session_started:
+                return False  # a retained birth older than the session we know
+            row.online = True
+            row.session = message.session
+            row.session_started = message.started
+            row.agent_version = message.agent_version
+            row.labels = dict(message.labels)
+        else:
+            if message.session != row.session and message.started <= row.session_started:
+                return False  # death of an older session: never overrides a newer birth
+            row.online = False
+            row.session = message.session
+            row.session_started = max(row.session_started, message.started)
+        row.last_seen = max(row.last_seen, now)
+        self.save_node(row)
+        return True
+
+    # -- results and events ------------------------------------------------
+
+    def record(self, message: Result | Event, now: float) -> int | None:
+        """Store a result or event; the history id, or None for a duplicate."""
+        if isinstance(message, Result):
+            kind, name, status = "result", message.check, message.status
+        else:
+            kind, name, status = "event", message.name, message.severity
+        codes = json.dumps(message.codes)
+        metrics = json.dumps(_finite(message.metrics))
+        cursor = self.db.execute(
+            """INSERT OR IGNORE INTO history (cluster, node, session, seq, ts, received_at, kind,
+                   name, entity, status, codes, metrics, message)
+               VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)""",
+            (message.cluster, message.node, message.session, message.seq, message.ts, now, kind,
+             name, message.entity, status, codes, metrics, message.message),
+        )
+        duplicate = cursor.rowcount == 0
+        self.db.execute(
+            """INSERT INTO sessions (cluster, node, session, first_seen, max_seq, received, duplicates)
+               VALUES (?,?,?,?,?,?,?)
+               ON CONFLICT (cluster, node, session) DO UPDATE SET
+                   max_seq=max(max_seq, excluded.max_seq),
+                   received=received + excluded.received,
+                   duplicates=duplicates + excluded.duplicates""",
+            (message.cluster, message.node, message.session, now, message.seq,
+             0 if duplicate else 1, 1 if duplicate else 0),
+        )
+        row = self.node(message.cluster, message.node, now)
+        row.last_seen = max(row.last_seen, now)
+        if not row.session:
+            row.session = message.session
+        if message.session == row.session:
+            row.online = True
+        self.save_node(row)
+        if duplicate:
+            return None
+        history_id = cursor.lastrowid
+        if isinstance(message, Result):
+            self.db.execute(
+                """INSERT INTO latest (cluster, node, check_name, entity, status, codes, metrics,
+                       message, ts, history_id) VALUES (?,?,?,?,?,?,?,?,?,?)
+                   ON CONFLICT (cluster, node, check_name, entity) DO UPDATE SET
+                       status=excluded.status, codes=excluded.codes, metrics=excluded.metrics,
+                       message=excluded.message, ts=excluded.ts, history_id=excluded.history_id
+                   WHERE excluded.ts >= latest.ts""",
+                (message.cluster, message.node, message.check, message.entity, message.status,
+                 codes, metrics, message.message, message.ts, history_id),
+            )
+        return history_id
+
+    # -- rule firing state -------------------------------------------------
+
+    def firing_since(self, rule: str, cluster: str, node: str, subject: str) -> float | None:
+        row = self.db.execute(
+            "SELECT since FROM firing WHERE rule=? AND cluster=? AND node=? AND subject=?",
+            (rule, cluster, node, subject),
+        ).fetchone()
+        return None if row is None else float(row[0])
+
+    def set_firing(self, rule: str, cluster: str, node: str, subject: str, since: float | None) -> None:
+        if since is None:
+            self.db.execute(
+                "DELETE FROM firing WHERE rule=? AND cluster=? AND node=? AND subject=?",
+                (rule, cluster, node, subject),
+            )
+        else:
+            self.db.execute(
+                "INSERT OR REPLACE INTO firing (rule, cluster, node, subject, since) VALUES (?,?,?,?,?)",
+                (rule, cluster, node, subject, since),
+            )
+
+    # -- audit and counters ------------------------------------------------
+
+    def audit(
+        self,
+        cluster: str,
+        node: str,
+        action: str,
+        *,
+        actor: str = "controller",
+        rule: str = "",
+        outcome: str = "",
+        detail: str = "",
+        evidence: Sequence[int] = (),
+        now: float | None = None,
+    ) -> int:
+        cursor = self.db.execute(
+            """INSERT INTO audit (ts, cluster, node, actor, action, rule, outcome, detail, evidence)
+               VALUES (?,?,?,?,?,?,?,?,?)""",
+            (time.time() if now is None else now, cluster, node, actor, action, rule, outcome,
+             detail, json.dumps(list(evidence))),
+        )
+        return int(cursor.lastrowid or 0)
+
+    def add_counters(self, counts: Mapping[str, int]) -> None:
+        self.db.executemany(
+            """INSERT INTO counters (name, value) VALUES (?, ?)
+               ON CONFLICT (name) DO UPDATE SET value = value + excluded.value""",
+            [(name, value) for name, value in counts.items() if value],
+        )
+
+    # -- read side (CLI views) ---------------------------------------------
+
+    def counters(self) -> dict[str, int]:
+        return {r["name"]: r["value"] for r in self.db.execute("SELECT name, value FROM counters")}
+
+    def node_rows(self) -> list[NodeRow]:
+        rows = self.db.execute("SELECT * FROM nodes ORDER BY cluster, name").fetchall()
+        return [_node_from_row(r) for r in rows]
+
+    def latest(self, cluster: str | None = None, node: str | None = None) -> list[dict[str, Any]]:
+        query = "SELECT * FROM latest WHERE (? IS NULL OR cluster=?) AND (? IS NULL OR node=?)"
+        rows = self.db.execute(query + " ORDER BY cluster, node, check_name, entity",
+                               (cluster, cluster, node, node))
+        return [_decoded(dict(r)) for r in rows]
+
+    def history(self, cluster: str, node: str, limit: int = 50) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            "SELECT * FROM history WHERE cluster=? AND node=? ORDER BY ts DESC, id DESC LIMIT ?",
+            (cluster, node, limit),
+        )
+        return [_decoded(dict(r)) for r in rows]
+
+    def audit_log(self, cluster: str | None = None, node: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            """SELECT * FROM audit WHERE (? IS NULL OR cluster=?) AND (? IS NULL OR node=?)
+               ORDER BY id DESC LIMIT ?""",
+            (cluster, cluster, node, node, limit),
+        )
+        return [{**dict(r), "evidence": json.loads(r["evidence"])} for r in rows]
+
+    def delivery(self, cluster: str, node: str) -> dict[str, int]:
+        """Received, duplicate and missing (sequence gaps) results+events of a node."""
+        row = self.db.execute(
+            """SELECT coalesce(sum(received), 0), coalesce(sum(duplicates), 0),
+                      coalesce(sum(max(max_seq - received, 0)), 0)
+               FROM sessions WHERE cluster=? AND node=?""",
+            (cluster, node),
+        ).fetchone()
+        return {"received": row[0], "duplicates": row[1], "gaps": row[2]}
+
+
+def _finite(metrics: Mapping[str, float]) -> dict[str, float | None]:
+    return {k: (v if v == v and v not in (float("inf"), float("-inf")) else None) for k, v in metrics.items()}
+
+
+def _decoded(row: dict[str, Any]) -> dict[str, Any]:
+    for key in ("codes", "metrics"):
+        if key in row:
+            row[key] = json.loads(row[key])
+    return row
+
+
+def _node_from_row(r: sqlite3.Row) -> NodeRow:
+    return NodeRow(
+        cluster=r["cluster"],
+        name=r["name"],
+        state=r["state"],
+        state_since=r["state_since"],
+        reason=r["reason"],
+        online=bool(r["online"]),
+        session=r["session"],
+        session_started=r["session_started"],
+        first_seen=r["first_seen"],
+        last_seen=r["last_seen"],
+        agent_version=r["agent_version"],
+        labels=json.loads(r["labels"]),
+    )

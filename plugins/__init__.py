@@ -1,0 +1,1 @@
+"""Built-in vetd plugins, registered the same way third-party ones are."""

@@ -1,0 +1,213 @@
+"""``host``: checks every node can run, GPU or not (psutil and the file system).
+
+Checks (all in profiles ``prolog``, ``periodic`` and ``full``):
+
+* ``host_memory``: available memory as a fraction of total.
+* ``host_disk``: free space on each of ``disk_paths`` (one entity per path).
+* ``host_paths``: every ``required_paths`` entry exists and every
+  ``required_mounts`` entry is a mount point (a missing Lustre mount is a
+  classic cause of jobs dying at start).
+* ``host_env``: ``required_env`` variables are set, with the expected value
+  unless that is ``""`` (CSCS vetnode's ``EnvVarEval``: ``NCCL_NET``,
+  ``FI_PROVIDER``… on Alps). Under ``vetd check`` in a prolog this is the
+  job's environment; in the daemon, the service's.
+* ``host_load``: 1-minute load average per logical CPU.
+
+Telemetry source ``host``: CPU and memory use, load, network byte counters.
+
+Configured in ``[plugins.host]``; every threshold has a default and can be
+switched off with 0.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import msgspec
+import psutil
+
+from vetd.agent.checks import Check, Outcome, TelemetrySource
+from vetd.agent.configfile import Duration
+from vetd.agent.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from vetd.agent.checks import CheckRegistry, PluginConfigs, TelemetryRegistry
+
+PROFILES = frozenset({"prolog", "periodic", "full"})
+GIB = 1024**3
+
+
+class HostConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    #: Available memory below this fraction of total: warn / fail.
+    memory_warn_fraction: float = 0.10
+    memory_fail_fraction: float = 0.05
+    #: Paths whose file systems must keep free space.
+    disk_paths: list[str] = msgspec.field(default_factory=lambda: ["/", "/tmp"])
+    disk_warn_fraction: float = 0.10
+    disk_fail_fraction: float = 0.02
+    #: Absolute floor too (GiB); 0 disables it.
+    disk_fail_gib: float = 1.0
+    #: Paths that must exist.
+    required_paths: list[str] = []
+    #: Paths that must be mount points.
+    required_mounts: list[str] = []
+    #: Variable → expected value; ``""`` means "must be set, any value".
+    required_env: dict[str, str] = {}
+    #: Load average (1 min) per logical CPU: warn / fail; 0 disables.
+    load_warn_per_core: float = 2.0
+    load_fail_per_core: float = 0.0
+    timeout: Duration = Duration(10.0)
+
+
+def _fraction_status(value: float, warn: float, fail: float) -> str:
+    if fail and value < fail:
+        return "fail"
+    if warn and value < warn:
+        return "warn"
+    return "pass"
+
+
+def check_memory(config: HostConfig) -> Outcome:
+    memory = psutil.virtual_memory()
+    fraction = memory.available / memory.total if memory.total else 0.0
+    status = _fraction_status(fraction, config.memory_warn_fraction, config.memory_fail_fraction)
+    return Outcome(
+        status=status,  # type: ignore[arg-type]
+        codes=[] if status == "pass" else ["memory_low"],
+        metrics={
+            "mem_available_bytes": float(memory.available),
+            "mem_total_bytes": float(memory.total),
+            "mem_available_fraction": round(fraction, 4),
+        },
+        message=f"{fraction:.1%} of {memory.total / GIB:.1f} GiB available",
+    )
+
+
+def check_disk(config: HostConfig) -> list[Outcome]:
+    outcomes = []
+    for path in config.disk_paths:
+        entity = f"disk:{path}"
+        try:
+            usage = psutil.disk_usage(path)
+        except OSError as exc:
+            outcomes.append(
+                Outcome(status="fail", entity=entity, codes=["path_missing"], message=str(exc))
+            )
+            continue
+        fraction = usage.free / usage.total if usage.total else 0.0
+        status = _fraction_status(fraction, config.disk_warn_fraction, config.disk_fail_fraction)
+        if config.disk_fail_gib and usage.free < config.disk_fail_gib * GIB:
+            status = "fail"
+        outcomes.append(
+            Outcome(
+                status=status,  # type: ignore[arg-type]
+                entity=entity,
+                codes=[] if status == "pass" else ["disk_low"],
+                metrics={
+                    "disk_free_bytes": float(usage.free),
+                    "disk_total_bytes": float(usage.total),
+                    "disk_free_fraction": round(fraction, 4),
+                },
+                message=f"{usage.free / GIB:.1f} GiB ({fraction:.1%}) free on {path}",
+            )
+        )
+    return outcomes
+
+
+def check_paths(config: HostConfig) -> Outcome:
+    missing = [path for path in config.required_paths if not os.path.exists(path)]
+    unmounted = [path for path in config.required_mounts if not os.path.ismount(path)]
+    codes = (["path_missing"] if missing else []) + (["mount_missing"] if unmounted else [])
+    problems = [f"missing: {', '.join(missing)}"] if missing else []
+    problems += [f"not mounted: {', '.join(unmounted)}"] if unmounted else []
+    wanted = len(config.required_paths) + len(config.required_mounts)
+    return Outcome(
+        status="fail" if codes else "pass",
+        codes=codes,
+        metrics={"paths_missing": float(len(missing) + len(unmounted))},
+        message="; ".join(problems) if problems else f"all {wanted} required paths present",
+    )
+
+
+def check_env(config: HostConfig, environ: Mapping[str, str] | None = None) -> Outcome:
+    env = os.environ if environ is None else environ
+    missing = [name for name in config.required_env if name not in env]
+    wrong = [
+        f"{name}={env[name]!r} (expected {expected!r})"
+        for name, expected in config.required_env.items()
+        if expected and name in env and env[name] != expected
+    ]
+    codes = (["env_missing"] if missing else []) + (["env_mismatch"] if wrong else [])
+    problems = ([f"unset: {', '.join(missing)}"] if missing else []) + wrong
+    return Outcome(
+        status="fail" if codes else "pass",
+        codes=codes,
+        metrics={"env_bad": float(len(missing) + len(wrong))},
+        message="; ".join(problems) if problems else f"all {len(config.required_env)} variables as expected",
+    )
+
+
+def check_load(config: HostConfig) -> Outcome:
+    load1, _, _ = os.getloadavg()
+    cores = psutil.cpu_count() or 1
+    per_core = load1 / cores
+    status = "pass"
+    if config.load_fail_per_core and per_core >= config.load_fail_per_core:
+        status = "fail"
+    elif config.load_warn_per_core and per_core >= config.load_warn_per_core:
+        status = "warn"
+    return Outcome(
+        status=status,  # type: ignore[arg-type]
+        codes=[] if status == "pass" else ["load_high"],
+        metrics={"load1": round(load1, 3), "load_per_core": round(per_core, 3), "cpus": float(cores)},
+        message=f"load {load1:.2f} on {cores} CPUs",
+    )
+
+
+def sample_host() -> dict[str, dict[str, float]]:
+    memory = psutil.virtual_memory()
+    net = psutil.net_io_counters()
+    load1, load5, _ = os.getloadavg()
+    return {
+        "node": {
+            "cpu_percent": psutil.cpu_percent(interval=None),
+            "mem_used_fraction": round(1 - memory.available / memory.total, 4),
+            "load1": load1,
+            "load5": load5,
+            "net_bytes_sent": float(net.bytes_sent),
+            "net_bytes_recv": float(net.bytes_recv),
+        }
+    }
+
+
+@hookimpl
+def vetd_config_tables() -> Mapping[str, type[msgspec.Struct]]:
+    return {"host": HostConfig}
+
+
+@hookimpl
+def vetd_register_checks(registry: CheckRegistry, configs: PluginConfigs) -> None:
+    config = configs.typed("host", HostConfig)
+    timeout = float(config.timeout)
+    registry.add(Check("host_memory", lambda: check_memory(config), timeout, profiles=PROFILES,
+                       description="available memory fraction"))
+    registry.add(Check("host_disk", lambda: check_disk(config), timeout, profiles=PROFILES,
+                       description="free disk space on disk_paths"))
+    registry.add(Check("host_paths", lambda: check_paths(config), timeout, profiles=PROFILES,
+                       description="required paths exist and mounts are mounted"))
+    registry.add(Check("host_env", lambda: check_env(config), timeout, profiles=PROFILES,
+                       description="required environment variables"))
+    registry.add(Check("host_load", lambda: check_load(config), timeout, profiles=PROFILES,
+                       description="load average per CPU"))
+
+
+@hookimpl
+def vetd_register_telemetry(registry: TelemetryRegistry, configs: PluginConfigs) -> None:
+    registry.add(TelemetrySource("host", sample_host))
+
+
+@hookimpl
+def vetd_node_labels(configs: PluginConfigs) -> Mapping[str, str]:
+    return {"cpus": str(psutil.cpu_count() or 0), "mem_gib": str(round(psutil.virtual_memory().total / GIB))}
