@@ -101,11 +101,13 @@ class Slurm:
 
     async def show(self, node: str) -> dict[str, str]:
         """``scontrol show node -o`` parsed into fields (State, Reason…)."""
-        text = await self._run("show", "node", "-o", node)
-        fields: dict[str, str] = {}
-        # Reason is last-ish and may contain spaces: split on " Key=" boundaries.
-        for match in re.finditer(r"(?:^|\s)([A-Za-z_]+)=(.*?)(?=\s[A-Za-z_]+=|$)", text.strip()):
-            fields[match.group(1)] = match.group(2)
+        text = (await self._run("show", "node", "-o", node)).strip()
+        # Reason comes last and may hold spaces and '=': take it whole, minus
+        # the " [user@time]" Slurm appends.
+        head, _, reason = text.partition(" Reason=")
+        fields = dict(part.split("=", 1) for part in head.split() if "=" in part)
+        if reason:
+            fields["Reason"] = re.sub(r"\s*\[[^\]]*@[^\]]*\]$", "", reason)
         return fields
 
     async def drain(self, node: str, reason: str) -> ActionOutcome:

@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import msgspec
 import yaml
@@ -175,6 +175,9 @@ def _parse_rule(node: yaml.Node, source: str) -> Rule:
             if pattern in message:
                 key = message.split(pattern)[1].split("`")[0]
         at = _line(keys[key]) if key in keys else line
+        allowed = {"actions": Action, "severity": Severity}.get(key)
+        if allowed is not None and "Invalid enum value" in message:
+            message += f" (expected one of: {', '.join(get_args(allowed))})"
         raise RuleError(f"{source}:{at}: {label}: {key or 'rule'}: {message}") from None
     if not spec.name.strip():
         raise RuleError(f"{source}:{line}: rule: name must not be empty")

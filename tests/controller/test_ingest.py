@@ -1,0 +1,111 @@
+"""The controller's ingest path, driven with encoded wire messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from vetd.agent import protocol
+from vetd.agent.protocol import Event, Result, State
+from vetd.controller.config import ControllerConfig, SchedulerSection, StoreSection
+from vetd.controller.service import Controller
+
+RULES = """\
+rules:
+  - name: host-failed
+    when: result.status == "fail"
+    severity: critical
+    actions: [drain, alert]
+  - name: fatal-xid
+    when: event.name == "xid" && event.severity == "critical"
+    actions: [drain]
+"""
+
+
+@pytest.fixture
+def controller(tmp_path: Path) -> Controller:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES)
+    config = ControllerConfig(rules=[str(rules)], store=StoreSection(path=str(tmp_path / "c.db")),
+                              scheduler=SchedulerSection(backend="none"))
+    return Controller(config)
+
+
+def wire(message: protocol.Message) -> tuple[str, bytes]:
+    return protocol.topic_for(message), protocol.encode(message)
+
+
+def result(seq: int, status: str = "pass", node: str = "nid001", session: str = "s1", **kw: object) -> Result:
+    return Result(cluster="alps", node=node, session=session, seq=seq, ts=1000.0 + seq,
+                  check="host_env", status=status, **kw)  # type: ignore[arg-type]
+
+
+def test_duplicates_are_counted_and_change_nothing(controller: Controller) -> None:
+    batch = [wire(result(1)), wire(result(2)), wire(result(1)), wire(result(4))]
+    controller.process(batch)
+    controller.process([wire(result(2))])
+    delivery = controller.store.delivery("alps", "nid001")
+    assert delivery == {"received": 3, "duplicates": 2, "gaps": 1}
+    assert controller.counters["duplicates"] == 2
+
+
+def test_a_failing_result_excludes_once_and_records_evidence(controller: Controller) -> None:
+    first = controller.process([wire(result(1, "fail", message="unset: NCCL_NET"))])
+    again = controller.process([wire(result(2, "fail", message="unset: NCCL_NET"))])
+    assert [d.node for d in first.drains] == ["nid001"]
+    assert again.drains == []
+    node = controller.store.nodes[("alps", "nid001")]
+    assert node.state == "excluded"
+    assert node.reason == "vetd: host-failed: host_env unset: NCCL_NET"
+    audit = controller.store.audit_log("alps", "nid001")
+    drain = next(a for a in audit if a["action"] == "drain")
+    assert drain["rule"] == "host-failed" and drain["outcome"] == "pending" and len(drain["evidence"]) == 1
+
+
+def test_every_matching_event_is_evaluated(controller: Controller) -> None:
+    xid = Event(cluster="alps", node="nid002", session="s", seq=1, ts=1.0, name="xid",
+                severity="critical", entity="gpu3", codes=["xid_79"], message="GPU fell off the bus")
+    decided = controller.process([wire(xid)])
+    assert decided.drains[0].reason == "vetd: fatal-xid: xid[gpu3] GPU fell off the bus"
+
+
+def test_malformed_messages_are_counted_and_the_batch_goes_on(controller: Controller) -> None:
+    good = wire(result(1))
+    wrong_type = msgspec.msgpack.encode({"kind": "result", "cluster": "alps", "node": "nid001",
+                                         "session": "s1", "seq": 2, "ts": 1.0, "check": 7, "status": "pass"})
+    batch = [
+        ("vetd/v1/alps/node/nid001/result", b"\x00\xff garbage"),
+        ("vetd/v1/alps/node/nid001/result", wrong_type),
+        ("vetd/v1/alps/node/nid001/result", b"\xd9" + b"A" * 10_000_000),
+        ("vetd/v1/alps/node/nid009/result", good[1]),
+        good,
+    ]
+    controller.process(batch)
+    assert controller.counters["malformed"] == 4
+    assert controller.store.delivery("alps", "nid001")["received"] == 1
+    assert controller.store.counters()["malformed"] == 4
+
+
+def test_a_stale_death_never_overrides_a_newer_birth(controller: Controller) -> None:
+    old_birth = State(cluster="alps", node="n1", session="old", seq=0, ts=10, online=True, started=10)
+    new_birth = State(cluster="alps", node="n1", session="new", seq=0, ts=20, online=True, started=20)
+    old_death = State(cluster="alps", node="n1", session="old", seq=0, ts=30, online=False, started=10)
+    controller.process([wire(old_birth), wire(new_birth), wire(old_death)])
+    node = controller.store.nodes[("alps", "n1")]
+    assert (node.online, node.session) == (True, "new")
+    assert controller.counters["stale_state"] == 1
+    new_death = State(cluster="alps", node="n1", session="new", seq=0, ts=40, online=False, started=20)
+    controller.process([wire(new_death)])
+    assert controller.store.nodes[("alps", "n1")].online is False
+
+
+def test_state_survives_a_restart(controller: Controller, tmp_path: Path) -> None:
+    controller.process([wire(result(1, "fail"))])
+    controller.store.close()
+    reopened = Controller(controller.config)
+    assert reopened.store.nodes[("alps", "nid001")].state == "excluded"
+    assert [d.node for d in reopened.pending_drains()] == ["nid001"]
+    # the rule is still firing: a repeat does not decide a second drain
+    assert reopened.process([wire(result(2, "fail"))]).drains == []

@@ -1,0 +1,94 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.support.procs import run_vetd
+from vetd.controller.rules import RuleError, evaluate_all, load_rules, parse_rules
+
+GOOD = """\
+rules:
+  - name: host-failed
+    when: result.status == "fail" && result.check.startsWith("host_")
+    severity: critical
+    actions: [drain, alert]
+  - name: hot
+    when: has(result.metrics.temp_c) && result.metrics.temp_c > 85.0
+  - name: xid
+    when: event.name == "xid" && "xid_79" in event.codes && node.labels.gpu == "GH200"
+    actions: [drain]
+"""
+
+
+def test_rules_know_whether_they_look_at_results_or_events() -> None:
+    rules = parse_rules(GOOD, "good.yaml")
+    assert [(r.name, r.input, r.line) for r in rules] == [
+        ("host-failed", "result", 2), ("hot", "result", 6), ("xid", "event", 8)]
+    assert rules[1].spec.actions == ["alert"] and rules[1].spec.severity == "warning"
+
+
+def test_conditions_evaluate_against_result_and_node() -> None:
+    rules = parse_rules(GOOD, "good.yaml")
+    node = {"name": "nid001", "state": "healthy", "labels": {"gpu": "GH200"}}
+    result = {"check": "host_env", "status": "fail", "metrics": {}, "codes": []}
+    decided = evaluate_all([r for r in rules if r.input == "result"], {"result": result, "event": {}, "node": node})
+    assert [(r.name, v) for r, v in decided] == [("host-failed", True), ("hot", False)]
+    event = {"name": "xid", "codes": ["xid_79"]}
+    decided = evaluate_all([rules[2]], {"result": {}, "event": event, "node": node})
+    assert decided[0][1] is True
+
+
+def test_a_condition_that_errors_at_runtime_is_neither_true_nor_false() -> None:
+    rule = parse_rules("rules:\n  - name: r\n    when: result.metrics.temp_c > 1.0\n", "f")[0]
+    assert evaluate_all([rule], {"result": {"metrics": {}}, "event": {}, "node": {}})[0][1] is None
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("rules:\n  - name: ok\n    when: result.status == 'fail'\n  - name: broken\n"
+         "    severity: critical\n    when: result.status ==\n",
+         r"bad\.yaml:6: rule 'broken': when: CEL error at 1:17: Syntax error"),
+        ("rules:\n  - name: typo\n    when: resutl.status == 'fail'\n",
+         r"bad\.yaml:3: rule 'typo': when: CEL error .*undeclared reference to 'resutl"),
+        ("rules:\n  - name: both\n    when: result.status == 'fail' || event.name == 'x'\n",
+         r"bad\.yaml:3: rule 'both': when: .*not both"),
+        ("rules:\n  - name: k\n    when: result.status == 'fail'\n    actoins: [drain]\n",
+         r"bad\.yaml:4: rule 'k': actoins: .*unknown field"),
+        ("rules:\n  - name: a\n    when: 'true'\n    actions: [reboot]\n",
+         r"bad\.yaml:4: rule 'a': actions: Invalid enum value 'reboot' \(expected one of: drain, alert\)"),
+        ("rules:\n  - when: result.status == 'fail'\n", r"bad\.yaml:2: rule: name: .*missing required field"),
+        ("rules:\n  - name: a\n    when: [\n", r"bad\.yaml:\d+: invalid YAML"),
+        ("rule:\n  - name: a\n", r"bad\.yaml:1: rule: unknown key"),
+    ],
+)
+def test_bad_rule_files_name_file_line_and_rule(tmp_path: Path, text: str, expected: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(RuleError, match=expected):
+        load_rules([path])
+
+
+def test_duplicate_names_across_files_are_rejected(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text(GOOD)
+    (tmp_path / "b.yaml").write_text("rules:\n  - name: hot\n    when: 'true'\n")
+    with pytest.raises(RuleError, match=r"b\.yaml:2: rule 'hot': name already used at .*a\.yaml:6"):
+        load_rules([tmp_path / "a.yaml", tmp_path / "b.yaml"])
+
+
+def test_vetd_rules_check_command(tmp_path: Path) -> None:
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    good.write_text(GOOD)
+    bad.write_text("rules:\n  - name: broken\n    when: result.status ==\n")
+    ok = run_vetd("rules", "check", str(good))
+    assert ok.returncode == 0 and "3 rules in 1 file(s) valid" in ok.stdout
+    failed = run_vetd("rules", "check", str(good), str(bad))
+    assert failed.returncode == 1
+    assert f"{bad}:3: rule 'broken': when: CEL error" in failed.stderr
+
+
+def test_the_shipped_default_rules_are_valid() -> None:
+    root = Path(__file__).resolve().parents[2]
+    rules = load_rules([root / "packaging" / "rules" / "default.yaml"])
+    assert {"check-failed", "critical-event"} <= {r.name for r in rules.rules}

@@ -1,0 +1,45 @@
+"""A plugin for scheduler tests: checks that pass, raise and hang.
+
+Not a hardware stand-in: it exercises how the agent treats any misbehaving
+plugin. Loaded with ``[agent] load_plugins = ["vetd_testplugin"]``.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import msgspec
+
+from vetd.agent.checks import Check, Outcome
+from vetd.agent.configfile import Duration
+from vetd.agent.hookspecs import hookimpl
+
+_never = threading.Event()
+
+
+class TestPluginConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    interval: Duration = Duration(0.2)
+    hang_timeout: Duration = Duration(0.3)
+
+
+def _raise() -> Outcome:
+    raise RuntimeError("sensor exploded")
+
+
+def _hang() -> Outcome:
+    _never.wait()
+    return Outcome(status="pass")
+
+
+@hookimpl
+def vetd_config_tables():
+    return {"testplugin": TestPluginConfig}
+
+
+@hookimpl
+def vetd_register_checks(registry, configs):
+    config = configs.typed("testplugin", TestPluginConfig)
+    interval = float(config.interval)
+    registry.add(Check("steady", lambda: Outcome(status="pass", metrics={"x": 1}), interval=interval))
+    registry.add(Check("raises", _raise, interval=interval))
+    registry.add(Check("hangs", _hang, interval=interval, timeout=float(config.hang_timeout)))

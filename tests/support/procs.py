@@ -1,0 +1,121 @@
+"""Run vetd itself as real processes (agent, controller) and watch the wire."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import paho.mqtt.client as paho
+
+from vetd.agent import protocol
+from vetd.agent.protocol import Message
+
+REPO = Path(__file__).resolve().parents[2]
+TEST_PLUGINS = REPO / "tests" / "support" / "plugins"
+
+
+def vetd_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "vetd.agent.cli", *args]
+
+
+def vetd_env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "VETD_LOG_LEVEL": "debug"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TEST_PLUGINS), env.get("PYTHONPATH", "")]))
+    env.update(extra)
+    return env
+
+
+def run_vetd(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(vetd_argv(*args), env=env or vetd_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+class VetdProcess:
+    """``vetd agent`` or ``vetd controller`` running in the background, logging to a file."""
+
+    def __init__(self, args: Sequence[str], log: Path, env: dict[str, str]) -> None:
+        self.args, self.log_path, self.env = list(args), log, env
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> VetdProcess:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(vetd_argv(*self.args), stdout=log, stderr=log, env=self.env)
+        return self
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+    def stop(self, timeout: float = 15) -> int:
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+                raise AssertionError(f"{self.args[0]} did not stop within {timeout}s on SIGTERM")
+        return int(self.process.returncode)
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    @property
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+class Watcher:
+    """Subscribes (with paho) and keeps every decoded vetd message it sees."""
+
+    def __init__(self, port: int, topic: str) -> None:
+        self.messages: list[tuple[str, Message]] = []
+        self.undecodable: list[str] = []
+        self._lock = threading.Lock()
+        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"watch-{uuid.uuid4().hex[:8]}")
+        self.client.on_message = self._on_message
+        self._subscribed = threading.Event()
+        self.client.on_subscribe = lambda *a: self._subscribed.set()
+        self.client.connect("127.0.0.1", port)
+        self.client.subscribe(topic, qos=1)
+        self.client.loop_start()
+        if not self._subscribed.wait(10):
+            raise AssertionError("watcher could not subscribe")
+
+    def _on_message(self, client: object, userdata: object, msg: paho.MQTTMessage) -> None:
+        try:
+            decoded = protocol.decode_from(msg.topic, msg.payload)
+        except protocol.ProtocolError:
+            with self._lock:
+                self.undecodable.append(msg.topic)
+            return
+        with self._lock:
+            self.messages.append((msg.topic, decoded))
+
+    def select(self, predicate: Callable[[Message], bool] = lambda m: True) -> list[Message]:
+        with self._lock:
+            return [m for _, m in self.messages if predicate(m)]
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def publish_raw(port: int, topic: str, payload: bytes, retain: bool = False) -> None:
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"pub-{uuid.uuid4().hex[:8]}")
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    info = client.publish(topic, payload, qos=1, retain=retain)
+    info.wait_for_publish(10)
+    client.loop_stop()
+    client.disconnect()

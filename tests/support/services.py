@@ -1,0 +1,198 @@
+"""Start real Mosquitto and Slurm (munged, slurmctld, slurmd) for tests.
+
+Each service runs from a temp folder on free ports and is stopped at the end;
+nothing touches the machine's own /etc or system services.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.support.wait import wait_for
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def missing(*programs: str) -> list[str]:
+    return [p for p in programs if shutil.which(p) is None and not Path(f"/usr/sbin/{p}").exists()]
+
+
+def _which(program: str) -> str:
+    return shutil.which(program) or f"/usr/sbin/{program}"
+
+
+@dataclass
+class Mosquitto:
+    """A Mosquitto broker of our own on 127.0.0.1."""
+
+    workdir: Path
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self) -> Mosquitto:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        conf = self.workdir / "mosquitto.conf"
+        conf.write_text(
+            f"listener {self.port} 127.0.0.1\n"
+            "allow_anonymous true\n"
+            "persistence true\n"
+            f"persistence_location {self.workdir}/\n"
+            "max_queued_messages 100000\n"
+            "log_type error\nlog_type warning\n"
+        )
+        log = (self.workdir / "mosquitto.log").open("ab")
+        self.process = subprocess.Popen([_which("mosquitto"), "-c", str(conf)], stdout=log, stderr=log)
+        wait_for(lambda: port_open(self.port), 10, "mosquitto to listen")
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def pause(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+
+
+@dataclass
+class Slurm:
+    """munged + slurmctld + one slurmd answering for nid[001-004]."""
+
+    workdir: Path
+    nodes: str = "nid[001-004]"
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def conf(self) -> Path:
+        return self.workdir / "slurm.conf"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "SLURM_CONF": str(self.conf)}
+
+    def start(self) -> Slurm:
+        d = self.workdir
+        for sub in ("state", "spool/nid001", "munge"):
+            (d / sub).mkdir(parents=True, exist_ok=True)
+        (d / "munge").chmod(0o711)
+        key = d / "munge" / "munge.key"
+        key.write_bytes(secrets.token_bytes(1024))
+        key.chmod(0o400)
+        socket_path = d / "munge" / "munge.sock"
+        self._spawn("munged", [_which("munged"), "--force", "--foreground", f"--key-file={key}",
+                    f"--socket={socket_path}", f"--pid-file={d}/munge/munged.pid",
+                    f"--log-file={d}/munge/munged.log", f"--seed-file={d}/munge/seed"])
+        wait_for(socket_path.exists, 10, "munged socket")
+        ctld_port, slurmd_port = free_port(), free_port()
+        self.conf.write_text(f"""\
+ClusterName=vetdtest
+SlurmctldHost={socket.gethostname().split('.')[0]}(127.0.0.1)
+SlurmctldPort={ctld_port}
+SlurmdPort={slurmd_port}
+AuthType=auth/munge
+AuthInfo=socket={socket_path}
+CredType=cred/munge
+SlurmUser=root
+SlurmdUser=root
+StateSaveLocation={d}/state
+SlurmdSpoolDir={d}/spool/%n
+SlurmctldPidFile={d}/slurmctld.pid
+SlurmdPidFile={d}/slurmd-%n.pid
+SlurmctldLogFile={d}/slurmctld.log
+SlurmdLogFile={d}/slurmd-%n.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SwitchType=switch/none
+MpiDefault=none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+SchedulerType=sched/builtin
+SelectType=select/linear
+ReturnToService=2
+RebootProgram=/bin/true
+SlurmctldTimeout=10
+SlurmdTimeout=300
+NodeName={self.nodes} NodeAddr=127.0.0.1 CPUs=2 RealMemory=1000 State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+""")
+        self._spawn("slurmctld", [_which("slurmctld"), "-D", "-c", "-f", str(self.conf)])
+        wait_for(lambda: port_open(ctld_port), 20, "slurmctld to listen")
+        self._spawn("slurmd", [_which("slurmd"), "-D", "-N", "nid001", "-f", str(self.conf)])
+        wait_for(lambda: self.states() and all(s == "idle" for s in self.states().values()), 60,
+                 "Slurm nodes to register and go idle")
+        return self
+
+    def _spawn(self, name: str, argv: list[str]) -> None:
+        log = (self.workdir / f"{name}.out").open("ab")
+        self.processes.append(subprocess.Popen(argv, stdout=log, stderr=log, env=self.env))
+
+    def run(self, *argv: str, check: bool = True) -> str:
+        done = subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=30)
+        if check and done.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv)}: {done.stderr.strip()}")
+        return done.stdout
+
+    def states(self) -> dict[str, str]:
+        """Node → compact state (``idle``, ``drain``, ``drng``…) from ``sinfo``."""
+        try:
+            out = self.run("sinfo", "-h", "-N", "-o", "%N %t", check=False)
+        except subprocess.TimeoutExpired:
+            return {}
+        return dict(line.split() for line in out.splitlines() if len(line.split()) == 2)
+
+    def show(self, node: str) -> dict[str, str]:
+        text = self.run("scontrol", "show", "node", "-o", node).strip()
+        head, _, reason = text.partition(" Reason=")
+        fields = dict(part.split("=", 1) for part in head.split() if "=" in part)
+        fields["Reason"] = reason
+        return fields
+
+    def drain(self, node: str, reason: str) -> None:
+        self.run("scontrol", "update", f"NodeName={node}", "State=DRAIN", f"Reason={reason}")
+
+    def resume(self, node: str) -> None:
+        self.run("scontrol", "update", f"NodeName={node}", "State=RESUME", check=False)
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            if process.poll() is None:
+                process.terminate()
+        for process in reversed(self.processes):
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.processes.clear()
