@@ -1,0 +1,63 @@
+"""Agent memory and CPU: RSS after start and after N minutes, CPU per cycle.
+
+A cycle is one round of every periodic check at the 1 s interval (and one
+telemetry sample); CPU per cycle = the agent's user+system CPU over the window
+divided by the cycles in it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.support.procs import VetdProcess, Watcher, vetd_env  # noqa: E402
+from tests.support.services import Mosquitto  # noqa: E402
+from tests.support.wait import wait_for  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--minutes", type=float, default=5.0)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        broker = Mosquitto(work / "mosquitto").start()
+        config = work / "agent.toml"
+        config.write_text('[agent]\ninterval = "1s"\ntelemetry_interval = "1s"\n')
+        watcher = Watcher(broker.port, "vetd/v1/bench/#")
+        agent = VetdProcess(["agent", "--config", str(config)], work / "agent.log",
+                            vetd_env(VETD_BROKER=broker.url, VETD_CLUSTER="bench", VETD_NODE="n1",
+                                     VETD_LOG_LEVEL="warning")).start()
+        try:
+            assert agent.process is not None
+            proc = psutil.Process(agent.process.pid)
+            wait_for(lambda: len(watcher.messages) >= 6, 30, "first results")
+            rss_start = proc.memory_info().rss
+            cpu_start = sum(proc.cpu_times()[:2])
+            t0 = time.monotonic()
+            time.sleep(args.minutes * 60)
+            elapsed = time.monotonic() - t0
+            rss_end = proc.memory_info().rss
+            cpu = sum(proc.cpu_times()[:2]) - cpu_start
+            messages = len(watcher.messages)
+        finally:
+            agent.stop()
+            watcher.close()
+            broker.stop()
+    cycles = elapsed / 1.0
+    print(f"agent RSS after start:        {rss_start / 2**20:.1f} MiB")
+    print(f"agent RSS after {args.minutes:g} min:        {rss_end / 2**20:.1f} MiB")
+    print(f"agent CPU over the window:    {cpu:.2f} s in {elapsed:.0f} s ({100 * cpu / elapsed:.2f} % of a core)")
+    print(f"agent CPU per cycle:          {1000 * cpu / cycles:.2f} ms (5 host checks + 1 telemetry sample)")
+    print(f"messages seen on the broker:  {messages}")
+
+
+if __name__ == "__main__":
+    main()

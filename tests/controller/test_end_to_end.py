@@ -1,0 +1,185 @@
+"""Agent → real Mosquitto → controller → real slurmctld, and what operators see."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.procs import VetdProcess, publish_raw, run_vetd, vetd_env
+from tests.support.services import Mosquitto, Slurm
+from tests.support.wait import wait_for
+
+RULES = Path(__file__).resolve().parents[2] / "packaging" / "rules" / "default.yaml"
+
+
+class AlertReceiver:
+    """A real HTTP server standing where Alertmanager would."""
+
+    def __init__(self) -> None:
+        self.alerts: list[dict[str, Any]] = []
+        received = self.alerts
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                received.extend(json.loads(body))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/api/v2/alerts"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+@pytest.fixture
+def receiver() -> Iterator[AlertReceiver]:
+    server = AlertReceiver()
+    yield server
+    server.close()
+
+
+def controller_config(tmp_path: Path, cluster: str, backend: str, alert_url: str = "") -> Path:
+    path = tmp_path / "controller.toml"
+    path.write_text(
+        f'cluster = "{cluster}"\nclient_id = "vetd-controller-{cluster}"\nrules = ["{RULES}"]\n'
+        f'[store]\npath = "state/controller.db"\n[scheduler]\nbackend = "{backend}"\n'
+        f'[alerts]\nurls = [{json.dumps(alert_url) if alert_url else ""}]\n'
+    )
+    return path
+
+
+def start_controller(tmp_path: Path, config: Path, broker: Mosquitto, env: dict[str, str]) -> VetdProcess:
+    proc = VetdProcess(["controller", "--config", str(config)], tmp_path / "controller.log",
+                       vetd_env(VETD_BROKER=broker.url, **env)).start()
+    wait_for(lambda: "broker_connected" in proc.output, 20, "controller connected")
+    return proc
+
+
+def start_agent(tmp_path: Path, broker: Mosquitto, cluster: str, node: str, config: str) -> VetdProcess:
+    path = tmp_path / f"{node}.toml"
+    path.write_text(config)
+    return VetdProcess(["agent", "--config", str(path)], tmp_path / f"{node}.log",
+                       vetd_env(VETD_BROKER=broker.url, VETD_CLUSTER=cluster, VETD_NODE=node)).start()
+
+
+def vetd_json(*args: str, env: dict[str, str] | None = None) -> Any:
+    done = run_vetd(*args, env=env)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_a_failing_host_check_drains_the_node_in_slurm(
+    tmp_path: Path, mosquitto: Mosquitto, slurm: Slurm, cluster_name: str, receiver: AlertReceiver
+) -> None:
+    config = controller_config(tmp_path, cluster_name, "slurm", receiver.url)
+    controller = start_controller(tmp_path, config, mosquitto, {"SLURM_CONF": str(slurm.conf)})
+    bad = start_agent(tmp_path, mosquitto, cluster_name, "nid002",
+                      '[agent]\ninterval = "500ms"\n[plugins.host]\nrequired_paths = ["/lustre/scratch"]\n'
+                      "load_warn_per_core = 0.0\n")
+    good = start_agent(tmp_path, mosquitto, cluster_name, "nid004",
+                       '[agent]\ninterval = "500ms"\n[plugins.host]\nload_warn_per_core = 0.0\n')
+    try:
+        wait_for(lambda: "drain" in slurm.states().get("nid002", ""), 30, "nid002 drained in Slurm")
+        reason = slurm.show("nid002")["Reason"]
+        assert reason.startswith("vetd: check-failed: host_paths missing: /lustre/scratch")
+        sinfo = slurm.run("sinfo", "-R", "-h", "-o", "%E|%N")
+        assert "vetd: check-failed: host_paths" in sinfo and "nid002" in sinfo
+        assert slurm.states()["nid004"] == "idle"
+
+        env = vetd_env()
+        nodes = {n["node"]: n for n in vetd_json("nodes", "--config", str(config), "--json", env=env)}
+        wait_for(lambda: run_vetd("nodes", "--config", str(config), "--json").stdout.count('"node"') == 2,
+                 15, "both nodes known")
+        nodes = {n["node"]: n for n in vetd_json("nodes", "--config", str(config), "--json", env=env)}
+        assert nodes["nid002"]["state"] == "excluded" and nodes["nid002"]["online"] is True
+        assert nodes["nid002"]["failing"] == ["host_paths"]
+        assert nodes["nid002"]["reason"].startswith("vetd: check-failed")
+        assert nodes["nid004"]["state"] == "healthy" and nodes["nid004"]["failing"] == []
+
+        excluded = run_vetd("excluded", "--config", str(config))
+        assert excluded.stdout.strip() == "nid002"
+        table = run_vetd("nodes", "--config", str(config)).stdout.splitlines()
+        assert table[0].split()[:3] == ["NODE", "STATE", "ONLINE"]
+        assert any(line.startswith("nid002") and "excluded" in line for line in table)
+
+        detail = vetd_json("node", "nid002", "--config", str(config), "--json")
+        drains = [a for a in detail["audit"] if a["action"] == "drain"]
+        wait_for(lambda: vetd_json("node", "nid002", "--config", str(config), "--json")["audit"], 10, "audit")
+        assert len(drains) == 1 and drains[0]["rule"] == "check-failed" and drains[0]["evidence"]
+        wait_for(lambda: any(a["action"] == "drain" and a["outcome"] == "done" for a in
+                             vetd_json("node", "nid002", "--config", str(config), "--json")["audit"]),
+                 15, "drain outcome audited")
+
+        alert = wait_for(lambda: [a for a in receiver.alerts if a["labels"]["alertname"] == "check-failed"],
+                         15, "alert delivered")[0]
+        assert alert["labels"] | {"node": "nid002", "severity": "critical", "cluster": cluster_name} == alert["labels"]
+        assert alert["startsAt"].endswith("Z") and "endsAt" not in alert
+    finally:
+        bad.stop(), good.stop(), controller.stop()
+        slurm.resume("nid002")
+    # the drain happened once, although the check kept failing every 500 ms
+    assert controller.output.count('"event": "drain_done"') == 1
+
+
+def test_a_node_an_operator_drained_is_left_alone(
+    tmp_path: Path, mosquitto: Mosquitto, slurm: Slurm, cluster_name: str
+) -> None:
+    slurm.drain("nid003", "ops: replacing DIMM")
+    config = controller_config(tmp_path, cluster_name, "slurm")
+    controller = start_controller(tmp_path, config, mosquitto, {"SLURM_CONF": str(slurm.conf)})
+    agent = start_agent(tmp_path, mosquitto, cluster_name, "nid003",
+                        '[agent]\ninterval = "500ms"\n[plugins.host]\nrequired_paths = ["/nope"]\n')
+    try:
+        wait_for(lambda: '"event": "drain_skipped"' in controller.output, 30, "drain decision carried out")
+        assert slurm.show("nid003")["Reason"].startswith("ops: replacing DIMM")
+        detail = vetd_json("node", "nid003", "--config", str(config), "--json")
+        drain = next(a for a in detail["audit"] if a["action"] == "drain")
+        assert drain["outcome"] == "skipped" and "ops: replacing DIMM" in drain["detail"]
+    finally:
+        agent.stop(), controller.stop()
+        slurm.resume("nid003")
+
+
+def test_malformed_payloads_are_counted_and_the_controller_keeps_working(
+    tmp_path: Path, mosquitto: Mosquitto, cluster_name: str
+) -> None:
+    config = controller_config(tmp_path, cluster_name, "none")
+    controller = start_controller(tmp_path, config, mosquitto, {})
+    base = f"vetd/v1/{cluster_name}/node"
+    junk = [
+        (f"{base}/nid001/result", os.urandom(512)),
+        (f"{base}/nid001/result", b"\x85\xa4kind\xa6result\xa5check\x07\xa6status\xa4pass\xa4node\x01"),
+        (f"{base}/nid001/event", b"\xdb" + (200_000).to_bytes(4, "big") + b"A" * 200_000),
+        (f"{base}/nid001/state", b""),
+        (f"{base}/nid001/bogus", b"\x80"),
+    ]
+    for topic, payload in junk:
+        publish_raw(mosquitto.port, topic, payload)
+    agent = start_agent(tmp_path, mosquitto, cluster_name, "nid001",
+                        '[agent]\ninterval = "500ms"\n[plugins.host]\nrequired_paths = ["/nope"]\n')
+    try:
+        wait_for(lambda: run_vetd("excluded", "--config", str(config)).stdout.strip() == "nid001", 30,
+                 "the good node processed after the junk")
+        assert controller.process is not None and controller.process.poll() is None
+        assert controller.output.count('"event": "message_malformed"') == len(junk)
+    finally:
+        agent.stop()
+        assert controller.stop() == 0
+    from vetd.controller.store import Store
+
+    store = Store(tmp_path / "state" / "controller.db", readonly=True)
+    assert store.counters()["malformed"] == len(junk)
+    store.close()
