@@ -136,6 +136,8 @@ class Agent:
             if signals:
                 for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     loop.remove_signal_handler(signum)
+                # Already stopping: a repeated SIGTERM must not kill us mid-exit.
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
         log.info("agent_stopped", unsent=len(self.outbox))
         return 0
 

@@ -348,6 +348,8 @@ class Controller:
             if signals:
                 for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     loop.remove_signal_handler(signum)
+                # Already stopping: a repeated SIGTERM must not kill us mid-exit.
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
             self.store.close()
         log.info("controller_stopped", **dict(self.counters))
         return 0
