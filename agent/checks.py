@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import msgspec
-
 from vetd.agent.protocol import STATUSES, Status
 
 T = TypeVar("T")

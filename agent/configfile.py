@@ -31,9 +31,7 @@ class Duration(float):
 
 def parse_duration(value: object) -> Duration:
     """Parse a config duration; raise ``ValueError`` on anything else."""
-    if isinstance(value, bool):
-        raise ValueError("expected a duration such as \"10s\"")
-    if isinstance(value, int | float):
+    if isinstance(value, int | float) and not isinstance(value, bool):
         seconds = float(value)
     elif isinstance(value, str) and (match := _DURATION.match(value)):
         seconds = float(match.group(1)) * _UNITS[match.group(2)]

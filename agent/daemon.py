@@ -18,12 +18,11 @@ import time
 from pathlib import Path
 
 import structlog
-
-from vetd.agent.checks import Check, CheckRunner, TelemetrySource, clip, in_thread
+from vetd.agent.checks import Check, CheckRunner, Outcome, TelemetrySource, clip, in_thread
 from vetd.agent.config import AgentConfig, load_agent_config
 from vetd.agent.configfile import ConfigError
 from vetd.agent.pluginhost import PluginError, PluginHost
-from vetd.agent.protocol import Command, Reply, Result, Telemetry
+from vetd.agent.protocol import Command, Reply, Result, State, Telemetry
 from vetd.agent.systemd import Notifier
 from vetd.agent.transport import Identity, Outbox, Transport
 
@@ -80,14 +79,14 @@ class Agent:
         self._stopping = asyncio.Event()
         self._inflight = 0
 
-    def _birth(self):  # type: ignore[no-untyped-def]
+    def _birth(self) -> State:
         return self.identity.state(
             True,
             labels=self.schedule.labels,
             checks=self.schedule.checks.names(),
         )
 
-    def emit_result(self, check: Check, outcome_list, started: float, duration: float) -> None:  # type: ignore[no-untyped-def]
+    def emit_result(self, check: Check, outcome_list: list[Outcome], started: float, duration: float) -> None:
         for outcome in outcome_list:
             self.transport.send(
                 Result(

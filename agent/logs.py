@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import TextIO
 
 import structlog
 
 _configured = False
 
 
-def setup(level: str = "info", *, json: bool | None = None, stream: object = None) -> None:
+def setup(level: str = "info", *, json: bool | None = None, stream: TextIO | None = None) -> None:
     """Configure structlog and stdlib logging (idempotent)."""
     global _configured
     out = stream or sys.stderr
-    as_json = not getattr(out, "isatty", lambda: False)() if json is None else json
+    as_json = not out.isatty() if json is None else json
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
@@ -42,7 +43,7 @@ def setup(level: str = "info", *, json: bool | None = None, stream: object = Non
             renderer,
         ],
     )
-    handler = logging.StreamHandler(out)  # type: ignore[arg-type]
+    handler = logging.StreamHandler(out)
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]

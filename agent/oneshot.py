@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from typing import TextIO
 
 import msgspec
-
 from vetd.agent.checks import Check, CheckRun, CheckRunner
 from vetd.agent.config import AgentConfig
 from vetd.agent.pluginhost import PluginHost
@@ -88,7 +87,8 @@ def print_table(results: Sequence[dict[str, object]], out: TextIO) -> None:
     ]
     widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(headers[:-1])]
     for row in [headers, *table]:
-        out.write("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1] + "\n")
+        cells = "  ".join(cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True))
+        out.write(f"{cells}  {row[-1]}\n")
 
 
 def main(
@@ -107,8 +107,7 @@ def main(
                         "codes": ["plugin_broken"], "metrics": {}, "message": error,
                         "duration_s": 0.0, "profile": profile or "", "plugin": plugin, "ts": 0.0})
     if as_json:
-        for result in results:
-            out.write(json.dumps(result, default=_json_default) + "\n")
+        out.writelines(json.dumps(result, default=_json_default) + "\n" for result in results)
     else:
         print_table(results, out)
     return EXIT_FAILED if any(r["status"] in BAD_STATUSES for r in results) else EXIT_OK

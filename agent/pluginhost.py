@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Mapping
 from typing import Any
 
 import msgspec
 import pluggy
 import structlog
-
 from vetd.agent import hookspecs
 from vetd.agent.checks import (
     CheckRegistry,

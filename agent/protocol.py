@@ -146,7 +146,7 @@ def decode(payload: bytes | bytearray | memoryview) -> Message:
     if len(payload) > MAX_PAYLOAD_BYTES:
         raise ProtocolError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_BYTES}")
     try:
-        message = _decoder.decode(payload)
+        message: Message = _decoder.decode(payload)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise ProtocolError(str(exc)) from exc
     except (ValueError, TypeError, RecursionError, OverflowError) as exc:

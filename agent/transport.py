@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 
 import aiomqtt
 import structlog
-
 from vetd.agent import __version__, protocol
 from vetd.agent.config import BrokerAddress
 from vetd.agent.protocol import Command, Message, State, Telemetry
@@ -217,7 +216,8 @@ class Transport:
     async def _command_loop(self, client: aiomqtt.Client) -> None:
         async for raw in client.messages:
             try:
-                message = protocol.decode_from(raw.topic.value, bytes(raw.payload))  # type: ignore[arg-type]
+                payload = raw.payload if isinstance(raw.payload, bytes | bytearray) else b""
+                message = protocol.decode_from(raw.topic.value, payload)
             except protocol.ProtocolError as exc:
                 self.malformed_commands += 1
                 log.warning("command_malformed", error=str(exc)[:200], count=self.malformed_commands)

@@ -17,9 +17,9 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.support.procs import VetdProcess, Watcher, vetd_env  # noqa: E402
-from tests.support.services import Mosquitto  # noqa: E402
-from tests.support.wait import wait_for  # noqa: E402
+from tests.support.procs import VetdProcess, Watcher, vetd_env
+from tests.support.services import Mosquitto
+from tests.support.wait import wait_for
 
 
 def main() -> None:

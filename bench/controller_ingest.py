@@ -18,16 +18,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import paho.mqtt.client as paho  # noqa: E402
+import paho.mqtt.client as paho
+from vetd.agent import protocol
+from vetd.agent.protocol import Result
+from vetd.controller.config import ControllerConfig, StoreSection
+from vetd.controller.service import Controller
+from vetd.controller.store import Store
 
-from tests.support.procs import VetdProcess, vetd_env  # noqa: E402
-from tests.support.services import Mosquitto  # noqa: E402
-from tests.support.wait import wait_for  # noqa: E402
-from vetd.agent import protocol  # noqa: E402
-from vetd.agent.protocol import Result  # noqa: E402
-from vetd.controller.config import ControllerConfig, StoreSection  # noqa: E402
-from vetd.controller.service import Controller  # noqa: E402
-from vetd.controller.store import Store  # noqa: E402
+from tests.support.procs import VetdProcess, vetd_env
+from tests.support.services import Mosquitto
+from tests.support.wait import wait_for
 
 RULES = Path(__file__).resolve().parents[1] / "packaging" / "rules" / "default.yaml"
 CHECKS = ("host_memory", "host_disk", "host_paths", "host_env", "host_load")

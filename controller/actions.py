@@ -183,7 +183,7 @@ class AlertSender:
         request = urllib.request.Request(
             url, data=body, method="POST", headers={"Content-Type": "application/json"}
         )
-        with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310 - operator-configured URL
+        with urllib.request.urlopen(request, timeout=self.timeout) as response:
             return int(response.status)
 
     async def send(self, alerts: list[dict[str, Any]]) -> list[ActionOutcome]:

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ClusterShell.NodeSet import NodeSet
-
 from vetd.agent.configfile import ConfigError
 from vetd.agent.protocol import BAD_STATUSES
 from vetd.controller.config import ControllerConfig, load_controller_config
@@ -110,7 +109,7 @@ def format_nodes(summaries: list[dict[str, Any]]) -> str:
         for s in summaries
     ]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [headers, *rows]]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [headers, *rows]]
     return "\n".join(lines) + "\n"
 
 
@@ -146,8 +145,7 @@ def show_node(store: Store, config: ControllerConfig, name: str, as_json: bool, 
     delivery = summary["delivery"]
     out.write(f"  delivery: {delivery['received']} received, {delivery['duplicates']} duplicates, "
               f"{delivery['gaps']} missing\n  latest results:\n")
-    for row in detail["results"]:
-        out.write(f"    {row['check_name']:16} {row['entity']:12} {row['status']:8} {row['message']}\n")
+    out.writelines(f"    {row['check_name']:16} {row['entity']:12} {row['status']:8} {row['message']}\n" for row in detail["results"])
     out.write("  audit:\n")
     for row in detail["audit"]:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["ts"]))
@@ -161,8 +159,7 @@ def show_excluded(store: Store, fmt: str, out: TextIO) -> int:
         out.write(json.dumps([{"cluster": n.cluster, "node": n.name, "reason": n.reason,
                                "since": n.state_since} for n in excluded], indent=2) + "\n")
     elif fmt == "lines":
-        for name in NodeSet.fromlist([n.name for n in excluded]):
-            out.write(f"{name}\n")
+        out.writelines(f"{name}\n" for name in NodeSet.fromlist([n.name for n in excluded]))
     elif excluded:
         out.write(f"{NodeSet.fromlist([n.name for n in excluded])}\n")
     return 0

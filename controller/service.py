@@ -22,7 +22,6 @@ from typing import Any
 
 import aiomqtt
 import structlog
-
 from vetd.agent import protocol
 from vetd.agent.config import parse_broker
 from vetd.agent.configfile import ConfigError
@@ -266,15 +265,17 @@ class Controller:
                     async with limit:
                         try:
                             await self.carry_out(action)
-                        except Exception as exc:  # noqa: BLE001 - an action failing must not stop others
+                        except Exception as exc:
                             log.exception("action_failed", node=action.node, error=str(exc))
 
                 group.create_task(run(), name=f"vetd.action.{type(action).__name__.lower()}.{action.node}")
 
     def _enqueue(self, decisions: Decisions) -> None:
         assert self._actions is not None
-        for action in [*decisions.drains, *decisions.alerts]:
-            self._actions.put_nowait(action)
+        for drain in decisions.drains:
+            self._actions.put_nowait(drain)
+        for alert in decisions.alerts:
+            self._actions.put_nowait(alert)
 
     # -- MQTT ingest -------------------------------------------------------
 

@@ -9,6 +9,7 @@ twice is counted as a duplicate and changes nothing.
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -207,6 +208,7 @@ class Store:
 
     def record(self, message: Result | Event, now: float) -> int | None:
         """Store a result or event; the history id, or None for a duplicate."""
+        status: str
         if isinstance(message, Result):
             kind, name, status = "result", message.check, message.status
         else:
@@ -347,7 +349,7 @@ class Store:
 
 
 def _finite(metrics: Mapping[str, float]) -> dict[str, float | None]:
-    return {k: (v if v == v and v not in (float("inf"), float("-inf")) else None) for k, v in metrics.items()}
+    return {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}
 
 
 def _decoded(row: dict[str, Any]) -> dict[str, Any]:

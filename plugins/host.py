@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING
 
 import msgspec
 import psutil
-
 from vetd.agent.checks import Check, Outcome, TelemetrySource
 from vetd.agent.configfile import Duration
 from vetd.agent.hookspecs import hookimpl
+from vetd.agent.protocol import Status
 
 if TYPE_CHECKING:
     from vetd.agent.checks import CheckRegistry, PluginConfigs, TelemetryRegistry
@@ -61,7 +61,7 @@ class HostConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     timeout: Duration = Duration(10.0)
 
 
-def _fraction_status(value: float, warn: float, fail: float) -> str:
+def _fraction_status(value: float, warn: float, fail: float) -> Status:
     if fail and value < fail:
         return "fail"
     if warn and value < warn:
@@ -74,7 +74,7 @@ def check_memory(config: HostConfig) -> Outcome:
     fraction = memory.available / memory.total if memory.total else 0.0
     status = _fraction_status(fraction, config.memory_warn_fraction, config.memory_fail_fraction)
     return Outcome(
-        status=status,  # type: ignore[arg-type]
+        status=status,
         codes=[] if status == "pass" else ["memory_low"],
         metrics={
             "mem_available_bytes": float(memory.available),
@@ -102,7 +102,7 @@ def check_disk(config: HostConfig) -> list[Outcome]:
             status = "fail"
         outcomes.append(
             Outcome(
-                status=status,  # type: ignore[arg-type]
+                status=status,
                 entity=entity,
                 codes=[] if status == "pass" else ["disk_low"],
                 metrics={
@@ -153,13 +153,13 @@ def check_load(config: HostConfig) -> Outcome:
     load1, _, _ = os.getloadavg()
     cores = psutil.cpu_count() or 1
     per_core = load1 / cores
-    status = "pass"
+    status: Status = "pass"
     if config.load_fail_per_core and per_core >= config.load_fail_per_core:
         status = "fail"
     elif config.load_warn_per_core and per_core >= config.load_warn_per_core:
         status = "warn"
     return Outcome(
-        status=status,  # type: ignore[arg-type]
+        status=status,
         codes=[] if status == "pass" else ["load_high"],
         metrics={"load1": round(load1, 3), "load_per_core": round(per_core, 3), "cpus": float(cores)},
         message=f"load {load1:.2f} on {cores} CPUs",

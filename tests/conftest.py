@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.support.procs import TEST_PLUGINS
 from tests.support.services import Mosquitto, Slurm, missing
+
+# The scheduler-test plugin is importable in-process as it is in subprocesses.
+sys.path.insert(0, str(TEST_PLUGINS))
 
 
 def _require(*programs: str) -> None:
@@ -48,10 +53,3 @@ def cluster_name() -> str:
     """A cluster name of the test's own, so tests sharing a broker never meet."""
     return f"t{uuid.uuid4().hex[:10]}"
 
-
-# The scheduler-test plugin is importable in-process as it is in subprocesses.
-import sys  # noqa: E402
-
-from tests.support.procs import TEST_PLUGINS  # noqa: E402
-
-sys.path.insert(0, str(TEST_PLUGINS))

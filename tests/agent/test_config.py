@@ -3,7 +3,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from vetd.agent.config import load_agent_config
 from vetd.agent.configfile import ConfigError, parse_duration
 from vetd.agent.pluginhost import PluginHost

@@ -27,7 +27,7 @@ class AlertReceiver:
         received = self.alerts
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 received.extend(json.loads(body))
                 self.send_response(200)

@@ -12,7 +12,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import paho.mqtt.client as paho
-
 from vetd.agent import protocol
 from vetd.agent.protocol import Message
 
@@ -32,7 +31,7 @@ def vetd_env(**extra: str) -> dict[str, str]:
 
 
 def run_vetd(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(vetd_argv(*args), env=env or vetd_env(), capture_output=True, text=True,
+    return subprocess.run(vetd_argv(*args), env=env or vetd_env(), capture_output=True, text=True, check=False,
                           timeout=timeout)
 
 
@@ -62,7 +61,7 @@ class VetdProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-                raise AssertionError(f"{self.args[0]} did not stop within {timeout}s on SIGTERM")
+                raise AssertionError(f"{self.args[0]} did not stop within {timeout}s on SIGTERM") from None
         return int(self.process.returncode)
 
     def kill(self) -> None:

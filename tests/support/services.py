@@ -12,7 +12,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -159,7 +158,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         self.processes.append(subprocess.Popen(argv, stdout=log, stderr=log, env=self.env))
 
     def run(self, *argv: str, check: bool = True) -> str:
-        done = subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=30)
+        done = subprocess.run(argv, check=False, env=self.env, capture_output=True, text=True, timeout=30)
         if check and done.returncode != 0:
             raise RuntimeError(f"{' '.join(argv)}: {done.stderr.strip()}")
         return done.stdout
