@@ -1,0 +1,76 @@
+"""Third-party plugins arrive through the `vetd` entry-point group, as on a real install."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.support.procs import run_vetd, vetd_env
+
+PLUGIN = '''
+import msgspec
+from vetd.agent.checks import Check, Outcome
+from vetd.agent.hookspecs import hookimpl
+
+
+class SiteConfig(msgspec.Struct, forbid_unknown_fields=True):
+    motd: str = "hello"
+
+
+@hookimpl
+def vetd_config_tables():
+    return {"site": SiteConfig}
+
+
+@hookimpl
+def vetd_register_checks(registry, configs):
+    motd = configs.typed("site", SiteConfig).motd
+    registry.add(Check("site_motd", lambda: Outcome(status="pass", message=motd), profiles=frozenset({"prolog"})))
+'''
+
+BROKEN = '''
+from vetd.agent.hookspecs import hookimpl
+
+
+@hookimpl
+def vetd_register_checks(registry, configs):
+    raise RuntimeError("site plugin bug")
+'''
+
+
+def install(site: Path) -> None:
+    """An installed distribution, as pip leaves it: module plus dist-info with entry points."""
+    (site / "sitevetd.py").write_text(PLUGIN)
+    (site / "brokenvetd.py").write_text(BROKEN)
+    info = site / "sitevetd-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: sitevetd\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[vetd]\nsite = sitevetd\nbroken = brokenvetd\n")
+
+
+def test_entry_point_plugins_load_configure_and_can_be_disabled(tmp_path: Path) -> None:
+    install(tmp_path)
+    env = vetd_env()
+    env["PYTHONPATH"] = f"{tmp_path}:{env['PYTHONPATH']}"
+    config = tmp_path / "agent.toml"
+    config.write_text('[plugins.site]\nmotd = "from config"\n')
+    done = run_vetd("check", "--config", str(config), "--json", "--profile", "prolog", env=env)
+    results = {(r["check"], r["entity"]): r for r in map(json.loads, done.stdout.splitlines())}
+    assert results[("site_motd", "node")]["message"] == "from config"
+    assert results[("site_motd", "node")]["plugin"] == "site"
+    # a plugin whose registration raises is reported, and the others still run
+    broken = results[("plugin_load", "broken")]
+    assert broken["status"] == "error" and "site plugin bug" in broken["message"]
+    assert ("host_memory", "node") in results
+    assert done.returncode == 1
+
+    config.write_text('[agent]\ndisable_plugins = ["broken", "site"]\n[plugins.site]\nmotd = "x"\n')
+    done = run_vetd("check", "--config", str(config), "--json", "--profile", "prolog", env=env)
+    checks = {r["check"] for r in map(json.loads, done.stdout.splitlines())}
+    assert "site_motd" not in checks and "plugin_load" not in checks and "host_memory" in checks
+    assert done.returncode == 0, done.stdout
+
+    config.write_text('[plugins.site]\nmotd = 5\n')
+    done = run_vetd("check", "--config", str(config), env=env)
+    assert done.returncode == 2
+    assert f"{config}:2: plugins.site.motd: Expected `str`, got `int`" in done.stderr
