@@ -15,13 +15,14 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 import msgspec
+
 from vetd.agent.protocol import STATUSES, Status
 
 T = TypeVar("T")
-ItemT = TypeVar("ItemT", "Check", "TelemetrySource")
+ItemT = TypeVar("ItemT", "Check", "TelemetrySource", "EventSource")
 
 DEFAULT_PROFILES = frozenset({"periodic"})
 MAX_MESSAGE_CHARS = 1000
@@ -74,6 +75,33 @@ class TelemetrySource:
     plugin: str = ""
 
 
+class EventOutcome(msgspec.Struct, kw_only=True):
+    """Something an event source saw happen."""
+
+    name: str
+    severity: Literal["info", "warning", "critical"] = "info"
+    entity: str = "node"
+    codes: list[str] = []
+    metrics: dict[str, float] = {}
+    message: str = ""
+
+
+Emit = Callable[[EventOutcome], None]
+
+
+class SourceUnavailable(Exception):
+    """An event source cannot run on this node (no device, no permission); not retried."""
+
+
+@dataclass(frozen=True)
+class EventSource:
+    """A watcher: ``run(emit, stop)`` blocks, calling ``emit`` per event, until ``stop`` is set."""
+
+    name: str
+    run: Callable[[Emit, threading.Event], None]
+    plugin: str = ""
+
+
 class RegistryError(ValueError):
     """A plugin registered something invalid (duplicate or bad name)."""
 
@@ -123,11 +151,21 @@ class TelemetryRegistry(_Registry[TelemetrySource]):
     """Where plugins add their telemetry sources."""
 
 
+class EventSourceRegistry(_Registry[EventSource]):
+    """Where plugins add their event sources."""
+
+
 class PluginConfigs(Mapping[str, msgspec.Struct]):
     """Decoded ``[plugins.NAME]`` tables, by table name."""
 
     def __init__(self, tables: Mapping[str, msgspec.Struct]) -> None:
         self._tables = dict(tables)
+
+    # One object per config load: plugins key their per-load state on it.
+    __hash__ = object.__hash__
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
 
     def __getitem__(self, key: str) -> msgspec.Struct:
         return self._tables[key]

@@ -58,6 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--profile", help="run the checks of this profile (prolog, periodic, full)")
     check.add_argument("--json", action="store_true", help="one JSON object per result per line")
     check.add_argument("--list", action="store_true", help="list the available checks and exit")
+    check.add_argument("--capture", metavar="FILE.xml",
+                       help="GPU checks read this `nvidia-smi -q -x` capture instead of NVML "
+                       "(triage a dump from a node already out of service)")
+    check.add_argument("--scenario", metavar="FILE.yaml", help="GPU checks follow this scenario instead of NVML")
+    check.add_argument("--at", metavar="DURATION",
+                       help="with --scenario: evaluate the state this far into it (default: its end)")
+    check.add_argument("--expect-gpus", type=int, metavar="N",
+                       help="GPUs the node should have (default: sysfs, or the capture's attached_gpus)")
     check.add_argument("checks", nargs="*", metavar="CHECK", help="checks to run (default: all)")
 
     controller = sub.add_parser("controller", help="run the central controller",
@@ -140,6 +148,9 @@ def _check(args: argparse.Namespace) -> int:
 
     try:
         config = load_agent_config(_agent_config_path(args.config))
+        gpu = _gpu_overrides(args)
+        if gpu:
+            config.plugins.setdefault("gpu_health", {}).update(gpu)
         if args.list:
             for check in PluginHost(config).register_checks():
                 print(f"{check.name:24} {check.plugin:12} {','.join(sorted(check.profiles)):24} {check.description}")
@@ -154,6 +165,28 @@ def _check(args: argparse.Namespace) -> int:
     except Exception as exc:  # noqa: BLE001 - exit 2 means "vetd itself failed", never 1
         print(f"vetd: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_VETD
+
+
+def _gpu_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """``--capture`` and friends are shortcuts for ``[plugins.gpu_health]`` keys."""
+    from vetd.agent.configfile import ConfigError, parse_duration
+
+    if args.capture and args.scenario:
+        raise ConfigError("--capture and --scenario: choose one")
+    overrides: dict[str, object] = {}
+    if args.capture:
+        overrides.update(source="capture", capture=str(Path(args.capture).resolve()))
+    if args.scenario:
+        overrides.update(source="scenario", scenario=str(Path(args.scenario).resolve()))
+        try:
+            overrides["scenario_at"] = float(parse_duration(args.at)) if args.at else 1e9
+        except ValueError as exc:
+            raise ConfigError(f"--at: {exc}") from exc
+    elif args.at:
+        raise ConfigError("--at needs --scenario")
+    if args.expect_gpus is not None:
+        overrides["expected_gpus"] = args.expect_gpus
+    return overrides
 
 
 if __name__ == "__main__":

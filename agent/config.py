@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import msgspec
+
 from vetd.agent.configfile import ConfigError, Duration, convert, read_toml
 from vetd.agent.protocol import valid_name
 

@@ -14,15 +14,27 @@ import asyncio
 import contextlib
 import random
 import signal
+import threading
 import time
 from pathlib import Path
 
 import structlog
-from vetd.agent.checks import Check, CheckRunner, Outcome, TelemetrySource, clip, in_thread
+
+from vetd.agent.checks import (
+    Check,
+    CheckRunner,
+    EventOutcome,
+    EventSource,
+    Outcome,
+    SourceUnavailable,
+    TelemetrySource,
+    clip,
+    in_thread,
+)
 from vetd.agent.config import AgentConfig, load_agent_config
 from vetd.agent.configfile import ConfigError
 from vetd.agent.pluginhost import PluginError, PluginHost
-from vetd.agent.protocol import Command, Reply, Result, State, Telemetry
+from vetd.agent.protocol import Command, Event, Reply, Result, State, Telemetry
 from vetd.agent.systemd import Notifier
 from vetd.agent.transport import Identity, Outbox, Transport
 
@@ -40,6 +52,7 @@ class Schedule:
         self.plugins = PluginHost(config)
         self.checks = self.plugins.register_checks()
         self.telemetry = self.plugins.register_telemetry()
+        self.event_sources = self.plugins.register_event_sources()
         self.labels = {**self.plugins.node_labels(), **config.agent.labels}
 
     def periodic(self) -> list[tuple[Check, float, float]]:
@@ -217,6 +230,21 @@ class Agent:
                     message=clip(error),
                 )
             )
+        stop_sources = threading.Event()
+        loop = asyncio.get_running_loop()
+        for source in schedule.event_sources:
+            threading.Thread(
+                target=self._event_thread,
+                args=(source, loop, stop_sources),
+                name=f"vetd[{source.plugin}].events.{source.name}",
+                daemon=True,
+            ).start()
+        try:
+            await self._run_periodic(schedule)
+        finally:
+            stop_sources.set()
+
+    async def _run_periodic(self, schedule: Schedule) -> None:
         async with asyncio.TaskGroup() as group:
             for check, interval, timeout in schedule.periodic():
                 group.create_task(
@@ -229,6 +257,49 @@ class Agent:
                     self._telemetry_loop(source, interval),
                     name=f"vetd[{source.plugin}].telemetry.{source.name}",
                 )
+
+    def emit_event(self, event: EventOutcome) -> None:
+        """Publish an event now (call from the event loop)."""
+        self.transport.send(
+            Event(
+                cluster=self.identity.cluster,
+                node=self.identity.node,
+                session=self.identity.session,
+                seq=self.identity.next_seq(),
+                ts=time.time(),
+                name=event.name,
+                severity=event.severity,
+                entity=event.entity,
+                codes=list(event.codes),
+                metrics=dict(event.metrics),
+                message=clip(event.message),
+            )
+        )
+        log.warning("event", name=event.name, severity=event.severity, entity=event.entity,
+                    codes=event.codes, message=event.message)
+
+    def _event_thread(self, source: EventSource, loop: asyncio.AbstractEventLoop, stop: threading.Event) -> None:
+        """Run one event source, restarting it with backoff when it raises."""
+
+        def emit(event: EventOutcome) -> None:
+            try:
+                loop.call_soon_threadsafe(self.emit_event, event)
+            except RuntimeError:
+                pass  # the loop has closed: the agent is exiting
+
+        delay = 1.0
+        while not stop.is_set():
+            try:
+                source.run(emit, stop)
+            except SourceUnavailable as exc:
+                log.info("event_source_unavailable", source=source.name, reason=str(exc))
+                return
+            except Exception as exc:  # noqa: BLE001 - a watcher's bug must not end the agent
+                log.error("event_source_failed", source=source.name, error=f"{type(exc).__name__}: {exc}",
+                          retry_in_s=delay)
+            if stop.wait(random.uniform(delay / 2, delay)):
+                return
+            delay = min(delay * 2, 60.0)
 
     async def _pause(self, seconds: float) -> bool:
         """Sleep, or return True at once when stopping."""
@@ -259,6 +330,9 @@ class Agent:
                 if outcome.status not in ("pass", "skip"):
                     log.warning("check_" + outcome.status, entity=outcome.entity, codes=outcome.codes,
                                 message=outcome.message)
+            if all(o.status == "skip" and "not_applicable" in o.codes for o in run.outcomes):
+                log.info("check_not_applicable", message=run.outcomes[0].message)
+                return  # reported once; runs again only after a reload
             if await self._pause(self._next_delay(interval, started)):
                 return
 

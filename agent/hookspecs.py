@@ -20,7 +20,7 @@ import msgspec
 import pluggy
 
 if TYPE_CHECKING:
-    from vetd.agent.checks import CheckRegistry, PluginConfigs, TelemetryRegistry
+    from vetd.agent.checks import CheckRegistry, EventSourceRegistry, PluginConfigs, TelemetryRegistry
 
 PROJECT = "vetd"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -55,6 +55,18 @@ def vetd_register_telemetry(registry: TelemetryRegistry, configs: PluginConfigs)
     """Add this plugin's :class:`vetd.agent.checks.TelemetrySource` objects.
 
     Called at the same times as :func:`vetd_register_checks`. Not ``firstresult``.
+    """
+
+
+@hookspec
+def vetd_register_event_sources(registry: EventSourceRegistry, configs: PluginConfigs) -> None:
+    """Add :class:`vetd.agent.checks.EventSource` objects: watchers that report
+    things as they happen (an XID, a link going down) instead of being polled.
+
+    Called at the same times as :func:`vetd_register_checks`. Each source's
+    ``run(emit, stop)`` gets a thread of its own in the daemon (not in
+    ``vetd check``); ``emit`` is thread-safe and publishes at once. A source that
+    raises is logged and restarted with backoff. Not ``firstresult``.
     """
 
 

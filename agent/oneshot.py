@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import TextIO
 
 import msgspec
+
 from vetd.agent.checks import Check, CheckRun, CheckRunner
 from vetd.agent.config import AgentConfig
 from vetd.agent.pluginhost import PluginHost

@@ -17,9 +17,11 @@ from typing import Any
 import msgspec
 import pluggy
 import structlog
+
 from vetd.agent import hookspecs
 from vetd.agent.checks import (
     CheckRegistry,
+    EventSourceRegistry,
     PluginConfigs,
     RegistryError,
     TelemetryRegistry,
@@ -30,7 +32,10 @@ from vetd.agent.configfile import ConfigError, convert, where
 log = structlog.get_logger("vetd.plugins")
 
 #: Built-in plugins: (name, module). Registered like third-party ones.
-BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (("host", "vetd.plugins.host"),)
+BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (
+    ("host", "vetd.plugins.host"),
+    ("gpu_health", "vetd.plugins.gpu_health"),
+)
 
 
 class PluginError(Exception):
@@ -128,7 +133,12 @@ class PluginHost:
         self._register("vetd_register_telemetry", registry)
         return registry
 
-    def _register(self, hook: str, registry: CheckRegistry | TelemetryRegistry) -> None:
+    def register_event_sources(self) -> EventSourceRegistry:
+        registry = EventSourceRegistry()
+        self._register("vetd_register_event_sources", registry)
+        return registry
+
+    def _register(self, hook: str, registry: CheckRegistry | TelemetryRegistry | EventSourceRegistry) -> None:
         for plugin, caller in self._per_plugin(hook):
             registry.plugin = plugin
             try:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import aiomqtt
 import structlog
+
 from vetd.agent import __version__, protocol
 from vetd.agent.config import BrokerAddress
 from vetd.agent.protocol import Command, Message, State, Telemetry

@@ -19,15 +19,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import paho.mqtt.client as paho
+
+from tests.support.procs import VetdProcess, vetd_env
+from tests.support.services import Mosquitto
+from tests.support.wait import wait_for
 from vetd.agent import protocol
 from vetd.agent.protocol import Result
 from vetd.controller.config import ControllerConfig, StoreSection
 from vetd.controller.service import Controller
 from vetd.controller.store import Store
-
-from tests.support.procs import VetdProcess, vetd_env
-from tests.support.services import Mosquitto
-from tests.support.wait import wait_for
 
 RULES = Path(__file__).resolve().parents[1] / "packaging" / "rules" / "default.yaml"
 CHECKS = ("host_memory", "host_disk", "host_paths", "host_env", "host_load")

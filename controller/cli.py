@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ClusterShell.NodeSet import NodeSet
+
 from vetd.agent.configfile import ConfigError
 from vetd.agent.protocol import BAD_STATUSES
 from vetd.controller.config import ControllerConfig, load_controller_config

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
+
 from vetd.agent.config import parse_broker
 from vetd.agent.configfile import ConfigError, Duration, convert, read_toml
 from vetd.agent.protocol import valid_name

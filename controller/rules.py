@@ -32,6 +32,7 @@ from typing import Any, Literal, get_args
 import msgspec
 import yaml
 from cel_expr_python import cel
+
 from vetd.agent.configfile import ConfigError
 
 Severity = Literal["info", "warning", "critical"]

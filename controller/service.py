@@ -22,6 +22,7 @@ from typing import Any
 
 import aiomqtt
 import structlog
+
 from vetd.agent import protocol
 from vetd.agent.config import parse_broker
 from vetd.agent.configfile import ConfigError

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 import psutil
+
 from vetd.agent.checks import Check, Outcome, TelemetrySource
 from vetd.agent.configfile import Duration
 from vetd.agent.hookspecs import hookimpl

@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from vetd.agent.config import load_agent_config
 from vetd.agent.configfile import ConfigError, parse_duration
 from vetd.agent.pluginhost import PluginHost
@@ -58,4 +59,4 @@ def test_a_disabled_plugin_is_not_loaded_and_its_table_is_tolerated(tmp_path: Pa
     path = write(tmp_path, '[agent]\ndisable_plugins = ["host"]\n[plugins.host]\nrequired_paths = []\n')
     host = PluginHost(load_agent_config(path, environ={}))
     assert "host" not in host.names()
-    assert host.register_checks().names() == []
+    assert not [name for name in host.register_checks().names() if name.startswith("host_")]

@@ -4,6 +4,7 @@ import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from vetd.agent import protocol
 from vetd.agent.protocol import Command, Event, ProtocolError, Reply, Result, State, Telemetry
 

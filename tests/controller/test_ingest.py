@@ -6,6 +6,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
+
 from vetd.agent import protocol
 from vetd.agent.protocol import Event, Result, State
 from vetd.controller.config import ControllerConfig, SchedulerSection, StoreSection

@@ -3,9 +3,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from vetd.controller.rules import RuleError, evaluate_all, load_rules, parse_rules
 
 from tests.support.procs import run_vetd
+from vetd.controller.rules import RuleError, evaluate_all, load_rules, parse_rules
 
 GOOD = """\
 rules:

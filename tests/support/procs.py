@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import paho.mqtt.client as paho
+
 from vetd.agent import protocol
 from vetd.agent.protocol import Message
 

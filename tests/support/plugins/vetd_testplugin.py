@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 
 import msgspec
+
 from vetd.agent.checks import Check, Outcome
 from vetd.agent.configfile import Duration
 from vetd.agent.hookspecs import hookimpl

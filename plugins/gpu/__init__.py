@@ -1,0 +1,1 @@
+"""GPU health: one snapshot model, three sources (NVML, captures, scenarios), the checks."""

@@ -1,0 +1,75 @@
+"""``[plugins.gpu_health]``: where GPU state comes from and every threshold.
+
+Defaults follow DCGM's health limits and CSCS vetnode's idle limits
+(``../shared/DESIGN.md``); every one can be overridden.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+from vetd.agent.configfile import Duration
+
+#: DCGM treats these XIDs as fatal in every case: a GPU reset or a reboot is needed.
+XID_CRITICAL = [48, 74, 79, 95, 119, 120, 140]
+#: 94 is a contained ECC error (the application died, the GPU is fine). The rest
+#: are Meta's warning list and the remainder of Azure's 2-hour fail list: often
+#: caused by user code (13, 31, 43, 45) or recoverable, so they alert a person
+#: and feed repeat-offender rules instead of draining on sight.
+XID_WARNING = [13, 31, 43, 45, 56, 57, 58, 62, 63, 64, 65, 68, 69, 73, 80, 81, 92, 94, 109]
+
+
+class GpuHealthConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    #: ``nvml`` (live), ``capture`` (an ``nvidia-smi -q -x`` file), ``scenario`` (YAML).
+    source: Literal["nvml", "capture", "scenario"] = "nvml"
+    capture: str = ""
+    scenario: str = ""
+    #: Fixed time into the scenario to evaluate (``vetd check --at``); unset: live clock.
+    scenario_at: Duration | None = None
+    #: Expected GPU count; -1: the NVIDIA GPUs the kernel lists in sysfs
+    #: (for a capture: its ``attached_gpus``).
+    expected_gpus: int = -1
+    #: Deadline of one round of NVML calls; beyond it: ``driver_unresponsive``.
+    driver_timeout: Duration = Duration(5.0)
+    check_timeout: Duration = Duration(15.0)
+    # ECC
+    ecc_disabled_status: Literal["pass", "warn", "fail"] = "warn"
+    correctable_warn_per_hour: float = 100.0
+    # memory retirement / row remapping (DCGM)
+    retired_pages_fail: int = 63
+    remapped_uncorrectable_warn: int = 512
+    # clocks: SW thermal / power cap must be seen in this many consecutive samples
+    sw_throttle_sustained_samples: int = 3
+    # thermals: warn this close to the slowdown threshold
+    temp_margin_c: float = 5.0
+    # PCIe: judged only at or above this utilisation (idle GPUs drop link gen/width)
+    pcie_busy_util_pct: float = 30.0
+    #: Allowed replay rate, errors per minute per lane, by PCIe generation (DCGM).
+    pcie_replay_per_min_per_lane: dict[str, float] = msgspec.field(
+        default_factory=lambda: {"1": 0.24, "2": 0.48, "3": 0.48, "4": 0.96, "5": 1.92, "6": 3.84}
+    )
+    # NVLink
+    nvlink_crc_warn_per_s: float = 1.0
+    nvlink_crc_fail_per_s: float = 100.0
+    # idle vetting (profile prolog; vetnode's limits)
+    idle_temp_max_c: float = 30.0
+    idle_memory_used_fraction: float = 0.20
+    require_persistence_mode: bool = True
+    # XID severities (event thread); XIDs in neither list are "info"
+    xid_critical: list[int] = msgspec.field(default_factory=lambda: list(XID_CRITICAL))
+    xid_warning: list[int] = msgspec.field(default_factory=lambda: list(XID_WARNING))
+    #: Read ``/dev/kmsg`` for ``NVRM: Xid`` lines as well as NVML events.
+    kmsg: bool = True
+    #: On start, report kernel-log XIDs this recent (an XID during an agent restart).
+    kmsg_lookback: Duration = Duration(600.0)
+    #: Telemetry from the GPUs (temperature, power, utilisation) at the agent's interval.
+    telemetry: bool = True
+
+    def xid_severity(self, xid: int) -> Literal["info", "warning", "critical"]:
+        if xid in self.xid_critical:
+            return "critical"
+        if xid in self.xid_warning:
+            return "warning"
+        return "info"

@@ -1,0 +1,285 @@
+"""Turn GPU snapshots into check outcomes: facts in, status + codes + metrics out.
+
+Rates (correctable ECC, PCIe replays, NVLink CRC) and "sustained" throttling
+need more than one sample, so :class:`Evaluator` keeps the previous sample per
+GPU. A single sample (``vetd check``, a capture) reports the counters as
+metrics and judges only what one sample can show.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from vetd.agent.checks import Outcome
+from vetd.agent.protocol import Status
+from vetd.plugins.gpu.config import GpuHealthConfig
+from vetd.plugins.gpu.model import GpuSnapshot, NodeSnapshot
+
+_RANK: dict[Status, int] = {"skip": 0, "pass": 1, "warn": 2, "fail": 3, "error": 4, "timeout": 5}
+HW_THROTTLE = ("hw_slowdown", "hw_thermal_slowdown", "hw_power_brake_slowdown")
+SW_THROTTLE = ("sw_thermal_slowdown", "sw_power_cap")
+#: Recovery actions NVML/nvidia-smi recommend (driver 550+) that need the GPU out of service.
+RECOVERY_FAIL = {"reset": "recovery_reset", "reboot": "recovery_reboot", "system reboot": "recovery_reboot",
+                 "bus reset": "recovery_reset", "drain p2p": "recovery_drain_p2p",
+                 "drain and reset": "drain_and_reset_recommended", "recover imex domain": "recovery_imex"}
+
+
+@dataclass(frozen=True)
+class Finding:
+    status: Status
+    code: str
+    message: str
+
+
+def worst(statuses: Iterable[Status]) -> Status:
+    return max(statuses, key=lambda s: _RANK[s], default="pass")
+
+
+def outcome(entity: str, findings: list[Finding], metrics: dict[str, float], ok: str) -> Outcome:
+    problems = [f for f in findings if f.status != "pass"]
+    return Outcome(
+        status=worst(f.status for f in problems) if problems else "pass",
+        entity=entity,
+        codes=list(dict.fromkeys(f.code for f in problems)),
+        metrics=metrics,
+        message="; ".join(f.message for f in problems) if problems else ok,
+    )
+
+
+def gpu_metrics(gpu: GpuSnapshot) -> dict[str, float]:
+    values = {
+        "temp_c": gpu.temp_c,
+        "temp_memory_c": gpu.temp_memory_c,
+        "power_w": gpu.power_w,
+        "power_limit_w": gpu.power_limit_w,
+        "memory_used_mib": gpu.memory_used_mib,
+        "memory_total_mib": gpu.memory_total_mib,
+        "utilization_pct": gpu.utilization_pct,
+        "ecc_volatile_uncorrectable": gpu.volatile_uncorrectable,
+        "ecc_volatile_correctable": gpu.volatile_correctable,
+        "retired_pages": gpu.retired_pages,
+        "remapped_rows_uncorrectable": gpu.remapped_rows_uncorrectable,
+        "remapped_rows_correctable": gpu.remapped_rows_correctable,
+        "pcie_gen": gpu.pcie_gen,
+        "pcie_gen_max": gpu.pcie_gen_max,
+        "pcie_width": gpu.pcie_width,
+        "pcie_width_max": gpu.pcie_width_max,
+        "pcie_replay_counter": gpu.pcie_replay_counter,
+    }
+    return {key: float(value) for key, value in values.items() if value is not None}
+
+
+def _describe(gpu: GpuSnapshot) -> str:
+    return f"{gpu.name or 'GPU'} {gpu.pci_bus_id}".strip()
+
+
+class Evaluator:
+    """Health and idle verdicts, with the history that rates need."""
+
+    def __init__(self, config: GpuHealthConfig) -> None:
+        self.config = config
+        self._previous: dict[str, tuple[float, GpuSnapshot]] = {}
+        self._sw_streak: dict[tuple[str, str], int] = {}
+        self._links_up: dict[str, set[int]] = {}
+
+    # -- node level --------------------------------------------------------
+
+    def count(self, snapshot: NodeSnapshot, expected: int | None) -> Outcome:
+        found = len(snapshot.gpus)
+        metrics: dict[str, float] = {"gpus_found": float(found)}
+        findings: list[Finding] = []
+        if expected is not None and expected >= 0:
+            metrics["gpus_expected"] = float(expected)
+            if found < expected:
+                findings.append(Finding("fail", "gpu_missing",
+                                        f"{found} of {expected} expected GPUs visible to the driver"))
+            elif found > expected:
+                findings.append(Finding("warn", "gpu_count_mismatch",
+                                        f"{found} GPUs visible, {expected} expected"))
+        if snapshot.attached_gpus is not None and snapshot.attached_gpus != found:
+            findings.append(Finding("warn", "gpu_list_incomplete",
+                                    f"driver reports {snapshot.attached_gpus} GPUs attached, {found} listed"))
+        if snapshot.driver_version:
+            parts = snapshot.driver_version.split(".")
+            for name, part in zip(("driver_major", "driver_minor", "driver_patch"), parts, strict=False):
+                if part.isdigit():
+                    metrics[name] = float(part)
+        driver = f"driver {snapshot.driver_version}" if snapshot.driver_version else "driver unknown"
+        return outcome("node", findings, metrics, f"{found} GPUs, {driver}")
+
+    # -- per GPU health ----------------------------------------------------
+
+    def health(self, snapshot: NodeSnapshot, expected: int | None) -> list[Outcome]:
+        outcomes = [self.count(snapshot, expected)]
+        for gpu in snapshot.gpus:
+            key = gpu.uuid or gpu.pci_bus_id or gpu.entity
+            previous = self._previous.get(key)
+            findings = [
+                *self._ecc(gpu, previous, snapshot.taken),
+                *self._memory(gpu),
+                *self._reset(gpu),
+                *self._clocks(gpu, key),
+                *self._thermal(gpu),
+                *self._pcie(gpu, previous, snapshot.taken),
+                *self._nvlink(gpu, key, previous, snapshot.taken),
+                *self._persistence(gpu),
+            ]
+            self._previous[key] = (snapshot.taken, gpu)
+            outcomes.append(outcome(gpu.entity, findings, gpu_metrics(gpu),
+                                    f"{_describe(gpu)} healthy"))
+        return outcomes
+
+    def _ecc(self, gpu: GpuSnapshot, previous: tuple[float, GpuSnapshot] | None, now: float) -> list[Finding]:
+        findings = []
+        if gpu.ecc_enabled is False and self.config.ecc_disabled_status != "pass":
+            findings.append(Finding(self.config.ecc_disabled_status, "ecc_disabled", "ECC is disabled"))
+        dbe = gpu.volatile_uncorrectable
+        if dbe:
+            findings.append(Finding("fail", "ecc_dbe", f"{dbe} volatile uncorrectable ECC errors"))
+        sbe = gpu.volatile_correctable
+        if previous is not None and sbe is not None:
+            then, before = previous
+            earlier = before.volatile_correctable
+            hours = (now - then) / 3600
+            if earlier is not None and hours > 0 and sbe >= earlier:
+                rate = (sbe - earlier) / hours
+                if rate >= self.config.correctable_warn_per_hour:
+                    findings.append(Finding("warn", "ecc_sbe_rate",
+                                            f"correctable ECC errors at {rate:.0f}/h"))
+        return findings
+
+    def _memory(self, gpu: GpuSnapshot) -> list[Finding]:
+        findings = []
+        if gpu.retired_pages_pending:
+            findings.append(Finding("warn", "retired_pages_pending", "page retirement pending (reset to apply)"))
+        retired = gpu.retired_pages
+        if retired is not None and retired >= self.config.retired_pages_fail:
+            findings.append(Finding("fail", "retired_pages_limit",
+                                    f"{retired} retired pages (limit {self.config.retired_pages_fail})"))
+        if gpu.remapped_rows_failure:
+            findings.append(Finding("fail", "row_remap_failure", "row remapping failed"))
+        if gpu.remapped_rows_pending:
+            findings.append(Finding("fail", "reset_required", "row remapping pending: GPU reset required"))
+        unc = gpu.remapped_rows_uncorrectable
+        if unc is not None and unc >= self.config.remapped_uncorrectable_warn:
+            findings.append(Finding("warn", "row_remap_high", f"{unc} rows remapped for uncorrectable errors"))
+        return findings
+
+    def _reset(self, gpu: GpuSnapshot) -> list[Finding]:
+        findings = []
+        if gpu.reset_required:
+            findings.append(Finding("fail", "reset_required", "driver reports a GPU reset is required"))
+        if gpu.drain_and_reset_recommended:
+            findings.append(Finding("fail", "drain_and_reset_recommended",
+                                    "driver recommends draining and resetting the GPU"))
+        action = (gpu.recovery_action or "").lower()
+        if action in RECOVERY_FAIL:
+            findings.append(Finding("fail", RECOVERY_FAIL[action],
+                                    f"driver's recommended recovery action: {gpu.recovery_action}"))
+        return findings
+
+    def _clocks(self, gpu: GpuSnapshot, key: str) -> list[Finding]:
+        if gpu.clock_reasons is None:
+            return []
+        active = set(gpu.clock_reasons)
+        findings = [Finding("fail", reason, f"clocks slowed: {reason.replace('_', ' ')}")
+                    for reason in HW_THROTTLE if reason in active]
+        for reason in SW_THROTTLE:
+            streak = self._sw_streak.get((key, reason), 0) + 1 if reason in active else 0
+            self._sw_streak[(key, reason)] = streak
+            if streak >= self.config.sw_throttle_sustained_samples:
+                findings.append(Finding("warn", reason,
+                                        f"clocks held back by {reason.replace('_', ' ')} for {streak} samples"))
+        return findings
+
+    def _thermal(self, gpu: GpuSnapshot) -> list[Finding]:
+        if gpu.temp_c is None or gpu.temp_slowdown_c is None:
+            return []
+        if gpu.temp_c >= gpu.temp_slowdown_c - self.config.temp_margin_c:
+            return [Finding("warn", "temp_high",
+                            f"{gpu.temp_c:.0f} °C, slowdown at {gpu.temp_slowdown_c:.0f} °C")]
+        return []
+
+    def _pcie(self, gpu: GpuSnapshot, previous: tuple[float, GpuSnapshot] | None, now: float) -> list[Finding]:
+        findings = []
+        busy = gpu.utilization_pct is not None and gpu.utilization_pct >= self.config.pcie_busy_util_pct
+        if busy and gpu.pcie_gen is not None and gpu.pcie_gen_max and gpu.pcie_gen < gpu.pcie_gen_max:
+            findings.append(Finding("warn", "pcie_gen_degraded",
+                                    f"PCIe gen {gpu.pcie_gen} of {gpu.pcie_gen_max} while {gpu.utilization_pct:.0f}% busy"))
+        if busy and gpu.pcie_width is not None and gpu.pcie_width_max and gpu.pcie_width < gpu.pcie_width_max:
+            findings.append(Finding("warn", "pcie_width_degraded",
+                                    f"PCIe x{gpu.pcie_width} of x{gpu.pcie_width_max} while {gpu.utilization_pct:.0f}% busy"))
+        if previous is not None and gpu.pcie_replay_counter is not None:
+            then, before = previous
+            minutes = (now - then) / 60
+            earlier = before.pcie_replay_counter
+            lanes = gpu.pcie_width or gpu.pcie_width_max or 16
+            allowance = self.config.pcie_replay_per_min_per_lane.get(str(gpu.pcie_gen or gpu.pcie_gen_max or 4))
+            if earlier is not None and minutes > 0 and allowance is not None and gpu.pcie_replay_counter >= earlier:
+                rate = (gpu.pcie_replay_counter - earlier) / minutes / lanes
+                if rate > allowance:
+                    findings.append(Finding("warn", "pcie_replay_rate",
+                                            f"PCIe replays at {rate:.2f}/min/lane (allowed {allowance})"))
+        return findings
+
+    def _nvlink(self, gpu: GpuSnapshot, key: str, previous: tuple[float, GpuSnapshot] | None,
+                now: float) -> list[Finding]:
+        if gpu.nvlinks is None:
+            return []
+        findings = []
+        seen_up = self._links_up.setdefault(key, set())
+        before = {link.link: link for link in (previous[1].nvlinks or [])} if previous else {}
+        seconds = now - previous[0] if previous else 0.0
+        any_up = any(link.up for link in gpu.nvlinks)
+        for link in gpu.nvlinks:
+            if link.up:
+                seen_up.add(link.link)
+            elif link.up is False and (link.link in seen_up or any_up):
+                # Down while it was up before, or while its siblings are up: NVLink
+                # topologies use every link, so a lone down link is a fault.
+                findings.append(Finding("fail", "nvlink_down", f"NVLink {link.link} is down"))
+            old = before.get(link.link)
+            if old is None:
+                continue
+            for counter in ("replay_errors", "recovery_errors"):
+                now_count, then_count = getattr(link, counter), getattr(old, counter)
+                if now_count is not None and then_count is not None and now_count > then_count:
+                    findings.append(Finding("fail", f"nvlink_{counter.split('_')[0]}",
+                                            f"NVLink {link.link}: {now_count - then_count} new {counter.replace('_', ' ')}"))
+            if link.crc_errors is not None and old.crc_errors is not None and seconds > 0:
+                rate = (link.crc_errors - old.crc_errors) / seconds
+                if rate >= self.config.nvlink_crc_fail_per_s:
+                    findings.append(Finding("fail", "nvlink_crc", f"NVLink {link.link}: {rate:.0f} CRC errors/s"))
+                elif rate >= self.config.nvlink_crc_warn_per_s:
+                    findings.append(Finding("warn", "nvlink_crc", f"NVLink {link.link}: {rate:.1f} CRC errors/s"))
+        return findings
+
+    def _persistence(self, gpu: GpuSnapshot) -> list[Finding]:
+        if self.config.require_persistence_mode and gpu.persistence_mode is False:
+            return [Finding("warn", "persistence_off", "persistence mode is off")]
+        return []
+
+    # -- idle vetting (prolog) ---------------------------------------------
+
+    def idle(self, snapshot: NodeSnapshot) -> list[Outcome]:
+        outcomes = []
+        for gpu in snapshot.gpus:
+            findings = []
+            if gpu.temp_c is not None and gpu.temp_c >= self.config.idle_temp_max_c:
+                findings.append(Finding("fail", "idle_temp_high",
+                                        f"{gpu.temp_c:.0f} °C idle (limit {self.config.idle_temp_max_c:g} °C)"))
+            if gpu.memory_used_mib is not None and gpu.memory_total_mib:
+                fraction = gpu.memory_used_mib / gpu.memory_total_mib
+                if fraction >= self.config.idle_memory_used_fraction:
+                    findings.append(Finding("fail", "idle_memory_used",
+                                            f"{fraction:.0%} of GPU memory in use before the job"))
+            compute = [p for p in gpu.processes or [] if "C" in p.type]
+            if compute:
+                names = ", ".join(f"{p.name or '?'} ({p.pid})" for p in compute[:5])
+                findings.append(Finding("fail", "stray_processes", f"compute processes still running: {names}"))
+            metrics = {k: v for k, v in gpu_metrics(gpu).items()
+                       if k in ("temp_c", "memory_used_mib", "memory_total_mib", "utilization_pct")}
+            metrics["compute_processes"] = float(len(compute))
+            outcomes.append(outcome(gpu.entity, findings, metrics, f"{_describe(gpu)} idle"))
+        return outcomes

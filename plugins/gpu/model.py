@@ -1,0 +1,126 @@
+"""The normalized GPU snapshot every source produces and every check reads.
+
+``None`` means "not supported or not reported" (a GeForce without ECC, an old
+driver, a capture that omits the section), never 0: a check skips what is
+``None`` instead of mistaking it for a healthy value.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+#: Clock event (throttle) reasons, named as nvidia-smi names them without prefix.
+CLOCK_REASONS = (
+    "gpu_idle",
+    "applications_clocks_setting",
+    "sw_power_cap",
+    "hw_slowdown",
+    "hw_thermal_slowdown",
+    "hw_power_brake_slowdown",
+    "sync_boost",
+    "sw_thermal_slowdown",
+    "display_clocks_setting",
+)
+
+
+class NvLink(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    link: int
+    up: bool | None = None
+    replay_errors: int | None = None
+    recovery_errors: int | None = None
+    crc_errors: int | None = None
+
+
+class GpuProcess(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    pid: int
+    name: str = ""
+    #: ``C`` compute, ``G`` graphics, ``C+G`` both.
+    type: str = "C"
+    used_memory_mib: float | None = None
+
+
+class GpuSnapshot(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    index: int
+    uuid: str = ""
+    pci_bus_id: str = ""
+    name: str = ""
+    serial: str | None = None
+    vbios: str | None = None
+    # ECC
+    ecc_enabled: bool | None = None
+    ecc_volatile_sram_correctable: int | None = None
+    ecc_volatile_sram_uncorrectable: int | None = None
+    ecc_volatile_dram_correctable: int | None = None
+    ecc_volatile_dram_uncorrectable: int | None = None
+    ecc_aggregate_sram_correctable: int | None = None
+    ecc_aggregate_sram_uncorrectable: int | None = None
+    ecc_aggregate_dram_correctable: int | None = None
+    ecc_aggregate_dram_uncorrectable: int | None = None
+    # page retirement (pre-Ampere) and row remapping (Ampere and later)
+    retired_pages_sbe: int | None = None
+    retired_pages_dbe: int | None = None
+    retired_pages_pending: bool | None = None
+    remapped_rows_correctable: int | None = None
+    remapped_rows_uncorrectable: int | None = None
+    remapped_rows_pending: bool | None = None
+    remapped_rows_failure: bool | None = None
+    # driver's own verdicts
+    reset_required: bool | None = None
+    drain_and_reset_recommended: bool | None = None
+    recovery_action: str | None = None
+    # clocks: the reasons currently active (None: not reported)
+    clock_reasons: list[str] | None = None
+    # PCIe
+    pcie_gen: int | None = None
+    pcie_gen_max: int | None = None
+    pcie_width: int | None = None
+    pcie_width_max: int | None = None
+    pcie_replay_counter: int | None = None
+    # NVLink
+    nvlinks: list[NvLink] | None = None
+    # thermals and power
+    temp_c: float | None = None
+    temp_memory_c: float | None = None
+    temp_slowdown_c: float | None = None
+    temp_shutdown_c: float | None = None
+    power_w: float | None = None
+    power_limit_w: float | None = None
+    # memory and use
+    memory_used_mib: float | None = None
+    memory_total_mib: float | None = None
+    utilization_pct: float | None = None
+    persistence_mode: bool | None = None
+    processes: list[GpuProcess] | None = None
+
+    @property
+    def entity(self) -> str:
+        return f"gpu{self.index}"
+
+    @property
+    def volatile_uncorrectable(self) -> int | None:
+        return _total(self.ecc_volatile_sram_uncorrectable, self.ecc_volatile_dram_uncorrectable)
+
+    @property
+    def volatile_correctable(self) -> int | None:
+        return _total(self.ecc_volatile_sram_correctable, self.ecc_volatile_dram_correctable)
+
+    @property
+    def retired_pages(self) -> int | None:
+        return _total(self.retired_pages_sbe, self.retired_pages_dbe)
+
+
+class NodeSnapshot(msgspec.Struct, kw_only=True):
+    """What one source saw at one moment."""
+
+    source: str
+    taken: float
+    gpus: list[GpuSnapshot] = []
+    driver_version: str | None = None
+    cuda_version: str | None = None
+    #: GPUs the driver says are attached (None: unknown).
+    attached_gpus: int | None = None
+
+
+def _total(*values: int | None) -> int | None:
+    present = [v for v in values if v is not None]
+    return sum(present) if present else None

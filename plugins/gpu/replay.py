@@ -1,0 +1,214 @@
+"""GPU state without GPU hardware: capture replay and scripted scenarios.
+
+The one place where GPU stand-ins live. Both are usable from the CLI
+(``vetd check gpu_health --capture FILE.xml`` / ``--scenario FILE.yaml``) and
+from the agent config (``[plugins.gpu_health] source = "scenario"``), so an
+operator can replay what a test replays, and a demo cluster can show faults.
+
+Scenario format (YAML)::
+
+    gpus: 8                          # GPUs 0..7, healthy H100-like baseline
+    driver: "550.54.15"
+    expected_gpus: 8                 # what sysfs would list (default: gpus)
+    base: {name: NVIDIA H100 80GB HBM3, temp_c: 28}   # overrides for every GPU
+    timeline:
+      - {at: 2s, gpu: 3, set: {ecc_volatile_dram_uncorrectable: 2}}
+      - {at: 2s, gpu: 3, xid: 48, message: "DBE (Double Bit Error) ECC Error"}
+      - {at: 5s, gpu: 5, set: {pcie_width: 8, utilization_pct: 95}}
+      - {at: 6s, gpu: 6, nvlink_down: [0]}
+      - {at: 8s, gpu: 7, vanish: true}   # fell off the bus
+      - {at: 12s, hang: true}            # the driver stops answering
+
+``set`` keys are :class:`~vetd.plugins.gpu.model.GpuSnapshot` field names.
+Times count from when the source starts (the agent's start); ``vetd check``
+evaluates the state at the end of the timeline unless told ``--at``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from vetd.agent.checks import SourceUnavailable
+from vetd.agent.configfile import Duration
+from vetd.plugins.gpu.capture import CaptureError, load_capture
+from vetd.plugins.gpu.model import GpuSnapshot, NodeSnapshot, NvLink
+
+
+class CaptureSource:
+    """A fixed ``nvidia-smi -q -x`` capture."""
+
+    def __init__(self, path: str) -> None:
+        self.name = f"capture:{path}"
+        try:
+            self._snapshot = load_capture(path)
+        except CaptureError as exc:
+            raise SourceUnavailable(str(exc)) from exc
+
+    def snapshot(self) -> NodeSnapshot:
+        return self._snapshot
+
+    def expected_gpus(self) -> int | None:
+        return None  # a capture cannot say what the node should have: --expect-gpus can
+
+    def watch(self, on_xid: Callable[[str, int, str], None], stop: threading.Event) -> None:
+        raise SourceUnavailable("a capture has no live events")
+
+
+class Step(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    at: Duration = Duration(0.0)
+    gpu: int | None = None
+    set: dict[str, Any] = {}
+    xid: int | None = None
+    message: str = ""
+    vanish: bool = False
+    hang: bool = False
+    #: NVLink links of ``gpu`` to mark down.
+    nvlink_down: list[int] = []
+
+
+class Scenario(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    gpus: int = 8
+    driver: str = "550.54.15"
+    cuda: str = "12.4"
+    expected_gpus: int | None = None
+    base: dict[str, Any] = {}
+    timeline: list[Step] = []
+
+
+def healthy_gpu(index: int) -> GpuSnapshot:
+    """A healthy, idle, H100-SXM-like GPU."""
+    return GpuSnapshot(
+        index=index,
+        uuid=f"GPU-5ce0a1e0-0000-4000-8000-{index:012d}",
+        pci_bus_id=f"00000000:{0x18 + 0x10 * index:02X}:00.0",
+        name="NVIDIA H100 80GB HBM3",
+        serial=f"165232300{index:04d}",
+        ecc_enabled=True,
+        ecc_volatile_sram_correctable=0, ecc_volatile_sram_uncorrectable=0,
+        ecc_volatile_dram_correctable=0, ecc_volatile_dram_uncorrectable=0,
+        ecc_aggregate_sram_correctable=0, ecc_aggregate_sram_uncorrectable=0,
+        ecc_aggregate_dram_correctable=0, ecc_aggregate_dram_uncorrectable=0,
+        remapped_rows_correctable=0, remapped_rows_uncorrectable=0,
+        remapped_rows_pending=False, remapped_rows_failure=False,
+        reset_required=False, drain_and_reset_recommended=False,
+        clock_reasons=["gpu_idle"],
+        pcie_gen=5, pcie_gen_max=5, pcie_width=16, pcie_width_max=16, pcie_replay_counter=0,
+        nvlinks=[NvLink(link=i, up=True, replay_errors=0, recovery_errors=0, crc_errors=0) for i in range(18)],
+        temp_c=28.0, temp_memory_c=30.0, temp_slowdown_c=87.0, temp_shutdown_c=92.0,
+        power_w=70.0, power_limit_w=700.0,
+        memory_used_mib=0.0, memory_total_mib=81559.0, utilization_pct=0.0,
+        persistence_mode=True, processes=[],
+    )
+
+
+class ScenarioError(ValueError):
+    pass
+
+
+def load_scenario(path: str) -> Scenario:
+    try:
+        import yaml
+    except ImportError as exc:  # the agent's base install has no YAML parser
+        raise ScenarioError("scenarios need PyYAML: pip install 'vetd[gpu]'") from exc
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ScenarioError(f"{path}: cannot read scenario: {exc.strerror or exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ScenarioError(f"{path}: invalid YAML: {exc}") from exc
+    try:
+        scenario = msgspec.convert(data or {}, Scenario, dec_hook=_dec_hook)
+    except msgspec.ValidationError as exc:
+        raise ScenarioError(f"{path}: {exc}") from exc
+    fields = set(GpuSnapshot.__struct_fields__)
+    for n, step in enumerate(scenario.timeline):
+        unknown = set(step.set) - fields
+        if unknown:
+            raise ScenarioError(f"{path}: timeline[{n}].set: unknown GPU field(s) {', '.join(sorted(unknown))}")
+        if (step.set or step.xid is not None or step.vanish or step.nvlink_down) and step.gpu is None:
+            raise ScenarioError(f"{path}: timeline[{n}]: `gpu` is required with set, xid or vanish")
+    unknown = set(scenario.base) - fields
+    if unknown:
+        raise ScenarioError(f"{path}: base: unknown GPU field(s) {', '.join(sorted(unknown))}")
+    return scenario
+
+
+def _dec_hook(type_: type, value: object) -> object:
+    from vetd.agent.configfile import parse_duration
+
+    if type_ is Duration:
+        return parse_duration(value)
+    raise NotImplementedError
+
+
+class ScenarioSource:
+    """GPUs whose state follows a scripted timeline."""
+
+    def __init__(self, path: str, at: float | None = None) -> None:
+        self.name = f"scenario:{path}"
+        try:
+            self.scenario = load_scenario(path)
+        except ScenarioError as exc:
+            raise SourceUnavailable(str(exc)) from exc
+        self.started = time.monotonic()
+        self.started_wall = time.time()
+        #: Fixed scenario time (``vetd check``); None: the live clock.
+        self.at = at
+        self._hung = threading.Event()
+
+    def elapsed(self) -> float:
+        return self.at if self.at is not None else time.monotonic() - self.started
+
+    def snapshot(self) -> NodeSnapshot:
+        now = self.elapsed()
+        steps = [step for step in self.scenario.timeline if step.at <= now]
+        if any(step.hang for step in steps):
+            self._hung.wait()  # never set: the driver is gone
+        gpus: dict[int, GpuSnapshot] = {}
+        for index in range(self.scenario.gpus):
+            gpus[index] = _apply(healthy_gpu(index), self.scenario.base)
+        for step in steps:
+            if step.gpu is None or step.gpu not in gpus:
+                continue
+            if step.vanish:
+                del gpus[step.gpu]
+                continue
+            if step.set:
+                gpus[step.gpu] = _apply(gpus[step.gpu], step.set)
+            if step.nvlink_down and gpus[step.gpu].nvlinks:
+                links = [msgspec.structs.replace(link, up=False) if link.link in step.nvlink_down else link
+                         for link in gpus[step.gpu].nvlinks or []]
+                gpus[step.gpu] = msgspec.structs.replace(gpus[step.gpu], nvlinks=links)
+        return NodeSnapshot(
+            source=self.name,
+            taken=self.started_wall + now,
+            gpus=list(gpus.values()),
+            driver_version=self.scenario.driver,
+            cuda_version=self.scenario.cuda,
+            attached_gpus=len(gpus),
+        )
+
+    def expected_gpus(self) -> int | None:
+        return self.scenario.expected_gpus if self.scenario.expected_gpus is not None else self.scenario.gpus
+
+    def watch(self, on_xid: Callable[[str, int, str], None], stop: threading.Event) -> None:
+        """Report the timeline's XIDs when their time comes."""
+        pci = {i: healthy_gpu(i).pci_bus_id for i in range(self.scenario.gpus)}
+        for step in sorted(self.scenario.timeline, key=lambda s: s.at):
+            if step.xid is None or step.gpu is None:
+                continue
+            if stop.wait(max(0.0, step.at - self.elapsed())):
+                return
+            on_xid(pci.get(step.gpu, f"gpu{step.gpu}"), step.xid, step.message)
+        stop.wait()
+
+
+def _apply(gpu: GpuSnapshot, changes: dict[str, Any]) -> GpuSnapshot:
+    merged = {**msgspec.structs.asdict(gpu), **changes}
+    return msgspec.convert(merged, GpuSnapshot, from_attributes=True)
