@@ -82,6 +82,9 @@ class GpuRuntime:
         self._evaluating = threading.Lock()
         self._source: Source | None = None
         self._guard: Guard | None = None
+        #: PCI bus id → entity, from every snapshot so far: a GPU that just fell
+        #: off the bus is still named by what it was.
+        self._entities: dict[str, str] = {}
 
     def source(self) -> Source:
         """The source, created on first use and retried while unavailable (a driver loading late)."""
@@ -106,9 +109,11 @@ class GpuRuntime:
             return Outcome(status="error", codes=["source_unavailable"], message=str(exc))
         assert self._guard is not None
         try:
-            return self._guard.snapshot()
+            snapshot = self._guard.snapshot()
         except DriverUnresponsive as exc:
             return Outcome(status="fail", codes=["driver_unresponsive"], message=str(exc))
+        self._entities.update({normalize_pci(gpu.pci_bus_id): gpu.entity for gpu in snapshot.gpus})
+        return snapshot
 
     def expected(self) -> int | None:
         if self.config.expected_gpus >= 0:
@@ -158,15 +163,9 @@ class GpuRuntime:
         return report
 
     def _entity_of(self, pci: str) -> str:
-        try:
-            snapshot = self._guard.snapshot() if self._guard is not None else None
-        except Exception:  # noqa: BLE001 - naming the GPU is best effort; the event goes out anyway
-            snapshot = None
-        if snapshot is not None:
-            for gpu in snapshot.gpus:
-                if normalize_pci(gpu.pci_bus_id) == normalize_pci(pci):
-                    return gpu.entity
-        return f"pci:{normalize_pci(pci)}"
+        """``gpuN`` as last seen (no driver call: it may be the thing that hangs)."""
+        key = normalize_pci(pci)
+        return self._entities.get(key, f"pci:{key}")
 
     def watch_driver(self, emit: Emit, stop: threading.Event) -> None:
         self.source().watch(self._xid_reporter(emit, self.source().name), stop)

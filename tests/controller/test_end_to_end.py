@@ -183,3 +183,33 @@ def test_malformed_payloads_are_counted_and_the_controller_keeps_working(
     store = Store(tmp_path / "state" / "controller.db", readonly=True)
     assert store.counters()["malformed"] == len(junk)
     store.close()
+
+
+def test_a_fatal_xid_in_a_scenario_drains_the_node_and_a_warning_only_alerts(
+    tmp_path: Path, mosquitto: Mosquitto, slurm: Slurm, cluster_name: str, receiver: AlertReceiver
+) -> None:
+    config = controller_config(tmp_path, cluster_name, "slurm", receiver.url)
+    controller = start_controller(tmp_path, config, mosquitto, {"SLURM_CONF": str(slurm.conf)})
+    scenario = tmp_path / "xid.yaml"
+    scenario.write_text("gpus: 4\ntimeline:\n"
+                        "  - {at: 1s, gpu: 1, xid: 94, message: Contained ECC error}\n"
+                        "  - {at: 2s, gpu: 3, xid: 79, message: GPU has fallen off the bus.}\n")
+    agent = start_agent(tmp_path, mosquitto, cluster_name, "nid004",
+                        f'[agent]\ninterval = "1h"\n[plugins.gpu_health]\nsource = "scenario"\n'
+                        f'scenario = "{scenario}"\n[plugins.host]\nload_warn_per_core = 0.0\n')
+    try:
+        wait_for(lambda: "drain" in slurm.states().get("nid004", ""), 30, "nid004 drained on XID 79")
+        reason = slurm.show("nid004")["Reason"]
+        assert reason.startswith("vetd: critical-event: xid[gpu3] Xid 79 on gpu3")
+        alerts = wait_for(lambda: {a["labels"]["alertname"] for a in receiver.alerts} >= {"warning-event",
+                                                                                          "critical-event"} and
+                          receiver.alerts, 15, "both alerts")
+        warning = next(a for a in alerts if a["labels"]["alertname"] == "warning-event")
+        assert warning["labels"]["entity"] == "gpu1" and warning["labels"]["severity"] == "warning"
+        events = [h for h in vetd_json("node", "nid004", "--config", str(config), "--json")["history"]
+                  if h["kind"] == "event"]
+        assert sorted(e["codes"][0] for e in events) == ["xid_79", "xid_94"]
+        assert all(e["received_at"] >= e["ts"] for e in events)  # latency itself: bench/gpu_health.py
+    finally:
+        agent.stop(), controller.stop()
+        slurm.resume("nid004")

@@ -1,0 +1,148 @@
+"""GPU health: logic cost of one 8-GPU sample, and XID-to-controller latency.
+
+1. CPU time of one full health sample for 8 GPUs from the scenario source
+   (snapshot + every health verdict), median over many samples; target ≤ 2 ms.
+   On a machine with an NVIDIA GPU, ``--nvml`` also times one NVML snapshot
+   and each NVML call class.
+2. XID latency: a scenario fires XIDs; each event's time at the agent
+   (``ts``) against its arrival in the controller's store (``received_at``),
+   through a real Mosquitto; median and p99.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.support.procs import VetdProcess, vetd_env  # noqa: E402
+from tests.support.services import Mosquitto  # noqa: E402
+from tests.support.wait import wait_for  # noqa: E402
+from vetd.controller.store import Store  # noqa: E402
+from vetd.plugins.gpu.config import GpuHealthConfig  # noqa: E402
+from vetd.plugins.gpu.evaluate import Evaluator  # noqa: E402
+from vetd.plugins.gpu.replay import ScenarioSource  # noqa: E402
+
+RULES = Path(__file__).resolve().parents[1] / "packaging" / "rules" / "default.yaml"
+
+
+def logic_cost(samples: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "s.yaml"
+        path.write_text("gpus: 8\ntimeline:\n  - {at: 0s, gpu: 3, set: {ecc_volatile_dram_correctable: 5}}\n")
+        source = ScenarioSource(str(path))
+        evaluator = Evaluator(GpuHealthConfig())
+        snap_cpu, eval_cpu = [], []
+        for _ in range(samples):
+            t0 = time.process_time()
+            snapshot = source.snapshot()
+            t1 = time.process_time()
+            evaluator.health(snapshot, 8)
+            t2 = time.process_time()
+            snap_cpu.append(t1 - t0)
+            eval_cpu.append(t2 - t1)
+    total = [a + b for a, b in zip(snap_cpu, eval_cpu, strict=True)]
+    print(f"8-GPU health sample, scenario source, {samples} samples (CPU time):")
+    print(f"  snapshot  median {1e3 * statistics.median(snap_cpu):.3f} ms")
+    print(f"  verdicts  median {1e3 * statistics.median(eval_cpu):.3f} ms")
+    print(f"  total     median {1e3 * statistics.median(total):.3f} ms, "
+          f"p99 {1e3 * sorted(total)[int(0.99 * len(total))]:.3f} ms (target <= 2 ms)")
+
+
+def nvml_cost(samples: int) -> None:
+    from vetd.plugins.gpu.nvml import NvmlSource
+
+    source = NvmlSource()
+    n = source.nvml
+    handle = n.nvmlDeviceGetHandleByIndex(0)
+    calls = {
+        "temperature": lambda: n.nvmlDeviceGetTemperature(handle, n.NVML_TEMPERATURE_GPU),
+        "memory info": lambda: n.nvmlDeviceGetMemoryInfo(handle),
+        "ecc counter": lambda: n.nvmlDeviceGetMemoryErrorCounter(
+            handle, n.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, n.NVML_VOLATILE_ECC, n.NVML_MEMORY_LOCATION_DEVICE_MEMORY),
+        "clock reasons": lambda: n.nvmlDeviceGetCurrentClocksEventReasons(handle),
+        "pcie link": lambda: n.nvmlDeviceGetCurrPcieLinkGeneration(handle),
+        "remapped rows": lambda: n.nvmlDeviceGetRemappedRows(handle),
+        "power": lambda: n.nvmlDeviceGetPowerUsage(handle),
+        "processes": lambda: n.nvmlDeviceGetComputeRunningProcesses(handle),
+        "nvlink state": lambda: n.nvmlDeviceGetNvLinkState(handle, 0),
+    }
+    print(f"NVML on {n.nvmlDeviceGetCount()} GPU(s), driver {n.nvmlSystemGetDriverVersion()}:")
+    for name, call in calls.items():
+        times = []
+        for _ in range(samples):
+            t0 = time.perf_counter()
+            try:
+                call()
+            except n.NVMLError:
+                pass
+            times.append(time.perf_counter() - t0)
+        print(f"  {name:14} median {1e6 * statistics.median(times):8.1f} us")
+    wall, cpu = [], []
+    evaluator = Evaluator(GpuHealthConfig())
+    for _ in range(max(5, samples // 20)):
+        t0, c0 = time.perf_counter(), time.process_time()
+        evaluator.health(source.snapshot(), None)
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    print(f"  full snapshot + verdicts: wall median {1e3 * statistics.median(wall):.2f} ms, "
+          f"CPU median {1e3 * statistics.median(cpu):.2f} ms")
+
+
+def xid_latency(count: int) -> None:
+    xids = [13, 31, 43, 45, 94, 92, 63, 68]
+    steps = [f"  - {{at: {1 + 0.1 * i:.1f}s, gpu: {i % 8}, xid: {xids[(i // 8) % len(xids)]}}}" for i in range(count)]
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        broker = Mosquitto(work / "mosquitto").start()
+        (work / "s.yaml").write_text("gpus: 8\ntimeline:\n" + "\n".join(steps) + "\n")
+        (work / "controller.toml").write_text(f'cluster = "bench"\nrules = ["{RULES}"]\n[store]\npath = "c.db"\n')
+        (work / "agent.toml").write_text(f'[agent]\ninterval = "1h"\n[plugins.gpu_health]\nsource = "scenario"\n'
+                                         f'scenario = "{work / "s.yaml"}"\n')
+        env = vetd_env(VETD_BROKER=broker.url, VETD_LOG_LEVEL="warning")
+        controller = VetdProcess(["controller", "--config", str(work / "controller.toml")], work / "c.log", env).start()
+        wait_for(lambda: (work / "c.db").exists(), 20, "controller")
+        agent = VetdProcess(["agent", "--config", str(work / "agent.toml")], work / "a.log",
+                            vetd_env(VETD_BROKER=broker.url, VETD_CLUSTER="bench", VETD_NODE="n1",
+                                     VETD_LOG_LEVEL="warning")).start()
+
+        def latencies() -> list[float]:
+            store = Store(work / "c.db", readonly=True)
+            try:
+                rows = store.db.execute("SELECT received_at - ts FROM history WHERE kind='event'").fetchall()
+            finally:
+                store.close()
+            return [r[0] for r in rows]
+
+        try:
+            values = wait_for(lambda: (v := latencies()) and len(v) >= count and v, 60 + count, "all XIDs stored",
+                              interval=0.5)
+        finally:
+            agent.stop()
+            controller.stop()
+            broker.stop()
+    values.sort()
+    print(f"XID published -> stored by the controller, {len(values)} events through Mosquitto:")
+    print(f"  median {1e3 * statistics.median(values):.1f} ms, p99 {1e3 * values[int(0.99 * (len(values) - 1))]:.1f} ms, "
+          f"max {1e3 * values[-1]:.1f} ms (target <= 1000 ms)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--samples", type=int, default=2000)
+    parser.add_argument("--xids", type=int, default=100)
+    parser.add_argument("--nvml", action="store_true", help="also time NVML on this machine's GPUs")
+    args = parser.parse_args()
+    logic_cost(args.samples)
+    if args.nvml:
+        nvml_cost(args.samples)
+    xid_latency(args.xids)
+
+
+if __name__ == "__main__":
+    main()

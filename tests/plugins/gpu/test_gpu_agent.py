@@ -1,0 +1,89 @@
+"""The GPU plugin inside a real agent, publishing to a real Mosquitto."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from tests.support.procs import VetdProcess, Watcher, vetd_env
+from tests.support.services import Mosquitto
+from tests.support.wait import wait_for
+from vetd.agent.protocol import Event, Result, State
+
+
+def start(tmp_path: Path, broker: Mosquitto, cluster: str, scenario: str, extra: str = "", **env: str) -> VetdProcess:
+    (tmp_path / "scenario.yaml").write_text(scenario)
+    config = tmp_path / "agent.toml"
+    config.write_text(f'[agent]\ninterval = "300ms"\n[plugins.gpu_health]\nsource = "scenario"\n'
+                      f'scenario = "{tmp_path / "scenario.yaml"}"\n{extra}')
+    return VetdProcess(["agent", "--config", str(config)], tmp_path / "agent.log",
+                       vetd_env(VETD_BROKER=broker.url, VETD_CLUSTER=cluster, VETD_NODE="nid001", **env)).start()
+
+
+def test_xid_events_are_published_at_once_with_severity(tmp_path: Path, mosquitto: Mosquitto, cluster_name: str) -> None:
+    watcher = Watcher(mosquitto.port, f"vetd/v1/{cluster_name}/#")
+    agent = start(tmp_path, mosquitto, cluster_name, """
+gpus: 4
+timeline:
+  - {at: 1s, gpu: 2, xid: 79, message: "GPU has fallen off the bus."}
+  - {at: 1s, gpu: 2, vanish: true}
+  - {at: 1.5s, gpu: 1, xid: 94, message: "Contained ECC error."}
+  - {at: 1.6s, gpu: 2, xid: 79, message: "same fault, second report"}
+""")
+    try:
+        events: list[Event] = wait_for(lambda: watcher.select(lambda m: isinstance(m, Event)) if len(
+            watcher.select(lambda m: isinstance(m, Event))) >= 2 else None, 15, "two XID events")
+        fatal, contained = events[0], events[1]
+        assert (fatal.name, fatal.severity, fatal.entity, fatal.codes) == ("xid", "critical", "gpu2", ["xid_79"])
+        assert "GPU has fallen off the bus." in fatal.message
+        assert (contained.severity, contained.entity, contained.codes) == ("warning", "gpu1", ["xid_94"])
+        # the results reflect the vanished GPU too
+        wait_for(lambda: any(isinstance(m, Result) and m.check == "gpu_health" and "gpu_missing" in m.codes
+                             for m in watcher.select()), 15, "gpu_missing result")
+        birth = next(m for m in watcher.select(lambda m: isinstance(m, State) and m.online))
+        assert birth.labels["gpu_model"] == "NVIDIA H100 80GB HBM3" and birth.labels["gpu_count"] == "4"
+    finally:
+        assert agent.stop() == 0
+    # the repeat within the de-duplication window was not published again
+    assert len(watcher.select(lambda m: isinstance(m, Event))) == 2
+    watcher.close()
+
+
+def test_a_hung_driver_leaves_the_watchdog_and_other_checks_running(
+    tmp_path: Path, mosquitto: Mosquitto, cluster_name: str
+) -> None:
+    watcher = Watcher(mosquitto.port, f"vetd/v1/{cluster_name}/#")
+    address = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(address)
+        sock.settimeout(0.1)
+        agent = start(tmp_path, mosquitto, cluster_name, "gpus: 2\ntimeline:\n  - {at: 1s, hang: true}\n",
+                      'driver_timeout = "500ms"\n', NOTIFY_SOCKET=address, WATCHDOG_USEC="600000")
+
+        def gpu_results(code: str) -> list[Result]:
+            return [m for m in watcher.select(lambda m: isinstance(m, Result))  # type: ignore[misc]
+                    if m.check == "gpu_health" and code in m.codes]
+
+        try:
+            wait_for(lambda: len(gpu_results("driver_unresponsive")) >= 3, 20, "driver_unresponsive results")
+            pings_before = 0
+            deadline_pings: list[str] = []
+
+            def pings() -> int:
+                try:
+                    deadline_pings.append(sock.recv(64).decode())
+                except TimeoutError:
+                    pass
+                return deadline_pings.count("WATCHDOG=1")
+
+            pings_before = pings()
+            wait_for(lambda: pings() >= pings_before + 4, 10, "watchdog pings while the driver hangs")
+            hosts = [m for m in watcher.select(lambda m: isinstance(m, Result)) if m.check == "host_memory"]  # type: ignore[attr-defined]
+            count = len(hosts)
+            wait_for(lambda: len([m for m in watcher.select(lambda m: isinstance(m, Result))
+                                  if m.check == "host_memory"]) > count + 2, 10, "host checks still running")
+        finally:
+            assert agent.stop() == 0
+    stuck = gpu_results("driver_unresponsive")
+    assert all(r.status == "fail" and r.entity == "node" for r in stuck)
+    watcher.close()
