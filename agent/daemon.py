@@ -103,11 +103,7 @@ class Agent:
         for outcome in outcome_list:
             self.transport.send(
                 Result(
-                    cluster=self.identity.cluster,
-                    node=self.identity.node,
-                    session=self.identity.session,
-                    seq=self.identity.next_seq(),
-                    ts=started,
+                    **self.identity.stamp(ts=started),
                     check=check.name,
                     status=outcome.status,
                     entity=outcome.entity,
@@ -218,11 +214,7 @@ class Agent:
         for plugin, error in schedule.plugins.broken.items():
             self.transport.send(
                 Result(
-                    cluster=self.identity.cluster,
-                    node=self.identity.node,
-                    session=self.identity.session,
-                    seq=self.identity.next_seq(),
-                    ts=time.time(),
+                    **self.identity.stamp(),
                     check="plugin_load",
                     entity=plugin,
                     status="error",
@@ -262,11 +254,7 @@ class Agent:
         """Publish an event now (call from the event loop)."""
         self.transport.send(
             Event(
-                cluster=self.identity.cluster,
-                node=self.identity.node,
-                session=self.identity.session,
-                seq=self.identity.next_seq(),
-                ts=time.time(),
+                **self.identity.stamp(),
                 name=event.name,
                 severity=event.severity,
                 entity=event.entity,
@@ -345,11 +333,7 @@ class Agent:
                 for entity, metrics in sample.items():
                     self.transport.send(
                         Telemetry(
-                            cluster=self.identity.cluster,
-                            node=self.identity.node,
-                            session=self.identity.session,
-                            seq=0,
-                            ts=now,
+                            **self.identity.stamp(reliable=False, ts=now),
                             source=source.name,
                             entity=entity,
                             metrics={k: float(v) for k, v in metrics.items()},
@@ -371,11 +355,7 @@ class Agent:
         log.info("command", id=command.id, action=command.action, ok=ok, message=message)
         self.transport.send(
             Reply(
-                cluster=self.identity.cluster,
-                node=self.identity.node,
-                session=self.identity.session,
-                seq=0,
-                ts=time.time(),
+                **self.identity.stamp(reliable=False),
                 id=command.id,
                 ok=ok,
                 message=message,

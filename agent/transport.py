@@ -19,6 +19,7 @@ import uuid
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiomqtt
 import structlog
@@ -46,6 +47,17 @@ class Identity:
         """Next number of the reliable stream (results and events)."""
         self._seq += 1
         return self._seq
+
+    def stamp(self, *, reliable: bool = True, ts: float | None = None) -> dict[str, Any]:
+        """The envelope fields of a new message; ``reliable`` ones (results,
+        events) take the next sequence number, the rest carry 0."""
+        return {
+            "cluster": self.cluster,
+            "node": self.node,
+            "session": self.session,
+            "seq": self.next_seq() if reliable else 0,
+            "ts": time.time() if ts is None else ts,
+        }
 
     def state(self, online: bool, **fields: object) -> State:
         return State(
