@@ -91,6 +91,28 @@ def build_parser() -> argparse.ArgumentParser:
     excluded.add_argument("--config", help=f"controller TOML config (default {DEFAULT_CONTROLLER_CONFIG})")
     excluded.add_argument("--format", choices=("hostlist", "lines", "json"), default="hostlist")
 
+    drain = sub.add_parser("drain", help="take nodes out of service (through the controller)",
+                           description="Exclude NODES (a hostlist, e.g. nid[001-004]) now, through the "
+                           "running controller: Slurm drain with reason 'vetd: operator USER: REASON', "
+                           "recorded in the audit log. Waits for the controller to take it.")
+    drain.add_argument("nodes", metavar="NODES")
+    drain.add_argument("--reason", required=True)
+    drain.add_argument("--config", help=f"controller TOML config (default {DEFAULT_CONTROLLER_CONFIG})")
+
+    resume = sub.add_parser("resume", help="return nodes to service (only vetd's drains)",
+                            description="Return NODES (a hostlist) to service through the running "
+                            "controller. In Slurm only drains whose reason starts with 'vetd:' are "
+                            "resumed; a node an operator drained by other means is left alone.")
+    resume.add_argument("nodes", metavar="NODES")
+    resume.add_argument("--config", help=f"controller TOML config (default {DEFAULT_CONTROLLER_CONFIG})")
+
+    breaker = sub.add_parser("breaker", help="show or reset the exclusion circuit breaker",
+                             description="The breaker stops vetd from excluding more than a set share "
+                             "of a partition; once open it stays open until reset.")
+    breaker.add_argument("action", choices=("status", "reset"), nargs="?", default="status")
+    breaker.add_argument("--partition", action="append", help="only this partition (repeatable)")
+    breaker.add_argument("--config", help=f"controller TOML config (default {DEFAULT_CONTROLLER_CONFIG})")
+
     rules = sub.add_parser("rules", help="validate rule files",
                            description="Work with controller rule files.")
     rules_sub = rules.add_subparsers(dest="rules_command", required=True, metavar="ACTION")

@@ -55,6 +55,8 @@ class SchedulerBackend(Protocol):
 
     async def drain(self, node: str, reason: str) -> ActionOutcome: ...
 
+    async def resume(self, node: str) -> ActionOutcome: ...
+
 
 class NoScheduler:
     """Exclusions live only in vetd (``vetd excluded`` exports them)."""
@@ -62,6 +64,9 @@ class NoScheduler:
     name = "none"
 
     async def drain(self, node: str, reason: str) -> ActionOutcome:
+        return ActionOutcome(True, "done", "recorded in vetd only (scheduler backend none)")
+
+    async def resume(self, node: str) -> ActionOutcome:
         return ActionOutcome(True, "done", "recorded in vetd only (scheduler backend none)")
 
 
@@ -126,6 +131,25 @@ class Slurm:
         except SlurmError as exc:
             return ActionOutcome(False, "failed", f"scontrol update: {exc}")
         return ActionOutcome(True, "done", f"drained in Slurm (was {state or 'unknown'})")
+
+
+    async def resume(self, node: str) -> ActionOutcome:
+        """Return a node to service, but only one vetd drained (reason ``vetd:``)."""
+        try:
+            current = await self.show(node)
+        except SlurmError as exc:
+            return ActionOutcome(False, "failed", f"scontrol show node: {exc}")
+        state, reason = current.get("State", ""), current.get("Reason", "")
+        if "DRAIN" not in state and "DOWN" not in state and "FAIL" not in state:
+            return ActionOutcome(True, "skipped", f"not drained in Slurm ({state or 'unknown'})")
+        if not reason.startswith(REASON_PREFIX):
+            return ActionOutcome(False, "refused",
+                                 f"{state} with reason {reason!r}: not vetd's drain, left to its owner")
+        try:
+            await self._run("update", f"NodeName={node}", "State=RESUME")
+        except SlurmError as exc:
+            return ActionOutcome(False, "failed", f"scontrol update: {exc}")
+        return ActionOutcome(True, "done", f"resumed in Slurm (was {state})")
 
 
 def make_backend(name: str, scontrol: str = "scontrol", timeout: float = 30.0) -> SchedulerBackend:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -34,6 +36,8 @@ def dispatch(args: argparse.Namespace, config_path: Path) -> int:
         from vetd.controller.service import Controller
 
         return asyncio.run(Controller(config).run())
+    if command in ("drain", "resume", "breaker"):
+        return operator_request(args, config)
     try:
         store = Store(config.store.path, readonly=True)
     except FileNotFoundError as exc:
@@ -49,6 +53,65 @@ def dispatch(args: argparse.Namespace, config_path: Path) -> int:
     finally:
         store.close()
     raise AssertionError(command)
+
+
+REQUEST_WAIT_S = 30.0
+
+
+def _actor() -> str:
+    return os.environ.get("SUDO_USER") or os.environ.get("USER") or getpass.getuser()
+
+
+def operator_request(args: argparse.Namespace, config: ControllerConfig) -> int:
+    """Hand a drain, resume or breaker reset to the running controller and wait for it."""
+    store = Store(config.store.path)
+    try:
+        if args.command == "breaker" and args.action == "status":
+            breakers = store.breakers()
+            if not breakers:
+                print("breaker closed in every partition")
+            for row in breakers:
+                state = "OPEN" if row["open"] else "closed"
+                print(f"{row['partition']}: {state} since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(row['since']))}"
+                      f" ({row['reason']})")
+            return 0
+        if args.command == "breaker":
+            request_id = store.submit(_actor(), "breaker_reset", args.partition or [])
+        else:
+            try:
+                names = list(NodeSet(args.nodes))
+            except Exception as exc:  # noqa: BLE001 - ClusterShell raises several parse errors
+                print(f"vetd: {args.nodes!r} is not a hostlist: {exc}", file=sys.stderr)
+                return EXIT_VETD
+            known: dict[str, list[str]] = {}
+            for node in store.node_rows():
+                known.setdefault(node.name, []).append(node.cluster)
+            targets = []
+            for name in names:
+                clusters = [config.cluster] if config.cluster else known.get(name, [])
+                if len(clusters) != 1:
+                    why = "unknown to vetd" if not clusters else f"in several clusters ({', '.join(clusters)})"
+                    print(f"vetd: node {name} is {why}; set `cluster` in {config.source}", file=sys.stderr)
+                    return EXIT_VETD
+                targets.append((clusters[0], name))
+            request_id = store.submit(_actor(), args.command, targets, getattr(args, "reason", "") or "")
+        deadline = time.monotonic() + REQUEST_WAIT_S
+        while time.monotonic() < deadline:
+            request = store.request(request_id)
+            if request is not None and request["status"] != "pending":
+                results = json.loads(request["result"]) if request["result"] else []
+                if request["status"] != "done":
+                    print(f"vetd: request {request['status']}: {results}", file=sys.stderr)
+                    return 1
+                for item in results if isinstance(results, list) else []:
+                    print(" ".join(f"{k}={v}" for k, v in item.items()))
+                return 0
+            time.sleep(0.1)
+        print(f"vetd: the controller has not taken request {request_id} within {REQUEST_WAIT_S:g}s "
+              "(is `vetd controller` running with this config?); it expires unapplied", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
 
 
 def rules_check(files: list[str]) -> int:

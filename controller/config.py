@@ -35,6 +35,22 @@ class AlertsSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     timeout: Duration = Duration(10.0)
 
 
+class BreakerSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Stop excluding when a partition would lose too much of itself at once.
+
+    A drain is allowed while the partition's nodes excluded by vetd stay within
+    ``max(always_allow, max_fraction × partition size)`` and, if ``max_drains``
+    is set, fewer than that many drains happened in ``window``. Beyond that the
+    breaker opens: vetd records "would have drained", alerts, and drains
+    nothing more in that partition until ``vetd breaker reset``.
+    """
+
+    max_fraction: float = 0.10
+    always_allow: int = 1
+    max_drains: int = 0
+    window: Duration = Duration(3600.0)
+
+
 class ControllerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     broker: str = "mqtt://127.0.0.1:1883"
     #: Only this cluster's nodes; empty: every cluster on the broker.
@@ -46,6 +62,7 @@ class ControllerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     store: StoreSection = msgspec.field(default_factory=StoreSection)
     scheduler: SchedulerSection = msgspec.field(default_factory=SchedulerSection)
     alerts: AlertsSection = msgspec.field(default_factory=AlertsSection)
+    breaker: BreakerSection = msgspec.field(default_factory=BreakerSection)
     source: str = "<defaults>"
 
 

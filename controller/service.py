@@ -56,6 +56,13 @@ class Drain:
 
 
 @dataclass
+class Resume:
+    cluster: str
+    node: str
+    audit_id: int
+
+
+@dataclass
 class Alert:
     cluster: str
     node: str
@@ -84,7 +91,7 @@ class Controller:
             (r["rule"], r["cluster"], r["node"], r["subject"]): r["since"]
             for r in self.store.db.execute("SELECT * FROM firing")
         }
-        self._actions: asyncio.Queue[Drain | Alert] | None = None
+        self._actions: asyncio.Queue[Drain | Resume | Alert] | None = None
         self.connected = asyncio.Event()
         self.stop = asyncio.Event()
 
@@ -194,21 +201,60 @@ class Controller:
                          evidence=[history_id], now=now)
         log.info("rule_fired", rule=rule.name, node=node.name, subject=subject, severity=rule.spec.severity)
         if "drain" in rule.spec.actions:
-            if node.state == "excluded":
+            if node.state in ("excluded", "failed"):
                 self._count("drains_already_excluded")
             else:
                 what = message.check if isinstance(message, Result) else message.name
                 entity = "" if message.entity == "node" else f"[{message.entity}]"
                 reason = clean_reason(f"{REASON_PREFIX} {rule.name}: {what}{entity} {message.message}")
-                node.state, node.reason, node.state_since = "excluded", reason, now
-                self.store.save_node(node)
-                audit_id = self.store.audit(
-                    node.cluster, node.name, "drain", rule=rule.name, outcome="pending",
-                    detail=reason, evidence=[history_id], now=now,
-                )
-                decisions.drains.append(Drain(node.cluster, node.name, reason, rule.name, audit_id))
+                blocked = self._breaker_blocks(node, now, decisions)
+                if blocked:
+                    node.state, node.reason, node.state_since = "suspect", reason, now
+                    self.store.save_node(node)
+                    self.store.audit(node.cluster, node.name, "drain", rule=rule.name, outcome="would_have",
+                                     detail=f"{reason} | breaker: {blocked}", evidence=[history_id], now=now)
+                    self._count("drains_blocked_by_breaker")
+                else:
+                    node.state, node.reason, node.state_since = "excluded", reason, now
+                    self.store.save_node(node)
+                    audit_id = self.store.audit(
+                        node.cluster, node.name, "drain", rule=rule.name, outcome="pending",
+                        detail=reason, evidence=[history_id], now=now,
+                    )
+                    decisions.drains.append(Drain(node.cluster, node.name, reason, rule.name, audit_id))
         if "alert" in rule.spec.actions and self.alerts.urls:
             decisions.alerts.append(self._alert(rule, node, message, now, None))
+
+    def _breaker_blocks(self, node: NodeRow, now: float, decisions: Decisions) -> str:
+        """Why the circuit breaker forbids excluding ``node`` now ("" if it does not)."""
+        partition = node.labels.get("partition", "default")
+        already = self.store.breaker_open(partition)
+        if already is not None:
+            return f"open since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(already['since']))}"
+        members = [n for n in self.store.nodes.values() if n.labels.get("partition", "default") == partition]
+        excluded = sum(1 for n in members if n.state in ("excluded", "failed"))
+        config = self.config.breaker
+        allowed = max(config.always_allow, int(config.max_fraction * len(members)))
+        why = ""
+        if excluded + 1 > allowed:
+            why = (f"partition {partition!r} would have {excluded + 1} of {len(members)} nodes excluded "
+                   f"(allowed {allowed})")
+        elif config.max_drains:
+            recent = self.store.drains_since(now - config.window, [(n.cluster, n.name) for n in members])
+            if recent + 1 > config.max_drains:
+                why = (f"partition {partition!r} would have {recent + 1} drains in "
+                       f"{config.window:g}s (allowed {config.max_drains})")
+        if why:
+            self.store.set_breaker(partition, True, why, now)
+            self.store.audit(node.cluster, node.name, "breaker_open", outcome="open", detail=why, now=now)
+            log.error("breaker_open", partition=partition, reason=why)
+            if self.alerts.urls:
+                decisions.alerts.append(Alert(node.cluster, node.name, "vetd-circuit-breaker", [alert_payload(
+                    rule="vetd-circuit-breaker", cluster=node.cluster, node=node.name, severity="critical",
+                    summary=f"vetd stopped excluding nodes in partition {partition}",
+                    description=f"{why}; nothing more is drained there until `vetd breaker reset`",
+                    starts_at=now, labels={"partition": partition})]))
+        return why
 
     def _alert(self, rule: Rule, node: NodeRow, message: Result | Event, since: float,
                ended: float | None) -> Alert:
@@ -236,8 +282,15 @@ class Controller:
 
     # -- actions -----------------------------------------------------------
 
-    async def carry_out(self, action: Drain | Alert) -> None:
-        if isinstance(action, Drain):
+    async def carry_out(self, action: Drain | Resume | Alert) -> None:
+        if isinstance(action, Resume):
+            result = await self.backend.resume(action.node)
+            self.store.db.execute("UPDATE audit SET outcome=?, detail=detail || ? WHERE id=?",
+                                  (result.outcome, f" | {self.backend.name}: {result.detail}", action.audit_id))
+            self._count(f"resume_{result.outcome}")
+            (log.info if result.ok else log.error)("resume_" + result.outcome, node=action.node,
+                                                   detail=result.detail)
+        elif isinstance(action, Drain):
             result = await self.backend.drain(action.node, action.reason)
             self.store.db.execute(
                 "UPDATE audit SET outcome=?, detail=? WHERE id=?",
@@ -262,7 +315,7 @@ class Controller:
             while True:
                 action = await self._actions.get()
 
-                async def run(action: Drain | Alert = action) -> None:
+                async def run(action: Drain | Resume | Alert = action) -> None:
                     async with limit:
                         try:
                             await self.carry_out(action)
@@ -312,6 +365,68 @@ class Controller:
                             retry_in_s=round(delay, 2))
                 await asyncio.sleep(delay)
 
+    # -- operator requests (vetd drain / resume / breaker reset) ----------------
+
+    REQUEST_TTL_S = 60.0
+
+    def handle_requests(self, now: float | None = None) -> None:
+        """Carry out what operators asked for through the CLI."""
+        now = time.time() if now is None else now
+        assert self._actions is not None
+        for request in self.store.pending_requests():
+            if now - request["ts"] > self.REQUEST_TTL_S:
+                self.store.finish_request(request["id"], "expired", "the controller was not running in time")
+                continue
+            actor = f"operator:{request['actor']}"
+            results = []
+            if request["action"] == "breaker_reset":
+                partitions = request["nodes"] or [b["partition"] for b in self.store.breakers()]
+                for partition in partitions:
+                    self.store.set_breaker(partition, False, "reset by operator", now)
+                    self.store.audit("", "", "breaker_reset", actor=actor, detail=partition, now=now)
+                    # Nodes held as "suspect" by the breaker go back to healthy; the
+                    # rules will fire again for those still failing.
+                    for node in self.store.nodes.values():
+                        if node.state == "suspect" and node.labels.get("partition", "default") == partition:
+                            node.state, node.reason, node.state_since = "healthy", "", now
+                            self.store.save_node(node)
+                            self._forget_firing(node)
+                    results.append({"partition": partition, "outcome": "closed"})
+            for cluster, name in request["nodes"] if request["action"] != "breaker_reset" else []:
+                node = self.store.node(cluster, name, now)
+                if request["action"] == "drain":
+                    reason = clean_reason(f"{REASON_PREFIX} operator {request['actor']}: {request['reason']}")
+                    node.state, node.reason, node.state_since = "excluded", reason, now
+                    self.store.save_node(node)
+                    audit_id = self.store.audit(cluster, name, "drain", actor=actor, outcome="pending",
+                                                detail=reason, now=now)
+                    self._actions.put_nowait(Drain(cluster, name, reason, "", audit_id))
+                    results.append({"node": name, "outcome": "draining"})
+                elif request["action"] == "resume":
+                    previous = node.state
+                    node.state, node.reason, node.state_since = "healthy", "", now
+                    self.store.save_node(node)
+                    self._forget_firing(node)
+                    audit_id = self.store.audit(cluster, name, "resume", actor=actor, outcome="pending",
+                                                detail=f"was {previous}", now=now)
+                    self._actions.put_nowait(Resume(cluster, name, audit_id))
+                    results.append({"node": name, "outcome": "resuming", "was": previous})
+            self.store.finish_request(request["id"], "done", results)
+            log.info("operator_request", action=request["action"], actor=request["actor"], results=results)
+
+    def _forget_firing(self, node: NodeRow) -> None:
+        for key in [k for k in self._firing if k[1] == node.cluster and k[2] == node.name]:
+            del self._firing[key]
+            self.store.set_firing(key[0], key[1], key[2], key[3], None)
+
+    async def _requests_loop(self) -> None:
+        while True:
+            try:
+                self.handle_requests()
+            except Exception as exc:  # noqa: BLE001 - a bad request must not stop the controller
+                log.exception("operator_request_failed", error=str(exc))
+            await asyncio.sleep(0.25)
+
     def reload_rules(self) -> bool:
         try:
             self.rules = load_rules(self.config.rules)
@@ -338,6 +453,7 @@ class Controller:
             async with asyncio.TaskGroup() as group:
                 ingest = group.create_task(self._ingest(), name="vetd.controller.ingest")
                 worker = group.create_task(self._action_worker(), name="vetd.controller.actions")
+                requests = group.create_task(self._requests_loop(), name="vetd.controller.requests")
                 await self.stop.wait()
                 ingest.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -346,6 +462,7 @@ class Controller:
                 while not self._actions.empty() and time.monotonic() < deadline:
                     await asyncio.sleep(0.05)
                 worker.cancel()
+                requests.cancel()
         finally:
             if signals:
                 for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

@@ -98,6 +98,22 @@ CREATE TABLE IF NOT EXISTS audit (
     evidence TEXT NOT NULL DEFAULT '[]'
 );
 CREATE INDEX IF NOT EXISTS audit_node ON audit (cluster, node, ts);
+CREATE TABLE IF NOT EXISTS requests (
+    id INTEGER PRIMARY KEY,
+    ts REAL NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    nodes TEXT NOT NULL DEFAULT '[]',
+    reason TEXT NOT NULL DEFAULT '',
+    status TEXT NOT NULL DEFAULT 'pending',
+    result TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS breaker (
+    partition TEXT PRIMARY KEY,
+    open INTEGER NOT NULL,
+    since REAL NOT NULL,
+    reason TEXT NOT NULL DEFAULT ''
+);
 CREATE TABLE IF NOT EXISTS counters (
     name TEXT PRIMARY KEY,
     value INTEGER NOT NULL
@@ -306,6 +322,56 @@ class Store:
                ON CONFLICT (name) DO UPDATE SET value = value + excluded.value""",
             [(name, value) for name, value in counts.items() if value],
         )
+
+    # -- operator requests and the circuit breaker ---------------------------
+
+    def submit(self, actor: str, action: str, nodes: Sequence[object] = (), reason: str = "") -> int:
+        """Queue an operator request for the running controller.
+
+        ``nodes`` are ``(cluster, node)`` pairs, or partition names for a breaker reset.
+        """
+        cursor = self.db.execute(
+            "INSERT INTO requests (ts, actor, action, nodes, reason) VALUES (?,?,?,?,?)",
+            (time.time(), actor, action, json.dumps(list(nodes)), reason),
+        )
+        return int(cursor.lastrowid or 0)
+
+    def request(self, request_id: int) -> dict[str, Any] | None:
+        row = self.db.execute("SELECT * FROM requests WHERE id=?", (request_id,)).fetchone()
+        return None if row is None else {**dict(row), "nodes": json.loads(row["nodes"])}
+
+    def pending_requests(self) -> list[dict[str, Any]]:
+        rows = self.db.execute("SELECT * FROM requests WHERE status='pending' ORDER BY id").fetchall()
+        return [{**dict(r), "nodes": json.loads(r["nodes"])} for r in rows]
+
+    def finish_request(self, request_id: int, status: str, result: Any) -> None:
+        self.db.execute("UPDATE requests SET status=?, result=? WHERE id=?",
+                        (status, json.dumps(result), request_id))
+
+    def breaker_open(self, partition: str) -> dict[str, Any] | None:
+        row = self.db.execute("SELECT * FROM breaker WHERE partition=? AND open=1", (partition,)).fetchone()
+        return None if row is None else dict(row)
+
+    def set_breaker(self, partition: str, open_: bool, reason: str = "", now: float | None = None) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO breaker (partition, open, since, reason) VALUES (?,?,?,?)",
+            (partition, int(open_), time.time() if now is None else now, reason),
+        )
+
+    def breakers(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self.db.execute("SELECT * FROM breaker ORDER BY partition")]
+
+    def drains_since(self, since: float, partition_nodes: Sequence[tuple[str, str]]) -> int:
+        if not partition_nodes:
+            return 0
+        marks = ",".join("(?,?)" for _ in partition_nodes)
+        flat = [value for pair in partition_nodes for value in pair]
+        row = self.db.execute(
+            f"""SELECT count(*) FROM audit WHERE action='drain' AND actor='controller' AND ts>=?
+                AND outcome IN ('pending', 'done') AND (cluster, node) IN (VALUES {marks})""",
+            (since, *flat),
+        ).fetchone()
+        return int(row[0])
 
     # -- read side (CLI views) ---------------------------------------------
 

@@ -213,3 +213,47 @@ def test_a_fatal_xid_in_a_scenario_drains_the_node_and_a_warning_only_alerts(
     finally:
         agent.stop(), controller.stop()
         slurm.resume("nid004")
+
+
+def test_operator_drain_and_resume_through_the_controller(
+    tmp_path: Path, mosquitto: Mosquitto, slurm: Slurm, cluster_name: str
+) -> None:
+    config = controller_config(tmp_path, cluster_name, "slurm")
+    controller = start_controller(tmp_path, config, mosquitto, {"SLURM_CONF": str(slurm.conf)})
+    slurm.drain("nid001", "ops: reseating GPU 3")
+    try:
+        done = run_vetd("drain", "nid[003-004]", "--reason", "fan noise; check \"bay 7\"\nnow",
+                        "--config", str(config))
+        assert done.returncode == 0, done.stderr
+        wait_for(lambda: all("drain" in slurm.states()[n] for n in ("nid003", "nid004")), 20, "both drained")
+        reason = slurm.show("nid003")["Reason"]
+        assert reason.startswith("vetd: operator ") and 'fan noise; check "bay 7" now' in reason
+        assert run_vetd("excluded", "--config", str(config)).stdout.strip() == "nid[003-004]"
+
+        done = run_vetd("resume", "nid[003-004]", "--config", str(config))
+        assert done.returncode == 0, done.stderr
+        wait_for(lambda: all(slurm.states()[n] == "idle" for n in ("nid003", "nid004")), 20, "both resumed")
+        assert run_vetd("excluded", "--config", str(config)).stdout.strip() == ""
+
+        # a drain that is not vetd's is never resumed by vetd
+        done = run_vetd("resume", "nid001", "--config", str(config))
+        assert done.returncode == 0, done.stderr
+        wait_for(lambda: any(a["action"] == "resume" and a["outcome"] == "refused" for a in
+                             vetd_json("node", "nid001", "--config", str(config), "--json")["audit"]),
+                 15, "refusal audited")
+        assert slurm.show("nid001")["Reason"].startswith("ops: reseating GPU 3")
+        assert "drain" in slurm.states()["nid001"]
+        actors = {a["actor"] for a in vetd_json("node", "nid003", "--config", str(config), "--json")["audit"]}
+        assert all(actor.startswith("operator:") for actor in actors)
+    finally:
+        controller.stop()
+        for node in ("nid001", "nid003", "nid004"):
+            slurm.resume(node)
+
+
+def test_breaker_status_and_a_bad_hostlist(tmp_path: Path, cluster_name: str) -> None:
+    config = controller_config(tmp_path, cluster_name, "none")
+    done = run_vetd("breaker", "status", "--config", str(config))
+    assert done.returncode == 0 and "closed in every partition" in done.stdout
+    unknown = run_vetd("drain", "nid[001-002", "--reason", "x", "--config", str(config))
+    assert unknown.returncode == 2 and "not a hostlist" in unknown.stderr

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
 
 import msgspec
@@ -9,7 +11,7 @@ import pytest
 
 from vetd.agent import protocol
 from vetd.agent.protocol import Event, Result, State
-from vetd.controller.config import ControllerConfig, SchedulerSection, StoreSection
+from vetd.controller.config import BreakerSection, ControllerConfig, SchedulerSection, StoreSection
 from vetd.controller.service import Controller
 
 RULES = """\
@@ -109,3 +111,43 @@ def test_state_survives_a_restart(controller: Controller, tmp_path: Path) -> Non
     assert [d.node for d in reopened.pending_drains()] == ["nid001"]
     # the rule is still firing: a repeat does not decide a second drain
     assert reopened.process([wire(result(2, "fail"))]).drains == []
+
+
+def test_the_circuit_breaker_stops_exclusions_until_reset(tmp_path: Path) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES)
+    config = ControllerConfig(rules=[str(rules)], store=StoreSection(path=str(tmp_path / "c.db")),
+                              breaker=BreakerSection(max_fraction=0.1, always_allow=1))
+    controller = Controller(config)
+    births = [State(cluster="alps", node=f"nid{i:03d}", session=f"s{i}", seq=0, ts=1.0, online=True, started=1.0,
+                    labels={"partition": "gpu"}) for i in range(10)]
+    controller.process([wire(b) for b in births])
+
+    def fail(node: int, seq: int) -> tuple[str, bytes]:
+        return wire(result(seq, "fail", node=f"nid{node:03d}", session=f"s{node}"))
+
+    assert [d.node for d in controller.process([fail(0, 1)]).drains] == ["nid000"]
+    assert controller.process([fail(1, 1), fail(2, 1)]).drains == []  # 2 of 10 > 10 %
+    nodes = controller.store.nodes
+    assert [nodes[("alps", f"nid{i:03d}")].state for i in range(3)] == ["excluded", "suspect", "suspect"]
+    breaker = controller.store.breaker_open("gpu")
+    assert breaker is not None and "would have 2 of 10 nodes excluded (allowed 1)" in breaker["reason"]
+    would = [a for a in controller.store.audit_log("alps") if a["outcome"] == "would_have"]
+    assert sorted(a["node"] for a in would) == ["nid001", "nid002"]
+
+    controller._actions = asyncio.Queue()
+    controller.store.submit("ops", "breaker_reset", ["gpu"])
+    controller.handle_requests()
+    assert controller.store.breaker_open("gpu") is None
+    assert nodes[("alps", "nid001")].state == "healthy"
+    # nid001 still fails: the rule fires again, and the breaker, with one node out, holds again
+    assert controller.process([fail(1, 2)]).drains == []
+    assert controller.store.breaker_open("gpu") is not None
+
+
+def test_operator_requests_expire_when_the_controller_is_not_there(controller: Controller) -> None:
+    controller._actions = asyncio.Queue()
+    request = controller.store.submit("ops", "drain", [("alps", "nid001")], "fan")
+    controller.handle_requests(now=time.time() + 120)
+    assert controller.store.request(request)["status"] == "expired"  # type: ignore[index]
+    assert controller.store.nodes.get(("alps", "nid001")) is None
