@@ -218,9 +218,9 @@ def show_node(store: Store, config: ControllerConfig, name: str, as_json: bool, 
 
 
 def show_excluded(store: Store, fmt: str, out: TextIO) -> int:
-    excluded = [n for n in store.node_rows() if n.state == "excluded"]
+    excluded = [n for n in store.node_rows() if n.state in ("excluded", "failed")]
     if fmt == "json":
-        out.write(json.dumps([{"cluster": n.cluster, "node": n.name, "reason": n.reason,
+        out.write(json.dumps([{"cluster": n.cluster, "node": n.name, "state": n.state, "reason": n.reason,
                                "since": n.state_since} for n in excluded], indent=2) + "\n")
     elif fmt == "lines":
         out.writelines(f"{name}\n" for name in NodeSet.fromlist([n.name for n in excluded]))

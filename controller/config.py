@@ -51,6 +51,13 @@ class BreakerSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     window: Duration = Duration(3600.0)
 
 
+class RepeatSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A node excluded ``count`` times within ``window`` is ``failed``: a person must look."""
+
+    count: int = 3
+    window: Duration = Duration(7 * 86400.0)
+
+
 class ControllerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     broker: str = "mqtt://127.0.0.1:1883"
     #: Only this cluster's nodes; empty: every cluster on the broker.
@@ -63,6 +70,7 @@ class ControllerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     scheduler: SchedulerSection = msgspec.field(default_factory=SchedulerSection)
     alerts: AlertsSection = msgspec.field(default_factory=AlertsSection)
     breaker: BreakerSection = msgspec.field(default_factory=BreakerSection)
+    repeat: RepeatSection = msgspec.field(default_factory=RepeatSection)
     source: str = "<defaults>"
 
 

@@ -215,7 +215,23 @@ class Controller:
                                      detail=f"{reason} | breaker: {blocked}", evidence=[history_id], now=now)
                     self._count("drains_blocked_by_breaker")
                 else:
-                    node.state, node.reason, node.state_since = "excluded", reason, now
+                    repeat = self.config.repeat
+                    previous = self.store.exclusions_since(node.cluster, node.name, now - repeat.window)
+                    state = "failed" if repeat.count and previous + 1 >= repeat.count else "excluded"
+                    if state == "failed":
+                        reason = clean_reason(f"{REASON_PREFIX} repeat offender ({previous + 1} exclusions in "
+                                              f"{repeat.window / 86400:g}d): {rule.name}: {what}{entity} "
+                                              f"{message.message}")
+                        self.store.audit(node.cluster, node.name, "mark_failed", rule=rule.name, outcome="failed",
+                                         detail=reason, evidence=[history_id], now=now)
+                        self._count("marked_failed")
+                        log.error("node_failed", node=node.name, exclusions=previous + 1)
+                        if self.alerts.urls:
+                            decisions.alerts.append(Alert(node.cluster, node.name, "vetd-repeat-offender", [
+                                alert_payload(rule="vetd-repeat-offender", cluster=node.cluster, node=node.name,
+                                              severity="critical", summary=f"{node.name} needs a person",
+                                              description=reason, starts_at=now, labels=dict(node.labels))]))
+                    node.state, node.reason, node.state_since = state, reason, now
                     self.store.save_node(node)
                     audit_id = self.store.audit(
                         node.cluster, node.name, "drain", rule=rule.name, outcome="pending",

@@ -361,6 +361,15 @@ class Store:
     def breakers(self) -> list[dict[str, Any]]:
         return [dict(r) for r in self.db.execute("SELECT * FROM breaker ORDER BY partition")]
 
+    def exclusions_since(self, cluster: str, node: str, since: float) -> int:
+        """Times rules excluded this node since ``since`` (operator drains not counted)."""
+        row = self.db.execute(
+            """SELECT count(*) FROM audit WHERE action='drain' AND actor='controller' AND rule != ''
+               AND outcome IN ('pending', 'done', 'skipped') AND cluster=? AND node=? AND ts>=?""",
+            (cluster, node, since),
+        ).fetchone()
+        return int(row[0])
+
     def drains_since(self, since: float, partition_nodes: Sequence[tuple[str, str]]) -> int:
         if not partition_nodes:
             return 0

@@ -151,3 +151,33 @@ def test_operator_requests_expire_when_the_controller_is_not_there(controller: C
     controller.handle_requests(now=time.time() + 120)
     assert controller.store.request(request)["status"] == "expired"  # type: ignore[index]
     assert controller.store.nodes.get(("alps", "nid001")) is None
+
+
+def test_a_repeat_offender_ends_failed(controller: Controller) -> None:
+    controller._actions = asyncio.Queue()
+    states = []
+    for round_ in range(3):
+        controller.process([wire(result(10 * round_ + 1, "fail"))])
+        node = controller.store.nodes[("alps", "nid001")]
+        states.append(node.state)
+        if node.state == "excluded":
+            controller.store.submit("ops", "resume", [("alps", "nid001")])
+            controller.handle_requests()
+            controller.process([wire(result(10 * round_ + 2, "pass"))])
+    assert states == ["excluded", "excluded", "failed"]
+    node = controller.store.nodes[("alps", "nid001")]
+    assert node.reason.startswith("vetd: repeat offender (3 exclusions in 7d): host-failed")
+    assert [a["action"] for a in controller.store.audit_log("alps", "nid001")].count("mark_failed") == 1
+
+
+def test_failed_nodes_are_in_the_exclusion_hostlist(controller: Controller) -> None:
+    import io
+
+    from vetd.controller.cli import show_excluded
+
+    controller.process([wire(result(1, "fail")), wire(result(1, "fail", node="nid002", session="b"))])
+    controller.store.nodes[("alps", "nid002")].state = "failed"
+    controller.store.save_node(controller.store.nodes[("alps", "nid002")])
+    out = io.StringIO()
+    show_excluded(controller.store, "hostlist", out)
+    assert out.getvalue() == "nid[001-002]\n"
