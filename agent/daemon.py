@@ -161,7 +161,9 @@ class Agent:
             if self.stop.is_set():
                 break
             self.reload.clear()
-            new = self._reloaded()
+            # Building a schedule imports plugins and may query the GPU driver
+            # (node labels): keep that off the event loop and the watchdog.
+            new = await asyncio.to_thread(self._reloaded)
             if new is not None:
                 self._stopping.set()
                 schedule_task.cancel()

@@ -12,12 +12,9 @@ from typing import TextIO
 
 import structlog
 
-_configured = False
-
 
 def setup(level: str = "info", *, json: bool | None = None, stream: TextIO | None = None) -> None:
     """Configure structlog and stdlib logging (idempotent)."""
-    global _configured
     out = stream or sys.stderr
     as_json = not out.isatty() if json is None else json
     shared: list[structlog.types.Processor] = [
@@ -52,10 +49,3 @@ def setup(level: str = "info", *, json: bool | None = None, stream: TextIO | Non
     logging.getLogger("mqtt").setLevel(max(root.level, logging.INFO))
     logging.getLogger("amqtt").setLevel(max(root.level, logging.WARNING))
     logging.getLogger("transitions").setLevel(logging.WARNING)
-    _configured = True
-
-
-def ensure() -> None:
-    """Configure with defaults unless already configured."""
-    if not _configured:
-        setup()

@@ -188,16 +188,12 @@ def _parse_rule(node: yaml.Node, source: str) -> Rule:
     return Rule(spec, kind, expression, source, line)
 
 
-def evaluate(rule: Rule, variables: Mapping[str, Any]) -> bool | None:
-    """True/False, or None when the condition errors or is not a boolean."""
-    value = rule.expression.eval(data=variables)
-    if value.type() != cel.Type.BOOL:
-        return None
-    return bool(value.value())
-
-
 def evaluate_all(rules: Sequence[Rule], variables: Mapping[str, Any]) -> list[tuple[Rule, bool | None]]:
-    """Evaluate many rules against one message, sharing one activation."""
+    """Evaluate many rules against one message, sharing one activation.
+
+    Each verdict is True/False, or None when the condition errors (a missing
+    key) or is not a boolean.
+    """
     activation = _ENV_ALL.Activation(variables)
     outcomes = []
     for rule in rules:

@@ -274,13 +274,6 @@ class Store:
 
     # -- rule firing state -------------------------------------------------
 
-    def firing_since(self, rule: str, cluster: str, node: str, subject: str) -> float | None:
-        row = self.db.execute(
-            "SELECT since FROM firing WHERE rule=? AND cluster=? AND node=? AND subject=?",
-            (rule, cluster, node, subject),
-        ).fetchone()
-        return None if row is None else float(row[0])
-
     def set_firing(self, rule: str, cluster: str, node: str, subject: str, since: float | None) -> None:
         if since is None:
             self.db.execute(
