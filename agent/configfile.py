@@ -42,7 +42,8 @@ def parse_duration(value: object) -> Duration:
     return Duration(seconds)
 
 
-def _dec_hook(type_: type, value: object) -> object:
+def dec_hook(type_: type, value: object) -> object:
+    """msgspec decode hook for config types (:class:`Duration`)."""
     if type_ is Duration:
         return parse_duration(value)
     raise NotImplementedError(f"unsupported config type {type_!r}")
@@ -131,7 +132,7 @@ def convert(
 ) -> T:
     """Convert decoded TOML into ``type_``; a mismatch names file, line and key."""
     try:
-        return msgspec.convert(data, type_, dec_hook=_dec_hook)
+        return msgspec.convert(data, type_, dec_hook=dec_hook)
     except msgspec.ValidationError as exc:
         key, message = _key_path(exc, prefix)
         raise ConfigError(f"{where(path, text, key)}: {message}") from exc

@@ -174,6 +174,7 @@ def alert_payload(
     ends_at: float | None = None,
     labels: dict[str, str] | None = None,
     entity: str = "",
+    annotations: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """One alert in Alertmanager API v2 form."""
     alert_labels = {
@@ -186,7 +187,7 @@ def alert_payload(
     }
     alert: dict[str, Any] = {
         "labels": alert_labels,
-        "annotations": {"summary": summary, "description": description},
+        "annotations": {"summary": summary, "description": description, **(annotations or {})},
         "startsAt": iso(starts_at),
         "generatorURL": f"vetd://{cluster}/node/{node}",
     }

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import msgspec
 
 from vetd.agent.config import parse_broker
-from vetd.agent.configfile import ConfigError, Duration, convert, read_toml
+from vetd.agent.configfile import ConfigError, Duration, convert, read_toml, where
 from vetd.agent.protocol import valid_name
 
 
@@ -71,6 +71,9 @@ class ControllerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     alerts: AlertsSection = msgspec.field(default_factory=AlertsSection)
     breaker: BreakerSection = msgspec.field(default_factory=BreakerSection)
     repeat: RepeatSection = msgspec.field(default_factory=RepeatSection)
+    #: Static node labels by hostlist: ``"nid[0001-2688]" = {partition = "normal", gpu = "GH200"}``;
+    #: they override what agents report.
+    labels: dict[str, dict[str, str]] = {}
     source: str = "<defaults>"
 
 
@@ -87,6 +90,13 @@ def load_controller_config(path: Path | str, environ: dict[str, str] | None = No
         parse_broker(broker)
     except ValueError as exc:
         raise ConfigError(f"{path}: broker: {exc}") from exc
+    from ClusterShell.NodeSet import NodeSet, NodeSetException
+
+    for hostlist in config.labels:
+        try:
+            NodeSet(hostlist)
+        except NodeSetException as exc:
+            raise ConfigError(f"{where(path, text, 'labels')}: {hostlist!r} is not a hostlist: {exc}") from exc
     if config.cluster and not valid_name(config.cluster):
         raise ConfigError(f"{path}: cluster: {config.cluster!r} is not a valid cluster name")
     return msgspec.structs.replace(

@@ -24,6 +24,7 @@ file with any error is rejected whole, so bad rules never replace good ones.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,10 +34,12 @@ import msgspec
 import yaml
 from cel_expr_python import cel
 
-from vetd.agent.configfile import ConfigError
+from vetd.agent.configfile import ConfigError, Duration, dec_hook
 
 Severity = Literal["info", "warning", "critical"]
-Action = Literal["drain", "alert"]
+Action = Literal["drain", "alert", "heal", "mark_failed"]
+#: Healing steps: ``gpu_reset``, ``restart_service NAME``, ``reboot``, ``revet PROFILE``.
+HEAL_STEPS = ("gpu_reset", "restart_service", "reboot", "revet")
 
 _DYN_MAP = cel.Type.Map(cel.Type.STRING, cel.Type.DYN)
 _ENV_ALL = cel.NewEnv(variables={"result": _DYN_MAP, "event": _DYN_MAP, "node": _DYN_MAP})
@@ -54,7 +57,21 @@ class RuleSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     severity: Severity = "warning"
     actions: list[Action] = msgspec.field(default_factory=lambda: ["alert"])
     description: str = ""
+    #: Added to the alert's labels.
     labels: dict[str, str] = {}
+    #: Alert annotations; ``{{ node.name }}``, ``{{ result.metrics.temp_c }}``… are filled in.
+    annotations: dict[str, str] = {}
+    #: Result rules: the condition must hold this long (by message time) before firing.
+    for_: Duration = msgspec.field(default=Duration(0.0), name="for")
+    #: Result rules: once firing, stay firing this long after the condition clears.
+    keep_firing_for: Duration = Duration(0.0)
+    #: Fire only after this many matches within ``within``…
+    count: int = 1
+    within: Duration = Duration(0.0)
+    #: …counted per node, or per entity (the same GPU).
+    per: Literal["node", "entity"] = "node"
+    #: The healing ladder for the ``heal`` action, tried in order.
+    heal: list[str] = []
 
 
 @dataclass(frozen=True)
@@ -167,7 +184,7 @@ def _parse_rule(node: yaml.Node, source: str) -> Rule:
     raw: dict[str, Any] = {key: _plain(value) for key, value in values.items()}
     label = f"rule {raw['name']!r}" if isinstance(raw.get("name"), str) else "rule"
     try:
-        spec = msgspec.convert(raw, RuleSpec)
+        spec = msgspec.convert(raw, RuleSpec, dec_hook=dec_hook)
     except msgspec.ValidationError as exc:
         message, _, where = str(exc).partition(" - at `$")
         key = where.strip("`.").split(".")[0].split("[")[0]
@@ -185,7 +202,46 @@ def _parse_rule(node: yaml.Node, source: str) -> Rule:
         kind, expression = _compile(spec.when)
     except ValueError as exc:
         raise RuleError(f"{source}:{_line(values['when'])}: {label}: when: {exc}") from None
+
+    def fail(key: str, message: str) -> RuleError:
+        at = _line(keys[key]) if key in keys else line
+        return RuleError(f"{source}:{at}: {label}: {key}: {message}")
+
+    if kind == "event" and (spec.for_ or spec.keep_firing_for):
+        raise fail("for" if spec.for_ else "keep_firing_for",
+                   "only rules on results can wait (events are instants: use count/within)")
+    if spec.count < 1:
+        raise fail("count", "must be at least 1")
+    if spec.count > 1 and not spec.within:
+        raise fail("within", "count above 1 needs a window, e.g. within: 24h")
+    if ("heal" in spec.actions) != bool(spec.heal):
+        raise fail("heal", "the heal action and a heal: ladder go together")
+    for step in spec.heal:
+        verb, _, arg = step.partition(" ")
+        if verb not in HEAL_STEPS:
+            raise fail("heal", f"unknown step {step!r} (steps: {', '.join(HEAL_STEPS)})")
+        if verb in ("restart_service", "revet") and not arg.strip():
+            raise fail("heal", f"{verb} needs an argument, e.g. '{verb} {'nvidia-fabricmanager' if verb == 'restart_service' else 'prolog'}'")
     return Rule(spec, kind, expression, source, line)
+
+
+_PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][\w.]*)\s*\}\}")
+
+
+def render(template: str, variables: Mapping[str, Any]) -> str:
+    """Fill ``{{ a.b.c }}`` placeholders from nested mappings; unknown ones become ``""``."""
+
+    def lookup(match: re.Match[str]) -> str:
+        value: Any = variables
+        for part in match.group(1).split("."):
+            if not isinstance(value, Mapping) or part not in value:
+                return ""
+            value = value[part]
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        return ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+    return _PLACEHOLDER.sub(lookup, template)
 
 
 def evaluate_all(rules: Sequence[Rule], variables: Mapping[str, Any]) -> list[tuple[Rule, bool | None]]:

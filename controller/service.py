@@ -36,12 +36,14 @@ from vetd.controller.actions import (
     make_backend,
 )
 from vetd.controller.config import ControllerConfig
-from vetd.controller.rules import Rule, RuleSet, evaluate_all, load_rules
-from vetd.controller.store import NodeRow, Store
+from vetd.controller.rules import Rule, RuleSet, evaluate_all, load_rules, render
+from vetd.controller.store import NodeRow, RuleKey, RuleState, Store
 
 log = structlog.get_logger("vetd.controller")
 
 BATCH_MAX = 1000
+#: Node states in which the node is out of service.
+OUT_OF_SERVICE = ("excluded", "failed", "healing", "probation")
 #: Log the first N malformed messages, then every Nth.
 MALFORMED_LOG_EVERY = 100
 
@@ -70,6 +72,17 @@ class Alert:
     alerts: list[dict[str, Any]]
 
 
+def static_labels(table: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+    """``{"nid[0001-0004]": {...}}`` → labels per node name (later entries win)."""
+    from ClusterShell.NodeSet import NodeSet
+
+    labels: dict[str, dict[str, str]] = {}
+    for hostlist, values in table.items():
+        for name in NodeSet(hostlist):
+            labels.setdefault(str(name), {}).update(values)
+    return labels
+
+
 @dataclass
 class Decisions:
     drains: list[Drain] = field(default_factory=list)
@@ -87,10 +100,9 @@ class Controller:
         self.alerts = AlertSender(config.alerts.urls, timeout=float(config.alerts.timeout))
         self.counters: Counter[str] = Counter()
         self._unflushed: Counter[str] = Counter()
-        self._firing: dict[tuple[str, str, str, str], float] = {
-            (r["rule"], r["cluster"], r["node"], r["subject"]): r["since"]
-            for r in self.store.db.execute("SELECT * FROM firing")
-        }
+        self._states: dict[RuleKey, RuleState] = self.store.rule_states()
+        self._windows: dict[RuleKey, list[float]] = self.store.rule_windows()
+        self._static_labels = static_labels(config.labels)
         self._actions: asyncio.Queue[Drain | Resume | Alert] | None = None
         self.connected = asyncio.Event()
         self.stop = asyncio.Event()
@@ -161,94 +173,162 @@ class Controller:
             "event": data if kind == "event" else {},
             "node": {
                 "name": node.name, "cluster": node.cluster, "state": node.state,
-                "online": node.online, "labels": dict(node.labels),
+                "online": node.online, "labels": self.labels_of(node),
             },
         }
-        subject = f"{kind}:{name}:{message.entity}"
         rules = self.rules.for_input(kind)
         self._count("rules_evaluated", len(rules))
         for rule, matched in evaluate_all(rules, variables):
             if matched is None:
                 self._count("rule_errors")
                 continue
-            key = (rule.name, node.cluster, node.name, subject)
-            since = self._firing.get(key)
-            if matched and (since is None or kind == "event"):
-                if kind == "result":
-                    self._firing[key] = now
-                    self.store.set_firing(rule.name, node.cluster, node.name, subject, now)
-                self._fire(rule, node, message, subject, history_id, now, decisions)
-            elif not matched and since is not None:
-                del self._firing[key]
-                self.store.set_firing(rule.name, node.cluster, node.name, subject, None)
-                self.store.audit(node.cluster, node.name, "rule_resolved", rule=rule.name,
-                                 detail=subject, evidence=[history_id], now=now)
-                if "alert" in rule.spec.actions and self.alerts.urls:
-                    decisions.alerts.append(self._alert(rule, node, message, since, now))
+            subject = f"{kind}:{name}:{message.entity}"
+            if kind == "event":
+                if matched and self._counted(rule, node, message):
+                    self._fire(rule, node, message, subject, history_id, now, decisions, variables)
+                continue
+            self._step(rule, node, message, subject, bool(matched), history_id, now, decisions, variables)
 
-    def _fire(
-        self,
-        rule: Rule,
-        node: NodeRow,
-        message: Result | Event,
-        subject: str,
-        history_id: int,
-        now: float,
-        decisions: Decisions,
-    ) -> None:
+    def _counted(self, rule: Rule, node: NodeRow, message: Result | Event) -> bool:
+        """Record a match; True once ``count`` matches fall within ``within``."""
+        spec = rule.spec
+        if spec.count <= 1:
+            return True
+        per = message.entity if spec.per == "entity" else "*"
+        key = (rule.name, node.cluster, node.name, f"count:{per}")
+        stamps = [t for t in self._windows.get(key, []) if t > message.ts - spec.within] + [message.ts]
+        reached = len(stamps) >= spec.count
+        if reached:
+            stamps = []  # the next firing needs a fresh set of matches
+        self._windows[key] = stamps
+        self.store.save_rule_window(key, stamps)
+        return reached
+
+    def _step(self, rule: Rule, node: NodeRow, message: Result | Event, subject: str, matched: bool,
+              history_id: int, now: float, decisions: Decisions, variables: dict[str, Any]) -> None:
+        """Advance a result rule for one subject, by message time (Prometheus semantics)."""
+        key = (rule.name, node.cluster, node.name, subject)
+        state = self._states.get(key)
+        t = message.ts
+        spec = rule.spec
+        if matched:
+            if state is None:
+                if not self._counted(rule, node, message):
+                    return
+                state = RuleState("pending" if spec.for_ else "firing", t)
+                if not spec.for_:
+                    self._fire(rule, node, message, subject, history_id, now, decisions, variables)
+            elif state.phase == "pending" and t - state.since >= spec.for_:
+                state = RuleState("firing", t)
+                self._fire(rule, node, message, subject, history_id, now, decisions, variables)
+            elif state.phase == "firing" and state.cleared_at is not None:
+                state = RuleState("firing", state.since)  # back before keep_firing_for ran out
+            else:
+                return
+        else:
+            if state is None:
+                return
+            if state.phase == "firing" and spec.keep_firing_for:
+                cleared = state.cleared_at if state.cleared_at is not None else t
+                if t - cleared < spec.keep_firing_for:
+                    if state.cleared_at is None:
+                        state = RuleState("firing", state.since, cleared)
+                        self._save_state(key, state)
+                    return
+            if state.phase == "firing":
+                self._resolve(rule, node, message, subject, state.since, history_id, now, decisions, variables)
+            state = None
+        self._save_state(key, state)
+
+    def _save_state(self, key: RuleKey, state: RuleState | None) -> None:
+        if state is None:
+            self._states.pop(key, None)
+        else:
+            self._states[key] = state
+        self.store.save_rule_state(key, state)
+
+    def _resolve(self, rule: Rule, node: NodeRow, message: Result | Event, subject: str, since: float,
+                 history_id: int, now: float, decisions: Decisions, variables: dict[str, Any]) -> None:
+        self.store.audit(node.cluster, node.name, "rule_resolved", rule=rule.name,
+                         detail=subject, evidence=[history_id], now=now)
+        if "alert" in rule.spec.actions and self.alerts.urls:
+            decisions.alerts.append(self._alert(rule, node, message, since, now, variables))
+
+    def labels_of(self, node: NodeRow) -> dict[str, str]:
+        """The agent's labels, overridden by the controller's static ``[labels]``."""
+        return {**node.labels, **self._static_labels.get(node.name, {})}
+
+    def _fire(self, rule: Rule, node: NodeRow, message: Result | Event, subject: str, history_id: int,
+              now: float, decisions: Decisions, variables: dict[str, Any]) -> None:
         self._count("rules_fired")
         self.store.audit(node.cluster, node.name, "rule_fired", rule=rule.name, detail=subject,
                          evidence=[history_id], now=now)
         log.info("rule_fired", rule=rule.name, node=node.name, subject=subject, severity=rule.spec.severity)
-        if "drain" in rule.spec.actions:
-            if node.state in ("excluded", "failed"):
-                self._count("drains_already_excluded")
-            else:
-                what = message.check if isinstance(message, Result) else message.name
-                entity = "" if message.entity == "node" else f"[{message.entity}]"
-                reason = clean_reason(f"{REASON_PREFIX} {rule.name}: {what}{entity} {message.message}")
-                blocked = self._breaker_blocks(node, now, decisions)
-                if blocked:
-                    node.state, node.reason, node.state_since = "suspect", reason, now
-                    self.store.save_node(node)
-                    self.store.audit(node.cluster, node.name, "drain", rule=rule.name, outcome="would_have",
-                                     detail=f"{reason} | breaker: {blocked}", evidence=[history_id], now=now)
-                    self._count("drains_blocked_by_breaker")
-                else:
-                    repeat = self.config.repeat
-                    previous = self.store.exclusions_since(node.cluster, node.name, now - repeat.window)
-                    state = "failed" if repeat.count and previous + 1 >= repeat.count else "excluded"
-                    if state == "failed":
-                        reason = clean_reason(f"{REASON_PREFIX} repeat offender ({previous + 1} exclusions in "
-                                              f"{repeat.window / 86400:g}d): {rule.name}: {what}{entity} "
-                                              f"{message.message}")
-                        self.store.audit(node.cluster, node.name, "mark_failed", rule=rule.name, outcome="failed",
-                                         detail=reason, evidence=[history_id], now=now)
-                        self._count("marked_failed")
-                        log.error("node_failed", node=node.name, exclusions=previous + 1)
-                        if self.alerts.urls:
-                            decisions.alerts.append(Alert(node.cluster, node.name, "vetd-repeat-offender", [
-                                alert_payload(rule="vetd-repeat-offender", cluster=node.cluster, node=node.name,
-                                              severity="critical", summary=f"{node.name} needs a person",
-                                              description=reason, starts_at=now, labels=dict(node.labels))]))
-                    node.state, node.reason, node.state_since = state, reason, now
-                    self.store.save_node(node)
-                    audit_id = self.store.audit(
-                        node.cluster, node.name, "drain", rule=rule.name, outcome="pending",
-                        detail=reason, evidence=[history_id], now=now,
-                    )
-                    decisions.drains.append(Drain(node.cluster, node.name, reason, rule.name, audit_id))
-        if "alert" in rule.spec.actions and self.alerts.urls:
-            decisions.alerts.append(self._alert(rule, node, message, now, None))
+        actions = rule.spec.actions
+        what = message.check if isinstance(message, Result) else message.name
+        entity = "" if message.entity == "node" else f"[{message.entity}]"
+        reason = clean_reason(f"{REASON_PREFIX} {rule.name}: {what}{entity} {message.message}")
+        if "mark_failed" in actions:
+            self._exclude(rule, node, reason, history_id, now, decisions, failed=True)
+        elif "drain" in actions or "heal" in actions:
+            self._exclude(rule, node, reason, history_id, now, decisions, failed=False)
+        if "alert" in actions and self.alerts.urls:
+            decisions.alerts.append(self._alert(rule, node, message, now, None, variables))
+
+    def _exclude(self, rule: Rule, node: NodeRow, reason: str, history_id: int, now: float,
+                 decisions: Decisions, *, failed: bool) -> bool:
+        """Take the node out of service (once), minding the breaker and repeat offences."""
+        if node.state in OUT_OF_SERVICE:
+            if failed and node.state != "failed":
+                self._mark_failed(node, reason, rule.name, history_id, now, decisions)
+            self._count("drains_already_excluded")
+            return False
+        blocked = self._breaker_blocks(node, now, decisions)
+        if blocked:
+            node.state, node.reason, node.state_since = "suspect", reason, now
+            self.store.save_node(node)
+            self.store.audit(node.cluster, node.name, "drain", rule=rule.name, outcome="would_have",
+                             detail=f"{reason} | breaker: {blocked}", evidence=[history_id], now=now)
+            self._count("drains_blocked_by_breaker")
+            return False
+        repeat = self.config.repeat
+        previous = self.store.exclusions_since(node.cluster, node.name, now - repeat.window)
+        if repeat.count and previous + 1 >= repeat.count and not failed:
+            failed = True
+            reason = clean_reason(f"{REASON_PREFIX} repeat offender ({previous + 1} exclusions in "
+                                  f"{repeat.window / 86400:g}d): {reason.removeprefix(REASON_PREFIX).strip()}")
+        audit_id = self.store.audit(node.cluster, node.name, "drain", rule=rule.name, outcome="pending",
+                                    detail=reason, evidence=[history_id], now=now)
+        node.state, node.reason, node.state_since = "excluded", reason, now
+        if failed:
+            self._mark_failed(node, reason, rule.name, history_id, now, decisions)
+        self.store.save_node(node)
+        decisions.drains.append(Drain(node.cluster, node.name, reason, rule.name, audit_id))
+        return True
+
+    def _mark_failed(self, node: NodeRow, reason: str, rule: str, history_id: int, now: float,
+                     decisions: Decisions) -> None:
+        node.state, node.reason, node.state_since = "failed", reason, now
+        self.store.save_node(node)
+        self.store.audit(node.cluster, node.name, "mark_failed", rule=rule, outcome="failed",
+                         detail=reason, evidence=[history_id], now=now)
+        self._count("marked_failed")
+        log.error("node_failed", node=node.name, reason=reason)
+        if self.alerts.urls:
+            decisions.alerts.append(Alert(node.cluster, node.name, "vetd-node-failed", [alert_payload(
+                rule="vetd-node-failed", cluster=node.cluster, node=node.name, severity="critical",
+                summary=f"{node.name} needs a person", description=reason, starts_at=now,
+                labels=self.labels_of(node))]))
 
     def _breaker_blocks(self, node: NodeRow, now: float, decisions: Decisions) -> str:
         """Why the circuit breaker forbids excluding ``node`` now ("" if it does not)."""
-        partition = node.labels.get("partition", "default")
+        partition = self.labels_of(node).get("partition", "default")
         already = self.store.breaker_open(partition)
         if already is not None:
             return f"open since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(already['since']))}"
-        members = [n for n in self.store.nodes.values() if n.labels.get("partition", "default") == partition]
-        excluded = sum(1 for n in members if n.state in ("excluded", "failed"))
+        members = [n for n in self.store.nodes.values()
+                   if self.labels_of(n).get("partition", "default") == partition]
+        excluded = sum(1 for n in members if n.state in OUT_OF_SERVICE)
         config = self.config.breaker
         allowed = max(config.always_allow, int(config.max_fraction * len(members)))
         why = ""
@@ -273,19 +353,21 @@ class Controller:
         return why
 
     def _alert(self, rule: Rule, node: NodeRow, message: Result | Event, since: float,
-               ended: float | None) -> Alert:
+               ended: float | None, variables: dict[str, Any]) -> Alert:
         what = message.check if isinstance(message, Result) else message.name
+        annotations = {key: render(text, variables) for key, text in rule.spec.annotations.items()}
         payload = alert_payload(
             rule=rule.name,
             cluster=node.cluster,
             node=node.name,
             severity=rule.spec.severity,
-            summary=f"{rule.name} on {node.name}: {what} {message.entity}",
-            description=rule.spec.description or message.message,
+            summary=annotations.pop("summary", f"{rule.name} on {node.name}: {what} {message.entity}"),
+            description=annotations.pop("description", rule.spec.description or message.message),
             starts_at=since,
             ends_at=ended,
-            labels={**node.labels, **rule.spec.labels},
+            labels={**self.labels_of(node), **rule.spec.labels},
             entity=message.entity,
+            annotations=annotations,
         )
         return Alert(node.cluster, node.name, rule.name, [payload])
 
@@ -403,10 +485,10 @@ class Controller:
                     # Nodes held as "suspect" by the breaker go back to healthy; the
                     # rules will fire again for those still failing.
                     for node in self.store.nodes.values():
-                        if node.state == "suspect" and node.labels.get("partition", "default") == partition:
+                        if node.state == "suspect" and self.labels_of(node).get("partition", "default") == partition:
                             node.state, node.reason, node.state_since = "healthy", "", now
                             self.store.save_node(node)
-                            self._forget_firing(node)
+                            self._forget_rules(node)
                     results.append({"partition": partition, "outcome": "closed"})
             for cluster, name in request["nodes"] if request["action"] != "breaker_reset" else []:
                 node = self.store.node(cluster, name, now)
@@ -422,7 +504,7 @@ class Controller:
                     previous = node.state
                     node.state, node.reason, node.state_since = "healthy", "", now
                     self.store.save_node(node)
-                    self._forget_firing(node)
+                    self._forget_rules(node)
                     audit_id = self.store.audit(cluster, name, "resume", actor=actor, outcome="pending",
                                                 detail=f"was {previous}", now=now)
                     self._actions.put_nowait(Resume(cluster, name, audit_id))
@@ -430,10 +512,10 @@ class Controller:
             self.store.finish_request(request["id"], "done", results)
             log.info("operator_request", action=request["action"], actor=request["actor"], results=results)
 
-    def _forget_firing(self, node: NodeRow) -> None:
-        for key in [k for k in self._firing if k[1] == node.cluster and k[2] == node.name]:
-            del self._firing[key]
-            self.store.set_firing(key[0], key[1], key[2], key[3], None)
+    def _forget_rules(self, node: NodeRow) -> None:
+        """A node back in service starts with a clean slate: its rules may fire again."""
+        for key in [k for k in self._states if k[1] == node.cluster and k[2] == node.name]:
+            self._save_state(key, None)
 
     async def _requests_loop(self) -> None:
         while True:

@@ -77,12 +77,22 @@ CREATE TABLE IF NOT EXISTS latest (
     history_id INTEGER,
     PRIMARY KEY (cluster, node, check_name, entity)
 );
-CREATE TABLE IF NOT EXISTS firing (
+CREATE TABLE IF NOT EXISTS rule_state (
     rule TEXT NOT NULL,
     cluster TEXT NOT NULL,
     node TEXT NOT NULL,
     subject TEXT NOT NULL,
+    phase TEXT NOT NULL,
     since REAL NOT NULL,
+    cleared_at REAL,
+    PRIMARY KEY (rule, cluster, node, subject)
+);
+CREATE TABLE IF NOT EXISTS rule_window (
+    rule TEXT NOT NULL,
+    cluster TEXT NOT NULL,
+    node TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    stamps TEXT NOT NULL,
     PRIMARY KEY (rule, cluster, node, subject)
 );
 CREATE TABLE IF NOT EXISTS audit (
@@ -121,6 +131,21 @@ CREATE TABLE IF NOT EXISTS counters (
 """
 
 
+#: (rule, cluster, node, subject)
+RuleKey = tuple[str, str, str, str]
+
+
+@dataclass
+class RuleState:
+    """Where a rule stands for one subject: ``pending`` (waiting out ``for``),
+    ``firing``, or firing with the condition cleared at ``cleared_at``
+    (waiting out ``keep_firing_for``)."""
+
+    phase: str
+    since: float
+    cleared_at: float | None = None
+
+
 @dataclass
 class NodeRow:
     cluster: str
@@ -147,8 +172,9 @@ class Store:
                 raise FileNotFoundError(f"no vetd state database at {self.path}")
             self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10)
         else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.db = sqlite3.connect(self.path, timeout=10, isolation_level=None)
+            if str(path) != ":memory:":
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(str(path), timeout=10, isolation_level=None)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.executescript(SCHEMA)
@@ -272,19 +298,32 @@ class Store:
             )
         return history_id
 
-    # -- rule firing state -------------------------------------------------
+    # -- rule state (pending / firing / keeping) and count windows -----------
 
-    def set_firing(self, rule: str, cluster: str, node: str, subject: str, since: float | None) -> None:
-        if since is None:
-            self.db.execute(
-                "DELETE FROM firing WHERE rule=? AND cluster=? AND node=? AND subject=?",
-                (rule, cluster, node, subject),
-            )
+    def rule_states(self) -> dict[RuleKey, RuleState]:
+        rows = self.db.execute("SELECT * FROM rule_state").fetchall()
+        return {(r["rule"], r["cluster"], r["node"], r["subject"]): RuleState(r["phase"], r["since"], r["cleared_at"])
+                for r in rows}
+
+    def save_rule_state(self, key: RuleKey, state: RuleState | None) -> None:
+        if state is None:
+            self.db.execute("DELETE FROM rule_state WHERE rule=? AND cluster=? AND node=? AND subject=?", key)
         else:
             self.db.execute(
-                "INSERT OR REPLACE INTO firing (rule, cluster, node, subject, since) VALUES (?,?,?,?,?)",
-                (rule, cluster, node, subject, since),
+                "INSERT OR REPLACE INTO rule_state (rule, cluster, node, subject, phase, since, cleared_at) "
+                "VALUES (?,?,?,?,?,?,?)",
+                (*key, state.phase, state.since, state.cleared_at),
             )
+
+    def rule_windows(self) -> dict[RuleKey, list[float]]:
+        rows = self.db.execute("SELECT * FROM rule_window").fetchall()
+        return {(r["rule"], r["cluster"], r["node"], r["subject"]): json.loads(r["stamps"]) for r in rows}
+
+    def save_rule_window(self, key: RuleKey, stamps: Sequence[float]) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO rule_window (rule, cluster, node, subject, stamps) VALUES (?,?,?,?,?)",
+            (*key, json.dumps(list(stamps))),
+        )
 
     # -- audit and counters ------------------------------------------------
 

@@ -35,7 +35,7 @@ from typing import Any
 import msgspec
 
 from vetd.agent.checks import SourceUnavailable
-from vetd.agent.configfile import Duration
+from vetd.agent.configfile import Duration, dec_hook
 from vetd.plugins.gpu.capture import CaptureError, load_capture
 from vetd.plugins.gpu.model import GpuSnapshot, NodeSnapshot, NvLink
 
@@ -123,7 +123,7 @@ def load_scenario(path: str) -> Scenario:
     except yaml.YAMLError as exc:
         raise ScenarioError(f"{path}: invalid YAML: {exc}") from exc
     try:
-        scenario = msgspec.convert(data or {}, Scenario, dec_hook=_dec_hook)
+        scenario = msgspec.convert(data or {}, Scenario, dec_hook=dec_hook)
     except msgspec.ValidationError as exc:
         raise ScenarioError(f"{path}: {exc}") from exc
     fields = set(GpuSnapshot.__struct_fields__)
@@ -137,14 +137,6 @@ def load_scenario(path: str) -> Scenario:
     if unknown:
         raise ScenarioError(f"{path}: base: unknown GPU field(s) {', '.join(sorted(unknown))}")
     return scenario
-
-
-def _dec_hook(type_: type, value: object) -> object:
-    from vetd.agent.configfile import parse_duration
-
-    if type_ is Duration:
-        return parse_duration(value)
-    raise NotImplementedError
 
 
 class ScenarioSource:
