@@ -118,6 +118,23 @@ def build_parser() -> argparse.ArgumentParser:
     rules_sub = rules.add_subparsers(dest="rules_command", required=True, metavar="ACTION")
     rules_check = rules_sub.add_parser("check", help="validate rule files (file, line, rule, CEL error)")
     rules_check.add_argument("files", nargs="+", metavar="FILE")
+    rules_test = rules_sub.add_parser(
+        "test", help="replay recorded results/events and print every decision",
+        description="Replay an events file (JSON lines; `vetd export --events` writes one) against rule "
+        "files, with the messages' own timestamps as the clock, and print every decision the controller "
+        "would take: rules firing and resolving, drains, nodes marked failed, breaker trips, alerts.")
+    rules_test.add_argument("files", nargs="+", metavar="FILE")
+    rules_test.add_argument("--events", required=True, metavar="EVENTS.jsonl")
+    rules_test.add_argument("--config", help="controller config whose breaker, repeat and labels to use")
+    rules_test.add_argument("--json", action="store_true", help="one JSON object per decision")
+
+    export = sub.add_parser("export", help="export the controller's history",
+                            description="Write the controller's stored results and events as JSON lines, "
+                            "the format `vetd rules test --events` replays.")
+    export.add_argument("--events", action="store_true", required=True, help="results and events (JSON lines)")
+    export.add_argument("--node", help="only this node")
+    export.add_argument("--since", metavar="DURATION", help="only the last DURATION (e.g. 24h)")
+    export.add_argument("--config", help=f"controller TOML config (default {DEFAULT_CONTROLLER_CONFIG})")
 
     up = sub.add_parser("up", help="run everything on this machine with embedded defaults",
                         description="One-machine vetd: an embedded MQTT broker on 127.0.0.1, the "

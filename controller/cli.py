@@ -14,9 +14,10 @@ from typing import Any, TextIO
 
 from ClusterShell.NodeSet import NodeSet
 
-from vetd.agent.configfile import ConfigError
+from vetd.agent.configfile import ConfigError, parse_duration
 from vetd.agent.protocol import BAD_STATUSES
 from vetd.controller.config import ControllerConfig, load_controller_config
+from vetd.controller.replay import export_events, print_decisions, read_events, replay
 from vetd.controller.rules import load_rules
 from vetd.controller.store import Store
 
@@ -25,8 +26,10 @@ EXIT_VETD = 2
 
 def dispatch(args: argparse.Namespace, config_path: Path) -> int:
     command = args.command
-    if command == "rules":
+    if command == "rules" and args.rules_command == "check":
         return rules_check(args.files)
+    if command == "rules":
+        return rules_test(args)
     if command == "up":
         from vetd.controller.embedded import up
 
@@ -50,6 +53,11 @@ def dispatch(args: argparse.Namespace, config_path: Path) -> int:
             return show_node(store, config, args.name, args.json, sys.stdout)
         if command == "excluded":
             return show_excluded(store, args.format, sys.stdout)
+        if command == "export":
+            since = time.time() - parse_duration(args.since) if args.since else 0.0
+            count = export_events(store, sys.stdout, args.node, since)
+            print(f"vetd: exported {count} lines", file=sys.stderr)
+            return 0
     finally:
         store.close()
     raise AssertionError(command)
@@ -112,6 +120,20 @@ def operator_request(args: argparse.Namespace, config: ControllerConfig) -> int:
         return 1
     finally:
         store.close()
+
+
+def rules_test(args: argparse.Namespace) -> int:
+    import logging
+
+    logging.getLogger("vetd").setLevel(logging.WARNING)  # the decisions are the output
+    config = load_controller_config(args.config) if args.config else None
+    try:
+        decisions = replay(args.files, read_events(Path(args.events)), config)
+    except ConfigError as exc:
+        print(f"vetd: {exc}", file=sys.stderr)
+        return EXIT_VETD
+    print_decisions(decisions, args.json, sys.stdout)
+    return 0
 
 
 def rules_check(files: list[str]) -> int:

@@ -1,0 +1,169 @@
+"""Replay recorded results and events against rules: ``vetd rules test``.
+
+The events file is JSON lines, one message per line, oldest first::
+
+    {"kind": "state", "ts": 1700000000, "node": "nid001", "online": true, "labels": {"partition": "gpu"}}
+    {"kind": "result", "ts": 1700000060, "node": "nid001", "check": "gpu_health", "entity": "gpu3",
+     "status": "fail", "codes": ["ecc_dbe"], "metrics": {"temp_c": 41}, "message": "2 DBEs"}
+    {"kind": "event", "ts": "2023-11-14T22:15:00Z", "node": "nid001", "name": "xid", "entity": "gpu1",
+     "severity": "warning", "codes": ["xid_31"]}
+
+``ts`` is Unix seconds or ISO 8601. ``cluster`` (default ``replay``),
+``session`` and ``seq`` are optional; other fields are those of the wire
+messages. ``vetd export --events`` writes this format from a controller's
+history, so an incident can be replayed against new rules. The replay runs
+the real controller logic on an in-memory store, with message time as the
+clock: no waiting, and ``for:`` and windows behave as they did live.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+import msgspec
+
+from vetd.agent import protocol
+from vetd.agent.configfile import ConfigError
+from vetd.controller.actions import iso
+from vetd.controller.config import ControllerConfig, SchedulerSection, StoreSection
+from vetd.controller.service import Controller
+from vetd.controller.store import Store
+
+#: Audit actions that are decisions (what `vetd rules test` reports).
+DECISIONS = ("rule_fired", "rule_resolved", "drain", "mark_failed", "breaker_open")
+
+
+class EventsError(ConfigError):
+    """An events file that cannot be replayed; names file and line."""
+
+
+@dataclass
+class Decision:
+    ts: float
+    node: str
+    action: str
+    rule: str
+    outcome: str
+    detail: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"ts": self.ts, "time": iso(self.ts), "node": self.node, "action": self.action,
+                "rule": self.rule, "outcome": self.outcome, "detail": self.detail}
+
+
+def _ts(value: Any) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    raise ValueError(f"ts must be Unix seconds or ISO 8601, got {value!r}")
+
+
+def read_events(path: Path) -> Iterator[protocol.Message]:
+    seqs: dict[tuple[str, str, str], int] = {}
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise EventsError(f"{path}: cannot read events: {exc.strerror or exc}") from exc
+    for number, line in enumerate(lines, 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            data = json.loads(line)
+            if not isinstance(data, dict):
+                raise ValueError("each line is a JSON object")
+            data["ts"] = _ts(data.get("ts"))
+            data.setdefault("cluster", "replay")
+            data.setdefault("session", "replay")
+            key = (data["cluster"], str(data.get("node")), data["session"])
+            if data.get("kind") == "state":
+                data["seq"] = 0
+                data.setdefault("started", data["ts"])
+            elif "seq" not in data:
+                seqs[key] = seqs.get(key, 0) + 1
+                data["seq"] = seqs[key]
+            message = msgspec.convert(data, protocol.Message)
+            if not protocol.valid_name(message.node) or not protocol.valid_name(message.cluster):
+                raise ValueError("invalid node or cluster name")
+        except (ValueError, msgspec.ValidationError) as exc:
+            raise EventsError(f"{path}:{number}: {exc}") from None
+        yield message
+
+
+def replay(rule_files: list[str], events: Iterable[protocol.Message],
+           config: ControllerConfig | None = None) -> list[Decision]:
+    """Every decision the controller would take on ``events``, in order."""
+    base = config or ControllerConfig()
+    controller = Controller(msgspec.structs.replace(
+        base, rules=rule_files, store=StoreSection(path=":memory:"),
+        scheduler=SchedulerSection(backend="none"),
+    ))
+    controller.alerts.urls = ["replay:"]  # decide alerts; nothing is sent
+    decisions: list[Decision] = []
+    seen = 0
+    for message in events:
+        decided = controller.process([(protocol.topic_for(message), protocol.encode(message))], now=message.ts)
+        rows = controller.store.db.execute(
+            "SELECT * FROM audit WHERE id > ? ORDER BY id", (seen,)
+        ).fetchall()
+        for row in rows:
+            seen = row["id"]
+            if row["action"] in DECISIONS:
+                outcome = "decided" if row["outcome"] == "pending" else row["outcome"]
+                decisions.append(Decision(row["ts"], row["node"], row["action"], row["rule"],
+                                          outcome, row["detail"]))
+        for alert in decided.alerts:
+            for payload in alert.alerts:
+                state = "resolved" if "endsAt" in payload else "firing"
+                decisions.append(Decision(message.ts, alert.node, "alert", alert.rule, state,
+                                          payload["annotations"]["summary"]))
+    controller.store.close()
+    return decisions
+
+
+def print_decisions(decisions: list[Decision], as_json: bool, out: TextIO) -> None:
+    if as_json:
+        for decision in decisions:
+            out.write(json.dumps(decision.as_dict()) + "\n")
+        return
+    headers = ("TIME", "NODE", "ACTION", "RULE", "OUTCOME", "DETAIL")
+    rows = [(iso(d.ts), d.node, d.action, d.rule or "-", d.outcome or "-", d.detail) for d in decisions]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers[:-1])]
+    for row in [headers, *rows]:
+        cells = "  ".join(cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True))
+        out.write(f"{cells}  {row[-1]}\n")
+    if not decisions:
+        out.write("no decisions\n")
+
+
+def export_events(store: Store, out: TextIO, node: str | None = None, since: float = 0.0) -> int:
+    """Write a controller's history in the replay format; returns the lines written."""
+    written = 0
+    for row in store.node_rows():
+        if node is None or row.name == node:
+            first = store.db.execute("SELECT min(ts) FROM history WHERE cluster=? AND node=? AND ts>=?",
+                                     (row.cluster, row.name, since)).fetchone()[0]
+            if first is None:
+                continue
+            out.write(json.dumps({"kind": "state", "ts": first, "cluster": row.cluster, "node": row.name,
+                                  "session": row.session, "online": True, "labels": row.labels}) + "\n")
+            written += 1
+    query = "SELECT * FROM history WHERE ts >= ? AND (? IS NULL OR node = ?) ORDER BY ts, id"
+    for row in store.db.execute(query, (since, node, node)):
+        line: dict[str, Any] = {"kind": row["kind"], "ts": row["ts"], "cluster": row["cluster"],
+                                "node": row["node"], "session": row["session"], "seq": row["seq"],
+                                "entity": row["entity"], "codes": json.loads(row["codes"]),
+                                "metrics": {k: v for k, v in json.loads(row["metrics"]).items() if v is not None},
+                                "message": row["message"]}
+        if row["kind"] == "result":
+            line.update(check=row["name"], status=row["status"])
+        else:
+            line.update(name=row["name"], severity=row["status"])
+        out.write(json.dumps(line) + "\n")
+        written += 1
+    return written
