@@ -68,8 +68,25 @@ class AgentSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     outbox_limit: int = 10000
 
 
+class CommandsSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``[commands]``: what the controller may ask this node to do.
+
+    Anything not in ``allow`` is refused (and logged). Commands run as argv
+    lists, never through a shell; ``{gpu}`` and ``{service}`` are filled in.
+    """
+
+    allow: list[str] = msgspec.field(default_factory=lambda: ["ping", "revet"])
+    #: Services ``restart_service`` may restart.
+    services: list[str] = []
+    gpu_reset: list[str] = msgspec.field(default_factory=lambda: ["nvidia-smi", "-r", "-i", "{gpu}"])
+    gpu_reset_all: list[str] = msgspec.field(default_factory=lambda: ["nvidia-smi", "-r"])
+    restart_service: list[str] = msgspec.field(default_factory=lambda: ["systemctl", "restart", "{service}"])
+    timeout: Duration = Duration(300.0)
+
+
 class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     agent: AgentSection = msgspec.field(default_factory=AgentSection)
+    commands: CommandsSection = msgspec.field(default_factory=CommandsSection)
     #: ``[plugins.NAME]`` tables, decoded by the plugin that owns them.
     plugins: dict[str, dict[str, Any]] = {}
     checks: dict[str, CheckOverride] = {}

@@ -16,6 +16,7 @@ import random
 import signal
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import structlog
@@ -31,6 +32,7 @@ from vetd.agent.checks import (
     clip,
     in_thread,
 )
+from vetd.agent.commands import Answer, Commands, describe
 from vetd.agent.config import AgentConfig, load_agent_config
 from vetd.agent.configfile import ConfigError
 from vetd.agent.pluginhost import PluginError, PluginHost
@@ -91,6 +93,17 @@ class Agent:
         self.reload = asyncio.Event()
         self._stopping = asyncio.Event()
         self._inflight = 0
+        self._group: asyncio.TaskGroup | None = None
+        self._running: set[str] = set()
+        self._command_tasks: set[asyncio.Task[None]] = set()
+        self._answered: OrderedDict[str, Answer] = OrderedDict()
+        self.commands = Commands(
+            config=lambda: self.config.commands,
+            plugins=lambda: self.schedule.plugins,
+            checks=lambda: list(self.schedule.checks),
+            publish=lambda run, profile: self.emit_result(run.check, run.outcomes, run.started,
+                                                          run.duration_s, profile),
+        )
 
     def _birth(self) -> State:
         return self.identity.state(
@@ -99,7 +112,8 @@ class Agent:
             checks=self.schedule.checks.names(),
         )
 
-    def emit_result(self, check: Check, outcome_list: list[Outcome], started: float, duration: float) -> None:
+    def emit_result(self, check: Check, outcome_list: list[Outcome], started: float, duration: float,
+                    profile: str = "periodic") -> None:
         for outcome in outcome_list:
             self.transport.send(
                 Result(
@@ -111,7 +125,7 @@ class Agent:
                     metrics=outcome.metrics,
                     message=outcome.message,
                     duration_s=round(duration, 6),
-                    profile="periodic",
+                    profile=profile,
                 )
             )
 
@@ -130,6 +144,7 @@ class Agent:
                  checks=self.schedule.checks.names())
         try:
             async with asyncio.TaskGroup() as group:
+                self._group = group
                 transport = group.create_task(self.transport.run(), name="vetd.transport")
                 watchdog = None
                 if self.notifier.watchdog_s:
@@ -137,6 +152,8 @@ class Agent:
                 await self._main(group)
                 if await self.transport.publish_offline("agent stopped"):
                     log.info("offline_published")
+                for task in list(self._command_tasks):
+                    task.cancel()  # unanswered: the controller's deadline takes over
                 transport.cancel()
                 if watchdog is not None:
                     watchdog.cancel()
@@ -349,18 +366,40 @@ class Agent:
     # -- commands ----------------------------------------------------------
 
     async def _on_command(self, command: Command) -> None:
-        ok, message = False, f"unknown action {command.action!r}"
-        if command.expires and command.expires < time.time():
-            ok, message = False, "expired"
-        elif command.action == "ping":
-            ok, message = True, "pong"
-        log.info("command", id=command.id, action=command.action, ok=ok, message=message)
+        """Start a command without holding up the command stream (a reset takes minutes)."""
+        if command.id in self._answered:  # redelivered: answer again, do not run twice
+            self._reply(command, self._answered[command.id])
+            return
+        if command.id in self._running or self._group is None:
+            return
+        self._running.add(command.id)
+        task = self._group.create_task(self._command(command), name=f"vetd.command.{command.action}.{command.id}")
+        self._command_tasks.add(task)
+        task.add_done_callback(self._command_tasks.discard)
+
+    async def _command(self, command: Command) -> None:
+        log.info("command_started", id=command.id, action=command.action, args=describe(command.args))
+        try:
+            answer = await self.commands.handle(command)
+        except Exception as exc:  # noqa: BLE001 - a failed command is an answer
+            answer = Answer(False, f"error: {type(exc).__name__}: {exc}", {})
+        finally:
+            self._running.discard(command.id)
+        (log.info if answer.ok else log.warning)("command_done", id=command.id, action=command.action,
+                                                 ok=answer.ok, message=answer.message)
+        self._answered[command.id] = answer
+        while len(self._answered) > 256:
+            self._answered.popitem(last=False)
+        self._reply(command, answer)
+
+    def _reply(self, command: Command, answer: Answer) -> None:
         self.transport.send(
             Reply(
                 **self.identity.stamp(reliable=False),
                 id=command.id,
-                ok=ok,
-                message=message,
+                ok=answer.ok,
+                message=clip(answer.message),
+                data=answer.data,
             )
         )
 

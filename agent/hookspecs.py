@@ -71,6 +71,16 @@ def vetd_register_event_sources(registry: EventSourceRegistry, configs: PluginCo
 
 
 @hookspec
+def vetd_command_veto(action: str, args: Mapping[str, str], configs: PluginConfigs) -> str | None:
+    """Return why the node must not carry out ``action`` now, or None.
+
+    Called (in a worker thread) before an allow-listed command from the
+    controller runs, e.g. ``gpu_reset`` while compute processes hold that GPU.
+    Any plugin's reason refuses the command. Not ``firstresult``.
+    """
+
+
+@hookspec
 def vetd_node_labels(configs: PluginConfigs) -> Mapping[str, str]:
     """Return labels describing this node (GPU model, driver…) for the birth message.
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import msgspec
@@ -150,6 +151,16 @@ class PluginHost:
                 self.broken[plugin] = f"{type(exc).__name__}: {exc}"
                 log.error("plugin_register_failed", plugin=plugin, hook=hook, error=self.broken[plugin])
         registry.plugin = ""
+
+    def command_vetoes(self, action: str, args: Mapping[str, str]) -> list[str]:
+        """Reasons plugins give not to run ``action`` now."""
+        reasons = []
+        for plugin, caller in self._per_plugin("vetd_command_veto"):
+            try:
+                reasons += [f"{plugin}: {r}" for r in caller(action=action, args=dict(args), configs=self.configs) if r]
+            except Exception as exc:  # noqa: BLE001 - a plugin that cannot tell vetoes, to be safe
+                reasons.append(f"{plugin}: could not check ({type(exc).__name__}: {exc})")
+        return reasons
 
     def node_labels(self) -> dict[str, str]:
         labels: dict[str, str] = {}

@@ -57,6 +57,8 @@ class SchedulerBackend(Protocol):
 
     async def resume(self, node: str) -> ActionOutcome: ...
 
+    async def reboot(self, node: str, reason: str) -> ActionOutcome: ...
+
 
 class NoScheduler:
     """Exclusions live only in vetd (``vetd excluded`` exports them)."""
@@ -68,6 +70,9 @@ class NoScheduler:
 
     async def resume(self, node: str) -> ActionOutcome:
         return ActionOutcome(True, "done", "recorded in vetd only (scheduler backend none)")
+
+    async def reboot(self, node: str, reason: str) -> ActionOutcome:
+        return ActionOutcome(False, "skipped", "scheduler backend none cannot reboot nodes")
 
 
 class SlurmError(Exception):
@@ -150,6 +155,15 @@ class Slurm:
         except SlurmError as exc:
             return ActionOutcome(False, "failed", f"scontrol update: {exc}")
         return ActionOutcome(True, "done", f"resumed in Slurm (was {state})")
+
+
+    async def reboot(self, node: str, reason: str) -> ActionOutcome:
+        """``scontrol reboot ASAP nextstate=DOWN``: the node comes back drained and vetd decides."""
+        try:
+            await self._run("reboot", "ASAP", "nextstate=DOWN", f"reason={clean_reason(reason)}", node)
+        except SlurmError as exc:
+            return ActionOutcome(False, "failed", f"scontrol reboot: {exc}")
+        return ActionOutcome(True, "done", "reboot requested (ASAP, next state DOWN)")
 
 
 def make_backend(name: str, scontrol: str = "scontrol", timeout: float = 30.0) -> SchedulerBackend:

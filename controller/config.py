@@ -58,6 +58,15 @@ class RepeatSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     window: Duration = Duration(7 * 86400.0)
 
 
+class HealingSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    #: Re-vetting after each healing step; all pass → the node is resumed.
+    probation_profile: str = "prolog"
+    #: How long a node may take to answer a command (a GPU reset, a service restart, a re-vet).
+    reply_timeout: Duration = Duration(600.0)
+    #: How long a rebooted node may take to come back (a new agent session).
+    reboot_timeout: Duration = Duration(1800.0)
+
+
 class ControllerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     broker: str = "mqtt://127.0.0.1:1883"
     #: Only this cluster's nodes; empty: every cluster on the broker.
@@ -71,6 +80,7 @@ class ControllerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     alerts: AlertsSection = msgspec.field(default_factory=AlertsSection)
     breaker: BreakerSection = msgspec.field(default_factory=BreakerSection)
     repeat: RepeatSection = msgspec.field(default_factory=RepeatSection)
+    healing: HealingSection = msgspec.field(default_factory=HealingSection)
     #: Static node labels by hostlist: ``"nid[0001-2688]" = {partition = "normal", gpu = "GH200"}``;
     #: they override what agents report.
     labels: dict[str, dict[str, str]] = {}

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import signal
 import time
+import uuid
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ import structlog
 from vetd.agent import protocol
 from vetd.agent.config import parse_broker
 from vetd.agent.configfile import ConfigError
-from vetd.agent.protocol import Event, ProtocolError, Reply, Result, State, Telemetry
+from vetd.agent.protocol import Command, Event, ProtocolError, Reply, Result, State, Telemetry
 from vetd.agent.transport import Backoff
 from vetd.controller.actions import (
     REASON_PREFIX,
@@ -37,7 +38,7 @@ from vetd.controller.actions import (
 )
 from vetd.controller.config import ControllerConfig
 from vetd.controller.rules import Rule, RuleSet, evaluate_all, load_rules, render
-from vetd.controller.store import NodeRow, RuleKey, RuleState, Store
+from vetd.controller.store import Healing, NodeRow, RuleKey, RuleState, Store
 
 log = structlog.get_logger("vetd.controller")
 
@@ -65,6 +66,25 @@ class Resume:
 
 
 @dataclass
+class Reboot:
+    cluster: str
+    node: str
+    reason: str
+    audit_id: int
+
+
+@dataclass
+class Send:
+    """A command to publish to a node's ``cmd`` topic."""
+
+    command: Command
+
+    @property
+    def node(self) -> str:
+        return self.command.node
+
+
+@dataclass
 class Alert:
     cluster: str
     node: str
@@ -83,10 +103,15 @@ def static_labels(table: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]
     return labels
 
 
+Action = Drain | Resume | Reboot | Send | Alert
+
+
 @dataclass
 class Decisions:
     drains: list[Drain] = field(default_factory=list)
     alerts: list[Alert] = field(default_factory=list)
+    #: Healing: commands to send, reboots and resumes to carry out.
+    other: list[Action] = field(default_factory=list)
 
 
 class Controller:
@@ -103,7 +128,10 @@ class Controller:
         self._states: dict[RuleKey, RuleState] = self.store.rule_states()
         self._windows: dict[RuleKey, list[float]] = self.store.rule_windows()
         self._static_labels = static_labels(config.labels)
-        self._actions: asyncio.Queue[Drain | Resume | Alert] | None = None
+        self._actions: asyncio.Queue[Action] | None = None
+        self._client: aiomqtt.Client | None = None
+        #: This controller run, as the session of the commands it sends.
+        self.session = uuid.uuid4().hex[:16]
         self.connected = asyncio.Event()
         self.stop = asyncio.Event()
 
@@ -141,6 +169,7 @@ class Controller:
                     self._count("replies")
                     log.info("agent_reply", node=message.node, id=message.id, ok=message.ok,
                              message=message.message)
+                    self._on_reply(message, now, decisions)
             self.store.add_counters(self._unflushed)
         self._unflushed.clear()
         return decisions
@@ -271,7 +300,14 @@ class Controller:
         if "mark_failed" in actions:
             self._exclude(rule, node, reason, history_id, now, decisions, failed=True)
         elif "drain" in actions or "heal" in actions:
-            self._exclude(rule, node, reason, history_id, now, decisions, failed=False)
+            excluded = self._exclude(rule, node, reason, history_id, now, decisions, failed=False)
+            if excluded and "heal" in actions and node.state == "excluded":
+                gpu = message.entity[3:] if message.entity.startswith("gpu") and message.entity[3:].isdigit() else "all"
+                healing = Healing(node.cluster, node.name, rule.name, list(rule.spec.heal), 0, "next", now, gpu=gpu)
+                self.store.save_healing(healing)
+                self.store.audit(node.cluster, node.name, "heal_start", rule=rule.name,
+                                 detail=f"ladder: {', '.join(rule.spec.heal)}; gpu {gpu}", now=now)
+                self._set_state(node, "healing", now)
         if "alert" in actions and self.alerts.urls:
             decisions.alerts.append(self._alert(rule, node, message, now, None, variables))
 
@@ -380,8 +416,20 @@ class Controller:
 
     # -- actions -----------------------------------------------------------
 
-    async def carry_out(self, action: Drain | Resume | Alert) -> None:
-        if isinstance(action, Resume):
+    async def carry_out(self, action: Action) -> None:
+        if isinstance(action, Send):
+            await self._publish(action.command)
+        elif isinstance(action, Reboot):
+            result = await self.backend.reboot(action.node, action.reason)
+            self.store.db.execute("UPDATE audit SET outcome=?, detail=detail || ? WHERE id=?",
+                                  (result.outcome, f" | {self.backend.name}: {result.detail}", action.audit_id))
+            if not result.ok:
+                for healing in self.store.healings():
+                    if (healing.cluster, healing.node) == (action.cluster, action.node) and healing.phase == "rebooting":
+                        decisions = Decisions()
+                        self._step_failed(healing, result.detail, time.time(), decisions)
+                        self._enqueue(decisions)
+        elif isinstance(action, Resume):
             result = await self.backend.resume(action.node)
             self.store.db.execute("UPDATE audit SET outcome=?, detail=detail || ? WHERE id=?",
                                   (result.outcome, f" | {self.backend.name}: {result.detail}", action.audit_id))
@@ -413,7 +461,7 @@ class Controller:
             while True:
                 action = await self._actions.get()
 
-                async def run(action: Drain | Resume | Alert = action) -> None:
+                async def run(action: Action = action) -> None:
                     async with limit:
                         try:
                             await self.carry_out(action)
@@ -428,6 +476,8 @@ class Controller:
             self._actions.put_nowait(drain)
         for alert in decisions.alerts:
             self._actions.put_nowait(alert)
+        for other in decisions.other:
+            self._actions.put_nowait(other)
 
     # -- MQTT ingest -------------------------------------------------------
 
@@ -445,6 +495,7 @@ class Controller:
                     max_queued_incoming_messages=100_000,
                 ) as client:
                     await client.subscribe(protocol.subscription(self.config.cluster or None), qos=1)
+                    self._client = client
                     self.connected.set()
                     backoff.reset()
                     log.info("broker_connected", broker=self.config.broker,
@@ -458,6 +509,7 @@ class Controller:
                             batch = []
             except aiomqtt.MqttError as exc:
                 self.connected.clear()
+                self._client = None
                 delay = backoff.next()
                 log.warning("broker_unavailable", broker=self.config.broker, error=str(exc),
                             retry_in_s=round(delay, 2))
@@ -502,6 +554,7 @@ class Controller:
                     results.append({"node": name, "outcome": "draining"})
                 elif request["action"] == "resume":
                     previous = node.state
+                    self.store.end_healing(cluster, name)  # an operator's resume ends any ladder
                     node.state, node.reason, node.state_since = "healthy", "", now
                     self.store.save_node(node)
                     self._forget_rules(node)
@@ -517,13 +570,135 @@ class Controller:
         for key in [k for k in self._states if k[1] == node.cluster and k[2] == node.name]:
             self._save_state(key, None)
 
+    async def _publish(self, command: Command) -> None:
+        """Publish a command; one the broker does not take fails its step at the deadline."""
+        client = self._client
+        if client is None:
+            log.warning("command_not_sent", node=command.node, action=command.action, reason="broker away")
+            return
+        try:
+            await client.publish(protocol.topic_for(command), protocol.encode(command), qos=1, timeout=10)
+        except aiomqtt.MqttError as exc:
+            log.warning("command_not_sent", node=command.node, action=command.action, reason=str(exc))
+            return
+        log.info("command_sent", node=command.node, action=command.action, id=command.id)
+
     async def _requests_loop(self) -> None:
         while True:
             try:
                 self.handle_requests()
+                self.heal_tick()
             except Exception as exc:  # noqa: BLE001 - a bad request must not stop the controller
-                log.exception("operator_request_failed", error=str(exc))
+                log.exception("housekeeping_failed", error=str(exc))
             await asyncio.sleep(0.25)
+
+    # -- healing: step → probation → resume, or the next step → failed ---------
+
+    def _set_state(self, node: NodeRow, state: str, now: float) -> None:
+        node.state, node.state_since = state, now
+        self.store.save_node(node)
+
+    def _command(self, node: NodeRow, action: str, args: dict[str, str], now: float) -> Command:
+        timeout = float(self.config.healing.reply_timeout)
+        return Command(cluster=node.cluster, node=node.name, session=self.session, seq=0, ts=now,
+                       id=uuid.uuid4().hex, action=action, args=args, expires=now + timeout)
+
+    def _send(self, healing: Healing, node: NodeRow, action: str, args: dict[str, str], phase: str,
+              now: float, decisions: Decisions) -> None:
+        command = self._command(node, action, args, now)
+        healing.command_id, healing.phase = command.id, phase
+        healing.deadline = now + float(self.config.healing.reply_timeout)
+        self.store.save_healing(healing)
+        self.store.audit(node.cluster, node.name, "heal_command", rule=healing.rule, outcome="sent",
+                         detail=f"{action} {', '.join(f'{k}={v}' for k, v in args.items())} (id {command.id})",
+                         now=now)
+        decisions.other.append(Send(command))
+
+    def _step_failed(self, healing: Healing, why: str, now: float, decisions: Decisions) -> None:
+        step = healing.ladder[healing.step] if healing.step < len(healing.ladder) else "?"
+        self.store.audit(healing.cluster, healing.node, "heal_step", rule=healing.rule, outcome="failed",
+                         detail=f"{step} (step {healing.step + 1}/{len(healing.ladder)}): {why}", now=now)
+        healing.step += 1
+        healing.phase, healing.command_id = "next", ""
+        self.store.save_healing(healing)
+
+    def _probation(self, healing: Healing, node: NodeRow, profile: str, now: float, decisions: Decisions) -> None:
+        self._set_state(node, "probation", now)
+        self._send(healing, node, "revet", {"profile": profile}, "probation", now, decisions)
+
+    def _on_reply(self, reply: Reply, now: float, decisions: Decisions) -> None:
+        healing = next((h for h in self.store.healings() if h.command_id == reply.id), None)
+        if healing is None:
+            return
+        node = self.store.node(healing.cluster, healing.node, now)
+        step = healing.ladder[healing.step]
+        if healing.phase == "step":
+            if not reply.ok:
+                self._step_failed(healing, reply.message, now, decisions)
+                return
+            self.store.audit(node.cluster, node.name, "heal_step", rule=healing.rule, outcome="done",
+                             detail=f"{step}: {reply.message}", now=now)
+            self._probation(healing, node, self.config.healing.probation_profile, now, decisions)
+        elif healing.phase == "probation":
+            if not reply.ok:
+                self._step_failed(healing, f"re-vetting failed: {reply.message}", now, decisions)
+                self._set_state(node, "healing", now)
+                return
+            self.store.end_healing(node.cluster, node.name)
+            self.store.audit(node.cluster, node.name, "healed", rule=healing.rule, outcome="done",
+                             detail=f"after {step}: {reply.message}", now=now)
+            self._return_to_service(node, f"healed by {step}", now, decisions)
+
+    def _return_to_service(self, node: NodeRow, why: str, now: float, decisions: Decisions) -> None:
+        node.state, node.reason, node.state_since = "healthy", "", now
+        self.store.save_node(node)
+        self._forget_rules(node)
+        audit_id = self.store.audit(node.cluster, node.name, "resume", outcome="pending", detail=why, now=now)
+        decisions.other.append(Resume(node.cluster, node.name, audit_id))
+
+    def heal_tick(self, now: float | None = None) -> Decisions:
+        """Advance every healing ladder that waits on time (start, deadline, reboot)."""
+        now = time.time() if now is None else now
+        decisions = Decisions()
+        for healing in self.store.healings():
+            node = self.store.node(healing.cluster, healing.node, now)
+            if healing.phase in ("step", "probation") and now > healing.deadline:
+                self._step_failed(healing, "no answer from the node in time", now, decisions)
+                self._set_state(node, "healing", now)
+            elif healing.phase == "rebooting":
+                if node.online and node.session != healing.session:
+                    self.store.audit(node.cluster, node.name, "heal_step", rule=healing.rule, outcome="done",
+                                     detail=f"reboot: back with a new session {node.session}", now=now)
+                    self._probation(healing, node, self.config.healing.probation_profile, now, decisions)
+                elif now > healing.deadline:
+                    self._step_failed(healing, "the node did not come back in time", now, decisions)
+            if healing.phase == "next":
+                self._start_step(healing, node, now, decisions)
+        self._enqueue(decisions)
+        return decisions
+
+    def _start_step(self, healing: Healing, node: NodeRow, now: float, decisions: Decisions) -> None:
+        if healing.step >= len(healing.ladder):
+            self.store.end_healing(node.cluster, node.name)
+            reason = clean_reason(f"{REASON_PREFIX} healing exhausted ({', '.join(healing.ladder)}): {node.reason}")
+            self._mark_failed(node, reason, healing.rule, 0, now, decisions)
+            return
+        verb, _, arg = healing.ladder[healing.step].partition(" ")
+        self._set_state(node, "healing", now)
+        if verb == "gpu_reset":
+            self._send(healing, node, "gpu_reset", {"gpu": healing.gpu}, "step", now, decisions)
+        elif verb == "restart_service":
+            self._send(healing, node, "restart_service", {"service": arg.strip()}, "step", now, decisions)
+        elif verb == "revet":
+            self._probation(healing, node, arg.strip(), now, decisions)
+        elif verb == "reboot":
+            healing.phase, healing.session = "rebooting", node.session
+            healing.deadline = now + float(self.config.healing.reboot_timeout)
+            self.store.save_healing(healing)
+            audit_id = self.store.audit(node.cluster, node.name, "heal_command", rule=healing.rule,
+                                        outcome="pending", detail="reboot", now=now)
+            decisions.other.append(Reboot(node.cluster, node.name,
+                                          f"{REASON_PREFIX} healing {healing.rule}: reboot", audit_id))
 
     def reload_rules(self) -> bool:
         try:

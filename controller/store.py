@@ -124,6 +124,20 @@ CREATE TABLE IF NOT EXISTS breaker (
     since REAL NOT NULL,
     reason TEXT NOT NULL DEFAULT ''
 );
+CREATE TABLE IF NOT EXISTS healing (
+    cluster TEXT NOT NULL,
+    node TEXT NOT NULL,
+    rule TEXT NOT NULL,
+    ladder TEXT NOT NULL,
+    step INTEGER NOT NULL DEFAULT 0,
+    phase TEXT NOT NULL,
+    command_id TEXT NOT NULL DEFAULT '',
+    deadline REAL NOT NULL DEFAULT 0,
+    gpu TEXT NOT NULL DEFAULT 'all',
+    session TEXT NOT NULL DEFAULT '',
+    started REAL NOT NULL,
+    PRIMARY KEY (cluster, node)
+);
 CREATE TABLE IF NOT EXISTS counters (
     name TEXT PRIMARY KEY,
     value INTEGER NOT NULL
@@ -144,6 +158,27 @@ class RuleState:
     phase: str
     since: float
     cleared_at: float | None = None
+
+
+@dataclass
+class Healing:
+    """One node's way back: the ladder, where it stands, what it waits for.
+
+    ``phase``: ``next`` (start step ``step``), ``step`` (its command is out),
+    ``rebooting`` (waiting for a new agent session), ``probation`` (re-vetting).
+    """
+
+    cluster: str
+    node: str
+    rule: str
+    ladder: list[str]
+    step: int
+    phase: str
+    started: float
+    command_id: str = ""
+    deadline: float = 0.0
+    gpu: str = "all"
+    session: str = ""
 
 
 @dataclass
@@ -354,6 +389,23 @@ class Store:
                ON CONFLICT (name) DO UPDATE SET value = value + excluded.value""",
             [(name, value) for name, value in counts.items() if value],
         )
+
+    # -- healing ladders ----------------------------------------------------
+
+    def healings(self) -> list[Healing]:
+        rows = self.db.execute("SELECT * FROM healing ORDER BY started").fetchall()
+        return [Healing(**{**dict(r), "ladder": json.loads(r["ladder"])}) for r in rows]
+
+    def save_healing(self, healing: Healing) -> None:
+        self.db.execute(
+            """INSERT OR REPLACE INTO healing (cluster, node, rule, ladder, step, phase, command_id, deadline,
+                   gpu, session, started) VALUES (?,?,?,?,?,?,?,?,?,?,?)""",
+            (healing.cluster, healing.node, healing.rule, json.dumps(healing.ladder), healing.step,
+             healing.phase, healing.command_id, healing.deadline, healing.gpu, healing.session, healing.started),
+        )
+
+    def end_healing(self, cluster: str, node: str) -> None:
+        self.db.execute("DELETE FROM healing WHERE cluster=? AND node=?", (cluster, node))
 
     # -- operator requests and the circuit breaker ---------------------------
 

@@ -220,6 +220,24 @@ def vetd_register_event_sources(registry: EventSourceRegistry, configs: PluginCo
 
 
 @hookimpl
+def vetd_command_veto(action: str, args: Mapping[str, str], configs: PluginConfigs) -> str | None:
+    """No GPU reset while compute processes are on the GPU (their work would be lost)."""
+    if action != "gpu_reset":
+        return None
+    snapshot = runtime_for(configs).snapshot()
+    if isinstance(snapshot, Outcome):
+        return None  # the driver cannot tell; nvidia-smi -r refuses a busy GPU itself
+    target = args.get("gpu", "all")
+    busy = []
+    for gpu in snapshot.gpus:
+        compute = [p for p in gpu.processes or [] if "C" in p.type]
+        if compute and target in ("all", str(gpu.index)):
+            names = ", ".join(f"{p.name or '?'} ({p.pid})" for p in compute)
+            busy.append(f"{gpu.entity}: {names}")
+    return f"compute processes still running on {'; '.join(busy)}" if busy else None
+
+
+@hookimpl
 def vetd_node_labels(configs: PluginConfigs) -> Mapping[str, str]:
     runtime = runtime_for(configs)
     snapshot = runtime.snapshot()
