@@ -1,0 +1,58 @@
+"""What the agent will and will not do when the controller asks."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import msgspec
+
+from vetd.agent.commands import Answer, Commands
+from vetd.agent.config import CommandsSection, load_agent_config
+from vetd.agent.pluginhost import PluginHost
+from vetd.agent.protocol import Command
+
+
+def commands(tmp_path: Path, section: CommandsSection, scenario: str = "gpus: 2\n") -> Commands:
+    (tmp_path / "s.yaml").write_text(scenario)
+    (tmp_path / "agent.toml").write_text(f'[plugins.gpu_health]\nsource = "scenario"\nscenario = "{tmp_path / "s.yaml"}"\n')
+    host = PluginHost(load_agent_config(tmp_path / "agent.toml", environ={}))
+    checks = list(host.register_checks())
+    return Commands(lambda: section, lambda: host, lambda: checks, lambda run, profile: None)
+
+
+def ask(runner: Commands, action: str, **args: str) -> Answer:
+    command = Command(cluster="c", node="n", session="s", seq=0, ts=time.time(), id="1", action=action,
+                      args=args, expires=time.time() + 60)
+    return asyncio.run(runner.handle(command))
+
+
+def test_only_allowed_actions_services_and_safe_arguments(tmp_path: Path) -> None:
+    runner = commands(tmp_path, CommandsSection(allow=["ping", "restart_service"], services=["fabricmanager"],
+                                                restart_service=["/bin/echo", "restarting", "{service}"]))
+    assert ask(runner, "ping") == Answer(True, "pong", {})
+    refused = ask(runner, "gpu_reset", gpu="0")
+    assert not refused.ok and "'gpu_reset' is not allowed" in refused.message
+    assert "not in [commands] services" in ask(runner, "restart_service", service="sshd").message
+    assert "unsafe argument" in ask(runner, "restart_service", service="x; rm -rf /").message
+    done = ask(runner, "restart_service", service="fabricmanager")
+    assert done.ok and done.message == "restarting fabricmanager" and done.data["exit"] == "0"
+    expired = Command(cluster="c", node="n", session="s", seq=0, ts=0, id="2", action="ping", expires=1.0)
+    assert asyncio.run(runner.handle(expired)).message == "refused: expired"
+
+
+def test_gpu_reset_is_vetoed_while_compute_processes_hold_the_gpu(tmp_path: Path) -> None:
+    scenario = ("gpus: 2\ntimeline:\n  - {at: 0s, gpu: 1, set: {processes: [{pid: 4242, name: python, type: C}]}}\n")
+    section = CommandsSection(allow=["gpu_reset"], gpu_reset=["/bin/echo", "reset", "{gpu}"],
+                              gpu_reset_all=["/bin/echo", "reset", "all"])
+    runner = commands(tmp_path, section, scenario)
+    busy = ask(runner, "gpu_reset", gpu="1")
+    assert not busy.ok and "gpu1: python (4242)" in busy.message
+    assert not ask(runner, "gpu_reset", gpu="all").ok
+    idle = ask(runner, "gpu_reset", gpu="0")
+    assert idle.ok and idle.message == "reset 0"
+    failing = msgspec.structs.replace(section, gpu_reset=["/bin/sh", "-c", "echo busy >&2; exit 4"])
+    answer = asyncio.run(commands(tmp_path, failing).handle(
+        Command(cluster="c", node="n", session="s", seq=0, ts=0, id="3", action="gpu_reset", args={"gpu": "0"})))
+    assert not answer.ok and "exited 4: busy" in answer.message
