@@ -118,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     rules_sub = rules.add_subparsers(dest="rules_command", required=True, metavar="ACTION")
     rules_check = rules_sub.add_parser("check", help="validate rule files (file, line, rule, CEL error)")
     rules_check.add_argument("files", nargs="+", metavar="FILE")
+    rules_reload = rules_sub.add_parser(
+        "reload", help="make the running controller load its rule files again",
+        description="The running controller re-reads its rule files (as on SIGHUP) and says how many "
+        "rules are in force; a bad file leaves the rules in force untouched and says why.")
+    rules_reload.add_argument("--config", help=f"controller TOML config (default {DEFAULT_CONTROLLER_CONFIG})")
     rules_test = rules_sub.add_parser(
         "test", help="replay recorded results/events and print every decision",
         description="Replay an events file (JSON lines; `vetd export --events` writes one) against rule "

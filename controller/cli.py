@@ -28,7 +28,7 @@ def dispatch(args: argparse.Namespace, config_path: Path) -> int:
     command = args.command
     if command == "rules" and args.rules_command == "check":
         return rules_check(args.files)
-    if command == "rules":
+    if command == "rules" and args.rules_command == "test":
         return rules_test(args)
     if command == "up":
         from vetd.controller.embedded import up
@@ -39,7 +39,7 @@ def dispatch(args: argparse.Namespace, config_path: Path) -> int:
         from vetd.controller.service import Controller
 
         return asyncio.run(Controller(config).run())
-    if command in ("drain", "resume", "breaker"):
+    if command in ("drain", "resume", "breaker") or (command == "rules" and args.rules_command == "reload"):
         return operator_request(args, config)
     try:
         store = Store(config.store.path, readonly=True)
@@ -85,6 +85,8 @@ def operator_request(args: argparse.Namespace, config: ControllerConfig) -> int:
             return 0
         if args.command == "breaker":
             request_id = store.submit(_actor(), "breaker_reset", args.partition or [])
+        elif args.command == "rules":
+            request_id = store.submit(_actor(), "rules_reload")
         else:
             try:
                 names = list(NodeSet(args.nodes))

@@ -528,7 +528,14 @@ class Controller:
                 self.store.finish_request(request["id"], "expired", "the controller was not running in time")
                 continue
             actor = f"operator:{request['actor']}"
-            results = []
+            results: list[dict[str, Any]] = []
+            if request["action"] == "rules_reload":
+                error = self.reload_rules()
+                self.store.audit("", "", "rules_reload", actor=actor, outcome="failed" if error else "done",
+                                 detail=error or f"{len(self.rules.rules)} rules", now=now)
+                self.store.finish_request(request["id"], "failed" if error else "done",
+                                          error or [{"rules": len(self.rules.rules)}])
+                continue
             if request["action"] == "breaker_reset":
                 partitions = request["nodes"] or [b["partition"] for b in self.store.breakers()]
                 for partition in partitions:
@@ -700,14 +707,15 @@ class Controller:
             decisions.other.append(Reboot(node.cluster, node.name,
                                           f"{REASON_PREFIX} healing {healing.rule}: reboot", audit_id))
 
-    def reload_rules(self) -> bool:
+    def reload_rules(self) -> str:
+        """Load the rule files again; on any error keep the rules in force and say why."""
         try:
             self.rules = load_rules(self.config.rules)
         except ConfigError as exc:
             log.error("rules_reload_failed", error=str(exc), kept=len(self.rules.rules))
-            return False
+            return f"{exc} (the {len(self.rules.rules)} rules in force are kept)"
         log.info("rules_reloaded", rules=len(self.rules.rules))
-        return True
+        return ""
 
     async def run(self, *, signals: bool = True) -> int:
         """Run until ``stop`` is set (by SIGTERM/SIGINT when ``signals``)."""
@@ -715,7 +723,7 @@ class Controller:
         if signals:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, self.stop.set)
-            loop.add_signal_handler(signal.SIGHUP, self.reload_rules)
+            loop.add_signal_handler(signal.SIGHUP, lambda: self.reload_rules() and None)
         self._actions = asyncio.Queue()
         for drain in self.pending_drains():
             log.info("drain_resumed_after_restart", node=drain.node, rule=drain.rule)

@@ -257,3 +257,25 @@ def test_breaker_status_and_a_bad_hostlist(tmp_path: Path, cluster_name: str) ->
     assert done.returncode == 0 and "closed in every partition" in done.stdout
     unknown = run_vetd("drain", "nid[001-002", "--reason", "x", "--config", str(config))
     assert unknown.returncode == 2 and "not a hostlist" in unknown.stderr
+
+
+def test_rules_reload_keeps_good_rules_when_the_new_file_is_bad(
+    tmp_path: Path, mosquitto: Mosquitto, cluster_name: str
+) -> None:
+    rules = tmp_path / "site.yaml"
+    rules.write_text("rules:\n  - name: a\n    when: result.status == 'fail'\n")
+    config = tmp_path / "controller.toml"
+    config.write_text(f'cluster = "{cluster_name}"\nclient_id = "c-{cluster_name}"\nrules = ["{rules}"]\n'
+                      '[store]\npath = "state/controller.db"\n')
+    controller = start_controller(tmp_path, config, mosquitto, {})
+    try:
+        rules.write_text("rules:\n  - name: a\n    when: result.status ==\n")
+        bad = run_vetd("rules", "reload", "--config", str(config))
+        assert bad.returncode == 1
+        assert f"{rules}:3: rule 'a': when: CEL error" in bad.stderr and "1 rules in force are kept" in bad.stderr
+        rules.write_text("rules:\n  - name: a\n    when: result.status == 'fail'\n"
+                         "  - name: b\n    when: event.severity == 'critical'\n")
+        good = run_vetd("rules", "reload", "--config", str(config))
+        assert good.returncode == 0 and good.stdout.strip() == "rules=2", good.stderr
+    finally:
+        controller.stop()
