@@ -113,6 +113,23 @@ def build_parser() -> argparse.ArgumentParser:
     breaker.add_argument("--partition", action="append", help="only this partition (repeatable)")
     breaker.add_argument("--config", help=f"controller TOML config (default {DEFAULT_CONTROLLER_CONFIG})")
 
+    silence = sub.add_parser("silence", help="hold alerts back for a while",
+                             description="Silences hold back alerts whose labels match every matcher "
+                             "(label=value, label!=value, label=~regex, label!~regex), until they expire. "
+                             "Decisions (drains, healing) go on; only the alerts are held.")
+    silence_sub = silence.add_subparsers(dest="silence_command", required=True, metavar="ACTION")
+    silence_add = silence_sub.add_parser("add", help="add a silence")
+    silence_add.add_argument("matchers", nargs="+", metavar="MATCHER", help="e.g. node=nid001 alertname=~xid.*")
+    silence_add.add_argument("--for", dest="duration", required=True, metavar="DURATION", help="e.g. 2h")
+    silence_add.add_argument("--comment", default="", help="why (shown with every silenced alert)")
+    silence_add.add_argument("--config", help=f"controller TOML config (default {DEFAULT_CONTROLLER_CONFIG})")
+    silence_list = silence_sub.add_parser("list", help="list silences")
+    silence_list.add_argument("--all", action="store_true", help="expired ones too")
+    silence_list.add_argument("--config", help=f"controller TOML config (default {DEFAULT_CONTROLLER_CONFIG})")
+    silence_expire = silence_sub.add_parser("expire", help="end a silence now")
+    silence_expire.add_argument("id", type=int)
+    silence_expire.add_argument("--config", help=f"controller TOML config (default {DEFAULT_CONTROLLER_CONFIG})")
+
     rules = sub.add_parser("rules", help="validate rule files",
                            description="Work with controller rule files.")
     rules_sub = rules.add_subparsers(dest="rules_command", required=True, metavar="ACTION")

@@ -19,6 +19,7 @@ from vetd.agent.protocol import BAD_STATUSES
 from vetd.controller.config import ControllerConfig, load_controller_config
 from vetd.controller.replay import export_events, print_decisions, read_events, replay
 from vetd.controller.rules import load_rules
+from vetd.controller.silences import parse_matcher
 from vetd.controller.store import Store
 
 EXIT_VETD = 2
@@ -41,6 +42,8 @@ def dispatch(args: argparse.Namespace, config_path: Path) -> int:
         return asyncio.run(Controller(config).run())
     if command in ("drain", "resume", "breaker") or (command == "rules" and args.rules_command == "reload"):
         return operator_request(args, config)
+    if command == "silence":
+        return silence(args, config)
     try:
         store = Store(config.store.path, readonly=True)
     except FileNotFoundError as exc:
@@ -120,6 +123,38 @@ def operator_request(args: argparse.Namespace, config: ControllerConfig) -> int:
         print(f"vetd: the controller has not taken request {request_id} within {REQUEST_WAIT_S:g}s "
               "(is `vetd controller` running with this config?); it expires unapplied", file=sys.stderr)
         return 1
+    finally:
+        store.close()
+
+
+def silence(args: argparse.Namespace, config: ControllerConfig) -> int:
+    store = Store(config.store.path)
+    try:
+        if args.silence_command == "add":
+            try:
+                for matcher in args.matchers:
+                    parse_matcher(matcher)
+                seconds = parse_duration(args.duration)
+            except ValueError as exc:
+                print(f"vetd: {exc}", file=sys.stderr)
+                return EXIT_VETD
+            until = time.time() + seconds
+            silence_id = store.add_silence(args.matchers, until, _actor(), args.comment)
+            print(f"silence {silence_id} until {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(until))}")
+            return 0
+        if args.silence_command == "expire":
+            if not store.expire_silence(args.id):
+                print(f"vetd: no active silence {args.id}", file=sys.stderr)
+                return 1
+            print(f"silence {args.id} expired")
+            return 0
+        rows = store.silences(None if args.all else time.time())
+        for row in rows:
+            ends = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["until"]))
+            print(f"{row['id']:>4}  until {ends}  {row['author']:10}  {' '.join(row['matchers'])}  {row['comment']}")
+        if not rows:
+            print("no active silences")
+        return 0
     finally:
         store.close()
 

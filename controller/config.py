@@ -33,6 +33,11 @@ class AlertsSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: ``http://alertmanager:9093/api/v2/alerts`` or a webhook receiver.
     urls: list[str] = []
     timeout: Duration = Duration(10.0)
+    #: Firing alerts are sent again this often (Alertmanager resolves alerts
+    #: that are not re-sent within its resolve_timeout, 5 min by default).
+    resend_interval: Duration = Duration(60.0)
+    #: Alerts from events (instants) end by themselves after this long.
+    event_alert_for: Duration = Duration(3600.0)
 
 
 class BreakerSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

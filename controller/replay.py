@@ -119,7 +119,9 @@ def replay(rule_files: list[str], events: Iterable[protocol.Message],
                                           outcome, row["detail"]))
         for alert in decided.alerts:
             for payload in alert.alerts:
-                state = "resolved" if "endsAt" in payload else "firing"
+                # Event alerts carry a future endsAt (they end by themselves); resolved ones end now.
+                ends = payload.get("endsAt")
+                state = "resolved" if ends is not None and ends <= iso(message.ts) else "firing"
                 decisions.append(Decision(message.ts, alert.node, "alert", alert.rule, state,
                                           payload["annotations"]["summary"]))
     controller.store.close()

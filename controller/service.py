@@ -38,6 +38,7 @@ from vetd.controller.actions import (
 )
 from vetd.controller.config import ControllerConfig
 from vetd.controller.rules import Rule, RuleSet, evaluate_all, load_rules, render
+from vetd.controller.silences import matches
 from vetd.controller.store import Healing, NodeRow, RuleKey, RuleState, Store
 
 log = structlog.get_logger("vetd.controller")
@@ -90,6 +91,8 @@ class Alert:
     node: str
     rule: str
     alerts: list[dict[str, Any]]
+    #: Re-sends of alerts still firing are counted, not audited.
+    resend: bool = False
 
 
 def static_labels(table: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
@@ -126,6 +129,7 @@ class Controller:
         self.counters: Counter[str] = Counter()
         self._unflushed: Counter[str] = Counter()
         self._states: dict[RuleKey, RuleState] = self.store.rule_states()
+        self._firing_alerts: dict[str, dict[str, Any]] = self.store.firing_alerts()
         self._windows: dict[RuleKey, list[float]] = self.store.rule_windows()
         self._static_labels = static_labels(config.labels)
         self._actions: asyncio.Queue[Action] | None = None
@@ -280,8 +284,15 @@ class Controller:
                  history_id: int, now: float, decisions: Decisions, variables: dict[str, Any]) -> None:
         self.store.audit(node.cluster, node.name, "rule_resolved", rule=rule.name,
                          detail=subject, evidence=[history_id], now=now)
-        if "alert" in rule.spec.actions and self.alerts.urls:
+        key = self._alert_key(rule, node, subject)
+        if key in self._firing_alerts:
+            del self._firing_alerts[key]
+            self.store.save_firing_alert(key, node.cluster, node.name, None, now)
             decisions.alerts.append(self._alert(rule, node, message, since, now, variables))
+
+    @staticmethod
+    def _alert_key(rule: Rule, node: NodeRow, subject: str) -> str:
+        return f"{rule.name}|{node.cluster}|{node.name}|{subject}"
 
     def labels_of(self, node: NodeRow) -> dict[str, str]:
         """The agent's labels, overridden by the controller's static ``[labels]``."""
@@ -290,6 +301,7 @@ class Controller:
     def _fire(self, rule: Rule, node: NodeRow, message: Result | Event, subject: str, history_id: int,
               now: float, decisions: Decisions, variables: dict[str, Any]) -> None:
         self._count("rules_fired")
+        was_out = node.state in OUT_OF_SERVICE
         self.store.audit(node.cluster, node.name, "rule_fired", rule=rule.name, detail=subject,
                          evidence=[history_id], now=now)
         log.info("rule_fired", rule=rule.name, node=node.name, subject=subject, severity=rule.spec.severity)
@@ -309,7 +321,21 @@ class Controller:
                                  detail=f"ladder: {', '.join(rule.spec.heal)}; gpu {gpu}", now=now)
                 self._set_state(node, "healing", now)
         if "alert" in actions and self.alerts.urls:
-            decisions.alerts.append(self._alert(rule, node, message, now, None, variables))
+            if message.entity != "node" and (was_out or not node.online):
+                # Inhibition: a per-GPU (per-entity) alert adds nothing while the node
+                # itself is down or out of service; its own alert already went out.
+                self._count("alerts_inhibited")
+                self.store.audit(node.cluster, node.name, "alert", rule=rule.name, outcome="inhibited",
+                                 detail=f"{subject}: node {'offline' if not node.online else node.state}", now=now)
+            elif isinstance(message, Event):
+                ends = now + float(self.config.alerts.event_alert_for)
+                decisions.alerts.append(self._alert(rule, node, message, now, ends, variables))
+            else:
+                alert = self._alert(rule, node, message, now, None, variables)
+                key = self._alert_key(rule, node, subject)
+                self._firing_alerts[key] = alert.alerts[0]
+                self.store.save_firing_alert(key, node.cluster, node.name, alert.alerts[0], now)
+                decisions.alerts.append(alert)
 
     def _exclude(self, rule: Rule, node: NodeRow, reason: str, history_id: int, now: float,
                  decisions: Decisions, *, failed: bool) -> bool:
@@ -447,10 +473,22 @@ class Controller:
                 "drain_" + result.outcome, node=action.node, rule=action.rule, detail=result.detail
             )
         else:
-            for result in await self.alerts.send(action.alerts):
-                self.store.audit(action.cluster, action.node, "alert", rule=action.rule,
-                                 outcome=result.outcome, detail=result.detail)
+            silences = self.store.silences(time.time())
+            loud = []
+            for payload in action.alerts:
+                silence = next((s for s in silences if matches(s["matchers"], payload["labels"])), None)
+                if silence is None:
+                    loud.append(payload)
+                    continue
+                self._count("alerts_silenced")
+                if not action.resend:
+                    self.store.audit(action.cluster, action.node, "alert", rule=action.rule, outcome="silenced",
+                                     detail=f"silence {silence['id']} by {silence['author']}: {silence['comment']}")
+            for result in await self.alerts.send(loud) if loud else []:
                 self._count(f"alert_{result.outcome}")
+                if not action.resend or not result.ok:
+                    self.store.audit(action.cluster, action.node, "alert", rule=action.rule,
+                                     outcome=result.outcome, detail=result.detail)
         self.store.add_counters(self._unflushed)
         self._unflushed.clear()
 
@@ -589,6 +627,18 @@ class Controller:
             log.warning("command_not_sent", node=command.node, action=command.action, reason=str(exc))
             return
         log.info("command_sent", node=command.node, action=command.action, id=command.id)
+
+    async def _resend_loop(self) -> None:
+        """Alertmanager forgets an alert not re-sent within its resolve_timeout: keep firing ones alive."""
+        while True:
+            await asyncio.sleep(float(self.config.alerts.resend_interval))
+            if self._firing_alerts and self.alerts.urls and self._actions is not None:
+                by_node: dict[tuple[str, str], list[dict[str, Any]]] = {}
+                for payload in self._firing_alerts.values():
+                    key = (payload["labels"].get("cluster", ""), payload["labels"].get("node", ""))
+                    by_node.setdefault(key, []).append(payload)
+                for (cluster, node), payloads in by_node.items():
+                    self._actions.put_nowait(Alert(cluster, node, "resend", payloads, resend=True))
 
     async def _requests_loop(self) -> None:
         while True:
@@ -735,6 +785,7 @@ class Controller:
                 ingest = group.create_task(self._ingest(), name="vetd.controller.ingest")
                 worker = group.create_task(self._action_worker(), name="vetd.controller.actions")
                 requests = group.create_task(self._requests_loop(), name="vetd.controller.requests")
+                resend = group.create_task(self._resend_loop(), name="vetd.controller.alerts.resend")
                 await self.stop.wait()
                 ingest.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -744,6 +795,7 @@ class Controller:
                     await asyncio.sleep(0.05)
                 worker.cancel()
                 requests.cancel()
+                resend.cancel()
         finally:
             if signals:
                 for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

@@ -138,6 +138,21 @@ CREATE TABLE IF NOT EXISTS healing (
     started REAL NOT NULL,
     PRIMARY KEY (cluster, node)
 );
+CREATE TABLE IF NOT EXISTS alerts_firing (
+    key TEXT PRIMARY KEY,
+    cluster TEXT NOT NULL,
+    node TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    last_sent REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS silences (
+    id INTEGER PRIMARY KEY,
+    created REAL NOT NULL,
+    until REAL NOT NULL,
+    author TEXT NOT NULL,
+    comment TEXT NOT NULL DEFAULT '',
+    matchers TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS counters (
     name TEXT PRIMARY KEY,
     value INTEGER NOT NULL
@@ -406,6 +421,38 @@ class Store:
 
     def end_healing(self, cluster: str, node: str) -> None:
         self.db.execute("DELETE FROM healing WHERE cluster=? AND node=?", (cluster, node))
+
+    # -- alerts: firing ones (re-sent until resolved) and silences ----------------
+
+    def firing_alerts(self) -> dict[str, dict[str, Any]]:
+        rows = self.db.execute("SELECT key, payload FROM alerts_firing").fetchall()
+        return {r["key"]: json.loads(r["payload"]) for r in rows}
+
+    def save_firing_alert(self, key: str, cluster: str, node: str, payload: dict[str, Any] | None,
+                          now: float) -> None:
+        if payload is None:
+            self.db.execute("DELETE FROM alerts_firing WHERE key=?", (key,))
+        else:
+            self.db.execute("INSERT OR REPLACE INTO alerts_firing (key, cluster, node, payload, last_sent) "
+                            "VALUES (?,?,?,?,?)", (key, cluster, node, json.dumps(payload), now))
+
+    def add_silence(self, matchers: Sequence[str], until: float, author: str, comment: str) -> int:
+        cursor = self.db.execute(
+            "INSERT INTO silences (created, until, author, comment, matchers) VALUES (?,?,?,?,?)",
+            (time.time(), until, author, comment, json.dumps(list(matchers))),
+        )
+        return int(cursor.lastrowid or 0)
+
+    def silences(self, now: float | None = None) -> list[dict[str, Any]]:
+        """Active silences (all of them with ``now`` None)."""
+        query = "SELECT * FROM silences" + ("" if now is None else " WHERE until > ?") + " ORDER BY id"
+        rows = self.db.execute(query, () if now is None else (now,)).fetchall()
+        return [{**dict(r), "matchers": json.loads(r["matchers"])} for r in rows]
+
+    def expire_silence(self, silence_id: int) -> bool:
+        cursor = self.db.execute("UPDATE silences SET until=? WHERE id=? AND until > ?",
+                                 (time.time(), silence_id, time.time()))
+        return cursor.rowcount > 0
 
     # -- operator requests and the circuit breaker ---------------------------
 
