@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -279,3 +280,35 @@ def test_rules_reload_keeps_good_rules_when_the_new_file_is_bad(
         assert good.returncode == 0 and good.stdout.strip() == "rules=2", good.stderr
     finally:
         controller.stop()
+
+
+def test_the_breaker_trips_at_its_threshold_in_slurm(
+    tmp_path: Path, mosquitto: Mosquitto, slurm: Slurm, cluster_name: str
+) -> None:
+    config = controller_config(tmp_path, cluster_name, "slurm")
+    config.write_text(config.read_text() + "[breaker]\nmax_fraction = 0.25\nalways_allow = 1\n"
+                      '[labels]\n"nid[001-004]" = { partition = "debug" }\n')
+    controller = start_controller(tmp_path, config, mosquitto, {"SLURM_CONF": str(slurm.conf)})
+    healthy = '[agent]\ninterval = "1h"\n[plugins.host]\nload_warn_per_core = 0.0\n'
+    agents = [start_agent(tmp_path, mosquitto, cluster_name, node, healthy) for node in ("nid001", "nid004")]
+    try:
+        wait_for(lambda: len(vetd_json("nodes", "--config", str(config), "--json")) == 2, 20, "two healthy nodes")
+        agents += [start_agent(tmp_path, mosquitto, cluster_name, node,
+                               '[agent]\ninterval = "1h"\n[plugins.host]\nrequired_paths = ["/nope"]\n')
+                   for node in ("nid002", "nid003")]
+        wait_for(lambda: '"event": "breaker_open"' in controller.output, 30, "the breaker to open")
+        states = {n["node"]: n["state"] for n in vetd_json("nodes", "--config", str(config), "--json")}
+        assert sorted(states.values()) == ["excluded", "healthy", "healthy", "suspect"]
+        drained = [n for n in ("nid002", "nid003") if "drain" in slurm.states()[n]]
+        assert len(drained) == 1  # one of four is 25 %: a second would be too many
+        status = run_vetd("breaker", "--config", str(config)).stdout
+        assert status.startswith("debug: OPEN since")
+        assert re.search(r"would have 2 of [34] nodes excluded \(allowed 1\)", status), status
+        reset = run_vetd("breaker", "reset", "--partition", "debug", "--config", str(config))
+        assert reset.returncode == 0 and "partition=debug outcome=closed" in reset.stdout
+    finally:
+        for agent in agents:
+            agent.stop()
+        controller.stop()
+        for node in ("nid002", "nid003"):
+            slurm.resume(node)

@@ -112,3 +112,27 @@ def test_a_controller_restart_mid_ladder_does_not_repeat_the_step(
         agent.stop()
         controller.kill()
         slurm.resume("nid004")
+
+
+def test_a_reboot_step_waits_for_the_node_to_come_back_then_resumes_it(
+    tmp_path: Path, mosquitto: Mosquitto, slurm: Slurm, cluster_name: str
+) -> None:
+    marker = tmp_path / "healthy"
+    config, agent_config, _ = setup(tmp_path, cluster_name, "nid001", "exit 1", "reboot")
+    controller = start_controller(tmp_path, config, mosquitto, {"SLURM_CONF": str(slurm.conf)})
+    agent = start_agent(tmp_path, mosquitto, cluster_name, "nid001", agent_config)
+    try:
+        wait_for(lambda: ("heal_command", "done") in audit(config, "nid001"), 30, "scontrol reboot issued")
+        detail = vetd_json("node", "nid001", "--config", str(config), "--json")["audit"]
+        assert any("reboot requested (ASAP, next state DOWN)" in a["detail"] for a in detail)
+        # "the reboot": the agent goes away and comes back, healthy, with a new session
+        agent.stop()
+        marker.touch()
+        agent = start_agent(tmp_path, mosquitto, cluster_name, "nid001", agent_config)
+        wait_for(lambda: ("healed", "done") in audit(config, "nid001"), 40, "healed after the reboot")
+        steps = [a for a in audit(config, "nid001") if a[0] in ("heal_step", "healed", "resume")]
+        assert steps == [("heal_step", "done"), ("healed", "done"), ("resume", "done")]
+        wait_for(lambda: slurm.show("nid001")["Reason"] == "", 20, "vetd's reason gone in Slurm")
+    finally:
+        agent.stop(), controller.stop()
+        slurm.resume("nid001")
