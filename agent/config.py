@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import msgspec
@@ -64,8 +64,15 @@ class AgentSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     load_plugins: list[str] = []
     #: Static labels sent in the birth message (partition, rack…).
     labels: dict[str, str] = {}
-    #: Bound on messages held while the broker is unreachable.
-    outbox_limit: int = 10000
+    #: Where the spool lives (env VETD_STATE_DIR overrides); the file is
+    #: ``spool-<cluster>-<node>.db``. Empty: memory only (lost if the agent dies).
+    state_dir: str = "/var/lib/vetd"
+    #: Results and events held while the broker is unreachable (10/s for 3 h).
+    spool_limit: int = 100_000
+    #: ``normal`` survives an agent crash; ``full`` also a power loss (fsync per message).
+    spool_sync: Literal["normal", "full"] = "normal"
+    #: Seconds between MQTT keepalives: a stalled broker is noticed within 1.5×.
+    keepalive: int = 30
 
 
 class CommandsSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -98,6 +105,12 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     def broker(self) -> BrokerAddress:
         return parse_broker(self.agent.broker)
 
+    @property
+    def spool_path(self) -> Path | None:
+        if not self.agent.state_dir:
+            return None
+        return Path(self.agent.state_dir) / f"spool-{self.agent.cluster}-{self.agent.node}.db"
+
 
 def short_hostname() -> str:
     return socket.gethostname().split(".")[0]
@@ -120,6 +133,7 @@ def load_agent_config(path: Path | str | None, environ: dict[str, str] | None = 
         "broker": env.get("VETD_BROKER"),
         "cluster": env.get("VETD_CLUSTER"),
         "node": env.get("VETD_NODE"),
+        "state_dir": env.get("VETD_STATE_DIR"),
     }
     section = msgspec.structs.replace(section, **{k: v for k, v in overrides.items() if v})
     if not section.node:

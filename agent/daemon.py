@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import random
 import signal
+import sqlite3
 import threading
 import time
 from collections import OrderedDict
@@ -37,8 +38,9 @@ from vetd.agent.config import AgentConfig, load_agent_config
 from vetd.agent.configfile import ConfigError
 from vetd.agent.pluginhost import PluginError, PluginHost
 from vetd.agent.protocol import Command, Event, Reply, Result, State, Telemetry
+from vetd.agent.spool import Spool
 from vetd.agent.systemd import Notifier
-from vetd.agent.transport import Identity, Outbox, Transport
+from vetd.agent.transport import Identity, Transport
 
 log = structlog.get_logger("vetd.agent")
 
@@ -78,13 +80,18 @@ class Agent:
         self.config = config
         self.config_path = config_path
         self.identity = Identity(config.agent.cluster, config.agent.node)
-        self.outbox = Outbox(config.agent.outbox_limit)
+        try:
+            self.spool = Spool(config.spool_path, config.agent.spool_limit, sync=config.agent.spool_sync)
+        except (OSError, sqlite3.Error) as exc:
+            raise ConfigError(f"{config.source}: agent.state_dir: cannot keep a spool at {config.spool_path}: "
+                              f"{exc} (set state_dir, or VETD_STATE_DIR, to a writable folder)") from exc
         self.schedule = Schedule(config)
         self.runner = CheckRunner()
         self.transport = Transport(
             config.broker,
             self.identity,
-            self.outbox,
+            self.spool,
+            keepalive=config.agent.keepalive,
             birth=self._birth,
             on_command=self._on_command,
         )
@@ -110,6 +117,7 @@ class Agent:
             True,
             labels=self.schedule.labels,
             checks=self.schedule.checks.names(),
+            dropped=dict(self.spool.dropped),
         )
 
     def emit_result(self, check: Check, outcome_list: list[Outcome], started: float, duration: float,
@@ -163,7 +171,9 @@ class Agent:
                     loop.remove_signal_handler(signum)
                 # Already stopping: a repeated SIGTERM must not kill us mid-exit.
                 signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        log.info("agent_stopped", unsent=len(self.outbox))
+        log.info("agent_stopped", unsent=len(self.spool), session=self.identity.session,
+                 last_seq=self.identity.last_seq)
+        self.spool.close()
         return 0
 
     async def _main(self, group: asyncio.TaskGroup) -> None:
@@ -203,7 +213,7 @@ class Agent:
             await schedule_task
         # Give what the last checks produced a moment to reach the broker.
         if self.transport.connected.is_set():
-            await self.outbox.drained(max(0.0, min(2.0, deadline - time.monotonic())))
+            await self.spool.drained(max(0.0, min(2.0, deadline - time.monotonic())))
 
     def _reloaded(self) -> Schedule | None:
         self.notifier.notify("RELOADING=1")

@@ -65,6 +65,8 @@ class State(Envelope, tag="state"):
     reason: str = ""
     labels: dict[str, str] = {}
     checks: list[str] = []
+    #: Messages the agent had to drop (spool full), by kind, since its spool was made.
+    dropped: dict[str, int] = {}
 
 
 class Result(Envelope, tag="result"):

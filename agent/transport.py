@@ -3,11 +3,10 @@
 * On connect: a retained birth ``State(online=True)``; the Last Will is a
   retained ``State(online=False)`` of the same session, so the broker marks the
   node offline when the agent vanishes.
-* Results and events go at QoS 1 and leave the outbox only once the broker has
+* Results and events go at QoS 1 and leave the spool only once the broker has
   acknowledged them (PUBACK); telemetry goes at QoS 0.
-* Connection lost → reconnect with full-jitter exponential backoff; the outbox
-  keeps what is waiting (bounded: telemetry is dropped before anything else, and
-  every drop is counted and logged).
+* Connection lost → reconnect with full-jitter exponential backoff; the spool
+  keeps what is waiting (see :mod:`vetd.agent.spool`).
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ import asyncio
 import random
 import time
 import uuid
-from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +24,8 @@ import structlog
 
 from vetd.agent import __version__, protocol
 from vetd.agent.config import BrokerAddress
-from vetd.agent.protocol import Command, Message, State, Telemetry
+from vetd.agent.protocol import Command, Message, State
+from vetd.agent.spool import Spool
 
 log = structlog.get_logger("vetd.transport")
 
@@ -42,6 +41,11 @@ class Identity:
     session: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
     started: float = field(default_factory=time.time)
     _seq: int = 0
+
+    @property
+    def last_seq(self) -> int:
+        """The last number handed out on the reliable stream."""
+        return self._seq
 
     def next_seq(self) -> int:
         """Next number of the reliable stream (results and events)."""
@@ -88,68 +92,17 @@ class Backoff:
         self.attempt = 0
 
 
-class Outbox:
-    """Messages waiting for the broker, oldest first, bounded."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = max(1, limit)
-        self._items: deque[Message] = deque()
-        self._nonempty = asyncio.Event()
-        self.dropped: Counter[str] = Counter()
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def put(self, message: Message) -> None:
-        if len(self._items) >= self.limit:
-            self._make_room(message)
-        self._items.append(message)
-        self._nonempty.set()
-
-    def _make_room(self, incoming: Message) -> None:
-        victim: Message | None = next((m for m in self._items if isinstance(m, Telemetry)), None)
-        if victim is None:
-            victim = incoming if isinstance(incoming, Telemetry) else self._items[0]
-        if victim is not incoming:
-            self._items.remove(victim)
-        kind = protocol.channel_of(victim)
-        self.dropped[kind] += 1
-        log.warning("outbox_full_dropped", kind=kind, limit=self.limit, dropped=self.dropped[kind])
-        if victim is incoming:
-            raise _Dropped
-
-    async def first(self) -> Message:
-        while not self._items:
-            self._nonempty.clear()
-            await self._nonempty.wait()
-        return self._items[0]
-
-    def done(self, message: Message) -> None:
-        if self._items and self._items[0] is message:
-            self._items.popleft()
-
-    async def drained(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while self._items and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        return not self._items
-
-
-class _Dropped(Exception):
-    pass
-
-
 CommandHandler = Callable[[Command], Awaitable[None]]
 
 
 class Transport:
-    """Keeps one MQTT connection up and moves the outbox through it."""
+    """Keeps one MQTT connection up and moves the spool through it."""
 
     def __init__(
         self,
         broker: BrokerAddress,
         identity: Identity,
-        outbox: Outbox,
+        spool: Spool,
         *,
         keepalive: int = 30,
         birth: Callable[[], State] | None = None,
@@ -157,7 +110,7 @@ class Transport:
     ) -> None:
         self.broker = broker
         self.identity = identity
-        self.outbox = outbox
+        self.spool = spool
         self.keepalive = keepalive
         self.birth = birth or (lambda: identity.state(True))
         self.on_command = on_command
@@ -167,11 +120,8 @@ class Transport:
         self._client: aiomqtt.Client | None = None
 
     def send(self, message: Message) -> None:
-        """Queue a message; it is published as soon as the broker is reachable."""
-        try:
-            self.outbox.put(message)
-        except _Dropped:
-            pass
+        """Spool a message; it is published as soon as the broker is reachable."""
+        self.spool.put(message)
 
     async def run(self) -> None:
         """Connect, publish, reconnect; runs until cancelled."""
@@ -201,7 +151,7 @@ class Transport:
                     self.connected.set()
                     backoff.reset()
                     log.info("broker_connected", host=self.broker.host, port=self.broker.port,
-                             waiting=len(self.outbox))
+                             waiting=len(self.spool))
                     async with asyncio.TaskGroup() as group:
                         group.create_task(self._publish_loop(client), name="vetd.transport.publish")
                         group.create_task(self._command_loop(client), name="vetd.transport.commands")
@@ -209,7 +159,7 @@ class Transport:
                 delay = backoff.next()
                 log.warning("broker_unavailable", host=self.broker.host, port=self.broker.port,
                             error=str(errors.exceptions[0]), retry_in_s=round(delay, 2),
-                            waiting=len(self.outbox))
+                            waiting=len(self.spool))
                 self._client = None
                 self.connected.clear()
                 await asyncio.sleep(delay)
@@ -219,12 +169,10 @@ class Transport:
 
     async def _publish_loop(self, client: aiomqtt.Client) -> None:
         while True:
-            message = await self.outbox.first()
-            qos = 0 if isinstance(message, Telemetry) else 1
-            await client.publish(
-                protocol.topic_for(message), protocol.encode(message), qos=qos, timeout=PUBLISH_TIMEOUT_S
-            )
-            self.outbox.done(message)
+            pending = await self.spool.first()
+            # QoS 1 returns once the broker's PUBACK is in: only then does it leave the spool.
+            await client.publish(pending.topic, pending.payload, qos=pending.qos, timeout=PUBLISH_TIMEOUT_S)
+            self.spool.done(pending)
 
     async def _command_loop(self, client: aiomqtt.Client) -> None:
         async for raw in client.messages:

@@ -51,7 +51,7 @@ def write_configs(state_dir: Path, port: int, interval: str) -> tuple[Path, Path
     agent.write_text(
         "# Written by `vetd up`.\n"
         f'[agent]\ncluster = "local"\nbroker = "mqtt://127.0.0.1:{port}"\n'
-        f'interval = "{interval}"\ntelemetry_interval = "{interval}"\n'
+        f'interval = "{interval}"\ntelemetry_interval = "{interval}"\nstate_dir = "{state_dir}"\n'
     )
     return controller, agent
 

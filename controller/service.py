@@ -160,6 +160,8 @@ class Controller:
                 if isinstance(message, State):
                     if not self.store.apply_state(message, now):
                         self._count("stale_state")
+                    elif message.dropped:
+                        self.store.set_agent_loss(message.cluster, message.node, message.dropped)
                 elif isinstance(message, Result | Event):
                     history_id = self.store.record(message, now)
                     if history_id is None:

@@ -153,6 +153,12 @@ CREATE TABLE IF NOT EXISTS silences (
     comment TEXT NOT NULL DEFAULT '',
     matchers TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS agent_loss (
+    cluster TEXT NOT NULL,
+    node TEXT NOT NULL,
+    dropped TEXT NOT NULL,
+    PRIMARY KEY (cluster, node)
+);
 CREATE TABLE IF NOT EXISTS counters (
     name TEXT PRIMARY KEY,
     value INTEGER NOT NULL
@@ -543,15 +549,23 @@ class Store:
         )
         return [{**dict(r), "evidence": json.loads(r["evidence"])} for r in rows]
 
-    def delivery(self, cluster: str, node: str) -> dict[str, int]:
-        """Received, duplicate and missing (sequence gaps) results+events of a node."""
+    def delivery(self, cluster: str, node: str) -> dict[str, Any]:
+        """Received, duplicate and missing (sequence gaps) results+events of a node,
+        and what the agent itself reported dropping (spool full)."""
         row = self.db.execute(
             """SELECT coalesce(sum(received), 0), coalesce(sum(duplicates), 0),
                       coalesce(sum(max(max_seq - received, 0)), 0)
                FROM sessions WHERE cluster=? AND node=?""",
             (cluster, node),
         ).fetchone()
-        return {"received": row[0], "duplicates": row[1], "gaps": row[2]}
+        loss = self.db.execute("SELECT dropped FROM agent_loss WHERE cluster=? AND node=?",
+                               (cluster, node)).fetchone()
+        return {"received": row[0], "duplicates": row[1], "gaps": row[2],
+                "agent_dropped": json.loads(loss[0]) if loss else {}}
+
+    def set_agent_loss(self, cluster: str, node: str, dropped: Mapping[str, int]) -> None:
+        self.db.execute("INSERT OR REPLACE INTO agent_loss (cluster, node, dropped) VALUES (?,?,?)",
+                        (cluster, node, json.dumps(dict(dropped))))
 
 
 def _finite(metrics: Mapping[str, float]) -> dict[str, float | None]:

@@ -49,7 +49,7 @@ def test_duplicates_are_counted_and_change_nothing(controller: Controller) -> No
     controller.process(batch)
     controller.process([wire(result(2))])
     delivery = controller.store.delivery("alps", "nid001")
-    assert delivery == {"received": 3, "duplicates": 2, "gaps": 1}
+    assert delivery == {"received": 3, "duplicates": 2, "gaps": 1, "agent_dropped": {}}
     assert controller.counters["duplicates"] == 2
 
 

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Sequence
@@ -17,6 +18,8 @@ from vetd.agent import protocol
 from vetd.agent.protocol import Message
 
 REPO = Path(__file__).resolve().parents[2]
+#: Agents' spools in tests: one folder per test run, never /var/lib/vetd.
+STATE_DIR = tempfile.mkdtemp(prefix="vetd-test-state-")
 TEST_PLUGINS = REPO / "tests" / "support" / "plugins"
 
 
@@ -25,7 +28,7 @@ def vetd_argv(*args: str) -> list[str]:
 
 
 def vetd_env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "VETD_LOG_LEVEL": "debug"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "VETD_LOG_LEVEL": "debug", "VETD_STATE_DIR": STATE_DIR}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TEST_PLUGINS), env.get("PYTHONPATH", "")]))
     env.update(extra)
     return env

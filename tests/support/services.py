@@ -55,7 +55,10 @@ class Mosquitto:
         conf = self.workdir / "mosquitto.conf"
         conf.write_text(
             f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous true\n"
+            # As root, mosquitto drops to user "mosquitto", which cannot write
+            # the persistence file in our temp dir: sessions would not survive a restart.
+            + ("user root\n" if os.geteuid() == 0 else "")
+            + "allow_anonymous true\n"
             "persistence true\n"
             f"persistence_location {self.workdir}/\n"
             "max_queued_messages 100000\n"

@@ -20,6 +20,8 @@ _never = threading.Event()
 class TestPluginConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     interval: Duration = Duration(0.2)
     hang_timeout: Duration = Duration(0.3)
+    #: Register only these checks (default: all three).
+    only: list[str] = []
 
 
 def _raise() -> Outcome:
@@ -40,6 +42,11 @@ def vetd_config_tables():
 def vetd_register_checks(registry, configs):
     config = configs.typed("testplugin", TestPluginConfig)
     interval = float(config.interval)
-    registry.add(Check("steady", lambda: Outcome(status="pass", metrics={"x": 1}), interval=interval))
-    registry.add(Check("raises", _raise, interval=interval))
-    registry.add(Check("hangs", _hang, interval=interval, timeout=float(config.hang_timeout)))
+    checks = [
+        Check("steady", lambda: Outcome(status="pass", metrics={"x": 1}), interval=interval),
+        Check("raises", _raise, interval=interval),
+        Check("hangs", _hang, interval=interval, timeout=float(config.hang_timeout)),
+    ]
+    for check in checks:
+        if not config.only or check.name in config.only:
+            registry.add(check)
