@@ -73,6 +73,9 @@ class AgentSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     spool_sync: Literal["normal", "full"] = "normal"
     #: Seconds between MQTT keepalives: a stalled broker is noticed within 1.5×.
     keepalive: int = 30
+    #: Messages per second at most, so catching up after an outage stays below
+    #: the controller's per-node limit (``[limits] per_node_rate``).
+    max_publish_rate: float = 1000.0
 
 
 class CommandsSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -92,6 +92,7 @@ class Agent:
             self.identity,
             self.spool,
             keepalive=config.agent.keepalive,
+            max_rate=config.agent.max_publish_rate,
             birth=self._birth,
             on_command=self._on_command,
         )

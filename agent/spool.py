@@ -103,6 +103,11 @@ class Spool:
 
     def put(self, message: Message) -> None:
         topic, payload = protocol.topic_for(message), protocol.encode(message)
+        if len(payload) > protocol.MAX_PAYLOAD_BYTES:
+            self._drop(f"oversize_{protocol.channel_of(message)}")
+            log.error("message_too_large", kind=protocol.channel_of(message), bytes=len(payload),
+                      limit=protocol.MAX_PAYLOAD_BYTES)
+            return
         if isinstance(message, Telemetry):
             if len(self._telemetry) >= self.telemetry_limit:
                 self._telemetry.popleft()

@@ -107,7 +107,9 @@ class Transport:
         keepalive: int = 30,
         birth: Callable[[], State] | None = None,
         on_command: CommandHandler | None = None,
+        max_rate: float = 0.0,
     ) -> None:
+        self.max_rate = max_rate
         self.broker = broker
         self.identity = identity
         self.spool = spool
@@ -168,8 +170,14 @@ class Transport:
                 self.connected.clear()
 
     async def _publish_loop(self, client: aiomqtt.Client) -> None:
+        interval = 1.0 / self.max_rate if self.max_rate > 0 else 0.0
+        next_at = time.monotonic()
         while True:
             pending = await self.spool.first()
+            now = time.monotonic()
+            if next_at > now:
+                await asyncio.sleep(next_at - now)
+            next_at = max(next_at, now - 1.0) + interval  # up to 1 s of credit, then the pace
             # QoS 1 returns once the broker's PUBACK is in: only then does it leave the spool.
             await client.publish(pending.topic, pending.payload, qos=pending.qos, timeout=PUBLISH_TIMEOUT_S)
             self.spool.done(pending)

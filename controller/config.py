@@ -72,6 +72,15 @@ class HealingSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     reboot_timeout: Duration = Duration(1800.0)
 
 
+class LimitsSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A node that floods (a bug, or worse) cannot starve the others: beyond
+    its rate (token bucket), its messages are dropped unread and counted.
+    Agents pace their own catch-up below this (``[agent] max_publish_rate``)."""
+
+    per_node_rate: float = 2000.0
+    per_node_burst: float = 20000.0
+
+
 class ControllerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     broker: str = "mqtt://127.0.0.1:1883"
     #: Only this cluster's nodes; empty: every cluster on the broker.
@@ -86,6 +95,7 @@ class ControllerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     breaker: BreakerSection = msgspec.field(default_factory=BreakerSection)
     repeat: RepeatSection = msgspec.field(default_factory=RepeatSection)
     healing: HealingSection = msgspec.field(default_factory=HealingSection)
+    limits: LimitsSection = msgspec.field(default_factory=LimitsSection)
     #: Static node labels by hostlist: ``"nid[0001-2688]" = {partition = "normal", gpu = "GH200"}``;
     #: they override what agents report.
     labels: dict[str, dict[str, str]] = {}

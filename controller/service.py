@@ -128,6 +128,7 @@ class Controller:
         self.alerts = AlertSender(config.alerts.urls, timeout=float(config.alerts.timeout))
         self.counters: Counter[str] = Counter()
         self._unflushed: Counter[str] = Counter()
+        self._buckets: dict[str, tuple[float, float]] = {}
         self._states: dict[RuleKey, RuleState] = self.store.rule_states()
         self._firing_alerts: dict[str, dict[str, Any]] = self.store.firing_alerts()
         self._windows: dict[RuleKey, list[float]] = self.store.rule_windows()
@@ -144,6 +145,23 @@ class Controller:
     def _count(self, name: str, n: int = 1) -> None:
         self.counters[name] += n
         self._unflushed[name] += n
+
+    def admit(self, topic_name: str, now: float) -> bool:
+        """Per-node token bucket, on the topic alone (no decoding for a flood)."""
+        parts = topic_name.split("/", 6)
+        key = "/".join(parts[2:5]) if len(parts) >= 5 else topic_name[:100]
+        limits = self.config.limits
+        tokens, last = self._buckets.get(key, (limits.per_node_burst, now))
+        tokens = min(limits.per_node_burst, tokens + (now - last) * limits.per_node_rate)
+        if tokens < 1.0:
+            self._buckets[key] = (tokens, now)
+            self._count("rate_limited")
+            if self.counters["rate_limited"] in (1, 10, 100) or self.counters["rate_limited"] % 10_000 == 0:
+                log.warning("node_rate_limited", source=key, dropped=self.counters["rate_limited"],
+                            rate=limits.per_node_rate)
+            return False
+        self._buckets[key] = (tokens - 1.0, now)
+        return True
 
     def process(self, batch: Sequence[tuple[str, bytes]], now: float | None = None) -> Decisions:
         """Ingest a batch of ``(topic, payload)``; returns the actions decided."""
@@ -542,6 +560,8 @@ class Controller:
                              cluster=self.config.cluster or "*", rules=len(self.rules.rules))
                     batch: list[tuple[str, bytes]] = []
                     async for raw in client.messages:
+                        if not self.admit(raw.topic.value, time.monotonic()):
+                            continue
                         payload = raw.payload if isinstance(raw.payload, bytes | bytearray) else b""
                         batch.append((raw.topic.value, bytes(payload)))
                         if len(client.messages) == 0 or len(batch) >= BATCH_MAX:

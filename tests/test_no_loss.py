@@ -186,3 +186,50 @@ def test_a_stalled_broker_is_noticed_and_the_agent_catches_up(
     finally:
         node.kill()
         ctl.stop()
+
+
+def test_a_flooding_node_is_rate_limited_and_cannot_starve_the_others(
+    tmp_path: Path, own_mosquitto: Mosquitto, cluster_name: str
+) -> None:
+    import paho.mqtt.client as paho
+
+    from vetd.agent import protocol
+    from vetd.agent.protocol import Result
+
+    (tmp_path / "controller.toml").write_text(
+        f'cluster = "{cluster_name}"\nclient_id = "vetd-controller-{cluster_name}"\n'
+        '[store]\npath = "state/controller.db"\n[limits]\nper_node_rate = 200\nper_node_burst = 500\n')
+    ctl = controller(tmp_path, own_mosquitto, cluster_name)
+    node = agent(tmp_path, own_mosquitto, cluster_name)
+    flood = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="flood")
+    flood.connect("127.0.0.1", own_mosquitto.port)
+    flood.loop_start()
+    try:
+        wait_for(lambda: count(tmp_path) >= 10, 20, "the good node's first results")
+        started = time.monotonic()
+        infos = []
+        for seq in range(1, 10_001):
+            message = Result(cluster=cluster_name, node="nid666", session="flood", seq=seq, ts=time.time(),
+                             check="x", status="pass")
+            infos.append(flood.publish(protocol.topic_for(message), protocol.encode(message), qos=0))
+        for info in infos:
+            info.wait_for_publish(30)
+        elapsed = time.monotonic() - started
+        time.sleep(2)
+        assert node.stop() == 0
+        session, produced = last_seq(node)
+        wait_for(lambda: len(stored(tmp_path).get(session, [])) >= produced, 30, "every good result stored")
+        result = stored(tmp_path)
+        assert_exactly_once_in_order(result[session], produced)
+        flooded = len(result.get("flood", []))
+        store = Store(tmp_path / "state" / "controller.db", readonly=True)
+        limited = store.counters().get("rate_limited", 0)
+        store.close()
+        allowed = 500 + 200 * (elapsed + 3)
+        assert flooded <= allowed and limited >= 10_000 - allowed - 100  # qos 0: a few may never arrive
+        print(f"\nflood: 10,000 sent in {elapsed:.2f} s, {flooded} stored, {limited} rate-limited; "
+              f"good node {produced} produced, all stored in order")
+    finally:
+        flood.loop_stop()
+        node.kill()
+        ctl.stop()
