@@ -92,6 +92,9 @@ class CommandsSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     gpu_reset_all: list[str] = msgspec.field(default_factory=lambda: ["nvidia-smi", "-r"])
     restart_service: list[str] = msgspec.field(default_factory=lambda: ["systemctl", "restart", "{service}"])
     timeout: Duration = Duration(300.0)
+    #: The cluster's command key (shared with the controller's ``command_key_file``).
+    #: Set, only commands signed with it, unexpired and not seen before, run.
+    key_file: str = ""
 
 
 class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -108,6 +108,18 @@ def where(path: Path | str, text: str, key: str) -> str:
     return f"{path}:{line}: {key}" if line else f"{path}: {key}"
 
 
+def read_key(path: str, where_: str) -> bytes:
+    """A shared secret from a file (at least 32 bytes, trailing newline ignored)."""
+    try:
+        key = Path(path).read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(f"{where_}: cannot read key file {path}: {exc.strerror or exc}") from exc
+    if len(key) < 32:
+        raise ConfigError(f"{where_}: key file {path} holds {len(key)} bytes; use at least 32 "
+                          "(e.g. `openssl rand -hex 32 > FILE`)")
+    return key
+
+
 def read_toml(path: Path) -> tuple[dict[str, Any], str]:
     """Read a TOML file, or raise :class:`ConfigError` naming the file and line."""
     try:

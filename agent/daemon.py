@@ -35,9 +35,9 @@ from vetd.agent.checks import (
 )
 from vetd.agent.commands import Answer, Commands, describe
 from vetd.agent.config import AgentConfig, load_agent_config
-from vetd.agent.configfile import ConfigError
+from vetd.agent.configfile import ConfigError, read_key
 from vetd.agent.pluginhost import PluginError, PluginHost
-from vetd.agent.protocol import Command, Event, Reply, Result, State, Telemetry
+from vetd.agent.protocol import Command, Event, Reply, Result, State, Telemetry, verify_command
 from vetd.agent.spool import Spool
 from vetd.agent.systemd import Notifier
 from vetd.agent.transport import Identity, Transport
@@ -104,6 +104,9 @@ class Agent:
         self._group: asyncio.TaskGroup | None = None
         self._running: set[str] = set()
         self._command_tasks: set[asyncio.Task[None]] = set()
+        self._command_key = (read_key(config.commands.key_file, f"{config.source}: commands.key_file")
+                             if config.commands.key_file else b"")
+        self._warned_unsigned = False
         self._answered: OrderedDict[str, Answer] = OrderedDict()
         self.commands = Commands(
             config=lambda: self.config.commands,
@@ -383,10 +386,29 @@ class Agent:
             return
         if command.id in self._running or self._group is None:
             return
+        refusal = self._refusal(command)
+        if refusal:
+            log.warning("command_refused", id=command.id, action=command.action, reason=refusal)
+            self._reply(command, Answer(False, f"refused: {refusal}", {}))
+            return
         self._running.add(command.id)
         task = self._group.create_task(self._command(command), name=f"vetd.command.{command.action}.{command.id}")
         self._command_tasks.add(task)
         task.add_done_callback(self._command_tasks.discard)
+
+    def _refusal(self, command: Command) -> str | None:
+        """Signature, expiry and replay checks; None when the command may run."""
+        if self._command_key:
+            problem = verify_command(command, self._command_key, time.time())
+            if problem:
+                return problem
+        elif not self._warned_unsigned:
+            self._warned_unsigned = True
+            log.warning("commands_not_signed", hint="set [commands] key_file on agents and "
+                        "command_key_file on the controller")
+        if not self.spool.first_sight(command.id, command.expires or time.time() + 86400):
+            return "replayed (this command id was already received)"
+        return None
 
     async def _command(self, command: Command) -> None:
         log.info("command_started", id=command.id, action=command.action, args=describe(command.args))

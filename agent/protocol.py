@@ -14,6 +14,8 @@ Topics are ``vetd/v1/<cluster>/node/<node>/<channel>`` with channel one of
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import re
 from typing import Final, Literal
 
@@ -112,6 +114,8 @@ class Command(Envelope, tag="cmd"):
     args: dict[str, str] = {}
     #: Unix time after which the agent must refuse it (0: no expiry).
     expires: float = 0.0
+    #: HMAC-SHA256 over :func:`command_digest_input`, hex; empty: unsigned.
+    signature: str = ""
 
 
 class Reply(Envelope, tag="reply"):
@@ -136,6 +140,35 @@ _CHANNEL_OF: Final[dict[type[Envelope], str]] = {
 
 _encoder: Final = msgspec.msgpack.Encoder()
 _decoder: Final = msgspec.msgpack.Decoder(Message)
+
+
+#: Longest validity a signed command may claim (a captured command cannot be saved for later).
+MAX_COMMAND_VALIDITY_S: Final = 86400.0
+
+
+def command_digest_input(command: Command) -> bytes:
+    """What a command's signature covers: target, identity, action, arguments, expiry."""
+    return _encoder.encode([command.cluster, command.node, command.id, command.action,
+                            sorted(command.args.items()), command.expires])
+
+
+def sign_command(command: Command, key: bytes) -> Command:
+    digest = hmac.new(key, command_digest_input(command), hashlib.sha256).hexdigest()
+    return msgspec.structs.replace(command, signature=digest)
+
+
+def verify_command(command: Command, key: bytes, now: float) -> str | None:
+    """Why ``command`` must be refused (``unsigned``, ``bad signature``, ``expired``…), or None."""
+    if not command.signature:
+        return "unsigned"
+    expected = hmac.new(key, command_digest_input(command), hashlib.sha256).hexdigest()
+    if not hmac.compare_digest(expected, command.signature):
+        return "bad signature"
+    if not command.expires or command.expires <= now:
+        return "expired"
+    if command.expires - now > MAX_COMMAND_VALIDITY_S:
+        return "valid for too long"
+    return None
 
 
 def encode(message: Message) -> bytes:

@@ -43,6 +43,10 @@ CREATE TABLE IF NOT EXISTS spool (
     topic TEXT NOT NULL,
     payload BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS commands_seen (
+    id TEXT PRIMARY KEY,
+    expires REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS dropped (
     kind TEXT PRIMARY KEY,
     count INTEGER NOT NULL
@@ -138,6 +142,15 @@ class Spool:
                         "ON CONFLICT (kind) DO UPDATE SET count = count + 1", (kind,))
         if self.dropped[kind] in (1, 10, 100) or self.dropped[kind] % 1000 == 0:
             log.warning("spool_full_dropped", kind=kind, dropped=self.dropped[kind], limit=self.limit)
+
+    def first_sight(self, command_id: str, expires: float) -> bool:
+        """Record a command id; False if it was seen before (a replay). Kept until it expires,
+        across agent restarts."""
+        now = time.time()
+        self.db.execute("DELETE FROM commands_seen WHERE expires < ?", (now,))
+        inserted = self.db.execute("INSERT OR IGNORE INTO commands_seen (id, expires) VALUES (?, ?)",
+                                   (command_id, expires)).rowcount
+        return inserted == 1
 
     async def first(self) -> Pending:
         """The oldest message waiting (spooled ones before telemetry); waits for one."""

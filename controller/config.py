@@ -88,6 +88,9 @@ class ControllerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     #: MQTT client id; with a persistent session the broker keeps what arrives
     #: while the controller is down. Run one controller per id.
     client_id: str = "vetd-controller"
+    #: Signs every command to the agents (HMAC-SHA256); agents with the same
+    #: ``[commands] key_file`` refuse anything unsigned, forged, expired or replayed.
+    command_key_file: str = ""
     rules: list[str] = []
     store: StoreSection = msgspec.field(default_factory=StoreSection)
     scheduler: SchedulerSection = msgspec.field(default_factory=SchedulerSection)

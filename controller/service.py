@@ -26,8 +26,8 @@ import structlog
 
 from vetd.agent import protocol
 from vetd.agent.config import parse_broker
-from vetd.agent.configfile import ConfigError
-from vetd.agent.protocol import Command, Event, ProtocolError, Reply, Result, State, Telemetry
+from vetd.agent.configfile import ConfigError, read_key
+from vetd.agent.protocol import Command, Event, ProtocolError, Reply, Result, State, Telemetry, sign_command
 from vetd.agent.transport import Backoff
 from vetd.controller.actions import (
     REASON_PREFIX,
@@ -129,6 +129,8 @@ class Controller:
         self.counters: Counter[str] = Counter()
         self._unflushed: Counter[str] = Counter()
         self._buckets: dict[str, tuple[float, float]] = {}
+        self._command_key = (read_key(config.command_key_file, f"{config.source}: command_key_file")
+                             if config.command_key_file else b"")
         self._states: dict[RuleKey, RuleState] = self.store.rule_states()
         self._firing_alerts: dict[str, dict[str, Any]] = self.store.firing_alerts()
         self._windows: dict[RuleKey, list[float]] = self.store.rule_windows()
@@ -679,8 +681,9 @@ class Controller:
 
     def _command(self, node: NodeRow, action: str, args: dict[str, str], now: float) -> Command:
         timeout = float(self.config.healing.reply_timeout)
-        return Command(cluster=node.cluster, node=node.name, session=self.session, seq=0, ts=now,
-                       id=uuid.uuid4().hex, action=action, args=args, expires=now + timeout)
+        command = Command(cluster=node.cluster, node=node.name, session=self.session, seq=0, ts=now,
+                          id=uuid.uuid4().hex, action=action, args=args, expires=now + timeout)
+        return sign_command(command, self._command_key) if self._command_key else command
 
     def _send(self, healing: Healing, node: NodeRow, action: str, args: dict[str, str], phase: str,
               now: float, decisions: Decisions) -> None:

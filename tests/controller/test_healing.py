@@ -14,6 +14,8 @@ from tests.support.wait import wait_for
 
 def setup(tmp_path: Path, cluster: str, node: str, fixer: str, ladder: str) -> tuple[Path, str, Path]:
     marker, log = tmp_path / "healthy", tmp_path / "fixer.log"
+    key = tmp_path / "cluster.key"  # commands are signed end to end
+    key.write_text("f" * 64 + "\n")
     rules = tmp_path / "heal.yaml"
     rules.write_text(
         "rules:\n  - name: scratch-missing\n"
@@ -23,12 +25,13 @@ def setup(tmp_path: Path, cluster: str, node: str, fixer: str, ladder: str) -> t
     config = tmp_path / "controller.toml"
     config.write_text(
         f'cluster = "{cluster}"\nclient_id = "vetd-controller-{cluster}"\nrules = ["{rules}"]\n'
+        f'command_key_file = "{key}"\n'
         '[store]\npath = "state/controller.db"\n[scheduler]\nbackend = "slurm"\n'
         '[healing]\nprobation_profile = "prolog"\nreply_timeout = "20s"\n'
     )
     agent = (
         f'[agent]\ninterval = "1s"\n[plugins.host]\nrequired_paths = ["{marker}"]\nload_warn_per_core = 0.0\n'
-        f'[commands]\nallow = ["ping", "revet", "restart_service"]\nservices = ["fixer"]\n'
+        f'[commands]\nallow = ["ping", "revet", "restart_service"]\nservices = ["fixer"]\nkey_file = "{key}"\n'
         f'restart_service = ["/bin/sh", "-c", {fixer!r}]\n'.replace("'", '"')
     )
     return config, agent, log

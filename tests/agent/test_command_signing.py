@@ -1,0 +1,75 @@
+"""Signed commands: the agent runs only what the controller signed, once, in time."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import msgspec
+
+from tests.support.procs import VetdProcess, Watcher, publish_raw, vetd_env
+from tests.support.services import Mosquitto
+from tests.support.wait import wait_for
+from vetd.agent import protocol
+from vetd.agent.protocol import Command, Reply, sign_command, verify_command
+
+KEY = b"0123456789abcdef0123456789abcdef-cluster-key"
+
+
+def command(**fields: object) -> Command:
+    base: dict[str, object] = {"cluster": "alps", "node": "nid001", "session": "ctl", "seq": 0, "ts": time.time(),
+                               "id": "c1", "action": "ping", "expires": time.time() + 60}
+    return Command(**{**base, **fields})  # type: ignore[arg-type]
+
+
+def test_signatures_cover_target_action_args_and_expiry() -> None:
+    now = time.time()
+    signed = sign_command(command(args={"gpu": "3"}), KEY)
+    assert verify_command(signed, KEY, now) is None
+    assert verify_command(command(), KEY, now) == "unsigned"
+    assert verify_command(signed, b"another key of at least thirty-two bytes", now) == "bad signature"
+    for tampered in ({"args": {"gpu": "4"}}, {"node": "nid002"}, {"action": "gpu_reset"}, {"expires": now + 999}):
+        assert verify_command(msgspec.structs.replace(signed, **tampered), KEY, now) == "bad signature"
+    assert verify_command(sign_command(command(expires=now - 1), KEY), KEY, now) == "expired"
+    assert verify_command(sign_command(command(expires=now + 7 * 86400), KEY), KEY, now) == "valid for too long"
+
+
+def test_the_agent_refuses_unsigned_forged_expired_and_replayed_commands(
+    tmp_path: Path, mosquitto: Mosquitto, cluster_name: str
+) -> None:
+    key_file = tmp_path / "cluster.key"
+    key_file.write_bytes(KEY + b"\n")
+    config = tmp_path / "agent.toml"
+    config.write_text(f'[agent]\ninterval = "1h"\n[commands]\nkey_file = "{key_file}"\n')
+    env = vetd_env(VETD_BROKER=mosquitto.url, VETD_CLUSTER=cluster_name, VETD_NODE="nid001",
+                   VETD_STATE_DIR=str(tmp_path / "state"))
+    watcher = Watcher(mosquitto.port, f"vetd/v1/{cluster_name}/node/nid001/reply")
+    agent = VetdProcess(["agent", "--config", str(config)], tmp_path / "agent.log", env).start()
+    topic = protocol.topic(cluster_name, "nid001", "cmd")
+
+    def send(cmd: Command) -> str:
+        publish_raw(mosquitto.port, topic, protocol.encode(cmd))
+        reply = wait_for(lambda: [m for m in watcher.select(lambda m: isinstance(m, Reply)) if m.id == cmd.id
+                                  and m not in seen], 10, f"a reply to {cmd.id}")[-1]
+        seen.append(reply)
+        return f"{reply.ok} {reply.message}"
+
+    seen: list[Reply] = []
+    try:
+        wait_for(lambda: "broker_connected" in agent.output, 15, "agent connected")
+        c = command(cluster=cluster_name)
+        assert send(msgspec.structs.replace(c, id="u1")) == "False refused: unsigned"
+        good = sign_command(msgspec.structs.replace(c, id="g1"), KEY)
+        assert send(good) == "True pong"
+        forged = msgspec.structs.replace(sign_command(msgspec.structs.replace(c, id="f1"), KEY), action="gpu_reset")
+        assert send(forged) == "False refused: bad signature"
+        late = sign_command(msgspec.structs.replace(c, id="e1", expires=time.time() - 5), KEY)
+        assert send(late) == "False refused: expired"
+        assert agent.stop() == 0
+        agent = VetdProcess(["agent", "--config", str(config)], tmp_path / "agent2.log", env).start()
+        wait_for(lambda: "broker_connected" in agent.output, 15, "agent back")
+        assert send(good) == "False refused: replayed (this command id was already received)"
+        assert agent.output.count('"command_refused"') == 1
+    finally:
+        agent.stop()
+        watcher.close()
