@@ -34,7 +34,7 @@ from vetd.agent.checks import (
     in_thread,
 )
 from vetd.agent.commands import Answer, Commands, describe
-from vetd.agent.config import AgentConfig, load_agent_config
+from vetd.agent.config import AgentConfig, client_options, load_agent_config
 from vetd.agent.configfile import ConfigError, read_key
 from vetd.agent.pluginhost import PluginError, PluginHost
 from vetd.agent.protocol import Command, Event, Reply, Result, State, Telemetry, verify_command
@@ -93,6 +93,7 @@ class Agent:
             self.spool,
             keepalive=config.agent.keepalive,
             max_rate=config.agent.max_publish_rate,
+            client_options=client_options(config.broker, config.agent.auth, f"{config.source}: agent.auth"),
             birth=self._birth,
             on_command=self._on_command,
         )

@@ -108,8 +108,10 @@ class Transport:
         birth: Callable[[], State] | None = None,
         on_command: CommandHandler | None = None,
         max_rate: float = 0.0,
+        client_options: dict[str, Any] | None = None,
     ) -> None:
         self.max_rate = max_rate
+        self.client_options = client_options or {}
         self.broker = broker
         self.identity = identity
         self.spool = spool
@@ -144,6 +146,7 @@ class Transport:
                     will=will,
                     keepalive=self.keepalive,
                     timeout=PUBLISH_TIMEOUT_S,
+                    **self.client_options,
                 ) as client:
                     await client.publish(state_topic, protocol.encode(self.birth()), qos=1, retain=True)
                     cmd_topic = protocol.topic(self.identity.cluster, self.identity.node, "cmd")

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from vetd.agent.config import parse_broker
+from vetd.agent.config import BrokerAuth, parse_broker
 from vetd.agent.configfile import ConfigError, Duration, convert, read_toml, where
 from vetd.agent.protocol import valid_name
 
@@ -91,6 +91,8 @@ class ControllerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     #: Signs every command to the agents (HMAC-SHA256); agents with the same
     #: ``[commands] key_file`` refuse anything unsigned, forged, expired or replayed.
     command_key_file: str = ""
+    #: Broker credentials and TLS: the controller's identity may publish commands.
+    auth: BrokerAuth = msgspec.field(default_factory=BrokerAuth)
     rules: list[str] = []
     store: StoreSection = msgspec.field(default_factory=StoreSection)
     scheduler: SchedulerSection = msgspec.field(default_factory=SchedulerSection)

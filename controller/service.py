@@ -25,7 +25,7 @@ import aiomqtt
 import structlog
 
 from vetd.agent import protocol
-from vetd.agent.config import parse_broker
+from vetd.agent.config import client_options, parse_broker
 from vetd.agent.configfile import ConfigError, read_key
 from vetd.agent.protocol import Command, Event, ProtocolError, Reply, Result, State, Telemetry, sign_command
 from vetd.agent.transport import Backoff
@@ -129,6 +129,7 @@ class Controller:
         self.counters: Counter[str] = Counter()
         self._unflushed: Counter[str] = Counter()
         self._buckets: dict[str, tuple[float, float]] = {}
+        self._client_options = client_options(parse_broker(config.broker), config.auth, f"{config.source}: auth")
         self._command_key = (read_key(config.command_key_file, f"{config.source}: command_key_file")
                              if config.command_key_file else b"")
         self._states: dict[RuleKey, RuleState] = self.store.rule_states()
@@ -553,6 +554,7 @@ class Controller:
                     clean_session=False,
                     keepalive=30,
                     max_queued_incoming_messages=100_000,
+                    **self._client_options,
                 ) as client:
                     await client.subscribe(protocol.subscription(self.config.cluster or None), qos=1)
                     self._client = client

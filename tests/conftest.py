@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.procs import TEST_PLUGINS
-from tests.support.services import Mosquitto, Slurm, missing
+from tests.support.services import Mosquitto, SecureMosquitto, Slurm, missing
 
 # The scheduler-test plugin is importable in-process as it is in subprocesses.
 sys.path.insert(0, str(TEST_PLUGINS))
@@ -53,3 +53,12 @@ def cluster_name() -> str:
     """A cluster name of the test's own, so tests sharing a broker never meet."""
     return f"t{uuid.uuid4().hex[:10]}"
 
+
+
+@pytest.fixture
+def secure_mosquitto(tmp_path: Path) -> Iterator[SecureMosquitto]:
+    """Mosquitto with the shipped TLS, password and ACL configuration."""
+    _require("mosquitto", "mosquitto_passwd", "openssl")
+    broker = SecureMosquitto(tmp_path / "secure-mosquitto").start()
+    yield broker
+    broker.stop()

@@ -198,3 +198,58 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
                 process.kill()
                 process.wait()
         self.processes.clear()
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class SecureMosquitto(Mosquitto):
+    """Mosquitto running packaging/mosquitto/vetd.conf and vetd.acl: TLS, passwords, ACL."""
+
+    passwords: dict[str, str] = field(default_factory=lambda: {
+        "vetd-controller": "controller-secret", "nid001": "nid001-secret", "nid002": "nid002-secret"})
+
+    @property
+    def url(self) -> str:
+        return f"mqtts://127.0.0.1:{self.port}"
+
+    @property
+    def ca(self) -> Path:
+        return self.workdir / "ca.crt"
+
+    def _certificates(self) -> None:
+        d = self.workdir
+        if self.ca.exists():
+            return
+        run = lambda *argv: subprocess.run(argv, check=True, capture_output=True)  # noqa: E731
+        run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=vetd test CA",
+            "-keyout", str(d / "ca.key"), "-out", str(self.ca))
+        run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
+            "-keyout", str(d / "broker.key"), "-out", str(d / "broker.csr"))
+        (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        run("openssl", "x509", "-req", "-in", str(d / "broker.csr"), "-CA", str(self.ca), "-CAkey", str(d / "ca.key"),
+            "-CAcreateserial", "-days", "2", "-extfile", str(d / "san.ext"), "-out", str(d / "broker.crt"))
+        for user, password in self.passwords.items():
+            run("mosquitto_passwd", "-b", *(["-c"] if user == "vetd-controller" else []),
+                str(d / "vetd.passwd"), user, password)
+            (d / f"{user}.password").write_text(password + "\n")
+        os.chmod(d / "vetd.passwd", 0o600)
+
+    def start(self) -> SecureMosquitto:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._certificates()
+        text = (REPO / "packaging" / "mosquitto" / "vetd.conf").read_text()
+        for old, new in [("/etc/mosquitto/vetd.passwd", str(self.workdir / "vetd.passwd")),
+                         ("/etc/mosquitto/vetd.acl", str(REPO / "packaging" / "mosquitto" / "vetd.acl")),
+                         ("/etc/mosquitto/certs/", f"{self.workdir}/"),
+                         ("/var/lib/mosquitto/", f"{self.workdir}/"),
+                         ("listener 8883", f"listener {self.port} 127.0.0.1")]:
+            assert old in text, old
+            text = text.replace(old, new)
+        conf = self.workdir / "mosquitto.conf"
+        conf.write_text(("user root\n" if os.geteuid() == 0 else "") + text + "log_type error\nlog_type warning\n")
+        log = (self.workdir / "mosquitto.log").open("ab")
+        self.process = subprocess.Popen([_which("mosquitto"), "-c", str(conf)], stdout=log, stderr=log)
+        wait_for(lambda: port_open(self.port), 10, "secure mosquitto to listen")
+        return self

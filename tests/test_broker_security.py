@@ -1,0 +1,122 @@
+"""Nobody in: the shipped Mosquitto config and ACL, TLS and passwords, against a real broker.
+
+Negative checks do not sleep: after a forbidden publish the same client sends
+an allowed one; a broker delivers one client's messages in order, so had the
+forbidden one passed it would have arrived first.
+"""
+
+from __future__ import annotations
+
+import ssl
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import paho.mqtt.client as paho
+
+from tests.support.procs import VetdProcess, run_vetd, vetd_env
+from tests.support.services import SecureMosquitto
+from tests.support.wait import wait_for
+from vetd.agent import protocol
+from vetd.agent.protocol import Command, Result
+
+
+class Client:
+    def __init__(self, broker: SecureMosquitto, user: str, subscribe: str | None = None) -> None:
+        self.received: list[str] = []
+        self.granted: list[int] = []
+        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"{user}-{uuid.uuid4().hex[:6]}")
+        self.client.username_pw_set(user, broker.passwords[user])
+        self.client.tls_set(ca_certs=str(broker.ca), cert_reqs=ssl.CERT_REQUIRED)
+        self.client.on_message = lambda c, u, msg: self.received.append(msg.topic)
+        subscribed = threading.Event()
+
+        def on_subscribe(client: object, userdata: object, mid: int, codes: list[object], props: object) -> None:
+            self.granted += [int(getattr(code, "value", code)) for code in codes]
+            subscribed.set()
+
+        self.client.on_subscribe = on_subscribe
+        self.client.connect("127.0.0.1", broker.port)
+        self.client.loop_start()
+        if subscribe:
+            self.client.subscribe(subscribe, qos=1)
+            assert subscribed.wait(10)
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        self.client.publish(topic, payload, qos=1).wait_for_publish(10)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def result(node: str) -> tuple[str, bytes]:
+    message = Result(cluster="alps", node=node, session="s", seq=1, ts=time.time(), check="c", status="fail")
+    return protocol.topic_for(message), protocol.encode(message)
+
+
+def command(node: str) -> tuple[str, bytes]:
+    message = Command(cluster="alps", node=node, session="s", seq=0, ts=time.time(), id=uuid.uuid4().hex,
+                      action="ping")
+    return protocol.topic_for(message), protocol.encode(message)
+
+
+def test_a_node_cannot_speak_for_another_send_commands_or_read_anothers(secure_mosquitto: SecureMosquitto) -> None:
+    controller = Client(secure_mosquitto, "vetd-controller", "vetd/v1/#")
+    node_a = Client(secure_mosquitto, "nid001", "vetd/v1/alps/node/+/cmd")  # asks for every node's commands
+    node_b = Client(secure_mosquitto, "nid002", "vetd/v1/alps/node/nid002/cmd")
+    try:
+        node_a.publish(*result("nid002"))  # pretending to be nid002
+        node_a.publish(*result("nid001"))
+        wait_for(lambda: "vetd/v1/alps/node/nid001/result" in controller.received, 10, "A's own result")
+        assert "vetd/v1/alps/node/nid002/result" not in controller.received
+
+        node_a.publish(*command("nid002"))  # a node sending a command
+        controller.publish(*command("nid002"))
+        wait_for(lambda: node_b.received, 10, "the controller's command at B")
+        assert node_b.received == ["vetd/v1/alps/node/nid002/cmd"]  # one: the controller's
+
+        controller.publish(*command("nid001"))  # sent after the one to nid002
+        wait_for(lambda: node_a.received, 10, "A's own command")
+        assert node_a.received == ["vetd/v1/alps/node/nid001/cmd"]  # B's command never reached A
+    finally:
+        for client in (controller, node_a, node_b):
+            client.close()
+
+
+def test_vetd_over_tls_with_passwords_and_refusals(tmp_path: Path, secure_mosquitto: SecureMosquitto) -> None:
+    d = secure_mosquitto.workdir
+    config = tmp_path / "controller.toml"
+    config.write_text(f'cluster = "alps"\nclient_id = "vetd-controller-tls"\n[store]\npath = "state/c.db"\n'
+                      f'[auth]\nusername = "vetd-controller"\npassword_file = "{d / "vetd-controller.password"}"\n'
+                      f'ca_file = "{secure_mosquitto.ca}"\n')
+    controller = VetdProcess(["controller", "--config", str(config)], tmp_path / "controller.log",
+                             vetd_env(VETD_BROKER=secure_mosquitto.url)).start()
+
+    def agent(name: str, password: str, ca: Path) -> VetdProcess:
+        (tmp_path / f"{name}.pw").write_text(password)
+        conf = tmp_path / f"{name}.toml"
+        conf.write_text(f'[agent]\ninterval = "1h"\n[agent.auth]\nusername = "nid001"\n'
+                        f'password_file = "{tmp_path / f"{name}.pw"}"\nca_file = "{ca}"\n')
+        return VetdProcess(["agent", "--config", str(conf)], tmp_path / f"{name}.log",
+                           vetd_env(VETD_BROKER=secure_mosquitto.url, VETD_CLUSTER="alps", VETD_NODE="nid001",
+                                    VETD_STATE_DIR=str(tmp_path / name))).start()
+
+    good = agent("good", secure_mosquitto.passwords["nid001"], secure_mosquitto.ca)
+    wrong_password = agent("wrongpw", "guess", secure_mosquitto.ca)
+    other_ca = tmp_path / "other-ca.crt"
+    other_ca.write_bytes((d / "broker.crt").read_bytes())  # not the CA that signed the broker
+    wrong_ca = agent("wrongca", secure_mosquitto.passwords["nid001"], other_ca)
+    try:
+        wait_for(lambda: '"broker_connected"' in controller.output, 20, "controller over TLS")
+        wait_for(lambda: "nid001" in run_vetd("nodes", "--config", str(config)).stdout, 20,
+                 "the agent's results at the controller over TLS")
+        wait_for(lambda: '"broker_unavailable"' in wrong_password.output, 20, "wrong password refused")
+        assert "Not authorized" in wrong_password.output or "authori" in wrong_password.output.lower()
+        wait_for(lambda: '"broker_unavailable"' in wrong_ca.output, 20, "unknown CA refused")
+        assert "CERTIFICATE_VERIFY_FAILED" in wrong_ca.output or "certificate" in wrong_ca.output.lower()
+        assert '"broker_connected"' not in wrong_password.output + wrong_ca.output
+    finally:
+        for proc in (good, wrong_password, wrong_ca, controller):
+            proc.stop()
