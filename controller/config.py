@@ -81,6 +81,13 @@ class LimitsSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     per_node_burst: float = 20000.0
 
 
+class HttpSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    #: ``host:port``; the default answers this host only. Empty: no HTTP at all.
+    listen: str = "127.0.0.1:9464"
+    #: A file holding the bearer token for state changes; without it, none over HTTP.
+    token_file: str = ""
+
+
 class ControllerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     broker: str = "mqtt://127.0.0.1:1883"
     #: Only this cluster's nodes; empty: every cluster on the broker.
@@ -101,6 +108,7 @@ class ControllerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     repeat: RepeatSection = msgspec.field(default_factory=RepeatSection)
     healing: HealingSection = msgspec.field(default_factory=HealingSection)
     limits: LimitsSection = msgspec.field(default_factory=LimitsSection)
+    http: HttpSection = msgspec.field(default_factory=HttpSection)
     #: Static node labels by hostlist: ``"nid[0001-2688]" = {partition = "normal", gpu = "GH200"}``;
     #: they override what agents report.
     labels: dict[str, dict[str, str]] = {}
@@ -127,6 +135,10 @@ def load_controller_config(path: Path | str, environ: dict[str, str] | None = No
             NodeSet(hostlist)
         except NodeSetException as exc:
             raise ConfigError(f"{where(path, text, 'labels')}: {hostlist!r} is not a hostlist: {exc}") from exc
+    if config.http.listen:
+        host, _, port = config.http.listen.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"{where(path, text, 'http.listen')}: expected host:port, got {config.http.listen!r}")
     if config.cluster and not valid_name(config.cluster):
         raise ConfigError(f"{path}: cluster: {config.cluster!r} is not a valid cluster name")
     return msgspec.structs.replace(

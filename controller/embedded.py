@@ -35,7 +35,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def write_configs(state_dir: Path, port: int, interval: str) -> tuple[Path, Path]:
+def write_configs(state_dir: Path, port: int, interval: str, http_port: int) -> tuple[Path, Path]:
     state_dir.mkdir(parents=True, exist_ok=True)
     rules = state_dir / "rules.yaml"
     if not rules.exists():
@@ -45,7 +45,8 @@ def write_configs(state_dir: Path, port: int, interval: str) -> tuple[Path, Path
         "# Written by `vetd up`; edit rules.yaml to change what vetd does.\n"
         f'broker = "mqtt://127.0.0.1:{port}"\n'
         'rules = ["rules.yaml"]\n\n[store]\npath = "controller.db"\n\n'
-        '[scheduler]\nbackend = "none"\n'
+        '[scheduler]\nbackend = "none"\n\n'
+        f'[http]\nlisten = "127.0.0.1:{http_port}"\n'
     )
     agent = state_dir / "agent.toml"
     agent.write_text(
@@ -62,7 +63,8 @@ async def _up(args: argparse.Namespace) -> int:
     state_dir = Path(args.state_dir).resolve()
     port = args.port or free_port()
     parse_duration(args.interval)
-    controller_path, agent_path = write_configs(state_dir, port, args.interval)
+    http_port = free_port()
+    controller_path, agent_path = write_configs(state_dir, port, args.interval, http_port)
     broker = Broker(
         {
             "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
@@ -83,6 +85,7 @@ async def _up(args: argparse.Namespace) -> int:
         f"  controller  {controller_path}\n"
         f"  rules       {state_dir / 'rules.yaml'}\n"
         f"  state       {controller.store.path}\n"
+        f"  metrics     http://127.0.0.1:{http_port}/metrics\n"
         f"  agent       node {agent.identity.node}, config {agent_path}\n"
         f"  log         {state_dir / 'vetd.log'}\n"
         f"In another shell: vetd nodes --config {controller_path}\n"

@@ -654,6 +654,19 @@ class Controller:
             return
         log.info("command_sent", node=command.node, action=command.action, id=command.id)
 
+    def _http(self, group: asyncio.TaskGroup) -> asyncio.Task[None] | None:
+        if not self.config.http.listen:
+            return None
+        from vetd.controller.cli import node_summaries
+        from vetd.controller.http import HttpApi
+
+        token = read_key(self.config.http.token_file, f"{self.config.source}: http.token_file").decode() \
+            if self.config.http.token_file else ""
+        host, _, port = self.config.http.listen.rpartition(":")
+        api = HttpApi(self.store, lambda: self.store.counters(), lambda: node_summaries(self.store), token,
+                      self.config.cluster)
+        return group.create_task(api.serve(host.strip("[]"), int(port)), name="vetd.controller.http")
+
     async def _resend_loop(self) -> None:
         """Alertmanager forgets an alert not re-sent within its resolve_timeout: keep firing ones alive."""
         while True:
@@ -813,6 +826,7 @@ class Controller:
                 worker = group.create_task(self._action_worker(), name="vetd.controller.actions")
                 requests = group.create_task(self._requests_loop(), name="vetd.controller.requests")
                 resend = group.create_task(self._resend_loop(), name="vetd.controller.alerts.resend")
+                http = self._http(group)
                 await self.stop.wait()
                 ingest.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -823,6 +837,8 @@ class Controller:
                 worker.cancel()
                 requests.cancel()
                 resend.cancel()
+                if http is not None:
+                    http.cancel()
         finally:
             if signals:
                 for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
