@@ -34,6 +34,14 @@ def _controller_config_path(value: str | None) -> Path:
     return Path(value or os.environ.get("VETD_CONTROLLER_CONFIG") or DEFAULT_CONTROLLER_CONFIG)
 
 
+def _controller_config_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help=f"controller TOML config (default {DEFAULT_CONTROLLER_CONFIG})")
+
+
+def _agent_config_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help=f"agent TOML config (default $VETD_CONFIG or {DEFAULT_AGENT_CONFIG})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vetd",
@@ -48,13 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Run the node daemon: scheduled checks and telemetry, "
                            "streamed to the controller over MQTT. Env VETD_BROKER, VETD_CLUSTER "
                            "and VETD_NODE override the config file.")
-    agent.add_argument("--config", help=f"agent TOML config (default $VETD_CONFIG or {DEFAULT_AGENT_CONFIG})")
+    _agent_config_arg(agent)
 
     check = sub.add_parser("check", help="run checks once on this node (prolog, preflight)",
                            description="Run checks once on this node and print the results. "
                            "Exit 0: all pass or warn; 1: a check failed, errored or timed out; "
                            "2: vetd itself could not run.")
-    check.add_argument("--config", help=f"agent TOML config (default $VETD_CONFIG or {DEFAULT_AGENT_CONFIG})")
+    _agent_config_arg(check)
     check.add_argument("--profile", help="run the checks of this profile (prolog, periodic, full)")
     check.add_argument("--json", action="store_true", help="one JSON object per result per line")
     check.add_argument("--list", action="store_true", help="list the available checks and exit")
@@ -72,23 +80,23 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Subscribe to the agents' results, keep fleet state, "
                                 "apply rules, drain bad nodes and alert. Env VETD_BROKER overrides "
                                 "the broker.")
-    controller.add_argument("--config", help=f"controller TOML config (default {DEFAULT_CONTROLLER_CONFIG})")
+    _controller_config_arg(controller)
 
     nodes = sub.add_parser("nodes", help="show every node's state",
                            description="Node, state, online, last seen, failing checks, exclusion reason.")
-    nodes.add_argument("--config", help=f"controller TOML config (default {DEFAULT_CONTROLLER_CONFIG})")
+    _controller_config_arg(nodes)
     nodes.add_argument("--json", action="store_true", help="a JSON array instead of a table")
 
     node = sub.add_parser("node", help="show one node in detail",
                           description="One node's state, latest results and audit history.")
     node.add_argument("name")
-    node.add_argument("--config", help=f"controller TOML config (default {DEFAULT_CONTROLLER_CONFIG})")
+    _controller_config_arg(node)
     node.add_argument("--json", action="store_true", help="JSON instead of text")
 
     excluded = sub.add_parser("excluded", help="nodes vetd has excluded (for srun --exclude)",
                               description="Print the nodes vetd has excluded, folded as a hostlist "
                               "(nid[002,017-018]) ready for srun --exclude, one per line, or JSON.")
-    excluded.add_argument("--config", help=f"controller TOML config (default {DEFAULT_CONTROLLER_CONFIG})")
+    _controller_config_arg(excluded)
     excluded.add_argument("--format", choices=("hostlist", "lines", "json"), default="hostlist")
 
     drain = sub.add_parser("drain", help="take nodes out of service (through the controller)",
@@ -97,21 +105,21 @@ def build_parser() -> argparse.ArgumentParser:
                            "recorded in the audit log. Waits for the controller to take it.")
     drain.add_argument("nodes", metavar="NODES")
     drain.add_argument("--reason", required=True)
-    drain.add_argument("--config", help=f"controller TOML config (default {DEFAULT_CONTROLLER_CONFIG})")
+    _controller_config_arg(drain)
 
     resume = sub.add_parser("resume", help="return nodes to service (only vetd's drains)",
                             description="Return NODES (a hostlist) to service through the running "
                             "controller. In Slurm only drains whose reason starts with 'vetd:' are "
                             "resumed; a node an operator drained by other means is left alone.")
     resume.add_argument("nodes", metavar="NODES")
-    resume.add_argument("--config", help=f"controller TOML config (default {DEFAULT_CONTROLLER_CONFIG})")
+    _controller_config_arg(resume)
 
     breaker = sub.add_parser("breaker", help="show or reset the exclusion circuit breaker",
                              description="The breaker stops vetd from excluding more than a set share "
                              "of a partition; once open it stays open until reset.")
     breaker.add_argument("action", choices=("status", "reset"), nargs="?", default="status")
     breaker.add_argument("--partition", action="append", help="only this partition (repeatable)")
-    breaker.add_argument("--config", help=f"controller TOML config (default {DEFAULT_CONTROLLER_CONFIG})")
+    _controller_config_arg(breaker)
 
     silence = sub.add_parser("silence", help="hold alerts back for a while",
                              description="Silences hold back alerts whose labels match every matcher "
@@ -122,13 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     silence_add.add_argument("matchers", nargs="+", metavar="MATCHER", help="e.g. node=nid001 alertname=~xid.*")
     silence_add.add_argument("--for", dest="duration", required=True, metavar="DURATION", help="e.g. 2h")
     silence_add.add_argument("--comment", default="", help="why (shown with every silenced alert)")
-    silence_add.add_argument("--config", help=f"controller TOML config (default {DEFAULT_CONTROLLER_CONFIG})")
+    _controller_config_arg(silence_add)
     silence_list = silence_sub.add_parser("list", help="list silences")
     silence_list.add_argument("--all", action="store_true", help="expired ones too")
-    silence_list.add_argument("--config", help=f"controller TOML config (default {DEFAULT_CONTROLLER_CONFIG})")
+    _controller_config_arg(silence_list)
     silence_expire = silence_sub.add_parser("expire", help="end a silence now")
     silence_expire.add_argument("id", type=int)
-    silence_expire.add_argument("--config", help=f"controller TOML config (default {DEFAULT_CONTROLLER_CONFIG})")
+    _controller_config_arg(silence_expire)
 
     rules = sub.add_parser("rules", help="validate rule files",
                            description="Work with controller rule files.")
@@ -139,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
         "reload", help="make the running controller load its rule files again",
         description="The running controller re-reads its rule files (as on SIGHUP) and says how many "
         "rules are in force; a bad file leaves the rules in force untouched and says why.")
-    rules_reload.add_argument("--config", help=f"controller TOML config (default {DEFAULT_CONTROLLER_CONFIG})")
+    _controller_config_arg(rules_reload)
     rules_test = rules_sub.add_parser(
         "test", help="replay recorded results/events and print every decision",
         description="Replay an events file (JSON lines; `vetd export --events` writes one) against rule "
@@ -156,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--events", action="store_true", required=True, help="results and events (JSON lines)")
     export.add_argument("--node", help="only this node")
     export.add_argument("--since", metavar="DURATION", help="only the last DURATION (e.g. 24h)")
-    export.add_argument("--config", help=f"controller TOML config (default {DEFAULT_CONTROLLER_CONFIG})")
+    _controller_config_arg(export)
 
     up = sub.add_parser("up", help="run everything on this machine with embedded defaults",
                         description="One-machine vetd: an embedded MQTT broker on 127.0.0.1, the "
