@@ -2,9 +2,9 @@
 
 1. In-process: ``Controller.process`` on pre-encoded batches (decode, validate,
    deduplicate, store in SQLite, evaluate the rules), no network.
-2. Through a real Mosquitto: a load generator (paho, QoS 1) publishes results
-   as ``--nodes`` simulated nodes; a ``vetd controller`` process ingests them;
-   the rate is messages over the time until the controller has stored them all.
+2. Through a real Mosquitto: a backlog of results from ``--nodes`` simulated
+   nodes, queued in the controller's persistent session while it was down,
+   drained by a ``vetd controller`` process (its start included).
 """
 
 from __future__ import annotations
@@ -61,16 +61,33 @@ def in_process(nodes: int, count: int, runs: int) -> None:
 
 
 def through_broker(nodes: int, count: int) -> None:
+    """The controller draining a backlog from a real Mosquitto.
+
+    The load generator (paho on the same 2 cores) publishes more slowly than
+    the controller ingests, so the backlog is built first, while the
+    controller is down and its persistent session queues everything; then the
+    controller starts and the time to store it all is its ingest rate.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         broker = Mosquitto(work / "mosquitto").start()
         config = work / "controller.toml"
-        config.write_text(f'cluster = "bench"\nrules = ["{RULES}"]\n[store]\npath = "c.db"\n')
-        controller = VetdProcess(["controller", "--config", str(config)], work / "controller.log",
-                                 vetd_env(VETD_BROKER=broker.url, VETD_LOG_LEVEL="warning")).start()
+        config.write_text(f'cluster = "bench"\nrules = ["{RULES}"]\n[store]\npath = "c.db"\n'
+                          '[http]\nlisten = ""\n[limits]\nper_node_rate = 1e9\nper_node_burst = 1e9\n')
+        env = vetd_env(VETD_BROKER=broker.url, VETD_LOG_LEVEL="warning")
+
+        def stored() -> int:
+            store = Store(work / "c.db", readonly=True)
+            try:
+                return store.counters().get("results", 0)
+            finally:
+                store.close()
+
         try:
+            first = VetdProcess(["controller", "--config", str(config)], work / "c1.log", env).start()
             wait_for(lambda: (work / "c.db").exists(), 20, "controller store")
-            time.sleep(1)
+            time.sleep(1)  # subscribed: the persistent session exists
+            first.stop()
             batch = messages("bench", nodes, count)
             client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="bench-load")
             client.max_inflight_messages_set(1000)
@@ -80,25 +97,20 @@ def through_broker(nodes: int, count: int) -> None:
             started = time.perf_counter()
             infos = [client.publish(topic, payload, qos=1) for topic, payload in batch]
             for info in infos:
-                info.wait_for_publish(60)
+                info.wait_for_publish(120)
             published = time.perf_counter() - started
-
-            def stored() -> bool:
-                store = Store(work / "c.db", readonly=True)
-                try:
-                    return store.counters().get("results", 0) >= count
-                finally:
-                    store.close()
-
-            wait_for(stored, 300, "controller to store every result", interval=0.2)
-            elapsed = time.perf_counter() - started
             client.loop_stop()
             client.disconnect()
+            second = VetdProcess(["controller", "--config", str(config)], work / "c2.log", env).start()
+            started = time.perf_counter()
+            wait_for(lambda: stored() >= count, 300, "the backlog stored", interval=0.1)
+            elapsed = time.perf_counter() - started
+            second.stop()
         finally:
-            controller.stop()
             broker.stop()
-    print(f"through Mosquitto: {count:,} results from {nodes:,} nodes published in {published:.1f} s, "
-          f"all stored after {elapsed:.1f} s: {count / elapsed:,.0f} results/s end to end")
+    print(f"through Mosquitto: generator published {count:,} results from {nodes:,} nodes in {published:.1f} s "
+          f"({count / published:,.0f}/s); the controller stored the backlog in {elapsed:.1f} s: "
+          f"{count / elapsed:,.0f} results/s, process start included")
 
 
 def main() -> None:

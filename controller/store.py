@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from vetd.agent.protocol import Event, Result, State
 
 SCHEMA = """
@@ -236,19 +238,43 @@ class Store:
             self.db.executescript(SCHEMA)
         self.db.row_factory = sqlite3.Row
         self.nodes: dict[tuple[str, str], NodeRow] = {} if readonly else self._load_nodes()
+        #: Written once per batch by :meth:`flush` rather than once per message.
+        self._dirty: set[tuple[str, str]] = set()
+        self._sessions: dict[tuple[str, str, str], list[float]] = {}
 
     def close(self) -> None:
         self.db.close()
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
+        """One write transaction; per-batch bookkeeping is flushed before it commits."""
         self.db.execute("BEGIN IMMEDIATE")
         try:
             yield
+            self.flush()
         except BaseException:
             self.db.execute("ROLLBACK")
+            self._dirty.clear()
+            self._sessions.clear()
             raise
         self.db.execute("COMMIT")
+
+    def flush(self) -> None:
+        """Write the node rows and session counters this batch touched."""
+        for key in self._dirty:
+            self.save_node(self.nodes[key])
+        self._dirty.clear()
+        self.db.executemany(
+            """INSERT INTO sessions (cluster, node, session, first_seen, max_seq, received, duplicates)
+               VALUES (?,?,?,?,?,?,?)
+               ON CONFLICT (cluster, node, session) DO UPDATE SET
+                   max_seq=max(max_seq, excluded.max_seq),
+                   received=received + excluded.received,
+                   duplicates=duplicates + excluded.duplicates""",
+            [(*key, first, int(max_seq), int(received), int(dups))
+             for key, (first, max_seq, received, dups) in self._sessions.items()],
+        )
+        self._sessions.clear()
 
     # -- nodes -------------------------------------------------------------
 
@@ -278,7 +304,7 @@ class Store:
                    agent_version=excluded.agent_version, labels=excluded.labels""",
             (row.cluster, row.name, row.state, row.state_since, row.reason, int(row.online),
              row.session, row.session_started, row.first_seen, row.last_seen, row.agent_version,
-             json.dumps(row.labels, sort_keys=True)),
+             _json(row.labels)),
         )
 
     def apply_state(self, message: State, now: float) -> bool:
@@ -311,8 +337,8 @@ class Store:
             kind, name, status = "result", message.check, message.status
         else:
             kind, name, status = "event", message.name, message.severity
-        codes = json.dumps(message.codes)
-        metrics = json.dumps(_finite(message.metrics))
+        codes = _json(message.codes)
+        metrics = _json(_finite(message.metrics))
         cursor = self.db.execute(
             """INSERT OR IGNORE INTO history (cluster, node, session, seq, ts, received_at, kind,
                    name, entity, status, codes, metrics, message)
@@ -321,23 +347,16 @@ class Store:
              name, message.entity, status, codes, metrics, message.message),
         )
         duplicate = cursor.rowcount == 0
-        self.db.execute(
-            """INSERT INTO sessions (cluster, node, session, first_seen, max_seq, received, duplicates)
-               VALUES (?,?,?,?,?,?,?)
-               ON CONFLICT (cluster, node, session) DO UPDATE SET
-                   max_seq=max(max_seq, excluded.max_seq),
-                   received=received + excluded.received,
-                   duplicates=duplicates + excluded.duplicates""",
-            (message.cluster, message.node, message.session, now, message.seq,
-             0 if duplicate else 1, 1 if duplicate else 0),
-        )
+        tally = self._sessions.setdefault((message.cluster, message.node, message.session), [now, 0, 0, 0])
+        tally[1] = max(tally[1], message.seq)
+        tally[3 if duplicate else 2] += 1
         row = self.node(message.cluster, message.node, now)
         row.last_seen = max(row.last_seen, now)
         if not row.session:
             row.session = message.session
         if message.session == row.session:
             row.online = True
-        self.save_node(row)
+        self._dirty.add((row.cluster, row.name))
         if duplicate:
             return None
         history_id = cursor.lastrowid
@@ -566,6 +585,13 @@ class Store:
     def set_agent_loss(self, cluster: str, node: str, dropped: Mapping[str, int]) -> None:
         self.db.execute("INSERT OR REPLACE INTO agent_loss (cluster, node, dropped) VALUES (?,?,?)",
                         (cluster, node, json.dumps(dict(dropped))))
+
+
+_json_encoder = msgspec.json.Encoder()
+
+
+def _json(value: object) -> str:
+    return _json_encoder.encode(value).decode()
 
 
 def _finite(metrics: Mapping[str, float]) -> dict[str, float | None]:
