@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import sys
 from collections.abc import Sequence
 from typing import TextIO
@@ -67,7 +68,8 @@ def rows(runs: Sequence[CheckRun], profile: str | None) -> list[dict[str, object
             "entity": outcome.entity,
             "status": outcome.status,
             "codes": list(outcome.codes),
-            "metrics": dict(outcome.metrics),
+            # JSON has no NaN or infinity: such a value is reported as null.
+            "metrics": {k: (v if math.isfinite(v) else None) for k, v in outcome.metrics.items()},
             "message": outcome.message,
             "duration_s": round(run.duration_s, 4),
             "profile": profile or "",

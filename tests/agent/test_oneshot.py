@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.support.procs import run_vetd, vetd_env
 
 
@@ -59,3 +61,31 @@ def test_profile_selects_and_a_raising_plugin_check_exits_1(tmp_path: Path) -> N
     assert statuses["steady"] == "pass"
     prolog = run_vetd("check", "--config", str(config), "--json", "--profile", "prolog")
     assert "raises" not in prolog.stdout and "host_memory" in prolog.stdout
+
+
+def test_check_overrides_disable_and_time_out_checks(tmp_path: Path) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text('[agent]\nload_plugins = ["vetd_testplugin"]\n'
+                      '[checks.raises]\nenabled = false\n[checks.hangs]\ntimeout = "100ms"\n')
+    done = run_vetd("check", "--config", str(config), "--json", "--profile", "periodic")
+    results = {r["check"]: r for r in map(json.loads, done.stdout.splitlines())}
+    assert "raises" not in results  # disabled
+    assert results["hangs"]["status"] == "timeout" and results["hangs"]["metrics"]["timeout_s"] == 0.1
+    named = run_vetd("check", "--config", str(config), "--json", "raises")  # named explicitly: runs anyway
+    assert json.loads(named.stdout)["status"] == "error"
+
+
+def test_non_finite_metrics_stay_valid_json(tmp_path: Path) -> None:
+    plugin = tmp_path / "nanplugin.py"
+    plugin.write_text(
+        "from vetd.agent.checks import Check, Outcome\nfrom vetd.agent.hookspecs import hookimpl\n\n"
+        "@hookimpl\ndef vetd_register_checks(registry, configs):\n"
+        "    registry.add(Check('odd', lambda: Outcome(status='pass', metrics={'a': float('nan'), "
+        "'b': float('inf'), 'c': 1.5})))\n")
+    config = tmp_path / "agent.toml"
+    config.write_text('[agent]\nload_plugins = ["nanplugin"]\n')
+    env = vetd_env()
+    env["PYTHONPATH"] = f"{tmp_path}:{env['PYTHONPATH']}"
+    done = run_vetd("check", "--config", str(config), "--json", "odd", env=env)
+    assert json.loads(done.stdout, parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))["metrics"] == {
+        "a": None, "b": None, "c": 1.5}
