@@ -96,17 +96,10 @@ def operator_request(args: argparse.Namespace, config: ControllerConfig) -> int:
             except Exception as exc:  # noqa: BLE001 - ClusterShell raises several parse errors
                 print(f"vetd: {args.nodes!r} is not a hostlist: {exc}", file=sys.stderr)
                 return EXIT_VETD
-            known: dict[str, list[str]] = {}
-            for node in store.node_rows():
-                known.setdefault(node.name, []).append(node.cluster)
-            targets = []
-            for name in names:
-                clusters = [config.cluster] if config.cluster else known.get(name, [])
-                if len(clusters) != 1:
-                    why = "unknown to vetd" if not clusters else f"in several clusters ({', '.join(clusters)})"
-                    print(f"vetd: node {name} is {why}; set `cluster` in {config.source}", file=sys.stderr)
-                    return EXIT_VETD
-                targets.append((clusters[0], name))
+            targets, problems = store.resolve_nodes(names, config.cluster)
+            if problems:
+                print(f"vetd: {problems[0]}; set `cluster` in {config.source}", file=sys.stderr)
+                return EXIT_VETD
             request_id = store.submit(_actor(), args.command, targets, getattr(args, "reason", "") or "")
         deadline = time.monotonic() + REQUEST_WAIT_S
         while time.monotonic() < deadline:

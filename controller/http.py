@@ -124,11 +124,9 @@ class HttpApi:
             return self._json(400, {"error": f"expected {{\"nodes\": HOSTLIST, \"reason\": TEXT}}: {exc}"})
         if action == "drain" and not reason:
             return self._json(400, {"error": "a drain needs a reason"})
-        known = {n.name: n.cluster for n in self.store.nodes.values()}
-        targets = [(self.cluster or known.get(name, ""), name) for name in names]
-        unknown = [name for cluster, name in targets if not cluster]
-        if unknown:
-            return self._json(400, {"error": f"unknown to vetd: {', '.join(unknown)}"})
+        targets, problems = self.store.resolve_nodes(names, self.cluster)
+        if problems:
+            return self._json(400, {"error": "; ".join(problems)})
         request_id = self.store.submit("http", action, targets, reason)
         return self._json(202, {"request": request_id, "nodes": names})
 

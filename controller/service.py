@@ -626,12 +626,9 @@ class Controller:
                 elif request["action"] == "resume":
                     previous = node.state
                     self.store.end_healing(cluster, name)  # an operator's resume ends any ladder
-                    node.state, node.reason, node.state_since = "healthy", "", now
-                    self.store.save_node(node)
-                    self._forget_rules(node)
-                    audit_id = self.store.audit(cluster, name, "resume", actor=actor, outcome="pending",
-                                                detail=f"was {previous}", now=now)
-                    self._actions.put_nowait(Resume(cluster, name, audit_id))
+                    decisions = Decisions()
+                    self._return_to_service(node, f"was {previous}", now, decisions, actor=actor)
+                    self._enqueue(decisions)
                     results.append({"node": name, "outcome": "resuming", "was": previous})
             self.store.finish_request(request["id"], "done", results)
             log.info("operator_request", action=request["action"], actor=request["actor"], results=results)
@@ -746,11 +743,13 @@ class Controller:
                              detail=f"after {step}: {reply.message}", now=now)
             self._return_to_service(node, f"healed by {step}", now, decisions)
 
-    def _return_to_service(self, node: NodeRow, why: str, now: float, decisions: Decisions) -> None:
+    def _return_to_service(self, node: NodeRow, why: str, now: float, decisions: Decisions,
+                           actor: str = "controller") -> None:
         node.state, node.reason, node.state_since = "healthy", "", now
         self.store.save_node(node)
         self._forget_rules(node)
-        audit_id = self.store.audit(node.cluster, node.name, "resume", outcome="pending", detail=why, now=now)
+        audit_id = self.store.audit(node.cluster, node.name, "resume", actor=actor, outcome="pending",
+                                    detail=why, now=now)
         decisions.other.append(Resume(node.cluster, node.name, audit_id))
 
     def heal_tick(self, now: float | None = None) -> Decisions:

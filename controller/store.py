@@ -504,6 +504,22 @@ class Store:
         self.db.execute("UPDATE requests SET status=?, result=? WHERE id=?",
                         (status, json.dumps(result), request_id))
 
+    def resolve_nodes(self, names: Sequence[str], cluster: str) -> tuple[list[tuple[str, str]], list[str]]:
+        """``(cluster, node)`` for each name, and what stops that: a node vetd has
+        not seen, or one known in several clusters, when ``cluster`` is not given."""
+        known: dict[str, list[str]] = {}
+        for row in self.node_rows():
+            known.setdefault(row.name, []).append(row.cluster)
+        targets, problems = [], []
+        for name in names:
+            clusters = [cluster] if cluster else known.get(name, [])
+            if len(clusters) == 1:
+                targets.append((clusters[0], name))
+            else:
+                problems.append(f"node {name} is "
+                                + ("unknown to vetd" if not clusters else f"in several clusters ({', '.join(clusters)})"))
+        return targets, problems
+
     def breaker_open(self, partition: str) -> dict[str, Any] | None:
         row = self.db.execute("SELECT * FROM breaker WHERE partition=? AND open=1", (partition,)).fetchone()
         return None if row is None else dict(row)
