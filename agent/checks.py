@@ -14,7 +14,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Generic, Literal, TypeVar
 
 import msgspec
@@ -138,8 +138,6 @@ class _Registry(Generic[ItemT]):
 
 
 def _with_plugin(item: Any, plugin: str) -> Any:
-    from dataclasses import replace
-
     return replace(item, plugin=plugin)
 
 

@@ -65,6 +65,15 @@ def last_seq(proc: VetdProcess) -> tuple[str, int]:
     return record["session"], record["last_seq"]
 
 
+def stop_and_collect(proc: VetdProcess, tmp_path: Path, timeout: float = 30) -> tuple[str, int]:
+    """Stop the agent cleanly; wait until the controller has stored all it produced.
+    Returns (session, results produced)."""
+    assert proc.stop() == 0
+    session, produced = last_seq(proc)
+    wait_for(lambda: len(stored(tmp_path).get(session, [])) >= produced, timeout, "every result stored")
+    return session, produced
+
+
 def count(tmp_path: Path) -> int:
     return sum(len(v) for k, v in stored(tmp_path).items() if not k.startswith("_"))
 
@@ -86,9 +95,7 @@ def test_a_60s_broker_outage_loses_nothing(tmp_path: Path, own_mosquitto: Mosqui
         own_mosquitto.start()
         outage = time.monotonic() - outage_start
         wait_for(lambda: count(tmp_path) >= 20 + 8 * outage, 60, "the spooled results delivered")
-        assert node.stop() == 0
-        session, produced = last_seq(node)
-        wait_for(lambda: len(stored(tmp_path).get(session, [])) >= produced, 30, "every result stored")
+        session, produced = stop_and_collect(node, tmp_path)
         result = stored(tmp_path)
         assert_exactly_once_in_order(result[session], produced)
         print(f"\n60 s outage: produced {produced}, stored {len(result[session])} exactly once in order, "
@@ -113,9 +120,7 @@ def test_an_agent_killed_while_the_broker_is_down_delivers_its_spool_after_resta
         second = agent(tmp_path, own_mosquitto, cluster_name, "agent2")
         wait_for(lambda: len(stored(tmp_path)) >= 3, 30, "the new session's results")  # _duplicates + 2 sessions
         time.sleep(1)
-        assert second.stop() == 0
-        new_session, produced = last_seq(second)
-        wait_for(lambda: len(stored(tmp_path).get(new_session, [])) >= produced, 30, "new session stored")
+        new_session, produced = stop_and_collect(second, tmp_path)
         result = stored(tmp_path)
         old_session = next(s for s in result if s not in ("_duplicates", new_session))
         old = result[old_session]
@@ -147,9 +152,7 @@ def test_a_controller_killed_mid_stream_misses_nothing_and_decides_nothing_twice
         time.sleep(3)  # ~30 results reach the broker while no controller is there
         second = controller(tmp_path, own_mosquitto, cluster_name, "controller2")
         time.sleep(1)
-        assert node.stop() == 0
-        session, produced = last_seq(node)
-        wait_for(lambda: len(stored(tmp_path).get(session, [])) >= produced, 30, "every result stored")
+        session, produced = stop_and_collect(node, tmp_path)
         result = stored(tmp_path)
         assert_exactly_once_in_order(result[session], produced)
         store = Store(tmp_path / "state" / "controller.db", readonly=True)
@@ -178,9 +181,7 @@ def test_a_stalled_broker_is_noticed_and_the_agent_catches_up(
             own_mosquitto.resume()
         wait_for(lambda: node.output.count('"broker_connected"') >= 2, 30, "the agent to reconnect")
         time.sleep(1)
-        assert node.stop() == 0
-        session, produced = last_seq(node)
-        wait_for(lambda: len(stored(tmp_path).get(session, [])) >= produced, 60, "every result stored")
+        session, produced = stop_and_collect(node, tmp_path, 60)
         assert_exactly_once_in_order(stored(tmp_path)[session], produced)
         print(f"\nSIGSTOP stall: produced {produced}, stored exactly once in order")
     finally:
@@ -216,9 +217,7 @@ def test_a_flooding_node_is_rate_limited_and_cannot_starve_the_others(
             info.wait_for_publish(30)
         elapsed = time.monotonic() - started
         time.sleep(2)
-        assert node.stop() == 0
-        session, produced = last_seq(node)
-        wait_for(lambda: len(stored(tmp_path).get(session, [])) >= produced, 30, "every good result stored")
+        session, produced = stop_and_collect(node, tmp_path)
         result = stored(tmp_path)
         assert_exactly_once_in_order(result[session], produced)
         flooded = len(result.get("flood", []))
