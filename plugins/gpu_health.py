@@ -53,6 +53,25 @@ KMSG_PATH = "/dev/kmsg"
 
 def make_source(config: GpuHealthConfig) -> Source:
     """The configured source; raises ``SourceUnavailable`` when it cannot be had."""
+    replayed = _replay_source(config)
+    if replayed is None:
+        from vetd.plugins.gpu.nvml import NvmlSource
+
+        return NvmlSource()
+    if not config.through_nvml:
+        return replayed
+    from vetd.plugins.gpu.nvml import NvmlSource
+    from vetd.plugins.gpu.nvmlsim import SimulatedNvml, install
+    from vetd.plugins.gpu.replay import ScenarioSource
+
+    if isinstance(replayed, ScenarioSource):
+        install(SimulatedNvml(replayed, slots=replayed.slots(), nvml_errors=replayed.nvml_errors))
+    else:
+        install(SimulatedNvml(replayed))
+    return NvmlSource(expected=replayed.expected_gpus, name=f"nvml({replayed.name})", process_names=False)
+
+
+def _replay_source(config: GpuHealthConfig) -> Source | None:
     if config.source == "capture":
         from vetd.plugins.gpu.replay import CaptureSource
 
@@ -66,9 +85,7 @@ def make_source(config: GpuHealthConfig) -> Source:
             raise SourceUnavailable("source = \"scenario\" needs `scenario` (a file path)")
         at = None if config.scenario_at is None else float(config.scenario_at)
         return ScenarioSource(config.scenario, at=at)
-    from vetd.plugins.gpu.nvml import NvmlSource
-
-    return NvmlSource()
+    return None
 
 
 class GpuRuntime:
@@ -81,7 +98,8 @@ class GpuRuntime:
         self._lock = threading.Lock()
         self._evaluating = threading.Lock()
         self._source: Source | None = None
-        self._guard: Guard | None = None
+        #: Opening the source (``nvmlInit``) runs under the deadline too: it hangs as readily as a query.
+        self._guard = Guard(self._take, float(config.driver_timeout))
         #: PCI bus id → entity, from every snapshot so far: a GPU that just fell
         #: off the bus is still named by what it was.
         self._entities: dict[str, str] = {}
@@ -91,13 +109,17 @@ class GpuRuntime:
         with self._lock:
             if self._source is None:
                 self._source = make_source(self.config)
-                self._guard = Guard(self._source.snapshot, float(self.config.driver_timeout))
             return self._source
+
+    def _take(self) -> NodeSnapshot:
+        return self.source().snapshot()
 
     def snapshot(self) -> NodeSnapshot | Outcome:
         """A snapshot, or the node-level outcome that says why there is none."""
         try:
-            self.source()
+            snapshot = self._guard.snapshot()
+        except DriverUnresponsive as exc:
+            return Outcome(status="fail", codes=["driver_unresponsive"], message=str(exc))
         except SourceUnavailable as exc:
             if self.config.source == "nvml" and (present := nvidia_gpus_in_sysfs()) > 0:
                 return Outcome(status="fail", codes=["driver_unavailable"],
@@ -107,11 +129,6 @@ class GpuRuntime:
                 return Outcome(status="skip", codes=["not_applicable"],
                                message=f"no NVIDIA GPU on this node ({exc})")
             return Outcome(status="error", codes=["source_unavailable"], message=str(exc))
-        assert self._guard is not None
-        try:
-            snapshot = self._guard.snapshot()
-        except DriverUnresponsive as exc:
-            return Outcome(status="fail", codes=["driver_unresponsive"], message=str(exc))
         self._entities.update({normalize_pci(gpu.pci_bus_id): gpu.entity for gpu in snapshot.gpus})
         return snapshot
 

@@ -26,6 +26,9 @@ class GpuHealthConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     source: Literal["nvml", "capture", "scenario"] = "nvml"
     capture: str = ""
     scenario: str = ""
+    #: Serve the capture or scenario through a simulated libnvidia-ml, so the
+    #: live NVML code path reads it (tests, demos, checking an NVML upgrade).
+    through_nvml: bool = False
     #: Fixed time into the scenario to evaluate (``vetd check --at``); unset: live clock.
     scenario_at: Duration | None = None
     #: Expected GPU count; -1: the NVIDIA GPUs the kernel lists in sysfs

@@ -74,6 +74,13 @@ def _describe(gpu: GpuSnapshot) -> str:
     return f"{gpu.name or 'GPU'} {gpu.pci_bus_id}".strip()
 
 
+def lost(gpu: GpuSnapshot) -> Outcome:
+    """A GPU the driver lists but cannot reach: nothing else about it can be judged."""
+    why = "; ".join(gpu.query_errors) or "GPU is lost"
+    return Outcome(status="fail", entity=gpu.entity, codes=["gpu_lost"],
+                   message=f"{_describe(gpu)} (index {gpu.index}) fell off the bus or is inaccessible: {why}")
+
+
 class Evaluator:
     """Health and idle verdicts, with the history that rates need."""
 
@@ -86,20 +93,23 @@ class Evaluator:
     # -- node level --------------------------------------------------------
 
     def count(self, snapshot: NodeSnapshot, expected: int | None) -> Outcome:
-        found = len(snapshot.gpus)
+        listed = len(snapshot.gpus)
+        found = sum(not gpu.lost for gpu in snapshot.gpus)
         metrics: dict[str, float] = {"gpus_found": float(found)}
+        if found != listed:
+            metrics["gpus_lost"] = float(listed - found)
         findings: list[Finding] = []
         if expected is not None and expected >= 0:
             metrics["gpus_expected"] = float(expected)
             if found < expected:
                 findings.append(Finding("fail", "gpu_missing",
-                                        f"{found} of {expected} expected GPUs visible to the driver"))
+                                        f"{found} of {expected} expected GPUs usable through the driver"))
             elif found > expected:
                 findings.append(Finding("warn", "gpu_count_mismatch",
                                         f"{found} GPUs visible, {expected} expected"))
-        if snapshot.attached_gpus is not None and snapshot.attached_gpus != found:
+        if snapshot.attached_gpus is not None and snapshot.attached_gpus != listed:
             findings.append(Finding("warn", "gpu_list_incomplete",
-                                    f"driver reports {snapshot.attached_gpus} GPUs attached, {found} listed"))
+                                    f"driver reports {snapshot.attached_gpus} GPUs attached, {listed} listed"))
         if snapshot.driver_version:
             parts = snapshot.driver_version.split(".")
             for name, part in zip(("driver_major", "driver_minor", "driver_patch"), parts, strict=False):
@@ -113,9 +123,13 @@ class Evaluator:
     def health(self, snapshot: NodeSnapshot, expected: int | None) -> list[Outcome]:
         outcomes = [self.count(snapshot, expected)]
         for gpu in snapshot.gpus:
+            if gpu.lost:
+                outcomes.append(lost(gpu))
+                continue
             key = gpu.uuid or gpu.pci_bus_id or gpu.entity
             previous = self._previous.get(key)
             findings = [
+                *self._queries(gpu),
                 *self._ecc(gpu, previous, snapshot.taken),
                 *self._memory(gpu),
                 *self._reset(gpu),
@@ -129,6 +143,13 @@ class Evaluator:
             outcomes.append(outcome(gpu.entity, findings, gpu_metrics(gpu),
                                     f"{_describe(gpu)} healthy"))
         return outcomes
+
+    def _queries(self, gpu: GpuSnapshot) -> list[Finding]:
+        if not gpu.query_errors:
+            return []
+        shown = "; ".join(gpu.query_errors[:3]) + (" ..." if len(gpu.query_errors) > 3 else "")
+        return [Finding("warn", "driver_query_failed",
+                        f"{len(gpu.query_errors)} driver queries failed: {shown}")]
 
     def _ecc(self, gpu: GpuSnapshot, previous: tuple[float, GpuSnapshot] | None, now: float) -> list[Finding]:
         findings = []
@@ -265,6 +286,9 @@ class Evaluator:
     def idle(self, snapshot: NodeSnapshot) -> list[Outcome]:
         outcomes = []
         for gpu in snapshot.gpus:
+            if gpu.lost:
+                outcomes.append(lost(gpu))
+                continue
             findings = []
             if gpu.temp_c is not None and gpu.temp_c >= self.config.idle_temp_max_c:
                 findings.append(Finding("fail", "idle_temp_high",

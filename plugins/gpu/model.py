@@ -56,6 +56,9 @@ class GpuSnapshot(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ecc_aggregate_sram_uncorrectable: int | None = None
     ecc_aggregate_dram_correctable: int | None = None
     ecc_aggregate_dram_uncorrectable: int | None = None
+    #: Volatile totals, only where the driver gives no SRAM/DRAM split.
+    ecc_volatile_correctable_total: int | None = None
+    ecc_volatile_uncorrectable_total: int | None = None
     # page retirement (pre-Ampere) and row remapping (Ampere and later)
     retired_pages_sbe: int | None = None
     retired_pages_dbe: int | None = None
@@ -91,6 +94,12 @@ class GpuSnapshot(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     utilization_pct: float | None = None
     persistence_mode: bool | None = None
     processes: list[GpuProcess] | None = None
+    #: The driver answers GPU_IS_LOST: fallen off the bus or otherwise inaccessible.
+    #: Only index, uuid, pci_bus_id and name (as last seen) are then known.
+    lost: bool = False
+    #: Queries the driver failed for a reason other than "not supported",
+    #: as ``"function: error"`` (an unknown error, a corrupted infoROM...).
+    query_errors: list[str] = []
 
     @property
     def entity(self) -> str:
@@ -98,11 +107,13 @@ class GpuSnapshot(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     @property
     def volatile_uncorrectable(self) -> int | None:
-        return _total(self.ecc_volatile_sram_uncorrectable, self.ecc_volatile_dram_uncorrectable)
+        split = _total(self.ecc_volatile_sram_uncorrectable, self.ecc_volatile_dram_uncorrectable)
+        return self.ecc_volatile_uncorrectable_total if split is None else split
 
     @property
     def volatile_correctable(self) -> int | None:
-        return _total(self.ecc_volatile_sram_correctable, self.ecc_volatile_dram_correctable)
+        split = _total(self.ecc_volatile_sram_correctable, self.ecc_volatile_dram_correctable)
+        return self.ecc_volatile_correctable_total if split is None else split
 
     @property
     def retired_pages(self) -> int | None:

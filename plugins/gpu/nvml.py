@@ -1,21 +1,29 @@
 """Live GPU state through NVML (``nvidia-ml-py``, imported as ``pynvml``).
 
 Every call that a GPU may not support is wrapped so that "not supported"
-becomes ``None``. The whole snapshot runs under the driver deadline of
+becomes ``None``; a GPU that answers ``GPU_IS_LOST`` is reported lost, and
+any other failed query is kept with the GPU's snapshot rather than dropped. The whole snapshot runs under the driver deadline of
 :class:`~vetd.plugins.gpu.sources.Guard`; XID and double-bit-ECC events come
 from an NVML event set waited on by a thread of its own.
 """
 
 from __future__ import annotations
 
+import ctypes
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+import msgspec
+import structlog
 
 from vetd.agent.checks import SourceUnavailable
 from vetd.plugins.gpu.model import CLOCK_REASONS, GpuProcess, GpuSnapshot, NodeSnapshot, NvLink
 from vetd.plugins.gpu.sources import nvidia_gpus_in_sysfs
+
+log = structlog.get_logger("vetd.gpu")
 
 # nvmlClocksEventReason* bit values (nvml.h), named as in the snapshot model.
 _REASON_BITS = {
@@ -40,23 +48,82 @@ def _import() -> Any:
     return pynvml
 
 
+#: NVML errors that mean "this GPU or driver does not report that": the value is None.
+_NOT_REPORTED = ("NOT_SUPPORTED", "INVALID_ARGUMENT", "NO_PERMISSION", "NOT_FOUND", "FUNCTION_NOT_FOUND",
+                 "NO_DATA", "VGPU_ECC_NOT_SUPPORTED", "ARGUMENT_VERSION_MISMATCH", "DEPRECATED")
+
+
+class _Lost(Exception):
+    """NVML_ERROR_GPU_IS_LOST: the GPU fell off the bus or is otherwise inaccessible."""
+
+
+class _Reader:
+    """NVML calls for one GPU: "not supported" becomes None, other failures are kept.
+
+    ``GPU_IS_LOST`` ends the GPU's snapshot (:class:`_Lost`); ``RESET_REQUIRED``
+    is the driver's verdict and sets :attr:`reset_required`; any other error
+    (unknown, corrupted infoROM, timeout...) is recorded in :attr:`errors`
+    with the function it came from, and the value is None.
+    """
+
+    def __init__(self, nvml: Any, not_reported: frozenset[int]) -> None:
+        self.nvml = nvml
+        self.not_reported = not_reported
+        self.errors: list[str] = []
+        self.reset_required = False
+
+    def __call__(self, func: Callable[..., Any], *args: Any) -> Any:
+        n = self.nvml
+        try:
+            return func(*args)
+        except n.NVMLError as exc:
+            code = getattr(exc, "value", None)
+            if code in self.not_reported:
+                return None
+            if code == n.NVML_ERROR_GPU_IS_LOST:
+                raise _Lost(str(exc)) from exc
+            if code == n.NVML_ERROR_RESET_REQUIRED:
+                self.reset_required = True
+            else:
+                self.errors.append(f"{func.__name__}: {exc}")
+            return None
+
+
+class _Known(msgspec.Struct, frozen=True):
+    uuid: str
+    pci_bus_id: str
+    name: str
+
+
 class NvmlSource:
     name = "nvml"
 
-    def __init__(self) -> None:
+    def __init__(self, *, expected: Callable[[], int | None] | None = None, name: str = "nvml",
+                 process_names: bool = True) -> None:
+        """``expected``: the GPU count the node should have (default: sysfs);
+        ``process_names``: name compute processes from ``/proc`` (off when the
+        GPUs are not this machine's, as under :mod:`~vetd.plugins.gpu.nvmlsim`)."""
         self.nvml = _import()
+        self.name = name
+        self._expected = expected or nvidia_gpus_in_sysfs
+        self._process_names = process_names
         try:
             self.nvml.nvmlInit()
         except self.nvml.NVMLError as exc:
             raise SourceUnavailable(f"NVML: {exc}") from exc
-        self._lock = threading.Lock()
+        self._not_reported = frozenset(
+            code for code in (getattr(self.nvml, f"NVML_ERROR_{error}", None) for error in _NOT_REPORTED)
+            if code is not None
+        )
+        #: index → identity as last seen: a lost GPU is still named by what it was.
+        self._known: dict[int, _Known] = {}
+        #: index → the NVLinks that answered (up or down) when last probed. NVML
+        #: counts up to NVML_NVLINK_MAX_LINKS (36) links, an H100 has 18 and a
+        #: PCIe card none: probing once saves most of the calls of a snapshot.
+        self._links: dict[int, list[int]] = {}
 
-    def _get(self, func: Callable[..., Any], *args: Any) -> Any:
-        """Call NVML; "not supported" and friends become None."""
-        try:
-            return func(*args)
-        except self.nvml.NVMLError:
-            return None
+    def _reader(self) -> _Reader:
+        return _Reader(self.nvml, self._not_reported)
 
     def _text(self, value: Any) -> str | None:
         if value is None:
@@ -66,24 +133,41 @@ class NvmlSource:
     def snapshot(self) -> NodeSnapshot:
         n = self.nvml
         count = n.nvmlDeviceGetCount()
-        gpus = [self._gpu(index, n.nvmlDeviceGetHandleByIndex(index)) for index in range(count)]
+        system = self._reader()
         return NodeSnapshot(
             source=self.name,
             taken=time.time(),
-            gpus=gpus,
-            driver_version=self._text(self._get(n.nvmlSystemGetDriverVersion)),
-            cuda_version=_cuda(self._get(n.nvmlSystemGetCudaDriverVersion_v2)),
+            gpus=[self._gpu_or_lost(index) for index in range(count)],
+            driver_version=self._text(system(n.nvmlSystemGetDriverVersion)),
+            cuda_version=_cuda(system(n.nvmlSystemGetCudaDriverVersion_v2)),
             attached_gpus=count,
         )
 
-    def _ecc(self, handle: Any, error_type: int, counter: int, location: int) -> int | None:
-        n = self.nvml
-        value = self._get(n.nvmlDeviceGetMemoryErrorCounter, handle, error_type, counter, location)
+    def _gpu_or_lost(self, index: int) -> GpuSnapshot:
+        get = self._reader()
+        try:
+            try:
+                handle = self.nvml.nvmlDeviceGetHandleByIndex(index)
+            except self.nvml.NVMLError as exc:
+                # No handle, no GPU to use: lost, with the driver's reason.
+                raise _Lost(f"nvmlDeviceGetHandleByIndex: {exc}") from exc
+            gpu = self._gpu(index, handle, get)
+        except _Lost as exc:
+            known = self._known.get(index, _Known("", "", ""))
+            return GpuSnapshot(index=index, uuid=known.uuid, pci_bus_id=known.pci_bus_id, name=known.name,
+                               lost=True, query_errors=[*get.errors, str(exc)])
+        if gpu.pci_bus_id:
+            self._known[index] = _Known(gpu.uuid, gpu.pci_bus_id, gpu.name)
+        return gpu
+
+    def _ecc(self, get: _Reader, handle: Any, kind: int, scope: int, location: int | None) -> int | None:
+        if location is None:
+            return None
+        value = get(self.nvml.nvmlDeviceGetMemoryErrorCounter, handle, kind, scope, location)
         return None if value is None else int(value)
 
-    def _gpu(self, index: int, handle: Any) -> GpuSnapshot:
+    def _gpu(self, index: int, handle: Any, get: _Reader) -> GpuSnapshot:
         n = self.nvml
-        get = self._get
         corr, unc = n.NVML_MEMORY_ERROR_TYPE_CORRECTED, n.NVML_MEMORY_ERROR_TYPE_UNCORRECTED
         vol, agg = n.NVML_VOLATILE_ECC, n.NVML_AGGREGATE_ECC
         dram = n.NVML_MEMORY_LOCATION_DEVICE_MEMORY
@@ -100,11 +184,18 @@ class NvmlSource:
         limit = get(n.nvmlDeviceGetEnforcedPowerLimit, handle)
         procs = get(n.nvmlDeviceGetComputeRunningProcesses, handle)
         persistence = get(n.nvmlDeviceGetPersistenceMode, handle)
-
-        def sram_count(kind: int, scope: int) -> int | None:
-            return None if sram is None else self._ecc(handle, kind, scope, sram)
-
-        return GpuSnapshot(
+        ecc: dict[str, Any] = {
+            f"ecc_{scope_name}_{where}_{kind_name}": self._ecc(get, handle, kind, scope, location)
+            for scope_name, scope in (("volatile", vol), ("aggregate", agg))
+            for where, location in (("sram", sram), ("dram", dram))
+            for kind_name, kind in (("correctable", corr), ("uncorrectable", unc))
+        }
+        for kind_name, kind in (("correctable", corr), ("uncorrectable", unc)):
+            if ecc[f"ecc_volatile_sram_{kind_name}"] is None and ecc[f"ecc_volatile_dram_{kind_name}"] is None:
+                # No SRAM/DRAM split from this GPU or driver: the total still tells a DBE.
+                ecc[f"ecc_volatile_{kind_name}_total"] = get(n.nvmlDeviceGetTotalEccErrors, handle, kind, vol)
+        fields = self._fields(handle, get)
+        gpu = GpuSnapshot(
             index=index,
             uuid=self._text(get(n.nvmlDeviceGetUUID, handle)) or "",
             pci_bus_id=(self._text(pci.busId) or "") if pci is not None else "",
@@ -112,14 +203,7 @@ class NvmlSource:
             serial=self._text(get(n.nvmlDeviceGetSerial, handle)),
             vbios=self._text(get(n.nvmlDeviceGetVbiosVersion, handle)),
             ecc_enabled=None if ecc_mode is None else bool(ecc_mode[0]),
-            ecc_volatile_sram_correctable=sram_count(corr, vol),
-            ecc_volatile_sram_uncorrectable=sram_count(unc, vol),
-            ecc_volatile_dram_correctable=self._ecc(handle, corr, vol, dram),
-            ecc_volatile_dram_uncorrectable=self._ecc(handle, unc, vol, dram),
-            ecc_aggregate_sram_correctable=sram_count(corr, agg),
-            ecc_aggregate_sram_uncorrectable=sram_count(unc, agg),
-            ecc_aggregate_dram_correctable=self._ecc(handle, corr, agg, dram),
-            ecc_aggregate_dram_uncorrectable=self._ecc(handle, unc, agg, dram),
+            **ecc,
             retired_pages_sbe=_len(get(n.nvmlDeviceGetRetiredPages, handle,
                                        n.NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS)),
             retired_pages_dbe=_len(get(n.nvmlDeviceGetRetiredPages, handle,
@@ -129,16 +213,19 @@ class NvmlSource:
             remapped_rows_uncorrectable=None if remap is None else int(remap[1]),
             remapped_rows_pending=None if remap is None else bool(remap[2]),
             remapped_rows_failure=None if remap is None else bool(remap[3]),
-            **self._reset_flags(handle),
+            reset_required=_flag(fields.get("reset_required")),
+            drain_and_reset_recommended=_flag(fields.get("drain_and_reset_recommended")),
+            recovery_action=None if fields.get("recovery_action") is None
+            else _recovery_name(int(fields["recovery_action"])),
             clock_reasons=None if reasons is None else [r for r, bit in _REASON_BITS.items() if reasons & bit],
             pcie_gen=get(n.nvmlDeviceGetCurrPcieLinkGeneration, handle),
             pcie_gen_max=get(n.nvmlDeviceGetMaxPcieLinkGeneration, handle),
             pcie_width=get(n.nvmlDeviceGetCurrPcieLinkWidth, handle),
             pcie_width_max=get(n.nvmlDeviceGetMaxPcieLinkWidth, handle),
             pcie_replay_counter=get(n.nvmlDeviceGetPcieReplayCounter, handle),
-            nvlinks=self._nvlinks(handle),
+            nvlinks=self._nvlinks(index, handle, get),
             temp_c=_float(get(n.nvmlDeviceGetTemperature, handle, n.NVML_TEMPERATURE_GPU)),
-            temp_memory_c=None,
+            temp_memory_c=_float(fields.get("temp_memory_c")),
             temp_slowdown_c=_float(get(n.nvmlDeviceGetTemperatureThreshold, handle,
                                        n.NVML_TEMPERATURE_THRESHOLD_SLOWDOWN)),
             temp_shutdown_c=_float(get(n.nvmlDeviceGetTemperatureThreshold, handle,
@@ -150,39 +237,45 @@ class NvmlSource:
             utilization_pct=None if util is None else float(util.gpu),
             persistence_mode=None if persistence is None else bool(persistence),
             processes=None if procs is None else [
-                GpuProcess(pid=p.pid, type="C",
+                GpuProcess(pid=p.pid, type="C", name=_process_name(p.pid) if self._process_names else "",
                            used_memory_mib=None if p.usedGpuMemory is None else p.usedGpuMemory / 2**20)
                 for p in procs
             ],
         )
+        if get.reset_required or get.errors:
+            gpu = msgspec.structs.replace(gpu, reset_required=True if get.reset_required else gpu.reset_required,
+                                          query_errors=list(get.errors))
+        return gpu
 
-    def _reset_flags(self, handle: Any) -> dict[str, Any]:
-        """The driver's own verdicts, from NVML field values (each None where unsupported)."""
+    def _fields(self, handle: Any, get: _Reader) -> dict[str, float]:
+        """NVML field values (the driver's own verdicts, memory temperature), where supported."""
         n = self.nvml
         wanted = {
             "reset_required": getattr(n, "NVML_FI_DEV_RESET_STATUS", None),
             "drain_and_reset_recommended": getattr(n, "NVML_FI_DEV_DRAIN_AND_RESET_STATUS", None),
             "recovery_action": getattr(n, "NVML_FI_DEV_GET_GPU_RECOVERY_ACTION", None),
+            "temp_memory_c": getattr(n, "NVML_FI_DEV_MEMORY_TEMP", None),
         }
-        flags: dict[str, Any] = dict.fromkeys(wanted)
         ids = [field for field in wanted.values() if field is not None]
-        values = self._get(n.nvmlDeviceGetFieldValues, handle, ids) if ids else None
-        by_id = {v.fieldId: int(v.value.uiVal) for v in values or [] if v.nvmlReturn == 0}
-        for key, field in wanted.items():
-            if field in by_id:
-                flags[key] = bool(by_id[field]) if key != "recovery_action" else _recovery_name(by_id[field])
-        return flags
+        values = get(n.nvmlDeviceGetFieldValues, handle, ids) if ids else None
+        by_id = {v.fieldId: _field_value(v) for v in values or [] if v.nvmlReturn == n.NVML_SUCCESS}
+        return {key: value for key, field in wanted.items() if (value := by_id.get(field)) is not None}
 
-    def _nvlinks(self, handle: Any) -> list[NvLink] | None:
+    def _nvlinks(self, index: int, handle: Any, get: _Reader) -> list[NvLink] | None:
         n = self.nvml
+        known = self._links.get(index)
+        candidates = known if known is not None else range(getattr(n, "NVML_NVLINK_MAX_LINKS", 18))
         links = []
-        for link in range(getattr(n, "NVML_NVLINK_MAX_LINKS", 18)):
-            state = self._get(n.nvmlDeviceGetNvLinkState, handle, link)
+        for link in candidates:
+            state = get(n.nvmlDeviceGetNvLinkState, handle, link)
             if state is None:
+                if known is not None:  # a link that answered before no longer does: probe afresh
+                    del self._links[index]
+                    return self._nvlinks(index, handle, get)
                 continue
 
             def counter(kind: str, link: int = link) -> int | None:
-                value = self._get(n.nvmlDeviceGetNvLinkErrorCounter, handle, link, getattr(n, kind))
+                value = get(n.nvmlDeviceGetNvLinkErrorCounter, handle, link, getattr(n, kind))
                 return None if value is None else int(value)
 
             crc = [counter("NVML_NVLINK_ERROR_DL_CRC_FLIT"), counter("NVML_NVLINK_ERROR_DL_CRC_DATA")]
@@ -192,32 +285,45 @@ class NvmlSource:
                 recovery_errors=counter("NVML_NVLINK_ERROR_DL_RECOVERY"),
                 crc_errors=None if all(c is None for c in crc) else sum(c or 0 for c in crc),
             ))
+        if known is None:
+            self._links[index] = [link.link for link in links]
         return links or None
 
     def expected_gpus(self) -> int | None:
-        return nvidia_gpus_in_sysfs()
+        return self._expected()
 
     def watch(self, on_xid: Callable[[str, int, str], None], stop: threading.Event) -> None:
-        """Wait on an NVML event set for XIDs and double-bit ECC errors."""
+        """Wait on an NVML event set for XIDs and double-bit ECC errors.
+
+        Bus ids are read once, when the GPUs register: an event about a GPU
+        that has just fallen off the bus must not need that GPU to answer.
+        """
         n = self.nvml
         events = n.nvmlEventSetCreate()
-        bus_ids: dict[int, str] = {}
+        bus_of: dict[int | None, str] = {}
         try:
             wanted = n.nvmlEventTypeXidCriticalError | n.nvmlEventTypeDoubleBitEccError
             for index in range(n.nvmlDeviceGetCount()):
-                handle = n.nvmlDeviceGetHandleByIndex(index)
-                supported = self._get(n.nvmlDeviceGetSupportedEventTypes, handle) or 0
-                if supported & wanted:
-                    n.nvmlDeviceRegisterEvents(handle, supported & wanted, events)
-                pci = self._get(n.nvmlDeviceGetPciInfo, handle)
-                if pci is not None:
-                    bus_ids[index] = self._text(pci.busId) or f"gpu{index}"
+                try:
+                    handle = n.nvmlDeviceGetHandleByIndex(index)
+                    bus_of[_address(handle)] = self._text(n.nvmlDeviceGetPciInfo(handle).busId) or f"gpu{index}"
+                    supported = n.nvmlDeviceGetSupportedEventTypes(handle)
+                    if supported & wanted:
+                        n.nvmlDeviceRegisterEvents(handle, supported & wanted, events)
+                except n.NVMLError as exc:
+                    # One GPU that cannot register (lost, no event support) leaves the others watched;
+                    # the kernel log still reports its XIDs.
+                    log.warning("xid_events_unavailable", gpu=index, error=str(exc))
             while not stop.is_set():
                 try:
                     data = n.nvmlEventSetWait_v2(events, 500)
                 except n.NVMLError_Timeout:
                     continue
-                bus = self._text(n.nvmlDeviceGetPciInfo(data.device).busId) or "unknown"
+                except n.NVMLError as exc:
+                    log.warning("xid_event_wait_failed", error=str(exc))
+                    stop.wait(1.0)
+                    continue
+                bus = bus_of.get(_address(data.device), "unknown")
                 if data.eventType & n.nvmlEventTypeXidCriticalError:
                     on_xid(bus, int(data.eventData), "reported by NVML")
                 elif data.eventType & n.nvmlEventTypeDoubleBitEccError:
@@ -233,6 +339,31 @@ _RECOVERY = {0: "None", 1: "Reset", 2: "Reboot", 3: "Drain P2P", 4: "Drain and R
 
 def _recovery_name(value: int) -> str:
     return _RECOVERY.get(value, f"action {value}")
+
+
+#: c_nvmlValue_t member by nvmlValueType_t.
+_VALUE_MEMBERS = {0: "dVal", 1: "uiVal", 2: "ulVal", 3: "ullVal", 4: "sllVal", 5: "siVal", 6: "usVal"}
+
+
+def _field_value(value: Any) -> float | None:
+    member = _VALUE_MEMBERS.get(int(value.valueType))
+    return None if member is None else float(getattr(value.value, member))
+
+
+def _flag(value: float | None) -> bool | None:
+    return None if value is None else bool(value)
+
+
+def _address(handle: Any) -> int | None:
+    """A device handle's pointer value: the same GPU gives the same address."""
+    return ctypes.cast(handle, ctypes.c_void_p).value
+
+
+def _process_name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""  # gone already, or in another PID namespace
 
 
 def _len(value: Any) -> int | None:

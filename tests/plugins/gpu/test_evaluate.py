@@ -99,7 +99,12 @@ def test_gpu_count() -> None:
     evaluator = Evaluator(GpuHealthConfig())
     missing = evaluator.count(node(healthy_gpu(0)), expected=8)
     assert (missing.status, missing.codes) == ("fail", ["gpu_missing"])
-    assert missing.message == "1 of 8 expected GPUs visible to the driver"
+    assert missing.message == "1 of 8 expected GPUs usable through the driver"
+    fallen = msgspec.structs.replace(healthy_gpu(1), lost=True, query_errors=["nvmlDeviceGetHandleByIndex: GPU is lost"])
+    one_lost = evaluator.health(node(healthy_gpu(0), fallen), expected=2)
+    assert [(o.entity, o.status, o.codes) for o in one_lost] == [
+        ("node", "fail", ["gpu_missing"]), ("gpu0", "pass", []), ("gpu1", "fail", ["gpu_lost"])]
+    assert one_lost[0].metrics["gpus_lost"] == 1.0 and "GPU is lost" in one_lost[2].message
     extra = evaluator.count(node(healthy_gpu(0), healthy_gpu(1)), expected=1)
     assert (extra.status, extra.codes) == ("warn", ["gpu_count_mismatch"])
 
