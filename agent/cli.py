@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--scenario", metavar="FILE.yaml", help="GPU checks follow this scenario instead of NVML")
     check.add_argument("--at", metavar="DURATION",
                        help="with --scenario: evaluate the state this far into it (default: its end)")
+    check.add_argument("--through-nvml", action="store_true",
+                       help="with --capture or --scenario: serve it through a simulated libnvidia-ml, "
+                       "so the live NVML code path reads it")
     check.add_argument("--expect-gpus", type=int, metavar="N",
                        help="GPUs the node should have (default: sysfs, or the capture's attached_gpus)")
     check.add_argument("checks", nargs="*", metavar="CHECK", help="checks to run (default: all)")
@@ -253,6 +256,10 @@ def _gpu_overrides(args: argparse.Namespace) -> dict[str, object]:
             raise ConfigError(f"--at: {exc}") from exc
     elif args.at:
         raise ConfigError("--at needs --scenario")
+    if args.through_nvml:
+        if not (args.capture or args.scenario):
+            raise ConfigError("--through-nvml needs --capture or --scenario")
+        overrides["through_nvml"] = True
     if args.expect_gpus is not None:
         overrides["expected_gpus"] = args.expect_gpus
     return overrides

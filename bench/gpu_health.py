@@ -3,7 +3,8 @@
 1. CPU time of one full health sample for 8 GPUs from the scenario source
    (snapshot + every health verdict), median over many samples; target ≤ 2 ms.
    On a machine with an NVIDIA GPU, ``--nvml`` also times one NVML snapshot
-   and each NVML call class.
+   and each NVML call class; ``--nvml-sim`` times the NVML code path over the
+   simulated library (how many calls one snapshot makes, and their Python cost).
 2. XID latency: a scenario fires XIDs; each event's time at the agent
    (``ts``) against its arrival in the controller's store (``received_at``),
    through a real Mosquitto; median and p99.
@@ -94,6 +95,40 @@ def nvml_cost(samples: int) -> None:
           f"CPU median {1e3 * statistics.median(cpu):.2f} ms")
 
 
+def nvml_sim_cost(samples: int) -> None:
+    """The live NVML path's own cost: pynvml and NvmlSource over the simulated library."""
+    from vetd.plugins.gpu.nvml import NvmlSource
+    from vetd.plugins.gpu.nvmlsim import SimulatedNvml, install
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "s.yaml"
+        path.write_text("gpus: 8\n")
+        scenario = ScenarioSource(str(path))
+        simulation = SimulatedNvml(scenario, slots=scenario.slots())
+        restore = install(simulation)
+        try:
+            source = NvmlSource(expected=lambda: 8, process_names=False)
+            source.snapshot()
+            direct_cpu, cpu, calls = [], [], []
+            for _ in range(samples):
+                c0 = time.process_time()
+                scenario.snapshot()
+                direct_cpu.append(time.process_time() - c0)
+                before = simulation.calls
+                c0 = time.process_time()
+                source.snapshot()
+                cpu.append(time.process_time() - c0)
+                calls.append(simulation.calls - before)
+        finally:
+            restore()
+    per_call = [(c - d) / n for c, d, n in zip(cpu, direct_cpu, calls, strict=True)]
+    print(f"8-GPU NVML snapshot through the simulated libnvidia-ml, {samples} samples (CPU time):")
+    print(f"  {statistics.median(calls):.0f} NVML calls per snapshot; "
+          f"snapshot median {1e3 * statistics.median(cpu):.2f} ms "
+          f"(pynvml + NvmlSource + simulation; a real driver's time replaces the simulation's)")
+    print(f"  about {1e6 * statistics.median(per_call):.1f} us per call once the scenario's own cost is taken off")
+
+
 def xid_latency(count: int) -> None:
     xids = [13, 31, 43, 45, 94, 92, 63, 68]
     steps = [f"  - {{at: {1 + 0.1 * i:.1f}s, gpu: {i % 8}, xid: {xids[(i // 8) % len(xids)]}}}" for i in range(count)]
@@ -137,10 +172,17 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=2000)
     parser.add_argument("--xids", type=int, default=100)
     parser.add_argument("--nvml", action="store_true", help="also time NVML on this machine's GPUs")
+    parser.add_argument("--nvml-sim", action="store_true",
+                        help="also time the NVML code path over the simulated libnvidia-ml (no GPU needed)")
+    parser.add_argument("--no-xid", action="store_true", help="skip the XID latency run (needs mosquitto)")
     args = parser.parse_args()
     logic_cost(args.samples)
+    if args.nvml_sim:
+        nvml_sim_cost(max(20, args.samples // 20))
     if args.nvml:
         nvml_cost(args.samples)
+    if args.no_xid:
+        return
     xid_latency(args.xids)
 
 

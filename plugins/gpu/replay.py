@@ -17,9 +17,13 @@ Scenario format (YAML)::
       - {at: 5s, gpu: 5, set: {pcie_width: 8, utilization_pct: 95}}
       - {at: 6s, gpu: 6, nvlink_down: [0]}
       - {at: 8s, gpu: 7, vanish: true}   # fell off the bus
+      - {at: 10s, gpu: 2, nvml_error: {nvmlDeviceGetPowerUsage: UNKNOWN}}   # --through-nvml only
       - {at: 12s, hang: true}            # the driver stops answering
 
 ``set`` keys are :class:`~vetd.plugins.gpu.model.GpuSnapshot` field names.
+With ``--through-nvml`` (``through_nvml = true``) the same state is served
+through a simulated ``libnvidia-ml`` (:mod:`vetd.plugins.gpu.nvmlsim`), so the
+live NVML code path reads it.
 Times count from when the source starts (the agent's start); ``vetd check``
 evaluates the state at the end of the timeline unless told ``--at``.
 """
@@ -70,6 +74,10 @@ class Step(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     hang: bool = False
     #: NVLink links of ``gpu`` to mark down.
     nvlink_down: list[int] = []
+    #: Through the simulated NVML only (``--through-nvml``): these functions of
+    #: ``gpu`` now fail with this error (``UNKNOWN``, ``GPU_IS_LOST``,
+    #: ``RESET_REQUIRED``...); ``{}`` ends earlier ones.
+    nvml_error: dict[str, str] | None = None
 
 
 class Scenario(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -131,8 +139,16 @@ def load_scenario(path: str) -> Scenario:
         unknown = set(step.set) - fields
         if unknown:
             raise ScenarioError(f"{path}: timeline[{n}].set: unknown GPU field(s) {', '.join(sorted(unknown))}")
-        if (step.set or step.xid is not None or step.vanish or step.nvlink_down) and step.gpu is None:
-            raise ScenarioError(f"{path}: timeline[{n}]: `gpu` is required with set, xid or vanish")
+        if (step.set or step.xid is not None or step.vanish or step.nvlink_down or step.nvml_error is not None) \
+                and step.gpu is None:
+            raise ScenarioError(f"{path}: timeline[{n}]: `gpu` is required with set, xid, vanish, "
+                                "nvlink_down or nvml_error")
+        from vetd.plugins.gpu.nvmlsim import ERRORS
+
+        bad = set((step.nvml_error or {}).values()) - set(ERRORS)
+        if bad:
+            raise ScenarioError(f"{path}: timeline[{n}].nvml_error: unknown NVML error(s) {', '.join(sorted(bad))} "
+                                f"(known: {', '.join(ERRORS)})")
     unknown = set(scenario.base) - fields
     if unknown:
         raise ScenarioError(f"{path}: base: unknown GPU field(s) {', '.join(sorted(unknown))}")
@@ -186,12 +202,24 @@ class ScenarioSource:
             attached_gpus=len(gpus),
         )
 
+    def slots(self) -> dict[int, str]:
+        """Every GPU of the scenario, index → PCI bus id, vanished ones included."""
+        return {i: _apply(healthy_gpu(i), self.scenario.base).pci_bus_id for i in range(self.scenario.gpus)}
+
+    def nvml_errors(self, elapsed: float) -> dict[int, dict[str, str]]:
+        """GPU index → {NVML function: error name} in force at ``elapsed``."""
+        errors: dict[int, dict[str, str]] = {}
+        for step in self.scenario.timeline:
+            if step.at <= elapsed and step.gpu is not None and step.nvml_error is not None:
+                errors[step.gpu] = {**errors.get(step.gpu, {}), **step.nvml_error} if step.nvml_error else {}
+        return errors
+
     def expected_gpus(self) -> int | None:
         return self.scenario.expected_gpus if self.scenario.expected_gpus is not None else self.scenario.gpus
 
     def watch(self, on_xid: Callable[[str, int, str], None], stop: threading.Event) -> None:
         """Report the timeline's XIDs when their time comes."""
-        pci = {i: healthy_gpu(i).pci_bus_id for i in range(self.scenario.gpus)}
+        pci = self.slots()
         for step in sorted(self.scenario.timeline, key=lambda s: s.at):
             if step.xid is None or step.gpu is None:
                 continue

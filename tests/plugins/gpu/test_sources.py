@@ -91,6 +91,8 @@ timeline:
         ("timeline:\n  - {at: soon, gpu: 0}\n", "expected a duration"),
         ("timeline:\n  - {at: 1s, xid: 79}\n", "`gpu` is required"),
         ("gpus: [\n", "invalid YAML"),
+        ("timeline:\n  - {at: 1s, gpu: 0, nvml_error: {nvmlDeviceGetName: OOPS}}\n",
+         r"timeline\[0\]\.nvml_error: unknown NVML error\(s\) OOPS \(known: INVALID_ARGUMENT"),
     ],
 )
 def test_bad_scenarios_say_why(tmp_path: Path, text: str, message: str) -> None:

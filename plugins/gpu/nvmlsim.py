@@ -1,0 +1,482 @@
+"""A simulated ``libnvidia-ml``: the live NVML code path without a GPU.
+
+:class:`SimulatedNvml` stands where pynvml expects the C library
+(``pynvml.nvmlLib``) and answers the C functions pynvml calls, with the C
+calling convention pynvml uses (out-parameters through ``byref``, return codes),
+from the snapshots of a scenario or a capture. pynvml's own wrappers, its
+structures, its error classes and all of :class:`~vetd.plugins.gpu.nvml.NvmlSource`
+therefore run as they do on a node with GPUs; only the library below them is
+stood in for. With it the NVML source is tested in CI, and an operator can
+watch a scenario travel the live path (``vetd check gpu_health --scenario F
+--through-nvml``).
+
+How the simulated driver behaves, as the real one does:
+
+* A value the snapshot lacks (``None``) is ``NVML_ERROR_NOT_SUPPORTED``; an
+  NVLink beyond the GPU's links is ``NVML_ERROR_INVALID_ARGUMENT``.
+* A GPU that vanishes from the scenario stays counted by
+  ``nvmlDeviceGetCount_v2`` and answers ``NVML_ERROR_GPU_IS_LOST`` (fallen off
+  the bus), including to ``nvmlDeviceGetHandleByIndex_v2``.
+* A scenario ``hang`` blocks whichever call comes next, forever.
+* The scenario's XIDs arrive through ``nvmlEventSetWait_v2``.
+* ``nvml_error`` steps make named functions fail with a named NVML error
+  (``{at: 3s, gpu: 1, nvml_error: {nvmlDeviceGetPowerUsage: UNKNOWN}}``).
+* Functions this simulation does not know are missing symbols, which pynvml
+  reports as ``NVML_ERROR_FUNCTION_NOT_FOUND`` (an older driver).
+
+Codes, bit masks and field ids come from pynvml's constants, not from the
+tables :class:`~vetd.plugins.gpu.nvml.NvmlSource` decodes with, so a wrong
+entry in those tables shows as a difference in the tests.
+
+Captures and scenarios (:mod:`vetd.plugins.gpu.replay`) stay the one home of
+GPU stand-ins: this module adds no state of its own, it only serves theirs
+through NVML's interface.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from vetd.agent.checks import SourceUnavailable
+from vetd.plugins.gpu.model import CLOCK_REASONS, GpuSnapshot, NodeSnapshot
+from vetd.plugins.gpu.sources import Source
+
+#: Handles are opaque pointers; ours are these addresses plus the GPU index.
+_HANDLE_BASE = 0x5EED0000
+_EVENT_SET_BASE = 0x5E700000
+#: Snapshots are re-read at most this often (a scenario's time moves on).
+REFRESH_S = 0.05
+
+#: Errors an ``nvml_error`` scenario step may name (``NVML_ERROR_<name>``).
+ERRORS = ("INVALID_ARGUMENT", "NOT_SUPPORTED", "NO_PERMISSION", "NOT_FOUND", "TIMEOUT", "IRQ_ISSUE",
+          "CORRUPTED_INFOROM", "GPU_IS_LOST", "RESET_REQUIRED", "OPERATING_SYSTEM", "MEMORY", "NO_DATA", "UNKNOWN")
+#: Snapshot clock reasons by pynvml's ``nvmlClocksEventReason<Name>``.
+_REASON_NAMES = {
+    "gpu_idle": "GpuIdle", "applications_clocks_setting": "ApplicationsClocksSetting",
+    "sw_power_cap": "SwPowerCap", "hw_slowdown": "HwSlowdown", "sync_boost": "SyncBoost",
+    "sw_thermal_slowdown": "SwThermalSlowdown", "hw_thermal_slowdown": "HwThermalSlowdown",
+    "hw_power_brake_slowdown": "HwPowerBrakeSlowdown", "display_clocks_setting": "DisplayClockSetting",
+}
+assert set(_REASON_NAMES) == set(CLOCK_REASONS)
+#: Recovery actions as nvidia-smi words them, by pynvml's ``NVML_GPU_RECOVERY_ACTION_<NAME>``.
+_RECOVERY_NAMES = {"none": "NONE", "reset": "GPU_RESET", "reboot": "NODE_REBOOT", "drain p2p": "DRAIN_P2P",
+                   "drain and reset": "DRAIN_AND_RESET", "recover imex domain": "RECOVER_IMEX_DOMAIN",
+                   "bus reset": "BUS_RESET", "system reboot": "SYSTEM_REBOOT"}
+
+
+class _Fail(Exception):
+    """Inside a simulated call: return ``NVML_ERROR_<name>``."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+def _out(ref: Any) -> Any:
+    """The object behind a ``byref(...)`` out-parameter."""
+    return ref._obj
+
+
+def _int(value: Any) -> int:
+    return int(value.value) if hasattr(value, "value") else int(value)
+
+
+def _address(pointer: Any) -> int:
+    return ctypes.cast(pointer, ctypes.c_void_p).value or 0
+
+
+def _set_pointer(ref: Any, address: int) -> None:
+    target = _out(ref)
+    ctypes.cast(ctypes.pointer(target), ctypes.POINTER(ctypes.c_void_p))[0] = address
+
+
+def _need(value: Any) -> Any:
+    if value is None:
+        raise _Fail("NOT_SUPPORTED")
+    return value
+
+
+class SimulatedNvml:
+    """The C side of NVML, answering from a :class:`~vetd.plugins.gpu.sources.Source`."""
+
+    def __init__(self, source: Source, *, slots: dict[int, str] | None = None,
+                 nvml_errors: Callable[[float], dict[int, dict[str, str]]] | None = None) -> None:
+        """``slots``: every GPU the node has, index → PCI bus id (default: the
+        first snapshot's); ``nvml_errors``: scenario time → {GPU index:
+        {function: error name}}."""
+        from vetd.plugins.gpu.nvml import _import
+
+        #: pynvml's constants are the simulation's nvml.h: it shares no table with NvmlSource.
+        self.n = nvml = _import()
+        self.source = source
+        self._nvml_errors = nvml_errors
+        # An older pynvml lacks some names: the simulated driver then lacks those features too.
+        self._reason_bits = {r: getattr(nvml, f"nvmlClocksEventReason{name}", None)
+                             or getattr(nvml, f"nvmlClocksThrottleReason{name}") for r, name in _REASON_NAMES.items()}
+        self._recovery = {words: getattr(nvml, f"NVML_GPU_RECOVERY_ACTION_{name}")
+                          for words, name in _RECOVERY_NAMES.items()
+                          if hasattr(nvml, f"NVML_GPU_RECOVERY_ACTION_{name}")}
+        self._lock = threading.Lock()
+        self._snapshot: NodeSnapshot | None = None
+        self._taken = 0.0
+        self._slots: list[int] | None = None if slots is None else sorted(slots)
+        self._bus_of: dict[int, str] = dict(slots or {})
+        self._events: dict[int, tuple[queue.SimpleQueue[tuple[str, int]], threading.Event]] = {}
+        self._watching: set[int] = set()
+        self._next_set = 0
+        self.calls = 0
+
+    # -- plumbing ------------------------------------------------------------
+
+    def __getattr__(self, name: str) -> Callable[..., int]:
+        method = getattr(type(self), f"_c_{name}", None)
+        if method is None:
+            raise AttributeError(name)  # pynvml: NVML_ERROR_FUNCTION_NOT_FOUND
+
+        def call(*args: Any) -> int:
+            self.calls += 1
+            try:
+                if args and name.startswith("nvmlDevice") and name != "nvmlDeviceGetCount_v2":
+                    self._injected(name, args[0])
+                result = method(self, *args)
+            except _Fail as fail:
+                return int(getattr(self.n, f"NVML_ERROR_{fail.name}"))
+            return self.n.NVML_SUCCESS if result is None else int(result)
+
+        return call
+
+    def state(self) -> NodeSnapshot:
+        with self._lock:
+            now = time.monotonic()
+            if self._snapshot is None or now - self._taken >= REFRESH_S:
+                self._snapshot = self.source.snapshot()  # a scenario `hang` blocks here, as a driver would
+                self._taken = now
+                if self._slots is None:
+                    self._slots = [gpu.index for gpu in self._snapshot.gpus]
+                    self._bus_of = {gpu.index: gpu.pci_bus_id for gpu in self._snapshot.gpus}
+            return self._snapshot
+
+    def _slots_now(self) -> list[int]:
+        self.state()
+        assert self._slots is not None
+        return self._slots
+
+    def _index(self, handle: Any) -> int:
+        offset = _address(handle) - _HANDLE_BASE
+        if offset not in self._slots_now():
+            raise _Fail("INVALID_ARGUMENT")
+        return offset
+
+    def _gpu(self, handle: Any) -> GpuSnapshot:
+        index = self._index(handle)
+        for gpu in self.state().gpus:
+            if gpu.index == index:
+                return gpu
+        raise _Fail("GPU_IS_LOST")
+
+    def _injected(self, name: str, first: Any) -> None:
+        """Fail ``name`` as an ``nvml_error`` step says (``first``: its handle or index argument)."""
+        if self._nvml_errors is None:
+            return
+        table = self._nvml_errors(getattr(self.source, "elapsed", lambda: 0.0)())
+        if name == "nvmlDeviceGetHandleByIndex_v2":
+            slots = self._slots_now()
+            index = slots[_int(first)] if _int(first) < len(slots) else None
+        else:
+            index = _address(first) - _HANDLE_BASE
+        error = table.get(index, {}).get(name) if index is not None else None
+        if error is not None:
+            raise _Fail(error)
+
+    # -- system ----------------------------------------------------------------
+
+    def _c_nvmlInitWithFlags(self, flags: Any) -> None:
+        self.state()
+
+    def _c_nvmlShutdown(self) -> None:
+        return None
+
+    def _c_nvmlSystemGetDriverVersion(self, buffer: Any, size: Any) -> None:
+        buffer.value = _need(self.state().driver_version).encode()
+
+    def _c_nvmlSystemGetCudaDriverVersion_v2(self, ref: Any) -> None:
+        major, _, minor = _need(self.state().cuda_version).partition(".")
+        _out(ref).value = int(major) * 1000 + int(minor or 0) * 10
+
+    def _c_nvmlDeviceGetCount_v2(self, ref: Any) -> None:
+        _out(ref).value = len(self._slots_now())
+
+    def _c_nvmlDeviceGetHandleByIndex_v2(self, index: Any, ref: Any) -> None:
+        slots = self._slots_now()
+        position = _int(index)
+        if position >= len(slots):
+            raise _Fail("INVALID_ARGUMENT")
+        gpu = slots[position]
+        if all(g.index != gpu for g in self.state().gpus):
+            raise _Fail("GPU_IS_LOST")
+        _set_pointer(ref, _HANDLE_BASE + gpu)
+
+    # -- identity --------------------------------------------------------------
+
+    def _string(self, buffer: Any, value: str | None) -> None:
+        buffer.value = _need(value).encode()
+
+    def _c_nvmlDeviceGetUUID(self, handle: Any, buffer: Any, size: Any) -> None:
+        self._string(buffer, self._gpu(handle).uuid or None)
+
+    def _c_nvmlDeviceGetName(self, handle: Any, buffer: Any, size: Any) -> None:
+        self._string(buffer, self._gpu(handle).name or None)
+
+    def _c_nvmlDeviceGetSerial(self, handle: Any, buffer: Any, size: Any) -> None:
+        self._string(buffer, self._gpu(handle).serial)
+
+    def _c_nvmlDeviceGetVbiosVersion(self, handle: Any, buffer: Any, size: Any) -> None:
+        self._string(buffer, self._gpu(handle).vbios)
+
+    def _c_nvmlDeviceGetPciInfo_v3(self, handle: Any, ref: Any) -> None:
+        bus = _need(self._gpu(handle).pci_bus_id or None)
+        info = _out(ref)
+        info.busId = bus.encode()
+        info.busIdLegacy = bus.encode()[-16:]
+        domain, _, rest = bus.rpartition(":")[0].partition(":")
+        info.domain = int(domain or "0", 16)
+        info.bus = int(rest or "0", 16)
+
+    # -- memory errors -----------------------------------------------------------
+
+    def _ecc(self, gpu: GpuSnapshot, kind: int, scope: int, location: str) -> int | None:
+        name = f"ecc_{'volatile' if scope == 0 else 'aggregate'}_{location}_" \
+               f"{'uncorrectable' if kind == self.n.NVML_MEMORY_ERROR_TYPE_UNCORRECTED else 'correctable'}"
+        value: int | None = getattr(gpu, name)
+        return value
+
+    def _c_nvmlDeviceGetEccMode(self, handle: Any, current: Any, pending: Any) -> None:
+        enabled = int(_need(self._gpu(handle).ecc_enabled))
+        _out(current).value = enabled
+        _out(pending).value = enabled
+
+    def _c_nvmlDeviceGetMemoryErrorCounter(self, handle: Any, kind: Any, scope: Any, location: Any, ref: Any) -> None:
+        names = {self.n.NVML_MEMORY_LOCATION_DRAM: "dram", self.n.NVML_MEMORY_LOCATION_SRAM: "sram"}
+        where = names.get(_int(location))
+        if where is None:
+            raise _Fail("NOT_SUPPORTED")
+        _out(ref).value = _need(self._ecc(self._gpu(handle), _int(kind), _int(scope), where))
+
+    def _c_nvmlDeviceGetTotalEccErrors(self, handle: Any, kind: Any, scope: Any, ref: Any) -> None:
+        gpu = self._gpu(handle)
+        parts = [self._ecc(gpu, _int(kind), _int(scope), where) for where in ("sram", "dram")]
+        _out(ref).value = _need(None if all(p is None for p in parts) else sum(p or 0 for p in parts))
+
+    def _c_nvmlDeviceGetRetiredPages(self, handle: Any, cause: Any, count_ref: Any, pages: Any) -> int:
+        gpu = self._gpu(handle)
+        count = _need(gpu.retired_pages_sbe if _int(cause) == self.n.NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS else gpu.retired_pages_dbe)
+        have = _out(count_ref)
+        if pages is None or have.value < count:
+            have.value = count
+            return int(self.n.NVML_SUCCESS if count == 0 else self.n.NVML_ERROR_INSUFFICIENT_SIZE)
+        for n in range(count):
+            pages[n] = 0x1000 * (n + 1)
+        have.value = count
+        return int(self.n.NVML_SUCCESS)
+
+    def _c_nvmlDeviceGetRetiredPagesPendingStatus(self, handle: Any, ref: Any) -> None:
+        _out(ref).value = int(_need(self._gpu(handle).retired_pages_pending))
+
+    def _c_nvmlDeviceGetRemappedRows(self, handle: Any, corr: Any, unc: Any, pending: Any, failure: Any) -> None:
+        gpu = self._gpu(handle)
+        values = (gpu.remapped_rows_correctable, gpu.remapped_rows_uncorrectable,
+                  gpu.remapped_rows_pending, gpu.remapped_rows_failure)
+        if any(v is None for v in values):
+            raise _Fail("NOT_SUPPORTED")
+        for ref, value in zip((corr, unc, pending, failure), values, strict=True):
+            _out(ref).value = int(value)  # type: ignore[arg-type]
+
+    def _c_nvmlDeviceGetFieldValues(self, handle: Any, count: Any, ref: Any) -> None:
+        gpu = self._gpu(handle)
+        values = _out(ref)
+        recovery = None if gpu.recovery_action is None else self._recovery.get(gpu.recovery_action.lower())
+        by_name = {
+            "NVML_FI_DEV_MEMORY_TEMP": None if gpu.temp_memory_c is None else round(gpu.temp_memory_c),
+            "NVML_FI_DEV_RESET_STATUS": None if gpu.reset_required is None else int(gpu.reset_required),
+            "NVML_FI_DEV_DRAIN_AND_RESET_STATUS": None if gpu.drain_and_reset_recommended is None
+            else int(gpu.drain_and_reset_recommended),
+            "NVML_FI_DEV_GET_GPU_RECOVERY_ACTION": recovery,
+        }
+        answers = {getattr(self.n, name): value for name, value in by_name.items() if hasattr(self.n, name)}
+        for n in range(_int(count)):
+            value = answers.get(values[n].fieldId)
+            values[n].timestamp = int(time.time() * 1e6)
+            if value is None:
+                values[n].nvmlReturn = self.n.NVML_ERROR_NOT_SUPPORTED
+                continue
+            values[n].nvmlReturn = self.n.NVML_SUCCESS
+            values[n].valueType = self.n.NVML_VALUE_TYPE_UNSIGNED_INT
+            values[n].value.uiVal = value
+
+    # -- clocks, thermals, power, use -------------------------------------------
+
+    def _c_nvmlDeviceGetCurrentClocksEventReasons(self, handle: Any, ref: Any) -> None:
+        reasons = _need(self._gpu(handle).clock_reasons)
+        _out(ref).value = sum(self._reason_bits[r] for r in set(reasons))
+
+    _c_nvmlDeviceGetCurrentClocksThrottleReasons = _c_nvmlDeviceGetCurrentClocksEventReasons
+
+    def _c_nvmlDeviceGetTemperature(self, handle: Any, sensor: Any, ref: Any) -> None:
+        if _int(sensor) != self.n.NVML_TEMPERATURE_GPU:
+            raise _Fail("INVALID_ARGUMENT")
+        _out(ref).value = round(_need(self._gpu(handle).temp_c))
+
+    def _c_nvmlDeviceGetTemperatureThreshold(self, handle: Any, which: Any, ref: Any) -> None:
+        gpu = self._gpu(handle)
+        values = {self.n.NVML_TEMPERATURE_THRESHOLD_SHUTDOWN: gpu.temp_shutdown_c,
+                  self.n.NVML_TEMPERATURE_THRESHOLD_SLOWDOWN: gpu.temp_slowdown_c}
+        _out(ref).value = round(_need(values.get(_int(which))))
+
+    def _c_nvmlDeviceGetPowerUsage(self, handle: Any, ref: Any) -> None:
+        _out(ref).value = round(_need(self._gpu(handle).power_w) * 1000)
+
+    def _c_nvmlDeviceGetEnforcedPowerLimit(self, handle: Any, ref: Any) -> None:
+        _out(ref).value = round(_need(self._gpu(handle).power_limit_w) * 1000)
+
+    def _c_nvmlDeviceGetMemoryInfo(self, handle: Any, ref: Any) -> None:
+        gpu = self._gpu(handle)
+        total, used = _need(gpu.memory_total_mib), _need(gpu.memory_used_mib)
+        memory = _out(ref)
+        memory.total, memory.used = round(total * 2**20), round(used * 2**20)
+        memory.free = memory.total - memory.used
+
+    def _c_nvmlDeviceGetUtilizationRates(self, handle: Any, ref: Any) -> None:
+        _out(ref).gpu = round(_need(self._gpu(handle).utilization_pct))
+
+    def _c_nvmlDeviceGetPersistenceMode(self, handle: Any, ref: Any) -> None:
+        _out(ref).value = int(_need(self._gpu(handle).persistence_mode))
+
+    def _c_nvmlDeviceGetComputeRunningProcesses_v3(self, handle: Any, count_ref: Any, infos: Any) -> int:
+        processes = [p for p in _need(self._gpu(handle).processes) if "C" in p.type]
+        have = _out(count_ref)
+        if not processes:
+            have.value = 0
+            return int(self.n.NVML_SUCCESS)
+        if infos is None or have.value < len(processes):
+            have.value = len(processes)
+            return int(self.n.NVML_ERROR_INSUFFICIENT_SIZE)
+        for n, process in enumerate(processes):
+            infos[n].pid = process.pid
+            infos[n].usedGpuMemory = (2**64 - 1 if process.used_memory_mib is None
+                                      else round(process.used_memory_mib * 2**20))
+        have.value = len(processes)
+        return int(self.n.NVML_SUCCESS)
+
+    # -- PCIe and NVLink ---------------------------------------------------------
+
+    def _c_nvmlDeviceGetCurrPcieLinkGeneration(self, handle: Any, ref: Any) -> None:
+        _out(ref).value = _need(self._gpu(handle).pcie_gen)
+
+    def _c_nvmlDeviceGetMaxPcieLinkGeneration(self, handle: Any, ref: Any) -> None:
+        _out(ref).value = _need(self._gpu(handle).pcie_gen_max)
+
+    def _c_nvmlDeviceGetCurrPcieLinkWidth(self, handle: Any, ref: Any) -> None:
+        _out(ref).value = _need(self._gpu(handle).pcie_width)
+
+    def _c_nvmlDeviceGetMaxPcieLinkWidth(self, handle: Any, ref: Any) -> None:
+        _out(ref).value = _need(self._gpu(handle).pcie_width_max)
+
+    def _c_nvmlDeviceGetPcieReplayCounter(self, handle: Any, ref: Any) -> None:
+        _out(ref).value = _need(self._gpu(handle).pcie_replay_counter)
+
+    def _link(self, handle: Any, link: Any) -> Any:
+        links = _need(self._gpu(handle).nvlinks)
+        for each in links:
+            if each.link == _int(link):
+                return each
+        raise _Fail("INVALID_ARGUMENT" if _int(link) > max((x.link for x in links), default=-1) else "NOT_SUPPORTED")
+
+    def _c_nvmlDeviceGetNvLinkState(self, handle: Any, link: Any, ref: Any) -> None:
+        _out(ref).value = int(_need(self._link(handle, link).up))
+
+    def _c_nvmlDeviceGetNvLinkErrorCounter(self, handle: Any, link: Any, counter: Any, ref: Any) -> None:
+        state = self._link(handle, link)
+        values = {self.n.NVML_NVLINK_ERROR_DL_REPLAY: state.replay_errors,
+                  self.n.NVML_NVLINK_ERROR_DL_RECOVERY: state.recovery_errors,
+                  self.n.NVML_NVLINK_ERROR_DL_CRC_FLIT: state.crc_errors}
+        _out(ref).value = _need(values.get(_int(counter)))
+
+    # -- events ------------------------------------------------------------------
+
+    def _c_nvmlDeviceGetSupportedEventTypes(self, handle: Any, ref: Any) -> None:
+        self._gpu(handle)
+        _out(ref).value = self.n.nvmlEventTypeXidCriticalError | self.n.nvmlEventTypeDoubleBitEccError
+
+    def _c_nvmlEventSetCreate(self, ref: Any) -> None:
+        with self._lock:
+            self._next_set += 1
+            number = self._next_set
+            self._events[number] = (queue.SimpleQueue(), threading.Event())
+        _set_pointer(ref, _EVENT_SET_BASE + number)
+
+    def _c_nvmlDeviceRegisterEvents(self, handle: Any, types: Any, event_set: Any) -> None:
+        self._gpu(handle)
+        number = _address(event_set) - _EVENT_SET_BASE
+        if number not in self._events:
+            raise _Fail("INVALID_ARGUMENT")
+        pending, stop = self._events[number]
+        with self._lock:
+            if number in self._watching:
+                return
+            self._watching.add(number)
+
+        def relay(bus: str, xid: int, message: str) -> None:
+            pending.put((bus, xid))
+
+        def watch() -> None:
+            try:
+                self.source.watch(relay, stop)
+            except SourceUnavailable:
+                return  # a capture has no events: the set just never fires
+
+        threading.Thread(target=watch, name="vetd.nvmlsim.events", daemon=True).start()
+
+    def _c_nvmlEventSetWait_v2(self, event_set: Any, ref: Any, timeout_ms: Any) -> None:
+        number = _address(event_set) - _EVENT_SET_BASE
+        if number not in self._events:
+            raise _Fail("INVALID_ARGUMENT")
+        pending, _ = self._events[number]
+        try:
+            bus, xid = pending.get(timeout=_int(timeout_ms) / 1000)
+        except queue.Empty:
+            raise _Fail("TIMEOUT") from None
+        index = next((i for i, b in self._bus_of.items() if b == bus), None)
+        data = _out(ref)
+        if index is not None:
+            data.device = ctypes.cast(ctypes.c_void_p(_HANDLE_BASE + index), type(data.device))
+        data.eventType = self.n.nvmlEventTypeXidCriticalError
+        data.eventData = xid
+
+    def _c_nvmlEventSetFree(self, event_set: Any) -> None:
+        number = _address(event_set) - _EVENT_SET_BASE
+        entry = self._events.pop(number, None)
+        if entry is None:
+            raise _Fail("INVALID_ARGUMENT")
+        entry[1].set()
+
+
+def install(simulation: SimulatedNvml) -> Callable[[], None]:
+    """Make pynvml call ``simulation`` instead of ``libnvidia-ml.so.1``; returns the undo."""
+    import pynvml
+
+    with pynvml.libLoadLock:
+        previous = pynvml.nvmlLib
+        pynvml.nvmlLib = simulation
+        pynvml._nvmlGetFunctionPointer_cache.clear()
+
+    def restore() -> None:
+        with pynvml.libLoadLock:
+            pynvml.nvmlLib = previous
+            pynvml._nvmlGetFunctionPointer_cache.clear()
+
+    return restore

@@ -1,0 +1,230 @@
+"""The live NVML source, run through pynvml against the simulated libnvidia-ml.
+
+pynvml's wrappers, structures and error classes are the real ones; only the C
+library under them is :mod:`vetd.plugins.gpu.nvmlsim`. What these tests show:
+NvmlSource reads what the driver says (units, bit masks, "not supported"),
+and it keeps going, honestly, when the driver says something bad.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from tests.plugins.gpu.test_capture import CAPTURES
+from tests.support.procs import run_vetd
+from tests.support.wait import wait_for
+from vetd.agent.checks import SourceUnavailable
+from vetd.plugins.gpu.config import GpuHealthConfig
+from vetd.plugins.gpu.evaluate import Evaluator
+from vetd.plugins.gpu.model import GpuSnapshot
+from vetd.plugins.gpu.nvml import NvmlSource
+from vetd.plugins.gpu.nvmlsim import REFRESH_S, SimulatedNvml, install
+from vetd.plugins.gpu.replay import CaptureSource, ScenarioSource
+from vetd.plugins.gpu_health import GpuRuntime
+
+pynvml = pytest.importorskip("pynvml")
+
+#: Not read through NVML: process names come from /proc, which a capture's PIDs are not in.
+NOT_FROM_NVML = {"processes"}
+
+
+@pytest.fixture(autouse=True)
+def restore_nvml() -> Iterator[None]:
+    """Whatever a test installs into pynvml is taken out again."""
+    previous = pynvml.nvmlLib
+    yield
+    pynvml.nvmlLib = previous
+    pynvml._nvmlGetFunctionPointer_cache.clear()
+
+
+def through_nvml(source: CaptureSource | ScenarioSource) -> NvmlSource:
+    if isinstance(source, ScenarioSource):
+        install(SimulatedNvml(source, slots=source.slots(), nvml_errors=source.nvml_errors))
+    else:
+        install(SimulatedNvml(source))
+    return NvmlSource(expected=source.expected_gpus, process_names=False)
+
+
+def comparable(gpu: GpuSnapshot) -> dict[str, object]:
+    fields = msgspec.structs.asdict(gpu)
+    processes = fields.pop("processes")
+    fields["pids"] = None if processes is None else sorted(p.pid for p in processes if "C" in p.type)
+    return fields
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CAPTURES.glob("*.xml")) or ["(none)"])
+def test_every_capture_reads_the_same_through_nvml(name: str) -> None:
+    if not (CAPTURES / name).exists():
+        pytest.skip("../shared/data/nvidia-smi has no captures")
+    direct = CaptureSource(str(CAPTURES / name))
+    expected = direct.snapshot()
+    got = through_nvml(direct).snapshot()
+    assert (got.driver_version, got.cuda_version) == (expected.driver_version, expected.cuda_version)
+    assert len(got.gpus) == len(expected.gpus) > 0
+    for mine, theirs in zip(got.gpus, expected.gpus, strict=True):
+        assert comparable(mine) == comparable(theirs)
+    # The verdicts match too, except the capture's own incompleteness (the A100
+    # dump lists 1 of its 4 GPUs; a driver lists every GPU it counts).
+    ours = [(o.entity, o.codes) for o in Evaluator(GpuHealthConfig()).health(got, None)]
+    theirs = [(o.entity, [c for c in o.codes if c != "gpu_list_incomplete"])
+              for o in Evaluator(GpuHealthConfig()).health(expected, None)]
+    assert ours == theirs
+
+
+def test_known_values_of_a_capture_arrive_in_nvml_units() -> None:
+    path = CAPTURES / "a100-sxm4-v12.xml"
+    if not path.exists():
+        pytest.skip(f"{path} not present")
+    gpu = through_nvml(CaptureSource(str(path))).snapshot().gpus[0]
+    # milliwatts, bytes and bit masks on the wire; watts, MiB and names here
+    assert (gpu.power_w, gpu.power_limit_w) == (67.03, 500.0)
+    assert (gpu.memory_used_mib, gpu.memory_total_mib) == (50, 81920)
+    assert (gpu.temp_c, gpu.temp_memory_c, gpu.temp_slowdown_c) == (27, 44, 89)
+    assert gpu.clock_reasons == [] and gpu.reset_required is False
+    assert gpu.utilization_pct is None  # NOT_SUPPORTED stays "not supported", not 0
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "scenario.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+FAULTS = Path(__file__).resolve().parents[3] / "packaging" / "scenarios" / "h100-faults.yaml"
+
+
+@pytest.mark.parametrize("at", [0.0, 3.0, 5.0, 7.0])
+def test_scenario_faults_read_the_same_through_nvml(at: float) -> None:
+    direct = ScenarioSource(str(FAULTS), at=at)
+    got = through_nvml(ScenarioSource(str(FAULTS), at=at)).snapshot()
+    expected = direct.snapshot()
+    assert [comparable(g) for g in got.gpus] == [comparable(g) for g in expected.gpus]
+    verdicts = Evaluator(GpuHealthConfig()).health(got, 8)
+    assert verdicts == Evaluator(GpuHealthConfig()).health(expected, 8)
+    assert any(o.status == "fail" for o in verdicts) == (at >= 2)
+
+
+def test_a_gpu_that_fell_off_the_bus_is_lost_and_named_as_last_seen(
+    tmp_path: Path
+) -> None:
+    source = ScenarioSource(write(tmp_path, "gpus: 4\ntimeline:\n  - {at: 5s, gpu: 2, vanish: true}\n"), at=0)
+    nvml = through_nvml(source)
+    before = nvml.snapshot()
+    source.at = 6.0
+    time.sleep(REFRESH_S * 1.5)  # the simulated driver re-reads its state
+    after = nvml.snapshot()
+    lost = after.gpus[2]
+    assert (lost.lost, lost.pci_bus_id, lost.uuid) == (True, before.gpus[2].pci_bus_id, before.gpus[2].uuid)
+    assert lost.query_errors == ["nvmlDeviceGetHandleByIndex: GPU is lost"]
+    assert after.attached_gpus == 4 and [g.lost for g in after.gpus] == [False, False, True, False]
+    outcomes = Evaluator(GpuHealthConfig()).health(after, source.expected_gpus())
+    assert [(o.entity, o.status, o.codes) for o in outcomes] == [
+        ("node", "fail", ["gpu_missing"]), ("gpu0", "pass", []), ("gpu1", "pass", []),
+        ("gpu2", "fail", ["gpu_lost"]), ("gpu3", "pass", [])]
+    assert outcomes[0].metrics["gpus_lost"] == 1.0
+
+
+@pytest.mark.parametrize(("error", "status", "code"), [
+    ("UNKNOWN", "warn", "driver_query_failed"),
+    ("CORRUPTED_INFOROM", "warn", "driver_query_failed"),
+    ("RESET_REQUIRED", "fail", "reset_required"),
+    ("GPU_IS_LOST", "fail", "gpu_lost"),
+    ("NOT_SUPPORTED", "pass", None),
+])
+def test_driver_errors_are_reported_not_swallowed(
+    error: str, status: str, code: str | None, tmp_path: Path
+) -> None:
+    source = ScenarioSource(write(tmp_path, f"""
+gpus: 2
+timeline:
+  - {{at: 1s, gpu: 1, nvml_error: {{nvmlDeviceGetPowerUsage: {error}}}}}
+"""), at=2)
+    snapshot = through_nvml(source).snapshot()
+    gpu = snapshot.gpus[1]
+    assert gpu.power_w is None and snapshot.gpus[0].power_w == 70.0
+    outcome = Evaluator(GpuHealthConfig()).health(snapshot, 2)[2]
+    assert (outcome.status, outcome.codes) == (status, [code] if code else [])
+    if code == "driver_query_failed":
+        assert "1 driver queries failed: nvmlDeviceGetPowerUsage: " in outcome.message
+        assert gpu.query_errors == [outcome.message.split("failed: ")[1]]
+
+
+def test_without_a_per_location_split_the_ecc_total_still_catches_a_dbe(
+    tmp_path: Path
+) -> None:
+    source = ScenarioSource(write(tmp_path, """
+gpus: 1
+timeline:
+  - {at: 0s, gpu: 0, nvml_error: {nvmlDeviceGetMemoryErrorCounter: NOT_SUPPORTED}}
+  - {at: 0s, gpu: 0, set: {ecc_volatile_dram_uncorrectable: 3}}
+"""), at=1)
+    snapshot = through_nvml(source).snapshot()
+    gpu = snapshot.gpus[0]
+    assert gpu.ecc_volatile_dram_uncorrectable is None and gpu.ecc_volatile_uncorrectable_total == 3
+    assert gpu.volatile_uncorrectable == 3 and gpu.volatile_correctable == 0
+    outcome = Evaluator(GpuHealthConfig()).health(snapshot, 1)[1]
+    assert (outcome.status, outcome.codes) == ("fail", ["ecc_dbe"])
+
+
+def test_xids_arrive_through_the_event_set_even_from_a_lost_gpu(
+    tmp_path: Path
+) -> None:
+    source = ScenarioSource(write(tmp_path, """
+gpus: 4
+timeline:
+  - {at: 0.2s, gpu: 3, xid: 79, message: "GPU has fallen off the bus."}
+  - {at: 0.2s, gpu: 3, vanish: true}
+  - {at: 0.4s, gpu: 1, xid: 31}
+"""))
+    nvml = through_nvml(source)
+    bus = {g.index: g.pci_bus_id for g in nvml.snapshot().gpus}
+    seen: list[tuple[str, int, str]] = []
+    stop = threading.Event()
+    watcher = threading.Thread(target=nvml.watch, args=(lambda *xid: seen.append(xid), stop))
+    watcher.start()
+    try:
+        wait_for(lambda: len(seen) >= 2, 10, "two XIDs through nvmlEventSetWait_v2")
+    finally:
+        stop.set()
+        watcher.join(5)
+    assert not watcher.is_alive()
+    assert seen == [(bus[3], 79, "reported by NVML"), (bus[1], 31, "reported by NVML")]
+
+
+def test_a_hung_driver_inside_nvml_is_driver_unresponsive(tmp_path: Path) -> None:
+    scenario = write(tmp_path, "gpus: 2\ntimeline:\n  - {at: 0s, hang: true}\n")
+    config = GpuHealthConfig(source="scenario", scenario=scenario, through_nvml=True,
+                             driver_timeout=0.3)  # type: ignore[arg-type]
+    outcomes = GpuRuntime(config).health()
+    assert [(o.status, o.codes) for o in outcomes] == [("fail", ["driver_unresponsive"])]
+
+
+def test_no_library_is_source_unavailable() -> None:
+    class Missing:
+        def __getattr__(self, name: str) -> object:
+            raise AttributeError(name)
+
+    install(Missing())  # type: ignore[arg-type]
+    with pytest.raises(SourceUnavailable, match="NVML: Function Not Found"):
+        NvmlSource()
+
+
+def test_cli_through_nvml_gives_the_scenario_verdicts() -> None:
+    def verdicts(*extra: str) -> list[tuple[str, str, list[str]]]:
+        done = run_vetd("check", "gpu_health", "--scenario", str(FAULTS), "--at", "9s", "--json", *extra)
+        assert done.returncode == 1, done.stderr
+        return [(r["entity"], r["status"], r["codes"]) for r in map(json.loads, done.stdout.splitlines())]
+
+    direct, simulated = verdicts(), verdicts("--through-nvml")
+    # the vanished GPU: the scenario drops it, the driver lists it as lost
+    assert simulated == [*direct, ("gpu7", "fail", ["gpu_lost"])]
+    assert direct[0] == ("node", "fail", ["gpu_missing"])
+    refused = run_vetd("check", "gpu_health", "--through-nvml")
+    assert refused.returncode == 2 and "--through-nvml needs --capture or --scenario" in refused.stderr
