@@ -104,7 +104,7 @@ def nvml_sim_cost(samples: int) -> None:
         path = Path(tmp) / "s.yaml"
         path.write_text("gpus: 8\n")
         scenario = ScenarioSource(str(path))
-        simulation = SimulatedNvml(scenario, slots=scenario.slots())
+        simulation = SimulatedNvml.of(scenario)
         restore = install(simulation)
         try:
             source = NvmlSource(expected=lambda: 8, process_names=False)

@@ -63,7 +63,7 @@ def main() -> int:
         from vetd.plugins.gpu.nvmlsim import SimulatedNvml, install
         from vetd.plugins.gpu.replay import CaptureSource
 
-        install(SimulatedNvml(CaptureSource(str(args.capture))))
+        install(SimulatedNvml.of(CaptureSource(str(args.capture))))
     xml = args.capture.read_bytes() if args.capture else subprocess.run(
         ["nvidia-smi", "-q", "-x"], check=True, capture_output=True).stdout
     smi = parse_capture(xml, "nvidia-smi")

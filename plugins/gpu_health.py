@@ -62,12 +62,8 @@ def make_source(config: GpuHealthConfig) -> Source:
         return replayed
     from vetd.plugins.gpu.nvml import NvmlSource
     from vetd.plugins.gpu.nvmlsim import SimulatedNvml, install
-    from vetd.plugins.gpu.replay import ScenarioSource
 
-    if isinstance(replayed, ScenarioSource):
-        install(SimulatedNvml(replayed, slots=replayed.slots(), nvml_errors=replayed.nvml_errors))
-    else:
-        install(SimulatedNvml(replayed))
+    install(SimulatedNvml.of(replayed))
     return NvmlSource(expected=replayed.expected_gpus, name=f"nvml({replayed.name})", process_names=False)
 
 

@@ -105,10 +105,10 @@ class SimulatedNvml:
     """The C side of NVML, answering from a :class:`~vetd.plugins.gpu.sources.Source`."""
 
     def __init__(self, source: Source, *, slots: dict[int, str] | None = None,
-                 nvml_errors: Callable[[float], dict[int, dict[str, str]]] | None = None) -> None:
+                 nvml_errors: Callable[[], dict[int, dict[str, str]]] | None = None) -> None:
         """``slots``: every GPU the node has, index → PCI bus id (default: the
-        first snapshot's); ``nvml_errors``: scenario time → {GPU index:
-        {function: error name}}."""
+        first snapshot's); ``nvml_errors``: the failures in force now, {GPU
+        index: {function: error name}}. :meth:`of` fills both from a scenario."""
         from vetd.plugins.gpu.nvml import _import
 
         #: pynvml's constants are the simulation's nvml.h: it shares no table with NvmlSource.
@@ -130,6 +130,15 @@ class SimulatedNvml:
         self._watching: set[int] = set()
         self._next_set = 0
         self.calls = 0
+
+    @classmethod
+    def of(cls, source: Source) -> SimulatedNvml:
+        """The simulation of a capture or scenario (a scenario's vanished GPUs and ``nvml_error`` steps included)."""
+        from vetd.plugins.gpu.replay import ScenarioSource
+
+        if isinstance(source, ScenarioSource):
+            return cls(source, slots=source.slots(), nvml_errors=source.nvml_errors)
+        return cls(source)
 
     # -- plumbing ------------------------------------------------------------
 
@@ -183,7 +192,7 @@ class SimulatedNvml:
         """Fail ``name`` as an ``nvml_error`` step says (``first``: its handle or index argument)."""
         if self._nvml_errors is None:
             return
-        table = self._nvml_errors(getattr(self.source, "elapsed", lambda: 0.0)())
+        table = self._nvml_errors()
         if name == "nvmlDeviceGetHandleByIndex_v2":
             slots = self._slots_now()
             index = slots[_int(first)] if _int(first) < len(slots) else None

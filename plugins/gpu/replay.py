@@ -206,9 +206,10 @@ class ScenarioSource:
         """Every GPU of the scenario, index → PCI bus id, vanished ones included."""
         return {i: _apply(healthy_gpu(i), self.scenario.base).pci_bus_id for i in range(self.scenario.gpus)}
 
-    def nvml_errors(self, elapsed: float) -> dict[int, dict[str, str]]:
-        """GPU index → {NVML function: error name} in force at ``elapsed``."""
+    def nvml_errors(self) -> dict[int, dict[str, str]]:
+        """GPU index → {NVML function: error name} in force now."""
         errors: dict[int, dict[str, str]] = {}
+        elapsed = self.elapsed()
         for step in self.scenario.timeline:
             if step.at <= elapsed and step.gpu is not None and step.nvml_error is not None:
                 errors[step.gpu] = {**errors.get(step.gpu, {}), **step.nvml_error} if step.nvml_error else {}

@@ -45,10 +45,7 @@ def restore_nvml() -> Iterator[None]:
 
 
 def through_nvml(source: CaptureSource | ScenarioSource) -> NvmlSource:
-    if isinstance(source, ScenarioSource):
-        install(SimulatedNvml(source, slots=source.slots(), nvml_errors=source.nvml_errors))
-    else:
-        install(SimulatedNvml(source))
+    install(SimulatedNvml.of(source))
     return NvmlSource(expected=source.expected_gpus, process_names=False)
 
 
