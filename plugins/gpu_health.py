@@ -14,7 +14,9 @@ Checks:
 Event sources ``gpu_xid`` (NVML event set) and ``gpu_kmsg`` (``NVRM: Xid``
 lines in ``/dev/kmsg``) publish an ``xid`` event the moment an XID happens,
 with a severity from ``xid_critical`` / ``xid_warning``; the same XID from both
-is reported once.
+is reported once. The NVML event set also delivers the other health events a
+GPU supports (GPU unavailable, poison, row-remap failure, recovery action...),
+published as ``gpu_event`` with a severity from ``event_severity``.
 
 State comes from NVML (``source = "nvml"``), an ``nvidia-smi -q -x`` capture
 (``source = "capture"``) or a scenario (``source = "scenario"``); see
@@ -27,7 +29,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -36,9 +38,9 @@ import structlog
 from vetd.agent.checks import Check, EventOutcome, EventSource, Outcome, SourceUnavailable, TelemetrySource
 from vetd.agent.hookspecs import hookimpl
 from vetd.plugins.gpu.config import GpuHealthConfig
-from vetd.plugins.gpu.evaluate import Evaluator
-from vetd.plugins.gpu.model import NodeSnapshot
-from vetd.plugins.gpu.sources import DriverUnresponsive, Guard, Source, nvidia_gpus_in_sysfs
+from vetd.plugins.gpu.evaluate import RECOVERY_FAIL, Evaluator
+from vetd.plugins.gpu.model import GPU_EVENTS, DriverEvent, NodeSnapshot
+from vetd.plugins.gpu.sources import DriverUnresponsive, Guard, OnEvent, Source, nvidia_gpus_in_sysfs
 from vetd.plugins.gpu.xid import Deduper, follow_kmsg, normalize_pci
 
 if TYPE_CHECKING:
@@ -158,22 +160,38 @@ class GpuRuntime:
             sample[gpu.entity] = {k: float(v) for k, v in values.items() if v is not None}
         return sample
 
-    # -- XID events ---------------------------------------------------------
+    # -- XID and other driver events ----------------------------------------
 
-    def _xid_reporter(self, emit: Emit, origin: str) -> Callable[[str, int, str], None]:
-        def report(pci: str, xid: int, detail: str) -> None:
-            if not self.dedupe.first(pci, xid):
+    def _event_reporter(self, emit: Emit, origin: str) -> OnEvent:
+        def report(event: DriverEvent) -> None:
+            if not self.dedupe.first(event):
                 return
-            entity = self._entity_of(pci)
-            emit(EventOutcome(
-                name="xid",
-                severity=self.config.xid_severity(xid),
-                entity=entity,
-                codes=[f"xid_{xid}"],
-                metrics={"xid": float(xid)},
-                message=f"Xid {xid} on {entity} ({pci}): {detail or 'no detail'} [{origin}]",
-            ))
+            emit(self._event_outcome(event, origin))
         return report
+
+    def _event_outcome(self, event: DriverEvent, origin: str) -> EventOutcome:
+        entity = self._entity_of(event.pci)
+        if event.kind == "xid":
+            return EventOutcome(
+                name="xid",
+                severity=self.config.xid_severity(event.value),
+                entity=entity,
+                codes=[f"xid_{event.value}"],
+                metrics={"xid": float(event.value)},
+                message=f"Xid {event.value} on {entity} ({event.pci}): {event.detail or 'no detail'} [{origin}]",
+            )
+        codes = [event.kind]
+        if event.kind == "recovery_action" and (same := RECOVERY_FAIL.get(event.detail.lower())):
+            codes.append(same)  # the code gpu_health gives the same action: one rule serves both
+        detail = f": {event.detail}" if event.detail else ""
+        return EventOutcome(
+            name="gpu_event",
+            severity=self.config.event_severity_of(event.kind, event.detail),
+            entity=entity,
+            codes=codes,
+            metrics={"event_data": float(event.value)},
+            message=f"{GPU_EVENTS.get(event.kind, event.kind)} on {entity} ({event.pci}){detail} [{origin}]",
+        )
 
     def _entity_of(self, pci: str) -> str:
         """``gpuN`` as last seen (no driver call: it may be the thing that hangs)."""
@@ -181,14 +199,14 @@ class GpuRuntime:
         return self._entities.get(key, f"pci:{key}")
 
     def watch_driver(self, emit: Emit, stop: threading.Event) -> None:
-        self.source().watch(self._xid_reporter(emit, self.source().name), stop)
+        self.source().watch(self._event_reporter(emit, self.source().name), stop)
 
     def watch_kmsg(self, emit: Emit, stop: threading.Event) -> None:
         if self.config.source != "nvml":
             raise SourceUnavailable("kernel log is read only for live GPUs")
         if nvidia_gpus_in_sysfs() == 0:
             raise SourceUnavailable("no NVIDIA GPU on this node")
-        follow_kmsg(self._xid_reporter(emit, "kmsg"), stop, KMSG_PATH, float(self.config.kmsg_lookback))
+        follow_kmsg(self._event_reporter(emit, "kmsg"), stop, KMSG_PATH, float(self.config.kmsg_lookback))
 
 
 _runtimes: weakref.WeakKeyDictionary[PluginConfigs, GpuRuntime] = weakref.WeakKeyDictionary()
@@ -227,7 +245,7 @@ def vetd_register_telemetry(registry: TelemetryRegistry, configs: PluginConfigs)
 @hookimpl
 def vetd_register_event_sources(registry: EventSourceRegistry, configs: PluginConfigs) -> None:
     runtime = runtime_for(configs)
-    registry.add(EventSource("gpu_xid", runtime.watch_driver))
+    registry.add(EventSource("gpu_xid", runtime.watch_driver))  # XIDs and the other NVML events
     if runtime.config.kmsg:
         registry.add(EventSource("gpu_kmsg", runtime.watch_kmsg))
 

@@ -11,6 +11,7 @@ from typing import Literal
 import msgspec
 
 from vetd.agent.configfile import Duration
+from vetd.plugins.gpu.model import GPU_EVENTS
 
 #: DCGM treats these XIDs as fatal in every case: a GPU reset or a reboot is needed.
 XID_CRITICAL = [48, 74, 79, 95, 119, 120, 140]
@@ -19,6 +20,32 @@ XID_CRITICAL = [48, 74, 79, 95, 119, 120, 140]
 #: caused by user code (13, 31, 43, 45) or recoverable, so they alert a person
 #: and feed repeat-offender rules instead of draining on sight.
 XID_WARNING = [13, 31, 43, 45, 56, 57, 58, 62, 63, 64, 65, 68, 69, 73, 80, 81, 92, 94, 109]
+
+Severity = Literal["info", "warning", "critical"]
+
+
+class GpuEventSeverity(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Severity of each NVML event other than an XID (:data:`~vetd.plugins.gpu.model.GPU_EVENTS`).
+
+    Critical are the events after which the GPU cannot be trusted with a job
+    until it is reset or replaced, as the driver documents them: unavailable,
+    uncontained poison, a row that could not be remapped, a recovery action
+    asked for (a ``None`` action, the driver clearing its request, is info).
+    Warning are the ones the GPU survived: contained poison (the job died, like
+    XID 94), a remapped row (pending until reset: ``gpu_health`` then fails
+    with ``reset_required``), an SBE storm.
+    """
+
+    gpu_unavailable: Severity = "critical"
+    fatal_poison: Severity = "critical"
+    row_remap_failure: Severity = "critical"
+    recovery_action: Severity = "critical"
+    nonfatal_poison: Severity = "warning"
+    row_remap: Severity = "warning"
+    sbe_storm: Severity = "warning"
+
+
+assert set(GpuEventSeverity.__struct_fields__) == set(GPU_EVENTS)
 
 
 class GpuHealthConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -63,6 +90,8 @@ class GpuHealthConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # XID severities (event thread); XIDs in neither list are "info"
     xid_critical: list[int] = msgspec.field(default_factory=lambda: list(XID_CRITICAL))
     xid_warning: list[int] = msgspec.field(default_factory=lambda: list(XID_WARNING))
+    #: NVML events other than XIDs (where the GPU and driver deliver them).
+    event_severity: GpuEventSeverity = msgspec.field(default_factory=GpuEventSeverity)
     #: Read ``/dev/kmsg`` for ``NVRM: Xid`` lines as well as NVML events.
     kmsg: bool = True
     #: On start, report kernel-log XIDs this recent (an XID during an agent restart).
@@ -70,9 +99,16 @@ class GpuHealthConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: Telemetry from the GPUs (temperature, power, utilisation) at the agent's interval.
     telemetry: bool = True
 
-    def xid_severity(self, xid: int) -> Literal["info", "warning", "critical"]:
+    def xid_severity(self, xid: int) -> Severity:
         if xid in self.xid_critical:
             return "critical"
         if xid in self.xid_warning:
             return "warning"
         return "info"
+
+    def event_severity_of(self, kind: str, action: str = "") -> Severity:
+        """The severity of a driver event; a recovery action of ``None`` is the driver clearing it."""
+        if kind == "recovery_action" and action.lower() == "none":
+            return "info"
+        severity: Severity = getattr(self.event_severity, kind, "info")
+        return severity

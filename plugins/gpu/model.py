@@ -135,3 +135,30 @@ class NodeSnapshot(msgspec.Struct, kw_only=True):
 def _total(*values: int | None) -> int | None:
     present = [v for v in values if v is not None]
     return sum(present) if present else None
+
+
+#: Driver events other than XIDs, as NVML delivers them through an event set,
+#: by vetd's name: what each means (severities are config: ``gpu_event_severity``).
+GPU_EVENTS = {
+    "gpu_unavailable": "the GPU became unavailable (nvmlEventTypeGpuUnavailableError)",
+    "fatal_poison": "an uncontained poisoned-memory error (nvmlEventTypeFatalPoisonError)",
+    "nonfatal_poison": "a contained poisoned-memory error (nvmlEventTypeNonFatalPoisonError)",
+    "row_remap_failure": "a DRAM row could not be remapped (nvmlEventTypeDramRetirementFailure)",
+    "row_remap": "a DRAM row was remapped; it takes effect at the next reset (nvmlEventTypeDramRetirementEvent)",
+    "sbe_storm": "a storm of single-bit ECC errors (nvmlEventTypeSingleBitEccErrorStorm)",
+    "recovery_action": "the driver set a recovery action for the GPU (nvmlEventTypeGpuRecoveryAction)",
+}
+
+
+class DriverEvent(msgspec.Struct, frozen=True):
+    """Something the driver reported about one GPU, the moment it happened.
+
+    ``kind`` is ``"xid"`` (``value``: the XID) or a :data:`GPU_EVENTS` name
+    (``value``: NVML's event data). ``detail`` is free text: the kernel log's
+    words, or the recovery action the driver asks for.
+    """
+
+    pci: str
+    kind: str
+    value: int = 0
+    detail: str = ""

@@ -2,14 +2,18 @@
 
 Every call that a GPU may not support is wrapped so that "not supported"
 becomes ``None``; a GPU that answers ``GPU_IS_LOST`` is reported lost, and
-any other failed query is kept with the GPU's snapshot rather than dropped. The whole snapshot runs under the driver deadline of
-:class:`~vetd.plugins.gpu.sources.Guard`; XID and double-bit-ECC events come
-from an NVML event set waited on by a thread of its own.
+any other failed query is kept with the GPU's snapshot rather than dropped.
+The whole snapshot runs under the driver deadline of
+:class:`~vetd.plugins.gpu.sources.Guard`; XIDs, double-bit ECC and the other
+health events NVML delivers come from an event set waited on by a thread of
+its own.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
+import operator
 import threading
 import time
 from collections.abc import Callable
@@ -20,8 +24,16 @@ import msgspec
 import structlog
 
 from vetd.agent.checks import SourceUnavailable
-from vetd.plugins.gpu.model import CLOCK_REASONS, GpuProcess, GpuSnapshot, NodeSnapshot, NvLink
-from vetd.plugins.gpu.sources import nvidia_gpus_in_sysfs
+from vetd.plugins.gpu.model import (
+    CLOCK_REASONS,
+    GPU_EVENTS,
+    DriverEvent,
+    GpuProcess,
+    GpuSnapshot,
+    NodeSnapshot,
+    NvLink,
+)
+from vetd.plugins.gpu.sources import OnEvent, nvidia_gpus_in_sysfs
 
 log = structlog.get_logger("vetd.gpu")
 
@@ -292,17 +304,23 @@ class NvmlSource:
     def expected_gpus(self) -> int | None:
         return self._expected()
 
-    def watch(self, on_xid: Callable[[str, int, str], None], stop: threading.Event) -> None:
-        """Wait on an NVML event set for XIDs and double-bit ECC errors.
+    def watch(self, on_event: OnEvent, stop: threading.Event) -> None:
+        """Wait on an NVML event set for XIDs, double-bit ECC errors and the
+        other health events (:data:`_EVENT_TYPES`) each GPU supports.
 
         Bus ids are read once, when the GPUs register: an event about a GPU
         that has just fallen off the bus must not need that GPU to answer.
         """
         n = self.nvml
+        xid_type, dbe_type = n.nvmlEventTypeXidCriticalError, n.nvmlEventTypeDoubleBitEccError
+        # An older pynvml lacks the newer types: those are then not watched.
+        others = {getattr(n, name): kind for name, kind in _EVENT_TYPES.items() if hasattr(n, name)}
+        wanted = functools.reduce(operator.or_, others, xid_type | dbe_type)
+        names = {xid_type: "xid", dbe_type: "dbe", **others}
         events = n.nvmlEventSetCreate()
         bus_of: dict[int | None, str] = {}
+        watched: dict[str, list[int]] = {}
         try:
-            wanted = n.nvmlEventTypeXidCriticalError | n.nvmlEventTypeDoubleBitEccError
             for index in range(n.nvmlDeviceGetCount()):
                 try:
                     handle = n.nvmlDeviceGetHandleByIndex(index)
@@ -310,10 +328,14 @@ class NvmlSource:
                     supported = n.nvmlDeviceGetSupportedEventTypes(handle)
                     if supported & wanted:
                         n.nvmlDeviceRegisterEvents(handle, supported & wanted, events)
+                    for bit, kind in names.items():
+                        if supported & bit:
+                            watched.setdefault(kind, []).append(index)
                 except n.NVMLError as exc:
                     # One GPU that cannot register (lost, no event support) leaves the others watched;
                     # the kernel log still reports its XIDs.
                     log.warning("xid_events_unavailable", gpu=index, error=str(exc))
+            log.info("gpu_events_watched", gpus_by_type=watched)
             while not stop.is_set():
                 try:
                     data = n.nvmlEventSetWait_v2(events, 500)
@@ -324,12 +346,46 @@ class NvmlSource:
                     stop.wait(1.0)
                     continue
                 bus = bus_of.get(_address(data.device), "unknown")
-                if data.eventType & n.nvmlEventTypeXidCriticalError:
-                    on_xid(bus, int(data.eventData), "reported by NVML")
-                elif data.eventType & n.nvmlEventTypeDoubleBitEccError:
-                    on_xid(bus, 48, "double-bit ECC error event from NVML")
+                if data.eventType & xid_type:
+                    on_event(DriverEvent(bus, "xid", int(data.eventData), "reported by NVML"))
+                elif data.eventType & dbe_type:
+                    on_event(DriverEvent(bus, "xid", 48, "double-bit ECC error event from NVML"))
+                for bit, kind in others.items():
+                    if data.eventType & bit:
+                        detail = self._recovery_action(data.device) if kind == "recovery_action" else ""
+                        on_event(DriverEvent(bus, kind, int(data.eventData), detail))
         finally:
             n.nvmlEventSetFree(events)
+
+    def _recovery_action(self, handle: Any) -> str:
+        """The action the driver now asks for, read as ``gpu_health`` reads it.
+
+        NVML documents the field, not what the event's data carries, so the
+        field is the word vetd goes by; the event's data is reported raw.
+        """
+        get = self._reader()
+        try:
+            value = self._fields(handle, get).get("recovery_action")
+        except _Lost as exc:
+            return f"unreadable: {exc}"
+        if value is None:
+            return "unreadable: " + ("; ".join(get.errors) or "not supported")
+        return _recovery_name(int(value))
+
+
+#: NVML event types watched besides XIDs and double-bit ECC (an XID 48), by
+#: pynvml's name → vetd's name (:data:`~vetd.plugins.gpu.model.GPU_EVENTS`).
+#: NVML has no PCIe or NVLink event: those are read by ``gpu_health``.
+_EVENT_TYPES = {
+    "nvmlEventTypeGpuUnavailableError": "gpu_unavailable",
+    "nvmlEventTypeFatalPoisonError": "fatal_poison",
+    "nvmlEventTypeNonFatalPoisonError": "nonfatal_poison",
+    "nvmlEventTypeDramRetirementFailure": "row_remap_failure",
+    "nvmlEventTypeDramRetirementEvent": "row_remap",
+    "nvmlEventTypeSingleBitEccErrorStorm": "sbe_storm",
+    "nvmlEventTypeGpuRecoveryAction": "recovery_action",
+}
+assert set(_EVENT_TYPES.values()) == set(GPU_EVENTS)
 
 
 #: nvmlDeviceGpuRecoveryAction_t, in nvidia-smi's words.

@@ -18,7 +18,8 @@ How the simulated driver behaves, as the real one does:
   ``nvmlDeviceGetCount_v2`` and answers ``NVML_ERROR_GPU_IS_LOST`` (fallen off
   the bus), including to ``nvmlDeviceGetHandleByIndex_v2``.
 * A scenario ``hang`` blocks whichever call comes next, forever.
-* The scenario's XIDs arrive through ``nvmlEventSetWait_v2``.
+* The scenario's XIDs and other GPU events arrive through
+  ``nvmlEventSetWait_v2``, for the event types registered.
 * ``nvml_error`` steps make named functions fail with a named NVML error
   (``{at: 3s, gpu: 1, nvml_error: {nvmlDeviceGetPowerUsage: UNKNOWN}}``).
 * Functions this simulation does not know are missing symbols, which pynvml
@@ -43,7 +44,7 @@ from collections.abc import Callable
 from typing import Any
 
 from vetd.agent.checks import SourceUnavailable
-from vetd.plugins.gpu.model import CLOCK_REASONS, GpuSnapshot, NodeSnapshot
+from vetd.plugins.gpu.model import CLOCK_REASONS, GPU_EVENTS, DriverEvent, GpuSnapshot, NodeSnapshot
 from vetd.plugins.gpu.sources import Source
 
 #: Handles are opaque pointers; ours are these addresses plus the GPU index.
@@ -67,6 +68,22 @@ assert set(_REASON_NAMES) == set(CLOCK_REASONS)
 _RECOVERY_NAMES = {"none": "NONE", "reset": "GPU_RESET", "reboot": "NODE_REBOOT", "drain p2p": "DRAIN_P2P",
                    "drain and reset": "DRAIN_AND_RESET", "recover imex domain": "RECOVER_IMEX_DOMAIN",
                    "bus reset": "BUS_RESET", "system reboot": "SYSTEM_REBOOT"}
+
+#: Scenario GPU events by pynvml's ``nvmlEventType<Name>``.
+_EVENT_NAMES = {"gpu_unavailable": "GpuUnavailableError", "fatal_poison": "FatalPoisonError",
+                "nonfatal_poison": "NonFatalPoisonError", "row_remap_failure": "DramRetirementFailure",
+                "row_remap": "DramRetirementEvent", "sbe_storm": "SingleBitEccErrorStorm",
+                "recovery_action": "GpuRecoveryAction"}
+assert set(_EVENT_NAMES) == set(GPU_EVENTS)
+
+
+class _EventSet:
+    """One ``nvmlEventSet_t``: what is pending, what was registered, and the stop of its feeder."""
+
+    def __init__(self) -> None:
+        self.pending: queue.SimpleQueue[DriverEvent] = queue.SimpleQueue()
+        self.stop = threading.Event()
+        self.types = 0
 
 
 class _Fail(Exception):
@@ -126,7 +143,11 @@ class SimulatedNvml:
         self._taken = 0.0
         self._slots: list[int] | None = None if slots is None else sorted(slots)
         self._bus_of: dict[int, str] = dict(slots or {})
-        self._events: dict[int, tuple[queue.SimpleQueue[tuple[str, int]], threading.Event]] = {}
+        #: Event types by vetd's name; one this pynvml lacks is one the simulated driver lacks.
+        self._event_types = {"xid": nvml.nvmlEventTypeXidCriticalError} | {
+            kind: getattr(nvml, f"nvmlEventType{name}") for kind, name in _EVENT_NAMES.items()
+            if hasattr(nvml, f"nvmlEventType{name}")}
+        self._events: dict[int, _EventSet] = {}
         self._watching: set[int] = set()
         self._next_set = 0
         self.calls = 0
@@ -419,13 +440,16 @@ class SimulatedNvml:
 
     def _c_nvmlDeviceGetSupportedEventTypes(self, handle: Any, ref: Any) -> None:
         self._gpu(handle)
-        _out(ref).value = self.n.nvmlEventTypeXidCriticalError | self.n.nvmlEventTypeDoubleBitEccError
+        types = self.n.nvmlEventTypeDoubleBitEccError
+        for bit in self._event_types.values():
+            types |= bit
+        _out(ref).value = types
 
     def _c_nvmlEventSetCreate(self, ref: Any) -> None:
         with self._lock:
             self._next_set += 1
             number = self._next_set
-            self._events[number] = (queue.SimpleQueue(), threading.Event())
+            self._events[number] = _EventSet()
         _set_pointer(ref, _EVENT_SET_BASE + number)
 
     def _c_nvmlDeviceRegisterEvents(self, handle: Any, types: Any, event_set: Any) -> None:
@@ -433,18 +457,16 @@ class SimulatedNvml:
         number = _address(event_set) - _EVENT_SET_BASE
         if number not in self._events:
             raise _Fail("INVALID_ARGUMENT")
-        pending, stop = self._events[number]
+        entry = self._events[number]
         with self._lock:
+            entry.types |= _int(types)
             if number in self._watching:
                 return
             self._watching.add(number)
 
-        def relay(bus: str, xid: int, message: str) -> None:
-            pending.put((bus, xid))
-
         def watch() -> None:
             try:
-                self.source.watch(relay, stop)
+                self.source.watch(entry.pending.put, entry.stop)
             except SourceUnavailable:
                 return  # a capture has no events: the set just never fires
 
@@ -454,24 +476,29 @@ class SimulatedNvml:
         number = _address(event_set) - _EVENT_SET_BASE
         if number not in self._events:
             raise _Fail("INVALID_ARGUMENT")
-        pending, _ = self._events[number]
-        try:
-            bus, xid = pending.get(timeout=_int(timeout_ms) / 1000)
-        except queue.Empty:
-            raise _Fail("TIMEOUT") from None
-        index = next((i for i, b in self._bus_of.items() if b == bus), None)
+        entry = self._events[number]
+        deadline = time.monotonic() + _int(timeout_ms) / 1000
+        while True:  # events of types not registered are not delivered
+            try:
+                event = entry.pending.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise _Fail("TIMEOUT") from None
+            event_type = self._event_types.get(event.kind, 0)
+            if event_type & entry.types:
+                break
+        index = next((i for i, b in self._bus_of.items() if b == event.pci), None)
         data = _out(ref)
         if index is not None:
             data.device = ctypes.cast(ctypes.c_void_p(_HANDLE_BASE + index), type(data.device))
-        data.eventType = self.n.nvmlEventTypeXidCriticalError
-        data.eventData = xid
+        data.eventType = event_type
+        data.eventData = event.value
 
     def _c_nvmlEventSetFree(self, event_set: Any) -> None:
         number = _address(event_set) - _EVENT_SET_BASE
         entry = self._events.pop(number, None)
         if entry is None:
             raise _Fail("INVALID_ARGUMENT")
-        entry[1].set()
+        entry.stop.set()
 
 
 def install(simulation: SimulatedNvml) -> Callable[[], None]:

@@ -14,13 +14,17 @@ Scenario format (YAML)::
     timeline:
       - {at: 2s, gpu: 3, set: {ecc_volatile_dram_uncorrectable: 2}}
       - {at: 2s, gpu: 3, xid: 48, message: "DBE (Double Bit Error) ECC Error"}
+      - {at: 3s, gpu: 4, event: fatal_poison}   # an NVML event other than an XID
       - {at: 5s, gpu: 5, set: {pcie_width: 8, utilization_pct: 95}}
       - {at: 6s, gpu: 6, nvlink_down: [0]}
       - {at: 8s, gpu: 7, vanish: true}   # fell off the bus
       - {at: 10s, gpu: 2, nvml_error: {nvmlDeviceGetPowerUsage: UNKNOWN}}   # --through-nvml only
       - {at: 12s, hang: true}            # the driver stops answering
 
-``set`` keys are :class:`~vetd.plugins.gpu.model.GpuSnapshot` field names.
+``set`` keys are :class:`~vetd.plugins.gpu.model.GpuSnapshot` field names;
+``event`` names are :data:`~vetd.plugins.gpu.model.GPU_EVENTS` keys (a
+``recovery_action`` event reports the GPU's ``recovery_action`` of that moment,
+so set it in the same step).
 With ``--through-nvml`` (``through_nvml = true``) the same state is served
 through a simulated ``libnvidia-ml`` (:mod:`vetd.plugins.gpu.nvmlsim`), so the
 live NVML code path reads it.
@@ -32,7 +36,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +44,8 @@ import msgspec
 from vetd.agent.checks import SourceUnavailable
 from vetd.agent.configfile import Duration, dec_hook
 from vetd.plugins.gpu.capture import CaptureError, load_capture
-from vetd.plugins.gpu.model import GpuSnapshot, NodeSnapshot, NvLink
+from vetd.plugins.gpu.model import GPU_EVENTS, DriverEvent, GpuSnapshot, NodeSnapshot, NvLink
+from vetd.plugins.gpu.sources import OnEvent
 
 
 class CaptureSource:
@@ -60,7 +64,7 @@ class CaptureSource:
     def expected_gpus(self) -> int | None:
         return None  # a capture cannot say what the node should have: --expect-gpus can
 
-    def watch(self, on_xid: Callable[[str, int, str], None], stop: threading.Event) -> None:
+    def watch(self, on_event: OnEvent, stop: threading.Event) -> None:
         raise SourceUnavailable("a capture has no live events")
 
 
@@ -69,6 +73,8 @@ class Step(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     gpu: int | None = None
     set: dict[str, Any] = {}
     xid: int | None = None
+    #: An NVML event other than an XID (a ``GPU_EVENTS`` name: ``gpu_unavailable``...).
+    event: str | None = None
     message: str = ""
     vanish: bool = False
     hang: bool = False
@@ -139,10 +145,13 @@ def load_scenario(path: str) -> Scenario:
         unknown = set(step.set) - fields
         if unknown:
             raise ScenarioError(f"{path}: timeline[{n}].set: unknown GPU field(s) {', '.join(sorted(unknown))}")
-        if (step.set or step.xid is not None or step.vanish or step.nvlink_down or step.nvml_error is not None) \
-                and step.gpu is None:
-            raise ScenarioError(f"{path}: timeline[{n}]: `gpu` is required with set, xid, vanish, "
+        if (step.set or step.xid is not None or step.event is not None or step.vanish or step.nvlink_down
+                or step.nvml_error is not None) and step.gpu is None:
+            raise ScenarioError(f"{path}: timeline[{n}]: `gpu` is required with set, xid, event, vanish, "
                                 "nvlink_down or nvml_error")
+        if step.event is not None and step.event not in GPU_EVENTS:
+            raise ScenarioError(f"{path}: timeline[{n}].event: unknown GPU event {step.event!r} "
+                                f"(known: {', '.join(GPU_EVENTS)})")
         from vetd.plugins.gpu.nvmlsim import ERRORS
 
         bad = set((step.nvml_error or {}).values()) - set(ERRORS)
@@ -218,16 +227,27 @@ class ScenarioSource:
     def expected_gpus(self) -> int | None:
         return self.scenario.expected_gpus if self.scenario.expected_gpus is not None else self.scenario.gpus
 
-    def watch(self, on_xid: Callable[[str, int, str], None], stop: threading.Event) -> None:
-        """Report the timeline's XIDs when their time comes."""
+    def watch(self, on_event: OnEvent, stop: threading.Event) -> None:
+        """Report the timeline's XIDs and other GPU events when their time comes."""
         pci = self.slots()
         for step in sorted(self.scenario.timeline, key=lambda s: s.at):
-            if step.xid is None or step.gpu is None:
+            if (step.xid is None and step.event is None) or step.gpu is None:
                 continue
             if stop.wait(max(0.0, step.at - self.elapsed())):
                 return
-            on_xid(pci.get(step.gpu, f"gpu{step.gpu}"), step.xid, step.message)
+            bus = pci.get(step.gpu, f"gpu{step.gpu}")
+            if step.xid is not None:
+                on_event(DriverEvent(bus, "xid", step.xid, step.message))
+            if step.event == "recovery_action":
+                on_event(DriverEvent(bus, step.event, 0, self._recovery_action(step.gpu)))
+            elif step.event is not None:
+                on_event(DriverEvent(bus, step.event, 0, step.message))
         stop.wait()
+
+    def _recovery_action(self, index: int) -> str:
+        """A recovery-action event names the action the GPU has now, as the NVML source reads it."""
+        gpu = next((g for g in self.snapshot().gpus if g.index == index), None)
+        return (gpu.recovery_action if gpu else None) or "unreadable: not supported"
 
 
 def _apply(gpu: GpuSnapshot, changes: dict[str, Any]) -> GpuSnapshot:

@@ -19,11 +19,15 @@ from pathlib import Path
 from typing import Protocol
 
 from vetd.agent.checks import Emit, SourceUnavailable
-from vetd.plugins.gpu.model import NodeSnapshot
+from vetd.plugins.gpu.model import DriverEvent, NodeSnapshot
 
 NVIDIA_VENDOR = "0x10de"
 #: PCI classes of GPUs: VGA (0x0300xx) and 3D controller (0x0302xx); NVSwitch is 0x0680.
 GPU_CLASSES = ("0x0300", "0x0302")
+
+
+#: Where a source's watcher reports what the driver says, as it says it.
+OnEvent = Callable[[DriverEvent], None]
 
 
 class DriverUnresponsive(Exception):
@@ -37,7 +41,8 @@ class Source(Protocol):
 
     def expected_gpus(self) -> int | None: ...
 
-    def watch(self, on_xid: Callable[[str, int, str], None], stop: threading.Event) -> None: ...
+    def watch(self, on_event: OnEvent, stop: threading.Event) -> None:
+        """Report XIDs and other driver events until ``stop``; raise ``SourceUnavailable`` if there are none."""
 
 
 def nvidia_gpus_in_sysfs(root: Path | str = "/sys/bus/pci/devices") -> int:
@@ -101,4 +106,4 @@ class Guard:
                                      f"(deadline {self.timeout:g}s)") from None
 
 
-__all__ = ["DriverUnresponsive", "Emit", "Guard", "Source", "SourceUnavailable", "nvidia_gpus_in_sysfs"]
+__all__ = ["DriverUnresponsive", "Emit", "Guard", "OnEvent", "Source", "SourceUnavailable", "nvidia_gpus_in_sysfs"]

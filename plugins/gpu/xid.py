@@ -15,9 +15,10 @@ import re
 import select
 import threading
 import time
-from collections.abc import Callable
 
 from vetd.agent.checks import SourceUnavailable
+from vetd.plugins.gpu.model import DriverEvent
+from vetd.plugins.gpu.sources import OnEvent
 
 XID_LINE = re.compile(r"NVRM: Xid \(PCI:([0-9A-Fa-f]{4,8}:[0-9A-Fa-f]{2}:[0-9A-Fa-f]{2}(?:\.\d)?)\): (\d+),\s*(.*)")
 #: A ``/dev/kmsg`` record: ``prio,seq,usec,flags[,…];message``.
@@ -42,17 +43,17 @@ def parse_xid(line: str) -> tuple[str, int, str] | None:
 
 
 class Deduper:
-    """Drops an XID already reported for the same GPU within ``window`` seconds."""
+    """Drops an event (the same XID, say) already reported for the same GPU within ``window`` seconds."""
 
     def __init__(self, window: float = 5.0) -> None:
         self.window = window
-        self._seen: dict[tuple[str, int], float] = {}
+        self._seen: dict[tuple[str, str, int], float] = {}
         self._lock = threading.Lock()
         self.duplicates = 0
 
-    def first(self, pci: str, xid: int, now: float | None = None) -> bool:
+    def first(self, event: DriverEvent, now: float | None = None) -> bool:
         now = time.monotonic() if now is None else now
-        key = (normalize_pci(pci), xid)
+        key = (normalize_pci(event.pci), event.kind, event.value)
         with self._lock:
             last = self._seen.get(key)
             self._seen[key] = now
@@ -63,7 +64,7 @@ class Deduper:
 
 
 def follow_kmsg(
-    on_xid: Callable[[str, int, str], None],
+    on_event: OnEvent,
     stop: threading.Event,
     path: str = "/dev/kmsg",
     lookback_s: float = 600.0,
@@ -107,6 +108,7 @@ def follow_kmsg(
                     text = match.group(4)
                 xid = parse_xid(text)
                 if xid is not None:
-                    on_xid(*xid)
+                    pci, number, detail = xid
+                    on_event(DriverEvent(pci, "xid", number, detail))
     finally:
         os.close(fd)

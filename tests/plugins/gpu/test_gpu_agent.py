@@ -23,7 +23,7 @@ def start(tmp_path: Path, broker: Mosquitto, cluster: str, scenario: str, extra:
 
 
 @pytest.mark.parametrize("through_nvml", [False, True], ids=["scenario", "through-nvml"])
-def test_xid_events_are_published_at_once_with_severity(
+def test_xid_and_gpu_events_are_published_at_once_with_severity(
     through_nvml: bool, tmp_path: Path, mosquitto: Mosquitto, cluster_name: str
 ) -> None:
     if through_nvml:
@@ -36,15 +36,21 @@ timeline:
   - {at: 1s, gpu: 2, vanish: true}
   - {at: 1.5s, gpu: 1, xid: 94, message: "Contained ECC error."}
   - {at: 1.6s, gpu: 2, xid: 79, message: "same fault, second report"}
+  - {at: 1.8s, gpu: 0, set: {recovery_action: Reset}, event: recovery_action}
 """, extra="through_nvml = true\n" if through_nvml else "")
     try:
         events: list[Event] = wait_for(lambda: watcher.select(lambda m: isinstance(m, Event)) if len(
-            watcher.select(lambda m: isinstance(m, Event))) >= 2 else None, 15, "two XID events")
-        fatal, contained = events[0], events[1]
+            watcher.select(lambda m: isinstance(m, Event))) >= 3 else None, 15, "two XIDs and a GPU event")
+        fatal, contained, recovery = events[0], events[1], events[2]
         assert (fatal.name, fatal.severity, fatal.entity, fatal.codes) == ("xid", "critical", "gpu2", ["xid_79"])
         # NVML's event carries the number only; the kernel log (or the scenario) has the text
         assert ("reported by NVML" if through_nvml else "GPU has fallen off the bus.") in fatal.message
         assert (contained.severity, contained.entity, contained.codes) == ("warning", "gpu1", ["xid_94"])
+        # an NVML event other than an XID, with the code gpu_health gives the same action
+        assert (recovery.name, recovery.severity, recovery.entity, recovery.codes) == (
+            "gpu_event", "critical", "gpu0", ["recovery_action", "recovery_reset"])
+        assert recovery.message.startswith("the driver set a recovery action for the GPU") and ": Reset [" in \
+            recovery.message
         # the results reflect the vanished GPU too
         wait_for(lambda: any(isinstance(m, Result) and m.check == "gpu_health" and "gpu_missing" in m.codes
                              for m in watcher.select()), 15, "gpu_missing result")
@@ -56,7 +62,7 @@ timeline:
     finally:
         assert agent.stop() == 0
     # the repeat within the de-duplication window was not published again
-    assert len(watcher.select(lambda m: isinstance(m, Event))) == 2
+    assert len(watcher.select(lambda m: isinstance(m, Event))) == 3
     watcher.close()
 
 

@@ -23,10 +23,11 @@ from tests.support.wait import wait_for
 from vetd.agent.checks import SourceUnavailable
 from vetd.plugins.gpu.config import GpuHealthConfig
 from vetd.plugins.gpu.evaluate import Evaluator
-from vetd.plugins.gpu.model import GpuSnapshot
+from vetd.plugins.gpu.model import DriverEvent, GpuSnapshot
 from vetd.plugins.gpu.nvml import NvmlSource
 from vetd.plugins.gpu.nvmlsim import REFRESH_S, SimulatedNvml, install
 from vetd.plugins.gpu.replay import CaptureSource, ScenarioSource
+from vetd.plugins.gpu.sources import Source
 from vetd.plugins.gpu_health import GpuRuntime
 
 pynvml = pytest.importorskip("pynvml")
@@ -170,29 +171,65 @@ timeline:
     assert (outcome.status, outcome.codes) == ("fail", ["ecc_dbe"])
 
 
-def test_xids_arrive_through_the_event_set_even_from_a_lost_gpu(
+def test_xids_and_health_events_arrive_through_the_event_set_even_from_a_lost_gpu(
     tmp_path: Path
 ) -> None:
-    source = ScenarioSource(write(tmp_path, """
+    scenario = write(tmp_path, """
 gpus: 4
 timeline:
   - {at: 0.2s, gpu: 3, xid: 79, message: "GPU has fallen off the bus."}
   - {at: 0.2s, gpu: 3, vanish: true}
+  - {at: 0.3s, gpu: 2, event: fatal_poison}
   - {at: 0.4s, gpu: 1, xid: 31}
-"""))
-    nvml = through_nvml(source)
+  - {at: 0.5s, gpu: 0, set: {recovery_action: Drain and Reset}, event: recovery_action}
+""")
+
+    def events(source: Source) -> list[DriverEvent]:
+        seen: list[DriverEvent] = []
+        stop = threading.Event()
+        watcher = threading.Thread(target=source.watch, args=(seen.append, stop))
+        watcher.start()
+        try:
+            wait_for(lambda: len(seen) >= 4, 10, "four events")
+        finally:
+            stop.set()
+            watcher.join(5)
+        assert not watcher.is_alive()
+        return seen
+
+    nvml = through_nvml(ScenarioSource(scenario))
     bus = {g.index: g.pci_bus_id for g in nvml.snapshot().gpus}
-    seen: list[tuple[str, int, str]] = []
-    stop = threading.Event()
-    watcher = threading.Thread(target=nvml.watch, args=(lambda *xid: seen.append(xid), stop))
-    watcher.start()
+    assert events(nvml) == [
+        DriverEvent(bus[3], "xid", 79, "reported by NVML"),
+        DriverEvent(bus[2], "fatal_poison", 0, ""),
+        DriverEvent(bus[1], "xid", 31, "reported by NVML"),
+        # the action is read from the GPU's recovery-action field, as gpu_health reads it
+        DriverEvent(bus[0], "recovery_action", 0, "Drain and Reset"),
+    ]
+    direct = events(ScenarioSource(scenario))
+    assert [(e.pci, e.kind, e.value) for e in direct] == [(bus[3], "xid", 79), (bus[2], "fatal_poison", 0),
+                                                          (bus[1], "xid", 31), (bus[0], "recovery_action", 0)]
+    assert direct[0].detail == "GPU has fallen off the bus." and direct[3].detail == "Drain and Reset"
+
+
+def test_the_event_set_delivers_only_the_types_registered(tmp_path: Path) -> None:
+    nvml = through_nvml(ScenarioSource(write(tmp_path, """
+gpus: 1
+timeline:
+  - {at: 0.1s, gpu: 0, event: sbe_storm}
+  - {at: 0.2s, gpu: 0, xid: 13}
+""")))
+    events = pynvml.nvmlEventSetCreate()
     try:
-        wait_for(lambda: len(seen) >= 2, 10, "two XIDs through nvmlEventSetWait_v2")
+        pynvml.nvmlDeviceRegisterEvents(pynvml.nvmlDeviceGetHandleByIndex(0), pynvml.nvmlEventTypeXidCriticalError,
+                                        events)
+        data = pynvml.nvmlEventSetWait_v2(events, 5000)
+        assert (data.eventType, data.eventData) == (pynvml.nvmlEventTypeXidCriticalError, 13)
+        with pytest.raises(pynvml.NVMLError_Timeout):
+            pynvml.nvmlEventSetWait_v2(events, 200)
     finally:
-        stop.set()
-        watcher.join(5)
-    assert not watcher.is_alive()
-    assert seen == [(bus[3], 79, "reported by NVML"), (bus[1], 31, "reported by NVML")]
+        pynvml.nvmlEventSetFree(events)
+    assert nvml.snapshot().gpus[0].index == 0
 
 
 def test_a_hung_driver_inside_nvml_is_driver_unresponsive(tmp_path: Path) -> None:

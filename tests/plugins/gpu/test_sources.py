@@ -13,7 +13,7 @@ import pytest
 from tests.support.procs import run_vetd
 from tests.support.wait import wait_for
 from vetd.agent.checks import SourceUnavailable
-from vetd.plugins.gpu.model import NodeSnapshot
+from vetd.plugins.gpu.model import DriverEvent, NodeSnapshot
 from vetd.plugins.gpu.replay import ScenarioSource
 from vetd.plugins.gpu.sources import DriverUnresponsive, Guard, nvidia_gpus_in_sysfs
 from vetd.plugins.gpu.xid import Deduper, follow_kmsg, normalize_pci, parse_xid
@@ -90,6 +90,8 @@ timeline:
         ("timeline:\n  - {at: 1s, gpu: 0, set: {temprature: 3}}\n", r"timeline\[0\]\.set: unknown GPU field\(s\) temprature"),
         ("timeline:\n  - {at: soon, gpu: 0}\n", "expected a duration"),
         ("timeline:\n  - {at: 1s, xid: 79}\n", "`gpu` is required"),
+        ("timeline:\n  - {at: 1s, gpu: 0, event: poison}\n",
+         r"timeline\[0\]\.event: unknown GPU event 'poison' \(known: gpu_unavailable, fatal_poison"),
         ("gpus: [\n", "invalid YAML"),
         ("timeline:\n  - {at: 1s, gpu: 0, nvml_error: {nvmlDeviceGetName: OOPS}}\n",
          r"timeline\[0\]\.nvml_error: unknown NVML error\(s\) OOPS \(known: INVALID_ARGUMENT"),
@@ -143,19 +145,20 @@ def test_xid_lines_from_real_driver_formats() -> None:
 
 def test_dedupe_across_sources() -> None:
     dedupe = Deduper(window=5)
-    assert dedupe.first("00000000:3B:00.0", 79, now=100.0)
-    assert not dedupe.first("0000:3b:00", 79, now=101.0)  # the kernel log's copy
-    assert dedupe.first("0000:3b:00", 48, now=101.0)
-    assert dedupe.first("0000:3b:00", 79, now=110.0)  # a new occurrence
+    assert dedupe.first(DriverEvent("00000000:3B:00.0", "xid", 79), now=100.0)
+    assert not dedupe.first(DriverEvent("0000:3b:00", "xid", 79, "from kmsg"), now=101.0)  # the kernel log's copy
+    assert dedupe.first(DriverEvent("0000:3b:00", "xid", 48), now=101.0)
+    assert dedupe.first(DriverEvent("0000:3b:00", "fatal_poison", 79), now=101.0)  # not an XID
+    assert dedupe.first(DriverEvent("0000:3b:00", "xid", 79), now=110.0)  # a new occurrence
     assert dedupe.duplicates == 1
 
 
 def test_kernel_log_reader_on_a_pipe_of_kmsg_records(tmp_path: Path) -> None:
     fifo = tmp_path / "kmsg"
     os.mkfifo(fifo)
-    seen: list[tuple[str, int, str]] = []
+    seen: list[DriverEvent] = []
     stop = threading.Event()
-    reader = threading.Thread(target=follow_kmsg, args=(lambda *x: seen.append(x), stop, str(fifo), 2.0))
+    reader = threading.Thread(target=follow_kmsg, args=(seen.append, stop, str(fifo), 2.0))
     reader.start()
     now_us = int(time.clock_gettime(time.CLOCK_MONOTONIC) * 1e6)
     with open(fifo, "w") as writer:
@@ -167,4 +170,4 @@ def test_kernel_log_reader_on_a_pipe_of_kmsg_records(tmp_path: Path) -> None:
         wait_for(lambda: seen, 5, "an XID from the pipe")
     stop.set()
     reader.join(5)
-    assert seen == [("0000:18:00", 79, "pid=1, GPU has fallen off the bus.")]
+    assert seen == [DriverEvent("0000:18:00", "xid", 79, "pid=1, GPU has fallen off the bus.")]
