@@ -95,11 +95,17 @@ class SourceUnavailable(Exception):
 
 @dataclass(frozen=True)
 class EventSource:
-    """A watcher: ``run(emit, stop)`` blocks, calling ``emit`` per event, until ``stop`` is set."""
+    """A watcher: ``run(emit, stop)`` blocks, calling ``emit`` per event, until ``stop`` is set.
+
+    ``recheck`` names periodic checks to run at once after a warning or
+    critical event from this source, so their verdict (which GPU, what it
+    needs) follows the event within seconds instead of an interval later.
+    """
 
     name: str
     run: Callable[[Emit, threading.Event], None]
     plugin: str = ""
+    recheck: tuple[str, ...] = ()
 
 
 class RegistryError(ValueError):

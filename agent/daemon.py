@@ -46,6 +46,8 @@ log = structlog.get_logger("vetd.agent")
 
 #: Longest a check waits before its first run after (re)start.
 FIRST_RUN_SPREAD_S = 5.0
+#: Least time between the starts of two runs of a check woken by events (an XID storm).
+RECHECK_SPACING_S = 1.0
 
 
 class Schedule:
@@ -104,6 +106,8 @@ class Agent:
         self._inflight = 0
         self._group: asyncio.TaskGroup | None = None
         self._running: set[str] = set()
+        #: Check name → set when an event asks for that check to run now (``EventSource.recheck``).
+        self._wakes: dict[str, asyncio.Event] = {}
         self._command_tasks: set[asyncio.Task[None]] = set()
         self._command_key = (read_key(config.commands.key_file, f"{config.source}: commands.key_file")
                              if config.commands.key_file else b"")
@@ -300,12 +304,22 @@ class Agent:
         log.warning("event", name=event.name, severity=event.severity, entity=event.entity,
                     codes=event.codes, message=event.message)
 
+    def _on_event(self, source: EventSource, event: EventOutcome) -> None:
+        self.emit_event(event)
+        if event.severity == "info":
+            return
+        for name in source.recheck:
+            wake = self._wakes.get(name)
+            if wake is not None and not wake.is_set():
+                log.info("recheck", check=name, after=event.name, codes=event.codes, entity=event.entity)
+                wake.set()
+
     def _event_thread(self, source: EventSource, loop: asyncio.AbstractEventLoop, stop: threading.Event) -> None:
         """Run one event source, restarting it with backoff when it raises."""
 
         def emit(event: EventOutcome) -> None:
             try:
-                loop.call_soon_threadsafe(self.emit_event, event)
+                loop.call_soon_threadsafe(self._on_event, source, event)
             except RuntimeError:
                 pass  # the loop has closed: the agent is exiting
 
@@ -323,13 +337,17 @@ class Agent:
                 return
             delay = min(delay * 2, 60.0)
 
-    async def _pause(self, seconds: float) -> bool:
-        """Sleep, or return True at once when stopping."""
+    async def _pause(self, seconds: float, wake: asyncio.Event | None = None) -> bool:
+        """Sleep until ``seconds`` pass or ``wake`` is set; return True at once when stopping."""
+        waits = {asyncio.ensure_future(self._stopping.wait())}
+        if wake is not None:
+            waits.add(asyncio.ensure_future(wake.wait()))
         try:
-            await asyncio.wait_for(self._stopping.wait(), max(0.0, seconds))
-        except TimeoutError:
-            return False
-        return True
+            await asyncio.wait(waits, timeout=max(0.0, seconds), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits:
+                waiting.cancel()
+        return self._stopping.is_set()
 
     def _next_delay(self, interval: float, started: float) -> float:
         jitter = self.config.agent.jitter
@@ -338,9 +356,15 @@ class Agent:
 
     async def _check_loop(self, check: Check, interval: float, timeout: float) -> None:
         structlog.contextvars.bind_contextvars(check=check.name)
-        if await self._pause(random.uniform(0, min(interval, FIRST_RUN_SPREAD_S))):
+        wake = self._wakes[check.name] = asyncio.Event()
+        if await self._pause(random.uniform(0, min(interval, FIRST_RUN_SPREAD_S)), wake):
             return
+        started = -RECHECK_SPACING_S
         while True:
+            if wake.is_set():  # woken by an event: run now, but not back to back
+                if await self._pause(started + RECHECK_SPACING_S - time.monotonic()):
+                    return
+            wake.clear()  # this run answers every event so far; one during it wakes the loop again
             started = time.monotonic()
             self._inflight += 1
             try:
@@ -355,7 +379,7 @@ class Agent:
             if all(o.status == "skip" and "not_applicable" in o.codes for o in run.outcomes):
                 log.info("check_not_applicable", message=run.outcomes[0].message)
                 return  # reported once; runs again only after a reload
-            if await self._pause(self._next_delay(interval, started)):
+            if await self._pause(self._next_delay(interval, started), wake):
                 return
 
     async def _telemetry_loop(self, source: TelemetrySource, interval: float) -> None:

@@ -16,7 +16,8 @@ lines in ``/dev/kmsg``) publish an ``xid`` event the moment an XID happens,
 with a severity from ``xid_critical`` / ``xid_warning``; the same XID from both
 is reported once. The NVML event set also delivers the other health events a
 GPU supports (GPU unavailable, poison, row-remap failure, recovery action...),
-published as ``gpu_event`` with a severity from ``event_severity``.
+published as ``gpu_event`` with a severity from ``event_severity``. A warning
+or critical event runs ``gpu_health`` at once.
 
 State comes from NVML (``source = "nvml"``), an ``nvidia-smi -q -x`` capture
 (``source = "capture"``) or a scenario (``source = "scenario"``); see
@@ -245,9 +246,12 @@ def vetd_register_telemetry(registry: TelemetryRegistry, configs: PluginConfigs)
 @hookimpl
 def vetd_register_event_sources(registry: EventSourceRegistry, configs: PluginConfigs) -> None:
     runtime = runtime_for(configs)
-    registry.add(EventSource("gpu_xid", runtime.watch_driver))  # XIDs and the other NVML events
+    # After a warning or critical event, gpu_health runs at once: which GPU is
+    # lost or needs a reset is known seconds after the XID, not an interval later.
+    recheck = ("gpu_health",)
+    registry.add(EventSource("gpu_xid", runtime.watch_driver, recheck=recheck))  # XIDs and the other NVML events
     if runtime.config.kmsg:
-        registry.add(EventSource("gpu_kmsg", runtime.watch_kmsg))
+        registry.add(EventSource("gpu_kmsg", runtime.watch_kmsg, recheck=recheck))
 
 
 @hookimpl

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from tests.support.procs import VetdProcess, Watcher, vetd_env
 from tests.support.services import Mosquitto
 from tests.support.wait import wait_for
+from vetd.agent.daemon import RECHECK_SPACING_S
 from vetd.agent.protocol import Event, Result, State
 
 
@@ -63,6 +65,45 @@ timeline:
         assert agent.stop() == 0
     # the repeat within the de-duplication window was not published again
     assert len(watcher.select(lambda m: isinstance(m, Event))) == 3
+    watcher.close()
+
+
+def test_a_fatal_xid_runs_gpu_health_at_once_not_an_interval_later(
+    tmp_path: Path, mosquitto: Mosquitto, cluster_name: str
+) -> None:
+    watcher = Watcher(mosquitto.port, f"vetd/v1/{cluster_name}/#")
+    (tmp_path / "scenario.yaml").write_text("""
+gpus: 4
+timeline:
+  - {at: 6s, gpu: 2, xid: 79, message: "GPU has fallen off the bus."}
+  - {at: 6s, gpu: 2, vanish: true}
+  - {at: 6.2s, gpu: 1, xid: 13}
+  - {at: 6.3s, gpu: 0, xid: 13}
+""")
+    config = tmp_path / "agent.toml"
+    config.write_text(f'[agent]\ninterval = "1h"\n[plugins.gpu_health]\nsource = "scenario"\n'
+                      f'scenario = "{tmp_path / "scenario.yaml"}"\n')
+    agent = VetdProcess(["agent", "--config", str(config)], tmp_path / "agent.log",
+                        vetd_env(VETD_BROKER=mosquitto.url, VETD_CLUSTER=cluster_name, VETD_NODE="nid001")).start()
+
+    def node_results() -> list[Result]:
+        return [m for m in watcher.select(lambda m: isinstance(m, Result))  # type: ignore[misc]
+                if m.check == "gpu_health" and m.entity == "node"]
+
+    try:
+        first = wait_for(node_results, 10, "the first gpu_health run (within FIRST_RUN_SPREAD_S)")
+        assert first[0].status == "pass"  # before the fault; the next periodic run is an hour away
+        missing = wait_for(lambda: [r for r in node_results() if "gpu_missing" in r.codes], 15,
+                           "a gpu_health run woken by the XID")
+        xid = next(m for m in watcher.select(lambda m: isinstance(m, Event)) if m.codes == ["xid_79"])
+        assert 0 <= missing[0].ts - xid.ts < 3
+        wait_for(lambda: len(watcher.select(lambda m: isinstance(m, Event))) == 3, 10, "the two XID 13s")
+        time.sleep(2 * RECHECK_SPACING_S + 0.5)  # time for any run they woke
+    finally:
+        assert agent.stop() == 0
+    # Three XIDs within 0.3 s: the first run woken answers XID 79, one more (a second
+    # later, not back to back) answers both XID 13s; or a single run answers all three.
+    assert len(node_results()) in (2, 3)
     watcher.close()
 
 
