@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.support.procs import VetdProcess, vetd_env  # noqa: E402
 from tests.support.services import Mosquitto  # noqa: E402
 from tests.support.wait import wait_for  # noqa: E402
+from vetd.agent.daemon import RECHECK_SPACING_S  # noqa: E402
 from vetd.controller.store import Store  # noqa: E402
 from vetd.plugins.gpu.config import GpuHealthConfig  # noqa: E402
 from vetd.plugins.gpu.evaluate import Evaluator  # noqa: E402
@@ -130,8 +131,14 @@ def nvml_sim_cost(samples: int) -> None:
 
 
 def xid_latency(count: int) -> None:
+    """XIDs through a real agent, Mosquitto and controller: event latency, and
+    how soon the gpu_health verdict that an XID wakes (EventSource.recheck) follows."""
     xids = [13, 31, 43, 45, 94, 92, 63, 68]
-    steps = [f"  - {{at: {1 + 0.1 * i:.1f}s, gpu: {i % 8}, xid: {xids[(i // 8) % len(xids)]}}}" for i in range(count)]
+    # XID 79 on gpu7 first (it falls off the bus), then a storm of warning XIDs on the others
+    steps = ["  - {at: 1.0s, gpu: 7, xid: 79}", "  - {at: 1.0s, gpu: 7, vanish: true}"]
+    steps += [f"  - {{at: {1.1 + 0.1 * i:.1f}s, gpu: {i % 7}, xid: {xids[(i // 7) % len(xids)]}}}"
+              for i in range(count - 1)]
+    storm_s = 0.1 * (count - 1)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         broker = Mosquitto(work / "mosquitto").start()
@@ -146,25 +153,34 @@ def xid_latency(count: int) -> None:
                             vetd_env(VETD_BROKER=broker.url, VETD_CLUSTER="bench", VETD_NODE="n1",
                                      VETD_LOG_LEVEL="warning")).start()
 
-        def latencies() -> list[float]:
+        def rows(where: str) -> list[tuple[float, float, str]]:
             store = Store(work / "c.db", readonly=True)
             try:
-                rows = store.db.execute("SELECT received_at - ts FROM history WHERE kind='event'").fetchall()
+                return store.db.execute(f"SELECT ts, received_at, codes FROM history WHERE {where} ORDER BY ts"
+                                        ).fetchall()
             finally:
                 store.close()
-            return [r[0] for r in rows]
 
         try:
-            values = wait_for(lambda: (v := latencies()) and len(v) >= count and v, 60 + count, "all XIDs stored",
-                              interval=0.5)
+            events = wait_for(lambda: (v := rows("kind='event'")) and len(v) >= count and v, 60 + count,
+                              "all XIDs stored", interval=0.5)
+            time.sleep(2.0)  # the runs the last XIDs woke
+            verdicts = rows("kind='result' AND name='gpu_health' AND entity='node'")
         finally:
             agent.stop()
             controller.stop()
             broker.stop()
-    values.sort()
+    values = sorted(received - ts for ts, received, _ in events)
     print(f"XID published -> stored by the controller, {len(values)} events through Mosquitto:")
     print(f"  median {1e3 * statistics.median(values):.1f} ms, p99 {1e3 * values[int(0.99 * (len(values) - 1))]:.1f} ms, "
           f"max {1e3 * values[-1]:.1f} ms (target <= 1000 ms)")
+    fatal = next(ts for ts, _, codes in events if "xid_79" in codes)
+    missing = next((received for ts, received, codes in verdicts if ts >= fatal and "gpu_missing" in codes), None)
+    during = [ts for ts, _, _ in verdicts if fatal <= ts <= fatal + storm_s + 2.0]
+    print("XID 79 -> gpu_health verdict (gpu_missing) stored, interval 1 h: "
+          + ("never" if missing is None else f"{1e3 * (missing - fatal):.0f} ms"))
+    print(f"  gpu_health runs woken during the {count - 1} warning XIDs over {storm_s:.1f} s: {len(during)} "
+          f"(at most one per {RECHECK_SPACING_S:g} s)")
 
 
 def main() -> None:
