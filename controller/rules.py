@@ -10,7 +10,9 @@ A rule file::
         description: A host check failed on the node.
 
 ``when`` is a CEL expression over ``node`` (``name``, ``cluster``, ``state``,
-``online``, ``labels``) and either ``result`` (``check``, ``entity``,
+``online``, ``labels``), ``fleet`` (``partition``, and ``labels``: each label's
+majority value among the nodes of the node's cluster and partition that have
+it, where one value is held by more than half of them) and either ``result`` (``check``, ``entity``,
 ``status``, ``codes``, ``metrics``, ``message``, ``duration_s``, ``profile``,
 ``job_id``) or ``event`` (``name``, ``entity``, ``severity``, ``codes``,
 ``metrics``, ``message``, ``job_id``). A rule is evaluated on results if its
@@ -42,9 +44,10 @@ Action = Literal["drain", "alert", "heal", "mark_failed"]
 HEAL_STEPS = ("gpu_reset", "restart_service", "reboot", "revet")
 
 _DYN_MAP = cel.Type.Map(cel.Type.STRING, cel.Type.DYN)
-_ENV_ALL = cel.NewEnv(variables={"result": _DYN_MAP, "event": _DYN_MAP, "node": _DYN_MAP})
-_ENV_RESULT = cel.NewEnv(variables={"result": _DYN_MAP, "node": _DYN_MAP})
-_ENV_EVENT = cel.NewEnv(variables={"event": _DYN_MAP, "node": _DYN_MAP})
+_ENV_ALL = cel.NewEnv(variables={"result": _DYN_MAP, "event": _DYN_MAP, "node": _DYN_MAP, "fleet": _DYN_MAP})
+_ENV_RESULT = cel.NewEnv(variables={"result": _DYN_MAP, "node": _DYN_MAP, "fleet": _DYN_MAP})
+_ENV_EVENT = cel.NewEnv(variables={"event": _DYN_MAP, "node": _DYN_MAP, "fleet": _DYN_MAP})
+_USES_FLEET = re.compile(r"\bfleet\b")
 
 
 class RuleError(ConfigError):
@@ -95,6 +98,11 @@ class RuleSet:
 
     def for_input(self, kind: str) -> list[Rule]:
         return [rule for rule in self.rules if rule.input in (kind, "any")]
+
+    @property
+    def uses_fleet(self) -> bool:
+        """Whether a condition reads ``fleet`` (only then is it worked out)."""
+        return any(_USES_FLEET.search(rule.spec.when) for rule in self.rules)
 
 
 def _compile(expression: str) -> tuple[str, Any]:

@@ -136,6 +136,14 @@ class Controller:
         self._firing_alerts: dict[str, dict[str, Any]] = self.store.firing_alerts()
         self._windows: dict[RuleKey, list[float]] = self.store.rule_windows()
         self._static_labels = static_labels(config.labels)
+        #: (cluster, partition) → label → value → nodes, kept as labels change (``fleet`` in rules).
+        self._label_counts: dict[tuple[str, str], dict[str, Counter[str]]] = {}
+        #: (cluster, node) → the labels counted for it.
+        self._labels_counted: dict[tuple[str, str], dict[str, str]] = {}
+        #: (cluster, partition) → the ``fleet`` rules see, until a count there changes.
+        self._fleets: dict[tuple[str, str], dict[str, Any]] = {}
+        for known in self.store.nodes.values():
+            self._count_labels(known)
         self._actions: asyncio.Queue[Action] | None = None
         self._client: aiomqtt.Client | None = None
         #: This controller run, as the session of the commands it sends.
@@ -181,6 +189,8 @@ class Controller:
                 if isinstance(message, State):
                     if not self.store.apply_state(message, now):
                         self._count("stale_state")
+                    elif (born := self.store.nodes.get((message.cluster, message.node))) is not None:
+                        self._count_labels(born)  # a birth carries the node's labels
                     elif message.dropped:
                         self.store.set_agent_loss(message.cluster, message.node, message.dropped)
                 elif isinstance(message, Result | Event):
@@ -209,6 +219,8 @@ class Controller:
 
     def _evaluate(self, message: Result | Event, history_id: int, now: float, decisions: Decisions) -> None:
         node = self.store.node(message.cluster, message.node, now)
+        if (node.cluster, node.name) not in self._labels_counted:
+            self._count_labels(node)  # first heard of through a result, not a birth
         if isinstance(message, Result):
             kind, name = "result", message.check
             data: dict[str, Any] = {
@@ -231,6 +243,7 @@ class Controller:
                 "name": node.name, "cluster": node.cluster, "state": node.state,
                 "online": node.online, "labels": self.labels_of(node),
             },
+            "fleet": self.fleet_of(node) if self.rules.uses_fleet else {"partition": "", "labels": {}},
         }
         rules = self.rules.for_input(kind)
         self._count("rules_evaluated", len(rules))
@@ -316,6 +329,42 @@ class Controller:
     @staticmethod
     def _alert_key(rule: Rule, node: NodeRow, subject: str) -> str:
         return f"{rule.name}|{node.cluster}|{node.name}|{subject}"
+
+    def fleet_of(self, node: NodeRow) -> dict[str, Any]:
+        """What most nodes of ``node``'s cluster and partition have: for each
+        label, the value more than half of the nodes that have the label hold.
+
+        A rule compares a node with it (a GPU driver that drifted from the
+        fleet's); with no majority there is nothing to drift from.
+        """
+        partition = self.labels_of(node).get("partition", "default")
+        key = (node.cluster, partition)
+        fleet = self._fleets.get(key)
+        if fleet is None:
+            majority = {}
+            for name, values in self._label_counts.get(key, {}).items():
+                if values:
+                    value, held = values.most_common(1)[0]
+                    if 2 * held > values.total():
+                        majority[name] = value
+            fleet = self._fleets[key] = {"partition": partition, "labels": majority}
+        return fleet
+
+    def _count_labels(self, node: NodeRow) -> None:
+        """Keep the per-partition label counts in step with ``node``'s labels."""
+        labels = self.labels_of(node)
+        old = self._labels_counted.get((node.cluster, node.name))
+        if old == labels:
+            return
+        for counted, sign in ((old or {}, -1), (labels, 1)):
+            key = (node.cluster, counted.get("partition", "default"))
+            counts = self._label_counts.setdefault(key, {})
+            for name, value in counted.items():
+                counts.setdefault(name, Counter())[value] += sign
+                if counts[name][value] <= 0:
+                    del counts[name][value]
+            self._fleets.pop(key, None)
+        self._labels_counted[(node.cluster, node.name)] = labels
 
     def labels_of(self, node: NodeRow) -> dict[str, str]:
         """The agent's labels, overridden by the controller's static ``[labels]``."""

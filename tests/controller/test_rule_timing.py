@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -11,6 +12,8 @@ from vetd.agent.configfile import ConfigError
 from vetd.agent.protocol import Event, Result, State
 from vetd.controller.config import ControllerConfig, StoreSection, load_controller_config
 from vetd.controller.service import Controller
+
+DEFAULT_RULES = Path(__file__).resolve().parents[2] / "controller" / "default_rules.yaml"
 
 
 def make(tmp_path: Path, rules: str, **config: object) -> Controller:
@@ -120,6 +123,40 @@ def test_mark_failed_and_annotations_and_static_labels(tmp_path: Path) -> None:
     assert alert["annotations"]["runbook_url"] == "https://wiki/hbm"
     assert alert["labels"]["partition"] == "normal" and alert["labels"]["rack"] == "r3"
     assert alert["labels"]["team"] == "gpu" and alert["labels"]["entity"] == "gpu3"
+
+
+def test_the_default_rules_alert_on_a_gpu_driver_that_drifted_from_its_partition(tmp_path: Path) -> None:
+    controller = Controller(ControllerConfig(rules=[str(DEFAULT_RULES)], store=StoreSection(path=str(tmp_path / "c.db")),
+                                             labels={"nid[005-006]": {"partition": "debug"}}))
+    controller.alerts.urls = ["http://unused"]
+    drivers = {"nid001": "550.54.15", "nid002": "550.54.15", "nid003": "550.54.15", "nid004": "535.104.05",
+               "nid005": "560.28.03", "nid006": "560.28.03"}  # the debug partition tries a newer one
+    births = [State(cluster="alps", node=node, session="s", seq=0, ts=1, online=True, started=1,
+                    labels={"gpu_driver": driver, "partition": "normal"}) for node, driver in drivers.items()]
+    controller.process([(protocol.topic_for(b), protocol.encode(b)) for b in births], now=1)
+
+    def drift(node: str, seq: int) -> list[dict[str, Any]]:
+        result = Result(cluster="alps", node=node, session="s", seq=seq, ts=1 + seq, check="gpu_health",
+                        entity="node", status="pass", metrics={"driver_major": 550.0})
+        decisions = controller.process([(protocol.topic_for(result), protocol.encode(result))], now=1 + seq)
+        return [a for alert in decisions.alerts if alert.rule == "gpu-driver-drift" for a in alert.alerts]
+
+    assert [drift(node, 1) for node in ("nid001", "nid005", "nid006")] == [[], [], []]
+    (alert,) = drift("nid004", 1)
+    assert alert["labels"]["severity"] == "warning" and alert["labels"]["node"] == "nid004"
+    assert alert["annotations"]["summary"] == \
+        "nid004 runs GPU driver 535.104.05; most of partition normal runs 550.54.15"
+    # a rollout half way: two of the four upgraded: no majority, nothing drifted
+    upgrade = [State(cluster="alps", node=n, session="s2", seq=0, ts=5, online=True, started=5,
+                     labels={"gpu_driver": "560.28.03", "partition": "normal"}) for n in ("nid001", "nid002")]
+    controller.process([(protocol.topic_for(b), protocol.encode(b)) for b in upgrade], now=5)
+    assert controller.fleet_of(controller.store.nodes[("alps", "nid003")]) == {
+        "partition": "normal", "labels": {"partition": "normal"}}
+    assert drift("nid003", 2) == []
+    (resolved,) = drift("nid004", 2)  # the alert nid004 had is resolved
+    assert resolved["endsAt"] == "1970-01-01T00:00:03Z"
+    assert controller.fleet_of(controller.store.nodes[("alps", "nid005")]) == {
+        "partition": "debug", "labels": {"gpu_driver": "560.28.03", "partition": "debug"}}
 
 
 def test_bad_static_labels_are_a_config_error(tmp_path: Path) -> None:
