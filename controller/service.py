@@ -189,9 +189,10 @@ class Controller:
                 if isinstance(message, State):
                     if not self.store.apply_state(message, now):
                         self._count("stale_state")
-                    elif (born := self.store.nodes.get((message.cluster, message.node))) is not None:
+                        continue
+                    if (born := self.store.nodes.get((message.cluster, message.node))) is not None:
                         self._count_labels(born)  # a birth carries the node's labels
-                    elif message.dropped:
+                    if message.dropped:
                         self.store.set_agent_loss(message.cluster, message.node, message.dropped)
                 elif isinstance(message, Result | Event):
                     history_id = self.store.record(message, now)

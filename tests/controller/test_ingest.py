@@ -103,6 +103,14 @@ def test_a_stale_death_never_overrides_a_newer_birth(controller: Controller) -> 
     assert controller.store.nodes[("alps", "n1")].online is False
 
 
+def test_a_birth_records_what_the_agent_dropped_and_its_labels(controller: Controller) -> None:
+    birth = State(cluster="alps", node="n1", session="s", seq=0, ts=10, online=True, started=10,
+                  labels={"gpu_driver": "550.54.15"}, dropped={"periodic_result": 7})
+    controller.process([wire(birth)])
+    assert controller.store.delivery("alps", "n1")["agent_dropped"] == {"periodic_result": 7}
+    assert controller.fleet_of(controller.store.nodes[("alps", "n1")])["labels"]["gpu_driver"] == "550.54.15"
+
+
 def test_state_survives_a_restart(controller: Controller, tmp_path: Path) -> None:
     controller.process([wire(result(1, "fail"))])
     controller.store.close()
