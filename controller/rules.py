@@ -26,6 +26,7 @@ file with any error is rejected whole, so bad rules never replace good ones.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -99,9 +100,9 @@ class RuleSet:
     def for_input(self, kind: str) -> list[Rule]:
         return [rule for rule in self.rules if rule.input in (kind, "any")]
 
-    @property
+    @functools.cached_property
     def uses_fleet(self) -> bool:
-        """Whether a condition reads ``fleet`` (only then is it worked out)."""
+        """Whether a condition reads ``fleet`` (only then is it worked out); asked once per message."""
         return any(_USES_FLEET.search(rule.spec.when) for rule in self.rules)
 
 
