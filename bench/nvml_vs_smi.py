@@ -30,6 +30,7 @@ from vetd.plugins.gpu.nvml import NvmlSource  # noqa: E402
 
 #: Fields that change between two reads of a healthy, idle GPU.
 MOVING = {"temp_c", "temp_memory_c", "power_w", "utilization_pct", "memory_used_mib", "clock_reasons",
+          "clock_sm_mhz", "clock_memory_mhz",
           "pcie_gen", "pcie_width", "pcie_replay_counter", "processes", "ecc_volatile_sram_correctable",
           "ecc_volatile_dram_correctable", "ecc_aggregate_sram_correctable", "ecc_aggregate_dram_correctable",
           "ecc_volatile_correctable_total", "nvlinks"}
@@ -42,7 +43,9 @@ def compare(nvml: GpuSnapshot, smi: GpuSnapshot) -> list[str]:
         a, b = mine[field], theirs[field]
         if a == b:
             continue
-        mark = "~" if field in MOVING else "!"
+        # nvidia-smi prints whole MiB (an H200's 615.06 MiB reservation shows as 616 MiB)
+        rounded = field.endswith("_mib") and isinstance(a, float) and isinstance(b, float) and abs(a - b) <= 1.0
+        mark = "~" if field in MOVING or rounded else "!"
         if a is None or b is None:
             lines.append(f"  {mark} {field}: only {'nvidia-smi' if a is None else 'NVML'} reports it ({a if b is None else b!r})")
         else:

@@ -157,7 +157,8 @@ class GpuRuntime:
         sample = {}
         for gpu in snapshot.gpus:
             values = {"temp_c": gpu.temp_c, "power_w": gpu.power_w, "utilization_pct": gpu.utilization_pct,
-                      "memory_used_mib": gpu.memory_used_mib}
+                      "memory_used_mib": gpu.memory_used_mib, "clock_sm_mhz": gpu.clock_sm_mhz,
+                      "clock_memory_mhz": gpu.clock_memory_mhz}
             sample[gpu.entity] = {k: float(v) for k, v in values.items() if v is not None}
         return sample
 

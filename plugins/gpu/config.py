@@ -6,7 +6,7 @@ Defaults follow DCGM's health limits and CSCS vetnode's idle limits
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -72,6 +72,9 @@ class GpuHealthConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     remapped_uncorrectable_warn: int = 512
     # clocks: SW thermal / power cap must be seen in this many consecutive samples
     sw_throttle_sustained_samples: int = 3
+    #: SW power cap while drawing at least this fraction of the enforced power
+    #: limit is a busy GPU at its budget, not a finding (0: always a finding).
+    power_cap_at_limit_fraction: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.9
     # thermals: warn this close to the slowdown threshold
     temp_margin_c: float = 5.0
     # PCIe: judged only at or above this utilisation (idle GPUs drop link gen/width)

@@ -71,8 +71,11 @@ class GpuSnapshot(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     reset_required: bool | None = None
     drain_and_reset_recommended: bool | None = None
     recovery_action: str | None = None
-    # clocks: the reasons currently active (None: not reported)
+    # clocks: the reasons currently active (None: not reported), current and maximum clocks
     clock_reasons: list[str] | None = None
+    clock_sm_mhz: float | None = None
+    clock_memory_mhz: float | None = None
+    clock_sm_max_mhz: float | None = None
     # PCIe
     pcie_gen: int | None = None
     pcie_gen_max: int | None = None
@@ -89,8 +92,10 @@ class GpuSnapshot(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     power_w: float | None = None
     power_limit_w: float | None = None
     # memory and use
+    #: Used by processes, the driver's own reservation not counted (nvidia-smi's "used").
     memory_used_mib: float | None = None
     memory_total_mib: float | None = None
+    memory_reserved_mib: float | None = None
     utilization_pct: float | None = None
     persistence_mode: bool | None = None
     processes: list[GpuProcess] | None = None

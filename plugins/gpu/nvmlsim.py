@@ -356,6 +356,19 @@ class SimulatedNvml:
 
     _c_nvmlDeviceGetCurrentClocksThrottleReasons = _c_nvmlDeviceGetCurrentClocksEventReasons
 
+    def _c_nvmlDeviceGetClockInfo(self, handle: Any, domain: Any, ref: Any) -> None:
+        gpu = self._gpu(handle)
+        values = {self.n.NVML_CLOCK_SM: gpu.clock_sm_mhz, self.n.NVML_CLOCK_MEM: gpu.clock_memory_mhz}
+        if _int(domain) not in values:
+            raise _Fail("NOT_SUPPORTED")
+        _out(ref).value = round(_need(values[_int(domain)]))
+
+    def _c_nvmlDeviceGetMaxClockInfo(self, handle: Any, domain: Any, ref: Any) -> None:
+        gpu = self._gpu(handle)
+        if _int(domain) != self.n.NVML_CLOCK_SM:
+            raise _Fail("NOT_SUPPORTED")
+        _out(ref).value = round(_need(gpu.clock_sm_max_mhz))
+
     def _c_nvmlDeviceGetTemperature(self, handle: Any, sensor: Any, ref: Any) -> None:
         if _int(sensor) != self.n.NVML_TEMPERATURE_GPU:
             raise _Fail("INVALID_ARGUMENT")
@@ -374,11 +387,25 @@ class SimulatedNvml:
         _out(ref).value = round(_need(self._gpu(handle).power_limit_w) * 1000)
 
     def _c_nvmlDeviceGetMemoryInfo(self, handle: Any, ref: Any) -> None:
+        """v1: the driver's reservation counts as used (616 MiB on an idle H200)."""
         gpu = self._gpu(handle)
-        total, used = _need(gpu.memory_total_mib), _need(gpu.memory_used_mib)
+        total, used = _need(gpu.memory_total_mib), _need(gpu.memory_used_mib) + (gpu.memory_reserved_mib or 0.0)
         memory = _out(ref)
         memory.total, memory.used = round(total * 2**20), round(used * 2**20)
         memory.free = memory.total - memory.used
+
+    def _c_nvmlDeviceGetMemoryInfo_v2(self, handle: Any, ref: Any) -> None:
+        """v2: used, reserved and free apart, as nvidia-smi shows them (a capture
+        that shows no reservation is from a driver before v2: not supported)."""
+        gpu = self._gpu(handle)
+        memory = _out(ref)
+        if memory.version != self.n.nvmlMemory_v2:
+            raise _Fail("ARGUMENT_VERSION_MISMATCH")
+        total, used = _need(gpu.memory_total_mib), _need(gpu.memory_used_mib)
+        reserved = _need(gpu.memory_reserved_mib)
+        memory.total, memory.used = round(total * 2**20), round(used * 2**20)
+        memory.reserved = round(reserved * 2**20)
+        memory.free = memory.total - memory.used - memory.reserved
 
     def _c_nvmlDeviceGetUtilizationRates(self, handle: Any, ref: Any) -> None:
         _out(ref).gpu = round(_need(self._gpu(handle).utilization_pct))

@@ -111,7 +111,7 @@ def healthy_gpu(index: int) -> GpuSnapshot:
         remapped_rows_correctable=0, remapped_rows_uncorrectable=0,
         remapped_rows_pending=False, remapped_rows_failure=False,
         reset_required=False, drain_and_reset_recommended=False,
-        clock_reasons=["gpu_idle"],
+        clock_reasons=["gpu_idle"], clock_sm_mhz=345.0, clock_memory_mhz=2619.0, clock_sm_max_mhz=1980.0,
         pcie_gen=5, pcie_gen_max=5, pcie_width=16, pcie_width_max=16, pcie_replay_counter=0,
         nvlinks=[NvLink(link=i, up=True, replay_errors=0, recovery_errors=0, crc_errors=0) for i in range(18)],
         temp_c=28.0, temp_memory_c=30.0, temp_slowdown_c=87.0, temp_shutdown_c=92.0,

@@ -75,6 +75,20 @@ def test_sw_throttling_must_be_sustained() -> None:
     assert verdict(healthy_gpu(0), evaluator, 1010.0)[0] == "pass"  # streak broken
 
 
+def test_the_power_cap_of_a_gpu_busy_at_its_power_limit_is_no_finding() -> None:
+    """An H200 under a GEMM loop (tests/data/nvml/h200.before.soak.json): 692.5 of 700 W, SW power
+    cap active for the whole minute; it warned 58 times before this rule, for a GPU doing its job."""
+    evaluator = Evaluator(GpuHealthConfig())
+    at_limit = msgspec.structs.replace(healthy_gpu(0), clock_reasons=["sw_power_cap"], utilization_pct=100.0,
+                                       power_w=692.5, power_limit_w=700.0)
+    assert [verdict(at_limit, evaluator, 1000.0 + i)[0] for i in range(5)] == ["pass"] * 5
+    # Capped while drawing far less than its limit: something holds the GPU back.
+    held_back = msgspec.structs.replace(at_limit, power_w=300.0)
+    assert [verdict(held_back, evaluator, 1010.0 + i) for i in range(3)][-1] == ("warn", ["sw_power_cap"])
+    strict = Evaluator(GpuHealthConfig(power_cap_at_limit_fraction=0.0))  # 0: every power cap counts
+    assert [verdict(at_limit, strict, 1000.0 + i)[0] for i in range(3)][-1] == "warn"
+
+
 def test_rates_need_two_samples() -> None:
     evaluator = Evaluator(GpuHealthConfig(correctable_warn_per_hour=100))
     gpu = healthy_gpu(0)

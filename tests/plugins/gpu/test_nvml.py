@@ -18,6 +18,7 @@ import msgspec
 import pytest
 
 from tests.plugins.gpu.test_capture import CAPTURES
+from tests.plugins.gpu.test_hardware_fixtures import DATA as HARDWARE
 from tests.support.procs import run_vetd
 from tests.support.wait import wait_for
 from vetd.agent.checks import SourceUnavailable
@@ -57,11 +58,15 @@ def comparable(gpu: GpuSnapshot) -> dict[str, object]:
     return fields
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in CAPTURES.glob("*.xml")) or ["(none)"])
+#: Captures in ../shared and those recorded on real GPUs by scripts/gpu-fixtures.
+ALL_CAPTURES = {p.name: p for folder in (CAPTURES, HARDWARE) for p in sorted(folder.glob("*.xml"))}
+
+
+@pytest.mark.parametrize("name", sorted(ALL_CAPTURES) or ["(none)"])
 def test_every_capture_reads_the_same_through_nvml(name: str) -> None:
-    if not (CAPTURES / name).exists():
+    if name not in ALL_CAPTURES:
         pytest.skip("../shared/data/nvidia-smi has no captures")
-    direct = CaptureSource(str(CAPTURES / name))
+    direct = CaptureSource(str(ALL_CAPTURES[name]))
     expected = direct.snapshot()
     got = through_nvml(direct).snapshot()
     assert (got.driver_version, got.cuda_version) == (expected.driver_version, expected.cuda_version)
