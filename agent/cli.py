@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from vetd.agent import __version__
 
@@ -42,15 +43,76 @@ def _agent_config_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help=f"agent TOML config (default $VETD_CONFIG or {DEFAULT_AGENT_CONFIG})")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with vetd's error convention: one line on stderr, exit 2 (usage is in ``--help``)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_VETD, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def duration(value: str) -> float:
+    """An argparse type: a duration such as 30s, 5m, 2h."""
+    from vetd.agent.configfile import parse_duration
+
+    try:
+        return float(parse_duration(value))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def since(value: str) -> float:
+    """An argparse type: how far back, as a duration (24h) or an ISO 8601 time; a Unix time."""
+    import datetime
+    import time
+
+    from vetd.agent.configfile import parse_duration
+
+    try:
+        return time.time() - float(parse_duration(value))
+    except ValueError:
+        pass
+    try:
+        when = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a duration such as 24h or an ISO time such as 2026-12-01T08:00:00Z, got {value!r}") from None
+    if when.tzinfo is None:
+        when = when.astimezone()  # a local time, as a person types it
+    return when.timestamp()
+
+
+def port(value: str) -> int:
+    """An argparse type: a TCP port, 0 for a free one."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {value!r}") from None
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0 to 65535, got {number}")
+    return number
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _checked(kind: Callable[[str], object]) -> Callable[[str], str]:
+    """An argparse type that validates with ``kind`` and keeps the text (written into a config as is)."""
+    def check(value: str) -> str:
+        kind(value)
+        return value
+    return check
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="vetd",
         description="Node health for GPU clusters: vet nodes, exclude bad ones, bring them back.",
     )
     parser.add_argument("--version", action="version", version=f"vetd {__version__}")
-    parser.add_argument("--log-level", default=os.environ.get("VETD_LOG_LEVEL", "info"),
+    parser.add_argument("--log-level", default=os.environ.get("VETD_LOG_LEVEL", "info").lower(),
+                        type=str.lower, choices=LOG_LEVELS, metavar="LEVEL",
                         help="debug, info, warning or error (env VETD_LOG_LEVEL)")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
 
     agent = sub.add_parser("agent", help="run the node daemon (systemd service)",
                            description="Run the node daemon: scheduled checks and telemetry, "
@@ -70,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="GPU checks read this `nvidia-smi -q -x` capture instead of NVML "
                        "(triage a dump from a node already out of service)")
     check.add_argument("--scenario", metavar="FILE.yaml", help="GPU checks follow this scenario instead of NVML")
-    check.add_argument("--at", metavar="DURATION",
+    check.add_argument("--at", metavar="DURATION", type=duration,
                        help="with --scenario: evaluate the state this far into it (default: its end)")
     check.add_argument("--through-nvml", action="store_true",
                        help="with --capture or --scenario: serve it through a simulated libnvidia-ml, "
@@ -100,7 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Print the nodes vetd has excluded, folded as a hostlist "
                               "(nid[002,017-018]) ready for srun --exclude, one per line, or JSON.")
     _controller_config_arg(excluded)
-    excluded.add_argument("--format", choices=("hostlist", "lines", "json"), default="hostlist")
+    excluded.add_argument("--format", choices=("hostlist", "lines", "json"), default="hostlist",
+                          help="a folded hostlist (default), one node per line, or JSON")
+    excluded.add_argument("--json", action="store_const", const="json", dest="format",
+                          help="JSON, as every other command says it (same as --format json)")
 
     drain = sub.add_parser("drain", help="take nodes out of service (through the controller)",
                            description="Exclude NODES (a hostlist, e.g. nid[001-004]) now, through the "
@@ -128,10 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Silences hold back alerts whose labels match every matcher "
                              "(label=value, label!=value, label=~regex, label!~regex), until they expire. "
                              "Decisions (drains, healing) go on; only the alerts are held.")
-    silence_sub = silence.add_subparsers(dest="silence_command", required=True, metavar="ACTION")
+    silence_sub = silence.add_subparsers(dest="silence_command", required=True, metavar="ACTION",
+                                         parser_class=Parser)
     silence_add = silence_sub.add_parser("add", help="add a silence")
     silence_add.add_argument("matchers", nargs="+", metavar="MATCHER", help="e.g. node=nid001 alertname=~xid.*")
-    silence_add.add_argument("--for", dest="duration", required=True, metavar="DURATION", help="e.g. 2h")
+    silence_add.add_argument("--for", dest="duration", required=True, metavar="DURATION", type=duration,
+                             help="e.g. 2h")
     silence_add.add_argument("--comment", default="", help="why (shown with every silenced alert)")
     _controller_config_arg(silence_add)
     silence_list = silence_sub.add_parser("list", help="list silences")
@@ -143,9 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     rules = sub.add_parser("rules", help="validate rule files",
                            description="Work with controller rule files.")
-    rules_sub = rules.add_subparsers(dest="rules_command", required=True, metavar="ACTION")
+    rules_sub = rules.add_subparsers(dest="rules_command", required=True, metavar="ACTION", parser_class=Parser)
     rules_check = rules_sub.add_parser("check", help="validate rule files (file, line, rule, CEL error)")
-    rules_check.add_argument("files", nargs="+", metavar="FILE")
+    rules_check.add_argument("files", nargs="*", metavar="FILE", help="default: the rules vetd ships")
     rules_reload = rules_sub.add_parser(
         "reload", help="make the running controller load its rule files again",
         description="The running controller re-reads its rule files (as on SIGHUP) and says how many "
@@ -156,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Replay an events file (JSON lines; `vetd export --events` writes one) against rule "
         "files, with the messages' own timestamps as the clock, and print every decision the controller "
         "would take: rules firing and resolving, drains, nodes marked failed, breaker trips, alerts.")
-    rules_test.add_argument("files", nargs="+", metavar="FILE")
+    rules_test.add_argument("files", nargs="*", metavar="FILE", help="default: the rules vetd ships")
     rules_test.add_argument("--events", required=True, metavar="EVENTS.jsonl")
     rules_test.add_argument("--config", help="controller config whose breaker, repeat and labels to use")
     rules_test.add_argument("--json", action="store_true", help="one JSON object per decision")
@@ -164,9 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="export the controller's history",
                             description="Write the controller's stored results and events as JSON lines, "
                             "the format `vetd rules test --events` replays.")
-    export.add_argument("--events", action="store_true", required=True, help="results and events (JSON lines)")
+    export.add_argument("--events", action="store_true",
+                        help="results and events as JSON lines: what export writes (kept for old scripts)")
     export.add_argument("--node", help="only this node")
-    export.add_argument("--since", metavar="DURATION", help="only the last DURATION (e.g. 24h)")
+    export.add_argument("--since", metavar="WHEN", type=since,
+                        help="only since then: a duration back (24h) or an ISO time (2026-12-01T08:00:00Z)")
     _controller_config_arg(export)
 
     up = sub.add_parser("up", help="run everything on this machine with embedded defaults",
@@ -175,9 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "machine. Prints where things are, then the node table as it changes.")
     up.add_argument("--state-dir", default=os.environ.get("VETD_STATE_DIR", "vetd-state"),
                     help="where the database, configs and logs go (default ./vetd-state)")
-    up.add_argument("--port", type=int, default=0, help="broker port (default: a free one)")
-    up.add_argument("--interval", default="10s", help="check interval of the local agent (default 10s)")
-    up.add_argument("--duration", default=None, help="stop after this long (e.g. 30s); default: until Ctrl-C")
+    up.add_argument("--port", type=port, default=0, help="broker port (default: a free one)")
+    up.add_argument("--interval", default="10s", type=_checked(duration),
+                    help="check interval of the local agent (default 10s)")
+    up.add_argument("--duration", default=None, type=duration,
+                    help="stop after this long (e.g. 30s); default: until Ctrl-C")
     return parser
 
 
@@ -194,6 +265,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_VETD
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        # No traceback reaches a user; --log-level debug shows it to whoever debugs vetd.
+        if args.log_level == "debug":
+            raise
+        print(f"vetd: internal error: {type(exc).__name__}: {exc} (--log-level debug shows where)", file=sys.stderr)
+        return EXIT_VETD
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -241,7 +318,7 @@ def _check(args: argparse.Namespace) -> int:
 
 def _gpu_overrides(args: argparse.Namespace) -> dict[str, object]:
     """``--capture`` and friends are shortcuts for ``[plugins.gpu_health]`` keys."""
-    from vetd.agent.configfile import ConfigError, parse_duration
+    from vetd.agent.configfile import ConfigError
 
     if args.capture and args.scenario:
         raise ConfigError("--capture and --scenario: choose one")
@@ -250,11 +327,8 @@ def _gpu_overrides(args: argparse.Namespace) -> dict[str, object]:
         overrides.update(source="capture", capture=str(Path(args.capture).resolve()))
     if args.scenario:
         overrides.update(source="scenario", scenario=str(Path(args.scenario).resolve()))
-        try:
-            overrides["scenario_at"] = float(parse_duration(args.at)) if args.at else 1e9
-        except ValueError as exc:
-            raise ConfigError(f"--at: {exc}") from exc
-    elif args.at:
+        overrides["scenario_at"] = args.at if args.at is not None else 1e9
+    elif args.at is not None:
         raise ConfigError("--at needs --scenario")
     if args.through_nvml:
         if not (args.capture or args.scenario):

@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import time
+from importlib import resources
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -28,7 +29,7 @@ EXIT_VETD = 2
 def dispatch(args: argparse.Namespace, config_path: Path) -> int:
     command = args.command
     if command == "rules" and args.rules_command == "check":
-        return rules_check(args.files)
+        return rules_check(rule_files(args.files))
     if command == "rules" and args.rules_command == "test":
         return rules_test(args)
     if command == "up":
@@ -57,8 +58,7 @@ def dispatch(args: argparse.Namespace, config_path: Path) -> int:
         if command == "excluded":
             return show_excluded(store, args.format, sys.stdout)
         if command == "export":
-            since = time.time() - parse_duration(args.since) if args.since else 0.0
-            count = export_events(store, sys.stdout, args.node, since)
+            count = export_events(store, sys.stdout, args.node, args.since or 0.0)
             print(f"vetd: exported {count} lines", file=sys.stderr)
             return 0
     finally:
@@ -158,15 +158,28 @@ def rules_test(args: argparse.Namespace) -> int:
     logging.getLogger("vetd").setLevel(logging.WARNING)  # the decisions are the output
     config = load_controller_config(args.config) if args.config else None
     try:
-        decisions = replay(args.files, read_events(Path(args.events)), config)
+        decisions = replay(rule_files(args.files), read_events(Path(args.events)), config)
     except ConfigError as exc:
         print(f"vetd: {exc}", file=sys.stderr)
+        return EXIT_VETD
+    except UnicodeDecodeError:
+        print(f"vetd: {args.events}: not a text file (JSON lines, as `vetd export` writes)", file=sys.stderr)
         return EXIT_VETD
     print_decisions(decisions, args.json, sys.stdout)
     return 0
 
 
+def rule_files(files: list[str]) -> list[str]:
+    """The files named, or the rules vetd ships (what ``vetd up`` and the packaged config use)."""
+    return files or [str(resources.files("vetd.controller").joinpath("default_rules.yaml"))]
+
+
 def rules_check(files: list[str]) -> int:
+    """Exit 1: a rule file is invalid (the verdict); 2: a file could not be read."""
+    unreadable = [name for name in files if not os.access(name, os.R_OK) or not Path(name).is_file()]
+    if unreadable:
+        print(f"vetd: cannot read rule file(s): {', '.join(unreadable)}", file=sys.stderr)
+        return EXIT_VETD
     try:
         ruleset = load_rules(files)
     except ConfigError as exc:

@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
 import logging
+import os
 import signal
 import socket
 import sys
@@ -27,6 +29,10 @@ from vetd.controller.cli import format_nodes, node_summaries
 from vetd.controller.config import load_controller_config
 from vetd.controller.service import Controller
 from vetd.controller.store import Store
+
+
+class UpError(Exception):
+    """``vetd up`` cannot start: said in one line, exit 2."""
 
 
 def free_port() -> int:
@@ -59,6 +65,7 @@ def write_configs(state_dir: Path, port: int, interval: str, http_port: int) -> 
 
 async def _up(args: argparse.Namespace) -> int:
     from amqtt.broker import Broker
+    from amqtt.errors import BrokerError
 
     state_dir = Path(args.state_dir).resolve()
     port = args.port or free_port()
@@ -71,7 +78,10 @@ async def _up(args: argparse.Namespace) -> int:
             "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
         }
     )
-    await broker.start()
+    try:
+        await broker.start()
+    except BrokerError as exc:
+        raise UpError(f"cannot start the embedded broker on 127.0.0.1:{port}: {exc.__cause__ or exc}") from None
     controller = Controller(load_controller_config(controller_path))
     agent = Agent(load_agent_config(agent_path), agent_path)
     stop = asyncio.Event()
@@ -132,12 +142,31 @@ def up(args: argparse.Namespace) -> int:
     from vetd.agent import logs
 
     state_dir = Path(args.state_dir)
-    state_dir.mkdir(parents=True, exist_ok=True)
-    # The terminal shows the node table; the log goes to a file beside the state.
-    log_file = (state_dir / "vetd.log").open("a", encoding="utf-8")
-    logs.setup(getattr(args, "log_level", "info"), json=True, stream=log_file)
-    logging.getLogger("amqtt").setLevel(logging.ERROR)
     try:
-        return asyncio.run(_up(args))
-    finally:
-        log_file.close()
+        state_dir.mkdir(parents=True, exist_ok=True)
+        lock = (state_dir / "vetd-up.lock").open("a+", encoding="utf-8")
+    except OSError as exc:
+        print(f"vetd up: cannot use {state_dir}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            print(f"vetd up: another `vetd up` (pid {lock.read().strip() or '?'}) is running in {state_dir}; "
+                  "stop it or give --state-dir another folder", file=sys.stderr)
+            return 2
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        # The terminal shows the node table; the log goes to a file beside the state.
+        log_file = (state_dir / "vetd.log").open("a", encoding="utf-8")
+        logs.setup(getattr(args, "log_level", "info"), json=True, stream=log_file)
+        logging.getLogger("amqtt").setLevel(logging.ERROR)
+        try:
+            return asyncio.run(_up(args))
+        except UpError as exc:
+            print(f"vetd up: {exc}", file=sys.stderr)
+            return 2
+        finally:
+            log_file.close()
