@@ -11,6 +11,7 @@ call.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -47,26 +48,47 @@ class PluginHost:
     """Loads plugins and calls their hooks for the agent."""
 
     def __init__(self, config: AgentConfig) -> None:
+        self.config = config
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
-        #: Plugins whose registration raised: name → error text.
+        #: Plugins that failed to import or whose registration raised: name → error text.
         self.broken: dict[str, str] = {}
+        #: Where each plugin comes from: ``built-in``, ``DIST VERSION`` (an entry point) or ``load_plugins``.
+        self.origins: dict[str, str] = {}
+        entry_points = list(importlib.metadata.entry_points(group=hookspecs.PROJECT))
         disabled = set(config.agent.disable_plugins)
+        known = {name for name, _ in BUILTIN_PLUGINS} | {ep.name for ep in entry_points} | {
+            module.rsplit(".", 1)[-1] for module in config.agent.load_plugins}
+        unknown = sorted(disabled - known)
+        if unknown:
+            raise ConfigError(f"{where(config.source, config.source_text, 'agent.disable_plugins')}: no plugin "
+                              f"named {', '.join(map(repr, unknown))} (plugins: {', '.join(sorted(known))})")
         for name in disabled:
             self.pm.set_blocked(name)
         for name, module in BUILTIN_PLUGINS:
             if name not in disabled:
                 self.pm.register(importlib.import_module(module), name=name)
-        try:
-            self.pm.load_setuptools_entrypoints(hookspecs.PROJECT)
-        except Exception as exc:  # noqa: BLE001 - a broken third party must not stop the agent
-            log.error("plugin_entrypoint_failed", error=f"{type(exc).__name__}: {exc}")
+                self.origins[name] = "built-in"
+        for entry in entry_points:
+            if entry.name in disabled or self.pm.has_plugin(entry.name):
+                continue
+            try:
+                plugin = entry.load()
+            except Exception as exc:  # noqa: BLE001 - a broken third party must not stop the agent
+                self.broken[entry.name] = f"cannot import {entry.value}: {type(exc).__name__}: {exc}"
+                log.error("plugin_import_failed", plugin=entry.name, entry_point=entry.value,
+                          error=self.broken[entry.name])
+                continue
+            self.pm.register(plugin, name=entry.name)
+            dist = entry.dist
+            self.origins[entry.name] = f"{dist.name} {dist.version}" if dist is not None else entry.value
         for module in config.agent.load_plugins:
             name = module.rsplit(".", 1)[-1]
             if name in disabled or self.pm.has_plugin(name):
                 continue
             try:
                 self.pm.register(importlib.import_module(module), name=name)
+                self.origins[name] = f"load_plugins {module}"
             except ImportError as exc:
                 raise ConfigError(
                     f"{config.source}: agent.load_plugins: cannot import {module!r}: {exc}"
@@ -107,10 +129,11 @@ class PluginHost:
         disabled = set(config.agent.disable_plugins)
         for table in config.plugins:
             if table not in owners and table not in disabled:
+                failed = f"; plugin {table!r} failed to load: {self.broken[table]}" if table in self.broken else ""
                 raise ConfigError(
                     f"{where(config.source, config.source_text, f'plugins.{table}')}: "
                     "no loaded plugin owns this table "
-                    f"(loaded: {', '.join(self.names()) or 'none'})"
+                    f"(loaded: {', '.join(self.names()) or 'none'}){failed}"
                 )
         decoded = {
             table: convert(
@@ -125,8 +148,15 @@ class PluginHost:
         return PluginConfigs(decoded)
 
     def register_checks(self) -> CheckRegistry:
+        """Every plugin's checks; a ``[checks.NAME]`` override of no check is a config error."""
         registry = CheckRegistry()
         self._register("vetd_register_checks", registry)
+        unknown = sorted(set(self.config.checks) - set(registry.names()))
+        if unknown:
+            failed = f"; plugins that failed to load: {', '.join(sorted(self.broken))}" if self.broken else ""
+            raise ConfigError(
+                f"{where(self.config.source, self.config.source_text, f'checks.{unknown[0]}')}: no check named "
+                f"{unknown[0]!r} (checks: {', '.join(registry.names()) or 'none'}){failed}")
         return registry
 
     def register_telemetry(self) -> TelemetryRegistry:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -40,6 +40,11 @@ class AlertsSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     event_alert_for: Duration = Duration(3600.0)
 
 
+#: A share of something, 0 to 1.
+Fraction = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+
+
 class BreakerSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Stop excluding when a partition would lose too much of itself at once.
 
@@ -50,16 +55,17 @@ class BreakerSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     nothing more in that partition until ``vetd breaker reset``.
     """
 
-    max_fraction: float = 0.10
-    always_allow: int = 1
-    max_drains: int = 0
+    max_fraction: Fraction = 0.10
+    always_allow: NonNegative = 1
+    #: 0: no limit on the count of drains in ``window``.
+    max_drains: NonNegative = 0
     window: Duration = Duration(3600.0)
 
 
 class RepeatSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """A node excluded ``count`` times within ``window`` is ``failed``: a person must look."""
 
-    count: int = 3
+    count: Annotated[int, msgspec.Meta(ge=1)] = 3
     window: Duration = Duration(7 * 86400.0)
 
 

@@ -74,3 +74,39 @@ def test_entry_point_plugins_load_configure_and_can_be_disabled(tmp_path: Path) 
     done = run_vetd("check", "--config", str(config), env=env)
     assert done.returncode == 2
     assert f"{config}:2: plugins.site.motd: Expected `str`, got `int`" in done.stderr
+
+
+def test_a_plugin_that_fails_to_import_is_named_and_the_others_still_run(tmp_path: Path) -> None:
+    install(tmp_path)
+    info = tmp_path / "gonevetd-2.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: gonevetd\nVersion: 2.0\n")
+    (info / "entry_points.txt").write_text("[vetd]\ngone = gonevetd_missing_module\n")
+    env = vetd_env()
+    env["PYTHONPATH"] = f"{tmp_path}:{env['PYTHONPATH']}"
+    config = tmp_path / "agent.toml"
+    config.write_text('[agent]\ndisable_plugins = ["broken"]\n')
+    done = run_vetd("check", "--config", str(config), "--json", "--profile", "prolog", env=env)
+    results = {(r["check"], r["entity"]): r for r in map(json.loads, done.stdout.splitlines())}
+    gone = results[("plugin_load", "gone")]
+    assert gone["status"] == "error" and "cannot import gonevetd_missing_module" in gone["message"]
+    assert ("site_motd", "node") in results and ("host_memory", "node") in results  # the rest loaded
+    assert done.returncode == 1
+    # Its config table names it and why it is missing; vetd itself cannot run as configured: exit 2.
+    config.write_text('[plugins.gone]\nlevel = 3\n')
+    done = run_vetd("check", "--config", str(config), env=env)
+    assert done.returncode == 2
+    assert f"{config}:1: plugins.gone" in done.stderr and "plugin 'gone' failed to load" in done.stderr
+
+
+def test_typos_in_plugin_and_check_names_are_config_errors(tmp_path: Path) -> None:
+    config = tmp_path / "agent.toml"
+    cases = {
+        '[agent]\ndisable_plugins = ["hostt"]\n': f"{config}:2: agent.disable_plugins: no plugin named 'hostt'",
+        '[checks.host_lod]\ninterval = "5m"\n': f"{config}:1: checks.host_lod: no check named 'host_lod'",
+    }
+    for text, message in cases.items():
+        config.write_text(text)
+        done = run_vetd("check", "--config", str(config))
+        assert done.returncode == 2 and message in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1

@@ -1,0 +1,24 @@
+"""Controller config values out of range name file, line and key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vetd.agent.configfile import ConfigError
+from vetd.controller.config import load_controller_config
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("[breaker]\nmax_fraction = 1.5\n", ":2: breaker.max_fraction: Expected `float` <= 1.0"),
+    ("[breaker]\nalways_allow = -4\n", ":2: breaker.always_allow: Expected `int` >= 0"),
+    ("[breaker]\nmax_drains = -1\n", ":2: breaker.max_drains: Expected `int` >= 0"),
+    ("[repeat]\ncount = 0\n", ":2: repeat.count: Expected `int` >= 1"),
+])
+def test_out_of_range_values_are_rejected(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "controller.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_controller_config(path, environ={})
+    assert f"{path}{message}" in str(caught.value)
