@@ -26,9 +26,9 @@ from tests.support.services import Mosquitto  # noqa: E402
 from tests.support.wait import wait_for  # noqa: E402
 from vetd.agent.daemon import RECHECK_SPACING_S  # noqa: E402
 from vetd.controller.store import Store  # noqa: E402
-from vetd.plugins.gpu.config import GpuHealthConfig  # noqa: E402
-from vetd.plugins.gpu.evaluate import Evaluator  # noqa: E402
-from vetd.plugins.gpu.replay import ScenarioSource  # noqa: E402
+from vetd.plugins.gpu_health.config import GpuHealthConfig  # noqa: E402
+from vetd.plugins.gpu_health.evaluate import Evaluator  # noqa: E402
+from vetd.plugins.gpu_health.replay import ScenarioSource  # noqa: E402
 
 RULES = Path(__file__).resolve().parents[1] / "packaging" / "rules" / "default.yaml"
 
@@ -57,7 +57,7 @@ def logic_cost(samples: int) -> None:
 
 
 def nvml_cost(samples: int) -> None:
-    from vetd.plugins.gpu.nvml import NvmlSource
+    from vetd.plugins.gpu_health.nvml import NvmlSource
 
     source = NvmlSource()
     n = source.nvml
@@ -98,8 +98,8 @@ def nvml_cost(samples: int) -> None:
 
 def nvml_sim_cost(samples: int) -> None:
     """The live NVML path's own cost: pynvml and NvmlSource over the simulated library."""
-    from vetd.plugins.gpu.nvml import NvmlSource
-    from vetd.plugins.gpu.nvmlsim import SimulatedNvml, install
+    from vetd.plugins.gpu_health.nvml import NvmlSource
+    from vetd.plugins.gpu_health.nvmlsim import SimulatedNvml, install
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "s.yaml"

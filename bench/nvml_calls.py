@@ -1,7 +1,7 @@
 """Every NVML call vetd makes: what the driver answers and how long it takes.
 
 Traces ``--snapshots`` NVML snapshots of ``gpu_health``'s source and a few
-seconds of its event watcher (:mod:`vetd.plugins.gpu.nvmltrace`), then prints
+seconds of its event watcher (:mod:`vetd.plugins.gpu_health.nvmltrace`), then prints
 one line per call class (function and plain arguments): calls, the return
 codes seen, median and max wall time. ``--json F`` keeps the whole survey.
 
@@ -21,8 +21,8 @@ import msgspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vetd.plugins.gpu.nvml import NvmlSource  # noqa: E402
-from vetd.plugins.gpu.nvmltrace import Survey, differences, survey  # noqa: E402
+from vetd.plugins.gpu_health.nvml import NvmlSource  # noqa: E402
+from vetd.plugins.gpu_health.nvmltrace import Survey, differences, survey  # noqa: E402
 
 
 def main() -> int:
@@ -37,8 +37,8 @@ def main() -> int:
     args = parser.parse_args()
     library = "libnvidia-ml.so.1"
     if args.simulate:
-        from vetd.plugins.gpu.nvmlsim import SimulatedNvml, install
-        from vetd.plugins.gpu.replay import CaptureSource
+        from vetd.plugins.gpu_health.nvmlsim import SimulatedNvml, install
+        from vetd.plugins.gpu_health.replay import CaptureSource
 
         install(SimulatedNvml.of(CaptureSource(str(args.simulate))))
         library = f"simulated({args.simulate.name})"

@@ -24,9 +24,9 @@ import msgspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vetd.plugins.gpu.capture import parse_capture  # noqa: E402
-from vetd.plugins.gpu.model import GpuSnapshot  # noqa: E402
-from vetd.plugins.gpu.nvml import NvmlSource  # noqa: E402
+from vetd.plugins.gpu_health.capture import parse_capture  # noqa: E402
+from vetd.plugins.gpu_health.model import GpuSnapshot  # noqa: E402
+from vetd.plugins.gpu_health.nvml import NvmlSource  # noqa: E402
 
 #: Fields that change between two reads of a healthy, idle GPU.
 MOVING = {"temp_c", "temp_memory_c", "power_w", "utilization_pct", "memory_used_mib", "clock_reasons",
@@ -63,8 +63,8 @@ def main() -> int:
     if args.simulate:
         if not args.capture:
             parser.error("--simulate needs --capture")
-        from vetd.plugins.gpu.nvmlsim import SimulatedNvml, install
-        from vetd.plugins.gpu.replay import CaptureSource
+        from vetd.plugins.gpu_health.nvmlsim import SimulatedNvml, install
+        from vetd.plugins.gpu_health.replay import CaptureSource
 
         install(SimulatedNvml.of(CaptureSource(str(args.capture))))
     xml = args.capture.read_bytes() if args.capture else subprocess.run(

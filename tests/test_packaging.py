@@ -58,12 +58,12 @@ def test_the_wheel_installs_only_under_the_vetd_namespace(wheel: Path) -> None:
     tops = {name.split("/")[0] for name in names}
     assert "vetd" in tops and all(top.endswith(".dist-info") for top in tops - {"vetd"})
     assert not any(name.startswith("vetd/__init__") for name in names)  # implicit namespace
-    assert {"vetd/agent/protocol.py", "vetd/plugins/host.py", "vetd/controller/default_rules.yaml",
+    assert {"vetd/agent/protocol.py", "vetd/plugins/host/__init__.py", "vetd/controller/default_rules.yaml",
             "vetd/agent/py.typed"} <= set(names)
 
 
 def test_every_tracked_module_and_data_file_is_in_the_wheel(wheel: Path) -> None:
-    """A package list kept by hand once left vetd.plugins.gpu out of every non-editable install."""
+    """A package list kept by hand once left vetd.plugins.gpu_health out of every non-editable install."""
     tracked = subprocess.run(["git", "ls-files", "agent", "plugins", "controller"], cwd=ROOT, capture_output=True,
                              text=True, check=False)
     if tracked.returncode != 0:
@@ -83,7 +83,7 @@ def run_installed(bin_dir: Path, cwd: Path, *args: str) -> subprocess.CompletedP
 
 def test_the_installed_wheel_runs_from_outside_the_source_tree(installed: Path, tmp_path: Path) -> None:
     where = subprocess.run([str(installed / "python"), "-c",
-                            "import vetd.agent, vetd.plugins.gpu.nvml, vetd.controller.service as s; print(s.__file__)"],
+                            "import vetd.agent, vetd.plugins.gpu_health.nvml, vetd.controller.service as s; print(s.__file__)"],
                            cwd=tmp_path, capture_output=True, text=True, check=False)
     assert where.returncode == 0, where.stderr
     assert Path(where.stdout.strip()).is_relative_to(installed.parent), "vetd came from the source tree"

@@ -1,51 +1,23 @@
-"""``gpu_health``: NVIDIA GPU health checks, XID events and GPU telemetry.
+"""The GPU plugin's working parts: one config's source, driver guard and evaluator (:class:`GpuRuntime`)."""
 
-Checks:
-
-* ``gpu_health`` (profiles ``prolog``, ``periodic``, ``full``): one result for
-  the node (GPU count against the expected count, driver version as metrics)
-  and one per GPU (``gpu0``…): ECC, retired pages / row remapping, the driver's
-  reset-required / drain-and-reset / recovery-action verdicts, clock slowdown
-  reasons, temperature margin, PCIe link and replays, NVLink state and
-  errors, persistence mode.
-* ``gpu_idle`` (profile ``prolog``): before a job, every GPU is cool, its
-  memory is free and no compute process is left on it (CSCS vetnode's limits).
-
-Event sources ``gpu_xid`` (NVML event set) and ``gpu_kmsg`` (``NVRM: Xid``
-lines in ``/dev/kmsg``) publish an ``xid`` event the moment an XID happens,
-with a severity from ``xid_critical`` / ``xid_warning``; the same XID from both
-is reported once. The NVML event set also delivers the other health events a
-GPU supports (GPU unavailable, poison, row-remap failure, recovery action...),
-published as ``gpu_event`` with a severity from ``event_severity``. A warning
-or critical event runs ``gpu_health`` at once.
-
-State comes from NVML (``source = "nvml"``), an ``nvidia-smi -q -x`` capture
-(``source = "capture"``) or a scenario (``source = "scenario"``); see
-:mod:`vetd.plugins.gpu.replay`. A node without NVIDIA GPUs reports ``skip``
-(``not_applicable``) once; a node whose sysfs lists NVIDIA GPUs but whose
-driver cannot be reached fails with ``driver_unavailable``.
-"""
 
 from __future__ import annotations
 
 import threading
-import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-import msgspec
 import structlog
 
-from vetd.agent.checks import Check, EventOutcome, EventSource, Outcome, SourceUnavailable, TelemetrySource
-from vetd.agent.hookspecs import hookimpl
-from vetd.plugins.gpu.config import GpuHealthConfig
-from vetd.plugins.gpu.evaluate import RECOVERY_FAIL, Evaluator
-from vetd.plugins.gpu.model import GPU_EVENTS, DriverEvent, NodeSnapshot
-from vetd.plugins.gpu.sources import DriverUnresponsive, Guard, OnEvent, Source, nvidia_gpus_in_sysfs
-from vetd.plugins.gpu.xid import Deduper, follow_kmsg, normalize_pci
+from vetd.agent.checks import EventOutcome, Outcome, SourceUnavailable
+from vetd.plugins.gpu_health.config import GpuHealthConfig
+from vetd.plugins.gpu_health.evaluate import RECOVERY_FAIL, Evaluator
+from vetd.plugins.gpu_health.model import GPU_EVENTS, DriverEvent, NodeSnapshot
+from vetd.plugins.gpu_health.sources import DriverUnresponsive, Guard, OnEvent, Source, nvidia_gpus_in_sysfs
+from vetd.plugins.gpu_health.xid import Deduper, follow_kmsg, normalize_pci
 
 if TYPE_CHECKING:
-    from vetd.agent.checks import CheckRegistry, Emit, EventSourceRegistry, PluginConfigs, TelemetryRegistry
+    from vetd.agent.checks import Emit
 
 log = structlog.get_logger("vetd.gpu")
 
@@ -58,13 +30,13 @@ def make_source(config: GpuHealthConfig) -> Source:
     """The configured source; raises ``SourceUnavailable`` when it cannot be had."""
     replayed = _replay_source(config)
     if replayed is None:
-        from vetd.plugins.gpu.nvml import NvmlSource
+        from vetd.plugins.gpu_health.nvml import NvmlSource
 
         return NvmlSource()
     if not config.through_nvml:
         return replayed
-    from vetd.plugins.gpu.nvml import NvmlSource
-    from vetd.plugins.gpu.nvmlsim import SimulatedNvml, install
+    from vetd.plugins.gpu_health.nvml import NvmlSource
+    from vetd.plugins.gpu_health.nvmlsim import SimulatedNvml, install
 
     install(SimulatedNvml.of(replayed))
     return NvmlSource(expected=replayed.expected_gpus, name=f"nvml({replayed.name})", process_names=False)
@@ -72,13 +44,13 @@ def make_source(config: GpuHealthConfig) -> Source:
 
 def _replay_source(config: GpuHealthConfig) -> Source | None:
     if config.source == "capture":
-        from vetd.plugins.gpu.replay import CaptureSource
+        from vetd.plugins.gpu_health.replay import CaptureSource
 
         if not config.capture:
             raise SourceUnavailable("source = \"capture\" needs `capture` (a file path)")
         return CaptureSource(config.capture)
     if config.source == "scenario":
-        from vetd.plugins.gpu.replay import ScenarioSource
+        from vetd.plugins.gpu_health.replay import ScenarioSource
 
         if not config.scenario:
             raise SourceUnavailable("source = \"scenario\" needs `scenario` (a file path)")
@@ -211,76 +183,3 @@ class GpuRuntime:
         follow_kmsg(self._event_reporter(emit, "kmsg"), stop, KMSG_PATH, float(self.config.kmsg_lookback))
 
 
-_runtimes: weakref.WeakKeyDictionary[PluginConfigs, GpuRuntime] = weakref.WeakKeyDictionary()
-
-
-def runtime_for(configs: PluginConfigs) -> GpuRuntime:
-    """The runtime of one config load, shared by this plugin's hooks."""
-    runtime = _runtimes.get(configs)
-    if runtime is None:
-        runtime = _runtimes[configs] = GpuRuntime(configs.typed("gpu_health", GpuHealthConfig))
-    return runtime
-
-
-@hookimpl
-def vetd_config_tables() -> Mapping[str, type[msgspec.Struct]]:
-    return {"gpu_health": GpuHealthConfig}
-
-
-@hookimpl
-def vetd_register_checks(registry: CheckRegistry, configs: PluginConfigs) -> None:
-    runtime = runtime_for(configs)
-    timeout = float(runtime.config.check_timeout)
-    registry.add(Check("gpu_health", runtime.health, timeout, profiles=HEALTH_PROFILES,
-                       description="ECC, memory, reset flags, clocks, PCIe, NVLink, GPU count"))
-    registry.add(Check("gpu_idle", runtime.idle, timeout, profiles=IDLE_PROFILES,
-                       description="GPUs cool, memory free, no stray processes before a job"))
-
-
-@hookimpl
-def vetd_register_telemetry(registry: TelemetryRegistry, configs: PluginConfigs) -> None:
-    runtime = runtime_for(configs)
-    if runtime.config.telemetry and (runtime.config.source != "nvml" or nvidia_gpus_in_sysfs() > 0):
-        registry.add(TelemetrySource("gpu", runtime.telemetry, timeout=float(runtime.config.driver_timeout)))
-
-
-@hookimpl
-def vetd_register_event_sources(registry: EventSourceRegistry, configs: PluginConfigs) -> None:
-    runtime = runtime_for(configs)
-    # After a warning or critical event, gpu_health runs at once: which GPU is
-    # lost or needs a reset is known seconds after the XID, not an interval later.
-    recheck = ("gpu_health",)
-    registry.add(EventSource("gpu_xid", runtime.watch_driver, recheck=recheck))  # XIDs and the other NVML events
-    if runtime.config.kmsg:
-        registry.add(EventSource("gpu_kmsg", runtime.watch_kmsg, recheck=recheck))
-
-
-@hookimpl
-def vetd_command_veto(action: str, args: Mapping[str, str], configs: PluginConfigs) -> str | None:
-    """No GPU reset while compute processes are on the GPU (their work would be lost)."""
-    if action != "gpu_reset":
-        return None
-    snapshot = runtime_for(configs).snapshot()
-    if isinstance(snapshot, Outcome):
-        return None  # the driver cannot tell; nvidia-smi -r refuses a busy GPU itself
-    target = args.get("gpu", "all")
-    busy = []
-    for gpu in snapshot.gpus:
-        compute = [p for p in gpu.processes or [] if "C" in p.type]
-        if compute and target in ("all", str(gpu.index)):
-            names = ", ".join(f"{p.name or '?'} ({p.pid})" for p in compute)
-            busy.append(f"{gpu.entity}: {names}")
-    return f"compute processes still running on {'; '.join(busy)}" if busy else None
-
-
-@hookimpl
-def vetd_node_labels(configs: PluginConfigs) -> Mapping[str, str]:
-    runtime = runtime_for(configs)
-    snapshot = runtime.snapshot()
-    if isinstance(snapshot, Outcome) or not snapshot.gpus:
-        return {}
-    return {
-        "gpu_model": snapshot.gpus[0].name,
-        "gpu_count": str(len(snapshot.gpus)),
-        "gpu_driver": snapshot.driver_version or "",
-    }

@@ -4,7 +4,7 @@ Every call that a GPU may not support is wrapped so that "not supported"
 becomes ``None``; a GPU that answers ``GPU_IS_LOST`` is reported lost, and
 any other failed query is kept with the GPU's snapshot rather than dropped.
 The whole snapshot runs under the driver deadline of
-:class:`~vetd.plugins.gpu.sources.Guard`; XIDs, double-bit ECC and the other
+:class:`~vetd.plugins.gpu_health.sources.Guard`; XIDs, double-bit ECC and the other
 health events NVML delivers come from an event set waited on by a thread of
 its own.
 """
@@ -24,7 +24,7 @@ import msgspec
 import structlog
 
 from vetd.agent.checks import SourceUnavailable
-from vetd.plugins.gpu.model import (
+from vetd.plugins.gpu_health.model import (
     CLOCK_REASONS,
     GPU_EVENTS,
     DriverEvent,
@@ -33,7 +33,7 @@ from vetd.plugins.gpu.model import (
     NodeSnapshot,
     NvLink,
 )
-from vetd.plugins.gpu.sources import OnEvent, nvidia_gpus_in_sysfs
+from vetd.plugins.gpu_health.sources import OnEvent, nvidia_gpus_in_sysfs
 
 log = structlog.get_logger("vetd.gpu")
 
@@ -121,7 +121,7 @@ class NvmlSource:
                  process_names: bool = True) -> None:
         """``expected``: the GPU count the node should have (default: sysfs);
         ``process_names``: name compute processes from ``/proc`` (off when the
-        GPUs are not this machine's, as under :mod:`~vetd.plugins.gpu.nvmlsim`)."""
+        GPUs are not this machine's, as under :mod:`~vetd.plugins.gpu_health.nvmlsim`)."""
         self.nvml = _import()
         self.name = name
         self._expected = expected or nvidia_gpus_in_sysfs
@@ -425,7 +425,7 @@ class NvmlSource:
 
 
 #: NVML event types watched besides XIDs and double-bit ECC (an XID 48), by
-#: pynvml's name → vetd's name (:data:`~vetd.plugins.gpu.model.GPU_EVENTS`).
+#: pynvml's name → vetd's name (:data:`~vetd.plugins.gpu_health.model.GPU_EVENTS`).
 #: NVML has no PCIe or NVLink event: those are read by ``gpu_health``.
 _EVENT_TYPES = {
     "nvmlEventTypeGpuUnavailableError": "gpu_unavailable",

@@ -17,8 +17,8 @@ import threading
 import time
 
 from vetd.agent.checks import SourceUnavailable
-from vetd.plugins.gpu.model import DriverEvent
-from vetd.plugins.gpu.sources import OnEvent
+from vetd.plugins.gpu_health.model import DriverEvent
+from vetd.plugins.gpu_health.sources import OnEvent
 
 XID_LINE = re.compile(r"NVRM: Xid \(PCI:([0-9A-Fa-f]{4,8}:[0-9A-Fa-f]{2}:[0-9A-Fa-f]{2}(?:\.\d)?)\): (\d+),\s*(.*)")
 #: A ``/dev/kmsg`` record: ``prio,seq,usec,flags[,…];message``.

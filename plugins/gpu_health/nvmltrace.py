@@ -1,8 +1,8 @@
 """Every NVML call vetd makes, with what the driver answered and how long it took.
 
 :class:`Tracer` stands between pynvml and the library below it (the real
-``libnvidia-ml.so.1`` or :class:`~vetd.plugins.gpu.nvmlsim.SimulatedNvml`),
-so pynvml and :class:`~vetd.plugins.gpu.nvml.NvmlSource` run unchanged while
+``libnvidia-ml.so.1`` or :class:`~vetd.plugins.gpu_health.nvmlsim.SimulatedNvml`),
+so pynvml and :class:`~vetd.plugins.gpu_health.nvml.NvmlSource` run unchanged while
 each C call is timed and its return code kept. :func:`survey` drives the NVML
 source through snapshots and its event watcher under a tracer and returns a
 :class:`Survey`: the same record from a GPU node and from the simulation of
@@ -22,7 +22,7 @@ from typing import Any
 
 import msgspec
 
-from vetd.plugins.gpu.model import DriverEvent
+from vetd.plugins.gpu_health.model import DriverEvent
 
 
 class CallClass(msgspec.Struct, kw_only=True):
@@ -260,7 +260,7 @@ def survey(source_factory: Callable[[], Any], *, snapshots: int = 20, watch_s: f
            library: str = "libnvidia-ml.so.1") -> Survey:
     """Trace ``snapshots`` NVML snapshots and ``watch_s`` seconds of the event watcher.
 
-    ``source_factory`` opens the NVML source (:class:`~vetd.plugins.gpu.nvml.NvmlSource`)
+    ``source_factory`` opens the NVML source (:class:`~vetd.plugins.gpu_health.nvml.NvmlSource`)
     once the tracer is in place, so ``nvmlInit`` is traced too. With the
     simulation, install it before calling this: the tracer wraps whatever
     library pynvml has.

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 from vetd.agent.checks import Outcome
 from vetd.agent.protocol import Status
-from vetd.plugins.gpu.config import GpuHealthConfig
-from vetd.plugins.gpu.model import GpuSnapshot, NodeSnapshot
+from vetd.plugins.gpu_health.config import GpuHealthConfig
+from vetd.plugins.gpu_health.model import GpuSnapshot, NodeSnapshot
 
 _RANK: dict[Status, int] = {"skip": 0, "pass": 1, "warn": 2, "fail": 3, "error": 4, "timeout": 5}
 HW_THROTTLE = ("hw_slowdown", "hw_thermal_slowdown", "hw_power_brake_slowdown")

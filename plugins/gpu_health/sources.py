@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Protocol
 
 from vetd.agent.checks import Emit, SourceUnavailable
-from vetd.plugins.gpu.model import DriverEvent, NodeSnapshot
+from vetd.plugins.gpu_health.model import DriverEvent, NodeSnapshot
 
 NVIDIA_VENDOR = "0x10de"
 #: PCI classes of GPUs: VGA (0x0300xx) and 3D controller (0x0302xx); NVSwitch is 0x0680.

@@ -16,11 +16,11 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from tests.plugins.gpu.test_hardware_fixtures import DATA as CAPTURES
-from vetd.plugins.gpu.nvml import NvmlSource
-from vetd.plugins.gpu.nvmlsim import SimulatedNvml, install
-from vetd.plugins.gpu.nvmltrace import Survey, Tracer, differences, survey
-from vetd.plugins.gpu.replay import CaptureSource, ScenarioSource
+from tests.plugins.gpu_health.test_hardware_fixtures import DATA as CAPTURES
+from vetd.plugins.gpu_health.nvml import NvmlSource
+from vetd.plugins.gpu_health.nvmlsim import SimulatedNvml, install
+from vetd.plugins.gpu_health.nvmltrace import Survey, Tracer, differences, survey
+from vetd.plugins.gpu_health.replay import CaptureSource, ScenarioSource
 
 pynvml = pytest.importorskip("pynvml")
 

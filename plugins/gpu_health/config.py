@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from vetd.agent.configfile import Duration
-from vetd.plugins.gpu.model import GPU_EVENTS
+from vetd.plugins.gpu_health.model import GPU_EVENTS
 
 #: DCGM treats these XIDs as fatal in every case: a GPU reset or a reboot is needed.
 XID_CRITICAL = [48, 74, 79, 95, 119, 120, 140]
@@ -25,7 +25,7 @@ Severity = Literal["info", "warning", "critical"]
 
 
 class GpuEventSeverity(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """Severity of each NVML event other than an XID (:data:`~vetd.plugins.gpu.model.GPU_EVENTS`).
+    """Severity of each NVML event other than an XID (:data:`~vetd.plugins.gpu_health.model.GPU_EVENTS`).
 
     Critical are the events after which the GPU cannot be trusted with a job
     until it is reset or replaced, as the driver documents them: unavailable,

@@ -1,65 +1,17 @@
-"""``host``: checks every node can run, GPU or not (psutil and the file system).
-
-Checks (all in profiles ``prolog``, ``periodic`` and ``full``):
-
-* ``host_memory``: available memory as a fraction of total.
-* ``host_disk``: free space on each of ``disk_paths`` (one entity per path).
-* ``host_paths``: every ``required_paths`` entry exists and every
-  ``required_mounts`` entry is a mount point (a missing Lustre mount is a
-  classic cause of jobs dying at start).
-* ``host_env``: ``required_env`` variables are set, with the expected value
-  unless that is ``""`` (CSCS vetnode's ``EnvVarEval``: ``NCCL_NET``,
-  ``FI_PROVIDER``… on Alps). Under ``vetd check`` in a prolog this is the
-  job's environment; in the daemon, the service's.
-* ``host_load``: 1-minute load average per logical CPU.
-
-Telemetry source ``host``: CPU and memory use, load, network byte counters.
-
-Configured in ``[plugins.host]``; every threshold has a default and can be
-switched off with 0.
-"""
+"""The host checks and telemetry: what each reads (psutil, the file system) and how it judges."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
-import msgspec
 import psutil
 
-from vetd.agent.checks import Check, Outcome, TelemetrySource
-from vetd.agent.configfile import Duration
-from vetd.agent.hookspecs import hookimpl
+from vetd.agent.checks import Outcome
 from vetd.agent.protocol import Status
+from vetd.plugins.host.config import HostConfig
 
-if TYPE_CHECKING:
-    from vetd.agent.checks import CheckRegistry, PluginConfigs, TelemetryRegistry
-
-PROFILES = frozenset({"prolog", "periodic", "full"})
 GIB = 1024**3
-
-
-class HostConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    #: Available memory below this fraction of total: warn / fail.
-    memory_warn_fraction: float = 0.10
-    memory_fail_fraction: float = 0.05
-    #: Paths whose file systems must keep free space.
-    disk_paths: list[str] = msgspec.field(default_factory=lambda: ["/", "/tmp"])
-    disk_warn_fraction: float = 0.10
-    disk_fail_fraction: float = 0.02
-    #: Absolute floor too (GiB); 0 disables it.
-    disk_fail_gib: float = 1.0
-    #: Paths that must exist.
-    required_paths: list[str] = []
-    #: Paths that must be mount points.
-    required_mounts: list[str] = []
-    #: Variable → expected value; ``""`` means "must be set, any value".
-    required_env: dict[str, str] = {}
-    #: Load average (1 min) per logical CPU: warn / fail; 0 disables.
-    load_warn_per_core: float = 2.0
-    load_fail_per_core: float = 0.0
-    timeout: Duration = Duration(10.0)
 
 
 def _fraction_status(value: float, warn: float, fail: float) -> Status:
@@ -183,32 +135,5 @@ def sample_host() -> dict[str, dict[str, float]]:
     }
 
 
-@hookimpl
-def vetd_config_tables() -> Mapping[str, type[msgspec.Struct]]:
-    return {"host": HostConfig}
-
-
-@hookimpl
-def vetd_register_checks(registry: CheckRegistry, configs: PluginConfigs) -> None:
-    config = configs.typed("host", HostConfig)
-    timeout = float(config.timeout)
-    registry.add(Check("host_memory", lambda: check_memory(config), timeout, profiles=PROFILES,
-                       description="available memory fraction"))
-    registry.add(Check("host_disk", lambda: check_disk(config), timeout, profiles=PROFILES,
-                       description="free disk space on disk_paths"))
-    registry.add(Check("host_paths", lambda: check_paths(config), timeout, profiles=PROFILES,
-                       description="required paths exist and mounts are mounted"))
-    registry.add(Check("host_env", lambda: check_env(config), timeout, profiles=PROFILES,
-                       description="required environment variables"))
-    registry.add(Check("host_load", lambda: check_load(config), timeout, profiles=PROFILES,
-                       description="load average per CPU"))
-
-
-@hookimpl
-def vetd_register_telemetry(registry: TelemetryRegistry, configs: PluginConfigs) -> None:
-    registry.add(TelemetrySource("host", sample_host))
-
-
-@hookimpl
-def vetd_node_labels(configs: PluginConfigs) -> Mapping[str, str]:
+def node_labels() -> dict[str, str]:
     return {"cpus": str(psutil.cpu_count() or 0), "mem_gib": str(round(psutil.virtual_memory().total / GIB))}

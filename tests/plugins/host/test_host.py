@@ -2,14 +2,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vetd.plugins.host import (
-    HostConfig,
+from vetd.plugins.host.checks import (
     check_disk,
     check_env,
     check_load,
     check_memory,
     check_paths,
 )
+from vetd.plugins.host.config import HostConfig
 
 
 def test_required_paths_and_mounts(tmp_path: Path) -> None:

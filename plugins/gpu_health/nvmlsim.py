@@ -4,7 +4,7 @@
 (``pynvml.nvmlLib``) and answers the C functions pynvml calls, with the C
 calling convention pynvml uses (out-parameters through ``byref``, return codes),
 from the snapshots of a scenario or a capture. pynvml's own wrappers, its
-structures, its error classes and all of :class:`~vetd.plugins.gpu.nvml.NvmlSource`
+structures, its error classes and all of :class:`~vetd.plugins.gpu_health.nvml.NvmlSource`
 therefore run as they do on a node with GPUs; only the library below them is
 stood in for. With it the NVML source is tested in CI, and an operator can
 watch a scenario travel the live path (``vetd check gpu_health --scenario F
@@ -26,10 +26,10 @@ How the simulated driver behaves, as the real one does:
   reports as ``NVML_ERROR_FUNCTION_NOT_FOUND`` (an older driver).
 
 Codes, bit masks and field ids come from pynvml's constants, not from the
-tables :class:`~vetd.plugins.gpu.nvml.NvmlSource` decodes with, so a wrong
+tables :class:`~vetd.plugins.gpu_health.nvml.NvmlSource` decodes with, so a wrong
 entry in those tables shows as a difference in the tests.
 
-Captures and scenarios (:mod:`vetd.plugins.gpu.replay`) stay the one home of
+Captures and scenarios (:mod:`vetd.plugins.gpu_health.replay`) stay the one home of
 GPU stand-ins: this module adds no state of its own, it only serves theirs
 through NVML's interface.
 """
@@ -44,8 +44,8 @@ from collections.abc import Callable
 from typing import Any
 
 from vetd.agent.checks import SourceUnavailable
-from vetd.plugins.gpu.model import CLOCK_REASONS, GPU_EVENTS, DriverEvent, GpuSnapshot, NodeSnapshot
-from vetd.plugins.gpu.sources import Source
+from vetd.plugins.gpu_health.model import CLOCK_REASONS, GPU_EVENTS, DriverEvent, GpuSnapshot, NodeSnapshot
+from vetd.plugins.gpu_health.sources import Source
 
 #: Handles are opaque pointers; ours are these addresses plus the GPU index.
 _HANDLE_BASE = 0x5EED0000
@@ -119,14 +119,14 @@ def _need(value: Any) -> Any:
 
 
 class SimulatedNvml:
-    """The C side of NVML, answering from a :class:`~vetd.plugins.gpu.sources.Source`."""
+    """The C side of NVML, answering from a :class:`~vetd.plugins.gpu_health.sources.Source`."""
 
     def __init__(self, source: Source, *, slots: dict[int, str] | None = None,
                  nvml_errors: Callable[[], dict[int, dict[str, str]]] | None = None) -> None:
         """``slots``: every GPU the node has, index → PCI bus id (default: the
         first snapshot's); ``nvml_errors``: the failures in force now, {GPU
         index: {function: error name}}. :meth:`of` fills both from a scenario."""
-        from vetd.plugins.gpu.nvml import _import
+        from vetd.plugins.gpu_health.nvml import _import
 
         #: pynvml's constants are the simulation's nvml.h: it shares no table with NvmlSource.
         self.n = nvml = _import()
@@ -155,7 +155,7 @@ class SimulatedNvml:
     @classmethod
     def of(cls, source: Source) -> SimulatedNvml:
         """The simulation of a capture or scenario (a scenario's vanished GPUs and ``nvml_error`` steps included)."""
-        from vetd.plugins.gpu.replay import ScenarioSource
+        from vetd.plugins.gpu_health.replay import ScenarioSource
 
         if isinstance(source, ScenarioSource):
             return cls(source, slots=source.slots(), nvml_errors=source.nvml_errors)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.procs import run_vetd
-from vetd.plugins.gpu.capture import CaptureError, load_capture, parse_capture
+from vetd.plugins.gpu_health.capture import CaptureError, load_capture, parse_capture
 
 #: The real captures live in ../shared beside the checkout (as in CI).
 CAPTURES = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "nvidia-smi"

@@ -21,12 +21,12 @@ Scenario format (YAML)::
       - {at: 10s, gpu: 2, nvml_error: {nvmlDeviceGetPowerUsage: UNKNOWN}}   # --through-nvml only
       - {at: 12s, hang: true}            # the driver stops answering
 
-``set`` keys are :class:`~vetd.plugins.gpu.model.GpuSnapshot` field names;
-``event`` names are :data:`~vetd.plugins.gpu.model.GPU_EVENTS` keys (a
+``set`` keys are :class:`~vetd.plugins.gpu_health.model.GpuSnapshot` field names;
+``event`` names are :data:`~vetd.plugins.gpu_health.model.GPU_EVENTS` keys (a
 ``recovery_action`` event reports the GPU's ``recovery_action`` of that moment,
 so set it in the same step).
 With ``--through-nvml`` (``through_nvml = true``) the same state is served
-through a simulated ``libnvidia-ml`` (:mod:`vetd.plugins.gpu.nvmlsim`), so the
+through a simulated ``libnvidia-ml`` (:mod:`vetd.plugins.gpu_health.nvmlsim`), so the
 live NVML code path reads it.
 Times count from when the source starts (the agent's start); ``vetd check``
 evaluates the state at the end of the timeline unless told ``--at``.
@@ -43,9 +43,9 @@ import msgspec
 
 from vetd.agent.checks import SourceUnavailable
 from vetd.agent.configfile import Duration, dec_hook
-from vetd.plugins.gpu.capture import CaptureError, load_capture
-from vetd.plugins.gpu.model import GPU_EVENTS, DriverEvent, GpuSnapshot, NodeSnapshot, NvLink
-from vetd.plugins.gpu.sources import OnEvent
+from vetd.plugins.gpu_health.capture import CaptureError, load_capture
+from vetd.plugins.gpu_health.model import GPU_EVENTS, DriverEvent, GpuSnapshot, NodeSnapshot, NvLink
+from vetd.plugins.gpu_health.sources import OnEvent
 
 
 class CaptureSource:
@@ -152,7 +152,7 @@ def load_scenario(path: str) -> Scenario:
         if step.event is not None and step.event not in GPU_EVENTS:
             raise ScenarioError(f"{path}: timeline[{n}].event: unknown GPU event {step.event!r} "
                                 f"(known: {', '.join(GPU_EVENTS)})")
-        from vetd.plugins.gpu.nvmlsim import ERRORS
+        from vetd.plugins.gpu_health.nvmlsim import ERRORS
 
         bad = set((step.nvml_error or {}).values()) - set(ERRORS)
         if bad:

@@ -1,7 +1,7 @@
 """The live NVML source, run through pynvml against the simulated libnvidia-ml.
 
 pynvml's wrappers, structures and error classes are the real ones; only the C
-library under them is :mod:`vetd.plugins.gpu.nvmlsim`. What these tests show:
+library under them is :mod:`vetd.plugins.gpu_health.nvmlsim`. What these tests show:
 NvmlSource reads what the driver says (units, bit masks, "not supported"),
 and it keeps going, honestly, when the driver says something bad.
 """
@@ -17,19 +17,19 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from tests.plugins.gpu.test_capture import CAPTURES
-from tests.plugins.gpu.test_hardware_fixtures import DATA as HARDWARE
+from tests.plugins.gpu_health.test_capture import CAPTURES
+from tests.plugins.gpu_health.test_hardware_fixtures import DATA as HARDWARE
 from tests.support.procs import run_vetd
 from tests.support.wait import wait_for
 from vetd.agent.checks import SourceUnavailable
-from vetd.plugins.gpu.config import GpuHealthConfig
-from vetd.plugins.gpu.evaluate import Evaluator
-from vetd.plugins.gpu.model import DriverEvent, GpuSnapshot
-from vetd.plugins.gpu.nvml import NvmlSource
-from vetd.plugins.gpu.nvmlsim import REFRESH_S, SimulatedNvml, install
-from vetd.plugins.gpu.replay import CaptureSource, ScenarioSource
-from vetd.plugins.gpu.sources import Source
-from vetd.plugins.gpu_health import GpuRuntime
+from vetd.plugins.gpu_health.config import GpuHealthConfig
+from vetd.plugins.gpu_health.evaluate import Evaluator
+from vetd.plugins.gpu_health.model import DriverEvent, GpuSnapshot
+from vetd.plugins.gpu_health.nvml import NvmlSource
+from vetd.plugins.gpu_health.nvmlsim import REFRESH_S, SimulatedNvml, install
+from vetd.plugins.gpu_health.replay import CaptureSource, ScenarioSource
+from vetd.plugins.gpu_health.runtime import GpuRuntime
+from vetd.plugins.gpu_health.sources import Source
 
 pynvml = pytest.importorskip("pynvml")
 

@@ -13,10 +13,10 @@ import pytest
 from tests.support.procs import run_vetd
 from tests.support.wait import wait_for
 from vetd.agent.checks import SourceUnavailable
-from vetd.plugins.gpu.model import DriverEvent, NodeSnapshot
-from vetd.plugins.gpu.replay import ScenarioSource
-from vetd.plugins.gpu.sources import DriverUnresponsive, Guard, nvidia_gpus_in_sysfs
-from vetd.plugins.gpu.xid import Deduper, follow_kmsg, normalize_pci, parse_xid
+from vetd.plugins.gpu_health.model import DriverEvent, NodeSnapshot
+from vetd.plugins.gpu_health.replay import ScenarioSource
+from vetd.plugins.gpu_health.sources import DriverUnresponsive, Guard, nvidia_gpus_in_sysfs
+from vetd.plugins.gpu_health.xid import Deduper, follow_kmsg, normalize_pci, parse_xid
 
 
 def test_guard_times_out_shares_in_flight_queries_and_fails_fast_while_stuck() -> None:

@@ -21,7 +21,7 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from vetd.plugins.gpu.model import CLOCK_REASONS, GpuProcess, GpuSnapshot, NodeSnapshot
+from vetd.plugins.gpu_health.model import CLOCK_REASONS, GpuProcess, GpuSnapshot, NodeSnapshot
 
 _MISSING = {"", "n/a", "[n/a]", "not supported", "[not supported]", "unknown error", "none",
             "requested functionality has been deprecated", "insufficient permissions"}

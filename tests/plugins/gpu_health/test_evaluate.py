@@ -5,10 +5,10 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from vetd.plugins.gpu.config import GpuHealthConfig
-from vetd.plugins.gpu.evaluate import Evaluator
-from vetd.plugins.gpu.model import GpuProcess, NodeSnapshot, NvLink
-from vetd.plugins.gpu.replay import healthy_gpu
+from vetd.plugins.gpu_health.config import GpuHealthConfig
+from vetd.plugins.gpu_health.evaluate import Evaluator
+from vetd.plugins.gpu_health.model import GpuProcess, NodeSnapshot, NvLink
+from vetd.plugins.gpu_health.replay import healthy_gpu
 
 
 def node(*gpus, taken: float = 1000.0, attached: int | None = None) -> NodeSnapshot:  # type: ignore[no-untyped-def]

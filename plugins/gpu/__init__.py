@@ -1,1 +1,0 @@
-"""GPU health: one snapshot model, three sources (NVML, captures, scenarios), the checks."""

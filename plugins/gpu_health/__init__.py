@@ -1,0 +1,118 @@
+"""``gpu_health``: NVIDIA GPU health checks, XID events and GPU telemetry.
+
+Checks:
+
+* ``gpu_health`` (profiles ``prolog``, ``periodic``, ``full``): one result for
+  the node (GPU count against the expected count, driver version as metrics)
+  and one per GPU (``gpu0``…): ECC, retired pages / row remapping, the driver's
+  reset-required / drain-and-reset / recovery-action verdicts, clock slowdown
+  reasons, temperature margin, PCIe link and replays, NVLink state and
+  errors, persistence mode.
+* ``gpu_idle`` (profile ``prolog``): before a job, every GPU is cool, its
+  memory is free and no compute process is left on it (CSCS vetnode's limits).
+
+Event sources ``gpu_xid`` (NVML event set) and ``gpu_kmsg`` (``NVRM: Xid``
+lines in ``/dev/kmsg``) publish an ``xid`` event the moment an XID happens,
+with a severity from ``xid_critical`` / ``xid_warning``; the same XID from both
+is reported once. The NVML event set also delivers the other health events a
+GPU supports (GPU unavailable, poison, row-remap failure, recovery action...),
+published as ``gpu_event`` with a severity from ``event_severity``. A warning
+or critical event runs ``gpu_health`` at once.
+
+State comes from NVML (``source = "nvml"``), an ``nvidia-smi -q -x`` capture
+(``source = "capture"``) or a scenario (``source = "scenario"``); see
+:mod:`vetd.plugins.gpu_health.replay`. A node without NVIDIA GPUs reports ``skip``
+(``not_applicable``) once; a node whose sysfs lists NVIDIA GPUs but whose
+driver cannot be reached fails with ``driver_unavailable``.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from vetd.agent.checks import Check, EventSource, Outcome, TelemetrySource
+from vetd.agent.hookspecs import hookimpl
+from vetd.plugins.gpu_health.config import GpuHealthConfig
+from vetd.plugins.gpu_health.runtime import HEALTH_PROFILES, IDLE_PROFILES, GpuRuntime
+from vetd.plugins.gpu_health.sources import nvidia_gpus_in_sysfs
+
+if TYPE_CHECKING:
+    from vetd.agent.checks import CheckRegistry, EventSourceRegistry, PluginConfigs, TelemetryRegistry
+
+_runtimes: weakref.WeakKeyDictionary[PluginConfigs, GpuRuntime] = weakref.WeakKeyDictionary()
+
+
+def runtime_for(configs: PluginConfigs) -> GpuRuntime:
+    """The runtime of one config load, shared by this plugin's hooks."""
+    runtime = _runtimes.get(configs)
+    if runtime is None:
+        runtime = _runtimes[configs] = GpuRuntime(configs.typed("gpu_health", GpuHealthConfig))
+    return runtime
+
+
+@hookimpl
+def vetd_config_tables() -> Mapping[str, type[msgspec.Struct]]:
+    return {"gpu_health": GpuHealthConfig}
+
+
+@hookimpl
+def vetd_register_checks(registry: CheckRegistry, configs: PluginConfigs) -> None:
+    runtime = runtime_for(configs)
+    timeout = float(runtime.config.check_timeout)
+    registry.add(Check("gpu_health", runtime.health, timeout, profiles=HEALTH_PROFILES,
+                       description="ECC, memory, reset flags, clocks, PCIe, NVLink, GPU count"))
+    registry.add(Check("gpu_idle", runtime.idle, timeout, profiles=IDLE_PROFILES,
+                       description="GPUs cool, memory free, no stray processes before a job"))
+
+
+@hookimpl
+def vetd_register_telemetry(registry: TelemetryRegistry, configs: PluginConfigs) -> None:
+    runtime = runtime_for(configs)
+    if runtime.config.telemetry and (runtime.config.source != "nvml" or nvidia_gpus_in_sysfs() > 0):
+        registry.add(TelemetrySource("gpu", runtime.telemetry, timeout=float(runtime.config.driver_timeout)))
+
+
+@hookimpl
+def vetd_register_event_sources(registry: EventSourceRegistry, configs: PluginConfigs) -> None:
+    runtime = runtime_for(configs)
+    # After a warning or critical event, gpu_health runs at once: which GPU is
+    # lost or needs a reset is known seconds after the XID, not an interval later.
+    recheck = ("gpu_health",)
+    registry.add(EventSource("gpu_xid", runtime.watch_driver, recheck=recheck))  # XIDs and the other NVML events
+    if runtime.config.kmsg:
+        registry.add(EventSource("gpu_kmsg", runtime.watch_kmsg, recheck=recheck))
+
+
+@hookimpl
+def vetd_command_veto(action: str, args: Mapping[str, str], configs: PluginConfigs) -> str | None:
+    """No GPU reset while compute processes are on the GPU (their work would be lost)."""
+    if action != "gpu_reset":
+        return None
+    snapshot = runtime_for(configs).snapshot()
+    if isinstance(snapshot, Outcome):
+        return None  # the driver cannot tell; nvidia-smi -r refuses a busy GPU itself
+    target = args.get("gpu", "all")
+    busy = []
+    for gpu in snapshot.gpus:
+        compute = [p for p in gpu.processes or [] if "C" in p.type]
+        if compute and target in ("all", str(gpu.index)):
+            names = ", ".join(f"{p.name or '?'} ({p.pid})" for p in compute)
+            busy.append(f"{gpu.entity}: {names}")
+    return f"compute processes still running on {'; '.join(busy)}" if busy else None
+
+
+@hookimpl
+def vetd_node_labels(configs: PluginConfigs) -> Mapping[str, str]:
+    runtime = runtime_for(configs)
+    snapshot = runtime.snapshot()
+    if isinstance(snapshot, Outcome) or not snapshot.gpus:
+        return {}
+    return {
+        "gpu_model": snapshot.gpus[0].name,
+        "gpu_count": str(len(snapshot.gpus)),
+        "gpu_driver": snapshot.driver_version or "",
+    }

@@ -1,0 +1,35 @@
+"""``[plugins.host]``: the host checks' thresholds (0 switches a threshold off)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+from vetd.agent.configfile import Duration
+
+#: A share of a total, 0 to 1.
+Fraction = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+NonNegative = Annotated[float, msgspec.Meta(ge=0.0)]
+
+
+class HostConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    #: Available memory below this fraction of total: warn / fail.
+    memory_warn_fraction: Fraction = 0.10
+    memory_fail_fraction: Fraction = 0.05
+    #: Paths whose file systems must keep free space.
+    disk_paths: list[str] = msgspec.field(default_factory=lambda: ["/", "/tmp"])
+    disk_warn_fraction: Fraction = 0.10
+    disk_fail_fraction: Fraction = 0.02
+    #: Absolute floor too (GiB); 0 disables it.
+    disk_fail_gib: NonNegative = 1.0
+    #: Paths that must exist.
+    required_paths: list[str] = []
+    #: Paths that must be mount points.
+    required_mounts: list[str] = []
+    #: Variable → expected value; ``""`` means "must be set, any value".
+    required_env: dict[str, str] = {}
+    #: Load average (1 min) per logical CPU: warn / fail; 0 disables.
+    load_warn_per_core: NonNegative = 2.0
+    load_fail_per_core: NonNegative = 0.0
+    timeout: Duration = Duration(10.0)
