@@ -141,6 +141,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="GPUs the node should have (default: sysfs, or the capture's attached_gpus)")
     check.add_argument("checks", nargs="*", metavar="CHECK", help="checks to run (default: all)")
 
+    plugins = sub.add_parser("plugins", help="list the plugins this node loads and what they provide",
+                             description="Every plugin the agent would load with this config: its name, where "
+                             "it comes from (built-in, an installed package and its version, load_plugins), "
+                             "its checks and config tables; and the plugins that failed to load, with why.")
+    _agent_config_arg(plugins)
+    plugins.add_argument("--json", action="store_true", help="a JSON array instead of a table")
+
+    config = sub.add_parser("config", help="print a full, commented config file",
+                            description="Print every key of the agent's or controller's config file at its "
+                            "default, with what it means and the values it takes, generated from the config "
+                            "structs (packaging/config/ holds the same files).")
+    config.add_argument("--sample", required=True, choices=("agent", "controller"),
+                        help="which config file")
+
     controller = sub.add_parser("controller", help="run the central controller",
                                 description="Subscribe to the agents' results, keep fleet state, "
                                 "apply rules, drain bad nodes and alert. Env VETD_BROKER overrides "
@@ -280,6 +294,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return run_agent(_agent_config_path(args.config))
     if args.command == "check":
         return _check(args)
+    if args.command == "plugins":
+        return _plugins(args)
+    if args.command == "config":
+        return _config_sample(args.sample)
     try:
         from vetd.controller import cli as controller_cli
     except ImportError as exc:
@@ -314,6 +332,46 @@ def _check(args: argparse.Namespace) -> int:
     except Exception as exc:  # noqa: BLE001 - exit 2 means "vetd itself failed", never 1
         print(f"vetd: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_VETD
+
+
+def _plugins(args: argparse.Namespace) -> int:
+    import json
+
+    from vetd.agent.config import load_agent_config
+    from vetd.agent.pluginhost import PluginHost
+
+    host = PluginHost(load_agent_config(_agent_config_path(args.config)))
+    checks = host.register_checks()
+    tables = host.table_plugins()
+    rows = [{"name": name, "origin": host.origins.get(name, "?"), "status": "broken" if name in host.broken else "ok",
+             "checks": sorted(c.name for c in checks if c.plugin == name),
+             "tables": sorted(f"plugins.{t}" for t, owner in tables.items() if owner == name),
+             "error": host.broken.get(name, "")}
+            for name in sorted({*host.names(), *host.broken})]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{'PLUGIN':14} {'ORIGIN':22} {'STATUS':7} CHECKS / ERROR")
+    for row in rows:
+        detail = row["error"] or ", ".join(row["checks"]) or "-"
+        print(f"{row['name']:14} {row['origin']:22} {row['status']:7} {detail}")
+    return 0
+
+
+def _config_sample(which: str) -> int:
+    if which == "agent":
+        from vetd.agent.configsample import agent_sample
+
+        sys.stdout.write(agent_sample())
+        return 0
+    try:
+        from vetd.controller.config import controller_sample
+    except ImportError as exc:
+        print(f"vetd: the controller sample needs the controller extra: pip install 'vetd[controller]' ({exc})",
+              file=sys.stderr)
+        return EXIT_VETD
+    sys.stdout.write(controller_sample())
+    return 0
 
 
 def _gpu_overrides(args: argparse.Namespace) -> dict[str, object]:

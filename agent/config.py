@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import msgspec
@@ -90,37 +90,40 @@ class CheckOverride(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class AgentSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    #: The cluster's name in MQTT topics (``vetd/v1/CLUSTER/...``), e.g. ``alps``.
     cluster: str = "default"
     #: Empty: the short host name.
     node: str = ""
+    #: The MQTT broker (``mqtt://`` or ``mqtts://`` with TLS), e.g. ``mqtt://vetd-broker:1883``.
     broker: str = "mqtt://127.0.0.1:1883"
     #: Default interval of periodic checks; a check may set its own.
     interval: Duration = Duration(60.0)
+    #: How often telemetry sources are sampled.
     telemetry_interval: Duration = Duration(10.0)
-    #: Fraction of an interval each run is shifted by at random (0 to 0.5).
-    jitter: float = 0.1
+    #: Share of an interval each run is shifted by at random, so nodes do not run in step.
+    jitter: Annotated[float, msgspec.Meta(ge=0.0, le=0.5)] = 0.1
     #: How long in-flight checks may finish after SIGTERM.
     shutdown_grace: Duration = Duration(5.0)
     #: Plugins not to load, by name (``host``, or a third party's name).
     disable_plugins: list[str] = []
     #: Extra plugin modules to import and register, by dotted module name.
     load_plugins: list[str] = []
-    #: Static labels sent in the birth message (partition, rack…).
+    #: Static labels sent in the birth message, e.g. ``{ partition = "normal", rack = "r12" }``.
     labels: dict[str, str] = {}
     #: Where the spool lives (env VETD_STATE_DIR overrides); the file is
     #: ``spool-<cluster>-<node>.db``. Empty: memory only (lost if the agent dies).
     state_dir: str = "/var/lib/vetd"
     #: Results and events held while the broker is unreachable (10/s for 3 h).
-    spool_limit: int = 100_000
+    spool_limit: Annotated[int, msgspec.Meta(ge=1)] = 100_000
     #: ``normal`` survives an agent crash; ``full`` also a power loss (fsync per message).
     spool_sync: Literal["normal", "full"] = "normal"
     #: Seconds between MQTT keepalives: a stalled broker is noticed within 1.5×.
-    keepalive: int = 30
+    keepalive: Annotated[int, msgspec.Meta(ge=1)] = 30
     #: Broker credentials and TLS (``[agent.auth]``).
     auth: BrokerAuth = msgspec.field(default_factory=BrokerAuth)
     #: Messages per second at most, so catching up after an outage stays below
     #: the controller's per-node limit (``[limits] per_node_rate``).
-    max_publish_rate: float = 1000.0
+    max_publish_rate: Annotated[float, msgspec.Meta(gt=0.0)] = 1000.0
 
 
 class CommandsSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -130,12 +133,17 @@ class CommandsSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     lists, never through a shell; ``{gpu}`` and ``{service}`` are filled in.
     """
 
+    #: Actions allowed: ``ping``, ``revet``; add ``gpu_reset`` and ``restart_service`` to let vetd heal.
     allow: list[str] = msgspec.field(default_factory=lambda: ["ping", "revet"])
     #: Services ``restart_service`` may restart.
     services: list[str] = []
+    #: The command a ``gpu_reset`` of one GPU runs.
     gpu_reset: list[str] = msgspec.field(default_factory=lambda: ["nvidia-smi", "-r", "-i", "{gpu}"])
+    #: The command a ``gpu_reset`` of every GPU runs.
     gpu_reset_all: list[str] = msgspec.field(default_factory=lambda: ["nvidia-smi", "-r"])
+    #: The command ``restart_service`` runs.
     restart_service: list[str] = msgspec.field(default_factory=lambda: ["systemctl", "restart", "{service}"])
+    #: Deadline of a command; beyond it the command is killed and reported failed.
     timeout: Duration = Duration(300.0)
     #: The cluster's command key (shared with the controller's ``command_key_file``).
     #: Set, only commands signed with it, unexpired and not seen before, run.

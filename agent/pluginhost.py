@@ -20,7 +20,7 @@ import msgspec
 import pluggy
 import structlog
 
-from vetd.agent import hookspecs
+from vetd.agent import __version__, hookspecs
 from vetd.agent.checks import (
     CheckRegistry,
     EventSourceRegistry,
@@ -68,7 +68,7 @@ class PluginHost:
         for name, module in BUILTIN_PLUGINS:
             if name not in disabled:
                 self.pm.register(importlib.import_module(module), name=name)
-                self.origins[name] = "built-in"
+                self.origins[name] = f"built-in (vetd {__version__})"
         for entry in entry_points:
             if entry.name in disabled or self.pm.has_plugin(entry.name):
                 continue
@@ -115,8 +115,15 @@ class PluginHost:
             callers.append((impl.plugin_name, self.pm.subset_hook_caller(hook, others)))
         return callers
 
-    def decode_configs(self, config: AgentConfig) -> PluginConfigs:
-        """Decode every ``[plugins.NAME]`` table into its owner's Struct."""
+    def config_tables(self) -> dict[str, type[msgspec.Struct]]:
+        """``[plugins.NAME]`` table → the Struct its plugin decodes it into."""
+        return {table: struct for table, (_plugin, struct) in self._table_owners().items()}
+
+    def table_plugins(self) -> dict[str, str]:
+        """``[plugins.NAME]`` table → the plugin that owns it."""
+        return {table: plugin for table, (plugin, _struct) in self._table_owners().items()}
+
+    def _table_owners(self) -> dict[str, tuple[str, type[msgspec.Struct]]]:
         owners: dict[str, tuple[str, type[msgspec.Struct]]] = {}
         for plugin, caller in self._per_plugin("vetd_config_tables"):
             for tables in caller():
@@ -126,6 +133,11 @@ class PluginHost:
                             f"config table {table!r} claimed by {owners[table][0]!r} and {plugin!r}"
                         )
                     owners[table] = (plugin, struct)
+        return owners
+
+    def decode_configs(self, config: AgentConfig) -> PluginConfigs:
+        """Decode every ``[plugins.NAME]`` table into its owner's Struct."""
+        owners = self._table_owners()
         disabled = set(config.agent.disable_plugins)
         for table in config.plugins:
             if table not in owners and table not in disabled:

@@ -18,13 +18,17 @@ from vetd.agent.protocol import valid_name
 
 
 class StoreSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    #: The SQLite database (WAL) of fleet state, history and the audit log.
     path: str = "/var/lib/vetd/controller.db"
 
 
 class SchedulerSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    #: ``slurm`` drains and resumes through scontrol; ``none`` records exclusions
+    #: in vetd only (``vetd excluded`` prints them for ``srun --exclude``).
     backend: Literal["none", "slurm"] = "none"
-    #: The scontrol executable (name on PATH or absolute path).
+    #: The scontrol executable (name on PATH or absolute path); it honours SLURM_CONF.
     scontrol: str = "scontrol"
+    #: Deadline of one scontrol call.
     timeout: Duration = Duration(30.0)
 
 
@@ -32,6 +36,7 @@ class AlertsSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: Full URLs that receive Alertmanager API v2 alert lists, e.g.
     #: ``http://alertmanager:9093/api/v2/alerts`` or a webhook receiver.
     urls: list[str] = []
+    #: Deadline of one POST to a receiver.
     timeout: Duration = Duration(10.0)
     #: Firing alerts are sent again this often (Alertmanager resolves alerts
     #: that are not re-sent within its resolve_timeout, 5 min by default).
@@ -55,16 +60,20 @@ class BreakerSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     nothing more in that partition until ``vetd breaker reset``.
     """
 
+    #: Share of a partition vetd may have excluded at once.
     max_fraction: Fraction = 0.10
+    #: Nodes any partition may lose, however small.
     always_allow: NonNegative = 1
     #: 0: no limit on the count of drains in ``window``.
     max_drains: NonNegative = 0
+    #: The window ``max_drains`` counts in.
     window: Duration = Duration(3600.0)
 
 
 class RepeatSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """A node excluded ``count`` times within ``window`` is ``failed``: a person must look."""
 
+    #: Exclusions by rules within ``window`` that make a node ``failed``.
     count: Annotated[int, msgspec.Meta(ge=1)] = 3
     window: Duration = Duration(7 * 86400.0)
 
@@ -83,8 +92,10 @@ class LimitsSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     its rate (token bucket), its messages are dropped unread and counted.
     Agents pace their own catch-up below this (``[agent] max_publish_rate``)."""
 
-    per_node_rate: float = 2000.0
-    per_node_burst: float = 20000.0
+    #: Messages per second one node may send, on average.
+    per_node_rate: Annotated[float, msgspec.Meta(gt=0.0)] = 2000.0
+    #: Messages one node may send at once before its rate applies.
+    per_node_burst: Annotated[float, msgspec.Meta(gt=0.0)] = 20000.0
 
 
 class HttpSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -95,6 +106,7 @@ class HttpSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class ControllerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    #: The MQTT broker (env VETD_BROKER overrides), e.g. ``mqtts://vetd-broker:8883``.
     broker: str = "mqtt://127.0.0.1:1883"
     #: Only this cluster's nodes; empty: every cluster on the broker.
     cluster: str = ""
@@ -106,6 +118,8 @@ class ControllerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     command_key_file: str = ""
     #: Broker credentials and TLS: the controller's identity may publish commands.
     auth: BrokerAuth = msgspec.field(default_factory=BrokerAuth)
+    #: Rule files, relative to this file's folder, e.g. ``["rules.d/default.yaml"]``
+    #: (``vetd rules check`` validates them; the shipped rules are in packaging/rules/).
     rules: list[str] = []
     store: StoreSection = msgspec.field(default_factory=StoreSection)
     scheduler: SchedulerSection = msgspec.field(default_factory=SchedulerSection)
@@ -118,7 +132,21 @@ class ControllerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     #: Static node labels by hostlist: ``"nid[0001-2688]" = {partition = "normal", gpu = "GH200"}``;
     #: they override what agents report.
     labels: dict[str, dict[str, str]] = {}
+    #: Where this config came from (for error messages), not a TOML key.
     source: str = "<defaults>"
+
+
+def controller_sample() -> str:
+    """The whole controller config at its defaults, commented (``vetd config --sample controller``)."""
+    from vetd.agent.configsample import table
+
+    lines = [
+        "# /etc/vetd/controller.toml: every key at its default (`vetd config --sample controller` writes this",
+        "# file from the config structs). Every key is optional; relative paths are relative to this file.",
+        "",
+    ]
+    lines += table("", ControllerConfig, skip=("source",))
+    return "\n".join(lines) + "\n"
 
 
 def load_controller_config(path: Path | str, environ: dict[str, str] | None = None) -> ControllerConfig:

@@ -10,21 +10,46 @@ import sysconfig
 import zipfile
 from pathlib import Path
 
+import msgspec
 import pytest
 
-from vetd.agent.config import load_agent_config
+from tests.support.procs import run_vetd
+from vetd.agent.config import AgentConfig, load_agent_config
 from vetd.agent.pluginhost import PluginHost
-from vetd.controller.config import load_controller_config
+from vetd.controller.config import BreakerSection, load_controller_config
+from vetd.plugins.gpu_health.config import GpuHealthConfig
+from vetd.plugins.host.config import HostConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_example_configs_are_valid() -> None:
+@pytest.mark.parametrize("side", ["agent", "controller"])
+def test_the_shipped_configs_are_the_generated_samples(side: str) -> None:
+    """packaging/config/*.toml never drift from the structs: regenerate with `vetd config --sample SIDE`."""
+    done = run_vetd("config", "--sample", side)
+    assert done.returncode == 0, done.stderr
+    shipped = ROOT / "packaging" / "config" / f"{side}.toml"
+    assert done.stdout == shipped.read_text(), f"run: vetd config --sample {side} > {shipped.relative_to(ROOT)}"
+
+
+def test_the_samples_load_to_the_defaults() -> None:
     agent = load_agent_config(ROOT / "packaging" / "config" / "agent.toml", environ={})
-    assert agent.agent.cluster == "alps"
-    assert PluginHost(agent).configs.typed("host", object).required_env["FI_PROVIDER"] == "cxi"  # type: ignore[attr-defined]
+    defaults = AgentConfig()
+    assert agent.agent == msgspec.structs.replace(defaults.agent, node=agent.agent.node)  # node: this host's name
+    assert agent.commands == defaults.commands and agent.checks == {}
+    configs = PluginHost(agent).configs
+    assert configs.typed("host", HostConfig) == HostConfig()
+    assert configs.typed("gpu_health", GpuHealthConfig) == GpuHealthConfig()
     controller = load_controller_config(ROOT / "packaging" / "config" / "controller.toml", environ={})
-    assert controller.scheduler.backend == "slurm"
+    assert controller.breaker == BreakerSection() and controller.scheduler.backend == "none"
+
+
+def test_a_sample_documents_every_key_with_its_range() -> None:
+    text = (ROOT / "packaging" / "config" / "agent.toml").read_text()
+    assert "# Share of a partition" not in text  # the controller's, not here
+    assert "power_cap_at_limit_fraction = 0.9" in text and "(0 to 1)" in text
+    assert "[plugins.gpu_health.event_severity]" in text and "one of: critical, info, warning" in text
+    assert 'interval = "1m"' in text and "# [checks.host_load]" in text
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ XID_CRITICAL = [48, 74, 79, 95, 119, 120, 140]
 XID_WARNING = [13, 31, 43, 45, 56, 57, 58, 62, 63, 64, 65, 68, 69, 73, 80, 81, 92, 94, 109]
 
 Severity = Literal["info", "warning", "critical"]
+NonNegative = Annotated[float, msgspec.Meta(ge=0.0)]
 
 
 class GpuEventSeverity(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -51,7 +52,9 @@ assert set(GpuEventSeverity.__struct_fields__) == set(GPU_EVENTS)
 class GpuHealthConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: ``nvml`` (live), ``capture`` (an ``nvidia-smi -q -x`` file), ``scenario`` (YAML).
     source: Literal["nvml", "capture", "scenario"] = "nvml"
+    #: With ``source = "capture"``: the ``nvidia-smi -q -x`` file.
     capture: str = ""
+    #: With ``source = "scenario"``: the scenario file (format in ``plugins/gpu_health/replay.py``).
     scenario: str = ""
     #: Serve the capture or scenario through a simulated libnvidia-ml, so the
     #: live NVML code path reads it (tests, demos, checking an NVML upgrade).
@@ -63,35 +66,43 @@ class GpuHealthConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     expected_gpus: int = -1
     #: Deadline of one round of NVML calls; beyond it: ``driver_unresponsive``.
     driver_timeout: Duration = Duration(5.0)
+    #: Deadline of a whole gpu_health or gpu_idle run; beyond it: ``timeout``.
     check_timeout: Duration = Duration(15.0)
-    # ECC
+    #: Status of a GPU whose ECC is off (``ecc_disabled``).
     ecc_disabled_status: Literal["pass", "warn", "fail"] = "warn"
-    correctable_warn_per_hour: float = 100.0
-    # memory retirement / row remapping (DCGM)
-    retired_pages_fail: int = 63
-    remapped_uncorrectable_warn: int = 512
-    # clocks: SW thermal / power cap must be seen in this many consecutive samples
-    sw_throttle_sustained_samples: int = 3
+    #: Correctable ECC errors per hour between two samples that warn (``ecc_sbe_rate``).
+    correctable_warn_per_hour: NonNegative = 100.0
+    #: Retired pages (pre-Ampere) at which the GPU fails (DCGM: 63).
+    retired_pages_fail: Annotated[int, msgspec.Meta(ge=1)] = 63
+    #: Uncorrectable remapped rows that warn (DCGM: 512).
+    remapped_uncorrectable_warn: Annotated[int, msgspec.Meta(ge=1)] = 512
+    #: Consecutive samples a SW thermal slowdown or power cap must be seen in before it warns.
+    sw_throttle_sustained_samples: Annotated[int, msgspec.Meta(ge=1)] = 3
     #: SW power cap while drawing at least this fraction of the enforced power
     #: limit is a busy GPU at its budget, not a finding (0: always a finding).
     power_cap_at_limit_fraction: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.9
-    # thermals: warn this close to the slowdown threshold
-    temp_margin_c: float = 5.0
-    # PCIe: judged only at or above this utilisation (idle GPUs drop link gen/width)
-    pcie_busy_util_pct: float = 30.0
+    #: Warn this close (°C) to the GPU's slowdown temperature (``temp_high``).
+    temp_margin_c: NonNegative = 5.0
+    #: PCIe generation and width are judged only at or above this utilisation
+    #: (an idle GPU drops its link to save power).
+    pcie_busy_util_pct: Annotated[float, msgspec.Meta(ge=0.0, le=100.0)] = 30.0
     #: Allowed replay rate, errors per minute per lane, by PCIe generation (DCGM).
     pcie_replay_per_min_per_lane: dict[str, float] = msgspec.field(
         default_factory=lambda: {"1": 0.24, "2": 0.48, "3": 0.48, "4": 0.96, "5": 1.92, "6": 3.84}
     )
-    # NVLink
-    nvlink_crc_warn_per_s: float = 1.0
-    nvlink_crc_fail_per_s: float = 100.0
-    # idle vetting (profile prolog; vetnode's limits)
+    #: NVLink CRC errors per second that warn / fail (DCGM fails at 100/s).
+    nvlink_crc_warn_per_s: NonNegative = 1.0
+    nvlink_crc_fail_per_s: NonNegative = 100.0
+    #: ``gpu_idle`` (prolog): a GPU at or above this temperature is not idle. CSCS
+    #: vetnode's limit for liquid-cooled GH200; an idle air-cooled H200 sat at 34-39 °C.
     idle_temp_max_c: float = 30.0
-    idle_memory_used_fraction: float = 0.20
+    #: ``gpu_idle``: memory in use at or above this share of the total is left over from a job.
+    idle_memory_used_fraction: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.20
+    #: Warn when persistence mode is off (``persistence_off``).
     require_persistence_mode: bool = True
-    # XID severities (event thread); XIDs in neither list are "info"
+    #: XIDs published as critical events (DCGM's always-fatal list); XIDs in neither list are info.
     xid_critical: list[int] = msgspec.field(default_factory=lambda: list(XID_CRITICAL))
+    #: XIDs published as warning events (often user code or recoverable).
     xid_warning: list[int] = msgspec.field(default_factory=lambda: list(XID_WARNING))
     #: NVML events other than XIDs (where the GPU and driver deliver them).
     event_severity: GpuEventSeverity = msgspec.field(default_factory=GpuEventSeverity)

@@ -14,22 +14,26 @@ NonNegative = Annotated[float, msgspec.Meta(ge=0.0)]
 
 
 class HostConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    #: Available memory below this fraction of total: warn / fail.
+    #: Available memory below this share of the total: warn / fail (``memory_low``).
     memory_warn_fraction: Fraction = 0.10
     memory_fail_fraction: Fraction = 0.05
     #: Paths whose file systems must keep free space.
     disk_paths: list[str] = msgspec.field(default_factory=lambda: ["/", "/tmp"])
+    #: Free space below this share of a file system: warn / fail (``disk_low``).
     disk_warn_fraction: Fraction = 0.10
     disk_fail_fraction: Fraction = 0.02
     #: Absolute floor too (GiB); 0 disables it.
     disk_fail_gib: NonNegative = 1.0
-    #: Paths that must exist.
+    #: Paths that must exist (e.g. ``["/capstor/scratch/cscs"]`` on Alps).
     required_paths: list[str] = []
     #: Paths that must be mount points.
     required_mounts: list[str] = []
-    #: Variable → expected value; ``""`` means "must be set, any value".
+    #: Variable → expected value; ``""`` means "must be set, any value" (e.g.
+    #: ``{ NCCL_NET = "AWS Libfabric", FI_PROVIDER = "cxi" }`` on Alps). Under
+    #: ``vetd check`` in a prolog this is the job's environment; in the daemon, the service's.
     required_env: dict[str, str] = {}
     #: Load average (1 min) per logical CPU: warn / fail; 0 disables.
     load_warn_per_core: NonNegative = 2.0
     load_fail_per_core: NonNegative = 0.0
+    #: Deadline of each host check.
     timeout: Duration = Duration(10.0)

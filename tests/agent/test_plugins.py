@@ -110,3 +110,22 @@ def test_typos_in_plugin_and_check_names_are_config_errors(tmp_path: Path) -> No
         done = run_vetd("check", "--config", str(config))
         assert done.returncode == 2 and message in done.stderr, done.stderr
         assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_vetd_plugins_lists_name_origin_checks_and_failures(tmp_path: Path) -> None:
+    install(tmp_path)
+    info = tmp_path / "gonevetd-2.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: gonevetd\nVersion: 2.0\n")
+    (info / "entry_points.txt").write_text("[vetd]\ngone = gonevetd_missing_module\n")
+    env = vetd_env()
+    env["PYTHONPATH"] = f"{tmp_path}:{env['PYTHONPATH']}"
+    done = run_vetd("plugins", "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    rows = {row["name"]: row for row in json.loads(done.stdout)}
+    assert rows["host"]["origin"].startswith("built-in") and "host_memory" in rows["host"]["checks"]
+    assert rows["site"]["origin"] == "sitevetd 1.0" and rows["site"]["checks"] == ["site_motd"]
+    assert rows["site"]["tables"] == ["plugins.site"]
+    assert rows["gone"]["status"] == "broken" and "gonevetd_missing_module" in rows["gone"]["error"]
+    table = run_vetd("plugins", env=env).stdout
+    assert "sitevetd 1.0" in table and "broken" in table
