@@ -15,14 +15,14 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 import msgspec
 
 from vetd.agent.protocol import STATUSES, Status
 
 T = TypeVar("T")
-ItemT = TypeVar("ItemT", "Check", "TelemetrySource", "EventSource")
+ItemT = TypeVar("ItemT", bound="Named")
 
 DEFAULT_PROFILES = frozenset({"periodic"})
 MAX_MESSAGE_CHARS = 1000
@@ -106,6 +106,16 @@ class EventSource:
     run: Callable[[Emit, threading.Event], None]
     plugin: str = ""
     recheck: tuple[str, ...] = ()
+
+
+class Named(Protocol):
+    """What a registry holds: a frozen dataclass with a name and the plugin that added it."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def plugin(self) -> str: ...
 
 
 class RegistryError(ValueError):

@@ -1,18 +1,19 @@
 """Commands from the controller: what the agent will do, and how.
 
 Only actions in ``[commands] allow`` run; everything else is refused and
-logged. Actions:
+logged. The agent itself answers two:
 
 * ``ping``: answers ``pong``.
 * ``revet`` (``profile``): runs that profile's checks once, publishes their
   results, and answers ok only if none failed, errored or timed out.
-* ``gpu_reset`` (``gpu``: an index, or ``all``): runs ``[commands] gpu_reset``
-  (``nvidia-smi -r -i {gpu}``) unless a plugin vetoes it, e.g. while compute
-  processes are on that GPU.
-* ``restart_service`` (``service``): runs ``[commands] restart_service`` for a
-  service listed in ``[commands] services``.
 
-Commands run as argv lists with a deadline, never through a shell.
+Every other action is an :class:`AgentCommand` a plugin registers through
+``vetd_register_commands``, built-ins as third parties: ``gpu_reset`` comes
+from ``gpu_health``, ``restart_service`` from ``host``. Before a plugin's
+command runs, every plugin may veto it (``vetd_command_veto``: no GPU reset
+while compute processes hold the GPU). Arguments must be plain words
+(letters, digits, ``_.@:-``); commands run as argv lists with a deadline,
+never through a shell.
 """
 
 from __future__ import annotations
@@ -20,15 +21,18 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import structlog
 
-from vetd.agent.checks import Check, CheckRun, CheckRunner, clip
+from vetd.agent.checks import Check, CheckRun, CheckRunner, RegistryError, _Registry, clip
 from vetd.agent.config import CommandsSection
-from vetd.agent.pluginhost import PluginHost
 from vetd.agent.protocol import BAD_STATUSES, Command
+
+if TYPE_CHECKING:
+    from vetd.agent.pluginhost import PluginHost
 
 log = structlog.get_logger("vetd.commands")
 
@@ -67,6 +71,44 @@ async def run_argv(argv: list[str], timeout: float) -> Answer:
     return Answer(True, text or f"{' '.join(argv)}: done", data)
 
 
+@dataclass(frozen=True)
+class CommandContext:
+    """What a plugin's command may use: the ``[commands]`` section and a deadline-bound runner."""
+
+    config: CommandsSection
+
+    async def run(self, argv: Sequence[str]) -> Answer:
+        """Run ``argv`` (no shell) within ``[commands] timeout``; its exit status and output are the answer."""
+        return await run_argv(list(argv), float(self.config.timeout))
+
+
+@dataclass(frozen=True)
+class AgentCommand:
+    """An action the controller may ask of a node, once ``[commands] allow`` lists it.
+
+    ``run(args, context)`` does it and answers; it runs on the agent's event
+    loop, so blocking work goes through ``context.run`` or ``asyncio.to_thread``.
+    """
+
+    name: str
+    run: Callable[[Mapping[str, str], CommandContext], Awaitable[Answer]]
+    description: str = ""
+    plugin: str = ""
+
+
+#: Actions the agent answers itself; a plugin cannot register these names.
+CORE_ACTIONS = ("ping", "revet")
+
+
+class CommandRegistry(_Registry[AgentCommand]):
+    """Where plugins add their commands (``registry.add(AgentCommand(...))``)."""
+
+    def add(self, item: AgentCommand) -> None:
+        if item.name in CORE_ACTIONS:
+            raise RegistryError(f"{item.name!r} is the agent's own command, not {self.plugin!r}'s")
+        super().add(item)
+
+
 class Commands:
     """Carries out allowed commands for the agent."""
 
@@ -94,22 +136,14 @@ class Commands:
             return Answer(True, "pong", {})
         if command.action == "revet":
             return await self.revet(command.args.get("profile", "prolog"))
-        vetoes = await asyncio.to_thread(self.plugins().command_vetoes, command.action, command.args)
+        plugins = self.plugins()
+        handler = plugins.commands().get(command.action)
+        if handler is None:
+            return Answer(False, f"refused: unknown action {command.action!r} (no loaded plugin provides it)", {})
+        vetoes = await asyncio.to_thread(plugins.command_vetoes, command.action, command.args)
         if vetoes:
             return Answer(False, "refused: " + "; ".join(vetoes), {})
-        if command.action == "gpu_reset":
-            gpu = command.args.get("gpu", "all")
-            if gpu == "all":
-                return await run_argv(list(config.gpu_reset_all), float(config.timeout))
-            if not gpu.isdigit():
-                return Answer(False, f"refused: gpu must be an index or 'all', not {gpu!r}", {})
-            return await run_argv(fill(config.gpu_reset, gpu=gpu), float(config.timeout))
-        if command.action == "restart_service":
-            service = command.args.get("service", "")
-            if service not in config.services:
-                return Answer(False, f"refused: service {service!r} is not in [commands] services", {})
-            return await run_argv(fill(config.restart_service, service=service), float(config.timeout))
-        return Answer(False, f"refused: unknown action {command.action!r}", {})
+        return await handler.run(command.args, CommandContext(config))
 
     async def revet(self, profile: str) -> Answer:
         checks = [c for c in self.checks() if profile in c.profiles]

@@ -21,6 +21,7 @@ import pluggy
 
 if TYPE_CHECKING:
     from vetd.agent.checks import CheckRegistry, EventSourceRegistry, PluginConfigs, TelemetryRegistry
+    from vetd.agent.commands import CommandRegistry
 
 PROJECT = "vetd"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -67,6 +68,17 @@ def vetd_register_event_sources(registry: EventSourceRegistry, configs: PluginCo
     ``run(emit, stop)`` gets a thread of its own in the daemon (not in
     ``vetd check``); ``emit`` is thread-safe and publishes at once. A source that
     raises is logged and restarted with backoff. Not ``firstresult``.
+    """
+
+
+@hookspec
+def vetd_register_commands(registry: CommandRegistry, configs: PluginConfigs) -> None:
+    """Add :class:`vetd.agent.commands.AgentCommand` objects: actions the controller may ask of the node.
+
+    Called at the same times as :func:`vetd_register_checks`. An action runs
+    only once ``[commands] allow`` lists it, and after every plugin's
+    :func:`vetd_command_veto`. ``ping`` and ``revet`` are the agent's own. Not
+    ``firstresult``.
     """
 
 

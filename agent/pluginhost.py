@@ -14,7 +14,7 @@ import importlib
 import importlib.metadata
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import pluggy
@@ -29,6 +29,9 @@ from vetd.agent.checks import (
     TelemetryRegistry,
 )
 from vetd.agent.config import AgentConfig
+
+if TYPE_CHECKING:
+    from vetd.agent.commands import CommandRegistry
 from vetd.agent.configfile import ConfigError, convert, where
 
 log = structlog.get_logger("vetd.plugins")
@@ -49,6 +52,7 @@ class PluginHost:
 
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
+        self._commands: CommandRegistry | None = None
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
         #: Plugins that failed to import or whose registration raised: name → error text.
@@ -181,7 +185,16 @@ class PluginHost:
         self._register("vetd_register_event_sources", registry)
         return registry
 
-    def _register(self, hook: str, registry: CheckRegistry | TelemetryRegistry | EventSourceRegistry) -> None:
+    def commands(self) -> CommandRegistry:
+        """The actions plugins provide (registered once per config load)."""
+        if self._commands is None:
+            from vetd.agent.commands import CommandRegistry
+
+            self._commands = CommandRegistry()
+            self._register("vetd_register_commands", self._commands)
+        return self._commands
+
+    def _register(self, hook: str, registry: Any) -> None:
         for plugin, caller in self._per_plugin(hook):
             registry.plugin = plugin
             try:

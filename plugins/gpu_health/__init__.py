@@ -34,14 +34,20 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from vetd.agent.checks import Check, EventSource, Outcome, TelemetrySource
-from vetd.agent.hookspecs import hookimpl
+from vetd.agent.api import AgentCommand, Answer, Check, EventSource, Outcome, TelemetrySource, fill, hookimpl
 from vetd.plugins.gpu_health.config import GpuHealthConfig
 from vetd.plugins.gpu_health.runtime import HEALTH_PROFILES, IDLE_PROFILES, GpuRuntime
 from vetd.plugins.gpu_health.sources import nvidia_gpus_in_sysfs
 
 if TYPE_CHECKING:
-    from vetd.agent.checks import CheckRegistry, EventSourceRegistry, PluginConfigs, TelemetryRegistry
+    from vetd.agent.api import (
+        CheckRegistry,
+        CommandContext,
+        CommandRegistry,
+        EventSourceRegistry,
+        PluginConfigs,
+        TelemetryRegistry,
+    )
 
 _runtimes: weakref.WeakKeyDictionary[PluginConfigs, GpuRuntime] = weakref.WeakKeyDictionary()
 
@@ -85,6 +91,22 @@ def vetd_register_event_sources(registry: EventSourceRegistry, configs: PluginCo
     registry.add(EventSource("gpu_xid", runtime.watch_driver, recheck=recheck))  # XIDs and the other NVML events
     if runtime.config.kmsg:
         registry.add(EventSource("gpu_kmsg", runtime.watch_kmsg, recheck=recheck))
+
+
+@hookimpl
+def vetd_register_commands(registry: CommandRegistry, configs: PluginConfigs) -> None:
+    registry.add(AgentCommand("gpu_reset", reset_gpu, description="reset one GPU (gpu=INDEX) or every GPU "
+                              "(gpu=all) with [commands] gpu_reset / gpu_reset_all"))
+
+
+async def reset_gpu(args: Mapping[str, str], context: CommandContext) -> Answer:
+    """``[commands] gpu_reset`` (``nvidia-smi -r -i {gpu}``) for one GPU, ``gpu_reset_all`` for ``all``."""
+    gpu = args.get("gpu", "all")
+    if gpu == "all":
+        return await context.run(context.config.gpu_reset_all)
+    if not gpu.isdigit():
+        return Answer(False, f"refused: gpu must be an index or 'all', not {gpu!r}", {})
+    return await context.run(fill(context.config.gpu_reset, gpu=gpu))
 
 
 @hookimpl

@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from vetd.agent.configfile import Duration
+from vetd.agent.api import Duration
 from vetd.plugins.gpu_health.model import GPU_EVENTS
 
 #: DCGM treats these XIDs as fatal in every case: a GPU reset or a reboot is needed.

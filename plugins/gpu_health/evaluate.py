@@ -11,8 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from vetd.agent.checks import Outcome
-from vetd.agent.protocol import Status
+from vetd.agent.api import Outcome, Status
 from vetd.plugins.gpu_health.config import GpuHealthConfig
 from vetd.plugins.gpu_health.model import GpuSnapshot, NodeSnapshot
 

@@ -23,7 +23,7 @@ from typing import Any
 import msgspec
 import structlog
 
-from vetd.agent.checks import SourceUnavailable
+from vetd.agent.api import SourceUnavailable
 from vetd.plugins.gpu_health.model import (
     CLOCK_REASONS,
     GPU_EVENTS,

@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from vetd.agent.checks import SourceUnavailable
+from vetd.agent.api import SourceUnavailable
 from vetd.plugins.gpu_health.model import CLOCK_REASONS, GPU_EVENTS, DriverEvent, GpuSnapshot, NodeSnapshot
 from vetd.plugins.gpu_health.sources import Source
 

@@ -41,8 +41,7 @@ from typing import Any
 
 import msgspec
 
-from vetd.agent.checks import SourceUnavailable
-from vetd.agent.configfile import Duration, dec_hook
+from vetd.agent.api import Duration, SourceUnavailable, dec_hook
 from vetd.plugins.gpu_health.capture import CaptureError, load_capture
 from vetd.plugins.gpu_health.model import GPU_EVENTS, DriverEvent, GpuSnapshot, NodeSnapshot, NvLink
 from vetd.plugins.gpu_health.sources import OnEvent

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from vetd.agent.checks import EventOutcome, Outcome, SourceUnavailable
+from vetd.agent.api import EventOutcome, Outcome, SourceUnavailable
 from vetd.plugins.gpu_health.config import GpuHealthConfig
 from vetd.plugins.gpu_health.evaluate import RECOVERY_FAIL, Evaluator
 from vetd.plugins.gpu_health.model import GPU_EVENTS, DriverEvent, NodeSnapshot
@@ -17,7 +17,7 @@ from vetd.plugins.gpu_health.sources import DriverUnresponsive, Guard, OnEvent, 
 from vetd.plugins.gpu_health.xid import Deduper, follow_kmsg, normalize_pci
 
 if TYPE_CHECKING:
-    from vetd.agent.checks import Emit
+    from vetd.agent.api import Emit
 
 log = structlog.get_logger("vetd.gpu")
 

@@ -18,7 +18,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Protocol
 
-from vetd.agent.checks import Emit, SourceUnavailable
+from vetd.agent.api import Emit, SourceUnavailable
 from vetd.plugins.gpu_health.model import DriverEvent, NodeSnapshot
 
 NVIDIA_VENDOR = "0x10de"

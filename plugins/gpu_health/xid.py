@@ -16,7 +16,7 @@ import select
 import threading
 import time
 
-from vetd.agent.checks import SourceUnavailable
+from vetd.agent.api import SourceUnavailable
 from vetd.plugins.gpu_health.model import DriverEvent
 from vetd.plugins.gpu_health.sources import OnEvent
 

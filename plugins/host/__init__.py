@@ -26,8 +26,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from vetd.agent.checks import Check, TelemetrySource
-from vetd.agent.hookspecs import hookimpl
+from vetd.agent.api import AgentCommand, Answer, Check, TelemetrySource, fill, hookimpl
 from vetd.plugins.host.checks import (
     check_disk,
     check_env,
@@ -40,7 +39,13 @@ from vetd.plugins.host.checks import (
 from vetd.plugins.host.config import HostConfig
 
 if TYPE_CHECKING:
-    from vetd.agent.checks import CheckRegistry, PluginConfigs, TelemetryRegistry
+    from vetd.agent.api import (
+        CheckRegistry,
+        CommandContext,
+        CommandRegistry,
+        PluginConfigs,
+        TelemetryRegistry,
+    )
 
 PROFILES = frozenset({"prolog", "periodic", "full"})
 
@@ -74,3 +79,17 @@ def vetd_register_telemetry(registry: TelemetryRegistry, configs: PluginConfigs)
 @hookimpl
 def vetd_node_labels(configs: PluginConfigs) -> Mapping[str, str]:
     return node_labels()
+
+
+@hookimpl
+def vetd_register_commands(registry: CommandRegistry, configs: PluginConfigs) -> None:
+    registry.add(AgentCommand("restart_service", restart_service, description="restart a service listed in "
+                              "[commands] services with [commands] restart_service"))
+
+
+async def restart_service(args: Mapping[str, str], context: CommandContext) -> Answer:
+    """``[commands] restart_service`` (``systemctl restart {service}``) for a service in ``[commands] services``."""
+    service = args.get("service", "")
+    if service not in context.config.services:
+        return Answer(False, f"refused: service {service!r} is not in [commands] services", {})
+    return await context.run(fill(context.config.restart_service, service=service))

@@ -7,8 +7,7 @@ from collections.abc import Mapping
 
 import psutil
 
-from vetd.agent.checks import Outcome
-from vetd.agent.protocol import Status
+from vetd.agent.api import Outcome, Status
 from vetd.plugins.host.config import HostConfig
 
 GIB = 1024**3

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import msgspec
 
-from vetd.agent.configfile import Duration
+from vetd.agent.api import Duration
 
 #: A share of a total, 0 to 1.
 Fraction = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import msgspec
+import pytest
 
 from vetd.agent.commands import Answer, Commands
 from vetd.agent.config import CommandsSection, load_agent_config
@@ -56,3 +57,36 @@ def test_gpu_reset_is_vetoed_while_compute_processes_hold_the_gpu(tmp_path: Path
     answer = asyncio.run(commands(tmp_path, failing).handle(
         Command(cluster="c", node="n", session="s", seq=0, ts=0, id="3", action="gpu_reset", args={"gpu": "0"})))
     assert not answer.ok and "exited 4: busy" in answer.message
+
+
+PLUGIN_COMMANDS = '''
+from vetd.agent.commands import AgentCommand, Answer
+from vetd.agent.hookspecs import hookimpl
+
+
+async def drop_caches(args, context):
+    return await context.run(["/bin/echo", "dropped", args.get("level", "3")])
+
+
+@hookimpl
+def vetd_register_commands(registry, configs):
+    registry.add(AgentCommand("drop_caches", drop_caches, description="echo 3 > /proc/sys/vm/drop_caches"))
+    registry.add(AgentCommand("ping", drop_caches))
+'''
+
+
+def test_a_plugin_adds_a_command_as_the_built_ins_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "cmdplugin.py").write_text(PLUGIN_COMMANDS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "agent.toml").write_text('[agent]\nload_plugins = ["cmdplugin"]\n')
+    host = PluginHost(load_agent_config(tmp_path / "agent.toml", environ={}))
+    provided = {command.name: command.plugin for command in host.commands()}
+    assert provided == {"drop_caches": "cmdplugin", "gpu_reset": "gpu_health", "restart_service": "host"}
+    assert "'ping' is the agent's own command" in host.broken["cmdplugin"]  # and that one is refused
+    runner = Commands(lambda: CommandsSection(allow=["ping", "drop_caches"]), lambda: host, lambda: [],
+                      lambda run, profile: None)
+    done = ask(runner, "drop_caches", level="1")
+    assert done.ok and done.message == "dropped 1"
+    assert ask(runner, "ping") == Answer(True, "pong", {})
+    unknown = Commands(lambda: CommandsSection(allow=["reflash"]), lambda: host, lambda: [], lambda r, p: None)
+    assert "no loaded plugin provides it" in ask(unknown, "reflash").message

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
-from tests.support.procs import run_vetd, vetd_env
+from tests.support.procs import REPO, run_vetd, vetd_env
+
+EXAMPLE = REPO / "examples" / "vetd-example-plugin"
 
 PLUGIN = '''
 import msgspec
@@ -129,3 +134,37 @@ def test_vetd_plugins_lists_name_origin_checks_and_failures(tmp_path: Path) -> N
     assert rows["gone"]["status"] == "broken" and "gonevetd_missing_module" in rows["gone"]["error"]
     table = run_vetd("plugins", env=env).stdout
     assert "sitevetd 1.0" in table and "broken" in table
+
+
+def test_the_example_plugin_installs_and_runs_through_its_entry_point(tmp_path: Path) -> None:
+    """The package docs/plugins.md points authors to, built and installed as a user would."""
+    site = tmp_path / "site"
+    built = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                            "--target", str(site), str(EXAMPLE)], capture_output=True, text=True, check=False)
+    assert built.returncode == 0, built.stderr
+    env = vetd_env()
+    env["PYTHONPATH"] = f"{site}:{env['PYTHONPATH']}"
+    rows = {row["name"]: row for row in json.loads(run_vetd("plugins", "--json", env=env).stdout)}
+    assert rows["example"]["origin"] == "vetd-example-plugin 0.1.0" and rows["example"]["status"] == "ok"
+    assert rows["example"]["checks"] == ["example_heartbeat"]
+    heartbeat = tmp_path / "beat"
+    config = tmp_path / "agent.toml"
+    config.write_text(f'[plugins.example]\npath = "{heartbeat}"\n')
+    missing = run_vetd("check", "example_heartbeat", "--config", str(config), "--json", env=env)
+    assert missing.returncode == 1 and json.loads(missing.stdout)["codes"] == ["heartbeat_missing"]
+    heartbeat.touch()
+    fresh = run_vetd("check", "example_heartbeat", "--config", str(config), "--json", env=env)
+    assert fresh.returncode == 0 and json.loads(fresh.stdout)["metrics"]["heartbeat_age_s"] < 60
+    sample = run_vetd("config", "--sample", "agent", env=env).stdout
+    assert "[plugins.example]" in sample and "# Older than this: warn; missing: fail." in sample
+    config.write_text('[plugins.example]\ntimeout = -1\n')
+    bad = run_vetd("check", "--config", str(config), env=env)
+    assert bad.returncode == 2 and f"{config}:2: plugins.example.timeout: Expected `float` > 0.0" in bad.stderr
+
+
+def test_plugins_import_only_the_public_api() -> None:
+    """Built-ins are plugins like any other: vetd.agent.api is all they may use of the agent."""
+    offenders = [f"{path.relative_to(REPO)}:{n}" for path in sorted((REPO / "plugins").rglob("*.py"))
+                 for n, line in enumerate(path.read_text().splitlines(), 1)
+                 if re.search(r"\bvetd\.agent\.(?!api\b)", line)]
+    assert not offenders, offenders

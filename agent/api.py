@@ -1,0 +1,52 @@
+"""What a vetd plugin may use: the one public API module for plugins.
+
+Built-in plugins import from here exactly as third-party ones do; nothing
+else under ``vetd.agent`` is a promise. The hooks a plugin implements are
+specified in :mod:`vetd.agent.hookspecs`; the guide with an example package
+is ``docs/plugins.md``.
+"""
+
+from __future__ import annotations
+
+from vetd.agent.checks import (
+    Check,
+    CheckRegistry,
+    Emit,
+    EventOutcome,
+    EventSource,
+    EventSourceRegistry,
+    Outcome,
+    PluginConfigs,
+    RegistryError,
+    SourceUnavailable,
+    TelemetryRegistry,
+    TelemetrySource,
+)
+from vetd.agent.commands import AgentCommand, Answer, CommandContext, CommandRegistry, fill
+from vetd.agent.configfile import Duration, dec_hook
+from vetd.agent.hookspecs import hookimpl
+from vetd.agent.protocol import Status
+
+__all__ = [
+    "AgentCommand",
+    "Answer",
+    "Check",
+    "CheckRegistry",
+    "CommandContext",
+    "CommandRegistry",
+    "Duration",
+    "Emit",
+    "EventOutcome",
+    "EventSource",
+    "EventSourceRegistry",
+    "Outcome",
+    "PluginConfigs",
+    "RegistryError",
+    "SourceUnavailable",
+    "Status",
+    "TelemetryRegistry",
+    "TelemetrySource",
+    "dec_hook",
+    "fill",
+    "hookimpl",
+]
