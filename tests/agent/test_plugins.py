@@ -53,6 +53,19 @@ def install(site: Path) -> None:
     (info / "entry_points.txt").write_text("[vetd]\nsite = sitevetd\nbroken = brokenvetd\n")
 
 
+def install_with_a_broken_one(site: Path) -> dict[str, str]:
+    """:func:`install`, plus a distribution whose entry point names a module that is not there;
+    returns the environment that sees them."""
+    install(site)
+    info = site / "gonevetd-2.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: gonevetd\nVersion: 2.0\n")
+    (info / "entry_points.txt").write_text("[vetd]\ngone = gonevetd_missing_module\n")
+    env = vetd_env()
+    env["PYTHONPATH"] = f"{site}:{env['PYTHONPATH']}"
+    return env
+
+
 def test_entry_point_plugins_load_configure_and_can_be_disabled(tmp_path: Path) -> None:
     install(tmp_path)
     env = vetd_env()
@@ -82,13 +95,7 @@ def test_entry_point_plugins_load_configure_and_can_be_disabled(tmp_path: Path) 
 
 
 def test_a_plugin_that_fails_to_import_is_named_and_the_others_still_run(tmp_path: Path) -> None:
-    install(tmp_path)
-    info = tmp_path / "gonevetd-2.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: gonevetd\nVersion: 2.0\n")
-    (info / "entry_points.txt").write_text("[vetd]\ngone = gonevetd_missing_module\n")
-    env = vetd_env()
-    env["PYTHONPATH"] = f"{tmp_path}:{env['PYTHONPATH']}"
+    env = install_with_a_broken_one(tmp_path)
     config = tmp_path / "agent.toml"
     config.write_text('[agent]\ndisable_plugins = ["broken"]\n')
     done = run_vetd("check", "--config", str(config), "--json", "--profile", "prolog", env=env)
@@ -118,13 +125,7 @@ def test_typos_in_plugin_and_check_names_are_config_errors(tmp_path: Path) -> No
 
 
 def test_vetd_plugins_lists_name_origin_checks_and_failures(tmp_path: Path) -> None:
-    install(tmp_path)
-    info = tmp_path / "gonevetd-2.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: gonevetd\nVersion: 2.0\n")
-    (info / "entry_points.txt").write_text("[vetd]\ngone = gonevetd_missing_module\n")
-    env = vetd_env()
-    env["PYTHONPATH"] = f"{tmp_path}:{env['PYTHONPATH']}"
+    env = install_with_a_broken_one(tmp_path)
     done = run_vetd("plugins", "--json", env=env)
     assert done.returncode == 0, done.stderr
     rows = {row["name"]: row for row in json.loads(done.stdout)}

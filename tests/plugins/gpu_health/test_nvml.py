@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
@@ -35,15 +34,6 @@ pynvml = pytest.importorskip("pynvml")
 
 #: Not read through NVML: process names come from /proc, which a capture's PIDs are not in.
 NOT_FROM_NVML = {"processes"}
-
-
-@pytest.fixture(autouse=True)
-def restore_nvml() -> Iterator[None]:
-    """Whatever a test installs into pynvml is taken out again."""
-    previous = pynvml.nvmlLib
-    yield
-    pynvml.nvmlLib = previous
-    pynvml._nvmlGetFunctionPointer_cache.clear()
 
 
 def through_nvml(source: CaptureSource | ScenarioSource) -> NvmlSource:

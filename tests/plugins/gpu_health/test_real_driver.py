@@ -10,7 +10,6 @@ one that went away (then the list says something untrue).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
@@ -36,14 +35,6 @@ KNOWN = {
     "nvmlDeviceGetTemperatureThreshold(0)",
     "nvmlDeviceGetTemperatureThreshold(1)",
 }
-
-
-@pytest.fixture(autouse=True)
-def restore_nvml() -> Iterator[None]:
-    previous = pynvml.nvmlLib
-    yield
-    pynvml.nvmlLib = previous
-    pynvml._nvmlGetFunctionPointer_cache.clear()
 
 
 def simulated_survey(capture: Path) -> Survey:
