@@ -508,10 +508,7 @@ class Controller:
 
     def pending_drains(self) -> list[Drain]:
         """Drains decided but not carried out (controller died in between)."""
-        rows = self.store.db.execute(
-            "SELECT id, cluster, node, rule, detail FROM audit WHERE action='drain' AND outcome='pending'"
-        ).fetchall()
-        return [Drain(r["cluster"], r["node"], r["detail"], r["rule"], r["id"]) for r in rows]
+        return [Drain(r["cluster"], r["node"], r["detail"], r["rule"], r["id"]) for r in self.store.pending_drains()]
 
     # -- actions -----------------------------------------------------------
 
@@ -520,8 +517,8 @@ class Controller:
             await self._publish(action.command)
         elif isinstance(action, Reboot):
             result = await self.backend.reboot(action.node, action.reason)
-            self.store.db.execute("UPDATE audit SET outcome=?, detail=detail || ? WHERE id=?",
-                                  (result.outcome, f" | {self.backend.name}: {result.detail}", action.audit_id))
+            self.store.record_outcome(action.audit_id, result.outcome, f" | {self.backend.name}: {result.detail}",
+                                      append=True)
             if not result.ok:
                 for healing in self.store.healings():
                     if (healing.cluster, healing.node) == (action.cluster, action.node) and healing.phase == "rebooting":
@@ -530,17 +527,15 @@ class Controller:
                         self._enqueue(decisions)
         elif isinstance(action, Resume):
             result = await self.backend.resume(action.node)
-            self.store.db.execute("UPDATE audit SET outcome=?, detail=detail || ? WHERE id=?",
-                                  (result.outcome, f" | {self.backend.name}: {result.detail}", action.audit_id))
+            self.store.record_outcome(action.audit_id, result.outcome, f" | {self.backend.name}: {result.detail}",
+                                      append=True)
             self._count(f"resume_{result.outcome}")
             (log.info if result.ok else log.error)("resume_" + result.outcome, node=action.node,
                                                    detail=result.detail)
         elif isinstance(action, Drain):
             result = await self.backend.drain(action.node, action.reason)
-            self.store.db.execute(
-                "UPDATE audit SET outcome=?, detail=? WHERE id=?",
-                (result.outcome, f"{action.reason} | {self.backend.name}: {result.detail}", action.audit_id),
-            )
+            self.store.record_outcome(action.audit_id, result.outcome,
+                                      f"{action.reason} | {self.backend.name}: {result.detail}")
             self._count(f"drain_{result.outcome}")
             (log.info if result.ok else log.error)(
                 "drain_" + result.outcome, node=action.node, rule=action.rule, detail=result.detail
