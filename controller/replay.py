@@ -29,8 +29,8 @@ import msgspec
 
 from vetd.agent import protocol
 from vetd.agent.configfile import ConfigError
-from vetd.controller.actions import iso
-from vetd.controller.config import ControllerConfig, SchedulerSection, StoreSection
+from vetd.controller.actions import ActionOutcome, NoScheduler, iso
+from vetd.controller.config import ControllerConfig, StoreSection
 from vetd.controller.service import Controller
 from vetd.controller.store import Store
 
@@ -54,6 +54,18 @@ class Decision:
     def as_dict(self) -> dict[str, Any]:
         return {"ts": self.ts, "time": iso(self.ts), "node": self.node, "action": self.action,
                 "rule": self.rule, "outcome": self.outcome, "detail": self.detail}
+
+
+class DecideOnly:
+    """Alert and command backend of a replay: alerts are decided (and reported), nothing is sent."""
+
+    enabled = True
+
+    async def send(self, alerts: list[dict[str, Any]]) -> list[ActionOutcome]:
+        return []
+
+    async def publish(self, command: protocol.Command) -> None:
+        return None
 
 
 def _ts(value: Any) -> float:
@@ -99,11 +111,8 @@ def replay(rule_files: list[str], events: Iterable[protocol.Message],
            config: ControllerConfig | None = None) -> list[Decision]:
     """Every decision the controller would take on ``events``, in order."""
     base = config or ControllerConfig()
-    controller = Controller(msgspec.structs.replace(
-        base, rules=rule_files, store=StoreSection(path=":memory:"),
-        scheduler=SchedulerSection(backend="none"),
-    ))
-    controller.alerts.urls = ["replay:"]  # decide alerts; nothing is sent
+    controller = Controller(msgspec.structs.replace(base, rules=rule_files, store=StoreSection(path=":memory:")),
+                            scheduler=NoScheduler(), alerts=DecideOnly(), commands=DecideOnly())
     decisions: list[Decision] = []
     seen = 0
     for message in events:
