@@ -37,13 +37,10 @@ from vetd.controller.counters import Counters
 from vetd.controller.decisions import Decisions, Drain
 from vetd.controller.engine import Engine
 from vetd.controller.executor import Executor
-from vetd.controller.fleet import static_labels
 from vetd.controller.ingest import BrokerLink, decode
 from vetd.controller.requests import OperatorRequests
 from vetd.controller.rules import RuleSet
 from vetd.controller.store import NodeRow, Store
-
-__all__ = ["Controller", "static_labels"]
 
 log = structlog.get_logger("vetd.controller")
 
@@ -97,9 +94,6 @@ class Controller:
 
     def fleet_of(self, node: NodeRow) -> dict[str, Any]:
         return self.engine.fleet.of(node)
-
-    def labels_of(self, node: NodeRow) -> dict[str, str]:
-        return self.engine.fleet.labels_of(node)
 
     def reload_rules(self) -> str:
         return self.engine.reload_rules()
