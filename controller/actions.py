@@ -29,6 +29,8 @@ from typing import Any, Protocol
 
 import structlog
 
+from vetd.agent.protocol import Command
+
 log = structlog.get_logger("vetd.actions")
 
 REASON_PREFIX = "vetd:"
@@ -58,6 +60,22 @@ class SchedulerBackend(Protocol):
     async def resume(self, node: str) -> ActionOutcome: ...
 
     async def reboot(self, node: str, reason: str) -> ActionOutcome: ...
+
+
+class AlertBackend(Protocol):
+    """Where alerts go (Alertmanager, any webhook receiver)."""
+
+    @property
+    def enabled(self) -> bool:
+        """False: no receiver configured, so the engine decides no alerts at all."""
+
+    async def send(self, alerts: list[dict[str, Any]]) -> list[ActionOutcome]: ...
+
+
+class CommandBackend(Protocol):
+    """How a command reaches an agent (the controller's MQTT link)."""
+
+    async def publish(self, command: Command) -> None: ...
 
 
 class NoScheduler:
@@ -217,6 +235,10 @@ class AlertSender:
         self.urls = urls
         self.timeout = timeout
         self.attempts = attempts
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.urls)
 
     def _post(self, url: str, body: bytes) -> int:
         request = urllib.request.Request(

@@ -29,8 +29,8 @@ import msgspec
 
 from vetd.agent import protocol
 from vetd.agent.configfile import ConfigError
-from vetd.controller.actions import iso
-from vetd.controller.config import ControllerConfig, SchedulerSection, StoreSection
+from vetd.controller.actions import ActionOutcome, NoScheduler, iso
+from vetd.controller.config import ControllerConfig, StoreSection
 from vetd.controller.service import Controller
 from vetd.controller.store import Store
 
@@ -54,6 +54,18 @@ class Decision:
     def as_dict(self) -> dict[str, Any]:
         return {"ts": self.ts, "time": iso(self.ts), "node": self.node, "action": self.action,
                 "rule": self.rule, "outcome": self.outcome, "detail": self.detail}
+
+
+class DecideOnly:
+    """Alert and command backend of a replay: alerts are decided (and reported), nothing is sent."""
+
+    enabled = True
+
+    async def send(self, alerts: list[dict[str, Any]]) -> list[ActionOutcome]:
+        return []
+
+    async def publish(self, command: protocol.Command) -> None:
+        return None
 
 
 def _ts(value: Any) -> float:
@@ -99,19 +111,13 @@ def replay(rule_files: list[str], events: Iterable[protocol.Message],
            config: ControllerConfig | None = None) -> list[Decision]:
     """Every decision the controller would take on ``events``, in order."""
     base = config or ControllerConfig()
-    controller = Controller(msgspec.structs.replace(
-        base, rules=rule_files, store=StoreSection(path=":memory:"),
-        scheduler=SchedulerSection(backend="none"),
-    ))
-    controller.alerts.urls = ["replay:"]  # decide alerts; nothing is sent
+    controller = Controller(msgspec.structs.replace(base, rules=rule_files, store=StoreSection(path=":memory:")),
+                            scheduler=NoScheduler(), alerts=DecideOnly(), commands=DecideOnly())
     decisions: list[Decision] = []
     seen = 0
     for message in events:
         decided = controller.process([(protocol.topic_for(message), protocol.encode(message))], now=message.ts)
-        rows = controller.store.db.execute(
-            "SELECT * FROM audit WHERE id > ? ORDER BY id", (seen,)
-        ).fetchall()
-        for row in rows:
+        for row in controller.store.audit_after(seen):
             seen = row["id"]
             if row["action"] in DECISIONS:
                 outcome = "decided" if row["outcome"] == "pending" else row["outcome"]
@@ -148,24 +154,22 @@ def export_events(store: Store, out: TextIO, node: str | None = None, since: flo
     written = 0
     for row in store.node_rows():
         if node is None or row.name == node:
-            first = store.db.execute("SELECT min(ts) FROM history WHERE cluster=? AND node=? AND ts>=?",
-                                     (row.cluster, row.name, since)).fetchone()[0]
+            first = store.first_history_ts(row.cluster, row.name, since)
             if first is None:
                 continue
             out.write(json.dumps({"kind": "state", "ts": first, "cluster": row.cluster, "node": row.name,
                                   "session": row.session, "online": True, "labels": row.labels}) + "\n")
             written += 1
-    query = "SELECT * FROM history WHERE ts >= ? AND (? IS NULL OR node = ?) ORDER BY ts, id"
-    for row in store.db.execute(query, (since, node, node)):
-        line: dict[str, Any] = {"kind": row["kind"], "ts": row["ts"], "cluster": row["cluster"],
-                                "node": row["node"], "session": row["session"], "seq": row["seq"],
-                                "entity": row["entity"], "codes": json.loads(row["codes"]),
-                                "metrics": {k: v for k, v in json.loads(row["metrics"]).items() if v is not None},
-                                "message": row["message"]}
-        if row["kind"] == "result":
-            line.update(check=row["name"], status=row["status"])
+    for stored in store.history_since(since, node):
+        line: dict[str, Any] = {"kind": stored["kind"], "ts": stored["ts"], "cluster": stored["cluster"],
+                                "node": stored["node"], "session": stored["session"], "seq": stored["seq"],
+                                "entity": stored["entity"], "codes": stored["codes"],
+                                "metrics": {k: v for k, v in stored["metrics"].items() if v is not None},
+                                "message": stored["message"]}
+        if stored["kind"] == "result":
+            line.update(check=stored["name"], status=stored["status"])
         else:
-            line.update(name=row["name"], severity=row["status"])
+            line.update(name=stored["name"], severity=stored["status"])
         out.write(json.dumps(line) + "\n")
         written += 1
     return written

@@ -423,6 +423,22 @@ class Store:
         )
         return int(cursor.lastrowid or 0)
 
+    def record_outcome(self, audit_id: int, outcome: str, detail: str, *, append: bool = False) -> None:
+        """Set how a decided action turned out; ``append`` adds ``detail`` to the decision's own."""
+        self.db.execute("UPDATE audit SET outcome=?, detail=" + ("detail || ?" if append else "?") + " WHERE id=?",
+                        (outcome, detail, audit_id))
+
+    def pending_drains(self) -> list[dict[str, Any]]:
+        """Drains decided but not carried out (the controller died in between)."""
+        rows = self.db.execute(
+            "SELECT id, cluster, node, rule, detail FROM audit WHERE action='drain' AND outcome='pending'"
+        ).fetchall()
+        return [dict(r) for r in rows]
+
+    def audit_after(self, audit_id: int) -> list[dict[str, Any]]:
+        """Audit rows written after ``audit_id``, oldest first."""
+        return [dict(r) for r in self.db.execute("SELECT * FROM audit WHERE id > ? ORDER BY id", (audit_id,))]
+
     def add_counters(self, counts: Mapping[str, int]) -> None:
         self.db.executemany(
             """INSERT INTO counters (name, value) VALUES (?, ?)
@@ -583,6 +599,17 @@ class Store:
             (cluster, cluster, node, node, limit),
         )
         return [{**dict(r), "evidence": json.loads(r["evidence"])} for r in rows]
+
+    def first_history_ts(self, cluster: str, node: str, since: float) -> float | None:
+        row = self.db.execute("SELECT min(ts) FROM history WHERE cluster=? AND node=? AND ts>=?",
+                              (cluster, node, since)).fetchone()
+        return None if row[0] is None else float(row[0])
+
+    def history_since(self, since: float, node: str | None = None) -> Iterator[dict[str, Any]]:
+        """Stored results and events from ``since`` on (of ``node`` only, if given), oldest first."""
+        query = "SELECT * FROM history WHERE ts >= ? AND (? IS NULL OR node = ?) ORDER BY ts, id"
+        for row in self.db.execute(query, (since, node, node)):
+            yield _decoded(dict(row))
 
     def delivery(self, cluster: str, node: str) -> dict[str, Any]:
         """Received, duplicate and missing (sequence gaps) results+events of a node,

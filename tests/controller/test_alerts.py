@@ -40,8 +40,8 @@ def make(tmp_path: Path, url: str, **alerts: object) -> Controller:
 
 def feed(controller: Controller, *messages: protocol.Message) -> None:
     for message in messages:
-        controller._enqueue(controller.process([(protocol.topic_for(message), protocol.encode(message))],
-                                               now=message.ts))
+        controller.executor.enqueue(controller.process([(protocol.topic_for(message), protocol.encode(message))],
+                                                       now=message.ts))
 
 
 def gpu(seq: int, ts: float, hot: bool) -> Result:
@@ -54,19 +54,17 @@ def birth() -> State:
 
 
 async def drain_actions(controller: Controller) -> None:
-    assert controller._actions is not None
-    while not controller._actions.empty():
-        await controller.carry_out(controller._actions.get_nowait())
+    while not controller.executor.queue.empty():
+        await controller.executor.carry_out(controller.executor.queue.get_nowait())
 
 
 def test_firing_alerts_are_resent_and_resolve(tmp_path: Path, receiver: AlertReceiver) -> None:  # noqa: F811
     controller = make(tmp_path, receiver.url, resend_interval=0.2)
 
     async def scenario() -> None:
-        controller._actions = asyncio.Queue()
         feed(controller, birth(), gpu(1, 10, True))
         await drain_actions(controller)
-        resend = asyncio.create_task(controller._resend_loop())
+        resend = asyncio.create_task(controller.executor.resend(0.2, controller.engine.firing_alerts.values))
 
         async def resent() -> bool:
             await drain_actions(controller)  # the resend loop queues; carry its alerts out
@@ -96,7 +94,6 @@ def test_silences_hold_alerts_and_inhibition_quiets_gpus_of_an_excluded_node(
     assert "alertname=~xid.* node=nid001  GPU swap" in run_vetd("silence", "list", "--config", str(config)).stdout
 
     async def scenario() -> None:
-        controller._actions = asyncio.Queue()
         xid = Event(cluster="alps", node="nid001", session="s", seq=1, ts=5, name="xid", entity="gpu1",
                     codes=["xid_31"])
         fail = Result(cluster="alps", node="nid001", session="s", seq=2, ts=6, check="host_env", status="fail")

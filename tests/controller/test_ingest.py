@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from pathlib import Path
 
@@ -143,7 +142,6 @@ def test_the_circuit_breaker_stops_exclusions_until_reset(tmp_path: Path) -> Non
     would = [a for a in controller.store.audit_log("alps") if a["outcome"] == "would_have"]
     assert sorted(a["node"] for a in would) == ["nid001", "nid002"]
 
-    controller._actions = asyncio.Queue()
     controller.store.submit("ops", "breaker_reset", ["gpu"])
     controller.handle_requests()
     assert controller.store.breaker_open("gpu") is None
@@ -154,7 +152,6 @@ def test_the_circuit_breaker_stops_exclusions_until_reset(tmp_path: Path) -> Non
 
 
 def test_operator_requests_expire_when_the_controller_is_not_there(controller: Controller) -> None:
-    controller._actions = asyncio.Queue()
     request = controller.store.submit("ops", "drain", [("alps", "nid001")], "fan")
     controller.handle_requests(now=time.time() + 120)
     assert controller.store.request(request)["status"] == "expired"  # type: ignore[index]
@@ -162,7 +159,6 @@ def test_operator_requests_expire_when_the_controller_is_not_there(controller: C
 
 
 def test_a_repeat_offender_ends_failed(controller: Controller) -> None:
-    controller._actions = asyncio.Queue()
     states = []
     for round_ in range(3):
         controller.process([wire(result(10 * round_ + 1, "fail"))])

@@ -10,7 +10,7 @@ import pytest
 from vetd.agent import protocol
 from vetd.agent.configfile import ConfigError
 from vetd.agent.protocol import Event, Result, State
-from vetd.controller.config import ControllerConfig, StoreSection, load_controller_config
+from vetd.controller.config import AlertsSection, ControllerConfig, StoreSection, load_controller_config
 from vetd.controller.service import Controller
 
 DEFAULT_RULES = Path(__file__).resolve().parents[2] / "controller" / "default_rules.yaml"
@@ -106,8 +106,8 @@ def test_mark_failed_and_annotations_and_static_labels(tmp_path: Path) -> None:
         "    annotations:\n      summary: '{{ node.name }} ({{ node.labels.partition }}): {{ result.entity }} "
         "{{ result.codes }} at {{ result.metrics.temp_c }} C'\n      runbook_url: https://wiki/hbm\n",
         labels={"nid[001-004]": {"partition": "normal", "gpu": "GH200"}},
+        alerts=AlertsSection(urls=["http://unused"]),
     )
-    controller.alerts.urls = ["http://unused"]
     birth = State(cluster="alps", node="nid001", session="s", seq=0, ts=1, online=True, started=1,
                   labels={"partition": "debug", "rack": "r3"})
     controller.process([(protocol.topic_for(birth), protocol.encode(birth))], now=1)
@@ -127,8 +127,8 @@ def test_mark_failed_and_annotations_and_static_labels(tmp_path: Path) -> None:
 
 def test_the_default_rules_alert_on_a_gpu_driver_that_drifted_from_its_partition(tmp_path: Path) -> None:
     controller = Controller(ControllerConfig(rules=[str(DEFAULT_RULES)], store=StoreSection(path=str(tmp_path / "c.db")),
-                                             labels={"nid[005-006]": {"partition": "debug"}}))
-    controller.alerts.urls = ["http://unused"]
+                                             labels={"nid[005-006]": {"partition": "debug"}},
+                                             alerts=AlertsSection(urls=["http://unused"])))
     drivers = {"nid001": "550.54.15", "nid002": "550.54.15", "nid003": "550.54.15", "nid004": "535.104.05",
                "nid005": "560.28.03", "nid006": "560.28.03"}  # the debug partition tries a newer one
     births = [State(cluster="alps", node=node, session="s", seq=0, ts=1, online=True, started=1,

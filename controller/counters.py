@@ -1,0 +1,31 @@
+"""The controller's event counters (``vetd_controller_events_total``).
+
+Kept in memory for the process and added to the store's totals in the same
+transaction as the work they count.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from vetd.controller.store import Store
+
+
+class Counters(Counter[str]):
+    """Counts since start; :meth:`write` adds what is new to the store."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._unwritten: Counter[str] = Counter()
+
+    def count(self, name: str, n: int = 1) -> None:
+        self[name] += n
+        self._unwritten[name] += n
+
+    def write(self, store: Store) -> None:
+        """Add the counts not yet written to the store's (inside the caller's transaction)."""
+        store.add_counters(self._unwritten)
+
+    def written(self) -> None:
+        """The transaction that :meth:`write` wrote into committed."""
+        self._unwritten.clear()

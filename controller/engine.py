@@ -1,0 +1,219 @@
+"""The engine: a decoded message and the fleet's state in, decisions out (no network).
+
+Each message kind has one short handler (:meth:`Engine.on_result` is "what
+happens when a result arrives"). State the decisions rest on (nodes, rule
+states, ladders, the audit log) is written to the store inside the batch's
+transaction; what must happen in the world (drains, alerts, commands) is
+returned as :class:`~vetd.controller.decisions.Decisions` for the executor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import structlog
+
+from vetd.agent.configfile import ConfigError
+from vetd.agent.protocol import Event, Message, Reply, Result, State, Telemetry
+from vetd.controller.actions import REASON_PREFIX, alert_payload, clean_reason
+from vetd.controller.breaker import OUT_OF_SERVICE, Breaker
+from vetd.controller.config import ControllerConfig
+from vetd.controller.counters import Counters
+from vetd.controller.decisions import Alert, Decisions
+from vetd.controller.fleet import Fleet, static_labels
+from vetd.controller.healing import Ladders
+from vetd.controller.lifecycle import Lifecycle
+from vetd.controller.rules import Rule, RuleSet, evaluate_all, load_rules, render
+from vetd.controller.rulestate import RuleStates
+from vetd.controller.store import NodeRow, Store
+
+log = structlog.get_logger("vetd.controller")
+
+NO_FLEET: dict[str, Any] = {"partition": "", "labels": {}}
+
+
+class Engine:
+    def __init__(self, config: ControllerConfig, store: Store, counters: Counters, *, alerting: bool,
+                 session: str, command_key: bytes = b"") -> None:
+        self.config, self.store, self.counters, self.alerting = config, store, counters, alerting
+        self.rules: RuleSet = load_rules(config.rules)
+        self.fleet = Fleet(static_labels(config.labels), store.nodes.values())
+        self.rule_states = RuleStates(store)
+        self.breaker = Breaker(config.breaker, store, self.fleet, alerting=alerting)
+        self.lifecycle = Lifecycle(store, config.repeat, self.fleet, self.breaker, self.rule_states, counters,
+                                   alerting=alerting)
+        self.ladders = Ladders(store, config.healing, self.lifecycle, session=session, command_key=command_key)
+        #: Alerts of result rules still firing, re-sent until they resolve.
+        self.firing_alerts: dict[str, dict[str, Any]] = store.firing_alerts()
+
+    def process(self, messages: Iterable[Message], now: float) -> Decisions:
+        """One batch, one transaction; the decisions taken."""
+        decisions = Decisions()
+        with self.store.transaction():
+            for message in messages:
+                self.on_message(message, now, decisions)
+            self.counters.write(self.store)
+        self.counters.written()
+        return decisions
+
+    def on_message(self, message: Message, now: float, decisions: Decisions) -> None:
+        if isinstance(message, State):
+            self.on_state(message, now)
+        elif isinstance(message, Result | Event):
+            self.on_result(message, now, decisions)
+        elif isinstance(message, Telemetry):
+            self.counters.count("telemetry")
+        elif isinstance(message, Reply):
+            self.counters.count("replies")
+            log.info("agent_reply", node=message.node, id=message.id, ok=message.ok, message=message.message)
+            self.ladders.on_reply(message, now, decisions)
+
+    def on_state(self, message: State, now: float) -> None:
+        """A birth or a death: the node's session, online flag and labels."""
+        if not self.store.apply_state(message, now):
+            self.counters.count("stale_state")
+            return
+        if (born := self.store.nodes.get((message.cluster, message.node))) is not None:
+            self.fleet.count(born)  # a birth carries the node's labels
+        if message.dropped:
+            self.store.set_agent_loss(message.cluster, message.node, message.dropped)
+
+    def on_result(self, message: Result | Event, now: float, decisions: Decisions) -> None:
+        """Store a result or event once, then let every rule on it decide."""
+        history_id = self.store.record(message, now)
+        if history_id is None:
+            self.counters.count("duplicates")
+            return
+        self.counters.count("results" if isinstance(message, Result) else "events")
+        node = self.store.node(message.cluster, message.node, now)
+        if not self.fleet.counted(node):
+            self.fleet.count(node)  # first heard of through a result, not a birth
+        kind, name = ("result", message.check) if isinstance(message, Result) else ("event", message.name)
+        subject = f"{kind}:{name}:{message.entity}"
+        variables = self.variables(message, node)
+        rules = self.rules.for_input(kind)
+        self.counters.count("rules_evaluated", len(rules))
+        for rule, matched in evaluate_all(rules, variables):
+            if matched is None:
+                self.counters.count("rule_errors")
+            elif kind == "event":
+                if matched and self.rule_states.counted(rule, node, message):
+                    self._fire(rule, node, message, subject, history_id, now, decisions, variables)
+            else:
+                step = self.rule_states.step(rule, node, message, subject, bool(matched))
+                if step.fire:
+                    self._fire(rule, node, message, subject, history_id, now, decisions, variables)
+                elif step.resolved_since is not None:
+                    self._resolve(rule, node, message, subject, step.resolved_since, history_id, now,
+                                  decisions, variables)
+
+    def variables(self, message: Result | Event, node: NodeRow) -> dict[str, Any]:
+        """What a rule's ``when`` and annotations see."""
+        data: dict[str, Any]
+        if isinstance(message, Result):
+            data = {
+                "check": message.check, "entity": message.entity, "status": message.status,
+                "codes": list(message.codes), "metrics": dict(message.metrics),
+                "message": message.message, "duration_s": message.duration_s,
+                "profile": message.profile, "job_id": message.job_id or "", "ts": message.ts,
+            }
+        else:
+            data = {
+                "name": message.name, "entity": message.entity, "severity": message.severity,
+                "codes": list(message.codes), "metrics": dict(message.metrics),
+                "message": message.message, "job_id": message.job_id or "", "ts": message.ts,
+            }
+        is_result = isinstance(message, Result)
+        return {
+            "result": data if is_result else {},
+            "event": {} if is_result else data,
+            "node": {
+                "name": node.name, "cluster": node.cluster, "state": node.state,
+                "online": node.online, "labels": self.fleet.labels_of(node),
+            },
+            "fleet": self.fleet.of(node) if self.rules.uses_fleet else NO_FLEET,
+        }
+
+    def _fire(self, rule: Rule, node: NodeRow, message: Result | Event, subject: str, history_id: int,
+              now: float, decisions: Decisions, variables: dict[str, Any]) -> None:
+        self.counters.count("rules_fired")
+        was_out = node.state in OUT_OF_SERVICE
+        self.store.audit(node.cluster, node.name, "rule_fired", rule=rule.name, detail=subject,
+                         evidence=[history_id], now=now)
+        log.info("rule_fired", rule=rule.name, node=node.name, subject=subject, severity=rule.spec.severity)
+        actions = rule.spec.actions
+        what = message.check if isinstance(message, Result) else message.name
+        entity = "" if message.entity == "node" else f"[{message.entity}]"
+        reason = clean_reason(f"{REASON_PREFIX} {rule.name}: {what}{entity} {message.message}")
+        if "mark_failed" in actions:
+            self.lifecycle.exclude(rule.name, node, reason, history_id, now, decisions, failed=True)
+        elif "drain" in actions or "heal" in actions:
+            excluded = self.lifecycle.exclude(rule.name, node, reason, history_id, now, decisions, failed=False)
+            if excluded and "heal" in actions and node.state == "excluded":
+                self.ladders.start(rule.name, list(rule.spec.heal), node, message, now)
+        if "alert" in actions and self.alerting:
+            if message.entity != "node" and (was_out or not node.online):
+                # Inhibition: a per-GPU (per-entity) alert adds nothing while the node
+                # itself is down or out of service; its own alert already went out.
+                self.counters.count("alerts_inhibited")
+                self.store.audit(node.cluster, node.name, "alert", rule=rule.name, outcome="inhibited",
+                                 detail=f"{subject}: node {'offline' if not node.online else node.state}", now=now)
+            elif isinstance(message, Event):
+                ends = now + float(self.config.alerts.event_alert_for)
+                decisions.alerts.append(self._alert(rule, node, message, now, ends, variables))
+            else:
+                alert = self._alert(rule, node, message, now, None, variables)
+                key = alert_key(rule, node, subject)
+                self.firing_alerts[key] = alert.alerts[0]
+                self.store.save_firing_alert(key, node.cluster, node.name, alert.alerts[0], now)
+                decisions.alerts.append(alert)
+
+    def _resolve(self, rule: Rule, node: NodeRow, message: Result | Event, subject: str, since: float,
+                 history_id: int, now: float, decisions: Decisions, variables: dict[str, Any]) -> None:
+        self.store.audit(node.cluster, node.name, "rule_resolved", rule=rule.name,
+                         detail=subject, evidence=[history_id], now=now)
+        key = alert_key(rule, node, subject)
+        if key in self.firing_alerts:
+            del self.firing_alerts[key]
+            self.store.save_firing_alert(key, node.cluster, node.name, None, now)
+            decisions.alerts.append(self._alert(rule, node, message, since, now, variables))
+
+    def _alert(self, rule: Rule, node: NodeRow, message: Result | Event, since: float,
+               ended: float | None, variables: dict[str, Any]) -> Alert:
+        what = message.check if isinstance(message, Result) else message.name
+        annotations = {key: render(text, variables) for key, text in rule.spec.annotations.items()}
+        payload = alert_payload(
+            rule=rule.name,
+            cluster=node.cluster,
+            node=node.name,
+            severity=rule.spec.severity,
+            summary=annotations.pop("summary", f"{rule.name} on {node.name}: {what} {message.entity}"),
+            description=annotations.pop("description", rule.spec.description or message.message),
+            starts_at=since,
+            ends_at=ended,
+            labels={**self.fleet.labels_of(node), **rule.spec.labels},
+            entity=message.entity,
+            annotations=annotations,
+        )
+        return Alert(node.cluster, node.name, rule.name, [payload])
+
+    def heal_tick(self, now: float) -> Decisions:
+        """Advance every healing ladder that waits on time."""
+        decisions = Decisions()
+        self.ladders.tick(now, decisions)
+        return decisions
+
+    def reload_rules(self) -> str:
+        """Load the rule files again; on any error keep the rules in force and say why."""
+        try:
+            self.rules = load_rules(self.config.rules)
+        except ConfigError as exc:
+            log.error("rules_reload_failed", error=str(exc), kept=len(self.rules.rules))
+            return f"{exc} (the {len(self.rules.rules)} rules in force are kept)"
+        log.info("rules_reloaded", rules=len(self.rules.rules))
+        return ""
+
+
+def alert_key(rule: Rule, node: NodeRow, subject: str) -> str:
+    return f"{rule.name}|{node.cluster}|{node.name}|{subject}"
