@@ -1,3 +1,5 @@
-"""vetd agent: the node-side daemon, its plugin system and the wire protocol."""
+"""vetd agent: the node-side daemon and its plugin system (plugins use :mod:`vetd.agent.api`)."""
 
-__version__ = "0.1.0"
+from vetd.core import __version__
+
+__all__ = ["__version__"]

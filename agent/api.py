@@ -23,9 +23,9 @@ from vetd.agent.checks import (
     TelemetrySource,
 )
 from vetd.agent.commands import AgentCommand, Answer, CommandContext, CommandRegistry, fill
-from vetd.agent.configfile import Duration, dec_hook
 from vetd.agent.hookspecs import hookimpl
-from vetd.agent.protocol import Status
+from vetd.core.configfile import Duration, dec_hook
+from vetd.core.protocol import Status
 
 __all__ = [
     "AgentCommand",

@@ -19,7 +19,7 @@ from typing import Any, Generic, Literal, Protocol, TypeVar
 
 import msgspec
 
-from vetd.agent.protocol import STATUSES, Status
+from vetd.core.protocol import STATUSES, Status
 
 T = TypeVar("T")
 ItemT = TypeVar("ItemT", bound="Named")

@@ -29,7 +29,8 @@ import structlog
 
 from vetd.agent.checks import Check, CheckRun, CheckRunner, RegistryError, _Registry, clip
 from vetd.agent.config import CommandsSection
-from vetd.agent.protocol import BAD_STATUSES, Command
+from vetd.core import proc
+from vetd.core.protocol import BAD_STATUSES, Command
 
 if TYPE_CHECKING:
     from vetd.agent.pluginhost import PluginHost
@@ -51,23 +52,14 @@ def fill(template: Sequence[str], **values: str) -> list[str]:
 
 
 async def run_argv(argv: list[str], timeout: float) -> Answer:
-    started = time.monotonic()
     try:
-        process = await asyncio.create_subprocess_exec(
-            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
-        )
-    except OSError as exc:
-        return Answer(False, f"cannot run {argv[0]}: {exc.strerror or exc}", {})
-    try:
-        output, _ = await asyncio.wait_for(process.communicate(), timeout)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        return Answer(False, f"{argv[0]} did not finish within {timeout:g}s", {})
-    text = clip(output.decode(errors="replace").strip(), 500)
-    data = {"exit": str(process.returncode), "seconds": f"{time.monotonic() - started:.2f}"}
-    if process.returncode != 0:
-        return Answer(False, f"{' '.join(argv)} exited {process.returncode}: {text}", data)
+        done = await proc.run(argv, timeout, merge_stderr=True)
+    except proc.ProcError as exc:
+        return Answer(False, str(exc), {})
+    text = clip(done.stdout.strip(), 500)
+    data = {"exit": str(done.returncode), "seconds": f"{done.seconds:.2f}"}
+    if done.returncode != 0:
+        return Answer(False, f"{' '.join(argv)} exited {done.returncode}: {text}", data)
     return Answer(True, text or f"{' '.join(argv)}: done", data)
 
 

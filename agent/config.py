@@ -11,74 +11,12 @@ import os
 import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
 
 import msgspec
 
-from vetd.agent.configfile import ConfigError, Duration, convert, read_toml
-from vetd.agent.protocol import valid_name
-
-
-class BrokerAddress(msgspec.Struct, frozen=True):
-    host: str
-    port: int
-    tls: bool = False
-
-
-def parse_broker(url: str) -> BrokerAddress:
-    """Parse ``mqtt://host[:port]`` (1883) or ``mqtts://host[:port]`` (TLS, 8883)."""
-    parts = urlsplit(url if "://" in url else f"mqtt://{url}")
-    if parts.scheme not in ("mqtt", "mqtts"):
-        raise ValueError(f"unsupported broker scheme {parts.scheme!r} (use mqtt://host:port or mqtts://host:port)")
-    if not parts.hostname:
-        raise ValueError(f"broker URL {url!r} has no host")
-    tls = parts.scheme == "mqtts"
-    try:
-        port = parts.port or (8883 if tls else 1883)
-    except ValueError as exc:
-        raise ValueError(f"broker URL {url!r}: {exc}") from exc
-    return BrokerAddress(parts.hostname, port, tls)
-
-
-class BrokerAuth(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """How to prove who we are to the broker, and check who it is.
-
-    With the ACL template in ``packaging/mosquitto/`` an agent's username (or
-    its certificate's CN) must be its node name: that is what confines it to
-    its own topics.
-    """
-
-    username: str = ""
-    #: A file holding the password (not the password itself: configs get shared).
-    password_file: str = ""
-    #: TLS (``mqtts://``): the CA that signed the broker's certificate; empty: system CAs.
-    ca_file: str = ""
-    #: Client certificate and key, for brokers that want them (optional).
-    cert_file: str = ""
-    key_file: str = ""
-
-
-def client_options(address: BrokerAddress, auth: BrokerAuth, where_: str) -> dict[str, Any]:
-    """aiomqtt.Client keyword arguments for ``auth`` (reads the password file)."""
-    import aiomqtt
-
-    options: dict[str, Any] = {}
-    if auth.username:
-        options["username"] = auth.username
-        if auth.password_file:
-            try:
-                options["password"] = Path(auth.password_file).read_text().strip()
-            except OSError as exc:
-                raise ConfigError(f"{where_}.password_file: cannot read {auth.password_file}: "
-                                  f"{exc.strerror or exc}") from exc
-    if address.tls or auth.ca_file or auth.cert_file:
-        for name in ("ca_file", "cert_file", "key_file"):
-            value = getattr(auth, name)
-            if value and not Path(value).is_file():
-                raise ConfigError(f"{where_}.{name}: no such file {value}")
-        options["tls_params"] = aiomqtt.TLSParameters(
-            ca_certs=auth.ca_file or None, certfile=auth.cert_file or None, keyfile=auth.key_file or None)
-    return options
+from vetd.core.configfile import ConfigError, Duration, convert, read_toml
+from vetd.core.mqtt import BrokerAddress, BrokerAuth, parse_broker
+from vetd.core.protocol import valid_name
 
 
 class CheckOverride(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -20,7 +20,7 @@ from typing import Any
 
 import msgspec
 
-from vetd.agent.configfile import Duration
+from vetd.core.configfile import Duration
 
 _FIELD = re.compile(r"^ {4}(\w+)\s*:")
 

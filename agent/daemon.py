@@ -34,13 +34,14 @@ from vetd.agent.checks import (
     in_thread,
 )
 from vetd.agent.commands import Answer, Commands, describe
-from vetd.agent.config import AgentConfig, client_options, load_agent_config
-from vetd.agent.configfile import ConfigError, read_key
+from vetd.agent.config import AgentConfig, load_agent_config
 from vetd.agent.pluginhost import PluginError, PluginHost
-from vetd.agent.protocol import Command, Event, Reply, Result, State, Telemetry, verify_command
 from vetd.agent.spool import Spool
 from vetd.agent.systemd import Notifier
 from vetd.agent.transport import Identity, Transport
+from vetd.core.configfile import ConfigError, read_key
+from vetd.core.mqtt import client_options
+from vetd.core.protocol import Command, Event, Reply, Result, State, Telemetry, verify_command
 
 log = structlog.get_logger("vetd.agent")
 

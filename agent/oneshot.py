@@ -19,7 +19,8 @@ import msgspec
 from vetd.agent.checks import Check, CheckRun, CheckRunner
 from vetd.agent.config import AgentConfig
 from vetd.agent.pluginhost import PluginHost
-from vetd.agent.protocol import BAD_STATUSES
+from vetd.core.output import table
+from vetd.core.protocol import BAD_STATUSES
 
 EXIT_OK, EXIT_FAILED, EXIT_VETD = 0, 1, 2
 
@@ -82,16 +83,9 @@ def rows(runs: Sequence[CheckRun], profile: str | None) -> list[dict[str, object
 
 
 def print_table(results: Sequence[dict[str, object]], out: TextIO) -> None:
-    headers = ("CHECK", "ENTITY", "STATUS", "DURATION", "MESSAGE")
-    table = [
-        (str(r["check"]), str(r["entity"]), str(r["status"]).upper(), f"{r['duration_s']:.3f}s",
-         str(r["message"]).replace("\n", " "))
-        for r in results
-    ]
-    widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(headers[:-1])]
-    for row in [headers, *table]:
-        cells = "  ".join(cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True))
-        out.write(f"{cells}  {row[-1]}\n")
+    out.write(table(("CHECK", "ENTITY", "STATUS", "DURATION", "MESSAGE"),
+                    [(str(r["check"]), str(r["entity"]), str(r["status"]).upper(), f"{r['duration_s']:.3f}s",
+                      str(r["message"])) for r in results]))
 
 
 def main(

@@ -20,7 +20,7 @@ import msgspec
 import pluggy
 import structlog
 
-from vetd.agent import __version__, hookspecs
+from vetd.agent import hookspecs
 from vetd.agent.checks import (
     CheckRegistry,
     EventSourceRegistry,
@@ -29,10 +29,12 @@ from vetd.agent.checks import (
     TelemetryRegistry,
 )
 from vetd.agent.config import AgentConfig
+from vetd.core import __version__
+from vetd.core.cli import CommandSpecs
 
 if TYPE_CHECKING:
     from vetd.agent.commands import CommandRegistry
-from vetd.agent.configfile import ConfigError, convert, where
+from vetd.core.configfile import ConfigError, convert, where
 
 log = structlog.get_logger("vetd.plugins")
 
@@ -55,6 +57,7 @@ class PluginHost:
         self._commands: CommandRegistry | None = None
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
+        self.pm.add_hookspecs(CommandSpecs)  # a plugin may add vetd subcommands too; the root command calls those
         #: Plugins that failed to import or whose registration raised: name → error text.
         self.broken: dict[str, str] = {}
         #: Where each plugin comes from: ``built-in``, ``DIST VERSION`` (an entry point) or ``load_plugins``.

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import structlog
 
-from vetd.agent import protocol
-from vetd.agent.protocol import Event, Message, Result, Telemetry
+from vetd.core import protocol
+from vetd.core.protocol import Event, Message, Result, Telemetry
 
 log = structlog.get_logger("vetd.spool")
 

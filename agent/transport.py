@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -22,10 +21,10 @@ from typing import Any
 import aiomqtt
 import structlog
 
-from vetd.agent import __version__, protocol
-from vetd.agent.config import BrokerAddress
-from vetd.agent.protocol import Command, Message, State
 from vetd.agent.spool import Spool
+from vetd.core import __version__, protocol
+from vetd.core.mqtt import BrokerAddress, connect_forever
+from vetd.core.protocol import Command, Message, State
 
 log = structlog.get_logger("vetd.transport")
 
@@ -77,21 +76,6 @@ class Identity:
         )
 
 
-class Backoff:
-    """Full-jitter exponential backoff (AWS architecture blog's "Full Jitter")."""
-
-    def __init__(self, base: float = 0.5, cap: float = 30.0) -> None:
-        self.base, self.cap, self.attempt = base, cap, 0
-
-    def next(self) -> float:
-        delay = random.uniform(0, min(self.cap, self.base * 2**self.attempt))
-        self.attempt = min(self.attempt + 1, 30)
-        return delay
-
-    def reset(self) -> None:
-        self.attempt = 0
-
-
 CommandHandler = Callable[[Command], Awaitable[None]]
 
 
@@ -129,48 +113,34 @@ class Transport:
 
     async def run(self) -> None:
         """Connect, publish, reconnect; runs until cancelled."""
-        backoff = Backoff()
         state_topic = protocol.topic(self.identity.cluster, self.identity.node, "state")
-        while True:
-            will = aiomqtt.Will(
-                state_topic,
-                protocol.encode(self.identity.state(False, reason="connection lost")),
-                qos=1,
-                retain=True,
-            )
-            try:
-                async with aiomqtt.Client(
-                    self.broker.host,
-                    self.broker.port,
-                    identifier=f"vetd-agent-{self.identity.cluster}-{self.identity.node}",
-                    will=will,
-                    keepalive=self.keepalive,
-                    timeout=PUBLISH_TIMEOUT_S,
-                    **self.client_options,
-                ) as client:
-                    await client.publish(state_topic, protocol.encode(self.birth()), qos=1, retain=True)
-                    cmd_topic = protocol.topic(self.identity.cluster, self.identity.node, "cmd")
-                    await client.subscribe(cmd_topic, qos=1)
-                    self._client = client
-                    self.connects += 1
-                    self.connected.set()
-                    backoff.reset()
-                    log.info("broker_connected", host=self.broker.host, port=self.broker.port,
-                             waiting=len(self.spool))
-                    async with asyncio.TaskGroup() as group:
-                        group.create_task(self._publish_loop(client), name="vetd.transport.publish")
-                        group.create_task(self._command_loop(client), name="vetd.transport.commands")
-            except* (aiomqtt.MqttError, OSError) as errors:
-                delay = backoff.next()
-                log.warning("broker_unavailable", host=self.broker.host, port=self.broker.port,
-                            error=str(errors.exceptions[0]), retry_in_s=round(delay, 2),
-                            waiting=len(self.spool))
-                self._client = None
-                self.connected.clear()
-                await asyncio.sleep(delay)
-            finally:
-                self._client = None
-                self.connected.clear()
+
+        def connect() -> aiomqtt.Client:
+            will = aiomqtt.Will(state_topic, protocol.encode(self.identity.state(False, reason="connection lost")),
+                                qos=1, retain=True)
+            return aiomqtt.Client(self.broker.host, self.broker.port,
+                                  identifier=f"vetd-agent-{self.identity.cluster}-{self.identity.node}",
+                                  will=will, keepalive=self.keepalive, timeout=PUBLISH_TIMEOUT_S,
+                                  **self.client_options)
+
+        async def session(client: aiomqtt.Client, ready: Callable[[], None]) -> None:
+            await client.publish(state_topic, protocol.encode(self.birth()), qos=1, retain=True)
+            await client.subscribe(protocol.topic(self.identity.cluster, self.identity.node, "cmd"), qos=1)
+            self._client = client
+            self.connects += 1
+            self.connected.set()
+            ready()
+            log.info("broker_connected", host=self.broker.host, port=self.broker.port, waiting=len(self.spool))
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._publish_loop(client), name="vetd.transport.publish")
+                group.create_task(self._command_loop(client), name="vetd.transport.commands")
+
+        def lost() -> None:
+            self._client = None
+            self.connected.clear()
+
+        await connect_forever(connect, session, lost=lost, describe=lambda: {
+            "host": self.broker.host, "port": self.broker.port, "waiting": len(self.spool)})
 
     async def _publish_loop(self, client: aiomqtt.Client) -> None:
         interval = 1.0 / self.max_rate if self.max_rate > 0 else 0.0

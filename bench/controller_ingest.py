@@ -23,11 +23,11 @@ import paho.mqtt.client as paho
 from tests.support.procs import VetdProcess, vetd_env
 from tests.support.services import Mosquitto
 from tests.support.wait import wait_for
-from vetd.agent import protocol
-from vetd.agent.protocol import Result
 from vetd.controller.config import ControllerConfig, StoreSection
 from vetd.controller.service import Controller
 from vetd.controller.store import Store
+from vetd.core import protocol
+from vetd.core.protocol import Result
 
 RULES = Path(__file__).resolve().parents[1] / "packaging" / "rules" / "default.yaml"
 CHECKS = ("host_memory", "host_disk", "host_paths", "host_env", "host_load")

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.support.procs import VetdProcess, Watcher, vetd_env  # noqa: E402
 from tests.support.services import Mosquitto  # noqa: E402
 from tests.support.wait import wait_for  # noqa: E402
-from vetd.agent.protocol import Result, Telemetry  # noqa: E402
+from vetd.core.protocol import Result, Telemetry  # noqa: E402
 
 #: What vetd reports for a GPU that a GEMM loop should move.
 WATCHED = ("utilization_pct", "power_w", "clock_sm_mhz", "clock_memory_mhz", "temp_c")

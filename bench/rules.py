@@ -25,11 +25,11 @@ import paho.mqtt.client as paho  # noqa: E402
 from tests.support.procs import VetdProcess, vetd_env  # noqa: E402
 from tests.support.services import Mosquitto, Slurm  # noqa: E402
 from tests.support.wait import wait_for  # noqa: E402
-from vetd.agent import protocol  # noqa: E402
-from vetd.agent.protocol import Result  # noqa: E402
 from vetd.controller.config import ControllerConfig, StoreSection  # noqa: E402
 from vetd.controller.rules import evaluate_all, parse_rules  # noqa: E402
 from vetd.controller.service import Controller  # noqa: E402
+from vetd.core import protocol  # noqa: E402
+from vetd.core.protocol import Result  # noqa: E402
 
 
 def fifty_rules() -> str:

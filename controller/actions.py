@@ -29,7 +29,8 @@ from typing import Any, Protocol
 
 import structlog
 
-from vetd.agent.protocol import Command
+from vetd.core import proc
+from vetd.core.protocol import Command
 
 log = structlog.get_logger("vetd.actions")
 
@@ -109,23 +110,12 @@ class Slurm:
     async def _run(self, *args: str) -> str:
         executable = shutil.which(self.scontrol) or self.scontrol
         try:
-            process = await asyncio.create_subprocess_exec(
-                executable, *args,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                env=os.environ.copy(),
-            )
-        except OSError as exc:
-            raise SlurmError(f"cannot run {self.scontrol}: {exc}") from exc
-        try:
-            out, err = await asyncio.wait_for(process.communicate(), self.timeout)
-        except TimeoutError:
-            process.kill()
-            await process.wait()
-            raise SlurmError(f"scontrol {' '.join(args[:2])} timed out after {self.timeout:g}s") from None
-        if process.returncode != 0:
-            raise SlurmError((err or out).decode(errors="replace").strip() or f"exit {process.returncode}")
-        return out.decode(errors="replace")
+            done = await proc.run([executable, *args], self.timeout, env=os.environ)
+        except proc.ProcError as exc:
+            raise SlurmError(f"scontrol {' '.join(args[:2])}: {exc}") from None
+        if done.returncode != 0:
+            raise SlurmError((done.stderr or done.stdout).strip() or f"exit {done.returncode}")
+        return done.stdout
 
     async def show(self, node: str) -> dict[str, str]:
         """``scontrol show node -o`` parsed into fields (State, Reason…)."""

@@ -1,4 +1,11 @@
-"""Controller-side ``vetd`` subcommands: controller, nodes, node, excluded, rules, up."""
+"""The controller's ``vetd`` commands: controller, nodes, node, excluded, drain, resume, breaker,
+silence, rules, export, up.
+
+Registered on the root command (:mod:`vetd.core.cli`) through ``vetd_cli_commands``.
+This module imports only what every install has; a command that needs the
+``controller`` or ``up`` extra imports it when it runs, and the root command
+names the extra when it is missing.
+"""
 
 from __future__ import annotations
 
@@ -9,61 +16,196 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any, TextIO
 
-from ClusterShell.NodeSet import NodeSet
-
-from vetd.agent.configfile import ConfigError, parse_duration
-from vetd.agent.protocol import BAD_STATUSES
 from vetd.controller.config import ControllerConfig, load_controller_config
-from vetd.controller.replay import export_events, print_decisions, read_events, replay
-from vetd.controller.rules import load_rules
-from vetd.controller.silences import parse_matcher
 from vetd.controller.store import Store
+from vetd.core.cli import EXIT_VETD, Parser, checked, duration, hookimpl, port, since
+from vetd.core.configfile import ConfigError
+from vetd.core.output import table
+from vetd.core.protocol import BAD_STATUSES
 
-EXIT_VETD = 2
+DEFAULT_CONTROLLER_CONFIG = "/etc/vetd/controller.toml"
 
 
-def dispatch(args: argparse.Namespace, config_path: Path) -> int:
-    command = args.command
-    if command == "rules" and args.rules_command == "check":
-        return rules_check(rule_files(args.files))
-    if command == "rules" and args.rules_command == "test":
-        return rules_test(args)
-    if command == "up":
-        from vetd.controller.embedded import up
+def controller_config_path(value: str | None) -> Path:
+    return Path(value or os.environ.get("VETD_CONTROLLER_CONFIG") or DEFAULT_CONTROLLER_CONFIG)
 
-        return up(args)
-    config = load_controller_config(config_path)
-    if command == "controller":
-        from vetd.controller.service import Controller
 
-        return asyncio.run(Controller(config).run())
-    if command in ("drain", "resume", "breaker") or (command == "rules" and args.rules_command == "reload"):
-        return operator_request(args, config)
-    if command == "silence":
-        return silence(args, config)
-    try:
-        store = Store(config.store.path, readonly=True)
-    except FileNotFoundError as exc:
-        print(f"vetd: {exc} (has the controller run with this config?)", file=sys.stderr)
-        return EXIT_VETD
-    try:
-        if command == "nodes":
-            return show_nodes(store, args.json, sys.stdout)
-        if command == "node":
-            return show_node(store, config, args.name, args.json, sys.stdout)
-        if command == "excluded":
-            return show_excluded(store, args.format, sys.stdout)
-        if command == "export":
-            count = export_events(store, sys.stdout, args.node, args.since or 0.0)
-            print(f"vetd: exported {count} lines", file=sys.stderr)
-            return 0
-    finally:
-        store.close()
-    raise AssertionError(command)
+def _controller_config_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help=f"controller TOML config (default {DEFAULT_CONTROLLER_CONFIG})")
+
+
+def _config(args: argparse.Namespace) -> ControllerConfig:
+    return load_controller_config(controller_config_path(getattr(args, "config", None)))
+
+
+@hookimpl
+def vetd_cli_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    sub = subparsers
+    controller = sub.add_parser("controller", help="run the central controller",
+                                description="Subscribe to the agents' results, keep fleet state, "
+                                "apply rules, drain bad nodes and alert. Env VETD_BROKER overrides "
+                                "the broker.")
+    _controller_config_arg(controller)
+    controller.set_defaults(func=run_controller)
+
+    nodes = sub.add_parser("nodes", help="show every node's state",
+                           description="Node, state, online, last seen, failing checks, exclusion reason.")
+    _controller_config_arg(nodes)
+    nodes.add_argument("--json", action="store_true", help="a JSON array instead of a table")
+    nodes.set_defaults(func=reading(lambda store, config, args: show_nodes(store, args.json, sys.stdout)))
+
+    node = sub.add_parser("node", help="show one node in detail",
+                          description="One node's state, latest results and audit history.")
+    node.add_argument("name")
+    _controller_config_arg(node)
+    node.add_argument("--json", action="store_true", help="JSON instead of text")
+    node.set_defaults(func=reading(lambda store, config, args: show_node(store, config, args.name, args.json,
+                                                                         sys.stdout)))
+
+    excluded = sub.add_parser("excluded", help="nodes vetd has excluded (for srun --exclude)",
+                              description="Print the nodes vetd has excluded, folded as a hostlist "
+                              "(nid[002,017-018]) ready for srun --exclude, one per line, or JSON.")
+    _controller_config_arg(excluded)
+    excluded.add_argument("--format", choices=("hostlist", "lines", "json"), default="hostlist",
+                          help="a folded hostlist (default), one node per line, or JSON")
+    excluded.add_argument("--json", action="store_const", const="json", dest="format",
+                          help="JSON, as every other command says it (same as --format json)")
+    excluded.set_defaults(func=reading(lambda store, config, args: show_excluded(store, args.format, sys.stdout)))
+
+    drain = sub.add_parser("drain", help="take nodes out of service (through the controller)",
+                           description="Exclude NODES (a hostlist, e.g. nid[001-004]) now, through the "
+                           "running controller: Slurm drain with reason 'vetd: operator USER: REASON', "
+                           "recorded in the audit log. Waits for the controller to take it.")
+    drain.add_argument("nodes", metavar="NODES")
+    drain.add_argument("--reason", required=True)
+    _controller_config_arg(drain)
+    drain.set_defaults(func=run_operator_request)
+
+    resume = sub.add_parser("resume", help="return nodes to service (only vetd's drains)",
+                            description="Return NODES (a hostlist) to service through the running "
+                            "controller. In Slurm only drains whose reason starts with 'vetd:' are "
+                            "resumed; a node an operator drained by other means is left alone.")
+    resume.add_argument("nodes", metavar="NODES")
+    _controller_config_arg(resume)
+    resume.set_defaults(func=run_operator_request)
+
+    breaker = sub.add_parser("breaker", help="show or reset the exclusion circuit breaker",
+                             description="The breaker stops vetd from excluding more than a set share "
+                             "of a partition; once open it stays open until reset.")
+    breaker.add_argument("action", choices=("status", "reset"), nargs="?", default="status")
+    breaker.add_argument("--partition", action="append", help="only this partition (repeatable)")
+    _controller_config_arg(breaker)
+    breaker.set_defaults(func=run_operator_request)
+
+    silence = sub.add_parser("silence", help="hold alerts back for a while",
+                             description="Silences hold back alerts whose labels match every matcher "
+                             "(label=value, label!=value, label=~regex, label!~regex), until they expire. "
+                             "Decisions (drains, healing) go on; only the alerts are held.")
+    silence_sub = silence.add_subparsers(dest="silence_command", required=True, metavar="ACTION",
+                                         parser_class=Parser)
+    silence_add = silence_sub.add_parser("add", help="add a silence")
+    silence_add.add_argument("matchers", nargs="+", metavar="MATCHER", help="e.g. node=nid001 alertname=~xid.*")
+    silence_add.add_argument("--for", dest="duration", required=True, metavar="DURATION", type=duration,
+                             help="e.g. 2h")
+    silence_add.add_argument("--comment", default="", help="why (shown with every silenced alert)")
+    _controller_config_arg(silence_add)
+    silence_add.set_defaults(func=run_silence)
+    silence_list = silence_sub.add_parser("list", help="list silences")
+    silence_list.add_argument("--all", action="store_true", help="expired ones too")
+    _controller_config_arg(silence_list)
+    silence_list.set_defaults(func=run_silence)
+    silence_expire = silence_sub.add_parser("expire", help="end a silence now")
+    silence_expire.add_argument("id", type=int)
+    _controller_config_arg(silence_expire)
+    silence_expire.set_defaults(func=run_silence)
+
+    rules = sub.add_parser("rules", help="validate rule files",
+                           description="Work with controller rule files.")
+    rules_sub = rules.add_subparsers(dest="rules_command", required=True, metavar="ACTION", parser_class=Parser)
+    rules_check = rules_sub.add_parser("check", help="validate rule files (file, line, rule, CEL error)")
+    rules_check.add_argument("files", nargs="*", metavar="FILE", help="default: the rules vetd ships")
+    rules_reload = rules_sub.add_parser(
+        "reload", help="make the running controller load its rule files again",
+        description="The running controller re-reads its rule files (as on SIGHUP) and says how many "
+        "rules are in force; a bad file leaves the rules in force untouched and says why.")
+    _controller_config_arg(rules_reload)
+    rules_reload.set_defaults(func=run_operator_request)
+    rules_test = rules_sub.add_parser(
+        "test", help="replay recorded results/events and print every decision",
+        description="Replay an events file (JSON lines; `vetd export --events` writes one) against rule "
+        "files, with the messages' own timestamps as the clock, and print every decision the controller "
+        "would take: rules firing and resolving, drains, nodes marked failed, breaker trips, alerts.")
+    rules_test.add_argument("files", nargs="*", metavar="FILE", help="default: the rules vetd ships")
+    rules_test.add_argument("--events", required=True, metavar="EVENTS.jsonl")
+    rules_test.add_argument("--config", help="controller config whose breaker, repeat and labels to use")
+    rules_test.add_argument("--json", action="store_true", help="one JSON object per decision")
+    rules_check.set_defaults(func=lambda args: run_rules_check(rule_files(args.files)))
+    rules_test.set_defaults(func=run_rules_test)
+
+    export = sub.add_parser("export", help="export the controller's history",
+                            description="Write the controller's stored results and events as JSON lines, "
+                            "the format `vetd rules test --events` replays.")
+    export.add_argument("--events", action="store_true",
+                        help="results and events as JSON lines: what export writes (kept for old scripts)")
+    export.add_argument("--node", help="only this node")
+    export.add_argument("--since", metavar="WHEN", type=since,
+                        help="only since then: a duration back (24h) or an ISO time (2026-12-01T08:00:00Z)")
+    _controller_config_arg(export)
+    export.set_defaults(func=reading(run_export))
+
+    up = sub.add_parser("up", help="run everything on this machine with embedded defaults",
+                        description="One-machine vetd: an embedded MQTT broker on 127.0.0.1, the "
+                        "controller with SQLite state and the default rules, and an agent for this "
+                        "machine. Prints where things are, then the node table as it changes.")
+    up.add_argument("--state-dir", default=os.environ.get("VETD_STATE_DIR", "vetd-state"),
+                    help="where the database, configs and logs go (default ./vetd-state)")
+    up.add_argument("--port", type=port, default=0, help="broker port (default: a free one)")
+    up.add_argument("--interval", default="10s", type=checked(duration),
+                    help="check interval of the local agent (default 10s)")
+    up.add_argument("--duration", default=None, type=duration,
+                    help="stop after this long (e.g. 30s); default: until Ctrl-C")
+    up.set_defaults(func=run_up)
+
+
+def run_controller(args: argparse.Namespace) -> int:
+    from vetd.controller.service import Controller
+
+    return asyncio.run(Controller(_config(args)).run())
+
+
+def run_up(args: argparse.Namespace) -> int:
+    from vetd.controller.embedded import up
+
+    return up(args)
+
+
+def reading(view: Callable[[Store, ControllerConfig, argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """A command that reads the controller's database (read-only) and prints a view of it."""
+    def run(args: argparse.Namespace) -> int:
+        config = _config(args)
+        try:
+            store = Store(config.store.path, readonly=True)
+        except FileNotFoundError as exc:
+            print(f"vetd: {exc} (has the controller run with this config?)", file=sys.stderr)
+            return EXIT_VETD
+        try:
+            return view(store, config, args)
+        finally:
+            store.close()
+    return run
+
+
+def run_export(store: Store, config: ControllerConfig, args: argparse.Namespace) -> int:
+    from vetd.controller.replay import export_events
+
+    count = export_events(store, sys.stdout, args.node, args.since or 0.0)
+    print(f"vetd: exported {count} lines", file=sys.stderr)
+    return 0
 
 
 REQUEST_WAIT_S = 30.0
@@ -73,8 +215,11 @@ def _actor() -> str:
     return os.environ.get("SUDO_USER") or os.environ.get("USER") or getpass.getuser()
 
 
-def operator_request(args: argparse.Namespace, config: ControllerConfig) -> int:
+def run_operator_request(args: argparse.Namespace) -> int:
     """Hand a drain, resume or breaker reset to the running controller and wait for it."""
+    from ClusterShell.NodeSet import NodeSet
+
+    config = _config(args)
     store = Store(config.store.path)
     try:
         if args.command == "breaker" and args.action == "status":
@@ -120,14 +265,17 @@ def operator_request(args: argparse.Namespace, config: ControllerConfig) -> int:
         store.close()
 
 
-def silence(args: argparse.Namespace, config: ControllerConfig) -> int:
+def run_silence(args: argparse.Namespace) -> int:
+    from vetd.controller.silences import parse_matcher
+
+    config = _config(args)
     store = Store(config.store.path)
     try:
         if args.silence_command == "add":
             try:
                 for matcher in args.matchers:
                     parse_matcher(matcher)
-                seconds = parse_duration(args.duration)
+                seconds = float(args.duration)
             except ValueError as exc:
                 print(f"vetd: {exc}", file=sys.stderr)
                 return EXIT_VETD
@@ -152,8 +300,10 @@ def silence(args: argparse.Namespace, config: ControllerConfig) -> int:
         store.close()
 
 
-def rules_test(args: argparse.Namespace) -> int:
+def run_rules_test(args: argparse.Namespace) -> int:
     import logging
+
+    from vetd.controller.replay import print_decisions, read_events, replay
 
     logging.getLogger("vetd").setLevel(logging.WARNING)  # the decisions are the output
     config = load_controller_config(args.config) if args.config else None
@@ -174,8 +324,10 @@ def rule_files(files: list[str]) -> list[str]:
     return files or [str(resources.files("vetd.controller").joinpath("default_rules.yaml"))]
 
 
-def rules_check(files: list[str]) -> int:
+def run_rules_check(files: list[str]) -> int:
     """Exit 1: a rule file is invalid (the verdict); 2: a file could not be read."""
+    from vetd.controller.rules import load_rules
+
     unreadable = [name for name in files if not os.access(name, os.R_OK) or not Path(name).is_file()]
     if unreadable:
         print(f"vetd: cannot read rule file(s): {', '.join(unreadable)}", file=sys.stderr)
@@ -237,9 +389,7 @@ def format_nodes(summaries: list[dict[str, Any]]) -> str:
         )
         for s in summaries
     ]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [headers, *rows]]
-    return "\n".join(lines) + "\n"
+    return table(headers, rows)
 
 
 def show_nodes(store: Store, as_json: bool, out: TextIO) -> int:
@@ -283,6 +433,8 @@ def show_node(store: Store, config: ControllerConfig, name: str, as_json: bool, 
 
 
 def show_excluded(store: Store, fmt: str, out: TextIO) -> int:
+    from ClusterShell.NodeSet import NodeSet
+
     excluded = [n for n in store.node_rows() if n.state in ("excluded", "failed")]
     if fmt == "json":
         out.write(json.dumps([{"cluster": n.cluster, "node": n.name, "state": n.state, "reason": n.reason,

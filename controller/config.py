@@ -12,9 +12,9 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from vetd.agent.config import BrokerAuth, parse_broker
-from vetd.agent.configfile import ConfigError, Duration, convert, read_toml, where
-from vetd.agent.protocol import valid_name
+from vetd.core.configfile import ConfigError, Duration, convert, read_toml, where
+from vetd.core.mqtt import BrokerAuth, parse_broker
+from vetd.core.protocol import valid_name
 
 
 class StoreSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

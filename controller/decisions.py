@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from vetd.agent.protocol import Command
+from vetd.core.protocol import Command
 
 
 @dataclass

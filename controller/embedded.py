@@ -23,12 +23,12 @@ from importlib import resources
 from pathlib import Path
 
 from vetd.agent.config import load_agent_config
-from vetd.agent.configfile import parse_duration
 from vetd.agent.daemon import Agent
 from vetd.controller.cli import format_nodes, node_summaries
 from vetd.controller.config import load_controller_config
 from vetd.controller.service import Controller
 from vetd.controller.store import Store
+from vetd.core.configfile import parse_duration
 
 
 class UpError(Exception):
@@ -139,7 +139,7 @@ def _table(db: Path) -> str:
 
 
 def up(args: argparse.Namespace) -> int:
-    from vetd.agent import logs
+    from vetd.core import logs
 
     state_dir = Path(args.state_dir)
     try:

@@ -14,8 +14,6 @@ from typing import Any
 
 import structlog
 
-from vetd.agent.configfile import ConfigError
-from vetd.agent.protocol import Event, Message, Reply, Result, State, Telemetry
 from vetd.controller.actions import REASON_PREFIX, alert_payload, clean_reason
 from vetd.controller.breaker import OUT_OF_SERVICE, Breaker
 from vetd.controller.config import ControllerConfig
@@ -27,6 +25,8 @@ from vetd.controller.lifecycle import Lifecycle
 from vetd.controller.rules import Rule, RuleSet, evaluate_all, load_rules, render
 from vetd.controller.rulestate import RuleStates
 from vetd.controller.store import NodeRow, Store
+from vetd.core.configfile import ConfigError
+from vetd.core.protocol import Event, Message, Reply, Result, State, Telemetry
 
 log = structlog.get_logger("vetd.controller")
 

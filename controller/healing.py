@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import uuid
 
-from vetd.agent.protocol import Command, Event, Reply, Result, sign_command
 from vetd.controller.actions import REASON_PREFIX, clean_reason
 from vetd.controller.config import HealingSection
 from vetd.controller.decisions import Decisions, Reboot, Send
 from vetd.controller.lifecycle import Lifecycle
 from vetd.controller.store import Healing, NodeRow, Store
+from vetd.core.protocol import Command, Event, Reply, Result, sign_command
 
 
 def gpu_of(message: Result | Event) -> str:

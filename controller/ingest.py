@@ -16,12 +16,11 @@ from collections.abc import Callable, Iterable, Iterator
 import aiomqtt
 import structlog
 
-from vetd.agent import protocol
-from vetd.agent.config import client_options, parse_broker
-from vetd.agent.protocol import Command, ProtocolError
-from vetd.agent.transport import Backoff
 from vetd.controller.config import ControllerConfig, LimitsSection
 from vetd.controller.counters import Counters
+from vetd.core import protocol
+from vetd.core.mqtt import client_options, connect_forever, parse_broker
+from vetd.core.protocol import Command, ProtocolError
 
 log = structlog.get_logger("vetd.controller")
 
@@ -82,39 +81,32 @@ class BrokerLink:
     async def receive(self, on_batch: Callable[[Batch], None]) -> None:
         """Hand every batch of admitted messages to ``on_batch``; reconnect until cancelled."""
         broker = parse_broker(self.config.broker)
-        backoff = Backoff()
-        while True:
-            try:
-                async with aiomqtt.Client(
-                    broker.host,
-                    broker.port,
-                    identifier=self.config.client_id,
-                    clean_session=False,
-                    keepalive=30,
-                    max_queued_incoming_messages=100_000,
-                    **self._options,
-                ) as client:
-                    await client.subscribe(protocol.subscription(self.config.cluster or None), qos=1)
-                    self._client = client
-                    self.connected.set()
-                    backoff.reset()
-                    log.info("broker_connected", broker=self.config.broker, cluster=self.config.cluster or "*")
-                    batch: Batch = []
-                    async for raw in client.messages:
-                        if not self.admission.admit(raw.topic.value, time.monotonic()):
-                            continue
-                        payload = raw.payload if isinstance(raw.payload, bytes | bytearray) else b""
-                        batch.append((raw.topic.value, bytes(payload)))
-                        if len(client.messages) == 0 or len(batch) >= BATCH_MAX:
-                            on_batch(batch)
-                            batch = []
-            except aiomqtt.MqttError as exc:
-                self.connected.clear()
-                self._client = None
-                delay = backoff.next()
-                log.warning("broker_unavailable", broker=self.config.broker, error=str(exc),
-                            retry_in_s=round(delay, 2))
-                await asyncio.sleep(delay)
+
+        def connect() -> aiomqtt.Client:
+            return aiomqtt.Client(broker.host, broker.port, identifier=self.config.client_id, clean_session=False,
+                                  keepalive=30, max_queued_incoming_messages=100_000, **self._options)
+
+        async def session(client: aiomqtt.Client, ready: Callable[[], None]) -> None:
+            await client.subscribe(protocol.subscription(self.config.cluster or None), qos=1)
+            self._client = client
+            self.connected.set()
+            ready()
+            log.info("broker_connected", broker=self.config.broker, cluster=self.config.cluster or "*")
+            batch: Batch = []
+            async for raw in client.messages:
+                if not self.admission.admit(raw.topic.value, time.monotonic()):
+                    continue
+                payload = raw.payload if isinstance(raw.payload, bytes | bytearray) else b""
+                batch.append((raw.topic.value, bytes(payload)))
+                if len(client.messages) == 0 or len(batch) >= BATCH_MAX:
+                    on_batch(batch)
+                    batch = []
+
+        def lost() -> None:
+            self.connected.clear()
+            self._client = None
+
+        await connect_forever(connect, session, lost=lost, describe=lambda: {"broker": self.config.broker})
 
     async def publish(self, command: Command) -> None:
         """Publish a command; one the broker does not take fails its step at the deadline."""

@@ -27,12 +27,13 @@ from typing import Any, TextIO
 
 import msgspec
 
-from vetd.agent import protocol
-from vetd.agent.configfile import ConfigError
 from vetd.controller.actions import ActionOutcome, NoScheduler, iso
 from vetd.controller.config import ControllerConfig, StoreSection
 from vetd.controller.service import Controller
 from vetd.controller.store import Store
+from vetd.core import protocol
+from vetd.core.configfile import ConfigError
+from vetd.core.output import table
 
 #: Audit actions that are decisions (what `vetd rules test` reports).
 DECISIONS = ("rule_fired", "rule_resolved", "drain", "mark_failed", "breaker_open")
@@ -141,10 +142,7 @@ def print_decisions(decisions: list[Decision], as_json: bool, out: TextIO) -> No
         return
     headers = ("TIME", "NODE", "ACTION", "RULE", "OUTCOME", "DETAIL")
     rows = [(iso(d.ts), d.node, d.action, d.rule or "-", d.outcome or "-", d.detail) for d in decisions]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers[:-1])]
-    for row in [headers, *rows]:
-        cells = "  ".join(cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=True))
-        out.write(f"{cells}  {row[-1]}\n")
+    out.write(table(headers, rows))
     if not decisions:
         out.write("no decisions\n")
 

@@ -37,7 +37,7 @@ import msgspec
 import yaml
 from cel_expr_python import cel
 
-from vetd.agent.configfile import ConfigError, Duration, dec_hook
+from vetd.core.configfile import ConfigError, Duration, dec_hook
 
 Severity = Literal["info", "warning", "critical"]
 Action = Literal["drain", "alert", "heal", "mark_failed"]

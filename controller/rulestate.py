@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from vetd.agent.protocol import Event, Result
 from vetd.controller.rules import Rule, RuleSpec
 from vetd.controller.store import NodeRow, RuleKey, RuleState, Store
+from vetd.core.protocol import Event, Result
 
 
 @dataclass(frozen=True, slots=True)

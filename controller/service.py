@@ -30,7 +30,6 @@ from typing import Any
 
 import structlog
 
-from vetd.agent.configfile import read_key
 from vetd.controller.actions import AlertBackend, AlertSender, CommandBackend, SchedulerBackend, make_backend
 from vetd.controller.config import ControllerConfig
 from vetd.controller.counters import Counters
@@ -41,6 +40,7 @@ from vetd.controller.ingest import BrokerLink, decode
 from vetd.controller.requests import OperatorRequests
 from vetd.controller.rules import RuleSet
 from vetd.controller.store import NodeRow, Store
+from vetd.core.configfile import read_key
 
 log = structlog.get_logger("vetd.controller")
 

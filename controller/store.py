@@ -20,7 +20,7 @@ from typing import Any
 
 import msgspec
 
-from vetd.agent.protocol import Event, Result, State
+from vetd.core.protocol import Event, Result, State
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes (

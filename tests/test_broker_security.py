@@ -18,8 +18,8 @@ import paho.mqtt.client as paho
 from tests.support.procs import VetdProcess, run_vetd, vetd_env
 from tests.support.services import SecureMosquitto
 from tests.support.wait import wait_for
-from vetd.agent import protocol
-from vetd.agent.protocol import Command, Result
+from vetd.core import protocol
+from vetd.core.protocol import Command, Result
 
 
 class Client:

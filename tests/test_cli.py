@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.procs import run_vetd
-from vetd.agent.cli import build_parser
+from vetd.core.cli import build_parser
 
 
 def leaf_commands(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
@@ -78,7 +78,7 @@ def test_bad_values_are_named(tmp_path: Path) -> None:
 
 
 def test_since_takes_a_duration_or_an_iso_time(tmp_path: Path) -> None:
-    from vetd.agent.cli import since
+    from vetd.core.cli import since
 
     assert abs(since("2026-12-01T08:00:00Z") - 1796112000.0) < 1e-6
     import time

@@ -16,11 +16,11 @@ import msgspec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vetd.agent import protocol
 from vetd.agent.config import load_agent_config
-from vetd.agent.configfile import ConfigError
 from vetd.agent.pluginhost import PluginError, PluginHost
 from vetd.controller.rules import RuleError, parse_rules
+from vetd.core import protocol
+from vetd.core.configfile import ConfigError
 
 names = st.text(alphabet=string.ascii_letters + string.digits + "_.-/", min_size=0, max_size=70)
 scalars = st.one_of(

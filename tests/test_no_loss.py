@@ -194,8 +194,8 @@ def test_a_flooding_node_is_rate_limited_and_cannot_starve_the_others(
 ) -> None:
     import paho.mqtt.client as paho
 
-    from vetd.agent import protocol
-    from vetd.agent.protocol import Result
+    from vetd.core import protocol
+    from vetd.core.protocol import Result
 
     (tmp_path / "controller.toml").write_text(
         f'cluster = "{cluster_name}"\nclient_id = "vetd-controller-{cluster_name}"\n'

@@ -83,18 +83,18 @@ def test_the_wheel_installs_only_under_the_vetd_namespace(wheel: Path) -> None:
     tops = {name.split("/")[0] for name in names}
     assert "vetd" in tops and all(top.endswith(".dist-info") for top in tops - {"vetd"})
     assert not any(name.startswith("vetd/__init__") for name in names)  # implicit namespace
-    assert {"vetd/agent/protocol.py", "vetd/plugins/host/__init__.py", "vetd/controller/default_rules.yaml",
+    assert {"vetd/core/protocol.py", "vetd/plugins/host/__init__.py", "vetd/controller/default_rules.yaml",
             "vetd/agent/py.typed"} <= set(names)
 
 
 def test_every_tracked_module_and_data_file_is_in_the_wheel(wheel: Path) -> None:
     """A package list kept by hand once left vetd.plugins.gpu_health out of every non-editable install."""
-    tracked = subprocess.run(["git", "ls-files", "agent", "plugins", "controller"], cwd=ROOT, capture_output=True,
+    tracked = subprocess.run(["git", "ls-files", "core", "agent", "plugins", "controller"], cwd=ROOT, capture_output=True,
                              text=True, check=False)
     if tracked.returncode != 0:
         pytest.skip("not a git checkout: no list of tracked files")
     shipped = {name for name in tracked.stdout.splitlines() if name.endswith((".py", ".yaml", ".typed"))}
-    assert shipped, "git lists no module under agent/, plugins/, controller/"
+    assert shipped, "git lists no module under core/, agent/, plugins/, controller/"
     names = set(zipfile.ZipFile(wheel).namelist())
     missing = sorted(name for name in shipped if f"vetd/{name}" not in names)
     assert not missing, f"tracked but not in the wheel (pyproject.toml packages / package-data): {missing}"

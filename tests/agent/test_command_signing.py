@@ -10,8 +10,8 @@ import msgspec
 from tests.support.procs import VetdProcess, Watcher, publish_raw, vetd_env
 from tests.support.services import Mosquitto
 from tests.support.wait import wait_for
-from vetd.agent import protocol
-from vetd.agent.protocol import Command, Reply, sign_command, verify_command
+from vetd.core import protocol
+from vetd.core.protocol import Command, Reply, sign_command, verify_command
 
 KEY = b"0123456789abcdef0123456789abcdef-cluster-key"
 

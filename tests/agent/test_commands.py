@@ -12,7 +12,7 @@ import pytest
 from vetd.agent.commands import Answer, Commands
 from vetd.agent.config import CommandsSection, load_agent_config
 from vetd.agent.pluginhost import PluginHost
-from vetd.agent.protocol import Command
+from vetd.core.protocol import Command
 
 
 def commands(tmp_path: Path, section: CommandsSection, scenario: str = "gpus: 2\n") -> Commands:

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from vetd.agent.config import load_agent_config
-from vetd.agent.configfile import ConfigError, parse_duration
 from vetd.agent.pluginhost import PluginHost
+from vetd.core.configfile import ConfigError, parse_duration
 
 
 def write(tmp_path: Path, text: str) -> Path:

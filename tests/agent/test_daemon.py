@@ -10,7 +10,7 @@ from pathlib import Path
 from tests.support.procs import VetdProcess, Watcher, vetd_env
 from tests.support.services import Mosquitto
 from tests.support.wait import wait_for
-from vetd.agent.protocol import Result, State
+from vetd.core.protocol import Result, State
 
 
 def agent(tmp_path: Path, broker: Mosquitto, cluster: str, config: str, node: str = "nid001",

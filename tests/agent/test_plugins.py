@@ -31,6 +31,18 @@ def vetd_config_tables():
 def vetd_register_checks(registry, configs):
     motd = configs.typed("site", SiteConfig).motd
     registry.add(Check("site_motd", lambda: Outcome(status="pass", message=motd), profiles=frozenset({"prolog"})))
+
+
+def _hello(args):
+    print(f"hello {args.who}")
+    return 3
+
+
+@hookimpl
+def vetd_cli_commands(subparsers):
+    hello = subparsers.add_parser("site-hello", help="a subcommand from a plugin")
+    hello.add_argument("who")
+    hello.set_defaults(func=_hello)
 '''
 
 BROKEN = '''
@@ -92,6 +104,17 @@ def test_entry_point_plugins_load_configure_and_can_be_disabled(tmp_path: Path) 
     done = run_vetd("check", "--config", str(config), env=env)
     assert done.returncode == 2
     assert f"{config}:2: plugins.site.motd: Expected `str`, got `int`" in done.stderr
+
+
+def test_a_plugin_adds_a_subcommand_to_vetd(tmp_path: Path) -> None:
+    env = install_with_a_broken_one(tmp_path)
+    done = run_vetd("site-hello", "world", env=env)
+    assert (done.returncode, done.stdout) == (3, "hello world\n"), done.stderr
+    assert "site-hello" in run_vetd("--help", env=env).stdout
+    # The agent's own plugin host accepts the same module (the hook has a spec there too).
+    checked = run_vetd("check", "site_motd", "--json", env=env)
+    results = {(r["check"], r["entity"]): r for r in map(json.loads, checked.stdout.splitlines())}
+    assert results[("site_motd", "node")]["message"] == "hello", checked.stderr
 
 
 def test_a_plugin_that_fails_to_import_is_named_and_the_others_still_run(tmp_path: Path) -> None:

@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vetd.agent import protocol
-from vetd.agent.protocol import Command, Event, ProtocolError, Reply, Result, State, Telemetry
+from vetd.core import protocol
+from vetd.core.protocol import Command, Event, ProtocolError, Reply, Result, State, Telemetry
 
 BASE = {"cluster": "alps", "node": "nid001", "session": "s1", "seq": 1, "ts": 1700000000.5}
 

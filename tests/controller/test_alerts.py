@@ -11,11 +11,11 @@ import pytest
 from tests.controller.test_end_to_end import AlertReceiver, receiver  # noqa: F401 - fixture
 from tests.support.procs import run_vetd
 from tests.support.wait import async_wait_for
-from vetd.agent import protocol
-from vetd.agent.protocol import Event, Result, State
 from vetd.controller.config import AlertsSection, ControllerConfig, StoreSection
 from vetd.controller.service import Controller
 from vetd.controller.silences import matches, parse_matcher
+from vetd.core import protocol
+from vetd.core.protocol import Event, Result, State
 
 RULES = """\
 rules:

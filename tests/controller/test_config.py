@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from vetd.agent.configfile import ConfigError
 from vetd.controller.config import load_controller_config
+from vetd.core.configfile import ConfigError
 
 
 @pytest.mark.parametrize(("text", "message"), [

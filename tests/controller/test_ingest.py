@@ -8,10 +8,10 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from vetd.agent import protocol
-from vetd.agent.protocol import Event, Result, State
 from vetd.controller.config import BreakerSection, ControllerConfig, SchedulerSection, StoreSection
 from vetd.controller.service import Controller
+from vetd.core import protocol
+from vetd.core.protocol import Event, Result, State
 
 RULES = """\
 rules:

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 from tests.support.procs import run_vetd
-from vetd.agent import protocol
-from vetd.agent.protocol import Result, State
 from vetd.controller.config import ControllerConfig, StoreSection
+from vetd.core import protocol
+from vetd.core.protocol import Result, State
 
 RULES = """\
 rules:

@@ -7,11 +7,11 @@ from typing import Any
 
 import pytest
 
-from vetd.agent import protocol
-from vetd.agent.configfile import ConfigError
-from vetd.agent.protocol import Event, Result, State
 from vetd.controller.config import AlertsSection, ControllerConfig, StoreSection, load_controller_config
 from vetd.controller.service import Controller
+from vetd.core import protocol
+from vetd.core.configfile import ConfigError
+from vetd.core.protocol import Event, Result, State
 
 DEFAULT_RULES = Path(__file__).resolve().parents[2] / "controller" / "default_rules.yaml"
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import paho.mqtt.client as paho
 
-from vetd.agent import protocol
-from vetd.agent.protocol import Message
+from vetd.core import protocol
+from vetd.core.protocol import Message
 
 REPO = Path(__file__).resolve().parents[2]
 #: Agents' spools in tests: one folder per test run, never /var/lib/vetd.
@@ -24,7 +24,7 @@ TEST_PLUGINS = REPO / "tests" / "support" / "plugins"
 
 
 def vetd_argv(*args: str) -> list[str]:
-    return [sys.executable, "-m", "vetd.agent.cli", *args]
+    return [sys.executable, "-m", "vetd.core.cli", *args]
 
 
 def vetd_env(**extra: str) -> dict[str, str]:

@@ -12,7 +12,7 @@ from tests.support.procs import VetdProcess, Watcher, vetd_env
 from tests.support.services import Mosquitto
 from tests.support.wait import wait_for
 from vetd.agent.daemon import RECHECK_SPACING_S
-from vetd.agent.protocol import Event, Result, State
+from vetd.core.protocol import Event, Result, State
 
 
 def start(tmp_path: Path, broker: Mosquitto, cluster: str, scenario: str, extra: str = "", **env: str) -> VetdProcess:

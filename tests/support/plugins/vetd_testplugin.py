@@ -11,8 +11,8 @@ import threading
 import msgspec
 
 from vetd.agent.checks import Check, Outcome
-from vetd.agent.configfile import Duration
 from vetd.agent.hookspecs import hookimpl
+from vetd.core.configfile import Duration
 
 _never = threading.Event()
 
