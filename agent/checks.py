@@ -11,6 +11,7 @@ event loop, the other checks or the watchdog.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -261,10 +262,8 @@ async def in_thread(func: Callable[[], T], timeout: float, name: str) -> T:
             value = func()
         except BaseException as exc:  # noqa: BLE001 - every failure becomes a result
             error = exc
-        try:
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting any more
             loop.call_soon_threadsafe(settle, value, error)
-        except RuntimeError:
-            pass  # the loop has closed: nobody is waiting any more
 
     thread = threading.Thread(target=target, name=name, daemon=True)
     thread.start()

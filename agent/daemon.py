@@ -319,10 +319,8 @@ class Agent:
         """Run one event source, restarting it with backoff when it raises."""
 
         def emit(event: EventOutcome) -> None:
-            try:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: the agent is exiting
                 loop.call_soon_threadsafe(self._on_event, source, event)
-            except RuntimeError:
-                pass  # the loop has closed: the agent is exiting
 
         delay = 1.0
         while not stop.is_set():
@@ -362,9 +360,9 @@ class Agent:
             return
         started = -RECHECK_SPACING_S
         while True:
-            if wake.is_set():  # woken by an event: run now, but not back to back
-                if await self._pause(started + RECHECK_SPACING_S - time.monotonic()):
-                    return
+            # woken by an event: run now, but not back to back
+            if wake.is_set() and await self._pause(started + RECHECK_SPACING_S - time.monotonic()):
+                return
             wake.clear()  # this run answers every event so far; one during it wakes the loop again
             started = time.monotonic()
             self._inflight += 1

@@ -85,7 +85,7 @@ def through_broker(nodes: int, count: int) -> None:
 
         try:
             first = VetdProcess(["controller", "--config", str(config)], work / "c1.log", env).start()
-            wait_for(lambda: (work / "c.db").exists(), 20, "controller store")
+            wait_for((work / "c.db").exists, 20, "controller store")
             time.sleep(1)  # subscribed: the persistent session exists
             first.stop()
             batch = messages("bench", nodes, count)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vetd.core import protocol  # noqa: E402
-from vetd.core.protocol import Command, Event, Reply, Result, State, Telemetry  # noqa: E402
+from vetd.core import protocol
+from vetd.core.protocol import Command, Event, Reply, Result, State, Telemetry
 
 BASE = {"cluster": "alps", "node": "nid001", "session": "0123456789abcdef", "seq": 42, "ts": 1.7e9}
 SEEDS = [

@@ -21,14 +21,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.support.procs import VetdProcess, vetd_env  # noqa: E402
-from tests.support.services import Mosquitto  # noqa: E402
-from tests.support.wait import wait_for  # noqa: E402
-from vetd.agent.daemon import RECHECK_SPACING_S  # noqa: E402
-from vetd.controller.store import Store  # noqa: E402
-from vetd.plugins.gpu_health.config import GpuHealthConfig  # noqa: E402
-from vetd.plugins.gpu_health.evaluate import Evaluator  # noqa: E402
-from vetd.plugins.gpu_health.replay import ScenarioSource  # noqa: E402
+import contextlib
+
+from tests.support.procs import VetdProcess, vetd_env
+from tests.support.services import Mosquitto
+from tests.support.wait import wait_for
+from vetd.agent.daemon import RECHECK_SPACING_S
+from vetd.controller.store import Store
+from vetd.plugins.gpu_health.config import GpuHealthConfig
+from vetd.plugins.gpu_health.evaluate import Evaluator
+from vetd.plugins.gpu_health.replay import ScenarioSource
 
 RULES = Path(__file__).resolve().parents[1] / "packaging" / "rules" / "default.yaml"
 
@@ -79,10 +81,8 @@ def nvml_cost(samples: int) -> None:
         times = []
         for _ in range(samples):
             t0 = time.perf_counter()
-            try:
+            with contextlib.suppress(n.NVMLError):
                 call()
-            except n.NVMLError:
-                pass
             times.append(time.perf_counter() - t0)
         print(f"  {name:14} median {1e6 * statistics.median(times):8.1f} us")
     wall, cpu = [], []
@@ -148,7 +148,7 @@ def xid_latency(count: int) -> None:
                                          f'scenario = "{work / "s.yaml"}"\n')
         env = vetd_env(VETD_BROKER=broker.url, VETD_LOG_LEVEL="warning")
         controller = VetdProcess(["controller", "--config", str(work / "controller.toml")], work / "c.log", env).start()
-        wait_for(lambda: (work / "c.db").exists(), 20, "controller")
+        wait_for((work / "c.db").exists, 20, "controller")
         agent = VetdProcess(["agent", "--config", str(work / "agent.toml")], work / "a.log",
                             vetd_env(VETD_BROKER=broker.url, VETD_CLUSTER="bench", VETD_NODE="n1",
                                      VETD_LOG_LEVEL="warning")).start()

@@ -31,10 +31,10 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.support.procs import VetdProcess, Watcher, vetd_env  # noqa: E402
-from tests.support.services import Mosquitto  # noqa: E402
-from tests.support.wait import wait_for  # noqa: E402
-from vetd.core.protocol import Result, Telemetry  # noqa: E402
+from tests.support.procs import VetdProcess, Watcher, vetd_env
+from tests.support.services import Mosquitto
+from tests.support.wait import wait_for
+from vetd.core.protocol import Result, Telemetry
 
 #: What vetd reports for a GPU that a GEMM loop should move.
 WATCHED = ("utilization_pct", "power_w", "clock_sm_mhz", "clock_memory_mhz", "temp_c")
@@ -112,7 +112,7 @@ def gpm(seconds: float = 1.0) -> dict[str, Any]:
         finally:
             n.nvmlGpmSampleFree(first)
             n.nvmlGpmSampleFree(second)
-    except Exception as exc:  # a reading beside the bench: its failure is reported, not fatal
+    except Exception as exc:  # noqa: BLE001 - a reading beside the bench: its failure is reported, not fatal
         return {"error": f"{type(exc).__name__}: {exc}"}
 
 

@@ -21,8 +21,8 @@ import msgspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vetd.plugins.gpu_health.nvml import NvmlSource  # noqa: E402
-from vetd.plugins.gpu_health.nvmltrace import Survey, differences, survey  # noqa: E402
+from vetd.plugins.gpu_health.nvml import NvmlSource
+from vetd.plugins.gpu_health.nvmltrace import Survey, differences, survey
 
 
 def main() -> int:

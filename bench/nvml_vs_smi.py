@@ -24,9 +24,9 @@ import msgspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vetd.plugins.gpu_health.capture import parse_capture  # noqa: E402
-from vetd.plugins.gpu_health.model import GpuSnapshot  # noqa: E402
-from vetd.plugins.gpu_health.nvml import NvmlSource  # noqa: E402
+from vetd.plugins.gpu_health.capture import parse_capture
+from vetd.plugins.gpu_health.model import GpuSnapshot
+from vetd.plugins.gpu_health.nvml import NvmlSource
 
 #: Fields that change between two reads of a healthy, idle GPU.
 MOVING = {"temp_c", "temp_memory_c", "power_w", "utilization_pct", "memory_used_mib", "clock_reasons",

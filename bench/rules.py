@@ -20,16 +20,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import paho.mqtt.client as paho  # noqa: E402
+import paho.mqtt.client as paho
 
-from tests.support.procs import VetdProcess, vetd_env  # noqa: E402
-from tests.support.services import Mosquitto, Slurm  # noqa: E402
-from tests.support.wait import wait_for  # noqa: E402
-from vetd.controller.config import ControllerConfig, StoreSection  # noqa: E402
-from vetd.controller.rules import evaluate_all, parse_rules  # noqa: E402
-from vetd.controller.service import Controller  # noqa: E402
-from vetd.core import protocol  # noqa: E402
-from vetd.core.protocol import Result  # noqa: E402
+from tests.support.procs import VetdProcess, vetd_env
+from tests.support.services import Mosquitto, Slurm
+from tests.support.wait import wait_for
+from vetd.controller.config import ControllerConfig, StoreSection
+from vetd.controller.rules import evaluate_all, parse_rules
+from vetd.controller.service import Controller
+from vetd.core import protocol
+from vetd.core.protocol import Result
 
 
 def fifty_rules() -> str:
@@ -98,7 +98,7 @@ def drain_latency(faults: int) -> None:
         client.loop_start()
         latencies = []
         try:
-            wait_for(lambda: (work / "c.db").exists(), 20, "controller")
+            wait_for((work / "c.db").exists, 20, "controller")
             time.sleep(1)
             for i in range(1, faults + 1):
                 node = f"nid{i:03d}"

@@ -11,8 +11,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vetd.agent.spool import Spool  # noqa: E402
-from vetd.core.protocol import Result  # noqa: E402
+from vetd.agent.spool import Spool
+from vetd.core.protocol import Result
 
 
 def measure(sync: str, count: int) -> tuple[float, float]:

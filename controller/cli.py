@@ -57,7 +57,7 @@ def vetd_cli_commands(subparsers: argparse._SubParsersAction) -> None:  # type: 
                            description="Node, state, online, last seen, failing checks, exclusion reason.")
     _controller_config_arg(nodes)
     nodes.add_argument("--json", action="store_true", help="a JSON array instead of a table")
-    nodes.set_defaults(func=reading(lambda store, config, args: show_nodes(store, args.json, sys.stdout)))
+    nodes.set_defaults(func=reading(lambda store, _config, args: show_nodes(store, args.json, sys.stdout)))
 
     node = sub.add_parser("node", help="show one node in detail",
                           description="One node's state, latest results and audit history.")
@@ -75,7 +75,7 @@ def vetd_cli_commands(subparsers: argparse._SubParsersAction) -> None:  # type: 
                           help="a folded hostlist (default), one node per line, or JSON")
     excluded.add_argument("--json", action="store_const", const="json", dest="format",
                           help="JSON, as every other command says it (same as --format json)")
-    excluded.set_defaults(func=reading(lambda store, config, args: show_excluded(store, args.format, sys.stdout)))
+    excluded.set_defaults(func=reading(lambda store, _config, args: show_excluded(store, args.format, sys.stdout)))
 
     drain = sub.add_parser("drain", help="take nodes out of service (through the controller)",
                            description="Exclude NODES (a hostlist, e.g. nid[001-004]) now, through the "
@@ -200,7 +200,7 @@ def reading(view: Callable[[Store, ControllerConfig, argparse.Namespace], int]) 
     return run
 
 
-def run_export(store: Store, config: ControllerConfig, args: argparse.Namespace) -> int:
+def run_export(store: Store, _config: ControllerConfig, args: argparse.Namespace) -> int:
     from vetd.controller.replay import export_events
 
     count = export_events(store, sys.stdout, args.node, args.since or 0.0)

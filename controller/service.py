@@ -110,7 +110,7 @@ class Controller:
             try:
                 self.handle_requests()
                 self.heal_tick()
-            except Exception as exc:  # noqa: BLE001 - a bad request must not stop the controller
+            except Exception as exc:
                 log.exception("housekeeping_failed", error=str(exc))
             await asyncio.sleep(HOUSEKEEPING_S)
 
@@ -123,7 +123,7 @@ class Controller:
         token = read_key(self.config.http.token_file, f"{self.config.source}: http.token_file").decode() \
             if self.config.http.token_file else ""
         host, _, port = self.config.http.listen.rpartition(":")
-        api = HttpApi(self.store, lambda: self.store.counters(), lambda: node_summaries(self.store), token,
+        api = HttpApi(self.store, self.store.counters, lambda: node_summaries(self.store), token,
                       self.config.cluster)
         return group.create_task(api.serve(host.strip("[]"), int(port)), name="vetd.controller.http")
 

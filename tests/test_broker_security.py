@@ -29,10 +29,10 @@ class Client:
         self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"{user}-{uuid.uuid4().hex[:6]}")
         self.client.username_pw_set(user, broker.passwords[user])
         self.client.tls_set(ca_certs=str(broker.ca), cert_reqs=ssl.CERT_REQUIRED)
-        self.client.on_message = lambda c, u, msg: self.received.append(msg.topic)
+        self.client.on_message = lambda _client, _userdata, msg: self.received.append(msg.topic)
         subscribed = threading.Event()
 
-        def on_subscribe(client: object, userdata: object, mid: int, codes: list[object], props: object) -> None:
+        def on_subscribe(_client: object, _userdata: object, _mid: int, codes: list[object], _props: object) -> None:
             self.granted += [int(getattr(code, "value", code)) for code in codes]
             subscribed.set()
 

@@ -24,7 +24,7 @@ def leaf_commands(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ())
 COMMANDS = leaf_commands(build_parser())
 
 
-def one_line_usage_error(args: list[str] | tuple[str, ...], cwd: Path | None = None) -> str:
+def one_line_usage_error(args: list[str] | tuple[str, ...]) -> str:
     done = run_vetd(*args)
     assert done.returncode == 2, (args, done.returncode, done.stdout, done.stderr)
     assert "Traceback" not in done.stderr, (args, done.stderr)
@@ -44,7 +44,7 @@ def test_an_unknown_option_is_one_line_and_exit_2(command: tuple[str, ...]) -> N
     assert line.startswith("vetd") and ("--no-such-option" in line or "required" in line), line
 
 
-def test_no_command_and_a_bad_global_option(tmp_path: Path) -> None:
+def test_no_command_and_a_bad_global_option() -> None:
     assert "COMMAND" in one_line_usage_error([]) or "required" in one_line_usage_error([])
     assert "loud" in one_line_usage_error(["--log-level", "loud", "nodes"])
 
@@ -77,7 +77,7 @@ def test_bad_values_are_named(tmp_path: Path) -> None:
         assert named in line, (args, line)
 
 
-def test_since_takes_a_duration_or_an_iso_time(tmp_path: Path) -> None:
+def test_since_takes_a_duration_or_an_iso_time() -> None:
     from vetd.core.cli import since
 
     assert abs(since("2026-12-01T08:00:00Z") - 1796112000.0) < 1e-6

@@ -94,7 +94,7 @@ def vetd_register_event_sources(registry: EventSourceRegistry, configs: PluginCo
 
 
 @hookimpl
-def vetd_register_commands(registry: CommandRegistry, configs: PluginConfigs) -> None:
+def vetd_register_commands(registry: CommandRegistry) -> None:
     registry.add(AgentCommand("gpu_reset", reset_gpu, description="reset one GPU (gpu=INDEX) or every GPU "
                               "(gpu=all) with [commands] gpu_reset / gpu_reset_all"))
 

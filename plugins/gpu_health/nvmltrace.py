@@ -199,7 +199,7 @@ def _watch(source: Any, seconds: float) -> Events:
     def run() -> None:
         try:
             source.watch(received.append, stop)
-        except Exception as exc:  # recorded: the survey says how the watcher failed
+        except Exception as exc:  # noqa: BLE001 - recorded: the survey says how the watcher failed
             failure.append(exc)
 
     thread = threading.Thread(target=run, name="vetd.nvmltrace.watch", daemon=True)
@@ -305,7 +305,7 @@ def survey(source_factory: Callable[[], Any], *, snapshots: int = 20, watch_s: f
 def _safe(read: Callable[[], Any]) -> str | None:
     try:
         value = read()
-    except Exception:  # an optional reading: None says it could not be had
+    except Exception:  # noqa: BLE001 - an optional reading: None says it could not be had
         return None
     return value.decode() if isinstance(value, bytes) else str(value)
 

@@ -72,17 +72,17 @@ def vetd_register_checks(registry: CheckRegistry, configs: PluginConfigs) -> Non
 
 
 @hookimpl
-def vetd_register_telemetry(registry: TelemetryRegistry, configs: PluginConfigs) -> None:
+def vetd_register_telemetry(registry: TelemetryRegistry) -> None:
     registry.add(TelemetrySource("host", sample_host))
 
 
 @hookimpl
-def vetd_node_labels(configs: PluginConfigs) -> Mapping[str, str]:
+def vetd_node_labels() -> Mapping[str, str]:
     return node_labels()
 
 
 @hookimpl
-def vetd_register_commands(registry: CommandRegistry, configs: PluginConfigs) -> None:
+def vetd_register_commands(registry: CommandRegistry) -> None:
     registry.add(AgentCommand("restart_service", restart_service, description="restart a service listed in "
                               "[commands] services with [commands] restart_service"))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from pathlib import Path
 
 import psutil
 
@@ -69,7 +70,7 @@ def check_disk(config: HostConfig) -> list[Outcome]:
 
 
 def check_paths(config: HostConfig) -> Outcome:
-    missing = [path for path in config.required_paths if not os.path.exists(path)]
+    missing = [path for path in config.required_paths if not Path(path).exists()]
     unmounted = [path for path in config.required_mounts if not os.path.ismount(path)]
     codes = (["path_missing"] if missing else []) + (["mount_missing"] if unmounted else [])
     problems = [f"missing: {', '.join(missing)}"] if missing else []

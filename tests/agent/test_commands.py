@@ -20,7 +20,7 @@ def commands(tmp_path: Path, section: CommandsSection, scenario: str = "gpus: 2\
     (tmp_path / "agent.toml").write_text(f'[plugins.gpu_health]\nsource = "scenario"\nscenario = "{tmp_path / "s.yaml"}"\n')
     host = PluginHost(load_agent_config(tmp_path / "agent.toml", environ={}))
     checks = list(host.register_checks())
-    return Commands(lambda: section, lambda: host, lambda: checks, lambda run, profile: None)
+    return Commands(lambda: section, lambda: host, lambda: checks, lambda _run, _profile: None)
 
 
 def ask(runner: Commands, action: str, **args: str) -> Answer:
@@ -84,9 +84,9 @@ def test_a_plugin_adds_a_command_as_the_built_ins_do(tmp_path: Path, monkeypatch
     assert provided == {"drop_caches": "cmdplugin", "gpu_reset": "gpu_health", "restart_service": "host"}
     assert "'ping' is the agent's own command" in host.broken["cmdplugin"]  # and that one is refused
     runner = Commands(lambda: CommandsSection(allow=["ping", "drop_caches"]), lambda: host, lambda: [],
-                      lambda run, profile: None)
+                      lambda _run, _profile: None)
     done = ask(runner, "drop_caches", level="1")
     assert done.ok and done.message == "dropped 1"
     assert ask(runner, "ping") == Answer(True, "pong", {})
-    unknown = Commands(lambda: CommandsSection(allow=["reflash"]), lambda: host, lambda: [], lambda r, p: None)
+    unknown = Commands(lambda: CommandsSection(allow=["reflash"]), lambda: host, lambda: [], lambda _run, _profile: None)
     assert "no loaded plugin provides it" in ask(unknown, "reflash").message

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import time
@@ -141,10 +142,8 @@ def test_systemd_ready_and_watchdog(tmp_path: Path, mosquitto: Mosquitto, cluste
         seen: list[str] = []
 
         def receive() -> list[str]:
-            try:
+            with contextlib.suppress(TimeoutError):
                 seen.append(sock.recv(256).decode())
-            except TimeoutError:
-                pass
             return seen
 
         try:

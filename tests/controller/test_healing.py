@@ -12,7 +12,7 @@ from tests.support.services import Mosquitto, Slurm
 from tests.support.wait import wait_for
 
 
-def setup(tmp_path: Path, cluster: str, node: str, fixer: str, ladder: str) -> tuple[Path, str, Path]:
+def setup(tmp_path: Path, cluster: str, _node: str, fixer: str, ladder: str) -> tuple[Path, str, Path]:
     marker, log = tmp_path / "healthy", tmp_path / "fixer.log"
     key = tmp_path / "cluster.key"  # commands are signed end to end
     key.write_text("f" * 64 + "\n")
@@ -101,7 +101,7 @@ def test_a_controller_restart_mid_ladder_does_not_repeat_the_step(
         wait_for(lambda: '"event": "command_sent"' in controller.output, 30, "the step's command sent")
         controller.signal(signal.SIGKILL)
         controller.process.wait(10)  # type: ignore[union-attr]
-        wait_for(lambda: log.exists(), 15, "the step done on the node while the controller is down")
+        wait_for(log.exists, 15, "the step done on the node while the controller is down")
         second = VetdProcess(["controller", "--config", str(config)], tmp_path / "controller2.log",
                              vetd_env(VETD_BROKER=mosquitto.url, SLURM_CONF=str(slurm.conf))).start()
         try:

@@ -110,7 +110,7 @@ def test_a_birth_records_what_the_agent_dropped_and_its_labels(controller: Contr
     assert controller.fleet_of(controller.store.nodes[("alps", "n1")])["labels"]["gpu_driver"] == "550.54.15"
 
 
-def test_state_survives_a_restart(controller: Controller, tmp_path: Path) -> None:
+def test_state_survives_a_restart(controller: Controller) -> None:
     controller.process([wire(result(1, "fail"))])
     controller.store.close()
     reopened = Controller(controller.config)

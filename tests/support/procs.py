@@ -88,7 +88,7 @@ class Watcher:
         self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"watch-{uuid.uuid4().hex[:8]}")
         self.client.on_message = self._on_message
         self._subscribed = threading.Event()
-        self.client.on_subscribe = lambda *a: self._subscribed.set()
+        self.client.on_subscribe = lambda *_: self._subscribed.set()
         self.client.connect("127.0.0.1", port)
         self.client.subscribe(topic, qos=1)
         self.client.loop_start()
@@ -105,7 +105,7 @@ class Watcher:
         with self._lock:
             self.messages.append((msg.topic, decoded))
 
-    def select(self, predicate: Callable[[Message], bool] = lambda m: True) -> list[Message]:
+    def select(self, predicate: Callable[[Message], bool] = lambda _: True) -> list[Message]:
         with self._lock:
             return [m for _, m in self.messages if predicate(m)]
 

@@ -234,7 +234,7 @@ class SecureMosquitto(Mosquitto):
             run("mosquitto_passwd", "-b", *(["-c"] if user == "vetd-controller" else []),
                 str(d / "vetd.passwd"), user, password)
             (d / f"{user}.password").write_text(password + "\n")
-        os.chmod(d / "vetd.passwd", 0o600)
+        (d / "vetd.passwd").chmod(0o600)
 
     def start(self) -> SecureMosquitto:
         self.workdir.mkdir(parents=True, exist_ok=True)

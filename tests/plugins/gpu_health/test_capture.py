@@ -80,7 +80,7 @@ def test_gtx1070_v10_minimal() -> None:
     assert snap.driver_version is None and gpu.ecc_enabled is None and gpu.power_w is None
 
 
-def test_not_a_capture_is_a_clear_error(tmp_path: Path) -> None:
+def test_not_a_capture_is_a_clear_error() -> None:
     with pytest.raises(CaptureError, match="not XML"):
         parse_capture(b"<nvidia_smi_log><gpu>", "x.xml")
     with pytest.raises(CaptureError, match="not <nvidia_smi_log>"):

@@ -161,7 +161,7 @@ def test_kernel_log_reader_on_a_pipe_of_kmsg_records(tmp_path: Path) -> None:
     reader = threading.Thread(target=follow_kmsg, args=(seen.append, stop, str(fifo), 2.0))
     reader.start()
     now_us = int(time.clock_gettime(time.CLOCK_MONOTONIC) * 1e6)
-    with open(fifo, "w") as writer:
+    with Path(fifo).open("w") as writer:
         # older than the 2 s look-back: an XID from before the agent started
         writer.write(f"4,900,{now_us - 5_000_000},-;NVRM: Xid (PCI:0000:18:00): 31, old one\n")
         writer.write(f"6,901,{now_us},-;nvidia-modeset: Loading\n")

@@ -78,7 +78,7 @@ def vetd_register_telemetry(registry: TelemetryRegistry, configs: PluginConfigs)
 
 
 @hookimpl
-def vetd_register_commands(registry: CommandRegistry, configs: PluginConfigs) -> None:
+def vetd_register_commands(registry: CommandRegistry) -> None:
     registry.add(AgentCommand("touch_heartbeat", touch, description="touch the heartbeat file"))
 
 
