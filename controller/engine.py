@@ -24,7 +24,15 @@ from vetd.controller.decisions import Alert, Decisions
 from vetd.controller.fleet import Fleet, static_labels
 from vetd.controller.healing import Ladders
 from vetd.controller.lifecycle import Lifecycle
-from vetd.controller.rules import Rule, RuleSet, evaluate_all, load_rules, render
+from vetd.controller.rules import (
+    NODE_FIELDS,
+    Rule,
+    RuleSet,
+    evaluate_all,
+    load_rules,
+    message_view,
+    render,
+)
 from vetd.controller.rulestate import RuleStates
 from vetd.controller.store import NodeRow, Store
 
@@ -110,28 +118,13 @@ class Engine:
 
     def variables(self, message: Result | Event, node: NodeRow) -> dict[str, Any]:
         """What a rule's ``when`` and annotations see."""
-        data: dict[str, Any]
-        if isinstance(message, Result):
-            data = {
-                "check": message.check, "entity": message.entity, "status": message.status,
-                "codes": list(message.codes), "metrics": dict(message.metrics),
-                "message": message.message, "duration_s": message.duration_s,
-                "profile": message.profile, "job_id": message.job_id or "", "ts": message.ts,
-            }
-        else:
-            data = {
-                "name": message.name, "entity": message.entity, "severity": message.severity,
-                "codes": list(message.codes), "metrics": dict(message.metrics),
-                "message": message.message, "job_id": message.job_id or "", "ts": message.ts,
-            }
+        data = message_view(message)  # the fields rule checking declares (rules.SCHEMAS)
         is_result = isinstance(message, Result)
         return {
             "result": data if is_result else {},
             "event": {} if is_result else data,
-            "node": {
-                "name": node.name, "cluster": node.cluster, "state": node.state,
-                "online": node.online, "labels": self.fleet.labels_of(node),
-            },
+            "node": {**{name: getattr(node, name) for name in NODE_FIELDS},
+                     "labels": self.fleet.labels_of(node)},
             "fleet": self.fleet.of(node) if self.rules.uses_fleet else NO_FLEET,
         }
 
@@ -189,7 +182,8 @@ class Engine:
             node=node.name,
             severity=rule.spec.severity,
             summary=annotations.pop("summary", f"{rule.name} on {node.name}: {what} {message.entity}"),
-            description=annotations.pop("description", rule.spec.description or message.message),
+            description=annotations.pop("description",
+                                        render(rule.spec.description, variables) or message.message),
             starts_at=since,
             ends_at=ended,
             labels={**self.fleet.labels_of(node), **rule.spec.labels},
