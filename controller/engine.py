@@ -19,7 +19,7 @@ from vetd.agent.protocol import Event, Message, Reply, Result, State, Telemetry
 from vetd.controller.actions import REASON_PREFIX, alert_payload, clean_reason
 from vetd.controller.breaker import OUT_OF_SERVICE, Breaker
 from vetd.controller.config import ControllerConfig
-from vetd.controller.counters import Counters
+from vetd.controller.counters import RULE_ERRORS, Counters
 from vetd.controller.decisions import Alert, Decisions
 from vetd.controller.fleet import Fleet, static_labels
 from vetd.controller.healing import Ladders
@@ -29,6 +29,7 @@ from vetd.controller.rules import (
     Rule,
     RuleSet,
     evaluate_all,
+    explain_error,
     load_rules,
     message_view,
     render,
@@ -39,6 +40,8 @@ from vetd.controller.store import NodeRow, Store
 log = structlog.get_logger("vetd.controller")
 
 NO_FLEET: dict[str, Any] = {"partition": "", "labels": {}}
+#: The operator alert for a rule that errors live; its ``rule`` label names the rule.
+RULE_ERROR_ALERT = "vetd_rule_error"
 
 
 class Engine:
@@ -54,6 +57,8 @@ class Engine:
         self.ladders = Ladders(store, config.healing, self.lifecycle, session=session, command_key=command_key)
         #: Alerts of result rules still firing, re-sent until they resolve.
         self.firing_alerts: dict[str, dict[str, Any]] = store.firing_alerts()
+        #: Rules that errored since they were loaded: logged and alerted once, then only counted.
+        self.erring_rules: set[str] = set()
 
     def process(self, messages: Iterable[Message], now: float) -> Decisions:
         """One batch, one transaction; the decisions taken."""
@@ -104,7 +109,7 @@ class Engine:
         self.counters.count("rules_evaluated", len(rules))
         for rule, matched in evaluate_all(rules, variables):
             if matched is None:
-                self.counters.count("rule_errors")
+                self._rule_error(rule, node, subject, history_id, now, decisions, variables)
             elif kind == "event":
                 if matched and self.rule_states.counted(rule, node, message):
                     self._fire(rule, node, message, subject, history_id, now, decisions, variables)
@@ -127,6 +132,29 @@ class Engine:
                      "labels": self.fleet.labels_of(node)},
             "fleet": self.fleet.of(node) if self.rules.uses_fleet else NO_FLEET,
         }
+
+    def _rule_error(self, rule: Rule, node: NodeRow, subject: str, history_id: int, now: float,
+                    decisions: Decisions, variables: dict[str, Any]) -> None:
+        """A condition that errored: counted per rule; the first time, logged, audited and alerted."""
+        self.counters.count("rule_errors")
+        self.counters.count(RULE_ERRORS + rule.name)
+        if rule.name in self.erring_rules:
+            return
+        self.erring_rules.add(rule.name)
+        error = explain_error(rule, variables)
+        log.warning("rule_error", rule=rule.name, node=node.name, subject=subject, error=error)
+        self.store.audit(node.cluster, node.name, "rule_error", rule=rule.name, detail=f"{subject}: {error}",
+                         evidence=[history_id], now=now)
+        if self.alerting:
+            payload = alert_payload(
+                rule=RULE_ERROR_ALERT, cluster=node.cluster, node=node.name, severity="warning",
+                summary=f"vetd rule {rule.name} cannot be evaluated",
+                description=f"{rule.source}:{rule.line}: {error} (on {subject}; later errors are only "
+                            f"counted, in vetd_rule_errors_total)",
+                starts_at=now, ends_at=now + float(self.config.alerts.event_alert_for),
+                labels={"rule": rule.name},
+            )
+            decisions.alerts.append(Alert(node.cluster, node.name, RULE_ERROR_ALERT, [payload]))
 
     def _fire(self, rule: Rule, node: NodeRow, message: Result | Event, subject: str, history_id: int,
               now: float, decisions: Decisions, variables: dict[str, Any]) -> None:
@@ -202,6 +230,7 @@ class Engine:
         """Load the rule files again; on any error keep the rules in force and say why."""
         try:
             self.rules = load_rules(self.config.rules)
+            self.erring_rules.clear()  # a rule fixed and erring again is news
         except ConfigError as exc:
             log.error("rules_reload_failed", error=str(exc), kept=len(self.rules.rules))
             return f"{exc} (the {len(self.rules.rules)} rules in force are kept)"

@@ -413,3 +413,10 @@ def evaluate_all(rules: Sequence[Rule], variables: Mapping[str, Any]) -> list[tu
         outcomes.append((rule, bool(value.value()) if value.type() == cel.Type.BOOL else None))
     return outcomes
 
+
+def explain_error(rule: Rule, variables: Mapping[str, Any]) -> str:
+    """Why ``rule`` has no verdict on ``variables`` (for the log and the alert; evaluates it again)."""
+    value = rule.expression.eval(_ENV_ALL.Activation(variables))
+    if value.type() == cel.Type.ERROR:
+        return str(value.plain_value())
+    return f"the condition gave a {value.type().name().lower()}, not a bool"
