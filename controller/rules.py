@@ -67,6 +67,7 @@ _ROUTING = frozenset(f.name for f in msgspec.structs.fields(Envelope)) - {"ts"}
 NODE_FIELDS = ("name", "cluster", "state", "online", "labels")
 
 
+@functools.cache
 def message_fields(kind: type[Result] | type[Event]) -> tuple[str, ...]:
     """The fields of a result or event that rules see."""
     return tuple(f.name for f in msgspec.structs.fields(kind) if f.name not in _ROUTING)
@@ -207,7 +208,7 @@ def _check_fields(expression: str, kind: str) -> None:
     except RuntimeError as exc:
         problems = []
         for line, column, message in _CHECK_ERROR.findall(str(exc)):
-            where = f"{line}:{column}" if "\n" in expression else column
+            where = f"{column} of line {line}" if "\n" in expression else column
             undeclared = _UNDECLARED.search(message)
             if undeclared and undeclared[1] in _ROOTS:
                 return  # the whole map (`result["status"]`): nothing to check by field
