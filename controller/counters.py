@@ -10,6 +10,9 @@ from collections import Counter
 
 from vetd.controller.store import Store
 
+#: Prefix of the per-rule error counts (``rule_error:NAME``), shown as ``vetd_rule_errors_total{rule=…}``.
+RULE_ERRORS = "rule_error:"
+
 
 class Counters(Counter[str]):
     """Counts since start; :meth:`write` adds what is new to the store."""

@@ -17,12 +17,21 @@ import structlog
 from vetd.controller.actions import REASON_PREFIX, alert_payload, clean_reason
 from vetd.controller.breaker import OUT_OF_SERVICE, Breaker
 from vetd.controller.config import ControllerConfig
-from vetd.controller.counters import Counters
+from vetd.controller.counters import RULE_ERRORS, Counters
 from vetd.controller.decisions import Alert, Decisions
 from vetd.controller.fleet import Fleet, static_labels
 from vetd.controller.healing import Ladders
 from vetd.controller.lifecycle import Lifecycle
-from vetd.controller.rules import Rule, RuleSet, evaluate_all, load_rules, render
+from vetd.controller.rules import (
+    NODE_FIELDS,
+    Rule,
+    RuleSet,
+    evaluate_all,
+    explain_error,
+    load_rules,
+    message_view,
+    render,
+)
 from vetd.controller.rulestate import RuleStates
 from vetd.controller.store import NodeRow, Store
 from vetd.core.configfile import ConfigError
@@ -31,6 +40,8 @@ from vetd.core.protocol import Event, Message, Reply, Result, State, Telemetry
 log = structlog.get_logger("vetd.controller")
 
 NO_FLEET: dict[str, Any] = {"partition": "", "labels": {}}
+#: The operator alert for a rule that errors live; its ``rule`` label names the rule.
+RULE_ERROR_ALERT = "vetd_rule_error"
 
 
 class Engine:
@@ -46,6 +57,8 @@ class Engine:
         self.ladders = Ladders(store, config.healing, self.lifecycle, session=session, command_key=command_key)
         #: Alerts of result rules still firing, re-sent until they resolve.
         self.firing_alerts: dict[str, dict[str, Any]] = store.firing_alerts()
+        #: Rules that errored since they were loaded: logged and alerted once, then only counted.
+        self.erring_rules: set[str] = set()
 
     def process(self, messages: Iterable[Message], now: float) -> Decisions:
         """One batch, one transaction; the decisions taken."""
@@ -96,7 +109,7 @@ class Engine:
         self.counters.count("rules_evaluated", len(rules))
         for rule, matched in evaluate_all(rules, variables):
             if matched is None:
-                self.counters.count("rule_errors")
+                self._rule_error(rule, node, subject, history_id, now, decisions, variables)
             elif kind == "event":
                 if matched and self.rule_states.counted(rule, node, message):
                     self._fire(rule, node, message, subject, history_id, now, decisions, variables)
@@ -110,30 +123,38 @@ class Engine:
 
     def variables(self, message: Result | Event, node: NodeRow) -> dict[str, Any]:
         """What a rule's ``when`` and annotations see."""
-        data: dict[str, Any]
-        if isinstance(message, Result):
-            data = {
-                "check": message.check, "entity": message.entity, "status": message.status,
-                "codes": list(message.codes), "metrics": dict(message.metrics),
-                "message": message.message, "duration_s": message.duration_s,
-                "profile": message.profile, "job_id": message.job_id or "", "ts": message.ts,
-            }
-        else:
-            data = {
-                "name": message.name, "entity": message.entity, "severity": message.severity,
-                "codes": list(message.codes), "metrics": dict(message.metrics),
-                "message": message.message, "job_id": message.job_id or "", "ts": message.ts,
-            }
+        data = message_view(message)  # the fields rule checking declares (rules.SCHEMAS)
         is_result = isinstance(message, Result)
         return {
             "result": data if is_result else {},
             "event": {} if is_result else data,
-            "node": {
-                "name": node.name, "cluster": node.cluster, "state": node.state,
-                "online": node.online, "labels": self.fleet.labels_of(node),
-            },
+            "node": {**{name: getattr(node, name) for name in NODE_FIELDS},
+                     "labels": self.fleet.labels_of(node)},
             "fleet": self.fleet.of(node) if self.rules.uses_fleet else NO_FLEET,
         }
+
+    def _rule_error(self, rule: Rule, node: NodeRow, subject: str, history_id: int, now: float,
+                    decisions: Decisions, variables: dict[str, Any]) -> None:
+        """A condition that errored: counted per rule; the first time, logged, audited and alerted."""
+        self.counters.count("rule_errors")
+        self.counters.count(RULE_ERRORS + rule.name)
+        if rule.name in self.erring_rules:
+            return
+        self.erring_rules.add(rule.name)
+        error = explain_error(rule, variables)
+        log.warning("rule_error", rule=rule.name, node=node.name, subject=subject, error=error)
+        self.store.audit(node.cluster, node.name, "rule_error", rule=rule.name, detail=f"{subject}: {error}",
+                         evidence=[history_id], now=now)
+        if self.alerting:
+            payload = alert_payload(
+                rule=RULE_ERROR_ALERT, cluster=node.cluster, node=node.name, severity="warning",
+                summary=f"vetd rule {rule.name} cannot be evaluated",
+                description=f"{rule.source}:{rule.line}: {error} (on {subject}; later errors are only "
+                            f"counted, in vetd_rule_errors_total)",
+                starts_at=now, ends_at=now + float(self.config.alerts.event_alert_for),
+                labels={"rule": rule.name},
+            )
+            decisions.alerts.append(Alert(node.cluster, node.name, RULE_ERROR_ALERT, [payload]))
 
     def _fire(self, rule: Rule, node: NodeRow, message: Result | Event, subject: str, history_id: int,
               now: float, decisions: Decisions, variables: dict[str, Any]) -> None:
@@ -189,7 +210,8 @@ class Engine:
             node=node.name,
             severity=rule.spec.severity,
             summary=annotations.pop("summary", f"{rule.name} on {node.name}: {what} {message.entity}"),
-            description=annotations.pop("description", rule.spec.description or message.message),
+            description=annotations.pop("description",
+                                        render(rule.spec.description, variables) or message.message),
             starts_at=since,
             ends_at=ended,
             labels={**self.fleet.labels_of(node), **rule.spec.labels},
@@ -208,6 +230,7 @@ class Engine:
         """Load the rule files again; on any error keep the rules in force and say why."""
         try:
             self.rules = load_rules(self.config.rules)
+            self.erring_rules.clear()  # a rule fixed and erring again is news
         except ConfigError as exc:
             log.error("rules_reload_failed", error=str(exc), kept=len(self.rules.rules))
             return f"{exc} (the {len(self.rules.rules)} rules in force are kept)"

@@ -1,6 +1,6 @@
 """The controller's HTTP endpoints: Prometheus metrics, a read API, token-guarded changes.
 
-* ``GET /metrics``: Prometheus text format (counters, nodes by state, open breakers).
+* ``GET /metrics``: Prometheus text format (counters, errors per rule, nodes by state, open breakers).
 * ``GET /api/v1/nodes``: what ``vetd nodes --json`` prints.
 * ``POST /api/v1/drain`` ``{"nodes": "nid[001-004]", "reason": "…"}`` and
   ``POST /api/v1/resume`` ``{"nodes": "…"}``: need ``Authorization: Bearer
@@ -23,6 +23,7 @@ from typing import Any
 import structlog
 from ClusterShell.NodeSet import NodeSet, NodeSetException
 
+from vetd.controller.counters import RULE_ERRORS
 from vetd.controller.store import Store
 
 log = structlog.get_logger("vetd.http")
@@ -35,8 +36,15 @@ _REASONS = {200: "OK", 202: "Accepted", 400: "Bad Request", 401: "Unauthorized",
 def metrics_text(store: Store, counters: dict[str, int]) -> str:
     lines = ["# HELP vetd_controller_events_total Controller counters (messages, rules, actions).",
              "# TYPE vetd_controller_events_total counter"]
+    per_rule = {name.removeprefix(RULE_ERRORS): value for name, value in counters.items()
+                if name.startswith(RULE_ERRORS)}
     for name, value in sorted(counters.items()):
-        lines.append(f'vetd_controller_events_total{{event="{name}"}} {value}')
+        if not name.startswith(RULE_ERRORS):
+            lines.append(f'vetd_controller_events_total{{event="{name}"}} {value}')
+    lines += ["# HELP vetd_rule_errors_total Evaluations of a rule's condition that errored, by rule.",
+              "# TYPE vetd_rule_errors_total counter"]
+    lines += [f'vetd_rule_errors_total{{rule="{_label_value(rule)}"}} {value}'
+              for rule, value in sorted(per_rule.items())]
     states: dict[str, int] = {}
     online = 0
     for node in store.nodes.values():
@@ -52,6 +60,11 @@ def metrics_text(store: Store, counters: dict[str, int]) -> str:
     for row in store.breakers():
         lines.append(f'vetd_breaker_open{{partition="{row["partition"]}"}} {int(row["open"])}')
     return "\n".join(lines) + "\n"
+
+
+def _label_value(text: str) -> str:
+    """``text`` escaped for a Prometheus label value (rule names are free text)."""
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 class HttpApi:

@@ -18,7 +18,16 @@ it, where one value is held by more than half of them) and either ``result`` (``
 ``metrics``, ``message``, ``job_id``). A rule is evaluated on results if its
 condition uses ``result``, on events if it uses ``event`` (one, not both).
 A condition that errors at run time (a missing metric: guard it with
-``has(result.metrics.temp_c)``) does not match; the error is counted.
+``has(result.metrics.temp_c)``) does not match; the engine counts the error
+per rule and alerts once per rule.
+
+Conditions are evaluated over maps, so CEL alone would let ``result.stauts``
+or ``result.metrics.temp_c > "hot"`` through, to fail on every message. Each
+condition is therefore also type-checked at load time against the fields the
+variables really have, declared from the wire Structs (:data:`SCHEMAS`, so the
+check cannot drift from the protocol); map-valued fields (``metrics``,
+``labels``) keep dynamic keys. Template placeholders are checked against the
+same fields.
 
 Every problem is reported with the file, the line, and the rule's name, and a
 file with any error is rejected whole, so bad rules never replace good ones.
@@ -37,7 +46,9 @@ import msgspec
 import yaml
 from cel_expr_python import cel
 
+from vetd.controller.store import NodeRow
 from vetd.core.configfile import ConfigError, Duration, dec_hook
+from vetd.core.protocol import Envelope, Event, Result
 
 Severity = Literal["info", "warning", "critical"]
 Action = Literal["drain", "alert", "heal", "mark_failed"]
@@ -49,6 +60,70 @@ _ENV_ALL = cel.NewEnv(variables={"result": _DYN_MAP, "event": _DYN_MAP, "node": 
 _ENV_RESULT = cel.NewEnv(variables={"result": _DYN_MAP, "node": _DYN_MAP, "fleet": _DYN_MAP})
 _ENV_EVENT = cel.NewEnv(variables={"event": _DYN_MAP, "node": _DYN_MAP, "fleet": _DYN_MAP})
 _USES_FLEET = re.compile(r"\bfleet\b")
+
+#: Envelope fields rules do not see: routing and sequencing (``ts`` they do).
+_ROUTING = frozenset(f.name for f in msgspec.structs.fields(Envelope)) - {"ts"}
+#: What rules see of a node (:class:`NodeRow` has more, for the store).
+NODE_FIELDS = ("name", "cluster", "state", "online", "labels")
+
+
+@functools.cache
+def message_fields(kind: type[Result] | type[Event]) -> tuple[str, ...]:
+    """The fields of a result or event that rules see."""
+    return tuple(f.name for f in msgspec.structs.fields(kind) if f.name not in _ROUTING)
+
+
+def message_view(message: Result | Event) -> dict[str, Any]:
+    """A message as rules see it (``result`` or ``event``): its fields, an absent optional as ``""``."""
+    view: dict[str, Any] = {}
+    for name in message_fields(type(message)):
+        value = getattr(message, name)
+        view[name] = "" if value is None else list(value) if isinstance(value, list) else (
+            dict(value) if isinstance(value, dict) else value)
+    return view
+
+
+def _cel_type(info: msgspec.inspect.Type) -> Any:
+    """The CEL type of a msgspec field type (an optional is its type: absent is ``""``)."""
+    mi = msgspec.inspect
+    if isinstance(info, mi.UnionType):
+        present = [t for t in info.types if not isinstance(t, mi.NoneType)]
+        return _cel_type(present[0]) if len(present) == 1 else cel.Type.DYN
+    if isinstance(info, mi.LiteralType):
+        return _cel_type(mi.type_info(type(info.values[0])))
+    if isinstance(info, mi.ListType):
+        return cel.Type.List(_cel_type(info.item_type))
+    if isinstance(info, mi.DictType):
+        return cel.Type.Map(_cel_type(info.key_type), _cel_type(info.value_type))
+    scalars = {mi.StrType: cel.Type.STRING, mi.FloatType: cel.Type.DOUBLE, mi.IntType: cel.Type.INT,
+               mi.BoolType: cel.Type.BOOL}
+    return scalars.get(type(info), cel.Type.DYN)
+
+
+def _declared(root: str, kind: type[Any], names: Sequence[str]) -> dict[str, Any]:
+    info = msgspec.inspect.type_info(kind)
+    types = {f.name: f.type for f in info.fields}  # type: ignore[attr-defined]
+    return {f"{root}.{name}": _cel_type(types[name]) for name in names}
+
+
+_COMMON = {
+    **_declared("node", NodeRow, NODE_FIELDS),
+    # What Fleet.of gives: the node's partition and each label's majority value.
+    "fleet.partition": cel.Type.STRING, "fleet.labels": cel.Type.Map(cel.Type.STRING, cel.Type.STRING),
+}
+#: Per input kind: every field a condition or template may name (``root.field``) and its CEL type.
+SCHEMAS: dict[str, dict[str, Any]] = {
+    "result": {**_declared("result", Result, message_fields(Result)), **_COMMON},
+    "event": {**_declared("event", Event, message_fields(Event)), **_COMMON},
+}
+# Declaring `result.status` and not `result` makes CEL's checker resolve each field as a typed
+# name: a misspelling is an undeclared reference, a string compared with a number has no overload.
+_TYPED_ENVS = {kind: cel.NewEnv(variables=schema) for kind, schema in SCHEMAS.items()}
+_ROOTS = ("result", "event", "node", "fleet")
+_CHECK_ERROR = re.compile(r"ERROR: <input>:(\d+):(\d+): (.*)")
+_UNDECLARED = re.compile(r"undeclared reference to '([\w.]+)'")
+_NUMERIC_PAIR = re.compile(r"applied to '\((?:int|uint|double), (?:int|uint|double)\)'")
+_HAS_FIELD = re.compile(r"\bhas\(\s*(\w+\.\w+)\s*\)")
 
 
 class RuleError(ConfigError):
@@ -121,6 +196,64 @@ def _compile(expression: str) -> tuple[str, Any]:
     except RuntimeError:
         pass
     raise ValueError("a condition looks at `result` or at `event`, not both")
+
+
+def _check_fields(expression: str, kind: str) -> None:
+    """Raise ``ValueError`` for a field the variables lack or a type error; CEL's checker does the walk."""
+    schema = SCHEMAS[kind]
+    # has() of a declared field is always true; the checker cannot test a field of a typed name.
+    text = _HAS_FIELD.sub(lambda m: "true".ljust(len(m[0])) if m[1] in schema else m[0], expression)
+    try:
+        checked = _TYPED_ENVS[kind].compile(text)
+    except RuntimeError as exc:
+        problems = []
+        for line, column, message in _CHECK_ERROR.findall(str(exc)):
+            where = f"{column} of line {line}" if "\n" in expression else column
+            undeclared = _UNDECLARED.search(message)
+            if undeclared and undeclared[1] in _ROOTS:
+                return  # the whole map (`result["status"]`): nothing to check by field
+            if undeclared:
+                root, _, rest = undeclared[1].partition(".")
+                field = f"{root}.{rest.split('.')[0]}"
+                known = ", ".join(sorted(n.partition(".")[2] for n in schema if n.startswith(f"{root}.")))
+                problems.append(f"unknown field `{field}` at column {where} ({root} has: {known})")
+            elif not _NUMERIC_PAIR.search(message):  # int vs double compares fine at run time
+                problems.append(f"type error at column {where}: {message}")
+        if problems:
+            raise ValueError("; ".join(problems)) from None
+        return
+    returns = checked.return_type()
+    if returns not in (cel.Type.BOOL, cel.Type.DYN):
+        raise ValueError(f"the condition is a {returns.name().lower()}, not a bool")
+
+
+def _field_known(path: str, kind: str) -> bool:
+    """Whether ``{{ path }}`` names something a rule on ``kind`` sees (a map's keys are free)."""
+    parts = path.split(".")
+    if parts[0] not in (kind, "node", "fleet"):
+        return False
+    declared = SCHEMAS[kind].get(".".join(parts[:2]))
+    if len(parts) == 1:
+        return True
+    if declared is None:
+        return False
+    return len(parts) == 2 or (len(parts) == 3 and declared.name().startswith("MAP"))
+
+
+def template_problem(template: str, kind: str) -> str:
+    """What is wrong with a ``{{ … }}`` template for a rule on ``kind``; ``""`` if nothing."""
+    at = 0
+    while (start := template.find("{{", at)) >= 0:
+        end = template.find("}}", start)
+        if end < 0:
+            return f"unclosed `{{{{` at column {start + 1}"
+        path = template[start + 2:end].strip()
+        if not _PLACEHOLDER.fullmatch(template[start:end + 2]):
+            return f"`{template[start:end + 2]}` is not a field placeholder like {{{{ node.name }}}}"
+        if not _field_known(path, kind):
+            return f"unknown field `{path}` (a rule on {kind}s sees {kind}.*, node.*, fleet.*)"
+        at = end + 2
+    return ""
 
 
 def _cel_message(exc: RuntimeError) -> str:
@@ -209,6 +342,7 @@ def _parse_rule(node: yaml.Node, source: str) -> Rule:
         raise RuleError(f"{source}:{line}: rule: name must not be empty")
     try:
         kind, expression = _compile(spec.when)
+        _check_fields(spec.when, kind)
     except ValueError as exc:
         raise RuleError(f"{source}:{_line(values['when'])}: {label}: when: {exc}") from None
 
@@ -231,7 +365,21 @@ def _parse_rule(node: yaml.Node, source: str) -> Rule:
             raise fail("heal", f"unknown step {step!r} (steps: {', '.join(HEAL_STEPS)})")
         if verb in ("restart_service", "revet") and not arg.strip():
             raise fail("heal", f"{verb} needs an argument, e.g. '{verb} {'nvidia-fabricmanager' if verb == 'restart_service' else 'prolog'}'")
+    templates = {"description": spec.description,
+                 **{f"annotations.{key}": text for key, text in spec.annotations.items()}}
+    for key, template in templates.items():
+        if problem := template_problem(template, kind):
+            raise RuleError(f"{source}:{_template_line(values, key) or line}: {label}: {key}: {problem}")
     return Rule(spec, kind, expression, source, line)
+
+
+def _template_line(values: dict[str, yaml.Node], key: str) -> int | None:
+    """The line of ``description`` or of ``annotations.NAME`` in a rule's YAML."""
+    top, _, sub = key.partition(".")
+    node = values.get(top)
+    if sub and isinstance(node, yaml.MappingNode):
+        node = next((v for k, v in node.value if k.value == sub), node)
+    return _line(node) if node is not None else None
 
 
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][\w.]*)\s*\}\}")
@@ -265,3 +413,11 @@ def evaluate_all(rules: Sequence[Rule], variables: Mapping[str, Any]) -> list[tu
         value = rule.expression.eval(activation)
         outcomes.append((rule, bool(value.value()) if value.type() == cel.Type.BOOL else None))
     return outcomes
+
+
+def explain_error(rule: Rule, variables: Mapping[str, Any]) -> str:
+    """Why ``rule`` has no verdict on ``variables`` (for the log and the alert; evaluates it again)."""
+    value = rule.expression.eval(_ENV_ALL.Activation(variables))
+    if value.type() == cel.Type.ERROR:
+        return str(value.plain_value())
+    return f"the condition gave a {value.type().name().lower()}, not a bool"

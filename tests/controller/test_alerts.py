@@ -9,9 +9,12 @@ from pathlib import Path
 import pytest
 
 from tests.controller.test_end_to_end import AlertReceiver, receiver  # noqa: F401 - fixture
+from tests.controller.test_http import call
 from tests.support.procs import run_vetd
+from tests.support.services import free_port
 from tests.support.wait import async_wait_for
 from vetd.controller.config import AlertsSection, ControllerConfig, StoreSection
+from vetd.controller.http import HttpApi
 from vetd.controller.service import Controller
 from vetd.controller.silences import matches, parse_matcher
 from vetd.core import protocol
@@ -126,3 +129,41 @@ def test_bad_matchers_are_rejected() -> None:
     with pytest.raises(ValueError, match="bad regex"):
         parse_matcher("node=~(")
     assert json.dumps(parse_matcher("a!~b")) == '["a", "!~", "b"]'
+
+
+def test_a_rule_that_errors_live_is_counted_and_alerted_by_name(
+    tmp_path: Path, receiver: AlertReceiver  # noqa: F811
+) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("rules:\n  - name: unguarded-hot\n    when: result.metrics.temp_c > 85.0\n"
+                     "  - name: gpu-hot\n    when: '\"temp_high\" in result.codes'\n")
+    controller = Controller(ControllerConfig(rules=[str(rules)], alerts=AlertsSection(urls=[receiver.url]),
+                                             store=StoreSection(path=str(tmp_path / "c.db"))))
+    port = free_port()
+    api = HttpApi(controller.store, controller.store.counters, list, "", "alps")
+
+    async def scenario() -> str:
+        serving = asyncio.create_task(api.serve("127.0.0.1", port), name="test.http")
+        feed(controller, birth(), *(gpu(seq, 10 + seq, hot=False) for seq in range(1, 4)))  # no temp_c metric
+        await drain_actions(controller)
+        await async_wait_for(lambda: len(receiver.alerts) >= 1, 10, "the rule-error alert")
+        await async_wait_for(lambda: asyncio.to_thread(_metrics_up, port), 10, "metrics served")
+        _, text = await asyncio.to_thread(call, f"http://127.0.0.1:{port}/metrics")
+        serving.cancel()
+        return text
+
+    text = asyncio.run(scenario())
+    assert [(a["labels"]["alertname"], a["labels"]["rule"]) for a in receiver.alerts] == [
+        ("vetd_rule_error", "unguarded-hot")]  # once for three failing messages
+    assert "Key not found" in receiver.alerts[0]["annotations"]["description"]
+    assert 'vetd_rule_errors_total{rule="unguarded-hot"} 3' in text
+    assert 'vetd_controller_events_total{event="rule_errors"} 3' in text and "gpu-hot" not in text
+    audit = [a for a in controller.store.audit_log("alps", "nid001") if a["action"] == "rule_error"]
+    assert [a["rule"] for a in audit] == ["unguarded-hot"]
+
+
+def _metrics_up(port: int) -> bool:
+    try:
+        return call(f"http://127.0.0.1:{port}/metrics")[0] == 200
+    except OSError:
+        return False

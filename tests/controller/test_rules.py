@@ -2,10 +2,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from tests.support.procs import run_vetd
-from vetd.controller.rules import RuleError, evaluate_all, load_rules, parse_rules
+from vetd.controller.rules import SCHEMAS, RuleError, evaluate_all, load_rules, parse_rules
+from vetd.core.protocol import Result
 
 GOOD = """\
 rules:
@@ -92,3 +94,65 @@ def test_the_shipped_default_rules_are_valid() -> None:
     root = Path(__file__).resolve().parents[2]
     rules = load_rules([root / "packaging" / "rules" / "default.yaml"])
     assert {"check-failed", "critical-event"} <= {r.name for r in rules.rules}
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("rules:\n  - name: typo\n    when: result.stauts == 'fail'\n",
+         ":3: rule 'typo': when: unknown field `result.stauts` at column 7 (result has: check, codes,"),
+        ("rules:\n  - name: node-typo\n    when: event.name == 'xid' && node.lables.gpu == 'H200'\n",
+         ":3: rule 'node-typo': when: unknown field `node.lables`"),
+        ("rules:\n  - name: hot\n    when: has(result.metrics.temp_c) && result.metrics.temp_c > 'hot'\n",
+         ":3: rule 'hot': when: type error at column 53: found no matching overload for '_>_' "
+         "applied to '(double, string)'"),
+        ("rules:\n  - name: not-bool\n    when: result.message\n",
+         ":3: rule 'not-bool': when: the condition is a string, not a bool"),
+        ("rules:\n  - name: open\n    when: result.status == 'fail'\n    annotations:\n"
+         "      summary: '{{ node.name } failed'\n",
+         ":5: rule 'open': annotations.summary: unclosed `{{` at column 1"),
+        ("rules:\n  - name: unknown\n    when: result.status == 'fail'\n"
+         "    description: '{{ result.metrics.temp_c }} on {{ result.gpu }}'\n",
+         ":4: rule 'unknown': description: unknown field `result.gpu`"),
+        ("rules:\n  - name: wrong-kind\n    when: event.name == 'xid'\n    annotations:\n"
+         "      summary: '{{ result.entity }}'\n",
+         ":5: rule 'wrong-kind': annotations.summary: unknown field `result.entity`"),
+    ],
+)
+def test_rules_check_catches_unknown_fields_type_errors_and_bad_templates(
+    tmp_path: Path, text: str, expected: str
+) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    checked = run_vetd("rules", "check", str(path))
+    assert checked.returncode == 1 and f"vetd: {path}{expected}" in checked.stderr, checked.stderr
+
+
+def test_dynamic_map_keys_and_runtime_absences_still_pass(tmp_path: Path) -> None:
+    path = tmp_path / "dynamic.yaml"
+    path.write_text("""\
+rules:
+  - name: hot
+    when: result.metrics.temp_c > 85
+    annotations:
+      summary: "{{ node.name }} at {{ result.metrics.temp_c }} C, {{ fleet.labels.driver }} {{node.labels}}"
+  - name: partition-drift
+    when: has(fleet.labels.partition) && node.labels.partition != fleet.labels.partition
+  - name: job
+    when: has(result.job_id) && result.job_id != "" && result.duration_s >= 3
+  - name: by-key
+    when: result["status"] == "fail" && "temp_c" in result.metrics
+  - name: xid-gpu
+    when: event.metrics.count == 2.0 && event.codes.exists(c, c.startsWith("xid_")) && !node.online
+    description: "{{ event.entity }} on {{ node.cluster }}/{{ node.name }}"
+""")
+    checked = run_vetd("rules", "check", str(path))
+    assert checked.returncode == 0 and "5 rules in 1 file(s) valid" in checked.stdout, checked.stderr
+
+
+def test_the_checked_fields_are_the_wire_structs() -> None:
+    """The fields rules may name come from the protocol's Structs, less routing (``ts`` stays)."""
+    assert {name.partition(".")[2] for name in SCHEMAS["result"] if name.startswith("result.")} == (
+        {f.name for f in msgspec.structs.fields(Result)} - {"v", "cluster", "node", "session", "seq"})
+    assert SCHEMAS["event"]["event.severity"].name() == "STRING"
+    assert SCHEMAS["result"]["result.metrics"].name() == "MAP<STRING, DOUBLE>"
