@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import signal
 import sqlite3
 import threading
 import time
@@ -42,6 +41,7 @@ from vetd.agent.transport import Identity, Transport
 from vetd.core.configfile import ConfigError, read_key
 from vetd.core.mqtt import client_options
 from vetd.core.protocol import Command, Event, Reply, Result, State, Telemetry, verify_command
+from vetd.core.signals import handle, release
 
 log = structlog.get_logger("vetd.agent")
 
@@ -153,9 +153,7 @@ class Agent:
         """Run until ``stop`` is set (by SIGTERM/SIGINT when ``signals``)."""
         loop = asyncio.get_running_loop()
         if signals:
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(signum, self.stop.set)
-            loop.add_signal_handler(signal.SIGHUP, self.reload.set)
+            handle(loop, stop=self.stop.set, reload=self.reload.set)
         structlog.contextvars.bind_contextvars(node=self.identity.node)
         log.info("agent_starting", cluster=self.identity.cluster, session=self.identity.session,
                  broker=self.config.agent.broker, plugins=self.schedule.plugins.names(),
@@ -177,10 +175,7 @@ class Agent:
                     watchdog.cancel()
         finally:
             if signals:
-                for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                    loop.remove_signal_handler(signum)
-                # Already stopping: a repeated SIGTERM must not kill us mid-exit.
-                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                release(loop)
         log.info("agent_stopped", unsent=len(self.spool), session=self.identity.session,
                  last_seq=self.identity.last_seq)
         self.spool.close()

@@ -2,7 +2,7 @@
 
 Built-in plugins are registered from :data:`BUILTIN_PLUGINS` exactly as third
 parties are from the ``vetd`` entry-point group; then modules named in
-``[agent] load_plugins``; then ``check_pending()``. Plugins named in
+``[agent] load_plugins``; then a check that every hook is one vetd specifies. Plugins named in
 ``[agent] disable_plugins`` are blocked before any of that, so a disabled
 plugin's module is never even imported. ``VETD_TRACE_PLUGINS=1`` logs every hook
 call.
@@ -37,6 +37,9 @@ if TYPE_CHECKING:
 from vetd.core.configfile import ConfigError, convert, where
 
 log = structlog.get_logger("vetd.plugins")
+
+#: Hooks of vetd.controller.hookspecs (named here: the agent does not import the controller).
+CONTROLLER_HOOKS = ("vetd_scheduler_backends", "vetd_alert_sinks", "vetd_healing_steps")
 
 #: Built-in plugins: (name, module). Registered like third-party ones.
 BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (
@@ -100,10 +103,12 @@ class PluginHost:
                 raise ConfigError(
                     f"{config.source}: agent.load_plugins: cannot import {module!r}: {exc}"
                 ) from exc
-        try:
-            self.pm.check_pending()
-        except pluggy.PluginValidationError as exc:
-            raise PluginError(str(exc)) from exc
+        # Hooks the controller calls (a plugin may serve both sides) are not the agent's to check.
+        unknown = sorted({name for name in dir(self.pm.hook) if name.startswith("vetd_")
+                          and getattr(self.pm.hook, name).spec is None} - set(CONTROLLER_HOOKS))
+        if unknown:
+            raise PluginError(f"unknown hook(s) {', '.join(unknown)}: not in vetd.agent.hookspecs, "
+                              "vetd.core.cli or the controller's hookspecs")
         if os.environ.get("VETD_TRACE_PLUGINS"):
             self.pm.trace.root.setwriter(lambda text: log.debug("plugin_trace", trace=text.rstrip()))
             self.pm.enable_tracing()

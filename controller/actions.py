@@ -174,12 +174,6 @@ class Slurm:
         return ActionOutcome(True, "done", "reboot requested (ASAP, next state DOWN)")
 
 
-def make_backend(name: str, scontrol: str = "scontrol", timeout: float = 30.0) -> SchedulerBackend:
-    if name == "slurm":
-        return Slurm(scontrol, timeout)
-    return NoScheduler()
-
-
 def iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
 

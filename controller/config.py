@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import msgspec
 
@@ -24,8 +24,9 @@ class StoreSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 class SchedulerSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: ``slurm`` drains and resumes through scontrol; ``none`` records exclusions
-    #: in vetd only (``vetd excluded`` prints them for ``srun --exclude``).
-    backend: Literal["none", "slurm"] = "none"
+    #: in vetd only (``vetd excluded`` prints them for ``srun --exclude``); a
+    #: plugin may add others (``vetd_scheduler_backends``).
+    backend: str = "none"
     #: The scontrol executable (name on PATH or absolute path); it honours SLURM_CONF.
     scontrol: str = "scontrol"
     #: Deadline of one scontrol call.

@@ -28,6 +28,7 @@ from vetd.controller.rules import (
     RuleSet,
     evaluate_all,
     explain_error,
+    healing_steps,
     load_rules,
     message_view,
     render,
@@ -54,7 +55,8 @@ class Engine:
         self.breaker = Breaker(config.breaker, store, self.fleet, alerting=alerting)
         self.lifecycle = Lifecycle(store, config.repeat, self.fleet, self.breaker, self.rule_states, counters,
                                    alerting=alerting)
-        self.ladders = Ladders(store, config.healing, self.lifecycle, session=session, command_key=command_key)
+        self.ladders = Ladders(store, config.healing, self.lifecycle, session=session, command_key=command_key,
+                               steps=healing_steps())
         #: Alerts of result rules still firing, re-sent until they resolve.
         self.firing_alerts: dict[str, dict[str, Any]] = store.firing_alerts()
         #: Rules that errored since they were loaded: logged and alerted once, then only counted.

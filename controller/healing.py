@@ -10,10 +10,12 @@ Commands to agents and reboots are decisions; the executor carries them out.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 
 from vetd.controller.actions import REASON_PREFIX, clean_reason
 from vetd.controller.config import HealingSection
 from vetd.controller.decisions import Decisions, Reboot, Send
+from vetd.controller.hookspecs import HealingStep
 from vetd.controller.lifecycle import Lifecycle
 from vetd.controller.store import Healing, NodeRow, Store
 from vetd.core.protocol import Command, Event, Reply, Result, sign_command
@@ -28,8 +30,10 @@ class Ladders:
     """Every node's healing ladder, advanced by replies and by time."""
 
     def __init__(self, store: Store, config: HealingSection, lifecycle: Lifecycle, *,
-                 session: str, command_key: bytes) -> None:
+                 session: str, command_key: bytes, steps: Mapping[str, HealingStep]) -> None:
         self.store, self.config, self.lifecycle = store, config, lifecycle
+        #: Steps that send an agent command, by name (plugins add more); revet and reboot are the ladder's own.
+        self.steps = steps
         #: This controller run, as the session of the commands it sends.
         self.session, self.command_key = session, command_key
 
@@ -94,10 +98,8 @@ class Ladders:
             return
         verb, _, arg = healing.ladder[healing.step].partition(" ")
         self.lifecycle.set_state(node, "healing", now)
-        if verb == "gpu_reset":
-            self._send(healing, node, "gpu_reset", {"gpu": healing.gpu}, "step", now, decisions)
-        elif verb == "restart_service":
-            self._send(healing, node, "restart_service", {"service": arg.strip()}, "step", now, decisions)
+        if (step := self.steps.get(verb)) is not None:
+            self._send(healing, node, step.action, step.args(arg.strip(), healing.gpu), "step", now, decisions)
         elif verb == "revet":
             self._probation(healing, node, arg.strip(), now, decisions)
         elif verb == "reboot":
@@ -108,6 +110,9 @@ class Ladders:
                                         outcome="pending", detail="reboot", now=now)
             decisions.other.append(Reboot(node.cluster, node.name,
                                           f"{REASON_PREFIX} healing {healing.rule}: reboot", audit_id))
+        else:  # a step whose plugin is gone since the rules loaded
+            self._step_failed(healing, f"no healing step {verb!r} (its plugin is not loaded)", now)
+            self._start_step(healing, node, now, decisions)
 
     def _command(self, node: NodeRow, action: str, args: dict[str, str], now: float) -> Command:
         timeout = float(self.config.reply_timeout)

@@ -46,14 +46,13 @@ import msgspec
 import yaml
 from cel_expr_python import cel
 
+from vetd.controller.hookspecs import OWN_STEPS, HealingStep
 from vetd.controller.store import NodeRow
 from vetd.core.configfile import ConfigError, Duration, dec_hook
 from vetd.core.protocol import Envelope, Event, Result
 
 Severity = Literal["info", "warning", "critical"]
 Action = Literal["drain", "alert", "heal", "mark_failed"]
-#: Healing steps: ``gpu_reset``, ``restart_service NAME``, ``reboot``, ``revet PROFILE``.
-HEAL_STEPS = ("gpu_reset", "restart_service", "reboot", "revet")
 
 _DYN_MAP = cel.Type.Map(cel.Type.STRING, cel.Type.DYN)
 _ENV_ALL = cel.NewEnv(variables={"result": _DYN_MAP, "event": _DYN_MAP, "node": _DYN_MAP, "fleet": _DYN_MAP})
@@ -359,12 +358,15 @@ def _parse_rule(node: yaml.Node, source: str) -> Rule:
         raise fail("within", "count above 1 needs a window, e.g. within: 24h")
     if ("heal" in spec.actions) != bool(spec.heal):
         raise fail("heal", "the heal action and a heal: ladder go together")
+    steps = healing_steps()
     for step in spec.heal:
         verb, _, arg = step.partition(" ")
-        if verb not in HEAL_STEPS:
-            raise fail("heal", f"unknown step {step!r} (steps: {', '.join(HEAL_STEPS)})")
-        if verb in ("restart_service", "revet") and not arg.strip():
-            raise fail("heal", f"{verb} needs an argument, e.g. '{verb} {'nvidia-fabricmanager' if verb == 'restart_service' else 'prolog'}'")
+        if verb not in steps and verb not in OWN_STEPS:
+            raise fail("heal", f"unknown step {step!r} (steps: {', '.join(sorted([*steps, *OWN_STEPS]))})")
+        needs, example = (True, "prolog") if verb == "revet" else (
+            (steps[verb].needs_arg, steps[verb].example) if verb in steps else (False, ""))
+        if needs and not arg.strip():
+            raise fail("heal", f"{verb} needs an argument, e.g. '{verb} {example}'")
     templates = {"description": spec.description,
                  **{f"annotations.{key}": text for key, text in spec.annotations.items()}}
     for key, template in templates.items():
@@ -421,3 +423,10 @@ def explain_error(rule: Rule, variables: Mapping[str, Any]) -> str:
     if value.type() == cel.Type.ERROR:
         return str(value.plain_value())
     return f"the condition gave a {value.type().name().lower()}, not a bool"
+
+
+def healing_steps() -> dict[str, HealingStep]:
+    """The steps a ``heal:`` ladder may name besides revet and reboot (built-ins and plugins')."""
+    from vetd.controller.plugins import plugins
+
+    return plugins().healing_steps()

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 import time
 import uuid
 from collections.abc import Sequence
@@ -30,17 +29,19 @@ from typing import Any
 
 import structlog
 
-from vetd.controller.actions import AlertBackend, AlertSender, CommandBackend, SchedulerBackend, make_backend
+from vetd.controller.actions import AlertBackend, CommandBackend, SchedulerBackend
 from vetd.controller.config import ControllerConfig
 from vetd.controller.counters import Counters
 from vetd.controller.decisions import Decisions, Drain
 from vetd.controller.engine import Engine
 from vetd.controller.executor import Executor
 from vetd.controller.ingest import BrokerLink, decode
+from vetd.controller.plugins import plugins
 from vetd.controller.requests import OperatorRequests
 from vetd.controller.rules import RuleSet
 from vetd.controller.store import NodeRow, Store
 from vetd.core.configfile import read_key
+from vetd.core.signals import handle, release
 
 log = structlog.get_logger("vetd.controller")
 
@@ -60,9 +61,8 @@ class Controller:
         self.counters = Counters()
         #: This controller run, as the session of the commands it sends.
         self.session = uuid.uuid4().hex[:16]
-        self.backend = scheduler or make_backend(
-            config.scheduler.backend, config.scheduler.scontrol, float(config.scheduler.timeout))
-        self.alerts = alerts or AlertSender(config.alerts.urls, timeout=float(config.alerts.timeout))
+        self.backend = scheduler or plugins().scheduler_backend(config.scheduler)
+        self.alerts = alerts or plugins().alert_sinks(config)
         self.link = BrokerLink(config, self.counters)
         command_key = (read_key(config.command_key_file, f"{config.source}: command_key_file")
                        if config.command_key_file else b"")
@@ -131,9 +131,7 @@ class Controller:
         """Run until ``stop`` is set (by SIGTERM/SIGINT when ``signals``)."""
         loop = asyncio.get_running_loop()
         if signals:
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(signum, self.stop.set)
-            loop.add_signal_handler(signal.SIGHUP, lambda: self.reload_rules() and None)
+            handle(loop, stop=self.stop.set, reload=self.reload_rules)
         drains = self.pending_drains()
         for drain in drains:
             log.info("drain_resumed_after_restart", node=drain.node, rule=drain.rule)
@@ -164,10 +162,7 @@ class Controller:
                     task.cancel()
         finally:
             if signals:
-                for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                    loop.remove_signal_handler(signum)
-                # Already stopping: a repeated SIGTERM must not kill us mid-exit.
-                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                release(loop)
             self.store.close()
         log.info("controller_stopped", **dict(self.counters))
         return 0

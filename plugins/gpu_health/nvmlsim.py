@@ -513,6 +513,10 @@ class SimulatedNvml:
             event_type = self._event_types.get(event.kind, 0)
             if event_type & entry.types:
                 break
+        # What the driver says after an event reflects it (the recovery action the event announces):
+        # the next call reads the state afresh rather than a snapshot up to REFRESH_S older than the event.
+        with self._lock:
+            self._taken = float("-inf")
         index = next((i for i, b in self._bus_of.items() if b == event.pci), None)
         data = _out(ref)
         if index is not None:
