@@ -2,7 +2,7 @@
 
 Built-in plugins import from here exactly as third-party ones do; nothing
 else under ``vetd.agent`` is a promise. The hooks a plugin implements are
-specified in :mod:`vetd.agent.hookspecs`; the guide with an example package
+specified in :mod:`vetd.core.hookspecs`; the guide with an example package
 is ``docs/plugins.md``.
 """
 
@@ -23,8 +23,8 @@ from vetd.agent.checks import (
     TelemetrySource,
 )
 from vetd.agent.commands import AgentCommand, Answer, CommandContext, CommandRegistry, fill
-from vetd.agent.hookspecs import hookimpl
 from vetd.core.configfile import Duration, dec_hook
+from vetd.core.hookspecs import hookimpl
 from vetd.core.protocol import Status
 
 __all__ = [

@@ -11,7 +11,8 @@ import os
 import sys
 from pathlib import Path
 
-from vetd.core.cli import EXIT_VETD, duration, hookimpl
+from vetd.core.cli import EXIT_VETD, duration
+from vetd.core.hookspecs import hookimpl
 
 DEFAULT_AGENT_CONFIG = "/etc/vetd/agent.toml"
 

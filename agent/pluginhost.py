@@ -2,7 +2,7 @@
 
 Built-in plugins are registered from :data:`BUILTIN_PLUGINS` exactly as third
 parties are from the ``vetd`` entry-point group; then modules named in
-``[agent] load_plugins``; then a check that every hook is one vetd specifies. Plugins named in
+``[agent] load_plugins``; then ``check_pending()`` against every hook vetd specifies. Plugins named in
 ``[agent] disable_plugins`` are blocked before any of that, so a disabled
 plugin's module is never even imported. ``VETD_TRACE_PLUGINS=1`` logs every hook
 call.
@@ -20,7 +20,6 @@ import msgspec
 import pluggy
 import structlog
 
-from vetd.agent import hookspecs
 from vetd.agent.checks import (
     CheckRegistry,
     EventSourceRegistry,
@@ -29,17 +28,13 @@ from vetd.agent.checks import (
     TelemetryRegistry,
 )
 from vetd.agent.config import AgentConfig
-from vetd.core import __version__
-from vetd.core.cli import CommandSpecs
+from vetd.core import __version__, hookspecs
 
 if TYPE_CHECKING:
     from vetd.agent.commands import CommandRegistry
 from vetd.core.configfile import ConfigError, convert, where
 
 log = structlog.get_logger("vetd.plugins")
-
-#: Hooks of vetd.controller.hookspecs (named here: the agent does not import the controller).
-CONTROLLER_HOOKS = ("vetd_scheduler_backends", "vetd_alert_sinks", "vetd_healing_steps")
 
 #: Built-in plugins: (name, module). Registered like third-party ones.
 BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (
@@ -60,7 +55,6 @@ class PluginHost:
         self._commands: CommandRegistry | None = None
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
-        self.pm.add_hookspecs(CommandSpecs)  # a plugin may add vetd subcommands too; the root command calls those
         #: Plugins that failed to import or whose registration raised: name → error text.
         self.broken: dict[str, str] = {}
         #: Where each plugin comes from: ``built-in``, ``DIST VERSION`` (an entry point) or ``load_plugins``.
@@ -103,12 +97,10 @@ class PluginHost:
                 raise ConfigError(
                     f"{config.source}: agent.load_plugins: cannot import {module!r}: {exc}"
                 ) from exc
-        # Hooks the controller calls (a plugin may serve both sides) are not the agent's to check.
-        unknown = sorted({name for name in dir(self.pm.hook) if name.startswith("vetd_")
-                          and getattr(self.pm.hook, name).spec is None} - set(CONTROLLER_HOOKS))
-        if unknown:
-            raise PluginError(f"unknown hook(s) {', '.join(unknown)}: not in vetd.agent.hookspecs, "
-                              "vetd.core.cli or the controller's hookspecs")
+        try:
+            self.pm.check_pending()  # a hook no part of vetd specifies: a typo, or a plugin for another vetd
+        except pluggy.PluginValidationError as exc:
+            raise PluginError(str(exc)) from exc
         if os.environ.get("VETD_TRACE_PLUGINS"):
             self.pm.trace.root.setwriter(lambda text: log.debug("plugin_trace", trace=text.rstrip()))
             self.pm.enable_tracing()

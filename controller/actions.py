@@ -23,6 +23,7 @@ import re
 import shutil
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -51,6 +52,26 @@ class ActionOutcome:
     #: ``done``, ``skipped`` or ``failed``.
     outcome: str
     detail: str
+
+
+#: The controller's own healing steps (phases of the ladder, not agent commands).
+OWN_STEPS = ("revet", "reboot")
+
+
+@dataclass(frozen=True)
+class HealingStep:
+    """A step of a ``heal:`` ladder that sends the node one agent command.
+
+    ``args(arg, gpu)`` builds the command's arguments from the step's argument
+    (``restart_service nvidia-fabricmanager`` → ``nvidia-fabricmanager``) and
+    the GPU the rule matched (``gpu3`` → ``3``, else ``all``).
+    """
+
+    action: str
+    args: Callable[[str, str], dict[str, str]]
+    needs_arg: bool = False
+    example: str = ""
+    description: str = ""
 
 
 class SchedulerBackend(Protocol):

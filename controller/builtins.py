@@ -4,9 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 
-from vetd.controller.actions import AlertBackend, AlertSender, NoScheduler, SchedulerBackend, Slurm
+from vetd.controller.actions import (
+    AlertBackend,
+    AlertSender,
+    HealingStep,
+    NoScheduler,
+    SchedulerBackend,
+    Slurm,
+)
 from vetd.controller.config import ControllerConfig, SchedulerSection
-from vetd.controller.hookspecs import HealingStep, hookimpl
+from vetd.core.hookspecs import hookimpl
 
 
 @hookimpl

@@ -23,8 +23,9 @@ from typing import Any, TextIO
 
 from vetd.controller.config import ControllerConfig, load_controller_config
 from vetd.controller.store import Store
-from vetd.core.cli import EXIT_VETD, Parser, checked, duration, hookimpl, port, since
+from vetd.core.cli import EXIT_VETD, Parser, checked, duration, port, since
 from vetd.core.configfile import ConfigError
+from vetd.core.hookspecs import hookimpl
 from vetd.core.output import table
 from vetd.core.protocol import BAD_STATUSES
 

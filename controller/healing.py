@@ -12,10 +12,9 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping
 
-from vetd.controller.actions import REASON_PREFIX, clean_reason
+from vetd.controller.actions import REASON_PREFIX, HealingStep, clean_reason
 from vetd.controller.config import HealingSection
 from vetd.controller.decisions import Decisions, Reboot, Send
-from vetd.controller.hookspecs import HealingStep
 from vetd.controller.lifecycle import Lifecycle
 from vetd.controller.store import Healing, NodeRow, Store
 from vetd.core.protocol import Command, Event, Reply, Result, sign_command

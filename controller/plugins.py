@@ -11,10 +11,9 @@ from typing import Any
 import pluggy
 import structlog
 
-from vetd.controller import hookspecs
-from vetd.controller.actions import ActionOutcome, AlertBackend, SchedulerBackend
+from vetd.controller.actions import OWN_STEPS, ActionOutcome, AlertBackend, HealingStep, SchedulerBackend
 from vetd.controller.config import ControllerConfig, SchedulerSection
-from vetd.controller.hookspecs import OWN_STEPS, HealingStep
+from vetd.core import hookspecs
 from vetd.core.configfile import ConfigError
 
 log = structlog.get_logger("vetd.controller.plugins")

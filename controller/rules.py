@@ -46,7 +46,7 @@ import msgspec
 import yaml
 from cel_expr_python import cel
 
-from vetd.controller.hookspecs import OWN_STEPS, HealingStep
+from vetd.controller.actions import OWN_STEPS, HealingStep
 from vetd.controller.store import NodeRow
 from vetd.core.configfile import ConfigError, Duration, dec_hook
 from vetd.core.protocol import Envelope, Event, Result

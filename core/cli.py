@@ -24,7 +24,7 @@ from typing import NoReturn
 
 import pluggy
 
-from vetd.core import __version__
+from vetd.core import __version__, hookspecs
 
 EXIT_OK, EXIT_FAILED, EXIT_VETD = 0, 1, 2
 
@@ -34,20 +34,6 @@ BUILTIN_COMMANDS = ("vetd.agent.cli", "vetd.controller.cli")
 EXTRAS = {"ClusterShell": "controller", "cel_expr_python": "controller", "yaml": "controller",
           "amqtt": "up", "pynvml": "gpu"}
 
-hookspec = pluggy.HookspecMarker("vetd")
-hookimpl = pluggy.HookimplMarker("vetd")
-
-
-class CommandSpecs:
-    @hookspec
-    def vetd_cli_commands(self, subparsers: argparse._SubParsersAction[Parser]) -> None:
-        """Add subcommands: ``parser = subparsers.add_parser(NAME, ...)``, then
-        ``parser.set_defaults(func=RUN)`` where ``RUN(args) -> int`` is the exit code.
-
-        Called once when ``vetd`` starts, for every built-in command module and
-        every plugin of the ``vetd`` entry-point group that implements it. Not
-        ``firstresult``. Keep imports that need optional packages inside RUN.
-        """
 
 
 class Parser(argparse.ArgumentParser):
@@ -125,7 +111,7 @@ def build_parser() -> Parser:
 
 def _commands() -> pluggy.PluginManager:
     pm = pluggy.PluginManager("vetd")
-    pm.add_hookspecs(CommandSpecs)
+    pm.add_hookspecs(hookspecs)
     # pluggy calls the last registered first: the built-ins' commands lead the help, the agent's first.
     for entry in importlib.metadata.entry_points(group="vetd"):
         try:

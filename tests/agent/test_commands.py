@@ -61,7 +61,7 @@ def test_gpu_reset_is_vetoed_while_compute_processes_hold_the_gpu(tmp_path: Path
 
 PLUGIN_COMMANDS = '''
 from vetd.agent.commands import AgentCommand, Answer
-from vetd.agent.hookspecs import hookimpl
+from vetd.agent.api import hookimpl
 
 
 async def drop_caches(args, context):

@@ -78,7 +78,7 @@ def test_check_overrides_disable_and_time_out_checks(tmp_path: Path) -> None:
 def test_non_finite_metrics_stay_valid_json(tmp_path: Path) -> None:
     plugin = tmp_path / "nanplugin.py"
     plugin.write_text(
-        "from vetd.agent.checks import Check, Outcome\nfrom vetd.agent.hookspecs import hookimpl\n\n"
+        "from vetd.agent.checks import Check, Outcome\nfrom vetd.agent.api import hookimpl\n\n"
         "@hookimpl\ndef vetd_register_checks(registry, configs):\n"
         "    registry.add(Check('odd', lambda: Outcome(status='pass', metrics={'a': float('nan'), "
         "'b': float('inf'), 'c': 1.5})))\n")

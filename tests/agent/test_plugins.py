@@ -15,7 +15,7 @@ EXAMPLE = REPO / "examples" / "vetd-example-plugin"
 PLUGIN = '''
 import msgspec
 from vetd.agent.checks import Check, Outcome
-from vetd.agent.hookspecs import hookimpl
+from vetd.agent.api import hookimpl
 
 
 class SiteConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -46,7 +46,7 @@ def vetd_cli_commands(subparsers):
 '''
 
 BROKEN = '''
-from vetd.agent.hookspecs import hookimpl
+from vetd.agent.api import hookimpl
 
 
 @hookimpl

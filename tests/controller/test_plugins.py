@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from vetd.agent.config import AgentConfig
-from vetd.agent.pluginhost import CONTROLLER_HOOKS, PluginHost
-from vetd.controller import hookspecs
+from vetd.agent.pluginhost import PluginError, PluginHost
 from vetd.controller.config import ControllerConfig, SchedulerSection
 from vetd.controller.plugins import ControllerPlugins, plugins
 from vetd.controller.rules import load_rules
@@ -20,7 +19,8 @@ from vetd.core.configfile import ConfigError
 
 SITE = '''
 from vetd.controller.actions import ActionOutcome
-from vetd.controller.hookspecs import HealingStep, hookimpl
+from vetd.controller.actions import HealingStep
+from vetd.core.hookspecs import hookimpl
 
 SENT = []
 
@@ -111,6 +111,9 @@ def test_a_plugin_serving_both_sides_loads_in_the_agent_too() -> None:
     assert "sitectl" in host.names() and not host.broken
 
 
-def test_the_agent_knows_every_controller_hook_by_name() -> None:
-    specs = {name for name, value in inspect.getmembers(hookspecs, inspect.isfunction) if name.startswith("vetd_")}
-    assert specs == set(CONTROLLER_HOOKS)
+def test_a_hook_no_part_of_vetd_specifies_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "typo.py").write_text("from vetd.agent.api import hookimpl\n\n\n@hookimpl\n"
+                                      "def vetd_register_chekcs(registry, configs):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(PluginError, match="vetd_register_chekcs"):
+        PluginHost(AgentConfig(agent=msgspec.structs.replace(AgentConfig().agent, load_plugins=["typo"])))

@@ -10,8 +10,8 @@ import threading
 
 import msgspec
 
+from vetd.agent.api import hookimpl
 from vetd.agent.checks import Check, Outcome
-from vetd.agent.hookspecs import hookimpl
 from vetd.core.configfile import Duration
 
 _never = threading.Event()
