@@ -1,4 +1,4 @@
-"""The node's ``vetd`` commands: ``agent``, ``check``, ``plugins``, ``config``.
+"""The node's ``vetd`` commands: ``agent``, ``check``, ``plugins``; the agent's config sample.
 
 They need only the agent's light dependencies. Registered on the root command
 (:mod:`vetd.core.cli`) through ``vetd_cli_commands``, as a plugin's would be.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from vetd.core.cli import EXIT_VETD, duration
@@ -70,14 +71,14 @@ def vetd_cli_commands(subparsers: argparse._SubParsersAction) -> None:  # type: 
     plugins.add_argument("--json", action="store_true", help="a JSON array instead of a table")
     plugins.set_defaults(func=_plugins)
 
-    config = sub.add_parser("config", help="print a full, commented config file",
-                            description="Print every key of the agent's or controller's config file at its "
-                            "default, with what it means and the values it takes, generated from the config "
-                            "structs (packaging/config/ holds the same files).")
-    config.add_argument("--sample", required=True, choices=("agent", "controller"),
-                        help="which config file")
-    config.set_defaults(func=_config_sample)
 
+
+
+@hookimpl
+def vetd_config_samples() -> Mapping[str, Callable[[], str]]:
+    from vetd.agent.configsample import agent_sample
+
+    return {"agent": agent_sample}
 
 
 def _agent(args: argparse.Namespace) -> int:
@@ -135,22 +136,6 @@ def _plugins(args: argparse.Namespace) -> int:
     sys.stdout.write(table(("PLUGIN", "ORIGIN", "STATUS", "CHECKS / ERROR"),
                            [(str(r["name"]), str(r["origin"]), str(r["status"]),
                              str(r["error"]) or ", ".join(r["checks"]) or "-") for r in rows]))
-    return 0
-
-
-def _config_sample(args: argparse.Namespace) -> int:
-    if args.sample == "agent":
-        from vetd.agent.configsample import agent_sample
-
-        sys.stdout.write(agent_sample())
-        return 0
-    try:
-        from vetd.controller.config import controller_sample
-    except ImportError as exc:
-        print(f"vetd: the controller sample needs the controller extra: pip install 'vetd[controller]' ({exc})",
-              file=sys.stderr)
-        return EXIT_VETD
-    sys.stdout.write(controller_sample())
     return 0
 
 

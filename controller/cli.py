@@ -16,7 +16,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any, TextIO
@@ -100,6 +100,7 @@ def vetd_cli_commands(subparsers: argparse._SubParsersAction) -> None:  # type: 
                              "of a partition; once open it stays open until reset.")
     breaker.add_argument("action", choices=("status", "reset"), nargs="?", default="status")
     breaker.add_argument("--partition", action="append", help="only this partition (repeatable)")
+    breaker.add_argument("--json", action="store_true", help="status as a JSON array instead of a table")
     _controller_config_arg(breaker)
     breaker.set_defaults(func=run_operator_request)
 
@@ -118,6 +119,7 @@ def vetd_cli_commands(subparsers: argparse._SubParsersAction) -> None:  # type: 
     silence_add.set_defaults(func=run_silence)
     silence_list = silence_sub.add_parser("list", help="list silences")
     silence_list.add_argument("--all", action="store_true", help="expired ones too")
+    silence_list.add_argument("--json", action="store_true", help="a JSON array instead of a table")
     _controller_config_arg(silence_list)
     silence_list.set_defaults(func=run_silence)
     silence_expire = silence_sub.add_parser("expire", help="end a silence now")
@@ -173,6 +175,13 @@ def vetd_cli_commands(subparsers: argparse._SubParsersAction) -> None:  # type: 
     up.set_defaults(func=run_up)
 
 
+@hookimpl
+def vetd_config_samples() -> Mapping[str, Callable[[], str]]:
+    from vetd.controller.config import controller_sample
+
+    return {"controller": controller_sample}
+
+
 def run_controller(args: argparse.Namespace) -> int:
     from vetd.controller.service import Controller
 
@@ -225,12 +234,14 @@ def run_operator_request(args: argparse.Namespace) -> int:
     try:
         if args.command == "breaker" and args.action == "status":
             breakers = store.breakers()
-            if not breakers:
+            if args.json:
+                print(json.dumps([dict(row) for row in breakers], indent=1))
+            elif not breakers:
                 print("breaker closed in every partition")
-            for row in breakers:
-                state = "OPEN" if row["open"] else "closed"
-                print(f"{row['partition']}: {state} since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(row['since']))}"
-                      f" ({row['reason']})")
+            else:
+                sys.stdout.write(table(("PARTITION", "STATE", "SINCE", "REASON"), [
+                    (row["partition"], "OPEN" if row["open"] else "closed", _when(row["since"]), row["reason"])
+                    for row in breakers]))
             return 0
         if args.command == "breaker":
             request_id = store.submit(_actor(), "breaker_reset", args.partition or [])
@@ -266,6 +277,10 @@ def run_operator_request(args: argparse.Namespace) -> int:
         store.close()
 
 
+def _when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
 def run_silence(args: argparse.Namespace) -> int:
     from vetd.controller.silences import parse_matcher
 
@@ -291,11 +306,14 @@ def run_silence(args: argparse.Namespace) -> int:
             print(f"silence {args.id} expired")
             return 0
         rows = store.silences(None if args.all else time.time())
-        for row in rows:
-            ends = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["until"]))
-            print(f"{row['id']:>4}  until {ends}  {row['author']:10}  {' '.join(row['matchers'])}  {row['comment']}")
-        if not rows:
+        if args.json:
+            print(json.dumps([dict(row) for row in rows], indent=1))
+        elif not rows:
             print("no active silences")
+        else:
+            sys.stdout.write(table(("ID", "UNTIL", "AUTHOR", "MATCHERS", "COMMENT"), [
+                (str(row["id"]), _when(row["until"]), row["author"], " ".join(row["matchers"]), row["comment"])
+                for row in rows]))
         return 0
     finally:
         store.close()

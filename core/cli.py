@@ -105,8 +105,21 @@ def build_parser() -> Parser:
                         type=str.lower, choices=LOG_LEVELS, metavar="LEVEL",
                         help="debug, info, warning or error (env VETD_LOG_LEVEL)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
-    _commands().hook.vetd_cli_commands(subparsers=sub)
+    commands = _commands()
+    commands.hook.vetd_cli_commands(subparsers=sub)
+    samples = {name: sample for found in commands.hook.vetd_config_samples() for name, sample in found.items()}
+    config = sub.add_parser("config", help="print a full, commented config file",
+                            description="Print every key of a config file at its default, with what it means "
+                            "and the values it takes, generated from the config structs (packaging/config/ "
+                            "holds the same files).")
+    config.add_argument("--sample", required=True, choices=sorted(samples), help="which config file")
+    config.set_defaults(func=lambda args: _print(samples[args.sample]()))
     return parser
+
+
+def _print(text: str) -> int:
+    sys.stdout.write(text)
+    return EXIT_OK
 
 
 def _commands() -> pluggy.PluginManager:

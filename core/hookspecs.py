@@ -129,6 +129,16 @@ def vetd_cli_commands(subparsers: argparse._SubParsersAction[Parser]) -> None:
     """
 
 
+@hookspec
+def vetd_config_samples() -> Mapping[str, Callable[[], str]]:
+    """Return ``{name: sample}``: config files ``vetd config --sample NAME`` prints, each
+    ``sample()`` the whole file at its defaults (:mod:`vetd.agent.configsample`).
+
+    Called when ``vetd`` starts. Not ``firstresult``.
+    """
+    raise NotImplementedError
+
+
 # -- the controller ---------------------------------------------------------------
 
 @hookspec

@@ -111,6 +111,7 @@ def test_silences_hold_alerts_and_inhibition_quiets_gpus_of_an_excluded_node(
     assert {("xid", "silenced"), ("gpu-hot", "inhibited"), ("host-failed", "done")} <= outcomes
     assert run_vetd("silence", "expire", "1", "--config", str(config)).returncode == 0
     assert "no active silences" in run_vetd("silence", "list", "--config", str(config)).stdout
+    assert json.loads(run_vetd("silence", "list", "--json", "--config", str(config)).stdout) == []
 
 
 @pytest.mark.parametrize(

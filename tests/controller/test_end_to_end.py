@@ -302,8 +302,10 @@ def test_the_breaker_trips_at_its_threshold_in_slurm(
         drained = [n for n in ("nid002", "nid003") if "drain" in slurm.states()[n]]
         assert len(drained) == 1  # one of four is 25 %: a second would be too many
         status = run_vetd("breaker", "--config", str(config)).stdout
-        assert status.startswith("debug: OPEN since")
+        assert status.splitlines()[1].split()[:2] == ["debug", "OPEN"], status
         assert re.search(r"would have 2 of [34] nodes excluded \(allowed 1\)", status), status
+        (breaker,) = vetd_json("breaker", "--json", "--config", str(config))
+        assert breaker["partition"] == "debug" and breaker["open"] and "allowed 1" in breaker["reason"]
         reset = run_vetd("breaker", "reset", "--partition", "debug", "--config", str(config))
         assert reset.returncode == 0 and "partition=debug outcome=closed" in reset.stdout
     finally:
