@@ -7,6 +7,7 @@ They need only the agent's light dependencies. Registered on the root command
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable, Mapping
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from vetd.core.cli import EXIT_VETD, duration
 from vetd.core.hookspecs import hookimpl
+from vetd.core.output import table
 
 DEFAULT_AGENT_CONFIG = "/etc/vetd/agent.toml"
 
@@ -99,8 +101,13 @@ def _check(args: argparse.Namespace) -> int:
         if gpu:
             config.plugins.setdefault("gpu_health", {}).update(gpu)
         if args.list:
-            for check in PluginHost(config).register_checks():
-                print(f"{check.name:24} {check.plugin:12} {','.join(sorted(check.profiles)):24} {check.description}")
+            registered = list(PluginHost(config).register_checks())
+            if args.json:
+                print(json.dumps([{"check": c.name, "plugin": c.plugin, "profiles": sorted(c.profiles),
+                                   "description": c.description} for c in registered], indent=1))
+            else:
+                sys.stdout.write(table(("CHECK", "PLUGIN", "PROFILES", "DESCRIPTION"), [
+                    (c.name, c.plugin, ",".join(sorted(c.profiles)), c.description) for c in registered]))
             return 0
         return oneshot.main(config, args.checks, args.profile, args.json)
     except ConfigError as exc:
@@ -115,8 +122,6 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _plugins(args: argparse.Namespace) -> int:
-    import json
-
     from vetd.agent.config import load_agent_config
     from vetd.agent.pluginhost import PluginHost
 
