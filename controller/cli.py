@@ -331,9 +331,6 @@ def run_rules_test(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"vetd: {exc}", file=sys.stderr)
         return EXIT_VETD
-    except UnicodeDecodeError:
-        print(f"vetd: {args.events}: not a text file (JSON lines, as `vetd export` writes)", file=sys.stderr)
-        return EXIT_VETD
     print_decisions(decisions, args.json, sys.stdout)
     return 0
 

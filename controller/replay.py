@@ -32,7 +32,7 @@ from vetd.controller.config import ControllerConfig, StoreSection
 from vetd.controller.service import Controller
 from vetd.controller.store import Store
 from vetd.core import protocol
-from vetd.core.configfile import ConfigError
+from vetd.core.configfile import ConfigError, read_text
 from vetd.core.output import table
 
 #: Audit actions that are decisions (what `vetd rules test` reports).
@@ -79,10 +79,7 @@ def _ts(value: Any) -> float:
 
 def read_events(path: Path) -> Iterator[protocol.Message]:
     seqs: dict[tuple[str, str, str], int] = {}
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise EventsError(f"{path}: cannot read events: {exc.strerror or exc}") from exc
+    lines = read_text(path, "events", EventsError).splitlines()
     for number, line in enumerate(lines, 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue

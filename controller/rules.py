@@ -48,7 +48,7 @@ from cel_expr_python import cel
 
 from vetd.controller.actions import OWN_STEPS, HealingStep
 from vetd.controller.store import NodeRow
-from vetd.core.configfile import ConfigError, Duration, dec_hook
+from vetd.core.configfile import ConfigError, Duration, dec_hook, read_text
 from vetd.core.protocol import Envelope, Event, Result
 
 Severity = Literal["info", "warning", "critical"]
@@ -284,13 +284,7 @@ def load_rules(paths: Sequence[Path | str]) -> RuleSet:
 
 
 def load_file(path: Path) -> list[Rule]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise RuleError(f"{path}: cannot read rule file: {exc.strerror or exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise RuleError(f"{path}: not UTF-8 text: {exc}") from exc
-    return parse_rules(text, str(path))
+    return parse_rules(read_text(path, "rule file", RuleError), str(path))
 
 
 def parse_rules(text: str, source: str) -> list[Rule]:

@@ -120,14 +120,19 @@ def read_key(path: str, where_: str) -> bytes:
     return key
 
 
+def read_text(path: Path, what: str, error: type[ConfigError] = ConfigError) -> str:
+    """A config, rule or events file's text, or ``error`` naming the file: unreadable, or not UTF-8 text."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise error(f"{path}: cannot read {what}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: not a text file (UTF-8 {what}): {exc}") from exc
+
+
 def read_toml(path: Path) -> tuple[dict[str, Any], str]:
     """Read a TOML file, or raise :class:`ConfigError` naming the file and line."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config: {exc.strerror or exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text: {exc}") from exc
+    text = read_text(path, "config")
     try:
         return tomllib.loads(text), text
     except tomllib.TOMLDecodeError as exc:

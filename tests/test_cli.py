@@ -67,6 +67,8 @@ def test_bad_values_are_named(tmp_path: Path) -> None:
         ("node",): "name",
         ("drain", "nid001"): "--reason",
         ("rules", "test", "--events", str(binary)): "not a text file",
+        ("check", "--config", str(binary)): "not a text file",
+        ("nodes", "--config", str(binary)): "not a text file",
         ("rules", "test", "--events", str(tmp_path / "none.jsonl")): "none.jsonl",
         ("rules", "check", str(tmp_path / "none.yaml")): "none.yaml",
         ("nodes", "--config", missing): "missing.toml",
