@@ -19,15 +19,15 @@ import time
 from collections.abc import Callable, Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 from vetd.controller.config import ControllerConfig, load_controller_config
 from vetd.controller.store import Store
+from vetd.controller.views import ago, format_nodes, node_summaries
 from vetd.core.cli import EXIT_VETD, Parser, checked, duration, port, since
 from vetd.core.configfile import ConfigError
 from vetd.core.hookspecs import hookimpl
 from vetd.core.output import table
-from vetd.core.protocol import BAD_STATUSES
 
 DEFAULT_CONTROLLER_CONFIG = "/etc/vetd/controller.toml"
 
@@ -360,54 +360,6 @@ def run_rules_check(files: list[str]) -> int:
     return 0
 
 
-def node_summaries(store: Store) -> list[dict[str, Any]]:
-    failing: dict[tuple[str, str], list[str]] = {}
-    for row in store.latest():
-        if row["status"] in BAD_STATUSES:
-            entity = "" if row["entity"] == "node" else f"[{row['entity']}]"
-            failing.setdefault((row["cluster"], row["node"]), []).append(f"{row['check_name']}{entity}")
-    return [
-        {
-            "cluster": n.cluster,
-            "node": n.name,
-            "state": n.state,
-            "online": n.online,
-            "last_seen": n.last_seen,
-            "failing": sorted(failing.get((n.cluster, n.name), [])),
-            "reason": n.reason,
-            "labels": n.labels,
-            "delivery": store.delivery(n.cluster, n.name),
-        }
-        for n in store.node_rows()
-    ]
-
-
-def _ago(ts: float) -> str:
-    seconds = max(0.0, time.time() - ts)
-    if seconds < 120:
-        return f"{seconds:.0f}s ago"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f}m ago"
-    return f"{seconds / 3600:.1f}h ago"
-
-
-def format_nodes(summaries: list[dict[str, Any]]) -> str:
-    headers = ("NODE", "STATE", "ONLINE", "LAST SEEN", "FAILING", "REASON")
-    many_clusters = len({s["cluster"] for s in summaries}) > 1
-    rows = [
-        (
-            f"{s['cluster']}/{s['node']}" if many_clusters else s["node"],
-            s["state"],
-            "yes" if s["online"] else "no",
-            _ago(s["last_seen"]),
-            ",".join(s["failing"]) or "-",
-            s["reason"] or "-",
-        )
-        for s in summaries
-    ]
-    return table(headers, rows)
-
-
 def show_nodes(store: Store, as_json: bool, out: TextIO) -> int:
     summaries = node_summaries(store)
     if as_json:
@@ -434,7 +386,7 @@ def show_node(store: Store, config: ControllerConfig, name: str, as_json: bool, 
         out.write(json.dumps(detail, indent=2) + "\n")
         return 0
     out.write(f"{name} ({summary['cluster']}): {summary['state']}, "
-              f"{'online' if summary['online'] else 'offline'}, last seen {_ago(summary['last_seen'])}\n")
+              f"{'online' if summary['online'] else 'offline'}, last seen {ago(summary['last_seen'])}\n")
     if summary["reason"]:
         out.write(f"  reason: {summary['reason']}\n")
     delivery = summary["delivery"]

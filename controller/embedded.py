@@ -24,10 +24,10 @@ from pathlib import Path
 
 from vetd.agent.config import load_agent_config
 from vetd.agent.daemon import Agent
-from vetd.controller.cli import format_nodes, node_summaries
 from vetd.controller.config import load_controller_config
 from vetd.controller.service import Controller
 from vetd.controller.store import Store
+from vetd.controller.views import format_nodes, node_summaries
 from vetd.core.configfile import parse_duration
 
 

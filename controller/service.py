@@ -117,8 +117,8 @@ class Controller:
     def _http(self, group: asyncio.TaskGroup) -> asyncio.Task[None] | None:
         if not self.config.http.listen:
             return None
-        from vetd.controller.cli import node_summaries
         from vetd.controller.http import HttpApi
+        from vetd.controller.views import node_summaries
 
         token = read_key(self.config.http.token_file, f"{self.config.source}: http.token_file").decode() \
             if self.config.http.token_file else ""
