@@ -19,10 +19,9 @@ import msgspec
 from vetd.agent.checks import Check, CheckRun, CheckRunner
 from vetd.agent.config import AgentConfig
 from vetd.agent.pluginhost import PluginHost
+from vetd.core.cli import EXIT_FAILED, EXIT_OK
 from vetd.core.output import table
 from vetd.core.protocol import BAD_STATUSES
-
-EXIT_OK, EXIT_FAILED, EXIT_VETD = 0, 1, 2
 
 
 class SelectionError(Exception):

@@ -73,19 +73,13 @@ class PluginHost:
             if name not in disabled:
                 self.pm.register(importlib.import_module(module), name=name)
                 self.origins[name] = f"built-in (vetd {__version__})"
-        for entry in entry_points:
-            if entry.name in disabled or self.pm.has_plugin(entry.name):
+        for found in hookspecs.entry_point_plugins(skip=disabled | set(self.origins)):
+            if found.plugin is None:
+                self.broken[found.name] = found.error
+                log.error("plugin_import_failed", plugin=found.name, error=found.error)
                 continue
-            try:
-                plugin = entry.load()
-            except Exception as exc:  # noqa: BLE001 - a broken third party must not stop the agent
-                self.broken[entry.name] = f"cannot import {entry.value}: {type(exc).__name__}: {exc}"
-                log.error("plugin_import_failed", plugin=entry.name, entry_point=entry.value,
-                          error=self.broken[entry.name])
-                continue
-            self.pm.register(plugin, name=entry.name)
-            dist = entry.dist
-            self.origins[entry.name] = f"{dist.name} {dist.version}" if dist is not None else entry.value
+            self.pm.register(found.plugin, name=found.name)
+            self.origins[found.name] = found.origin
         for module in config.agent.load_plugins:
             name = module.rsplit(".", 1)[-1]
             if name in disabled or self.pm.has_plugin(name):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import importlib.metadata
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -28,16 +27,11 @@ class ControllerPlugins:
         self.pm.add_hookspecs(hookspecs)
         for name, module in BUILTIN_PLUGINS:
             self.pm.register(importlib.import_module(module), name=name)
-        for entry in importlib.metadata.entry_points(group="vetd"):
-            try:
-                plugin = entry.load()
-            except Exception as exc:  # noqa: BLE001 - a broken third party must not stop the controller
-                log.error("plugin_import_failed", plugin=entry.name, entry_point=entry.value,
-                          error=f"{type(exc).__name__}: {exc}")
-                continue
-            if any(hasattr(plugin, hook) for hook in ("vetd_scheduler_backends", "vetd_alert_sinks",
-                                                      "vetd_healing_steps")):
-                self.pm.register(plugin, name=entry.name)
+        for found in hookspecs.entry_point_plugins():
+            if found.plugin is None:
+                log.error("plugin_import_failed", plugin=found.name, error=found.error)
+            else:
+                self.pm.register(found.plugin, name=found.name)
 
     def _merged(self, results: list[Mapping[str, Any]], what: str) -> dict[str, Any]:
         merged: dict[str, Any] = {}

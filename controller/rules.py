@@ -352,7 +352,7 @@ def _parse_rule(node: yaml.Node, source: str) -> Rule:
         raise fail("within", "count above 1 needs a window, e.g. within: 24h")
     if ("heal" in spec.actions) != bool(spec.heal):
         raise fail("heal", "the heal action and a heal: ladder go together")
-    steps = healing_steps()
+    steps = healing_steps() if spec.heal else {}
     for step in spec.heal:
         verb, _, arg = step.partition(" ")
         if verb not in steps and verb not in OWN_STEPS:

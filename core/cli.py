@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.metadata
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -126,13 +125,10 @@ def _commands() -> pluggy.PluginManager:
     pm = pluggy.PluginManager("vetd")
     pm.add_hookspecs(hookspecs)
     # pluggy calls the last registered first: the built-ins' commands lead the help, the agent's first.
-    for entry in importlib.metadata.entry_points(group="vetd"):
-        try:
-            plugin = entry.load()
-        except Exception:  # noqa: BLE001 - a broken plugin is the agent's to report (vetd plugins, vetd check)
-            continue
-        if hasattr(plugin, "vetd_cli_commands") and not pm.is_registered(plugin):
-            pm.register(plugin, name=f"cli:{entry.name}")
+    for found in hookspecs.entry_point_plugins():
+        # a broken plugin is the agent's to report (vetd plugins, vetd check)
+        if found.plugin is not None and not pm.is_registered(found.plugin):
+            pm.register(found.plugin, name=f"cli:{found.name}")
     for module in reversed(BUILTIN_COMMANDS):
         pm.register(importlib.import_module(module), name=f"cli:{module}")
     return pm

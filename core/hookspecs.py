@@ -20,8 +20,9 @@ neither side except for type checking.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import msgspec
 import pluggy
@@ -36,6 +37,34 @@ if TYPE_CHECKING:
 PROJECT = "vetd"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+class EntryPointPlugin(NamedTuple):
+    """One plugin of the ``vetd`` entry-point group: its module, or why it could not be imported."""
+
+    name: str
+    #: The imported module (None: see ``error``).
+    plugin: object | None
+    error: str
+    #: ``DIST VERSION``, or the entry point's target when no distribution is known.
+    origin: str
+
+
+def entry_point_plugins(skip: Iterable[str] = ()) -> list[EntryPointPlugin]:
+    """Import every plugin of the ``vetd`` entry-point group except those named in ``skip``
+    (never imported); each part (agent, controller, command line) registers what it needs."""
+    skipped = set(skip)
+    found = []
+    for entry in importlib.metadata.entry_points(group=PROJECT):
+        if entry.name in skipped:
+            continue
+        origin = f"{entry.dist.name} {entry.dist.version}" if entry.dist is not None else entry.value
+        try:
+            found.append(EntryPointPlugin(entry.name, entry.load(), "", origin))
+        except Exception as exc:  # noqa: BLE001 - a broken third party must not stop the rest
+            found.append(EntryPointPlugin(entry.name, None,
+                                          f"cannot import {entry.value}: {type(exc).__name__}: {exc}", origin))
+    return found
 
 
 # -- the agent ------------------------------------------------------------------
