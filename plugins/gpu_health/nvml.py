@@ -313,15 +313,10 @@ class NvmlSource:
     def _fields(self, handle: Any, get: _Reader) -> dict[str, float]:
         """NVML field values (the driver's own verdicts, memory temperature), where supported."""
         n = self.nvml
-        wanted = {
-            "reset_required": getattr(n, "NVML_FI_DEV_RESET_STATUS", None),
-            "drain_and_reset_recommended": getattr(n, "NVML_FI_DEV_DRAIN_AND_RESET_STATUS", None),
-            "recovery_action": getattr(n, "NVML_FI_DEV_GET_GPU_RECOVERY_ACTION", None),
-            "temp_memory_c": getattr(n, "NVML_FI_DEV_MEMORY_TEMP", None),
-        }
+        wanted = {key: getattr(n, name, None) for key, name in FIELDS.items()}
         ids = [field for field in wanted.values() if field is not None]
         values = get(n.nvmlDeviceGetFieldValues, handle, ids) if ids else None
-        by_id = {v.fieldId: _field_value(v) for v in values or [] if v.nvmlReturn == n.NVML_SUCCESS}
+        by_id = {v.fieldId: field_value(v) for v in values or [] if v.nvmlReturn == n.NVML_SUCCESS}
         return {key: value for key, field in wanted.items() if (value := by_id.get(field)) is not None}
 
     def _nvlinks(self, index: int, handle: Any, get: _Reader) -> list[NvLink] | None:
@@ -448,11 +443,19 @@ def _recovery_name(value: int) -> str:
     return _RECOVERY.get(value, f"action {value}")
 
 
+#: Snapshot key → the NVML field id (pynvml's name) it is read from; an older pynvml lacks some.
+FIELDS = {
+    "reset_required": "NVML_FI_DEV_RESET_STATUS",
+    "drain_and_reset_recommended": "NVML_FI_DEV_DRAIN_AND_RESET_STATUS",
+    "recovery_action": "NVML_FI_DEV_GET_GPU_RECOVERY_ACTION",
+    "temp_memory_c": "NVML_FI_DEV_MEMORY_TEMP",
+}
+
 #: c_nvmlValue_t member by nvmlValueType_t.
 _VALUE_MEMBERS = {0: "dVal", 1: "uiVal", 2: "ulVal", 3: "ullVal", 4: "sllVal", 5: "siVal", 6: "usVal"}
 
 
-def _field_value(value: Any) -> float | None:
+def field_value(value: Any) -> float | None:
     member = _VALUE_MEMBERS.get(int(value.valueType))
     return None if member is None else float(getattr(value.value, member))
 

@@ -236,24 +236,17 @@ def _probes(source: Any) -> dict[str, str]:
     probe("clock_mem_max_mhz", lambda: n.nvmlDeviceGetMaxClockInfo(handle, n.NVML_CLOCK_MEM))
     probe("power_limit_default_w", lambda: n.nvmlDeviceGetPowerManagementDefaultLimit(handle) / 1000)
     probe("compute_mode", lambda: n.nvmlDeviceGetComputeMode(handle))
-    fields = {name: getattr(n, name) for name in ("NVML_FI_DEV_RESET_STATUS", "NVML_FI_DEV_DRAIN_AND_RESET_STATUS",
-                                                  "NVML_FI_DEV_GET_GPU_RECOVERY_ACTION", "NVML_FI_DEV_MEMORY_TEMP")
-              if hasattr(n, name)}
+    from vetd.plugins.gpu_health.nvml import FIELDS, field_value
+
+    fields = {name: getattr(n, name) for name in FIELDS.values() if hasattr(n, name)}
 
     def field_values() -> str:
         values = n.nvmlDeviceGetFieldValues(handle, list(fields.values()))
-        return "; ".join(f"{name}: {_field_answer(n, value)}" for name, value in zip(fields, values, strict=True))
+        return "; ".join(f"{name}: {field_value(v) if v.nvmlReturn == n.NVML_SUCCESS else f'error {v.nvmlReturn}'}"
+                         for name, v in zip(fields, values, strict=True))
 
     probe("field_values", field_values)
     return probes
-
-
-def _field_answer(n: Any, value: Any) -> str:
-    if value.nvmlReturn != n.NVML_SUCCESS:
-        return f"error {value.nvmlReturn}"
-    member = {0: "dVal", 1: "uiVal", 2: "ulVal", 3: "ullVal", 4: "sllVal", 5: "siVal", 6: "usVal"}.get(
-        int(value.valueType), "ullVal")
-    return f"{getattr(value.value, member)} (type {value.valueType})"
 
 
 def survey(source_factory: Callable[[], Any], *, snapshots: int = 20, watch_s: float = 2.0,
