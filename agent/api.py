@@ -21,10 +21,13 @@ from vetd.agent.checks import (
     SourceUnavailable,
     TelemetryRegistry,
     TelemetrySource,
+    current_profile,
 )
 from vetd.agent.commands import AgentCommand, Answer, CommandContext, CommandRegistry, fill
 from vetd.core.configfile import Duration, dec_hook
 from vetd.core.hookspecs import hookimpl
+from vetd.core.proc import Finished, ProcError, ProcTimeout
+from vetd.core.proc import run as run_process
 from vetd.core.protocol import Status
 
 __all__ = [
@@ -39,14 +42,19 @@ __all__ = [
     "EventOutcome",
     "EventSource",
     "EventSourceRegistry",
+    "Finished",
     "Outcome",
     "PluginConfigs",
+    "ProcError",
+    "ProcTimeout",
     "RegistryError",
     "SourceUnavailable",
     "Status",
     "TelemetryRegistry",
     "TelemetrySource",
+    "current_profile",
     "dec_hook",
     "fill",
     "hookimpl",
+    "run_process",
 ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -26,6 +27,17 @@ T = TypeVar("T")
 ItemT = TypeVar("ItemT", bound="Named")
 
 DEFAULT_PROFILES = frozenset({"periodic"})
+
+#: The profile checks are being run for (``prolog``, ``full``…; ``""``: checks
+#: named one by one, ``periodic``: the daemon's schedule). Set by ``vetd check``
+#: and ``revet``; a check reads it with :func:`current_profile` to size its work
+#: (a GPU memtest over 2 % of memory in a prolog, 80 % in ``full``).
+PROFILE: contextvars.ContextVar[str] = contextvars.ContextVar("vetd_profile", default="periodic")
+
+
+def current_profile() -> str:
+    """The profile the running check was started for (see :data:`PROFILE`)."""
+    return PROFILE.get()
 MAX_MESSAGE_CHARS = 1000
 
 
@@ -246,6 +258,7 @@ async def in_thread(func: Callable[[], T], timeout: float, name: str) -> T:
     """
     loop = asyncio.get_running_loop()
     future: asyncio.Future[T] = loop.create_future()
+    context = contextvars.copy_context()  # the caller's profile (as asyncio.to_thread does)
 
     def settle(value: Any, error: BaseException | None) -> None:
         if future.done():
@@ -259,7 +272,7 @@ async def in_thread(func: Callable[[], T], timeout: float, name: str) -> T:
         value: Any = None
         error: BaseException | None = None
         try:
-            value = func()
+            value = context.run(func)
         except BaseException as exc:  # noqa: BLE001 - every failure becomes a result
             error = exc
         with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting any more

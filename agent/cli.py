@@ -12,10 +12,14 @@ import os
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vetd.core.cli import EXIT_VETD, duration
 from vetd.core.hookspecs import hookimpl
 from vetd.core.output import table
+
+if TYPE_CHECKING:
+    from vetd.agent.config import AgentConfig
 
 DEFAULT_AGENT_CONFIG = "/etc/vetd/agent.toml"
 
@@ -62,6 +66,14 @@ def vetd_cli_commands(subparsers: argparse._SubParsersAction) -> None:  # type: 
                        "so the live NVML code path reads it")
     check.add_argument("--expect-gpus", type=int, metavar="N",
                        help="GPUs the node should have (default: sysfs, or the capture's attached_gpus)")
+    check.add_argument("--array-backend", choices=("cupy", "numpy"),
+                       help="GPU compute checks run their numerics on CuPy (the GPUs, default) or NumPy "
+                       "(the CPU: a dry run, CI); sets [plugins.gpu_compute] and [plugins.nccl] array_backend")
+    check.add_argument("--force", action="store_true",
+                       help="run nccl_allreduce with one rank on a one-GPU node instead of skipping it")
+    check.add_argument("--protocol", metavar="FILE.yaml",
+                       help="run the checks a vetting protocol names, with its parameters (vetd's format "
+                       "or vetnode's; see packaging/protocols/)")
     check.add_argument("checks", nargs="*", metavar="CHECK", help="checks to run (default: all)")
     check.set_defaults(func=_check)
 
@@ -100,6 +112,11 @@ def _check(args: argparse.Namespace) -> int:
         gpu = _gpu_overrides(args)
         if gpu:
             config.plugins.setdefault("gpu_health", {}).update(gpu)
+        _compute_overrides(args, config.plugins)
+        if args.protocol:
+            if args.checks or args.profile or args.list:
+                raise ConfigError("--protocol names the checks and the profile: no CHECK, --profile or --list with it")
+            return _protocol(config, Path(args.protocol), args.json)
         if args.list:
             registered = list(PluginHost(config).register_checks())
             if args.json:
@@ -119,6 +136,28 @@ def _check(args: argparse.Namespace) -> int:
     except Exception as exc:  # noqa: BLE001 - exit 2 means "vetd itself failed", never 1
         print(f"vetd: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_VETD
+
+
+def _compute_overrides(args: argparse.Namespace, tables: dict[str, dict[str, object]]) -> None:
+    """``--array-backend`` and ``--force`` are shortcuts for [plugins.gpu_compute] / [plugins.nccl] keys."""
+    if args.array_backend:
+        for table in ("gpu_compute", "nccl"):
+            tables.setdefault(table, {})["array_backend"] = args.array_backend
+    if args.force:
+        tables.setdefault("nccl", {})["single_rank"] = True
+
+
+def _protocol(config: AgentConfig, path: Path, as_json: bool) -> int:
+    from vetd.agent import oneshot
+    from vetd.agent.pluginhost import PluginHost
+    from vetd.agent.vetting import load_protocol
+
+    host = PluginHost(config)
+    check_plugins = {check.name: check.plugin for check in host.register_checks()}
+    protocol = load_protocol(path, check_plugins, host.config_tables(), config.plugins)
+    for name, keys in protocol.overrides.items():
+        config.plugins.setdefault(name, {}).update(keys)
+    return oneshot.main(config, protocol.checks, protocol.profile, as_json)
 
 
 def _plugins(args: argparse.Namespace) -> int:

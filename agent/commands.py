@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from vetd.agent.checks import Check, CheckRun, CheckRunner, RegistryError, _Registry, clip
+from vetd.agent.checks import PROFILE, Check, CheckRun, CheckRunner, RegistryError, _Registry, clip
 from vetd.agent.config import CommandsSection
 from vetd.core import proc
 from vetd.core.protocol import BAD_STATUSES, Command
@@ -141,7 +141,11 @@ class Commands:
         checks = [c for c in self.checks() if profile in c.profiles]
         if not checks:
             return Answer(False, f"no checks in profile {profile!r}", {})
-        runs = await asyncio.gather(*(self.runner.run(check) for check in checks))
+        token = PROFILE.set(profile)
+        try:
+            runs = await asyncio.gather(*(self.runner.run(check) for check in checks))
+        finally:
+            PROFILE.reset(token)
         failed = []
         for run in runs:
             self.publish(run, profile)

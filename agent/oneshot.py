@@ -16,7 +16,7 @@ from typing import TextIO
 
 import msgspec
 
-from vetd.agent.checks import Check, CheckRun, CheckRunner
+from vetd.agent.checks import PROFILE, Check, CheckRun, CheckRunner
 from vetd.agent.config import AgentConfig
 from vetd.agent.pluginhost import PluginHost
 from vetd.core.cli import EXIT_FAILED, EXIT_OK
@@ -96,7 +96,11 @@ def main(
 ) -> int:
     host = PluginHost(config)
     checks = select(config, host, names, profile)
-    runs = asyncio.run(run_checks(config, checks))
+    token = PROFILE.set(profile or "")
+    try:
+        runs = asyncio.run(run_checks(config, checks))
+    finally:
+        PROFILE.reset(token)
     results = rows(runs, profile)
     for plugin, error in host.broken.items():
         results.append({"check": "plugin_load", "entity": plugin, "status": "error",

@@ -40,6 +40,8 @@ log = structlog.get_logger("vetd.plugins")
 BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (
     ("host", "vetd.plugins.host"),
     ("gpu_health", "vetd.plugins.gpu_health"),
+    ("gpu_compute", "vetd.plugins.gpu_compute"),
+    ("nccl", "vetd.plugins.nccl"),
 )
 
 

@@ -12,6 +12,10 @@ class ProcError(Exception):
     """The program could not be started, or did not finish within its deadline."""
 
 
+class ProcTimeout(ProcError):
+    """The program overran its deadline and was killed."""
+
+
 class Finished(msgspec.Struct, frozen=True):
     returncode: int
     stdout: str
@@ -40,7 +44,7 @@ async def run(argv: Sequence[str], timeout: float, *, env: Mapping[str, str] | N
     except TimeoutError:
         process.kill()
         await process.wait()
-        raise ProcError(f"{argv[0]} did not finish within {timeout:g}s") from None
+        raise ProcTimeout(f"{argv[0]} did not finish within {timeout:g}s") from None
     return Finished(returncode=process.returncode if process.returncode is not None else -1,
                     stdout=out.decode(errors="replace"), stderr=(err or b"").decode(errors="replace"),
                     seconds=loop.time() - started)

@@ -93,7 +93,7 @@ def test_every_tracked_module_and_data_file_is_in_the_wheel(wheel: Path) -> None
                              text=True, check=False)
     if tracked.returncode != 0:
         pytest.skip("not a git checkout: no list of tracked files")
-    shipped = {name for name in tracked.stdout.splitlines() if name.endswith((".py", ".yaml", ".typed"))}
+    shipped = {name for name in tracked.stdout.splitlines() if name.endswith((".py", ".yaml", ".typed", ".toml"))}
     assert shipped, "git lists no module under core/, agent/, plugins/, controller/"
     names = set(zipfile.ZipFile(wheel).namelist())
     missing = sorted(name for name in shipped if f"vetd/{name}" not in names)
@@ -127,3 +127,13 @@ def test_the_installed_wheel_runs_from_outside_the_source_tree(installed: Path, 
     replayed = run_installed(installed, tmp_path, "rules", "test", "--events", str(events), "--json")
     assert replayed.returncode == 0, replayed.stderr
     assert any(json.loads(line)["action"] == "drain" for line in replayed.stdout.splitlines()), replayed.stdout
+
+
+def test_the_installed_wheel_ships_the_sku_table_and_runs_the_compute_checks(installed: Path, tmp_path: Path) -> None:
+    sku = subprocess.run([str(installed / "python"), "-c",
+                          "from vetd.plugins.gpu_compute import skus; print(skus.lookup('NVIDIA H200').name)"],
+                         cwd=tmp_path, capture_output=True, text=True, check=False)
+    assert sku.returncode == 0 and sku.stdout.strip() == "H200", sku.stderr
+    checked = run_installed(installed, tmp_path, "check", "--array-backend", "numpy", "gpu_gemm", "gpu_memtest", "--json")
+    assert checked.returncode == 0, checked.stderr
+    assert {json.loads(line)["status"] for line in checked.stdout.splitlines()} == {"pass"}
