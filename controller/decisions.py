@@ -4,7 +4,8 @@
 store persists in the batch's transaction (node rows, rule states, ladders,
 audit rows, …), and the actions the executor carries out in the world once
 that transaction has committed (Slurm, Alertmanager, a command to an agent),
-off the ingest path. An action's ``audit`` is the row its outcome goes into.
+off the ingest path. An action's ``audit`` is the row its outcome goes into
+(its ``id`` given by the store when it wrote the row).
 """
 
 from __future__ import annotations
@@ -17,18 +18,8 @@ from vetd.controller.model import Audit, Changes
 from vetd.core.protocol import Command
 
 
-class Audited:
-    """An action whose outcome goes into the audit row of its decision."""
-
-    audit: Audit
-
-    @property
-    def audit_id(self) -> int:
-        return self.audit.id
-
-
 @dataclass
-class Drain(Audited):
+class Drain:
     cluster: str
     node: str
     reason: str
@@ -37,14 +28,14 @@ class Drain(Audited):
 
 
 @dataclass
-class Resume(Audited):
+class Resume:
     cluster: str
     node: str
     audit: Audit
 
 
 @dataclass
-class Reboot(Audited):
+class Reboot:
     cluster: str
     node: str
     reason: str

@@ -256,7 +256,7 @@ class Engine:
         """What carrying out ``action`` gave (already in its audit row): a drain that failed no
         longer counts towards repeat offences and the breaker; a failed reboot fails its step."""
         if isinstance(action, Drain):
-            self.state.drain_carried_out(action.audit_id, outcome.outcome)
+            self.state.drain_carried_out(action.audit.id, outcome.outcome)
         elif isinstance(action, Reboot) and not outcome.ok:
             self.ladders.reboot_failed(action.cluster, action.node, outcome.detail, now)
         return self._decided(Decisions())

@@ -47,19 +47,19 @@ class Executor:
             await self.commands.publish(action.command)
         elif isinstance(action, Reboot):
             result = await self.scheduler.reboot(action.node, action.reason)
-            self.store.record_outcome(action.audit_id, result.outcome,
+            self.store.record_outcome(action.audit.id, result.outcome,
                                       f" | {self.scheduler.name}: {result.detail}", append=True)
             self._told(action, result)
         elif isinstance(action, Resume):
             result = await self.scheduler.resume(action.node)
-            self.store.record_outcome(action.audit_id, result.outcome,
+            self.store.record_outcome(action.audit.id, result.outcome,
                                       f" | {self.scheduler.name}: {result.detail}", append=True)
             self.counters.count(f"resume_{result.outcome}")
             (log.info if result.ok else log.error)("resume_" + result.outcome, node=action.node,
                                                    detail=result.detail)
         elif isinstance(action, Drain):
             result = await self.scheduler.drain(action.node, action.reason)
-            self.store.record_outcome(action.audit_id, result.outcome,
+            self.store.record_outcome(action.audit.id, result.outcome,
                                       f"{action.reason} | {self.scheduler.name}: {result.detail}")
             self.counters.count(f"drain_{result.outcome}")
             (log.info if result.ok else log.error)(

@@ -7,6 +7,7 @@ import ast
 import importlib.util
 from pathlib import Path
 
+from tests.controller.test_ingest import RULES
 from vetd.controller.actions import ActionOutcome
 from vetd.controller.config import BreakerSection, ControllerConfig, RepeatSection
 from vetd.controller.counters import Counters
@@ -25,13 +26,6 @@ NEVER = ("vetd.controller.store", "sqlite3")
 NOT_DIRECTLY = ("subprocess", "socket", "asyncio", "aiomqtt", "paho", "urllib", "http", "vetd.core.proc",
                 "vetd.core.mqtt", "vetd.controller.ingest", "vetd.controller.executor", "vetd.controller.service")
 
-RULES = """\
-rules:
-  - name: host-failed
-    when: result.status == "fail"
-    severity: critical
-    actions: [drain, alert]
-"""
 
 
 def imports(module: str) -> set[str]:
