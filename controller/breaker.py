@@ -17,7 +17,7 @@ from vetd.controller.actions import alert_payload
 from vetd.controller.config import BreakerSection
 from vetd.controller.decisions import Alert, Decisions
 from vetd.controller.fleet import Fleet
-from vetd.controller.store import NodeRow, Store
+from vetd.controller.model import FleetState, NodeRow
 
 log = structlog.get_logger("vetd.controller")
 
@@ -45,24 +45,24 @@ def verdict(config: BreakerSection, partition: str, members: int, excluded: int,
 
 
 class Breaker:
-    """Opens per partition when a drain would be one too many; remembers it in the store."""
+    """Opens per partition when a drain would be one too many; remembers it in the model."""
 
-    def __init__(self, config: BreakerSection, store: Store, fleet: Fleet, *, alerting: bool) -> None:
-        self.config, self.store, self.fleet, self.alerting = config, store, fleet, alerting
+    def __init__(self, config: BreakerSection, state: FleetState, fleet: Fleet, *, alerting: bool) -> None:
+        self.config, self.state, self.fleet, self.alerting = config, state, fleet, alerting
 
     def blocks(self, node: NodeRow, now: float, decisions: Decisions) -> str:
         """Why the breaker forbids excluding ``node`` now ("" if it does not)."""
         partition = self.fleet.partition_of(node)
-        already = self.store.breaker_open(partition)
+        already = self.state.breaker_open(partition)
         if already is not None:
-            return f"open since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(already['since']))}"
-        members = [n for n in self.store.nodes.values() if self.fleet.partition_of(n) == partition]
+            return f"open since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(already.since))}"
+        members = [n for n in self.state.nodes.values() if self.fleet.partition_of(n) == partition]
         excluded = sum(1 for n in members if n.state in OUT_OF_SERVICE)
-        why = verdict(self.config, partition, len(members), excluded, lambda: self.store.drains_since(
-            now - self.config.window, [(n.cluster, n.name) for n in members]))
+        why = verdict(self.config, partition, len(members), excluded, lambda: self.state.drains_since(
+            now - self.config.window, {(n.cluster, n.name) for n in members}))
         if why:
-            self.store.set_breaker(partition, True, why, now)
-            self.store.audit(node.cluster, node.name, "breaker_open", outcome="open", detail=why, now=now)
+            self.state.set_breaker(partition, True, why, now)
+            self.state.audit(node.cluster, node.name, "breaker_open", outcome="open", detail=why, now=now)
             log.error("breaker_open", partition=partition, reason=why)
             if self.alerting:
                 decisions.alerts.append(Alert(node.cluster, node.name, "vetd-circuit-breaker", [alert_payload(
@@ -74,12 +74,12 @@ class Breaker:
 
     def reset(self, partition: str, actor: str, now: float) -> list[NodeRow]:
         """Close the breaker; the nodes it held as ``suspect`` go back to healthy (returned)."""
-        self.store.set_breaker(partition, False, "reset by operator", now)
-        self.store.audit("", "", "breaker_reset", actor=actor, detail=partition, now=now)
+        self.state.set_breaker(partition, False, "reset by operator", now)
+        self.state.audit("", "", "breaker_reset", actor=actor, detail=partition, now=now)
         released = []
-        for node in self.store.nodes.values():
+        for node in self.state.nodes.values():
             if node.state == "suspect" and self.fleet.partition_of(node) == partition:
                 node.state, node.reason, node.state_since = "healthy", "", now
-                self.store.save_node(node)
+                self.state.save_node(node)
                 released.append(node)
         return released

@@ -7,8 +7,10 @@ transaction as the work they count.
 from __future__ import annotations
 
 from collections import Counter
+from typing import TYPE_CHECKING
 
-from vetd.controller.store import Store
+if TYPE_CHECKING:  # the engine counts; only the ingest and the executor write counts to the store
+    from vetd.controller.store import Store
 
 #: Prefix of the per-rule error counts (``rule_error:NAME``), shown as ``vetd_rule_errors_total{rule=…}``.
 RULE_ERRORS = "rule_error:"

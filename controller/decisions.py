@@ -1,8 +1,11 @@
-"""What the engine decides and the executor carries out: plain records, no behaviour.
+"""What the engine decides: plain records, no behaviour.
 
-A decision is taken (and audited, with ``audit_id`` for its outcome) inside
-the ingest transaction; carrying it out (Slurm, Alertmanager, a command to an
-agent) happens afterwards, off the ingest path.
+:class:`Decisions` holds two things: :attr:`~Decisions.changes`, what the
+store persists in the batch's transaction (node rows, rule states, ladders,
+audit rows, …), and the actions the executor carries out in the world once
+that transaction has committed (Slurm, Alertmanager, a command to an agent),
+off the ingest path. An action's ``audit`` is the row its outcome goes into
+(its ``id`` given by the store when it wrote the row).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from vetd.controller.model import Audit, Changes
 from vetd.core.protocol import Command
 
 
@@ -20,14 +24,14 @@ class Drain:
     node: str
     reason: str
     rule: str
-    audit_id: int
+    audit: Audit
 
 
 @dataclass
 class Resume:
     cluster: str
     node: str
-    audit_id: int
+    audit: Audit
 
 
 @dataclass
@@ -35,7 +39,7 @@ class Reboot:
     cluster: str
     node: str
     reason: str
-    audit_id: int
+    audit: Audit
 
 
 @dataclass
@@ -68,6 +72,15 @@ class Decisions:
     alerts: list[Alert] = field(default_factory=list)
     #: Healing: commands to send, reboots and resumes to carry out.
     other: list[Action] = field(default_factory=list)
+    #: What the store persists before any of the actions is carried out.
+    changes: Changes = field(default_factory=Changes)
+
+    def extend(self, other: Decisions) -> None:
+        """Add ``other``'s actions and changes, which come after these."""
+        self.drains += other.drains
+        self.alerts += other.alerts
+        self.other += other.other
+        self.changes.update(other.changes)
 
     def __iter__(self) -> Iterator[Action]:
         """Drains first, then alerts, then the rest: the order they are carried out in."""

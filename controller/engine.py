@@ -1,40 +1,53 @@
-"""The engine: a decoded message and the fleet's state in, decisions out (no network).
+"""The engine: a decoded message and the fleet's state in, decisions out (no I/O).
 
 Each message kind has one short handler (:meth:`Engine.on_result` is "what
-happens when a result arrives"). State the decisions rest on (nodes, rule
-states, ladders, the audit log) is written to the store inside the batch's
-transaction; what must happen in the world (drains, alerts, commands) is
-returned as :class:`~vetd.controller.decisions.Decisions` for the executor.
+happens when a result arrives"). The engine works on an in-memory model,
+:class:`~vetd.controller.model.FleetState` (nodes, rule states, firing alerts,
+ladders, breakers, recent drains), loaded from the store once at start; its
+parts (rule states, fleet view, breaker, node lifecycle, healing ladder) each
+have a module, none of them doing I/O. Every entry point returns
+:class:`~vetd.controller.decisions.Decisions`: the changes to the model that
+the store persists (``changes``) and what must happen in the world (drains,
+alerts, commands) for the executor. The caller applies the changes inside one
+store transaction and only then hands the actions to the executor::
+
+    with store.transaction():
+        history_ids = store.record(messages, now)   # duplicates are None
+        decisions = engine.process(zip(messages, history_ids), now)
+        store.apply(decisions.changes)
+    executor.enqueue(decisions)
+
+Operator requests, healing deadlines and the executor's outcomes come in
+through their own entry points (:meth:`Engine.operator_drain`,
+:meth:`Engine.heal_tick`, :meth:`Engine.on_outcome`, …) the same way.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import structlog
 
-from vetd.controller.actions import REASON_PREFIX, alert_payload, clean_reason
+from vetd.controller.actions import REASON_PREFIX, ActionOutcome, HealingStep, alert_payload, clean_reason
 from vetd.controller.breaker import OUT_OF_SERVICE, Breaker
 from vetd.controller.config import ControllerConfig
 from vetd.controller.counters import RULE_ERRORS, Counters
-from vetd.controller.decisions import Alert, Decisions
+from vetd.controller.decisions import Action, Alert, Decisions, Drain, Reboot
 from vetd.controller.fleet import Fleet, static_labels
 from vetd.controller.healing import Ladders
 from vetd.controller.lifecycle import Lifecycle
+from vetd.controller.model import FleetState, NodeRow
 from vetd.controller.rules import (
     NODE_FIELDS,
     Rule,
     RuleSet,
     evaluate_all,
     explain_error,
-    healing_steps,
-    load_rules,
     message_view,
     render,
 )
 from vetd.controller.rulestate import RuleStates
-from vetd.controller.store import NodeRow, Store
 from vetd.core.configfile import ConfigError
 from vetd.core.protocol import Event, Message, Reply, Result, State, Telemetry
 
@@ -46,37 +59,51 @@ RULE_ERROR_ALERT = "vetd_rule_error"
 
 
 class Engine:
-    def __init__(self, config: ControllerConfig, store: Store, counters: Counters, *, alerting: bool,
+    """Decides on messages, time and operator requests over ``state``; reads and writes nothing else.
+
+    ``rules`` loads the rule files (at start and on reload), ``steps`` are the
+    healing steps plugins provide: both injected, so the engine does no I/O and
+    ``vetd rules test`` runs this very engine.
+    """
+
+    def __init__(self, config: ControllerConfig, state: FleetState, counters: Counters, *,
+                 rules: Callable[[], RuleSet], steps: Mapping[str, HealingStep], alerting: bool,
                  session: str, command_key: bytes = b"") -> None:
-        self.config, self.store, self.counters, self.alerting = config, store, counters, alerting
-        self.rules: RuleSet = load_rules(config.rules)
-        self.fleet = Fleet(static_labels(config.labels), store.nodes.values())
-        self.rule_states = RuleStates(store)
-        self.breaker = Breaker(config.breaker, store, self.fleet, alerting=alerting)
-        self.lifecycle = Lifecycle(store, config.repeat, self.fleet, self.breaker, self.rule_states, counters,
+        self.config, self.state, self.counters, self.alerting = config, state, counters, alerting
+        self._load_rules = rules
+        self.rules: RuleSet = rules()
+        self.fleet = Fleet(static_labels(config.labels), state.nodes.values())
+        self.rule_states = RuleStates(state)
+        self.breaker = Breaker(config.breaker, state, self.fleet, alerting=alerting)
+        self.lifecycle = Lifecycle(state, config.repeat, self.fleet, self.breaker, self.rule_states, counters,
                                    alerting=alerting)
-        self.ladders = Ladders(store, config.healing, self.lifecycle, session=session, command_key=command_key,
-                               steps=healing_steps())
-        #: Alerts of result rules still firing, re-sent until they resolve.
-        self.firing_alerts: dict[str, dict[str, Any]] = store.firing_alerts()
+        self.ladders = Ladders(state, config.healing, self.lifecycle, session=session, command_key=command_key,
+                               steps=steps)
         #: Rules that errored since they were loaded: logged and alerted once, then only counted.
         self.erring_rules: set[str] = set()
 
-    def process(self, messages: Iterable[Message], now: float) -> Decisions:
-        """One batch, one transaction; the decisions taken."""
+    @property
+    def firing_alerts(self) -> dict[str, dict[str, Any]]:
+        """Alerts of result rules still firing, re-sent until they resolve."""
+        return self.state.firing_alerts
+
+    def process(self, messages: Iterable[tuple[Message, int | None]], now: float) -> Decisions:
+        """One batch of messages, each with its history id (None: a duplicate); the decisions taken."""
         decisions = Decisions()
-        with self.store.transaction():
-            for message in messages:
-                self.on_message(message, now, decisions)
-            self.counters.write(self.store)
-        self.counters.written()
+        for message, history_id in messages:
+            self.on_message(message, history_id, now, decisions)
+        return self._decided(decisions)
+
+    def _decided(self, decisions: Decisions) -> Decisions:
+        """``decisions`` with the model's changes since the last ones, for the store to persist."""
+        decisions.changes = self.state.take_changes()
         return decisions
 
-    def on_message(self, message: Message, now: float, decisions: Decisions) -> None:
+    def on_message(self, message: Message, history_id: int | None, now: float, decisions: Decisions) -> None:
         if isinstance(message, State):
             self.on_state(message, now)
         elif isinstance(message, Result | Event):
-            self.on_result(message, now, decisions)
+            self.on_result(message, history_id, now, decisions)
         elif isinstance(message, Telemetry):
             self.counters.count("telemetry")
         elif isinstance(message, Reply):
@@ -86,22 +113,21 @@ class Engine:
 
     def on_state(self, message: State, now: float) -> None:
         """A birth or a death: the node's session, online flag and labels."""
-        if not self.store.apply_state(message, now):
+        if not self.state.apply_state(message, now):
             self.counters.count("stale_state")
             return
-        if (born := self.store.nodes.get((message.cluster, message.node))) is not None:
+        if (born := self.state.nodes.get((message.cluster, message.node))) is not None:
             self.fleet.count(born)  # a birth carries the node's labels
         if message.dropped:
-            self.store.set_agent_loss(message.cluster, message.node, message.dropped)
+            self.state.set_agent_loss(message.cluster, message.node, dict(message.dropped))
 
-    def on_result(self, message: Result | Event, now: float, decisions: Decisions) -> None:
-        """Store a result or event once, then let every rule on it decide."""
-        history_id = self.store.record(message, now)
+    def on_result(self, message: Result | Event, history_id: int | None, now: float, decisions: Decisions) -> None:
+        """A result or event stored as ``history_id`` (None: seen before): let every rule on it decide."""
+        node = self.state.heard_from(message, now)
         if history_id is None:
             self.counters.count("duplicates")
             return
         self.counters.count("results" if isinstance(message, Result) else "events")
-        node = self.store.node(message.cluster, message.node, now)
         if not self.fleet.counted(node):
             self.fleet.count(node)  # first heard of through a result, not a birth
         kind, name = ("result", message.check) if isinstance(message, Result) else ("event", message.name)
@@ -145,7 +171,7 @@ class Engine:
         self.erring_rules.add(rule.name)
         error = explain_error(rule, variables)
         log.warning("rule_error", rule=rule.name, node=node.name, subject=subject, error=error)
-        self.store.audit(node.cluster, node.name, "rule_error", rule=rule.name, detail=f"{subject}: {error}",
+        self.state.audit(node.cluster, node.name, "rule_error", rule=rule.name, detail=f"{subject}: {error}",
                          evidence=[history_id], now=now)
         if self.alerting:
             payload = alert_payload(
@@ -162,7 +188,7 @@ class Engine:
               now: float, decisions: Decisions, variables: dict[str, Any]) -> None:
         self.counters.count("rules_fired")
         was_out = node.state in OUT_OF_SERVICE
-        self.store.audit(node.cluster, node.name, "rule_fired", rule=rule.name, detail=subject,
+        self.state.audit(node.cluster, node.name, "rule_fired", rule=rule.name, detail=subject,
                          evidence=[history_id], now=now)
         log.info("rule_fired", rule=rule.name, node=node.name, subject=subject, severity=rule.spec.severity)
         actions = rule.spec.actions
@@ -180,7 +206,7 @@ class Engine:
                 # Inhibition: a per-GPU (per-entity) alert adds nothing while the node
                 # itself is down or out of service; its own alert already went out.
                 self.counters.count("alerts_inhibited")
-                self.store.audit(node.cluster, node.name, "alert", rule=rule.name, outcome="inhibited",
+                self.state.audit(node.cluster, node.name, "alert", rule=rule.name, outcome="inhibited",
                                  detail=f"{subject}: node {'offline' if not node.online else node.state}", now=now)
             elif isinstance(message, Event):
                 ends = now + float(self.config.alerts.event_alert_for)
@@ -188,18 +214,16 @@ class Engine:
             else:
                 alert = self._alert(rule, node, message, now, None, variables)
                 key = alert_key(rule, node, subject)
-                self.firing_alerts[key] = alert.alerts[0]
-                self.store.save_firing_alert(key, node.cluster, node.name, alert.alerts[0], now)
+                self.state.save_firing_alert(key, node.cluster, node.name, alert.alerts[0], now)
                 decisions.alerts.append(alert)
 
     def _resolve(self, rule: Rule, node: NodeRow, message: Result | Event, subject: str, since: float,
                  history_id: int, now: float, decisions: Decisions, variables: dict[str, Any]) -> None:
-        self.store.audit(node.cluster, node.name, "rule_resolved", rule=rule.name,
+        self.state.audit(node.cluster, node.name, "rule_resolved", rule=rule.name,
                          detail=subject, evidence=[history_id], now=now)
         key = alert_key(rule, node, subject)
         if key in self.firing_alerts:
-            del self.firing_alerts[key]
-            self.store.save_firing_alert(key, node.cluster, node.name, None, now)
+            self.state.save_firing_alert(key, node.cluster, node.name, None, now)
             decisions.alerts.append(self._alert(rule, node, message, since, now, variables))
 
     def _alert(self, rule: Rule, node: NodeRow, message: Result | Event, since: float,
@@ -226,12 +250,49 @@ class Engine:
         """Advance every healing ladder that waits on time."""
         decisions = Decisions()
         self.ladders.tick(now, decisions)
-        return decisions
+        return self._decided(decisions)
+
+    def on_outcome(self, action: Action, outcome: ActionOutcome, now: float) -> Decisions:
+        """What carrying out ``action`` gave (already in its audit row): a drain that failed no
+        longer counts towards repeat offences and the breaker; a failed reboot fails its step."""
+        if isinstance(action, Drain):
+            self.state.drain_carried_out(action.audit.id, outcome.outcome)
+        elif isinstance(action, Reboot) and not outcome.ok:
+            self.ladders.reboot_failed(action.cluster, action.node, outcome.detail, now)
+        return self._decided(Decisions())
+
+    # -- operator requests ----------------------------------------------------
+
+    def node_state(self, cluster: str, name: str) -> str:
+        node = self.state.nodes.get((cluster, name))
+        return "healthy" if node is None else node.state
+
+    def operator_drain(self, cluster: str, name: str, reason: str, actor: str, now: float) -> Decisions:
+        """An operator's drain: no breaker, no repeat counting."""
+        decisions = Decisions()
+        self.lifecycle.operator_drain(self.state.node(cluster, name, now), reason, actor, now, decisions)
+        return self._decided(decisions)
+
+    def operator_resume(self, cluster: str, name: str, actor: str, now: float) -> Decisions:
+        """An operator's resume: ends any ladder, and the node starts afresh."""
+        decisions = Decisions()
+        node = self.state.node(cluster, name, now)
+        previous = node.state
+        self.state.end_healing(cluster, name)
+        self.lifecycle.return_to_service(node, f"was {previous}", now, decisions, actor=actor)
+        return self._decided(decisions)
+
+    def breaker_reset(self, partition: str, actor: str, now: float) -> Decisions:
+        """Close a partition's breaker; the nodes it held as ``suspect`` go back to healthy
+        and their rules may fire again (for those still failing)."""
+        for node in self.breaker.reset(partition, actor, now):
+            self.rule_states.forget(node)
+        return self._decided(Decisions())
 
     def reload_rules(self) -> str:
         """Load the rule files again; on any error keep the rules in force and say why."""
         try:
-            self.rules = load_rules(self.config.rules)
+            self.rules = self._load_rules()
             self.erring_rules.clear()  # a rule fixed and erring again is news
         except ConfigError as exc:
             log.error("rules_reload_failed", error=str(exc), kept=len(self.rules.rules))

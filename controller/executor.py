@@ -16,9 +16,9 @@ from typing import Any
 
 import structlog
 
-from vetd.controller.actions import AlertBackend, CommandBackend, SchedulerBackend
+from vetd.controller.actions import ActionOutcome, AlertBackend, CommandBackend, SchedulerBackend
 from vetd.controller.counters import Counters
-from vetd.controller.decisions import Action, Alert, Drain, Reboot, Resume, Send
+from vetd.controller.decisions import Action, Alert, Decisions, Drain, Reboot, Resume, Send
 from vetd.controller.silences import matches
 from vetd.controller.store import Store
 
@@ -30,11 +30,12 @@ CONCURRENCY = 8
 
 class Executor:
     def __init__(self, store: Store, counters: Counters, *, scheduler: SchedulerBackend, alerts: AlertBackend,
-                 commands: CommandBackend, reboot_failed: Callable[[str, str, str, float], None]) -> None:
+                 commands: CommandBackend,
+                 on_outcome: Callable[[Action, ActionOutcome, float], Decisions]) -> None:
         self.store, self.counters = store, counters
         self.scheduler, self.alerts, self.commands = scheduler, alerts, commands
-        #: Called when the scheduler could not reboot a node (its healing step failed).
-        self.reboot_failed = reboot_failed
+        #: The engine, told how a drain or reboot turned out (a failed reboot fails its healing step).
+        self.on_outcome = on_outcome
         self.queue: asyncio.Queue[Action] = asyncio.Queue()
 
     def enqueue(self, actions: Iterable[Action]) -> None:
@@ -46,29 +47,36 @@ class Executor:
             await self.commands.publish(action.command)
         elif isinstance(action, Reboot):
             result = await self.scheduler.reboot(action.node, action.reason)
-            self.store.record_outcome(action.audit_id, result.outcome,
+            self.store.record_outcome(action.audit.id, result.outcome,
                                       f" | {self.scheduler.name}: {result.detail}", append=True)
-            if not result.ok:
-                self.reboot_failed(action.cluster, action.node, result.detail, time.time())
+            self._told(action, result)
         elif isinstance(action, Resume):
             result = await self.scheduler.resume(action.node)
-            self.store.record_outcome(action.audit_id, result.outcome,
+            self.store.record_outcome(action.audit.id, result.outcome,
                                       f" | {self.scheduler.name}: {result.detail}", append=True)
             self.counters.count(f"resume_{result.outcome}")
             (log.info if result.ok else log.error)("resume_" + result.outcome, node=action.node,
                                                    detail=result.detail)
         elif isinstance(action, Drain):
             result = await self.scheduler.drain(action.node, action.reason)
-            self.store.record_outcome(action.audit_id, result.outcome,
+            self.store.record_outcome(action.audit.id, result.outcome,
                                       f"{action.reason} | {self.scheduler.name}: {result.detail}")
             self.counters.count(f"drain_{result.outcome}")
             (log.info if result.ok else log.error)(
                 "drain_" + result.outcome, node=action.node, rule=action.rule, detail=result.detail
             )
+            self._told(action, result)
         else:
             await self._alert(action)
         self.counters.write(self.store)
         self.counters.written()
+
+    def _told(self, action: Action, result: ActionOutcome) -> None:
+        """Tell the engine how ``action`` turned out; persist what that changed, carry out what it decided."""
+        with self.store.transaction():
+            decisions = self.on_outcome(action, result, time.time())
+            self.store.apply(decisions.changes)
+        self.enqueue(decisions)
 
     async def _alert(self, action: Alert) -> None:
         """Send what no silence holds; audit the outcome (re-sends only when they fail)."""

@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
-from vetd.controller.store import NodeRow
+from vetd.controller.model import NodeRow
 
 DEFAULT_PARTITION = "default"
 

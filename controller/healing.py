@@ -1,7 +1,7 @@
 """The healing ladder: step → probation → resume, or the next step → failed (no I/O).
 
-A ladder (``heal: [gpu_reset, reboot, …]``) is kept in the store, so a
-restarted controller carries on where it was. Its phases: ``next`` (start
+A ladder (``heal: [gpu_reset, reboot, …]``) is kept in the engine's model and
+persisted with it, so a restarted controller carries on where it was. Its phases: ``next`` (start
 step ``step``), ``step`` (the step's command is out), ``rebooting`` (waiting
 for the agent to come back with a new session) and ``probation`` (re-vetting).
 Commands to agents and reboots are decisions; the executor carries them out.
@@ -16,7 +16,7 @@ from vetd.controller.actions import REASON_PREFIX, HealingStep, clean_reason
 from vetd.controller.config import HealingSection
 from vetd.controller.decisions import Decisions, Reboot, Send
 from vetd.controller.lifecycle import Lifecycle
-from vetd.controller.store import Healing, NodeRow, Store
+from vetd.controller.model import FleetState, Healing, NodeRow
 from vetd.core.protocol import Command, Event, Reply, Result, sign_command
 
 
@@ -28,9 +28,9 @@ def gpu_of(message: Result | Event) -> str:
 class Ladders:
     """Every node's healing ladder, advanced by replies and by time."""
 
-    def __init__(self, store: Store, config: HealingSection, lifecycle: Lifecycle, *,
+    def __init__(self, state: FleetState, config: HealingSection, lifecycle: Lifecycle, *,
                  session: str, command_key: bytes, steps: Mapping[str, HealingStep]) -> None:
-        self.store, self.config, self.lifecycle = store, config, lifecycle
+        self.state, self.config, self.lifecycle = state, config, lifecycle
         #: Steps that send an agent command, by name (plugins add more); revet and reboot are the ladder's own.
         self.steps = steps
         #: This controller run, as the session of the commands it sends.
@@ -38,22 +38,22 @@ class Ladders:
 
     def start(self, rule: str, ladder: list[str], node: NodeRow, message: Result | Event, now: float) -> None:
         gpu = gpu_of(message)
-        self.store.save_healing(Healing(node.cluster, node.name, rule, list(ladder), 0, "next", now, gpu=gpu))
-        self.store.audit(node.cluster, node.name, "heal_start", rule=rule,
+        self.state.save_healing(Healing(node.cluster, node.name, rule, list(ladder), 0, "next", now, gpu=gpu))
+        self.state.audit(node.cluster, node.name, "heal_start", rule=rule,
                          detail=f"ladder: {', '.join(ladder)}; gpu {gpu}", now=now)
         self.lifecycle.set_state(node, "healing", now)
 
     def on_reply(self, reply: Reply, now: float, decisions: Decisions) -> None:
-        healing = next((h for h in self.store.healings() if h.command_id == reply.id), None)
+        healing = next((h for h in self.state.ladders() if h.command_id == reply.id), None)
         if healing is None:
             return
-        node = self.store.node(healing.cluster, healing.node, now)
+        node = self.state.node(healing.cluster, healing.node, now)
         step = healing.ladder[healing.step]
         if healing.phase == "step":
             if not reply.ok:
                 self._step_failed(healing, reply.message, now)
                 return
-            self.store.audit(node.cluster, node.name, "heal_step", rule=healing.rule, outcome="done",
+            self.state.audit(node.cluster, node.name, "heal_step", rule=healing.rule, outcome="done",
                              detail=f"{step}: {reply.message}", now=now)
             self._probation(healing, node, self.config.probation_profile, now, decisions)
         elif healing.phase == "probation":
@@ -61,21 +61,21 @@ class Ladders:
                 self._step_failed(healing, f"re-vetting failed: {reply.message}", now)
                 self.lifecycle.set_state(node, "healing", now)
                 return
-            self.store.end_healing(node.cluster, node.name)
-            self.store.audit(node.cluster, node.name, "healed", rule=healing.rule, outcome="done",
+            self.state.end_healing(node.cluster, node.name)
+            self.state.audit(node.cluster, node.name, "healed", rule=healing.rule, outcome="done",
                              detail=f"after {step}: {reply.message}", now=now)
             self.lifecycle.return_to_service(node, f"healed by {step}", now, decisions)
 
     def tick(self, now: float, decisions: Decisions) -> None:
         """Advance every ladder that waits on time (start, deadline, reboot)."""
-        for healing in self.store.healings():
-            node = self.store.node(healing.cluster, healing.node, now)
+        for healing in self.state.ladders():
+            node = self.state.node(healing.cluster, healing.node, now)
             if healing.phase in ("step", "probation") and now > healing.deadline:
                 self._step_failed(healing, "no answer from the node in time", now)
                 self.lifecycle.set_state(node, "healing", now)
             elif healing.phase == "rebooting":
                 if node.online and node.session != healing.session:
-                    self.store.audit(node.cluster, node.name, "heal_step", rule=healing.rule, outcome="done",
+                    self.state.audit(node.cluster, node.name, "heal_step", rule=healing.rule, outcome="done",
                                      detail=f"reboot: back with a new session {node.session}", now=now)
                     self._probation(healing, node, self.config.probation_profile, now, decisions)
                 elif now > healing.deadline:
@@ -85,13 +85,13 @@ class Ladders:
 
     def reboot_failed(self, cluster: str, node: str, why: str, now: float) -> None:
         """The scheduler could not reboot the node: on to the next step."""
-        for healing in self.store.healings():
+        for healing in self.state.ladders():
             if (healing.cluster, healing.node) == (cluster, node) and healing.phase == "rebooting":
                 self._step_failed(healing, why, now)
 
     def _start_step(self, healing: Healing, node: NodeRow, now: float, decisions: Decisions) -> None:
         if healing.step >= len(healing.ladder):
-            self.store.end_healing(node.cluster, node.name)
+            self.state.end_healing(node.cluster, node.name)
             reason = clean_reason(f"{REASON_PREFIX} healing exhausted ({', '.join(healing.ladder)}): {node.reason}")
             self.lifecycle.mark_failed(node, reason, healing.rule, 0, now, decisions)
             return
@@ -104,11 +104,11 @@ class Ladders:
         elif verb == "reboot":
             healing.phase, healing.session = "rebooting", node.session
             healing.deadline = now + float(self.config.reboot_timeout)
-            self.store.save_healing(healing)
-            audit_id = self.store.audit(node.cluster, node.name, "heal_command", rule=healing.rule,
-                                        outcome="pending", detail="reboot", now=now)
+            self.state.save_healing(healing)
+            audit = self.state.audit(node.cluster, node.name, "heal_command", rule=healing.rule,
+                                     outcome="pending", detail="reboot", now=now)
             decisions.other.append(Reboot(node.cluster, node.name,
-                                          f"{REASON_PREFIX} healing {healing.rule}: reboot", audit_id))
+                                          f"{REASON_PREFIX} healing {healing.rule}: reboot", audit))
         else:  # a step whose plugin is gone since the rules loaded
             self._step_failed(healing, f"no healing step {verb!r} (its plugin is not loaded)", now)
             self._start_step(healing, node, now, decisions)
@@ -124,19 +124,19 @@ class Ladders:
         command = self._command(node, action, args, now)
         healing.command_id, healing.phase = command.id, phase
         healing.deadline = now + float(self.config.reply_timeout)
-        self.store.save_healing(healing)
-        self.store.audit(node.cluster, node.name, "heal_command", rule=healing.rule, outcome="sent",
+        self.state.save_healing(healing)
+        self.state.audit(node.cluster, node.name, "heal_command", rule=healing.rule, outcome="sent",
                          detail=f"{action} {', '.join(f'{k}={v}' for k, v in args.items())} (id {command.id})",
                          now=now)
         decisions.other.append(Send(command))
 
     def _step_failed(self, healing: Healing, why: str, now: float) -> None:
         step = healing.ladder[healing.step] if healing.step < len(healing.ladder) else "?"
-        self.store.audit(healing.cluster, healing.node, "heal_step", rule=healing.rule, outcome="failed",
+        self.state.audit(healing.cluster, healing.node, "heal_step", rule=healing.rule, outcome="failed",
                          detail=f"{step} (step {healing.step + 1}/{len(healing.ladder)}): {why}", now=now)
         healing.step += 1
         healing.phase, healing.command_id = "next", ""
-        self.store.save_healing(healing)
+        self.state.save_healing(healing)
 
     def _probation(self, healing: Healing, node: NodeRow, profile: str, now: float, decisions: Decisions) -> None:
         self.lifecycle.set_state(node, "probation", now)

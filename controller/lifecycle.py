@@ -1,7 +1,7 @@
 """A node's way in and out of service: exclude, mark failed, return (no I/O).
 
-Each move updates the node row, writes the audit log and adds what must be
-carried out (a drain, a resume, a ``vetd-node-failed`` alert) to the
+Each move updates the node row and the audit log in the engine's model and adds
+what must be carried out (a drain, a resume, a ``vetd-node-failed`` alert) to the
 decisions. Rules, the healing ladder and operators all move nodes through here.
 """
 
@@ -15,21 +15,21 @@ from vetd.controller.config import RepeatSection
 from vetd.controller.counters import Counters
 from vetd.controller.decisions import Alert, Decisions, Drain, Resume
 from vetd.controller.fleet import Fleet
+from vetd.controller.model import FleetState, NodeRow
 from vetd.controller.rulestate import RuleStates
-from vetd.controller.store import NodeRow, Store
 
 log = structlog.get_logger("vetd.controller")
 
 
 class Lifecycle:
-    def __init__(self, store: Store, repeat: RepeatSection, fleet: Fleet, breaker: Breaker,
+    def __init__(self, state: FleetState, repeat: RepeatSection, fleet: Fleet, breaker: Breaker,
                  rule_states: RuleStates, counters: Counters, *, alerting: bool) -> None:
-        self.store, self.repeat, self.fleet, self.breaker = store, repeat, fleet, breaker
+        self.state, self.repeat, self.fleet, self.breaker = state, repeat, fleet, breaker
         self.rule_states, self.counters, self.alerting = rule_states, counters, alerting
 
     def set_state(self, node: NodeRow, state: str, now: float) -> None:
         node.state, node.state_since = state, now
-        self.store.save_node(node)
+        self.state.save_node(node)
 
     def exclude(self, rule: str, node: NodeRow, reason: str, history_id: int, now: float,
                 decisions: Decisions, *, failed: bool) -> bool:
@@ -42,39 +42,39 @@ class Lifecycle:
         blocked = self.breaker.blocks(node, now, decisions)
         if blocked:
             node.state, node.reason, node.state_since = "suspect", reason, now
-            self.store.save_node(node)
-            self.store.audit(node.cluster, node.name, "drain", rule=rule, outcome="would_have",
+            self.state.save_node(node)
+            self.state.audit(node.cluster, node.name, "drain", rule=rule, outcome="would_have",
                              detail=f"{reason} | breaker: {blocked}", evidence=[history_id], now=now)
             self.counters.count("drains_blocked_by_breaker")
             return False
         repeat = self.repeat
-        previous = self.store.exclusions_since(node.cluster, node.name, now - repeat.window)
+        previous = self.state.exclusions_since(node.cluster, node.name, now - repeat.window)
         if repeat.count and previous + 1 >= repeat.count and not failed:
             failed = True
             reason = clean_reason(f"{REASON_PREFIX} repeat offender ({previous + 1} exclusions in "
                                   f"{repeat.window / 86400:g}d): {reason.removeprefix(REASON_PREFIX).strip()}")
-        audit_id = self.store.audit(node.cluster, node.name, "drain", rule=rule, outcome="pending",
-                                    detail=reason, evidence=[history_id], now=now)
+        audit = self.state.audit(node.cluster, node.name, "drain", rule=rule, outcome="pending",
+                                 detail=reason, evidence=[history_id], now=now)
         node.state, node.reason, node.state_since = "excluded", reason, now
         if failed:
             self.mark_failed(node, reason, rule, history_id, now, decisions)
-        self.store.save_node(node)
-        decisions.drains.append(Drain(node.cluster, node.name, reason, rule, audit_id))
+        self.state.save_node(node)
+        decisions.drains.append(Drain(node.cluster, node.name, reason, rule, audit))
         return True
 
     def operator_drain(self, node: NodeRow, reason: str, actor: str, now: float, decisions: Decisions) -> None:
         """An operator's drain: no breaker, no repeat counting."""
         node.state, node.reason, node.state_since = "excluded", reason, now
-        self.store.save_node(node)
-        audit_id = self.store.audit(node.cluster, node.name, "drain", actor=actor, outcome="pending",
-                                    detail=reason, now=now)
-        decisions.drains.append(Drain(node.cluster, node.name, reason, "", audit_id))
+        self.state.save_node(node)
+        audit = self.state.audit(node.cluster, node.name, "drain", actor=actor, outcome="pending",
+                                 detail=reason, now=now)
+        decisions.drains.append(Drain(node.cluster, node.name, reason, "", audit))
 
     def mark_failed(self, node: NodeRow, reason: str, rule: str, history_id: int, now: float,
                     decisions: Decisions) -> None:
         node.state, node.reason, node.state_since = "failed", reason, now
-        self.store.save_node(node)
-        self.store.audit(node.cluster, node.name, "mark_failed", rule=rule, outcome="failed",
+        self.state.save_node(node)
+        self.state.audit(node.cluster, node.name, "mark_failed", rule=rule, outcome="failed",
                          detail=reason, evidence=[history_id], now=now)
         self.counters.count("marked_failed")
         log.error("node_failed", node=node.name, reason=reason)
@@ -87,8 +87,8 @@ class Lifecycle:
     def return_to_service(self, node: NodeRow, why: str, now: float, decisions: Decisions,
                           actor: str = "controller") -> None:
         node.state, node.reason, node.state_since = "healthy", "", now
-        self.store.save_node(node)
+        self.state.save_node(node)
         self.rule_states.forget(node)
-        audit_id = self.store.audit(node.cluster, node.name, "resume", actor=actor, outcome="pending",
-                                    detail=why, now=now)
-        decisions.other.append(Resume(node.cluster, node.name, audit_id))
+        audit = self.state.audit(node.cluster, node.name, "resume", actor=actor, outcome="pending",
+                                 detail=why, now=now)
+        decisions.other.append(Resume(node.cluster, node.name, audit))

@@ -1,8 +1,10 @@
 """Operator requests (``vetd drain / resume / breaker reset / rules reload``, ``POST /api/v1/…``).
 
 The CLI and the HTTP API queue a request in the store; the running
-controller applies it here, audits it with the operator's name and answers
-in the request's row.
+controller hands it to the engine (:meth:`Engine.operator_drain
+<vetd.controller.engine.Engine.operator_drain>` and friends), persists what the
+engine changed, audited with the operator's name, and answers in the request's
+row, in one transaction per request.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ from typing import Any
 import structlog
 
 from vetd.controller.actions import REASON_PREFIX, clean_reason
-from vetd.controller.decisions import Decisions
+from vetd.controller.decisions import Action, Decisions
 from vetd.controller.engine import Engine
+from vetd.controller.store import Store
 
 log = structlog.get_logger("vetd.controller")
 
@@ -22,51 +25,50 @@ REQUEST_TTL_S = 60.0
 
 
 class OperatorRequests:
-    def __init__(self, engine: Engine) -> None:
-        self.engine, self.store = engine, engine.store
+    def __init__(self, engine: Engine, store: Store) -> None:
+        self.engine, self.store = engine, store
 
-    def handle(self, now: float) -> Decisions:
-        """Apply every pending request; the drains and resumes to carry out."""
-        decisions = Decisions()
+    def handle(self, now: float) -> list[Action]:
+        """Apply every pending request; the drains and resumes to carry out, request by request.
+
+        Each request is one transaction: what the engine changed and the request's answer.
+        """
+        actions: list[Action] = []
         for request in self.store.pending_requests():
             if now - request["ts"] > REQUEST_TTL_S:
                 self.store.finish_request(request["id"], "expired", "the controller was not running in time")
                 continue
-            actor = f"operator:{request['actor']}"
-            if request["action"] == "rules_reload":
-                self._reload(request, actor, now)
-                continue
-            results: list[dict[str, Any]] = []
-            if request["action"] == "breaker_reset":
-                partitions = request["nodes"] or [b["partition"] for b in self.store.breakers()]
-                for partition in partitions:
-                    # Nodes held as "suspect" by the breaker go back to healthy; the
-                    # rules will fire again for those still failing.
-                    for node in self.engine.breaker.reset(partition, actor, now):
-                        self.engine.rule_states.forget(node)
-                    results.append({"partition": partition, "outcome": "closed"})
-            elif request["action"] in ("drain", "resume"):
-                for cluster, name in request["nodes"]:
-                    results.append(self._node(request, cluster, name, actor, now, decisions))
-            self.store.finish_request(request["id"], "done", results)
-            log.info("operator_request", action=request["action"], actor=request["actor"], results=results)
-        return decisions
+            with self.store.transaction():
+                decided, status, results = self._apply(request, f"operator:{request['actor']}", now)
+                self.store.apply(decided.changes)
+                self.store.finish_request(request["id"], status, results)
+            actions.extend(decided)
+            if request["action"] != "rules_reload":
+                log.info("operator_request", action=request["action"], actor=request["actor"], results=results)
+        return actions
 
-    def _reload(self, request: dict[str, Any], actor: str, now: float) -> None:
-        error = self.engine.reload_rules()
-        count = len(self.engine.rules.rules)
-        self.store.audit("", "", "rules_reload", actor=actor, outcome="failed" if error else "done",
-                         detail=error or f"{count} rules", now=now)
-        self.store.finish_request(request["id"], "failed" if error else "done", error or [{"rules": count}])
-
-    def _node(self, request: dict[str, Any], cluster: str, name: str, actor: str, now: float,
-              decisions: Decisions) -> dict[str, Any]:
-        node = self.store.node(cluster, name, now)
-        if request["action"] == "drain":
+    def _apply(self, request: dict[str, Any], actor: str, now: float) -> tuple[Decisions, str, Any]:
+        """What the engine decides on ``request``, the request's status and its answer."""
+        decisions = Decisions()
+        results: list[dict[str, Any]] = []
+        if request["action"] == "rules_reload":
+            error = self.engine.reload_rules()
+            count = len(self.engine.rules.rules)
+            self.store.audit("", "", "rules_reload", actor=actor, outcome="failed" if error else "done",
+                             detail=error or f"{count} rules", now=now)
+            return decisions, "failed" if error else "done", error or [{"rules": count}]
+        if request["action"] == "breaker_reset":
+            for partition in request["nodes"] or [b["partition"] for b in self.store.breakers()]:
+                decisions.extend(self.engine.breaker_reset(partition, actor, now))
+                results.append({"partition": partition, "outcome": "closed"})
+        elif request["action"] == "drain":
             reason = clean_reason(f"{REASON_PREFIX} operator {request['actor']}: {request['reason']}")
-            self.engine.lifecycle.operator_drain(node, reason, actor, now, decisions)
-            return {"node": name, "outcome": "draining"}
-        previous = node.state
-        self.store.end_healing(cluster, name)  # an operator's resume ends any ladder
-        self.engine.lifecycle.return_to_service(node, f"was {previous}", now, decisions, actor=actor)
-        return {"node": name, "outcome": "resuming", "was": previous}
+            for cluster, name in request["nodes"]:
+                decisions.extend(self.engine.operator_drain(cluster, name, reason, actor, now))
+                results.append({"node": name, "outcome": "draining"})
+        elif request["action"] == "resume":
+            for cluster, name in request["nodes"]:
+                previous = self.engine.node_state(cluster, name)
+                decisions.extend(self.engine.operator_resume(cluster, name, actor, now))
+                results.append({"node": name, "outcome": "resuming", "was": previous})
+        return decisions, "done", results

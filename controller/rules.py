@@ -47,7 +47,7 @@ import yaml
 from cel_expr_python import cel
 
 from vetd.controller.actions import OWN_STEPS, HealingStep
-from vetd.controller.store import NodeRow
+from vetd.controller.model import NodeRow
 from vetd.core.configfile import ConfigError, Duration, dec_hook, read_text
 from vetd.core.protocol import Envelope, Event, Result
 

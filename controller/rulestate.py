@@ -1,8 +1,8 @@
 """Where each rule stands per subject: ``for:``, ``keep_firing_for:`` and count windows.
 
 :func:`advance` and :func:`window` are pure (Prometheus semantics, by message
-time); :class:`RuleStates` keeps their results in memory and in the store,
-so a restarted controller carries on where it was.
+time); :class:`RuleStates` keeps their results in the engine's model, whose
+changes the store persists, so a restarted controller carries on where it was.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from vetd.controller.model import FleetState, NodeRow, RuleState
 from vetd.controller.rules import Rule, RuleSpec
-from vetd.controller.store import NodeRow, RuleKey, RuleState, Store
 from vetd.core.protocol import Event, Result
 
 
@@ -71,12 +71,10 @@ def window(stamps: list[float], t: float, count: int, within: float) -> tuple[li
 
 
 class RuleStates:
-    """Rule states and count windows of every (rule, node, subject), persisted."""
+    """Rule states and count windows of every (rule, node, subject)."""
 
-    def __init__(self, store: Store) -> None:
-        self.store = store
-        self._states: dict[RuleKey, RuleState] = store.rule_states()
-        self._windows: dict[RuleKey, list[float]] = store.rule_windows()
+    def __init__(self, state: FleetState) -> None:
+        self.state = state
 
     def counted(self, rule: Rule, node: NodeRow, message: Result | Event) -> bool:
         """Record a match; True once ``count`` matches fall within ``within``."""
@@ -85,28 +83,20 @@ class RuleStates:
             return True
         per = message.entity if spec.per == "entity" else "*"
         key = (rule.name, node.cluster, node.name, f"count:{per}")
-        stamps, reached = window(self._windows.get(key, []), message.ts, spec.count, spec.within)
-        self._windows[key] = stamps
-        self.store.save_rule_window(key, stamps)
+        stamps, reached = window(self.state.rule_windows.get(key, []), message.ts, spec.count, spec.within)
+        self.state.save_rule_window(key, stamps)
         return reached
 
     def step(self, rule: Rule, node: NodeRow, message: Result | Event, subject: str, matched: bool) -> Step:
         """Advance a result rule for one subject, by message time."""
         key = (rule.name, node.cluster, node.name, subject)
-        step = advance(self._states.get(key), rule.spec, matched, message.ts,
+        step = advance(self.state.rule_states.get(key), rule.spec, matched, message.ts,
                        lambda: self.counted(rule, node, message))
         if step.changed:
-            self._save(key, step.state)
+            self.state.save_rule_state(key, step.state)
         return step
 
     def forget(self, node: NodeRow) -> None:
         """A node back in service starts with a clean slate: its rules may fire again."""
-        for key in [k for k in self._states if k[1] == node.cluster and k[2] == node.name]:
-            self._save(key, None)
-
-    def _save(self, key: RuleKey, state: RuleState | None) -> None:
-        if state is None:
-            self._states.pop(key, None)
-        else:
-            self._states[key] = state
-        self.store.save_rule_state(key, state)
+        for key in [k for k in self.state.rule_states if k[1] == node.cluster and k[2] == node.name]:
+            self.state.save_rule_state(key, None)

@@ -3,14 +3,19 @@
 Along the data flow:
 
 * :mod:`~vetd.controller.ingest`: MQTT → admitted, decoded batches;
-* :mod:`~vetd.controller.engine`: message + state → decisions, one SQLite
-  transaction per batch (rule state, fleet view, breaker, healing ladder and
-  node lifecycle in their own modules, none of them doing I/O);
+* :mod:`~vetd.controller.engine`: message + state → decisions, pure: it works
+  on an in-memory model (:mod:`~vetd.controller.model`) loaded from the store
+  at start (rule state, fleet view, breaker, healing ladder and node lifecycle
+  in their own modules, none of them doing I/O);
+* :mod:`~vetd.controller.store`: all SQL. Per batch, one transaction
+  (:meth:`Controller.process`): the store records the batch and marks its
+  duplicates, the engine decides, the store applies the changes it made
+  (node rows, rule states, ladders, audit rows, …) and the counters commit
+  with them;
 * :mod:`~vetd.controller.executor`: decisions → the world, through the
-  scheduler, alert and command backends, off the ingest path;
+  scheduler, alert and command backends, off the ingest path, after commit;
 * :mod:`~vetd.controller.requests`: operator requests; the read views are
-  :mod:`~vetd.controller.cli` and :mod:`~vetd.controller.http`;
-* :mod:`~vetd.controller.store`: all SQL.
+  :mod:`~vetd.controller.cli` and :mod:`~vetd.controller.http`.
 
 Decisions are audited when taken and carried out afterwards, so a slow
 ``scontrol`` or a dead Alertmanager never holds up ingest, and a drain
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 import uuid
 from collections.abc import Sequence
@@ -36,10 +42,11 @@ from vetd.controller.decisions import Decisions, Drain
 from vetd.controller.engine import Engine
 from vetd.controller.executor import Executor
 from vetd.controller.ingest import BrokerLink, decode
+from vetd.controller.model import NodeRow
 from vetd.controller.plugins import plugins
 from vetd.controller.requests import OperatorRequests
-from vetd.controller.rules import RuleSet
-from vetd.controller.store import NodeRow, Store
+from vetd.controller.rules import RuleSet, healing_steps, load_rules
+from vetd.controller.store import Store
 from vetd.core.configfile import read_key
 from vetd.core.signals import handle, release
 
@@ -66,11 +73,12 @@ class Controller:
         self.link = BrokerLink(config, self.counters)
         command_key = (read_key(config.command_key_file, f"{config.source}: command_key_file")
                        if config.command_key_file else b"")
-        self.engine = Engine(config, self.store, self.counters, alerting=self.alerts.enabled,
-                             session=self.session, command_key=command_key)
+        self.engine = Engine(config, self.store.load_state(), self.counters,
+                             rules=functools.partial(load_rules, config.rules), steps=healing_steps(),
+                             alerting=self.alerts.enabled, session=self.session, command_key=command_key)
         self.executor = Executor(self.store, self.counters, scheduler=self.backend, alerts=self.alerts,
-                                 commands=commands or self.link, reboot_failed=self.engine.ladders.reboot_failed)
-        self.requests = OperatorRequests(self.engine)
+                                 commands=commands or self.link, on_outcome=self.engine.on_outcome)
+        self.requests = OperatorRequests(self.engine, self.store)
         self.connected = self.link.connected
         self.stop = asyncio.Event()
 
@@ -79,8 +87,16 @@ class Controller:
         return self.engine.rules
 
     def process(self, batch: Sequence[tuple[str, bytes]], now: float | None = None) -> Decisions:
-        """Ingest a batch of ``(topic, payload)``; returns the actions decided."""
-        return self.engine.process(decode(batch, self.counters), time.time() if now is None else now)
+        """Ingest a batch of ``(topic, payload)`` in one transaction; returns what was decided."""
+        now = time.time() if now is None else now
+        messages = list(decode(batch, self.counters))
+        with self.store.transaction():
+            history_ids = self.store.record(messages, now)  # None: a duplicate
+            decisions = self.engine.process(zip(messages, history_ids, strict=True), now)
+            self.store.apply(decisions.changes)
+            self.counters.write(self.store)
+        self.counters.written()
+        return decisions
 
     def handle_requests(self, now: float | None = None) -> None:
         """Carry out what operators asked for through the CLI or HTTP."""
@@ -88,7 +104,9 @@ class Controller:
 
     def heal_tick(self, now: float | None = None) -> Decisions:
         """Advance every healing ladder that waits on time (start, deadline, reboot)."""
-        decisions = self.engine.heal_tick(time.time() if now is None else now)
+        with self.store.transaction():
+            decisions = self.engine.heal_tick(time.time() if now is None else now)
+            self.store.apply(decisions.changes)
         self.executor.enqueue(decisions)
         return decisions
 
@@ -100,7 +118,7 @@ class Controller:
 
     def pending_drains(self) -> list[Drain]:
         """Drains decided but not carried out (controller died in between)."""
-        return [Drain(r["cluster"], r["node"], r["detail"], r["rule"], r["id"]) for r in self.store.pending_drains()]
+        return [Drain(a.cluster, a.node, a.detail, a.rule, a) for a in self.store.pending_drains()]
 
     def _on_batch(self, batch: Sequence[tuple[str, bytes]]) -> None:
         self.executor.enqueue(self.process(batch))

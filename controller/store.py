@@ -1,9 +1,13 @@
 """Fleet state in SQLite (WAL): nodes, sessions, latest and historical results, audit.
 
 One writer (the controller process); any number of readers (``vetd nodes`` and
-friends open the same file read-only while the controller runs). Ingest is
-idempotent: ``(cluster, node, session, seq)`` is unique, so a message delivered
-twice is counted as a duplicate and changes nothing.
+friends open the same file read-only while the controller runs). The store owns
+all SQL. For the controller it does three things per batch, in one transaction:
+:meth:`Store.record` stores the batch's results and events and says which are
+new (ingest is idempotent: ``(cluster, node, session, seq)`` is unique, so a
+message delivered twice is counted as a duplicate and changes nothing); the
+engine decides, in memory; :meth:`Store.apply` persists what it changed. The
+engine's model is loaded once, at start, by :meth:`Store.load_state`.
 """
 
 from __future__ import annotations
@@ -14,13 +18,21 @@ import sqlite3
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
-from vetd.core.protocol import Event, Result, State
+from vetd.controller.model import (
+    Audit,
+    Breaker,
+    Changes,
+    FleetState,
+    Healing,
+    NodeRow,
+    RuleState,
+)
+from vetd.core.protocol import Event, Message, Result
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes (
@@ -168,58 +180,6 @@ CREATE TABLE IF NOT EXISTS counters (
 """
 
 
-#: (rule, cluster, node, subject)
-RuleKey = tuple[str, str, str, str]
-
-
-@dataclass
-class RuleState:
-    """Where a rule stands for one subject: ``pending`` (waiting out ``for``),
-    ``firing``, or firing with the condition cleared at ``cleared_at``
-    (waiting out ``keep_firing_for``)."""
-
-    phase: str
-    since: float
-    cleared_at: float | None = None
-
-
-@dataclass
-class Healing:
-    """One node's way back: the ladder, where it stands, what it waits for.
-
-    ``phase``: ``next`` (start step ``step``), ``step`` (its command is out),
-    ``rebooting`` (waiting for a new agent session), ``probation`` (re-vetting).
-    """
-
-    cluster: str
-    node: str
-    rule: str
-    ladder: list[str]
-    step: int
-    phase: str
-    started: float
-    command_id: str = ""
-    deadline: float = 0.0
-    gpu: str = "all"
-    session: str = ""
-
-
-@dataclass
-class NodeRow:
-    cluster: str
-    name: str
-    state: str = "healthy"
-    state_since: float = 0.0
-    reason: str = ""
-    online: bool = False
-    session: str = ""
-    session_started: float = 0.0
-    first_seen: float = 0.0
-    last_seen: float = 0.0
-    agent_version: str = ""
-    labels: dict[str, str] = field(default_factory=dict)
-
-
 class Store:
     """The controller's database."""
 
@@ -237,33 +197,156 @@ class Store:
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.executescript(SCHEMA)
         self.db.row_factory = sqlite3.Row
+        #: The node rows as committed (the engine's own, once :meth:`apply` wrote them).
         self.nodes: dict[tuple[str, str], NodeRow] = {} if readonly else self._load_nodes()
-        #: Written once per batch by :meth:`flush` rather than once per message.
-        self._dirty: set[tuple[str, str]] = set()
-        self._sessions: dict[tuple[str, str, str], list[float]] = {}
 
     def close(self) -> None:
         self.db.close()
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
-        """One write transaction; per-batch bookkeeping is flushed before it commits."""
+        """One write transaction."""
         self.db.execute("BEGIN IMMEDIATE")
         try:
             yield
-            self.flush()
         except BaseException:
             self.db.execute("ROLLBACK")
-            self._dirty.clear()
-            self._sessions.clear()
             raise
         self.db.execute("COMMIT")
 
-    def flush(self) -> None:
-        """Write the node rows and session counters this batch touched."""
-        for key in self._dirty:
-            self.save_node(self.nodes[key])
-        self._dirty.clear()
+    # -- the engine's model: loaded once, changed by apply -------------------
+
+    def load_state(self) -> FleetState:
+        """Everything the engine decides on, as committed."""
+        db = self.db
+        rule_states = {(r["rule"], r["cluster"], r["node"], r["subject"]): RuleState(r["phase"], r["since"],
+                                                                                     r["cleared_at"])
+                       for r in db.execute("SELECT * FROM rule_state")}
+        rule_windows = {(r["rule"], r["cluster"], r["node"], r["subject"]): json.loads(r["stamps"])
+                        for r in db.execute("SELECT * FROM rule_window")}
+        healings = [Healing(**{**dict(r), "ladder": json.loads(r["ladder"])})
+                    for r in db.execute("SELECT * FROM healing ORDER BY started")]
+        breakers = {r["partition"]: Breaker(bool(r["open"]), r["since"], r["reason"])
+                    for r in db.execute("SELECT * FROM breaker")}
+        drains = [_audit_from_row(r) for r in db.execute(
+            "SELECT * FROM audit WHERE action='drain' AND actor='controller' ORDER BY id")]
+        return FleetState(nodes=dict(self.nodes), rule_states=rule_states, rule_windows=rule_windows,
+                          firing_alerts=self.firing_alerts(), healings={(h.cluster, h.node): h for h in healings},
+                          breakers=breakers, drains=drains)
+
+    def apply(self, changes: Changes) -> None:
+        """Persist what the engine changed, inside the caller's transaction.
+
+        Audit rows get their ids here, before any action that refers to one is carried out.
+        """
+        db = self.db
+        if changes.nodes:
+            db.executemany(
+                """INSERT INTO nodes (cluster, name, state, state_since, reason, online, session,
+                       session_started, first_seen, last_seen, agent_version, labels)
+                   VALUES (?,?,?,?,?,?,?,?,?,?,?,?)
+                   ON CONFLICT (cluster, name) DO UPDATE SET state=excluded.state,
+                       state_since=excluded.state_since, reason=excluded.reason,
+                       online=excluded.online, session=excluded.session,
+                       session_started=excluded.session_started, last_seen=excluded.last_seen,
+                       agent_version=excluded.agent_version, labels=excluded.labels""",
+                [_node_values(row) for row in changes.nodes.values()],
+            )
+            self.nodes.update(changes.nodes)
+        for key, state in changes.rule_states.items():
+            if state is None:
+                db.execute("DELETE FROM rule_state WHERE rule=? AND cluster=? AND node=? AND subject=?", key)
+            else:
+                db.execute("INSERT OR REPLACE INTO rule_state (rule, cluster, node, subject, phase, since, "
+                           "cleared_at) VALUES (?,?,?,?,?,?,?)", (*key, state.phase, state.since, state.cleared_at))
+        db.executemany("INSERT OR REPLACE INTO rule_window (rule, cluster, node, subject, stamps) VALUES (?,?,?,?,?)",
+                       [(*key, json.dumps(stamps)) for key, stamps in changes.rule_windows.items()])
+        for name, alert in changes.firing_alerts.items():
+            if alert.payload is None:
+                db.execute("DELETE FROM alerts_firing WHERE key=?", (name,))
+            else:
+                db.execute("INSERT OR REPLACE INTO alerts_firing (key, cluster, node, payload, last_sent) "
+                           "VALUES (?,?,?,?,?)", (name, alert.cluster, alert.node, json.dumps(alert.payload),
+                                                   alert.sent))
+        for (cluster, node), healing in changes.healings.items():
+            if healing is None:
+                db.execute("DELETE FROM healing WHERE cluster=? AND node=?", (cluster, node))
+            else:
+                db.execute(
+                    """INSERT OR REPLACE INTO healing (cluster, node, rule, ladder, step, phase, command_id,
+                           deadline, gpu, session, started) VALUES (?,?,?,?,?,?,?,?,?,?,?)""",
+                    (healing.cluster, healing.node, healing.rule, json.dumps(healing.ladder), healing.step,
+                     healing.phase, healing.command_id, healing.deadline, healing.gpu, healing.session,
+                     healing.started))
+        db.executemany("INSERT OR REPLACE INTO breaker (partition, open, since, reason) VALUES (?,?,?,?)",
+                       [(p, int(b.open), b.since, b.reason) for p, b in changes.breakers.items()])
+        db.executemany("INSERT OR REPLACE INTO agent_loss (cluster, node, dropped) VALUES (?,?,?)",
+                       [(*key, json.dumps(dropped)) for key, dropped in changes.agent_loss.items()])
+        for record in changes.audit:
+            record.id = self.audit(record.cluster, record.node, record.action, actor=record.actor,
+                                   rule=record.rule, outcome=record.outcome, detail=record.detail,
+                                   evidence=record.evidence, now=record.ts)
+
+    # -- nodes -------------------------------------------------------------
+
+    def _load_nodes(self) -> dict[tuple[str, str], NodeRow]:
+        rows = self.db.execute("SELECT * FROM nodes").fetchall()
+        return {(r["cluster"], r["name"]): _node_from_row(r) for r in rows}
+
+    def save_node(self, row: NodeRow) -> None:
+        """Write one node row now (outside the engine: tests and tools that set a state)."""
+        self.apply(Changes(nodes={(row.cluster, row.name): row}))
+
+    # -- results and events ------------------------------------------------
+
+    def record(self, messages: Sequence[Message], now: float) -> list[int | None]:
+        """Store the batch's results and events; per message, its history id, or None
+        for a duplicate (and for a message of another kind).
+
+        Done once per batch before the engine sees it: the engine drops what is
+        None here as a duplicate, and cites the history ids as evidence in the
+        audit rows it writes. Deduplication stays on the history table's unique
+        key rather than in memory: it holds across restarts and covers every
+        session ever seen without the controller keeping them all.
+        """
+        ids: list[int | None] = []
+        #: (cluster, node, session) → [first seen, max seq, received, duplicates]
+        sessions: dict[tuple[str, str, str], list[float]] = {}
+        for message in messages:
+            if not isinstance(message, Result | Event):
+                ids.append(None)
+                continue
+            status: str
+            if isinstance(message, Result):
+                kind, name, status = "result", message.check, message.status
+            else:
+                kind, name, status = "event", message.name, message.severity
+            codes = _json(message.codes)
+            metrics = _json(_finite(message.metrics))
+            cursor = self.db.execute(
+                """INSERT OR IGNORE INTO history (cluster, node, session, seq, ts, received_at, kind,
+                       name, entity, status, codes, metrics, message)
+                   VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)""",
+                (message.cluster, message.node, message.session, message.seq, message.ts, now, kind,
+                 name, message.entity, status, codes, metrics, message.message),
+            )
+            duplicate = cursor.rowcount == 0
+            tally = sessions.setdefault((message.cluster, message.node, message.session), [now, 0, 0, 0])
+            tally[1] = max(tally[1], message.seq)
+            tally[3 if duplicate else 2] += 1
+            history_id = None if duplicate else cursor.lastrowid
+            ids.append(history_id)
+            if history_id is not None and isinstance(message, Result):
+                self.db.execute(
+                    """INSERT INTO latest (cluster, node, check_name, entity, status, codes, metrics,
+                           message, ts, history_id) VALUES (?,?,?,?,?,?,?,?,?,?)
+                       ON CONFLICT (cluster, node, check_name, entity) DO UPDATE SET
+                           status=excluded.status, codes=excluded.codes, metrics=excluded.metrics,
+                           message=excluded.message, ts=excluded.ts, history_id=excluded.history_id
+                       WHERE excluded.ts >= latest.ts""",
+                    (message.cluster, message.node, message.check, message.entity, message.status,
+                     codes, metrics, message.message, message.ts, history_id),
+                )
         self.db.executemany(
             """INSERT INTO sessions (cluster, node, session, first_seen, max_seq, received, duplicates)
                VALUES (?,?,?,?,?,?,?)
@@ -272,133 +355,9 @@ class Store:
                    received=received + excluded.received,
                    duplicates=duplicates + excluded.duplicates""",
             [(*key, first, int(max_seq), int(received), int(dups))
-             for key, (first, max_seq, received, dups) in self._sessions.items()],
+             for key, (first, max_seq, received, dups) in sessions.items()],
         )
-        self._sessions.clear()
-
-    # -- nodes -------------------------------------------------------------
-
-    def _load_nodes(self) -> dict[tuple[str, str], NodeRow]:
-        rows = self.db.execute("SELECT * FROM nodes").fetchall()
-        return {(r["cluster"], r["name"]): _node_from_row(r) for r in rows}
-
-    def node(self, cluster: str, name: str, now: float) -> NodeRow:
-        """The node's row, created (healthy, offline) on first sight."""
-        key = (cluster, name)
-        row = self.nodes.get(key)
-        if row is None:
-            row = NodeRow(cluster, name, state_since=now, first_seen=now, last_seen=now)
-            self.nodes[key] = row
-            self.save_node(row)
-        return row
-
-    def save_node(self, row: NodeRow) -> None:
-        self.db.execute(
-            """INSERT INTO nodes (cluster, name, state, state_since, reason, online, session,
-                   session_started, first_seen, last_seen, agent_version, labels)
-               VALUES (?,?,?,?,?,?,?,?,?,?,?,?)
-               ON CONFLICT (cluster, name) DO UPDATE SET state=excluded.state,
-                   state_since=excluded.state_since, reason=excluded.reason,
-                   online=excluded.online, session=excluded.session,
-                   session_started=excluded.session_started, last_seen=excluded.last_seen,
-                   agent_version=excluded.agent_version, labels=excluded.labels""",
-            (row.cluster, row.name, row.state, row.state_since, row.reason, int(row.online),
-             row.session, row.session_started, row.first_seen, row.last_seen, row.agent_version,
-             _json(row.labels)),
-        )
-
-    def apply_state(self, message: State, now: float) -> bool:
-        """Apply a birth or death; returns False for a stale death that was ignored."""
-        row = self.node(message.cluster, message.node, now)
-        if message.online:
-            if message.session != row.session and message.started < row.session_started:
-                return False  # a retained birth older than the session we know
-            row.online = True
-            row.session = message.session
-            row.session_started = message.started
-            row.agent_version = message.agent_version
-            row.labels = dict(message.labels)
-        else:
-            if message.session != row.session and message.started <= row.session_started:
-                return False  # death of an older session: never overrides a newer birth
-            row.online = False
-            row.session = message.session
-            row.session_started = max(row.session_started, message.started)
-        row.last_seen = max(row.last_seen, now)
-        self.save_node(row)
-        return True
-
-    # -- results and events ------------------------------------------------
-
-    def record(self, message: Result | Event, now: float) -> int | None:
-        """Store a result or event; the history id, or None for a duplicate."""
-        status: str
-        if isinstance(message, Result):
-            kind, name, status = "result", message.check, message.status
-        else:
-            kind, name, status = "event", message.name, message.severity
-        codes = _json(message.codes)
-        metrics = _json(_finite(message.metrics))
-        cursor = self.db.execute(
-            """INSERT OR IGNORE INTO history (cluster, node, session, seq, ts, received_at, kind,
-                   name, entity, status, codes, metrics, message)
-               VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)""",
-            (message.cluster, message.node, message.session, message.seq, message.ts, now, kind,
-             name, message.entity, status, codes, metrics, message.message),
-        )
-        duplicate = cursor.rowcount == 0
-        tally = self._sessions.setdefault((message.cluster, message.node, message.session), [now, 0, 0, 0])
-        tally[1] = max(tally[1], message.seq)
-        tally[3 if duplicate else 2] += 1
-        row = self.node(message.cluster, message.node, now)
-        row.last_seen = max(row.last_seen, now)
-        if not row.session:
-            row.session = message.session
-        if message.session == row.session:
-            row.online = True
-        self._dirty.add((row.cluster, row.name))
-        if duplicate:
-            return None
-        history_id = cursor.lastrowid
-        if isinstance(message, Result):
-            self.db.execute(
-                """INSERT INTO latest (cluster, node, check_name, entity, status, codes, metrics,
-                       message, ts, history_id) VALUES (?,?,?,?,?,?,?,?,?,?)
-                   ON CONFLICT (cluster, node, check_name, entity) DO UPDATE SET
-                       status=excluded.status, codes=excluded.codes, metrics=excluded.metrics,
-                       message=excluded.message, ts=excluded.ts, history_id=excluded.history_id
-                   WHERE excluded.ts >= latest.ts""",
-                (message.cluster, message.node, message.check, message.entity, message.status,
-                 codes, metrics, message.message, message.ts, history_id),
-            )
-        return history_id
-
-    # -- rule state (pending / firing / keeping) and count windows -----------
-
-    def rule_states(self) -> dict[RuleKey, RuleState]:
-        rows = self.db.execute("SELECT * FROM rule_state").fetchall()
-        return {(r["rule"], r["cluster"], r["node"], r["subject"]): RuleState(r["phase"], r["since"], r["cleared_at"])
-                for r in rows}
-
-    def save_rule_state(self, key: RuleKey, state: RuleState | None) -> None:
-        if state is None:
-            self.db.execute("DELETE FROM rule_state WHERE rule=? AND cluster=? AND node=? AND subject=?", key)
-        else:
-            self.db.execute(
-                "INSERT OR REPLACE INTO rule_state (rule, cluster, node, subject, phase, since, cleared_at) "
-                "VALUES (?,?,?,?,?,?,?)",
-                (*key, state.phase, state.since, state.cleared_at),
-            )
-
-    def rule_windows(self) -> dict[RuleKey, list[float]]:
-        rows = self.db.execute("SELECT * FROM rule_window").fetchall()
-        return {(r["rule"], r["cluster"], r["node"], r["subject"]): json.loads(r["stamps"]) for r in rows}
-
-    def save_rule_window(self, key: RuleKey, stamps: Sequence[float]) -> None:
-        self.db.execute(
-            "INSERT OR REPLACE INTO rule_window (rule, cluster, node, subject, stamps) VALUES (?,?,?,?,?)",
-            (*key, json.dumps(list(stamps))),
-        )
+        return ids
 
     # -- audit and counters ------------------------------------------------
 
@@ -428,12 +387,10 @@ class Store:
         self.db.execute("UPDATE audit SET outcome=?, detail=" + ("detail || ?" if append else "?") + " WHERE id=?",
                         (outcome, detail, audit_id))
 
-    def pending_drains(self) -> list[dict[str, Any]]:
+    def pending_drains(self) -> list[Audit]:
         """Drains decided but not carried out (the controller died in between)."""
-        rows = self.db.execute(
-            "SELECT id, cluster, node, rule, detail FROM audit WHERE action='drain' AND outcome='pending'"
-        ).fetchall()
-        return [dict(r) for r in rows]
+        rows = self.db.execute("SELECT * FROM audit WHERE action='drain' AND outcome='pending' ORDER BY id")
+        return [_audit_from_row(r) for r in rows]
 
     def audit_after(self, audit_id: int) -> list[dict[str, Any]]:
         """Audit rows written after ``audit_id``, oldest first."""
@@ -446,36 +403,11 @@ class Store:
             [(name, value) for name, value in counts.items() if value],
         )
 
-    # -- healing ladders ----------------------------------------------------
-
-    def healings(self) -> list[Healing]:
-        rows = self.db.execute("SELECT * FROM healing ORDER BY started").fetchall()
-        return [Healing(**{**dict(r), "ladder": json.loads(r["ladder"])}) for r in rows]
-
-    def save_healing(self, healing: Healing) -> None:
-        self.db.execute(
-            """INSERT OR REPLACE INTO healing (cluster, node, rule, ladder, step, phase, command_id, deadline,
-                   gpu, session, started) VALUES (?,?,?,?,?,?,?,?,?,?,?)""",
-            (healing.cluster, healing.node, healing.rule, json.dumps(healing.ladder), healing.step,
-             healing.phase, healing.command_id, healing.deadline, healing.gpu, healing.session, healing.started),
-        )
-
-    def end_healing(self, cluster: str, node: str) -> None:
-        self.db.execute("DELETE FROM healing WHERE cluster=? AND node=?", (cluster, node))
-
     # -- alerts: firing ones (re-sent until resolved) and silences ----------------
 
     def firing_alerts(self) -> dict[str, dict[str, Any]]:
         rows = self.db.execute("SELECT key, payload FROM alerts_firing").fetchall()
         return {r["key"]: json.loads(r["payload"]) for r in rows}
-
-    def save_firing_alert(self, key: str, cluster: str, node: str, payload: dict[str, Any] | None,
-                          now: float) -> None:
-        if payload is None:
-            self.db.execute("DELETE FROM alerts_firing WHERE key=?", (key,))
-        else:
-            self.db.execute("INSERT OR REPLACE INTO alerts_firing (key, cluster, node, payload, last_sent) "
-                            "VALUES (?,?,?,?,?)", (key, cluster, node, json.dumps(payload), now))
 
     def add_silence(self, matchers: Sequence[str], until: float, author: str, comment: str) -> int:
         cursor = self.db.execute(
@@ -540,35 +472,8 @@ class Store:
         row = self.db.execute("SELECT * FROM breaker WHERE partition=? AND open=1", (partition,)).fetchone()
         return None if row is None else dict(row)
 
-    def set_breaker(self, partition: str, open_: bool, reason: str = "", now: float | None = None) -> None:
-        self.db.execute(
-            "INSERT OR REPLACE INTO breaker (partition, open, since, reason) VALUES (?,?,?,?)",
-            (partition, int(open_), time.time() if now is None else now, reason),
-        )
-
     def breakers(self) -> list[dict[str, Any]]:
         return [dict(r) for r in self.db.execute("SELECT * FROM breaker ORDER BY partition")]
-
-    def exclusions_since(self, cluster: str, node: str, since: float) -> int:
-        """Times rules excluded this node since ``since`` (operator drains not counted)."""
-        row = self.db.execute(
-            """SELECT count(*) FROM audit WHERE action='drain' AND actor='controller' AND rule != ''
-               AND outcome IN ('pending', 'done', 'skipped') AND cluster=? AND node=? AND ts>=?""",
-            (cluster, node, since),
-        ).fetchone()
-        return int(row[0])
-
-    def drains_since(self, since: float, partition_nodes: Sequence[tuple[str, str]]) -> int:
-        if not partition_nodes:
-            return 0
-        marks = ",".join("(?,?)" for _ in partition_nodes)
-        flat = [value for pair in partition_nodes for value in pair]
-        row = self.db.execute(
-            f"""SELECT count(*) FROM audit WHERE action='drain' AND actor='controller' AND ts>=?
-                AND outcome IN ('pending', 'done') AND (cluster, node) IN (VALUES {marks})""",
-            (since, *flat),
-        ).fetchone()
-        return int(row[0])
 
     # -- read side (CLI views) ---------------------------------------------
 
@@ -625,11 +530,6 @@ class Store:
         return {"received": row[0], "duplicates": row[1], "gaps": row[2],
                 "agent_dropped": json.loads(loss[0]) if loss else {}}
 
-    def set_agent_loss(self, cluster: str, node: str, dropped: Mapping[str, int]) -> None:
-        self.db.execute("INSERT OR REPLACE INTO agent_loss (cluster, node, dropped) VALUES (?,?,?)",
-                        (cluster, node, json.dumps(dict(dropped))))
-
-
 _json_encoder = msgspec.json.Encoder()
 
 
@@ -646,6 +546,16 @@ def _decoded(row: dict[str, Any]) -> dict[str, Any]:
         if key in row:
             row[key] = json.loads(row[key])
     return row
+
+
+def _node_values(row: NodeRow) -> tuple[Any, ...]:
+    return (row.cluster, row.name, row.state, row.state_since, row.reason, int(row.online), row.session,
+            row.session_started, row.first_seen, row.last_seen, row.agent_version, _json(row.labels))
+
+
+def _audit_from_row(r: sqlite3.Row) -> Audit:
+    return Audit(r["cluster"], r["node"], r["action"], r["ts"], r["actor"], r["rule"], r["outcome"], r["detail"],
+                 json.loads(r["evidence"]), r["id"])
 
 
 def _node_from_row(r: sqlite3.Row) -> NodeRow:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from vetd.controller.breaker import verdict
 from vetd.controller.config import BreakerSection
+from vetd.controller.model import RuleState
 from vetd.controller.rules import RuleSpec
 from vetd.controller.rulestate import advance, window
-from vetd.controller.store import RuleState
 
 
 def spec(**kw: object) -> RuleSpec:

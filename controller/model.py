@@ -1,0 +1,273 @@
+"""The fleet as the engine knows it: plain records kept in memory (no I/O).
+
+:meth:`Store.load_state <vetd.controller.store.Store.load_state>` builds a
+:class:`FleetState` once at start. From then on the engine reads and changes
+only this model; every change is also noted in :attr:`FleetState.changes`,
+which the engine hands back inside its decisions and the store persists in one
+call (:meth:`Store.apply <vetd.controller.store.Store.apply>`) inside the
+batch's transaction. The model is therefore always what the store holds once
+that transaction commits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from vetd.core.protocol import Event, Result, State
+
+#: (rule, cluster, node, subject)
+RuleKey = tuple[str, str, str, str]
+#: (cluster, node)
+NodeKey = tuple[str, str]
+
+
+@dataclass
+class RuleState:
+    """Where a rule stands for one subject: ``pending`` (waiting out ``for``),
+    ``firing``, or firing with the condition cleared at ``cleared_at``
+    (waiting out ``keep_firing_for``)."""
+
+    phase: str
+    since: float
+    cleared_at: float | None = None
+
+
+@dataclass
+class Healing:
+    """One node's way back: the ladder, where it stands, what it waits for.
+
+    ``phase``: ``next`` (start step ``step``), ``step`` (its command is out),
+    ``rebooting`` (waiting for a new agent session), ``probation`` (re-vetting).
+    """
+
+    cluster: str
+    node: str
+    rule: str
+    ladder: list[str]
+    step: int
+    phase: str
+    started: float
+    command_id: str = ""
+    deadline: float = 0.0
+    gpu: str = "all"
+    session: str = ""
+
+
+@dataclass
+class NodeRow:
+    cluster: str
+    name: str
+    state: str = "healthy"
+    state_since: float = 0.0
+    reason: str = ""
+    online: bool = False
+    session: str = ""
+    session_started: float = 0.0
+    first_seen: float = 0.0
+    last_seen: float = 0.0
+    agent_version: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Audit:
+    """One audit-log row. ``id`` is 0 until the store writes the row and gives it one,
+    before the executor sees the decision that refers to it; ``evidence`` holds history ids."""
+
+    cluster: str
+    node: str
+    action: str
+    ts: float
+    actor: str = "controller"
+    rule: str = ""
+    outcome: str = ""
+    detail: str = ""
+    evidence: list[int] = field(default_factory=list)
+    id: int = 0
+
+
+@dataclass
+class Breaker:
+    """A partition's circuit breaker as last set (open, or reset by an operator)."""
+
+    open: bool
+    since: float
+    reason: str = ""
+
+
+@dataclass
+class FiringAlert:
+    cluster: str
+    node: str
+    #: ``None``: resolved, to be forgotten.
+    payload: dict[str, Any] | None
+    sent: float
+
+
+@dataclass
+class Changes:
+    """What the store must persist of a set of decisions, applied in one call.
+
+    Keyed tables hold the final value of each key (``None``: delete the row);
+    audit rows keep the order they were written in.
+    """
+
+    nodes: dict[NodeKey, NodeRow] = field(default_factory=dict)
+    rule_states: dict[RuleKey, RuleState | None] = field(default_factory=dict)
+    rule_windows: dict[RuleKey, list[float]] = field(default_factory=dict)
+    firing_alerts: dict[str, FiringAlert] = field(default_factory=dict)
+    healings: dict[NodeKey, Healing | None] = field(default_factory=dict)
+    breakers: dict[str, Breaker] = field(default_factory=dict)
+    agent_loss: dict[NodeKey, dict[str, int]] = field(default_factory=dict)
+    audit: list[Audit] = field(default_factory=list)
+
+    def update(self, other: Changes) -> None:
+        """Add ``other``'s changes, which come after these."""
+        for name, theirs in vars(other).items():
+            mine = getattr(self, name)
+            if isinstance(mine, list):
+                mine.extend(theirs)
+            else:
+                mine.update(theirs)
+
+
+@dataclass
+class FleetState:
+    """Nodes, rule states, firing alerts, ladders, breakers and recent drains, in memory."""
+
+    nodes: dict[NodeKey, NodeRow] = field(default_factory=dict)
+    rule_states: dict[RuleKey, RuleState] = field(default_factory=dict)
+    rule_windows: dict[RuleKey, list[float]] = field(default_factory=dict)
+    #: Alerts of result rules still firing, re-sent until they resolve.
+    firing_alerts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    healings: dict[NodeKey, Healing] = field(default_factory=dict)
+    breakers: dict[str, Breaker] = field(default_factory=dict)
+    #: The controller's own drain decisions (audit rows), for repeat offences and the
+    #: breaker's drain rate; their outcome follows the executor's (:meth:`drain_carried_out`).
+    drains: list[Audit] = field(default_factory=list)
+    #: What changed since the last :meth:`take_changes`.
+    changes: Changes = field(default_factory=Changes)
+
+    def take_changes(self) -> Changes:
+        """The changes noted so far; the next ones start afresh."""
+        changes, self.changes = self.changes, Changes()
+        return changes
+
+    # -- nodes -------------------------------------------------------------
+
+    def node(self, cluster: str, name: str, now: float) -> NodeRow:
+        """The node's row, created (healthy, offline) on first sight."""
+        row = self.nodes.get((cluster, name))
+        if row is None:
+            row = self.nodes[(cluster, name)] = NodeRow(cluster, name, state_since=now, first_seen=now,
+                                                         last_seen=now)
+            self.changes.nodes[(cluster, name)] = row
+        return row
+
+    def save_node(self, row: NodeRow) -> None:
+        self.changes.nodes[(row.cluster, row.name)] = row
+
+    def apply_state(self, message: State, now: float) -> bool:
+        """Apply a birth or death; returns False for a stale one that was ignored."""
+        row = self.node(message.cluster, message.node, now)
+        if message.online:
+            if message.session != row.session and message.started < row.session_started:
+                return False  # a retained birth older than the session we know
+            row.online = True
+            row.session = message.session
+            row.session_started = message.started
+            row.agent_version = message.agent_version
+            row.labels = dict(message.labels)
+        else:
+            if message.session != row.session and message.started <= row.session_started:
+                return False  # death of an older session: never overrides a newer birth
+            row.online = False
+            row.session = message.session
+            row.session_started = max(row.session_started, message.started)
+        row.last_seen = max(row.last_seen, now)
+        self.save_node(row)
+        return True
+
+    def heard_from(self, message: Result | Event, now: float) -> NodeRow:
+        """A result or event (duplicate or not) says the node's agent is there."""
+        row = self.node(message.cluster, message.node, now)
+        row.last_seen = max(row.last_seen, now)
+        if not row.session:
+            row.session = message.session
+        if message.session == row.session:
+            row.online = True
+        self.save_node(row)
+        return row
+
+    def set_agent_loss(self, cluster: str, node: str, dropped: dict[str, int]) -> None:
+        self.changes.agent_loss[(cluster, node)] = dict(dropped)
+
+    # -- rule states and count windows ---------------------------------------
+
+    def save_rule_state(self, key: RuleKey, state: RuleState | None) -> None:
+        if state is None:
+            self.rule_states.pop(key, None)
+        else:
+            self.rule_states[key] = state
+        self.changes.rule_states[key] = state
+
+    def save_rule_window(self, key: RuleKey, stamps: list[float]) -> None:
+        self.rule_windows[key] = stamps
+        self.changes.rule_windows[key] = stamps
+
+    def save_firing_alert(self, key: str, cluster: str, node: str, payload: dict[str, Any] | None,
+                          now: float) -> None:
+        if payload is None:
+            self.firing_alerts.pop(key, None)
+        else:
+            self.firing_alerts[key] = payload
+        self.changes.firing_alerts[key] = FiringAlert(cluster, node, payload, now)
+
+    # -- audit and the controller's drains ----------------------------------
+
+    def audit(self, cluster: str, node: str, action: str, *, now: float, actor: str = "controller",
+              rule: str = "", outcome: str = "", detail: str = "", evidence: list[int] | None = None) -> Audit:
+        record = Audit(cluster, node, action, now, actor, rule, outcome, detail, evidence or [])
+        self.changes.audit.append(record)
+        if action == "drain" and actor == "controller":
+            self.drains.append(record)
+        return record
+
+    def drain_carried_out(self, audit_id: int, outcome: str) -> None:
+        """The executor's outcome of a drain decision (the store has it already)."""
+        for record in reversed(self.drains):
+            if record.id == audit_id:
+                record.outcome = outcome
+                return
+
+    def exclusions_since(self, cluster: str, node: str, since: float) -> int:
+        """Times rules excluded this node since ``since`` (operator drains not counted)."""
+        return sum(1 for d in self.drains if d.rule and d.outcome in ("pending", "done", "skipped")
+                   and d.cluster == cluster and d.node == node and d.ts >= since)
+
+    def drains_since(self, since: float, partition_nodes: set[NodeKey]) -> int:
+        """The controller's drains of these nodes since ``since`` that were (or will be) carried out."""
+        return sum(1 for d in self.drains if d.ts >= since and d.outcome in ("pending", "done")
+                   and (d.cluster, d.node) in partition_nodes)
+
+    # -- healing ladders and breakers -----------------------------------------
+
+    def ladders(self) -> list[Healing]:
+        """Every ladder, oldest first."""
+        return sorted(self.healings.values(), key=lambda h: h.started)
+
+    def save_healing(self, healing: Healing) -> None:
+        self.healings[(healing.cluster, healing.node)] = healing
+        self.changes.healings[(healing.cluster, healing.node)] = healing
+
+    def end_healing(self, cluster: str, node: str) -> None:
+        self.healings.pop((cluster, node), None)
+        self.changes.healings[(cluster, node)] = None
+
+    def breaker_open(self, partition: str) -> Breaker | None:
+        breaker = self.breakers.get(partition)
+        return breaker if breaker is not None and breaker.open else None
+
+    def set_breaker(self, partition: str, open_: bool, reason: str, now: float) -> None:
+        self.breakers[partition] = self.changes.breakers[partition] = Breaker(open_, now, reason)
