@@ -93,7 +93,7 @@ def test_every_tracked_module_and_data_file_is_in_the_wheel(wheel: Path) -> None
                              text=True, check=False)
     if tracked.returncode != 0:
         pytest.skip("not a git checkout: no list of tracked files")
-    shipped = {name for name in tracked.stdout.splitlines() if name.endswith((".py", ".yaml", ".typed"))}
+    shipped = {name for name in tracked.stdout.splitlines() if name.endswith((".py", ".yaml", ".typed", ".csv"))}
     assert shipped, "git lists no module under core/, agent/, plugins/, controller/"
     names = set(zipfile.ZipFile(wheel).namelist())
     missing = sorted(name for name in shipped if f"vetd/{name}" not in names)
