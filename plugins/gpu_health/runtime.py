@@ -160,8 +160,9 @@ class GpuRuntime:
                 entity=entity,
                 codes=event_codes(f"xid_{event.value}", verdict),
                 metrics={"xid": float(event.value)},
-                message=f"Xid {event.value} {verdict.mnemonic or '(not in the catalog)'} on {entity} ({event.pci}): "
-                        f"{verdict.meaning}; {event.detail or 'no detail'}; NVIDIA: {verdict.resolution} [{origin}]",
+                message=f"Xid {event.value} on {entity} ({event.pci}): {event.detail or 'no detail'} "
+                        f"({verdict.mnemonic or 'not in the catalog'}: {verdict.meaning}; "
+                        f"NVIDIA: {verdict.resolution}) [{origin}]",
             )
         if event.kind == "sxid":
             verdict = self.config.sxid_verdict(event.value, event.detail)
