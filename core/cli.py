@@ -29,6 +29,8 @@ EXIT_OK, EXIT_FAILED, EXIT_VETD = 0, 1, 2
 
 #: Modules whose commands every vetd has, registered like a third party's.
 BUILTIN_COMMANDS = ("vetd.agent.cli", "vetd.controller.cli")
+#: The agent's built-in plugins, whose commands (``vetd xid``) every vetd has too.
+BUILTIN_PLUGIN_COMMANDS = ("vetd.plugins.gpu_health",)
 #: Optional packages a command may need, and the extra that brings them.
 EXTRAS = {"ClusterShell": "controller", "cel_expr_python": "controller", "yaml": "controller",
           "amqtt": "up", "pynvml": "gpu"}
@@ -129,7 +131,7 @@ def _commands() -> pluggy.PluginManager:
         # a broken plugin is the agent's to report (vetd plugins, vetd check)
         if found.plugin is not None and not pm.is_registered(found.plugin):
             pm.register(found.plugin, name=f"cli:{found.name}")
-    for module in reversed(BUILTIN_COMMANDS):
+    for module in (*reversed(BUILTIN_PLUGIN_COMMANDS), *reversed(BUILTIN_COMMANDS)):
         pm.register(importlib.import_module(module), name=f"cli:{module}")
     return pm
 

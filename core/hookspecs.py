@@ -152,8 +152,9 @@ def vetd_cli_commands(subparsers: argparse._SubParsersAction[Parser]) -> None:
     ``parser.set_defaults(func=RUN)`` where ``RUN(args) -> int`` is the exit code.
 
     Called once when ``vetd`` starts (:mod:`vetd.core.cli`), for the agent's and
-    the controller's command modules and every plugin of the ``vetd``
-    entry-point group that implements it. Not ``firstresult``. Keep imports that
+    the controller's command modules, the built-in plugins that have commands
+    (``gpu_health``: ``vetd xid``) and every plugin of the ``vetd`` entry-point
+    group that implements it. Not ``firstresult``. Keep imports that
     need optional packages inside RUN.
     """
 

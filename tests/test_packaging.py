@@ -93,7 +93,8 @@ def test_every_tracked_module_and_data_file_is_in_the_wheel(wheel: Path) -> None
                              text=True, check=False)
     if tracked.returncode != 0:
         pytest.skip("not a git checkout: no list of tracked files")
-    shipped = {name for name in tracked.stdout.splitlines() if name.endswith((".py", ".yaml", ".typed", ".toml"))}
+    shipped = {name for name in tracked.stdout.splitlines()
+               if name.endswith((".py", ".yaml", ".typed", ".toml", ".csv"))}
     assert shipped, "git lists no module under core/, agent/, plugins/, controller/"
     names = set(zipfile.ZipFile(wheel).namelist())
     missing = sorted(name for name in shipped if f"vetd/{name}" not in names)
@@ -121,6 +122,11 @@ def test_the_installed_wheel_runs_from_outside_the_source_tree(installed: Path, 
     checked = run_installed(installed, tmp_path, "check", "gpu_health", "--capture", str(capture), "--json")
     assert checked.returncode == 0, checked.stderr
     assert {json.loads(line)["entity"] for line in checked.stdout.splitlines()} == {"node", "gpu0"}
+    # the XID catalog is package data: a wheel without it could not say what XID 79 is
+    kmsg = Path(__file__).resolve().parent / "data" / "kmsg" / "dmesg.log"
+    decoded = run_installed(installed, tmp_path, "xid", str(kmsg), "--json")
+    assert decoded.returncode == 1, decoded.stderr  # a critical finding
+    assert {"xid": 79, "resolution": "RESTART_BM"}.items() <= json.loads(decoded.stdout.splitlines()[-1]).items()
     events = tmp_path / "events.jsonl"
     events.write_text(json.dumps({"kind": "event", "ts": 100, "node": "nid001", "name": "xid", "entity": "gpu1",
                                   "severity": "critical", "codes": ["xid_79"]}) + "\n")

@@ -11,13 +11,17 @@ Checks:
 * ``gpu_idle`` (profile ``prolog``): before a job, every GPU is cool, its
   memory is free and no compute process is left on it (CSCS vetnode's limits).
 
-Event sources ``gpu_xid`` (NVML event set) and ``gpu_kmsg`` (``NVRM: Xid``
-lines in ``/dev/kmsg``) publish an ``xid`` event the moment an XID happens,
-with a severity from ``xid_critical`` / ``xid_warning``; the same XID from both
-is reported once. The NVML event set also delivers the other health events a
+Event sources ``gpu_xid`` (NVML event set) and ``gpu_kmsg`` (XID, "fallen off
+the bus" and NVSwitch SXid lines in ``/dev/kmsg``) publish an ``xid`` (or
+``sxid``) event the moment it happens, with the severity and resolution of
+NVIDIA's XID catalog (:mod:`~vetd.plugins.gpu_health.catalog`) and the site's
+``xid_severity`` over it; the same XID from both is reported once. The NVML event set also delivers the other health events a
 GPU supports (GPU unavailable, poison, row-remap failure, recovery action...),
 published as ``gpu_event`` with a severity from ``event_severity``. A warning
 or critical event runs ``gpu_health`` at once.
+
+Command line: ``vetd xid FILE|-`` decodes a kernel log offline
+(:mod:`~vetd.plugins.gpu_health.kernlog`).
 
 State comes from NVML (``source = "nvml"``), an ``nvidia-smi -q -x`` capture
 (``source = "capture"``) or a scenario (``source = "scenario"``); see
@@ -28,6 +32,7 @@ driver cannot be reached fails with ``driver_unavailable``.
 
 from __future__ import annotations
 
+import argparse
 import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
@@ -138,3 +143,24 @@ def vetd_node_labels(configs: PluginConfigs) -> Mapping[str, str]:
         "gpu_count": str(len(snapshot.gpus)),
         "gpu_driver": snapshot.driver_version or "",
     }
+
+
+@hookimpl
+def vetd_cli_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    xid = subparsers.add_parser(
+        "xid", help="decode the XIDs, SXids and fallen-off-the-bus lines of a kernel log",
+        description="Decode a kernel log offline (dmesg, dmesg -T, journalctl -k, kern.log, /dev/kmsg records): "
+        "each XID, NVSwitch SXid and 'fallen off the bus' line with its GPU, NVIDIA's meaning and resolution, "
+        "the severity vetd gives it and what the default rules would do (drain, alert, none), grouped in bursts "
+        "per GPU and XID. Exit 0: nothing critical; 1: a critical finding; 2: the file cannot be read.")
+    xid.add_argument("file", metavar="FILE", help="the log, or - for standard input")
+    xid.add_argument("--json", action="store_true", help="one JSON object per burst per line")
+    xid.add_argument("--config", metavar="AGENT.toml",
+                     help="take the site's [plugins.gpu_health] severities (xid_severity...) from this agent config")
+    xid.set_defaults(func=_xid)
+
+
+def _xid(args: argparse.Namespace) -> int:
+    from vetd.plugins.gpu_health.kernlog import run
+
+    return run(args)

@@ -1,7 +1,8 @@
 """``[plugins.gpu_health]``: where GPU state comes from and every threshold.
 
 Defaults follow DCGM's health limits and CSCS vetnode's idle limits
-(``../shared/DESIGN.md``); every one can be overridden.
+(``../shared/DESIGN.md``); XID severities follow NVIDIA's XID catalog
+(:mod:`~vetd.plugins.gpu_health.catalog`). Every one can be overridden.
 """
 
 from __future__ import annotations
@@ -11,18 +12,12 @@ from typing import Annotated, Literal
 import msgspec
 
 from vetd.agent.api import Duration
+from vetd.plugins.gpu_health.catalog import Severity, Verdict, classify, classify_sxid
 from vetd.plugins.gpu_health.model import GPU_EVENTS
 
-#: DCGM treats these XIDs as fatal in every case: a GPU reset or a reboot is needed.
-XID_CRITICAL = [48, 74, 79, 95, 119, 120, 140]
-#: 94 is a contained ECC error (the application died, the GPU is fine). The rest
-#: are Meta's warning list and the remainder of Azure's 2-hour fail list: often
-#: caused by user code (13, 31, 43, 45) or recoverable, so they alert a person
-#: and feed repeat-offender rules instead of draining on sight.
-XID_WARNING = [13, 31, 43, 45, 56, 57, 58, 62, 63, 64, 65, 68, 69, 73, 80, 81, 92, 94, 109]
-
-Severity = Literal["info", "warning", "critical"]
 NonNegative = Annotated[float, msgspec.Meta(ge=0.0)]
+#: An XID or SXid number as a TOML key.
+XidKey = Annotated[str, msgspec.Meta(pattern=r"^(0|[1-9][0-9]*)$")]
 
 
 class GpuEventSeverity(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -100,25 +95,40 @@ class GpuHealthConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     idle_memory_used_fraction: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.20
     #: Warn when persistence mode is off (``persistence_off``).
     require_persistence_mode: bool = True
-    #: XIDs published as critical events (DCGM's always-fatal list); XIDs in neither list are info.
-    xid_critical: list[int] = msgspec.field(default_factory=lambda: list(XID_CRITICAL))
-    #: XIDs published as warning events (often user code or recoverable).
-    xid_warning: list[int] = msgspec.field(default_factory=lambda: list(XID_WARNING))
+    #: Severity per XID, over NVIDIA's catalog (``{"13" = "critical"}``); the
+    #: catalog's own (README "XID severity") for the rest; an XID not in it is a warning.
+    xid_severity: dict[XidKey, Severity] = {}
+    #: Severity per NVSwitch SXid (``{"12028" = "info"}``); otherwise as its line says:
+    #: fatal SXids are critical, the others warnings.
+    sxid_severity: dict[XidKey, Severity] = {}
+    #: Older form of ``xid_severity``: XIDs always critical (``xid_severity`` wins).
+    xid_critical: list[int] = []
+    #: Older form of ``xid_severity``: XIDs always warnings (``xid_severity`` wins).
+    xid_warning: list[int] = []
     #: NVML events other than XIDs (where the GPU and driver deliver them).
     event_severity: GpuEventSeverity = msgspec.field(default_factory=GpuEventSeverity)
-    #: Read ``/dev/kmsg`` for ``NVRM: Xid`` lines as well as NVML events.
+    #: Read ``/dev/kmsg`` for XIDs, "fallen off the bus" and NVSwitch SXids as well as NVML events.
     kmsg: bool = True
     #: On start, report kernel-log XIDs this recent (an XID during an agent restart).
     kmsg_lookback: Duration = Duration(600.0)
     #: Telemetry from the GPUs (temperature, power, utilisation) at the agent's interval.
     telemetry: bool = True
 
-    def xid_severity(self, xid: int) -> Severity:
+    def xid_verdict(self, xid: int, detail: str = "") -> Verdict:
+        """The catalog's verdict on an XID with this site's severity over it."""
+        verdict = classify(xid, detail)
+        if (override := self.xid_severity.get(str(xid))) is not None:
+            return verdict._replace(severity=override)
         if xid in self.xid_critical:
-            return "critical"
+            return verdict._replace(severity="critical")
         if xid in self.xid_warning:
-            return "warning"
-        return "info"
+            return verdict._replace(severity="warning")
+        return verdict
+
+    def sxid_verdict(self, sxid: int, detail: str = "") -> Verdict:
+        verdict = classify_sxid(detail)
+        override = self.sxid_severity.get(str(sxid))
+        return verdict if override is None else verdict._replace(severity=override)
 
     def event_severity_of(self, kind: str, action: str = "") -> Severity:
         """The severity of a driver event; a recovery action of ``None`` is the driver clearing it."""

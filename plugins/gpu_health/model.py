@@ -158,7 +158,8 @@ GPU_EVENTS = {
 class DriverEvent(msgspec.Struct, frozen=True):
     """Something the driver reported about one GPU, the moment it happened.
 
-    ``kind`` is ``"xid"`` (``value``: the XID) or a :data:`GPU_EVENTS` name
+    ``kind`` is ``"xid"`` (``value``: the XID), ``"sxid"`` (an NVSwitch's:
+    ``pci`` and ``device`` are the switch's) or a :data:`GPU_EVENTS` name
     (``value``: NVML's event data). ``detail`` is free text: the kernel log's
     words, or the recovery action the driver asks for.
     """
@@ -167,3 +168,5 @@ class DriverEvent(msgspec.Struct, frozen=True):
     kind: str
     value: int = 0
     detail: str = ""
+    #: The kernel's name of the device when it is not a GPU (``nvswitch0``).
+    device: str = ""

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from vetd.agent.api import EventOutcome, Outcome, SourceUnavailable
+from vetd.plugins.gpu_health.catalog import Verdict
 from vetd.plugins.gpu_health.config import GpuHealthConfig
 from vetd.plugins.gpu_health.evaluate import RECOVERY_FAIL, Evaluator
 from vetd.plugins.gpu_health.model import GPU_EVENTS, DriverEvent, NodeSnapshot
@@ -24,6 +25,12 @@ log = structlog.get_logger("vetd.gpu")
 HEALTH_PROFILES = frozenset({"prolog", "periodic", "full"})
 IDLE_PROFILES = frozenset({"prolog"})
 KMSG_PATH = "/dev/kmsg"
+
+
+def event_codes(first: str, verdict: Verdict) -> list[str]:
+    """``xid_79``, ``resolution_restart_bm``, ``robust_channel_gpu_has_fallen_off_the_bus``: what rules key on."""
+    codes = [first, f"resolution_{verdict.resolution.lower()}"]
+    return [*codes, verdict.mnemonic.lower()] if verdict.mnemonic else codes
 
 
 def make_source(config: GpuHealthConfig) -> Source:
@@ -146,13 +153,27 @@ class GpuRuntime:
     def _event_outcome(self, event: DriverEvent, origin: str) -> EventOutcome:
         entity = self._entity_of(event.pci)
         if event.kind == "xid":
+            verdict = self.config.xid_verdict(event.value, event.detail)
             return EventOutcome(
                 name="xid",
-                severity=self.config.xid_severity(event.value),
+                severity=verdict.severity,
                 entity=entity,
-                codes=[f"xid_{event.value}"],
+                codes=event_codes(f"xid_{event.value}", verdict),
                 metrics={"xid": float(event.value)},
-                message=f"Xid {event.value} on {entity} ({event.pci}): {event.detail or 'no detail'} [{origin}]",
+                message=f"Xid {event.value} on {entity} ({event.pci}): {event.detail or 'no detail'} "
+                        f"({verdict.mnemonic or 'not in the catalog'}: {verdict.meaning}; "
+                        f"NVIDIA: {verdict.resolution}) [{origin}]",
+            )
+        if event.kind == "sxid":
+            verdict = self.config.sxid_verdict(event.value, event.detail)
+            device = event.device or f"nvswitch:{normalize_pci(event.pci)}"
+            return EventOutcome(
+                name="sxid",
+                severity=verdict.severity,
+                entity=device,
+                codes=event_codes(f"sxid_{event.value}", verdict),
+                metrics={"sxid": float(event.value)},
+                message=f"SXid {event.value} on {device} ({event.pci}): {event.detail or 'no detail'} [{origin}]",
             )
         codes = [event.kind]
         if event.kind == "recovery_action" and (same := RECOVERY_FAIL.get(event.detail.lower())):

@@ -1,10 +1,20 @@
-"""XID events: the kernel log reader and de-duplication across sources.
+"""XID events: the kernel log's formats, its reader and de-duplication across sources.
 
 NVML delivers XIDs through an event set; the driver also logs each one to the
-kernel ring buffer (``NVRM: Xid (PCI:0000:3b:00): 79, pid=…, GPU has fallen off
-the bus.``). NVML misses some (certain drivers; a GPU that fell off the bus has
-no NVML handle left), so both are read and the same XID on the same GPU within
-a few seconds is reported once.
+kernel ring buffer. NVML misses some (certain drivers; NVML never reports XID
+79, 119 or 120, and a GPU that fell off the bus has no NVML handle left), so
+both are read and the same XID on the same GPU within a few seconds is
+reported once. The kernel-log forms (examples in ``tests/data/kmsg/``):
+
+- ``NVRM: Xid (PCI:0000:3b:00): 79, pid=…, GPU has fallen off the bus.``, and
+  ``NVRM: Xid (0000:03:00): 14, …`` (no ``PCI:``; older drivers);
+- ``NVRM: GPU 0000:29:00.0: GPU has fallen off the bus.`` (and the older
+  ``NVRM: GPU at 0000:29:00.0 has fallen off the bus.``): XID 79 for that GPU.
+  The driver logs it beside the XID 79 line, after ``NVRM: GPU at
+  PCI:0000:29:00: GPU-<uuid>`` and ``NVRM: GPU Board Serial Number: …``;
+- ``nvidia-nvswitch0: SXid (PCI:0000:05:00.0): 12028, Non-fatal, Link 45 …``:
+  an NVSwitch error, followed by ``…, Severity 0 Engine instance …`` and
+  ``…, Data {…}`` lines of the same SXid (not reported again).
 """
 
 from __future__ import annotations
@@ -15,12 +25,21 @@ import re
 import select
 import threading
 import time
+from typing import NamedTuple
 
 from vetd.agent.api import SourceUnavailable
 from vetd.plugins.gpu_health.model import DriverEvent
 from vetd.plugins.gpu_health.sources import OnEvent
 
-XID_LINE = re.compile(r"NVRM: Xid \(PCI:([0-9A-Fa-f]{4,8}:[0-9A-Fa-f]{2}:[0-9A-Fa-f]{2}(?:\.\d)?)\): (\d+),\s*(.*)")
+_PCI = r"[0-9A-Fa-f]{4,8}:[0-9A-Fa-f]{2}:[0-9A-Fa-f]{2}(?:\.[0-7])?"
+XID_LINE = re.compile(rf"NVRM: Xid \((?:PCI:)?({_PCI})\): (\d+),?\s*(.*)")
+FALLEN_OFF_LINE = re.compile(rf"NVRM: GPU (?:at )?(?:PCI:)?({_PCI}):? .*fallen off the bus", re.IGNORECASE)
+SXID_LINE = re.compile(rf"(?:nvidia-)?(nvswitch\d+): SXid \((?:PCI:)?({_PCI})\): (\d+),?\s*(.*)")
+#: The second and third lines of one SXid report: not a new event.
+SXID_CONTINUATION = re.compile(r"^(?:Data \{|Severity \d)")
+#: ``NVRM: GPU at PCI:0000:29:00: GPU-<uuid>``: which GPU the lines that follow are about.
+GPU_HEADER_LINE = re.compile(rf"NVRM: GPU at (?:PCI:)?({_PCI}): (GPU-[0-9a-fA-F-]+)")
+SERIAL_LINE = re.compile(r"NVRM: GPU Board Serial Number: (\S+)")
 #: A ``/dev/kmsg`` record: ``prio,seq,usec,flags[,…];message``.
 KMSG_RECORD = re.compile(r"^(\d+),(\d+),(\d+),[^;]*;(.*)$")
 
@@ -40,6 +59,28 @@ def parse_xid(line: str) -> tuple[str, int, str] | None:
     if match is None:
         return None
     return normalize_pci(match.group(1)), int(match.group(2)), match.group(3).strip()
+
+
+class KernelLine(NamedTuple):
+    """An event in one kernel-log line and the form it came in."""
+
+    event: DriverEvent
+    #: ``xid``, ``fallen_off_bus`` (an XID 79 in other words) or ``sxid``.
+    form: str
+
+
+def parse_line(line: str) -> KernelLine | None:
+    """The XID, fallen-off-the-bus or SXid event a kernel-log line reports, or None."""
+    if (xid := parse_xid(line)) is not None:
+        return KernelLine(DriverEvent(xid[0], "xid", xid[1], xid[2]), "xid")
+    if (fallen := FALLEN_OFF_LINE.search(line)) is not None:
+        return KernelLine(DriverEvent(normalize_pci(fallen.group(1)), "xid", 79, "GPU has fallen off the bus"),
+                          "fallen_off_bus")
+    sxid = SXID_LINE.search(line)
+    if sxid is None or SXID_CONTINUATION.match(sxid.group(4)):
+        return None
+    return KernelLine(DriverEvent(normalize_pci(sxid.group(2)), "sxid", int(sxid.group(3)), sxid.group(4).strip(),
+                                  device=sxid.group(1)), "sxid")
 
 
 class Deduper:
@@ -69,7 +110,7 @@ def follow_kmsg(
     path: str = "/dev/kmsg",
     lookback_s: float = 600.0,
 ) -> None:
-    """Read kernel log records until ``stop``; report ``NVRM: Xid`` lines.
+    """Read kernel log records until ``stop``; report XID, fallen-off-the-bus and SXid lines.
 
     Records older than ``lookback_s`` (by the kernel's monotonic timestamp) are
     skipped, so a restart reports a recent XID but not last week's. Works on
@@ -106,9 +147,8 @@ def follow_kmsg(
                     if float(match.group(3)) < oldest_us:
                         continue
                     text = match.group(4)
-                xid = parse_xid(text)
-                if xid is not None:
-                    pci, number, detail = xid
-                    on_event(DriverEvent(pci, "xid", number, detail))
+                parsed = parse_line(text)
+                if parsed is not None:
+                    on_event(parsed.event)
     finally:
         os.close(fd)

@@ -16,7 +16,7 @@ from vetd.agent.checks import SourceUnavailable
 from vetd.plugins.gpu_health.model import DriverEvent, NodeSnapshot
 from vetd.plugins.gpu_health.replay import ScenarioSource
 from vetd.plugins.gpu_health.sources import DriverUnresponsive, Guard, nvidia_gpus_in_sysfs
-from vetd.plugins.gpu_health.xid import Deduper, follow_kmsg, normalize_pci, parse_xid
+from vetd.plugins.gpu_health.xid import Deduper, follow_kmsg, normalize_pci, parse_line, parse_xid
 
 
 def test_guard_times_out_shares_in_flight_queries_and_fails_fast_while_stuck() -> None:
@@ -171,3 +171,34 @@ def test_kernel_log_reader_on_a_pipe_of_kmsg_records(tmp_path: Path) -> None:
     stop.set()
     reader.join(5)
     assert seen == [DriverEvent("0000:18:00", "xid", 79, "pid=1, GPU has fallen off the bus.")]
+
+
+def test_kernel_log_reader_reports_fallen_off_the_bus_and_sxids(tmp_path: Path) -> None:
+    fifo = tmp_path / "kmsg"
+    os.mkfifo(fifo)
+    seen: list[DriverEvent] = []
+    stop = threading.Event()
+    reader = threading.Thread(target=follow_kmsg, args=(seen.append, stop, str(fifo), 60.0))
+    reader.start()
+    now_us = int(time.clock_gettime(time.CLOCK_MONOTONIC) * 1e6)
+    with Path(fifo).open("w") as writer:
+        for text in ["NVRM: GPU at PCI:0000:29:00: GPU-0b11d014-1685-04bd-26ed-5fc0bc1c44ae",
+                     "NVRM: GPU 0000:29:00.0: GPU has fallen off the bus.",
+                     "nvidia-nvswitch0: SXid (PCI:0000:05:00.0): 20034, Fatal, Link 30 LTSSM Fault Up",
+                     "nvidia-nvswitch0: SXid (PCI:0000:05:00.0): 20034, Severity 1 Engine instance 30 Sub-engine"]:
+            writer.write(f"4,1,{now_us},-;{text}\n")
+        writer.flush()
+        wait_for(lambda: len(seen) >= 2, 5, "two events from the pipe")
+    stop.set()
+    reader.join(5)
+    assert seen == [DriverEvent("0000:29:00", "xid", 79, "GPU has fallen off the bus"),
+                    DriverEvent("0000:05:00", "sxid", 20034, "Fatal, Link 30 LTSSM Fault Up", device="nvswitch0")]
+
+
+def test_nvml_and_kmsg_reports_of_one_fault_still_merge() -> None:
+    dedupe = Deduper(window=5)
+    assert dedupe.first(DriverEvent("00000000:29:00.0", "xid", 79, "reported by NVML"), now=10.0)
+    fallen = parse_line("NVRM: GPU 0000:29:00.0: GPU has fallen off the bus.")
+    xid = parse_line("NVRM: Xid (0000:29:00): 79, pid=1, GPU has fallen off the bus.")
+    assert fallen is not None and xid is not None
+    assert not dedupe.first(fallen.event, now=10.5) and not dedupe.first(xid.event, now=10.6)
