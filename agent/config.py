@@ -53,6 +53,9 @@ class AgentSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     state_dir: str = "/var/lib/vetd"
     #: Results and events held while the broker is unreachable (10/s for 3 h).
     spool_limit: Annotated[int, msgspec.Meta(ge=1)] = 100_000
+    #: Results and events held in memory while the spool file cannot be written (a full disk);
+    #: beyond it periodic results go first, critical events never.
+    spool_memory_limit: Annotated[int, msgspec.Meta(ge=1)] = 10_000
     #: ``normal`` survives an agent crash; ``full`` also a power loss (fsync per message).
     spool_sync: Literal["normal", "full"] = "normal"
     #: Seconds between MQTT keepalives: a stalled broker is noticed within 1.5×.

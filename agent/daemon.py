@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import random
 import sqlite3
 import threading
@@ -84,7 +85,8 @@ class Agent:
         self.config_path = config_path
         self.identity = Identity(config.agent.cluster, config.agent.node)
         try:
-            self.spool = Spool(config.spool_path, config.agent.spool_limit, sync=config.agent.spool_sync)
+            self.spool = Spool(config.spool_path, config.agent.spool_limit, sync=config.agent.spool_sync,
+                               memory_limit=config.agent.spool_memory_limit)
         except (OSError, sqlite3.Error) as exc:
             raise ConfigError(f"{config.source}: agent.state_dir: cannot keep a spool at {config.spool_path}: "
                               f"{exc} (set state_dir, or VETD_STATE_DIR, to a writable folder)") from exc
@@ -100,6 +102,7 @@ class Agent:
             birth=self._birth,
             on_command=self._on_command,
         )
+        self.spool.on_unwritable = self._spool_unwritable
         self.notifier = Notifier()
         self.stop = asyncio.Event()
         self.reload = asyncio.Event()
@@ -130,6 +133,15 @@ class Agent:
             dropped=dict(self.spool.dropped),
         )
 
+    def _spool_unwritable(self, error: str) -> None:
+        """The spool file stopped taking writes: say so on the wire (it is held in memory meanwhile)."""
+        self.emit_event(EventOutcome(
+            name="spool_unwritable", severity="warning", entity="spool", codes=["spool_write_failed"],
+            metrics={"held": float(self.spool.held), "memory_limit": float(self.spool.memory_limit)},
+            message=clip(f"spool {self.spool.path} cannot be written ({error}); holding results in memory "
+                         f"(up to {self.spool.memory_limit}) and retrying"),
+        ))
+
     def emit_result(self, check: Check, outcome_list: list[Outcome], started: float, duration: float,
                     profile: str = "periodic") -> None:
         for outcome in outcome_list:
@@ -140,7 +152,7 @@ class Agent:
                     status=outcome.status,
                     entity=outcome.entity,
                     codes=outcome.codes,
-                    metrics=outcome.metrics,
+                    metrics={k: v for k, v in outcome.metrics.items() if math.isfinite(v)},  # no NaN on the wire
                     message=outcome.message,
                     duration_s=round(duration, 6),
                     profile=profile,
@@ -293,7 +305,7 @@ class Agent:
                 severity=event.severity,
                 entity=event.entity,
                 codes=list(event.codes),
-                metrics=dict(event.metrics),
+                metrics={k: float(v) for k, v in event.metrics.items() if math.isfinite(v)},
                 message=clip(event.message),
             )
         )
@@ -388,7 +400,7 @@ class Agent:
                             **self.identity.stamp(reliable=False, ts=now),
                             source=source.name,
                             entity=entity,
-                            metrics={k: float(v) for k, v in metrics.items()},
+                            metrics={k: float(v) for k, v in metrics.items() if math.isfinite(v)},
                         )
                     )
             except Exception as exc:  # noqa: BLE001 - a failing sampler is logged, then retried
