@@ -20,6 +20,7 @@ from typing import Any
 
 import msgspec
 
+from vetd.core.files import create_private
 from vetd.core.protocol import Event, Result, State
 
 SCHEMA = """
@@ -232,6 +233,7 @@ class Store:
         else:
             if str(path) != ":memory:":
                 self.path.parent.mkdir(parents=True, exist_ok=True)
+                create_private(self.path)  # 0600 before SQLite makes it (and its -wal, -shm) 0644
             self.db = sqlite3.connect(str(path), timeout=10, isolation_level=None)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")

@@ -96,6 +96,7 @@ def test_vetd_over_tls_with_passwords_and_refusals(tmp_path: Path, secure_mosqui
 
     def agent(name: str, password: str, ca: Path) -> VetdProcess:
         (tmp_path / f"{name}.pw").write_text(password)
+        (tmp_path / f"{name}.pw").chmod(0o600)
         conf = tmp_path / f"{name}.toml"
         conf.write_text(f'[agent]\ninterval = "1h"\n[agent.auth]\nusername = "nid001"\n'
                         f'password_file = "{tmp_path / f"{name}.pw"}"\nca_file = "{ca}"\n')

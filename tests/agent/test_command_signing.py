@@ -39,6 +39,7 @@ def test_the_agent_refuses_unsigned_forged_expired_and_replayed_commands(
 ) -> None:
     key_file = tmp_path / "cluster.key"
     key_file.write_bytes(KEY + b"\n")
+    key_file.chmod(0o600)
     config = tmp_path / "agent.toml"
     config.write_text(f'[agent]\ninterval = "1h"\n[commands]\nkey_file = "{key_file}"\n')
     env = vetd_env(VETD_BROKER=mosquitto.url, VETD_CLUSTER=cluster_name, VETD_NODE="nid001",

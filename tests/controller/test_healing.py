@@ -16,6 +16,7 @@ def setup(tmp_path: Path, cluster: str, _node: str, fixer: str, ladder: str) -> 
     marker, log = tmp_path / "healthy", tmp_path / "fixer.log"
     key = tmp_path / "cluster.key"  # commands are signed end to end
     key.write_text("f" * 64 + "\n")
+    key.chmod(0o600)
     rules = tmp_path / "heal.yaml"
     rules.write_text(
         "rules:\n  - name: scratch-missing\n"

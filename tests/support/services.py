@@ -234,6 +234,7 @@ class SecureMosquitto(Mosquitto):
             run("mosquitto_passwd", "-b", *(["-c"] if user == "vetd-controller" else []),
                 str(d / "vetd.passwd"), user, password)
             (d / f"{user}.password").write_text(password + "\n")
+            (d / f"{user}.password").chmod(0o600)  # vetd refuses a secret others can read
         (d / "vetd.passwd").chmod(0o600)
 
     def start(self) -> SecureMosquitto:
