@@ -40,6 +40,7 @@ from vetd.agent.spool import Spool
 from vetd.agent.systemd import Notifier
 from vetd.agent.transport import Identity, Transport
 from vetd.core.configfile import ConfigError, read_key
+from vetd.core.logs import redact
 from vetd.core.mqtt import client_options
 from vetd.core.protocol import Command, Event, Reply, Result, State, Telemetry, verify_command
 from vetd.core.signals import handle, release
@@ -168,7 +169,7 @@ class Agent:
             handle(loop, stop=self.stop.set, reload=self.reload.set)
         structlog.contextvars.bind_contextvars(node=self.identity.node)
         log.info("agent_starting", cluster=self.identity.cluster, session=self.identity.session,
-                 broker=self.config.agent.broker, plugins=self.schedule.plugins.names(),
+                 broker=redact(self.config.agent.broker), plugins=self.schedule.plugins.names(),
                  checks=self.schedule.checks.names())
         try:
             async with asyncio.TaskGroup() as group:
