@@ -27,7 +27,7 @@ from vetd.controller.views import ago, format_nodes, node_summaries
 from vetd.core.cli import EXIT_VETD, Parser, checked, duration, port, since
 from vetd.core.configfile import ConfigError
 from vetd.core.hookspecs import hookimpl
-from vetd.core.output import table
+from vetd.core.output import clean, table
 
 DEFAULT_CONTROLLER_CONFIG = "/etc/vetd/controller.toml"
 
@@ -385,6 +385,11 @@ def show_node(store: Store, config: ControllerConfig, name: str, as_json: bool, 
     if as_json:
         out.write(json.dumps(detail, indent=2) + "\n")
         return 0
+    # what nodes wrote reaches the terminal only through clean(): one line per field, no escapes
+    summary = {k: clean(v) if isinstance(v, str) else v for k, v in summary.items()}
+    detail = {k: [{f: clean(v) if isinstance(v, str) else v for f, v in row.items()} for row in rows]
+              for k, rows in detail.items() if k in ("results", "audit")}
+    name = clean(name)
     out.write(f"{name} ({summary['cluster']}): {summary['state']}, "
               f"{'online' if summary['online'] else 'offline'}, last seen {ago(summary['last_seen'])}\n")
     if summary["reason"]:
