@@ -1,7 +1,8 @@
 """Agent configuration (``/etc/vetd/agent.toml``).
 
 Environment overrides, applied after the file: ``VETD_BROKER``
-(``mqtt://host:port``), ``VETD_CLUSTER``, ``VETD_NODE``. The node name defaults
+(``mqtt://host:port``), ``VETD_CLUSTER``, ``VETD_NODE``, ``VETD_STATE_DIR`` and
+``VETD_ALLOW_UNSIGNED_COMMANDS=1`` (tests, demos). The node name defaults
 to the short host name, which is what Slurm calls the node on most sites.
 """
 
@@ -86,9 +87,13 @@ class CommandsSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     restart_service: list[str] = msgspec.field(default_factory=lambda: ["systemctl", "restart", "{service}"])
     #: Deadline of a command; beyond it the command is killed and reported failed.
     timeout: Duration = Duration(300.0)
-    #: The cluster's command key (shared with the controller's ``command_key_file``).
-    #: Set, only commands signed with it, unexpired and not seen before, run.
+    #: This node's command key (mode 0600), derived from the controller's master key:
+    #: ``vetd keys derive --cluster C --node N --master FILE --out FILE`` on the controller host.
+    #: Only commands signed with it, unexpired and not seen before, run. Required unless allow_unsigned.
     key_file: str = ""
+    #: Run commands without a signature (tests and `vetd up` demos only; env VETD_ALLOW_UNSIGNED_COMMANDS=1).
+    #: Without it and without key_file the agent does not start.
+    allow_unsigned: bool = False
 
 
 class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -138,6 +143,9 @@ def load_agent_config(path: Path | str | None, environ: dict[str, str] | None = 
     section = msgspec.structs.replace(section, **{k: v for k, v in overrides.items() if v})
     if not section.node:
         section = msgspec.structs.replace(section, node=short_hostname())
+    if env.get("VETD_ALLOW_UNSIGNED_COMMANDS") == "1":
+        config = msgspec.structs.replace(config, commands=msgspec.structs.replace(config.commands,
+                                                                                  allow_unsigned=True))
     for key in ("cluster", "node"):
         value = getattr(section, key)
         if not valid_name(value):

@@ -114,6 +114,11 @@ class Agent:
         #: Check name → set when an event asks for that check to run now (``EventSource.recheck``).
         self._wakes: dict[str, asyncio.Event] = {}
         self._command_tasks: set[asyncio.Task[None]] = set()
+        if not config.commands.key_file and not config.commands.allow_unsigned:
+            raise ConfigError(f"{config.source}: commands.key_file: no command key; write this node's with "
+                              f"`vetd keys derive --cluster {config.agent.cluster} --node {config.agent.node} "
+                              "--master MASTER --out FILE` on the controller host, or set [commands] "
+                              "allow_unsigned = true (tests and demos only)")
         self._command_key = (read_key(config.commands.key_file, f"{config.source}: commands.key_file")
                              if config.commands.key_file else b"")
         self._warned_unsigned = False

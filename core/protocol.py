@@ -185,6 +185,18 @@ def command_digest_input(command: Command) -> bytes:
                             sorted(command.args.items()), command.expires])
 
 
+def node_key(master: bytes, cluster: str, node: str) -> bytes:
+    """The command key of one node, derived from the controller's master key.
+
+    HMAC-SHA256(master, ``b"vetd-node-key\\0" + cluster + b"\\0" + node``), hex
+    (as ASCII bytes: what ``vetd keys derive`` writes to the node's key file
+    and what the agent reads back). An agent holds only its own key, so a node
+    that is taken over can sign commands for nobody else.
+    """
+    label = b"vetd-node-key\0" + cluster.encode() + b"\0" + node.encode()
+    return hmac.new(master, label, hashlib.sha256).hexdigest().encode()
+
+
 def sign_command(command: Command, key: bytes) -> Command:
     digest = hmac.new(key, command_digest_input(command), hashlib.sha256).hexdigest()
     return msgspec.structs.replace(command, signature=digest)
