@@ -101,3 +101,16 @@ def test_vetd_node_prints_agent_text_without_escapes(tmp_path: Path) -> None:
     assert "host_env" in text and "fake line" in text  # before: the escapes reached the terminal
     assert not any(ord(ch) < 0x20 and ch != "\n" or 0x7f <= ord(ch) <= 0x9f for ch in text), repr(text)
     assert len(text.splitlines()) == len(text.split("\n")) - 1  # a message cannot add lines of its own
+
+
+@pytest.mark.parametrize("nodes", ["-oSlurmctldHost=evil", "--help", "nid001,-o"])
+def test_drain_refuses_a_node_name_that_scontrol_would_read_as_an_option(tmp_path: Path, nodes: str) -> None:
+    from tests.support.procs import run_vetd
+
+    config = tmp_path / "controller.toml"
+    config.write_text('cluster = "alps"\n[store]\npath = "c.db"\n')
+    done = run_vetd("drain", "--reason", "test", "--config", str(config), "--", nodes, timeout=60)
+    assert done.returncode == 2 and "is not a node name" in done.stderr, done.stderr  # before: submitted
+    store = Store(tmp_path / "c.db")
+    assert store.db.execute("SELECT count(*) FROM requests").fetchone()[0] == 0
+    store.close()
