@@ -33,8 +33,10 @@ class AgentSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     cluster: str = "default"
     #: Empty: the short host name.
     node: str = ""
-    #: The MQTT broker (``mqtt://`` or ``mqtts://`` with TLS), e.g. ``mqtt://vetd-broker:1883``.
-    broker: str = "mqtt://127.0.0.1:1883"
+    #: The MQTT broker: ``mqtts://`` (TLS, port 8883, as packaging/mosquitto/vetd.conf listens) or
+    #: ``mqtt://`` (plain, 1883). Credentials may be given as ``mqtts://user:password@host``, but
+    #: ``[agent.auth] password_file`` keeps them out of a config that gets shared.
+    broker: str = "mqtts://vetd-broker:8883"
     #: Default interval of periodic checks; a check may set its own.
     interval: Duration = Duration(60.0)
     #: How often telemetry sources are sampled.
@@ -157,6 +159,9 @@ def load_agent_config(path: Path | str | None, environ: dict[str, str] | None = 
         parse_broker(section.broker)
     except ValueError as exc:
         raise ConfigError(f"{source}: agent.broker: {exc}") from exc
+    if section.auth.password_file and not section.auth.username and not parse_broker(section.broker).username:
+        # the shipped ACL knows a node by its username: the node name
+        section = msgspec.structs.replace(section, auth=msgspec.structs.replace(section.auth, username=section.node))
     if not 0 <= section.jitter <= 0.5:
         raise ConfigError(f"{source}: agent.jitter: must be between 0 and 0.5")
     if section.interval <= 0 or section.telemetry_interval <= 0:

@@ -107,9 +107,11 @@ class HttpSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class ControllerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    #: The MQTT broker (env VETD_BROKER overrides), e.g. ``mqtts://vetd-broker:8883``.
-    broker: str = "mqtt://127.0.0.1:1883"
-    #: Only this cluster's nodes; empty: every cluster on the broker.
+    #: The MQTT broker (env VETD_BROKER overrides): ``mqtts://`` (TLS, 8883, as the shipped
+    #: Mosquitto config listens) or ``mqtt://`` (plain, 1883).
+    broker: str = "mqtts://vetd-broker:8883"
+    #: Only this cluster's nodes; empty: every cluster on the broker. The shipped ACL gives the
+    #: controller's identity one cluster (packaging/mosquitto/vetd.acl).
     cluster: str = ""
     #: MQTT client id; with a persistent session the broker keeps what arrives
     #: while the controller is down. Run one controller per id.

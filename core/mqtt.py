@@ -63,6 +63,7 @@ class BrokerAuth(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     its own topics.
     """
 
+    #: Empty, for an agent with a password_file: its node name (what the shipped ACL expects).
     username: str = ""
     #: A file holding the password (not the password itself: configs get shared).
     password_file: str = ""

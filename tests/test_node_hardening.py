@@ -114,3 +114,21 @@ def test_drain_refuses_a_node_name_that_scontrol_would_read_as_an_option(tmp_pat
     store = Store(tmp_path / "c.db")
     assert store.db.execute("SELECT count(*) FROM requests").fetchone()[0] == 0
     store.close()
+
+
+def test_the_shipped_agent_and_broker_configs_agree(tmp_path: Path) -> None:
+    from vetd.agent.config import load_agent_config
+
+    root = Path(__file__).resolve().parents[1]
+    agent = load_agent_config(root / "packaging" / "config" / "agent.toml", environ={"VETD_NODE": "nid001"})
+    conf = (root / "packaging" / "mosquitto" / "vetd.conf").read_text()
+    assert agent.broker.tls and f"listener {agent.broker.port}\n" in conf  # before: mqtt:// to 1883, TLS on 8883
+    acl = (root / "packaging" / "mosquitto" / "vetd.acl").read_text()
+    patterns = [line for line in acl.splitlines() if line.startswith(("pattern", "topic"))]
+    assert patterns and all("/CLUSTER/" in line for line in patterns)  # the cluster pinned, never `+`
+    password = tmp_path / "broker.password"
+    password.write_text("pw\n")
+    password.chmod(0o600)
+    config = tmp_path / "agent.toml"
+    config.write_text(f'[agent.auth]\npassword_file = "{password}"\n')
+    assert load_agent_config(config, environ={"VETD_NODE": "nid007"}).agent.auth.username == "nid007"
