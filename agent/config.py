@@ -1,7 +1,8 @@
 """Agent configuration (``/etc/vetd/agent.toml``).
 
 Environment overrides, applied after the file: ``VETD_BROKER``
-(``mqtt://host:port``), ``VETD_CLUSTER``, ``VETD_NODE``. The node name defaults
+(``mqtt://host:port``), ``VETD_CLUSTER``, ``VETD_NODE``, ``VETD_STATE_DIR`` and
+``VETD_ALLOW_UNSIGNED_COMMANDS=1`` (tests, demos). The node name defaults
 to the short host name, which is what Slurm calls the node on most sites.
 """
 
@@ -32,8 +33,10 @@ class AgentSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     cluster: str = "default"
     #: Empty: the short host name.
     node: str = ""
-    #: The MQTT broker (``mqtt://`` or ``mqtts://`` with TLS), e.g. ``mqtt://vetd-broker:1883``.
-    broker: str = "mqtt://127.0.0.1:1883"
+    #: The MQTT broker: ``mqtts://`` (TLS, port 8883, as packaging/mosquitto/vetd.conf listens) or
+    #: ``mqtt://`` (plain, 1883). Credentials may be given as ``mqtts://user:password@host``, but
+    #: ``[agent.auth] password_file`` keeps them out of a config that gets shared.
+    broker: str = "mqtts://vetd-broker:8883"
     #: Default interval of periodic checks; a check may set its own.
     interval: Duration = Duration(60.0)
     #: How often telemetry sources are sampled.
@@ -53,6 +56,9 @@ class AgentSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     state_dir: str = "/var/lib/vetd"
     #: Results and events held while the broker is unreachable (10/s for 3 h).
     spool_limit: Annotated[int, msgspec.Meta(ge=1)] = 100_000
+    #: Results and events held in memory while the spool file cannot be written (a full disk);
+    #: beyond it periodic results go first, critical events never.
+    spool_memory_limit: Annotated[int, msgspec.Meta(ge=1)] = 10_000
     #: ``normal`` survives an agent crash; ``full`` also a power loss (fsync per message).
     spool_sync: Literal["normal", "full"] = "normal"
     #: Seconds between MQTT keepalives: a stalled broker is noticed within 1.5×.
@@ -83,9 +89,13 @@ class CommandsSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     restart_service: list[str] = msgspec.field(default_factory=lambda: ["systemctl", "restart", "{service}"])
     #: Deadline of a command; beyond it the command is killed and reported failed.
     timeout: Duration = Duration(300.0)
-    #: The cluster's command key (shared with the controller's ``command_key_file``).
-    #: Set, only commands signed with it, unexpired and not seen before, run.
+    #: This node's command key (mode 0600), derived from the controller's master key:
+    #: ``vetd keys derive --cluster C --node N --master FILE --out FILE`` on the controller host.
+    #: Only commands signed with it, unexpired and not seen before, run. Required unless allow_unsigned.
     key_file: str = ""
+    #: Run commands without a signature (tests and `vetd up` demos only; env VETD_ALLOW_UNSIGNED_COMMANDS=1).
+    #: Without it and without key_file the agent does not start.
+    allow_unsigned: bool = False
 
 
 class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -135,6 +145,9 @@ def load_agent_config(path: Path | str | None, environ: dict[str, str] | None = 
     section = msgspec.structs.replace(section, **{k: v for k, v in overrides.items() if v})
     if not section.node:
         section = msgspec.structs.replace(section, node=short_hostname())
+    if env.get("VETD_ALLOW_UNSIGNED_COMMANDS") == "1":
+        config = msgspec.structs.replace(config, commands=msgspec.structs.replace(config.commands,
+                                                                                  allow_unsigned=True))
     for key in ("cluster", "node"):
         value = getattr(section, key)
         if not valid_name(value):
@@ -146,6 +159,9 @@ def load_agent_config(path: Path | str | None, environ: dict[str, str] | None = 
         parse_broker(section.broker)
     except ValueError as exc:
         raise ConfigError(f"{source}: agent.broker: {exc}") from exc
+    if section.auth.password_file and not section.auth.username and not parse_broker(section.broker).username:
+        # the shipped ACL knows a node by its username: the node name
+        section = msgspec.structs.replace(section, auth=msgspec.structs.replace(section.auth, username=section.node))
     if not 0 <= section.jitter <= 0.5:
         raise ConfigError(f"{source}: agent.jitter: must be between 0 and 0.5")
     if section.interval <= 0 or section.telemetry_interval <= 0:

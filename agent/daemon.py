@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import random
 import sqlite3
 import threading
@@ -39,6 +40,7 @@ from vetd.agent.spool import Spool
 from vetd.agent.systemd import Notifier
 from vetd.agent.transport import Identity, Transport
 from vetd.core.configfile import ConfigError, read_key
+from vetd.core.logs import redact
 from vetd.core.mqtt import client_options
 from vetd.core.protocol import Command, Event, Reply, Result, State, Telemetry, verify_command
 from vetd.core.signals import handle, release
@@ -84,7 +86,8 @@ class Agent:
         self.config_path = config_path
         self.identity = Identity(config.agent.cluster, config.agent.node)
         try:
-            self.spool = Spool(config.spool_path, config.agent.spool_limit, sync=config.agent.spool_sync)
+            self.spool = Spool(config.spool_path, config.agent.spool_limit, sync=config.agent.spool_sync,
+                               memory_limit=config.agent.spool_memory_limit)
         except (OSError, sqlite3.Error) as exc:
             raise ConfigError(f"{config.source}: agent.state_dir: cannot keep a spool at {config.spool_path}: "
                               f"{exc} (set state_dir, or VETD_STATE_DIR, to a writable folder)") from exc
@@ -100,6 +103,7 @@ class Agent:
             birth=self._birth,
             on_command=self._on_command,
         )
+        self.spool.on_unwritable = self._spool_unwritable
         self.notifier = Notifier()
         self.stop = asyncio.Event()
         self.reload = asyncio.Event()
@@ -110,6 +114,11 @@ class Agent:
         #: Check name → set when an event asks for that check to run now (``EventSource.recheck``).
         self._wakes: dict[str, asyncio.Event] = {}
         self._command_tasks: set[asyncio.Task[None]] = set()
+        if not config.commands.key_file and not config.commands.allow_unsigned:
+            raise ConfigError(f"{config.source}: commands.key_file: no command key; write this node's with "
+                              f"`vetd keys derive --cluster {config.agent.cluster} --node {config.agent.node} "
+                              "--master MASTER --out FILE` on the controller host, or set [commands] "
+                              "allow_unsigned = true (tests and demos only)")
         self._command_key = (read_key(config.commands.key_file, f"{config.source}: commands.key_file")
                              if config.commands.key_file else b"")
         self._warned_unsigned = False
@@ -130,6 +139,15 @@ class Agent:
             dropped=dict(self.spool.dropped),
         )
 
+    def _spool_unwritable(self, error: str) -> None:
+        """The spool file stopped taking writes: say so on the wire (it is held in memory meanwhile)."""
+        self.emit_event(EventOutcome(
+            name="spool_unwritable", severity="warning", entity="spool", codes=["spool_write_failed"],
+            metrics={"held": float(self.spool.held), "memory_limit": float(self.spool.memory_limit)},
+            message=clip(f"spool {self.spool.path} cannot be written ({error}); holding results in memory "
+                         f"(up to {self.spool.memory_limit}) and retrying"),
+        ))
+
     def emit_result(self, check: Check, outcome_list: list[Outcome], started: float, duration: float,
                     profile: str = "periodic") -> None:
         for outcome in outcome_list:
@@ -140,7 +158,7 @@ class Agent:
                     status=outcome.status,
                     entity=outcome.entity,
                     codes=outcome.codes,
-                    metrics=outcome.metrics,
+                    metrics={k: v for k, v in outcome.metrics.items() if math.isfinite(v)},  # no NaN on the wire
                     message=outcome.message,
                     duration_s=round(duration, 6),
                     profile=profile,
@@ -156,7 +174,7 @@ class Agent:
             handle(loop, stop=self.stop.set, reload=self.reload.set)
         structlog.contextvars.bind_contextvars(node=self.identity.node)
         log.info("agent_starting", cluster=self.identity.cluster, session=self.identity.session,
-                 broker=self.config.agent.broker, plugins=self.schedule.plugins.names(),
+                 broker=redact(self.config.agent.broker), plugins=self.schedule.plugins.names(),
                  checks=self.schedule.checks.names())
         try:
             async with asyncio.TaskGroup() as group:
@@ -293,7 +311,7 @@ class Agent:
                 severity=event.severity,
                 entity=event.entity,
                 codes=list(event.codes),
-                metrics=dict(event.metrics),
+                metrics={k: float(v) for k, v in event.metrics.items() if math.isfinite(v)},
                 message=clip(event.message),
             )
         )
@@ -388,7 +406,7 @@ class Agent:
                             **self.identity.stamp(reliable=False, ts=now),
                             source=source.name,
                             entity=entity,
-                            metrics={k: float(v) for k, v in metrics.items()},
+                            metrics={k: float(v) for k, v in metrics.items() if math.isfinite(v)},
                         )
                     )
             except Exception as exc:  # noqa: BLE001 - a failing sampler is logged, then retried

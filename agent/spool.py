@@ -14,6 +14,15 @@ oldest periodic results first, then other non-critical messages, and never
 a critical event (a fatal XID). Every drop is counted, persisted, and
 reported in the next birth message.
 
+A spool that cannot be written (a full disk, an I/O error) does not stop the
+agent: messages are held in memory, in order, up to ``memory_limit`` (the
+same drop order applies there: never a critical event), the trouble is
+logged, counted and reported once as a warning event, and every later put
+retries the database (at most once a second) until it takes them again. A
+spool file that is not a database (or fails SQLite's quick check) is moved
+aside as ``<file>.corrupt-<unix time>`` and a new one started. The file is
+created 0600.
+
 Durability: ``synchronous=NORMAL`` survives a crash of the agent (SIGKILL,
 OOM); a power loss can cost the last moments of writes unless ``[agent]
 spool_sync = "full"`` (one fsync per message).
@@ -22,15 +31,18 @@ spool_sync = "full"`` (one fsync per message).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 
 from vetd.core import protocol
+from vetd.core.files import create_private
 from vetd.core.protocol import Event, Message, Result, Telemetry
 
 log = structlog.get_logger("vetd.spool")
@@ -67,6 +79,8 @@ class Pending:
     topic: str
     payload: bytes
     qos: int
+    #: Where it waits: ``db`` (the spool file), ``held`` (memory, the file unwritable), ``telemetry``.
+    where: str = "db"
 
 
 def priority_of(message: Message) -> int:
@@ -77,21 +91,39 @@ def priority_of(message: Message) -> int:
     return PRIORITY_OTHER
 
 
+#: Least time between two attempts to write to a spool file that failed.
+RETRY_S = 1.0
+#: What a spool write can raise on a full disk, an I/O error or a file gone bad.
+WRITE_ERRORS = (sqlite3.Error, OSError)
+
+
 class Spool:
     def __init__(self, path: Path | str | None, limit: int = 100_000, telemetry_limit: int = 1000,
-                 sync: str = "normal") -> None:
+                 sync: str = "normal", memory_limit: int = 10_000) -> None:
         self.limit = max(1, limit)
+        self.memory_limit = max(1, memory_limit)
         self.path = str(path) if path else ":memory:"
+        self.sync = sync
         if path:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute(f"PRAGMA synchronous={'FULL' if sync == 'full' else 'NORMAL'}")
-        self.db.executescript(SCHEMA)
+        self.db = self._open()
         self._count = int(self.db.execute("SELECT count(*) FROM spool").fetchone()[0])
         self._telemetry: deque[tuple[int, str, bytes]] = deque()
         self.telemetry_limit = max(1, telemetry_limit)
         self._telemetry_token = 0
+        #: Messages the file would not take, oldest first: ``(token, kind, priority, topic, payload)``.
+        self._held: deque[tuple[int, str, int, str, bytes]] = deque()
+        self._held_token = 0
+        self._retry_at = 0.0
+        #: Spool writes that failed since start (disk full, I/O error).
+        self.write_failures = 0
+        #: Called with ``(error)`` when writes start failing, once per episode (the agent emits an event).
+        self.on_unwritable: Callable[[str], None] | None = None
+        #: Highest id acknowledged by the broker; rows at or below it whose delete failed are
+        #: ``_undeleted`` (already counted out, never sent again).
+        self._sent_floor = 0
+        self._undeleted = 0
+        self._seen_memory: dict[str, float] = {}
         self._ready = asyncio.Event()
         self.dropped: Counter[str] = Counter(
             {r[0]: r[1] for r in self.db.execute("SELECT kind, count FROM dropped")}
@@ -99,79 +131,193 @@ class Spool:
         if self._count:
             log.info("spool_recovered", messages=self._count, path=self.path)
 
+    def _open(self) -> sqlite3.Connection:
+        """Open the spool file; one that is not a sound database is moved aside and a new one made."""
+        try:
+            return self._connect()
+        except sqlite3.DatabaseError as exc:
+            if self.path == ":memory:" or isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+                raise
+            aside = f"{self.path}.corrupt-{int(time.time())}"
+            for suffix in ("", "-wal", "-shm"):
+                if Path(self.path + suffix).exists():
+                    Path(self.path + suffix).rename(aside + suffix)
+            log.error("spool_corrupt_moved_aside", path=self.path, moved_to=aside, error=str(exc),
+                      hint="its messages are lost; the file is kept for inspection")
+            return self._connect()
+
+    def _connect(self) -> sqlite3.Connection:
+        if self.path != ":memory:":
+            create_private(self.path)
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(f"PRAGMA synchronous={'FULL' if self.sync == 'full' else 'NORMAL'}")
+            problem = db.execute("PRAGMA quick_check").fetchone()[0]
+            if problem != "ok":
+                raise sqlite3.DatabaseError(f"quick_check: {problem}")
+            db.executescript(SCHEMA)
+        except BaseException:
+            db.close()
+            raise
+        return db
+
     def __len__(self) -> int:
-        return self._count + len(self._telemetry)
+        return self._count + len(self._held) + len(self._telemetry)
+
+    @property
+    def held(self) -> int:
+        """Messages waiting in memory because the spool file would not take them."""
+        return len(self._held)
 
     def close(self) -> None:
         self.db.close()
 
     def put(self, message: Message) -> None:
+        kind = protocol.channel_of(message)
         topic, payload = protocol.topic_for(message), protocol.encode(message)
         if len(payload) > protocol.MAX_PAYLOAD_BYTES:
-            self._drop(f"oversize_{protocol.channel_of(message)}")
-            log.error("message_too_large", kind=protocol.channel_of(message), bytes=len(payload),
-                      limit=protocol.MAX_PAYLOAD_BYTES)
+            self._drop(f"oversize_{kind}")
+            log.error("message_too_large", kind=kind, bytes=len(payload), limit=protocol.MAX_PAYLOAD_BYTES)
+            return
+        try:  # what the controller would refuse is dropped here, where it is made, and said so
+            protocol.decode(payload)
+        except protocol.ProtocolError as exc:
+            self._drop(f"invalid_{kind}")
+            log.error("message_out_of_bounds", kind=kind, error=str(exc)[:300])
             return
         if isinstance(message, Telemetry):
             if len(self._telemetry) >= self.telemetry_limit:
                 self._telemetry.popleft()
                 self._drop("telemetry")
-            self._telemetry_token -= 1  # negative tokens: in memory
+            self._telemetry_token -= 1
             self._telemetry.append((self._telemetry_token, topic, payload))
         else:
-            if self._count >= self.limit:
-                self._make_room()
-            self.db.execute("INSERT INTO spool (kind, priority, topic, payload) VALUES (?,?,?,?)",
-                            (protocol.channel_of(message), priority_of(message), topic, payload))
-            self._count += 1
+            self._held_token += 1
+            self._held.append((self._held_token, kind, priority_of(message), topic, payload))
+            self.flush()
+            if len(self._held) > self.memory_limit:
+                self._make_room_held()
         self._ready.set()
+
+    def flush(self) -> bool:
+        """Move what is held in memory into the spool file, oldest first; False if it still fails."""
+        if not self._held:
+            return True
+        if self._retry_at and time.monotonic() < self._retry_at:
+            return False
+        try:
+            while self._held:
+                _, kind, priority, topic, payload = self._held[0]
+                if self._count >= self.limit:
+                    self._make_room()
+                self.db.execute("INSERT INTO spool (kind, priority, topic, payload) VALUES (?,?,?,?)",
+                                (kind, priority, topic, payload))
+                self._held.popleft()
+                self._count += 1
+        except WRITE_ERRORS as exc:
+            self._unwritable(exc)
+            return False
+        if self._retry_at:
+            self._retry_at = 0.0
+            log.warning("spool_writable_again", path=self.path, write_failures=self.write_failures)
+        return True
+
+    def _unwritable(self, exc: BaseException) -> None:
+        self.write_failures += 1
+        first = not self._retry_at
+        self._retry_at = time.monotonic() + RETRY_S
+        if first or self.write_failures % 1000 == 0:
+            log.error("spool_write_failed", path=self.path, error=str(exc), held=len(self._held),
+                      memory_limit=self.memory_limit, write_failures=self.write_failures)
+        if first and self.on_unwritable is not None:
+            self.on_unwritable(f"{type(exc).__name__}: {exc}")
 
     def _make_room(self) -> None:
         row = self.db.execute(
-            f"SELECT id, kind FROM spool WHERE priority < {PRIORITY_CRITICAL} ORDER BY priority, id LIMIT 1"
-        ).fetchone()
+            f"SELECT id, kind FROM spool WHERE priority < {PRIORITY_CRITICAL} AND id > ? "
+            "ORDER BY priority, id LIMIT 1", (self._sent_floor,)).fetchone()
         if row is None:
             return  # only critical events: keep them all, over the bound
         self.db.execute("DELETE FROM spool WHERE id=?", (row[0],))
         self._count -= 1
         self._drop(row[1])
 
+    def _make_room_held(self) -> None:
+        """Over the memory bound: the same order as the file's (periodic results first), never a critical event."""
+        victims = [item for item in self._held if item[2] < PRIORITY_CRITICAL]
+        if not victims:
+            return
+        victim = min(victims, key=lambda item: (item[2], item[0]))
+        self._held.remove(victim)
+        self._drop(victim[1])
+
     def _drop(self, kind: str) -> None:
         self.dropped[kind] += 1
-        self.db.execute("INSERT INTO dropped (kind, count) VALUES (?, 1) "
-                        "ON CONFLICT (kind) DO UPDATE SET count = count + 1", (kind,))
+        with contextlib.suppress(*WRITE_ERRORS):  # counted in memory, reported in the next birth all the same
+            self.db.execute("INSERT INTO dropped (kind, count) VALUES (?, 1) "
+                            "ON CONFLICT (kind) DO UPDATE SET count = count + 1", (kind,))
         if self.dropped[kind] in (1, 10, 100) or self.dropped[kind] % 1000 == 0:
             log.warning("spool_full_dropped", kind=kind, dropped=self.dropped[kind], limit=self.limit)
 
     def first_sight(self, command_id: str, expires: float) -> bool:
         """Record a command id; False if it was seen before (a replay). Kept until it expires,
-        across agent restarts."""
+        across agent restarts (in memory only while the spool file cannot be written)."""
         now = time.time()
-        self.db.execute("DELETE FROM commands_seen WHERE expires < ?", (now,))
-        inserted = self.db.execute("INSERT OR IGNORE INTO commands_seen (id, expires) VALUES (?, ?)",
-                                   (command_id, expires)).rowcount
-        return inserted == 1
+        self._seen_memory = {k: v for k, v in self._seen_memory.items() if v >= now}
+        if command_id in self._seen_memory:
+            return False
+        try:
+            if self.db.execute("SELECT 1 FROM commands_seen WHERE id=?", (command_id,)).fetchone():
+                return False
+            self.db.execute("DELETE FROM commands_seen WHERE expires < ?", (now,))
+            self.db.execute("INSERT INTO commands_seen (id, expires) VALUES (?, ?)", (command_id, expires))
+        except WRITE_ERRORS as exc:
+            self._unwritable(exc)
+            self._seen_memory[command_id] = expires
+        return True
 
     async def first(self) -> Pending:
-        """The oldest message waiting (spooled ones before telemetry); waits for one."""
+        """The oldest message waiting (spooled ones, then held ones, then telemetry); waits for one."""
         while True:
-            row = self.db.execute("SELECT id, topic, payload FROM spool ORDER BY id LIMIT 1").fetchone()
+            self.flush()
+            row = self.db.execute("SELECT id, topic, payload FROM spool WHERE id > ? ORDER BY id LIMIT 1",
+                                  (self._sent_floor,)).fetchone()
             if row is not None:
                 return Pending(row[0], row[1], bytes(row[2]), 1)
+            if self._held:
+                token, _, _, topic, payload = self._held[0]
+                return Pending(token, topic, payload, 1, "held")
             if self._telemetry:
                 token, topic, payload = self._telemetry[0]
-                return Pending(token, topic, payload, 0)
+                return Pending(token, topic, payload, 0, "telemetry")
             self._ready.clear()
             await self._ready.wait()
 
     def done(self, pending: Pending) -> None:
         """The broker has it: forget it."""
-        if pending.token < 0:
+        if pending.where == "telemetry":
             if self._telemetry and self._telemetry[0][0] == pending.token:
                 self._telemetry.popleft()
             return
-        deleted = self.db.execute("DELETE FROM spool WHERE id=?", (pending.token,)).rowcount
-        self._count -= deleted
+        if pending.where == "held":
+            if self._held and self._held[0][0] == pending.token:
+                self._held.popleft()
+            return
+        floor = max(self._sent_floor, pending.token)
+        try:
+            deleted = self.db.execute("DELETE FROM spool WHERE id <= ?", (floor,)).rowcount
+        except WRITE_ERRORS as exc:  # sent, but its row stays: skipped by first() until it can go
+            self._unwritable(exc)
+            if pending.token > self._sent_floor and self.db.execute(
+                    "SELECT 1 FROM spool WHERE id=?", (pending.token,)).fetchone():
+                self._count -= 1
+                self._undeleted += 1
+            self._sent_floor = floor
+            return
+        self._count -= deleted - self._undeleted
+        self._undeleted = 0
+        self._sent_floor = floor
 
     async def drained(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout

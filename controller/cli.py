@@ -27,7 +27,7 @@ from vetd.controller.views import ago, format_nodes, node_summaries
 from vetd.core.cli import EXIT_VETD, Parser, checked, duration, port, since
 from vetd.core.configfile import ConfigError
 from vetd.core.hookspecs import hookimpl
-from vetd.core.output import table
+from vetd.core.output import clean, table
 
 DEFAULT_CONTROLLER_CONFIG = "/etc/vetd/controller.toml"
 
@@ -161,6 +161,19 @@ def vetd_cli_commands(subparsers: argparse._SubParsersAction) -> None:  # type: 
     _controller_config_arg(export)
     export.set_defaults(func=reading(run_export))
 
+    keys = sub.add_parser("keys", help="command signing keys",
+                          description="Each node gets its own command key, derived from the controller's "
+                                      "master key (command_key_file) and the node's cluster and name.")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION", parser_class=Parser)
+    derive = keys_sub.add_parser("derive", help="write (or print) one node's command key",
+                                 description="Derive NODE's key from the master key; put it on the node, "
+                                             "mode 0600, as [commands] key_file.")
+    derive.add_argument("--master", required=True, help="the master key file (the controller's command_key_file)")
+    derive.add_argument("--cluster", required=True, type=checked(node_name), help="the node's cluster")
+    derive.add_argument("--node", required=True, type=checked(node_name), help="the node's name")
+    derive.add_argument("--out", help="write the key to this file, created 0600 (default: print it)")
+    derive.set_defaults(func=run_keys_derive)
+
     up = sub.add_parser("up", help="run everything on this machine with embedded defaults",
                         description="One-machine vetd: an embedded MQTT broker on 127.0.0.1, the "
                         "controller with SQLite state and the default rules, and an agent for this "
@@ -180,6 +193,34 @@ def vetd_config_samples() -> Mapping[str, Callable[[], str]]:
     from vetd.controller.config import controller_sample
 
     return {"controller": controller_sample}
+
+
+def node_name(value: str) -> str:
+    """An argparse type: a cluster or node name as the protocol allows it (never an option such as ``-o``)."""
+    from vetd.core.protocol import valid_name
+
+    if not valid_name(value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a node or cluster name (a letter or digit, then "
+                                         "letters, digits, '_', '.', '-'; at most 64)")
+    return value
+
+
+def run_keys_derive(args: argparse.Namespace) -> int:
+    from vetd.core.configfile import read_key
+    from vetd.core.files import create_private
+    from vetd.core.protocol import node_key
+
+    key = node_key(read_key(args.master, "--master"), args.cluster, args.node) + b"\n"
+    if not args.out:
+        sys.stdout.buffer.write(key)
+        return 0
+    create_private(args.out)
+    with open(args.out, "r+b") as out:  # noqa: PTH123 - created 0600 above, written in place
+        out.truncate()
+        out.write(key)
+    print(f"wrote {args.node}'s command key to {args.out} (mode 0600); on the node: [commands] key_file",
+          file=sys.stderr)
+    return 0
 
 
 def run_controller(args: argparse.Namespace) -> int:
@@ -252,6 +293,13 @@ def run_operator_request(args: argparse.Namespace) -> int:
                 names = list(NodeSet(args.nodes))
             except Exception as exc:  # noqa: BLE001 - ClusterShell raises several parse errors
                 print(f"vetd: {args.nodes!r} is not a hostlist: {exc}", file=sys.stderr)
+                return EXIT_VETD
+            from vetd.core.protocol import valid_name
+
+            bad = [name for name in names if not valid_name(name)]
+            if bad:  # a name such as `-o…` must never reach scontrol as an option
+                print(f"vetd: {clean(bad[0])!r} is not a node name (a letter or digit, then letters, digits, "
+                      "'_', '.', '-'; at most 64)", file=sys.stderr)
                 return EXIT_VETD
             targets, problems = store.resolve_nodes(names, config.cluster)
             if problems:
@@ -385,6 +433,11 @@ def show_node(store: Store, config: ControllerConfig, name: str, as_json: bool, 
     if as_json:
         out.write(json.dumps(detail, indent=2) + "\n")
         return 0
+    # what nodes wrote reaches the terminal only through clean(): one line per field, no escapes
+    summary = {k: clean(v) if isinstance(v, str) else v for k, v in summary.items()}
+    detail = {k: [{f: clean(v) if isinstance(v, str) else v for f, v in row.items()} for row in rows]
+              for k, rows in detail.items() if k in ("results", "audit")}
+    name = clean(name)
     out.write(f"{name} ({summary['cluster']}): {summary['state']}, "
               f"{'online' if summary['online'] else 'offline'}, last seen {ago(summary['last_seen'])}\n")
     if summary["reason"]:

@@ -107,16 +107,22 @@ class HttpSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class ControllerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    #: The MQTT broker (env VETD_BROKER overrides), e.g. ``mqtts://vetd-broker:8883``.
-    broker: str = "mqtt://127.0.0.1:1883"
-    #: Only this cluster's nodes; empty: every cluster on the broker.
+    #: The MQTT broker (env VETD_BROKER overrides): ``mqtts://`` (TLS, 8883, as the shipped
+    #: Mosquitto config listens) or ``mqtt://`` (plain, 1883).
+    broker: str = "mqtts://vetd-broker:8883"
+    #: Only this cluster's nodes; empty: every cluster on the broker. The shipped ACL gives the
+    #: controller's identity one cluster (packaging/mosquitto/vetd.acl).
     cluster: str = ""
     #: MQTT client id; with a persistent session the broker keeps what arrives
     #: while the controller is down. Run one controller per id.
     client_id: str = "vetd-controller"
-    #: Signs every command to the agents (HMAC-SHA256); agents with the same
-    #: ``[commands] key_file`` refuse anything unsigned, forged, expired or replayed.
+    #: The master key (mode 0600, at least 32 bytes: ``openssl rand -hex 32``). Each command is
+    #: signed (HMAC-SHA256) with its node's key, derived from this one (``vetd keys derive``);
+    #: agents refuse anything unsigned, forged, expired or replayed. Required unless
+    #: allow_unsigned_commands. Rotating it revokes every node key at once.
     command_key_file: str = ""
+    #: Send commands unsigned (tests and `vetd up` demos only; env VETD_ALLOW_UNSIGNED_COMMANDS=1).
+    allow_unsigned_commands: bool = False
     #: Broker credentials and TLS: the controller's identity may publish commands.
     auth: BrokerAuth = msgspec.field(default_factory=BrokerAuth)
     #: Rule files, relative to this file's folder, e.g. ``["rules.d/default.yaml"]``
@@ -176,6 +182,8 @@ def load_controller_config(path: Path | str, environ: dict[str, str] | None = No
             raise ConfigError(f"{where(path, text, 'http.listen')}: expected host:port, got {config.http.listen!r}")
     if config.cluster and not valid_name(config.cluster):
         raise ConfigError(f"{path}: cluster: {config.cluster!r} is not a valid cluster name")
+    if env.get("VETD_ALLOW_UNSIGNED_COMMANDS") == "1":
+        config = msgspec.structs.replace(config, allow_unsigned_commands=True)
     return msgspec.structs.replace(
         config,
         broker=broker,

@@ -50,6 +50,8 @@ def write_configs(state_dir: Path, port: int, interval: str, http_port: int) -> 
     controller.write_text(
         "# Written by `vetd up`; edit rules.yaml to change what vetd does.\n"
         f'broker = "mqtt://127.0.0.1:{port}"\n'
+        "# A demo on one machine: commands unsigned (production: command_key_file).\n"
+        "allow_unsigned_commands = true\n"
         'rules = ["rules.yaml"]\n\n[store]\npath = "controller.db"\n\n'
         '[scheduler]\nbackend = "none"\n\n'
         f'[http]\nlisten = "127.0.0.1:{http_port}"\n'
@@ -59,6 +61,7 @@ def write_configs(state_dir: Path, port: int, interval: str, http_port: int) -> 
         "# Written by `vetd up`.\n"
         f'[agent]\ncluster = "local"\nbroker = "mqtt://127.0.0.1:{port}"\n'
         f'interval = "{interval}"\ntelemetry_interval = "{interval}"\nstate_dir = "{state_dir}"\n'
+        "\n[commands]\n# A demo on one machine: commands unsigned (production: key_file).\nallow_unsigned = true\n"
     )
     return controller, agent
 

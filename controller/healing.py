@@ -17,7 +17,7 @@ from vetd.controller.config import HealingSection
 from vetd.controller.decisions import Decisions, Reboot, Send
 from vetd.controller.lifecycle import Lifecycle
 from vetd.controller.model import FleetState, Healing, NodeRow
-from vetd.core.protocol import Command, Event, Reply, Result, sign_command
+from vetd.core.protocol import Command, Event, Reply, Result, node_key, sign_command
 
 
 def gpu_of(message: Result | Event) -> str:
@@ -117,7 +117,8 @@ class Ladders:
         timeout = float(self.config.reply_timeout)
         command = Command(cluster=node.cluster, node=node.name, session=self.session, seq=0, ts=now,
                           id=uuid.uuid4().hex, action=action, args=args, expires=now + timeout)
-        return sign_command(command, self.command_key) if self.command_key else command
+        key = node_key(self.command_key, node.cluster, node.name) if self.command_key else b""
+        return sign_command(command, key) if key else command
 
     def _send(self, healing: Healing, node: NodeRow, action: str, args: dict[str, str], phase: str,
               now: float, decisions: Decisions) -> None:

@@ -47,7 +47,7 @@ from vetd.controller.plugins import plugins
 from vetd.controller.requests import OperatorRequests
 from vetd.controller.rules import RuleSet, healing_steps, load_rules
 from vetd.controller.store import Store
-from vetd.core.configfile import read_key
+from vetd.core.configfile import ConfigError, read_key
 from vetd.core.signals import handle, release
 
 log = structlog.get_logger("vetd.controller")
@@ -147,6 +147,10 @@ class Controller:
 
     async def run(self, *, signals: bool = True) -> int:
         """Run until ``stop`` is set (by SIGTERM/SIGINT when ``signals``)."""
+        if not self.config.command_key_file and not self.config.allow_unsigned_commands:
+            raise ConfigError(f"{self.config.source}: command_key_file: no master key to sign commands with; "
+                              "create one (`openssl rand -hex 32 > FILE; chmod 600 FILE`) or set "
+                              "allow_unsigned_commands = true (tests and demos only)")
         loop = asyncio.get_running_loop()
         if signals:
             handle(loop, stop=self.stop.set, reload=self.reload_rules)

@@ -32,6 +32,7 @@ from vetd.controller.model import (
     NodeRow,
     RuleState,
 )
+from vetd.core.files import create_private
 from vetd.core.protocol import Event, Message, Result
 
 SCHEMA = """
@@ -192,6 +193,7 @@ class Store:
         else:
             if str(path) != ":memory:":
                 self.path.parent.mkdir(parents=True, exist_ok=True)
+                create_private(self.path)  # 0600 before SQLite makes it (and its -wal, -shm) 0644
             self.db = sqlite3.connect(str(path), timeout=10, isolation_level=None)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")

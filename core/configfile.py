@@ -109,7 +109,10 @@ def where(path: Path | str, text: str, key: str) -> str:
 
 
 def read_key(path: str, where_: str) -> bytes:
-    """A shared secret from a file (at least 32 bytes, trailing newline ignored)."""
+    """A secret from a file (at least 32 bytes, trailing newline ignored), only its owner may read it."""
+    from vetd.core.files import check_private
+
+    check_private(path, where_)
     try:
         key = Path(path).read_bytes().strip()
     except OSError as exc:

@@ -7,10 +7,28 @@ so one process writes one format.
 from __future__ import annotations
 
 import logging
+import re
 import sys
-from typing import TextIO
+from collections.abc import MutableMapping
+from typing import Any, TextIO
 
 import structlog
+
+#: ``scheme://user:password@`` in any text: the password is never written to a log.
+_URL_PASSWORD = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]*):[^\s@/]*@")
+
+
+def redact(text: str) -> str:
+    """``mqtt://user:secret@host`` → ``mqtt://user:***@host`` (text without credentials is unchanged)."""
+    return _URL_PASSWORD.sub(r"\1:***@", text)
+
+
+def redact_credentials(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """A structlog processor: passwords in URLs anywhere in a log line (fields, exceptions) become ``***``."""
+    for key, value in event.items():
+        if isinstance(value, str) and "@" in value:
+            event[key] = redact(value)
+    return event
 
 
 def setup(level: str = "info", *, json: bool | None = None, stream: TextIO | None = None) -> None:
@@ -37,6 +55,7 @@ def setup(level: str = "info", *, json: bool | None = None, stream: TextIO | Non
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             structlog.processors.format_exc_info,
+            redact_credentials,
             renderer,
         ],
     )

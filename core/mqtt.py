@@ -12,12 +12,14 @@ from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any, NoReturn
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import msgspec
 import structlog
 
 from vetd.core.configfile import ConfigError
+from vetd.core.files import check_private
+from vetd.core.logs import redact
 
 log = structlog.get_logger("vetd.mqtt")
 
@@ -26,21 +28,31 @@ class BrokerAddress(msgspec.Struct, frozen=True):
     host: str
     port: int
     tls: bool = False
+    #: Credentials given in the URL (``mqtts://user:password@host``); prefer ``[auth] password_file``.
+    username: str = ""
+    password: str = ""
+
+    def __repr__(self) -> str:  # never the password, wherever an address is printed
+        return f"BrokerAddress(host={self.host!r}, port={self.port}, tls={self.tls}, username={self.username!r})"
 
 
 def parse_broker(url: str) -> BrokerAddress:
-    """Parse ``mqtt://host[:port]`` (1883) or ``mqtts://host[:port]`` (TLS, 8883)."""
+    """Parse ``mqtt://[user[:password]@]host[:port]`` (1883) or ``mqtts://…`` (TLS, 8883).
+
+    Credentials in the URL are used as the MQTT username and password; the URL
+    is only ever logged through :func:`vetd.core.logs.redact`.
+    """
     parts = urlsplit(url if "://" in url else f"mqtt://{url}")
     if parts.scheme not in ("mqtt", "mqtts"):
         raise ValueError(f"unsupported broker scheme {parts.scheme!r} (use mqtt://host:port or mqtts://host:port)")
     if not parts.hostname:
-        raise ValueError(f"broker URL {url!r} has no host")
+        raise ValueError(f"broker URL {redact(url)!r} has no host")
     tls = parts.scheme == "mqtts"
     try:
         port = parts.port or (8883 if tls else 1883)
     except ValueError as exc:
-        raise ValueError(f"broker URL {url!r}: {exc}") from exc
-    return BrokerAddress(parts.hostname, port, tls)
+        raise ValueError(f"broker URL {redact(url)!r}: {exc}") from exc
+    return BrokerAddress(parts.hostname, port, tls, unquote(parts.username or ""), unquote(parts.password or ""))
 
 
 class BrokerAuth(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -51,6 +63,7 @@ class BrokerAuth(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     its own topics.
     """
 
+    #: Empty, for an agent with a password_file: its node name (what the shipped ACL expects).
     username: str = ""
     #: A file holding the password (not the password itself: configs get shared).
     password_file: str = ""
@@ -66,9 +79,14 @@ def client_options(address: BrokerAddress, auth: BrokerAuth, where_: str) -> dic
     import aiomqtt
 
     options: dict[str, Any] = {}
+    if address.username:
+        if auth.username:
+            raise ConfigError(f"{where_}: the broker URL and [auth] both give a username; give it in one place")
+        options["username"], options["password"] = address.username, address.password or None
     if auth.username:
         options["username"] = auth.username
         if auth.password_file:
+            check_private(auth.password_file, f"{where_}.password_file")
             try:
                 options["password"] = Path(auth.password_file).read_text().strip()
             except OSError as exc:

@@ -17,7 +17,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-from typing import Final, Literal
+import sys
+from typing import Annotated, Final, Literal
 
 import msgspec
 
@@ -35,8 +36,40 @@ STATUSES: Final[tuple[str, ...]] = ("pass", "warn", "fail", "error", "timeout", 
 Channel = Literal["state", "result", "event", "telemetry", "cmd", "reply"]
 CHANNELS: Final[tuple[str, ...]] = ("state", "result", "event", "telemetry", "cmd", "reply")
 
-# Cluster and node names end up in topics, Slurm arguments and file names.
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# Bounds on everything a peer sends. A message outside them fails decoding
+# (``ProtocolError``: counted as malformed), so nothing after the decoder sees
+# NaN, an integer SQLite cannot hold, a name with a newline or a million
+# entries. msgspec applies ``pattern`` with ``re.search``: every pattern is
+# anchored with ``\A``/``\Z`` (``$`` would let a trailing newline through).
+
+#: Cluster and node names end up in topics, Slurm arguments and file names:
+#: a letter or digit first (never an option such as ``-o``), at most 64.
+NAME_PATTERN: Final = r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z"
+_NAME = re.compile(NAME_PATTERN)
+#: Check, entity, code, metric and label names: 1-128 characters, no control
+#: characters (C0, DEL, C1: nothing a terminal would act on).
+_IDENT_PATTERN = r"\A[^\x00-\x1f\x7f-\x9f]{1,128}\Z"
+#: Session and command ids: letters, digits, ``_.:-``.
+_ID_PATTERN = r"\A[A-Za-z0-9_.:-]{0,128}\Z"
+_FLOAT_MAX = sys.float_info.max
+
+Name = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
+Ident = Annotated[str, msgspec.Meta(pattern=_IDENT_PATTERN)]
+Id = Annotated[str, msgspec.Meta(pattern=_ID_PATTERN)]
+#: Free text (messages, reasons): bounded, shown only through the output helper that strips escapes.
+Text = Annotated[str, msgspec.Meta(max_length=4096)]
+ShortText = Annotated[str, msgspec.Meta(max_length=256)]
+#: Any finite float (no NaN, no infinity).
+Finite = Annotated[float, msgspec.Meta(ge=-_FLOAT_MAX, le=_FLOAT_MAX)]
+#: A Unix time or a duration: finite and not negative.
+Seconds = Annotated[float, msgspec.Meta(ge=0.0, le=_FLOAT_MAX)]
+#: Fits a signed 64-bit integer column (SQLite INTEGER).
+Seq = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+Codes = Annotated[list[Ident], msgspec.Meta(max_length=64)]
+Metrics = Annotated[dict[Ident, Finite], msgspec.Meta(max_length=256)]
+Labels = Annotated[dict[Ident, ShortText], msgspec.Meta(max_length=64)]
+Args = Annotated[dict[Ident, ShortText], msgspec.Meta(max_length=32)]
+JobId = Annotated[str, msgspec.Meta(pattern=r"\A[A-Za-z0-9_.:+-]{0,64}\Z")]
 
 
 class ProtocolError(ValueError):
@@ -46,15 +79,15 @@ class ProtocolError(ValueError):
 class Envelope(msgspec.Struct, kw_only=True, tag_field="kind", omit_defaults=True):
     """Fields every message carries."""
 
-    v: int = SCHEMA_VERSION
-    cluster: str
-    node: str
+    v: Annotated[int, msgspec.Meta(ge=0, le=65535)] = SCHEMA_VERSION
+    cluster: Name
+    node: Name
     #: Per-boot (per agent start) session id; ``seq`` restarts with it.
-    session: str
+    session: Id
     #: Per-session sequence number: deduplication and loss detection.
-    seq: int
+    seq: Seq
     #: Unix time, seconds, when the message was made.
-    ts: float
+    ts: Seconds
 
 
 class State(Envelope, tag="state"):
@@ -62,69 +95,69 @@ class State(Envelope, tag="state"):
 
     online: bool
     #: When this session started; a death from an older session never wins.
-    started: float = 0.0
-    agent_version: str = ""
-    reason: str = ""
-    labels: dict[str, str] = {}
-    checks: list[str] = []
+    started: Seconds = 0.0
+    agent_version: Annotated[str, msgspec.Meta(max_length=64)] = ""
+    reason: Text = ""
+    labels: Labels = {}
+    checks: Annotated[list[Ident], msgspec.Meta(max_length=1024)] = []
     #: Messages the agent had to drop (spool full), by kind, since its spool was made.
-    dropped: dict[str, int] = {}
+    dropped: Annotated[dict[Ident, Seq], msgspec.Meta(max_length=64)] = {}
 
 
 class Result(Envelope, tag="result"):
     """One check's verdict on one entity (the node, ``gpu0``, a NIC…)."""
 
-    check: str
+    check: Ident
     status: Status
-    entity: str = "node"
-    codes: list[str] = []
+    entity: Ident = "node"
+    codes: Codes = []
     #: Named measurements, units in the name (``temp_c``, ``busbw_gbps``).
-    metrics: dict[str, float] = {}
-    message: str = ""
-    duration_s: float = 0.0
-    profile: str = ""
-    job_id: str | None = None
+    metrics: Metrics = {}
+    message: Text = ""
+    duration_s: Seconds = 0.0
+    profile: Annotated[str, msgspec.Meta(pattern=r"\A[A-Za-z0-9_.-]{0,64}\Z")] = ""
+    job_id: JobId | None = None
 
 
 class Event(Envelope, tag="event"):
     """Something that happened (an XID, a container start), not a polled check."""
 
-    name: str
+    name: Ident
     severity: Literal["info", "warning", "critical"] = "info"
-    entity: str = "node"
-    codes: list[str] = []
-    metrics: dict[str, float] = {}
-    message: str = ""
-    job_id: str | None = None
+    entity: Ident = "node"
+    codes: Codes = []
+    metrics: Metrics = {}
+    message: Text = ""
+    job_id: JobId | None = None
 
 
 class Telemetry(Envelope, tag="telemetry"):
     """A sample from one telemetry source."""
 
-    source: str
-    entity: str = "node"
-    metrics: dict[str, float] = {}
+    source: Ident
+    entity: Ident = "node"
+    metrics: Metrics = {}
 
 
 class Command(Envelope, tag="cmd"):
     """Controller → agent request; ``node`` is the target node."""
 
-    id: str
-    action: str
-    args: dict[str, str] = {}
+    id: Id
+    action: Ident
+    args: Args = {}
     #: Unix time after which the agent must refuse it (0: no expiry).
-    expires: float = 0.0
+    expires: Seconds = 0.0
     #: HMAC-SHA256 over :func:`command_digest_input`, hex; empty: unsigned.
-    signature: str = ""
+    signature: Annotated[str, msgspec.Meta(pattern=r"\A[0-9a-f]{0,128}\Z")] = ""
 
 
 class Reply(Envelope, tag="reply"):
     """Agent → controller answer to a :class:`Command`."""
 
-    id: str
+    id: Id
     ok: bool
-    message: str = ""
-    data: dict[str, str] = {}
+    message: Text = ""
+    data: Annotated[dict[Ident, Text], msgspec.Meta(max_length=32)] = {}
 
 
 Message = State | Result | Event | Telemetry | Command | Reply
@@ -150,6 +183,18 @@ def command_digest_input(command: Command) -> bytes:
     """What a command's signature covers: target, identity, action, arguments, expiry."""
     return _encoder.encode([command.cluster, command.node, command.id, command.action,
                             sorted(command.args.items()), command.expires])
+
+
+def node_key(master: bytes, cluster: str, node: str) -> bytes:
+    """The command key of one node, derived from the controller's master key.
+
+    HMAC-SHA256(master, ``b"vetd-node-key\\0" + cluster + b"\\0" + node``), hex
+    (as ASCII bytes: what ``vetd keys derive`` writes to the node's key file
+    and what the agent reads back). An agent holds only its own key, so a node
+    that is taken over can sign commands for nobody else.
+    """
+    label = b"vetd-node-key\0" + cluster.encode() + b"\0" + node.encode()
+    return hmac.new(master, label, hashlib.sha256).hexdigest().encode()
 
 
 def sign_command(command: Command, key: bytes) -> Command:
@@ -186,14 +231,12 @@ def decode(payload: bytes | bytearray | memoryview) -> Message:
         raise ProtocolError(str(exc)) from exc
     except (ValueError, TypeError, RecursionError, OverflowError) as exc:
         raise ProtocolError(f"undecodable payload: {exc.__class__.__name__}") from exc
-    if not valid_name(message.cluster) or not valid_name(message.node):
-        raise ProtocolError("invalid cluster or node name")
     return message
 
 
 def valid_name(name: str) -> bool:
-    """Whether ``name`` is usable as a cluster or node name."""
-    return bool(_NAME.match(name))
+    """Whether ``name`` is usable as a cluster or node name (no trailing newline, no leading ``-``)."""
+    return bool(_NAME.search(name))
 
 
 def channel_of(message: Message) -> str:

@@ -96,6 +96,7 @@ def test_vetd_over_tls_with_passwords_and_refusals(tmp_path: Path, secure_mosqui
 
     def agent(name: str, password: str, ca: Path) -> VetdProcess:
         (tmp_path / f"{name}.pw").write_text(password)
+        (tmp_path / f"{name}.pw").chmod(0o600)
         conf = tmp_path / f"{name}.toml"
         conf.write_text(f'[agent]\ninterval = "1h"\n[agent.auth]\nusername = "nid001"\n'
                         f'password_file = "{tmp_path / f"{name}.pw"}"\nca_file = "{ca}"\n')
@@ -120,3 +121,36 @@ def test_vetd_over_tls_with_passwords_and_refusals(tmp_path: Path, secure_mosqui
     finally:
         for proc in (good, wrong_password, wrong_ca, controller):
             proc.stop()
+
+
+def test_a_node_cannot_publish_under_another_cluster(secure_mosquitto: SecureMosquitto) -> None:
+    """The shipped ACL pins the cluster as well as the node (before: `vetd/v1/+/node/%u/...`)."""
+    observer = Client(secure_mosquitto, "test-observer", "vetd/v1/#")
+    node = Client(secure_mosquitto, "nid001")
+    try:
+        for cluster in ("todi", "alps-evil", "x1"):
+            message = Result(cluster=cluster, node="nid001", session="s", seq=1, ts=time.time(), check="c",
+                             status="fail")
+            node.publish(protocol.topic_for(message), protocol.encode(message))
+        node.publish(*result("nid001"))  # its own cluster, sent last
+        wait_for(lambda: "vetd/v1/alps/node/nid001/result" in observer.received, 10, "the node's own result")
+        assert observer.received == ["vetd/v1/alps/node/nid001/result"]
+    finally:
+        observer.close()
+        node.close()
+
+
+def test_credentials_in_the_broker_url_are_used_and_not_logged(tmp_path: Path,
+                                                               secure_mosquitto: SecureMosquitto) -> None:
+    password = secure_mosquitto.passwords["nid001"]
+    url = f"mqtts://nid001:{password}@127.0.0.1:{secure_mosquitto.port}"
+    conf = tmp_path / "agent.toml"
+    conf.write_text(f'[agent]\ninterval = "1h"\n[agent.auth]\nca_file = "{secure_mosquitto.ca}"\n')
+    agent = VetdProcess(["agent", "--config", str(conf)], tmp_path / "agent.log",
+                        vetd_env(VETD_BROKER=url, VETD_CLUSTER="alps", VETD_NODE="nid001",
+                                 VETD_STATE_DIR=str(tmp_path / "state"))).start()
+    try:  # before: the credentials were dropped (not authorised) and the URL logged as written
+        wait_for(lambda: '"broker_connected"' in agent.output, 20, "the agent connected with the URL's credentials")
+        assert password not in agent.output and "nid001:***@127.0.0.1" in agent.output
+    finally:
+        agent.stop()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import msgspec
 
-from tests.support.procs import VetdProcess, Watcher, publish_raw, vetd_env
+from tests.support.procs import VetdProcess, Watcher, publish_raw, run_vetd, vetd_env
 from tests.support.services import Mosquitto
 from tests.support.wait import wait_for
 from vetd.core import protocol
@@ -39,6 +39,7 @@ def test_the_agent_refuses_unsigned_forged_expired_and_replayed_commands(
 ) -> None:
     key_file = tmp_path / "cluster.key"
     key_file.write_bytes(KEY + b"\n")
+    key_file.chmod(0o600)
     config = tmp_path / "agent.toml"
     config.write_text(f'[agent]\ninterval = "1h"\n[commands]\nkey_file = "{key_file}"\n')
     env = vetd_env(VETD_BROKER=mosquitto.url, VETD_CLUSTER=cluster_name, VETD_NODE="nid001",
@@ -73,3 +74,47 @@ def test_the_agent_refuses_unsigned_forged_expired_and_replayed_commands(
     finally:
         agent.stop()
         watcher.close()
+
+
+MASTER = b"f" * 64
+
+
+def test_each_node_has_its_own_key_derived_from_the_master() -> None:
+    from vetd.core.protocol import node_key
+
+    a, b = node_key(MASTER, "alps", "nid001"), node_key(MASTER, "alps", "nid002")
+    assert a != b and node_key(MASTER, "todi", "nid001") != a and len(a) == 64
+    assert node_key(MASTER, "alps", "nid001") == a  # the controller and `vetd keys derive` agree
+    # node B's key signs nothing A accepts: before, every agent held the one cluster key
+    for_a = sign_command(command(node="nid001"), b)
+    assert verify_command(for_a, a, time.time()) == "bad signature"
+    assert verify_command(sign_command(command(node="nid001"), a), a, time.time()) is None
+
+
+def test_vetd_keys_derive_writes_a_private_key_file(tmp_path: Path) -> None:
+    from vetd.core.protocol import node_key
+
+    master = tmp_path / "master.key"
+    master.write_bytes(MASTER + b"\n")
+    master.chmod(0o600)
+    out = tmp_path / "nid001.key"
+    done = run_vetd("keys", "derive", "--master", str(master), "--cluster", "alps", "--node", "nid001",
+                    "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert out.read_bytes().strip() == node_key(MASTER, "alps", "nid001") and out.stat().st_mode & 0o777 == 0o600
+    bad = run_vetd("keys", "derive", "--master", str(master), "--cluster", "alps", "--node=-o")
+    assert bad.returncode == 2 and "not a node or cluster name" in bad.stderr
+
+
+def test_signing_is_required_by_default(tmp_path: Path) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text('[agent]\ninterval = "1h"\n')
+    env = vetd_env(VETD_STATE_DIR=str(tmp_path / "state"))
+    del env["VETD_ALLOW_UNSIGNED_COMMANDS"]
+    done = run_vetd("agent", "--config", str(config), env=env, timeout=30)  # before: ran, commands unsigned
+    assert done.returncode == 2 and "commands.key_file: no command key" in done.stderr
+    assert "vetd keys derive" in done.stderr and "allow_unsigned" in done.stderr
+    controller = tmp_path / "controller.toml"
+    controller.write_text('[store]\npath = "c.db"\n')
+    done = run_vetd("controller", "--config", str(controller), env=env, timeout=30)
+    assert done.returncode == 2 and "command_key_file: no master key" in done.stderr

@@ -74,3 +74,102 @@ def test_a_message_that_disagrees_with_its_topic_is_rejected() -> None:
 def test_arbitrary_bytes_never_escape_as_another_exception(payload: bytes) -> None:
     with contextlib.suppress(ProtocolError):
         protocol.decode_from("vetd/v1/alps/node/nid001/result", payload)
+
+
+# -- bounds (issue 12: one message must not be able to stop the controller) --
+
+def _result(**fields: object) -> bytes:
+    return msgspec.msgpack.encode({**BASE, "kind": "result", "check": "c", "status": "fail", **fields})
+
+
+@pytest.mark.parametrize("fields", [
+    {"seq": 2**63},  # overflowed SQLite INTEGER in the controller
+    {"seq": -1},
+    {"ts": float("nan")},
+    {"ts": float("inf")},
+    {"metrics": {"temp_c": float("nan")}},
+    {"metrics": {"temp_c": float("-inf")}},
+    {"node": "nid001\n"},  # `$` matched before a trailing newline
+    {"cluster": "-o"},  # an option to scontrol
+    {"entity": "gpu0\x1b[2J"},  # a terminal escape in a name
+    {"entity": ""},
+    {"check": "x" * 129},
+    {"codes": ["c"] * 65},
+    {"metrics": {f"m{i}": 1.0 for i in range(257)}},
+    {"message": "x" * 4097},
+    {"duration_s": -1.0},
+    {"job_id": "1; rm -rf /"},
+])
+def test_a_result_outside_the_bounds_is_malformed(fields: dict[str, object]) -> None:
+    with pytest.raises(ProtocolError):
+        protocol.decode_from("vetd/v1/alps/node/nid001/result", _result(**fields))
+
+
+def test_a_state_with_nan_started_is_malformed() -> None:
+    payload = msgspec.msgpack.encode({**BASE, "kind": "state", "online": True, "started": float("nan")})
+    with pytest.raises(ProtocolError):
+        protocol.decode(payload)
+
+
+def test_valid_name_has_no_trailing_newline_and_no_leading_dash() -> None:
+    assert protocol.valid_name("nid001") and protocol.valid_name("a" * 64)
+    for bad in ("nid001\n", "-o", "", "a" * 65, "nid 1", "nid/1"):
+        assert not protocol.valid_name(bad), bad
+
+
+_FLOAT_MAX = 1.7976931348623157e308
+
+
+def _within_bounds(value: object, path: str = "") -> None:
+    """Every leaf of a decoded message is inside the protocol's bounds."""
+    if isinstance(value, bool) or value is None:
+        return
+    if isinstance(value, float):
+        assert -_FLOAT_MAX <= value <= _FLOAT_MAX, path  # finite
+    elif isinstance(value, int):
+        assert -(2**63) <= value < 2**63, path
+    elif isinstance(value, str):
+        assert len(value) <= 4096, path
+        if not path.endswith(("message", "reason", "data[]", "args[]", "labels[]")):  # names: no control characters
+            assert not any(ord(ch) < 0x20 or 0x7f <= ord(ch) <= 0x9f for ch in value), path
+    elif isinstance(value, list):
+        assert len(value) <= 1024, path
+        for item in value:
+            _within_bounds(item, path + "[]")
+    elif isinstance(value, dict):
+        assert len(value) <= 256, path
+        for key, item in value.items():
+            _within_bounds(key, path + "{}")
+            _within_bounds(item, path + "[]")
+    elif isinstance(value, msgspec.Struct):
+        for name in value.__struct_fields__:
+            _within_bounds(getattr(value, name), f"{path}.{name}")
+
+
+_leaf = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-(2**63), max_value=2**64 - 1),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=20), st.text(max_size=5000, alphabet="ab"),
+)
+_values = st.recursive(_leaf, lambda inner: st.one_of(
+    st.lists(inner, max_size=70), st.dictionaries(st.text(max_size=10), inner, max_size=5)), max_leaves=80)
+_names = st.one_of(st.sampled_from(["alps", "nid001", "nid001\n", "-o", "a" * 64, "a" * 65]), st.text(max_size=8))
+_fields = st.sampled_from(sorted({f for kind in (State, Result, Event, Telemetry, Command, Reply)
+                                  for f in kind.__struct_fields__}))
+
+
+@settings(max_examples=1000, deadline=None)
+@given(kind=st.sampled_from(protocol.CHANNELS), cluster=_names, node=_names,
+       seq=st.one_of(st.integers(min_value=-1, max_value=2**64 - 1), st.sampled_from([2**63 - 1, 2**63])),
+       ts=st.floats(allow_nan=True, allow_infinity=True),
+       extra=st.dictionaries(_fields, _values, max_size=6))
+def test_any_message_that_decodes_is_within_bounds_and_round_trips(
+        kind: str, cluster: str, node: str, seq: int, ts: float, extra: dict[str, object]) -> None:
+    data = {**extra, "kind": kind, "cluster": cluster, "node": node, "session": "s", "seq": seq, "ts": ts}
+    try:
+        message = protocol.decode(msgspec.msgpack.encode(data))
+    except ProtocolError:
+        return
+    _within_bounds(message)
+    assert protocol.valid_name(message.cluster) and protocol.valid_name(message.node)
+    assert 0 <= message.seq < 2**63
+    assert protocol.decode(protocol.encode(message)) == message

@@ -12,10 +12,15 @@ from tests.support.services import Mosquitto, Slurm
 from tests.support.wait import wait_for
 
 
-def setup(tmp_path: Path, cluster: str, _node: str, fixer: str, ladder: str) -> tuple[Path, str, Path]:
+def setup(tmp_path: Path, cluster: str, node: str, fixer: str, ladder: str) -> tuple[Path, str, Path]:
     marker, log = tmp_path / "healthy", tmp_path / "fixer.log"
-    key = tmp_path / "cluster.key"  # commands are signed end to end
+    key = tmp_path / "master.key"  # commands are signed end to end, with the node's own key
     key.write_text("f" * 64 + "\n")
+    key.chmod(0o600)
+    node_key = tmp_path / f"{node}.key"
+    derived = run_vetd("keys", "derive", "--master", str(key), "--cluster", cluster, "--node", node,
+                       "--out", str(node_key))
+    assert derived.returncode == 0, derived.stderr
     rules = tmp_path / "heal.yaml"
     rules.write_text(
         "rules:\n  - name: scratch-missing\n"
@@ -31,7 +36,7 @@ def setup(tmp_path: Path, cluster: str, _node: str, fixer: str, ladder: str) -> 
     )
     agent = (
         f'[agent]\ninterval = "1s"\n[plugins.host]\nrequired_paths = ["{marker}"]\nload_warn_per_core = 0.0\n'
-        f'[commands]\nallow = ["ping", "revet", "restart_service"]\nservices = ["fixer"]\nkey_file = "{key}"\n'
+        f'[commands]\nallow = ["ping", "revet", "restart_service"]\nservices = ["fixer"]\nkey_file = "{node_key}"\n'
         f'restart_service = ["/bin/sh", "-c", {fixer!r}]\n'.replace("'", '"')
     )
     return config, agent, log

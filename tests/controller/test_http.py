@@ -29,6 +29,7 @@ def test_metrics_reads_and_token_guarded_drain(tmp_path: Path, mosquitto: Mosqui
     port = free_port()
     token = "t" * 40
     (tmp_path / "token").write_text(token + "\n")
+    (tmp_path / "token").chmod(0o600)
     config = tmp_path / "controller.toml"
     config.write_text(f'cluster = "{cluster_name}"\nclient_id = "c-{cluster_name}"\n[store]\npath = "state/c.db"\n'
                       f'[http]\nlisten = "127.0.0.1:{port}"\ntoken_file = "{tmp_path / "token"}"\n')

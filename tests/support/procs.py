@@ -28,7 +28,9 @@ def vetd_argv(*args: str) -> list[str]:
 
 
 def vetd_env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "VETD_LOG_LEVEL": "debug", "VETD_STATE_DIR": STATE_DIR}
+    # Commands unsigned unless a test gives keys (signing is required by default).
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "VETD_LOG_LEVEL": "debug", "VETD_STATE_DIR": STATE_DIR,
+           "VETD_ALLOW_UNSIGNED_COMMANDS": "1"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TEST_PLUGINS), env.get("PYTHONPATH", "")]))
     env.update(extra)
     return env

@@ -208,7 +208,10 @@ class SecureMosquitto(Mosquitto):
     """Mosquitto running packaging/mosquitto/vetd.conf and vetd.acl: TLS, passwords, ACL."""
 
     passwords: dict[str, str] = field(default_factory=lambda: {
-        "vetd-controller": "controller-secret", "nid001": "nid001-secret", "nid002": "nid002-secret"})
+        "vetd-controller": "controller-secret", "nid001": "nid001-secret", "nid002": "nid002-secret",
+        "test-observer": "observer-secret"})
+    #: The cluster the shipped ACL is installed for.
+    cluster: str = "alps"
 
     @property
     def url(self) -> str:
@@ -234,14 +237,19 @@ class SecureMosquitto(Mosquitto):
             run("mosquitto_passwd", "-b", *(["-c"] if user == "vetd-controller" else []),
                 str(d / "vetd.passwd"), user, password)
             (d / f"{user}.password").write_text(password + "\n")
+            (d / f"{user}.password").chmod(0o600)  # vetd refuses a secret others can read
         (d / "vetd.passwd").chmod(0o600)
 
     def start(self) -> SecureMosquitto:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._certificates()
         text = (REPO / "packaging" / "mosquitto" / "vetd.conf").read_text()
+        acl = self.workdir / "vetd.acl"  # the shipped ACL for cluster alps, installed as its header says
+        acl.write_text((REPO / "packaging" / "mosquitto" / "vetd.acl").read_text().replace("CLUSTER", self.cluster)
+                       # tests only: an identity that may read every cluster, to see what got through
+                       + "\nuser test-observer\ntopic read vetd/v1/#\n")
         for old, new in [("/etc/mosquitto/vetd.passwd", str(self.workdir / "vetd.passwd")),
-                         ("/etc/mosquitto/vetd.acl", str(REPO / "packaging" / "mosquitto" / "vetd.acl")),
+                         ("/etc/mosquitto/vetd.acl", str(acl)),
                          ("/etc/mosquitto/certs/", f"{self.workdir}/"),
                          ("/var/lib/mosquitto/", f"{self.workdir}/"),
                          ("listener 8883", f"listener {self.port} 127.0.0.1")]:
