@@ -140,8 +140,7 @@ class HttpApi:
         (up to ``request_timeout``) and close every connection."""
         settings = self.settings
         try:
-            sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
-                                        backlog=settings.backlog)
+            sock = listening_socket(host, port, settings.backlog)
         except OSError as exc:  # a taken port must not take the controller down with it
             log.error("http_unavailable", address=f"{host}:{port}", error=str(exc))
             return
@@ -231,6 +230,24 @@ class HttpApi:
         if exc.status_code == 405:
             return _json(405, {"error": "GET only"})
         return _json(exc.status_code, {"error": "not found" if exc.status_code == 404 else str(exc.detail)})
+
+
+def listening_socket(host: str, port: int, backlog: int) -> socket.socket:
+    """Bound here so that a taken port is an error we log (uvicorn would exit the
+    process). Made with ``IPPROTO_TCP``, as asyncio's own are: asyncio sets
+    TCP_NODELAY only on such sockets, and without it every kept-alive answer
+    waits 40 ms for a delayed ACK."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                         proto=socket.IPPROTO_TCP)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(backlog)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 class Deadline:
