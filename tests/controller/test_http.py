@@ -169,6 +169,25 @@ def test_a_trickled_header_is_timed_out(tmp_path: Path, mosquitto: Mosquitto, cl
         controller.stop()
 
 
+def test_answers_on_a_kept_alive_connection_do_not_wait_for_acks(
+    tmp_path: Path, mosquitto: Mosquitto, cluster_name: str
+) -> None:
+    """Prometheus keeps its connection: an answer must not sit out a 40 ms delayed ACK (TCP_NODELAY)."""
+    port, controller = http_controller(tmp_path, mosquitto, cluster_name)
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        started = time.monotonic()
+        for _ in range(20):
+            conn.request("GET", "/metrics")
+            response = conn.getresponse()
+            assert response.status == 200 and b"vetd_nodes_online" in response.read()
+            assert not response.will_close
+        assert time.monotonic() - started < 0.6
+        conn.close()
+    finally:
+        controller.stop()
+
+
 def _body_answer(port: int, head: bytes, body: bytes, total: int) -> tuple[bytes, int]:
     """Send ``head`` then ``body`` again and again up to ``total`` bytes, stopping as soon
     as the server answers; returns the answer's first line and the body bytes sent."""
