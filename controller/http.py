@@ -299,12 +299,16 @@ class LimitedH11(H11Protocol):
       never times out a connection that has not sent a whole request.
     * An answer given before the request's body was read (413, 401, 408) ends
       the connection, so the rest of that body is never waited for.
+    * A client that stops reading an answer is dropped after ``request_timeout``
+      with its write buffer, rather than holding a connection for ever.
     """
 
     max_connections = 100
     header_timeout = 10.0
     keep_alive = 5.0
+    request_timeout = 10.0
     _head_deadline: asyncio.TimerHandle | None = None
+    _write_deadline: asyncio.TimerHandle | None = None
     #: Connections refused since the last warning about it (one warning a minute at most).
     refused = 0
     refused_logged = -REFUSED_LOG_S
@@ -324,7 +328,22 @@ class LimitedH11(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_deadline()
+        self._cancel_write_deadline()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._write_deadline is None:
+            self._write_deadline = self.loop.call_later(self.request_timeout, self._not_reading)
+
+    def resume_writing(self) -> None:
+        self._cancel_write_deadline()
+        super().resume_writing()
+
+    def _not_reading(self) -> None:
+        self._write_deadline = None
+        log.info("http_client_not_reading", client=f"{self.client[0]}:{self.client[1]}" if self.client else "")
+        self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -346,6 +365,11 @@ class LimitedH11(H11Protocol):
             log.info("http_header_timeout", client=f"{self.client[0]}:{self.client[1]}" if self.client else "")
             self.transport.abort()
 
+    def _cancel_write_deadline(self) -> None:
+        if self._write_deadline is not None:
+            self._write_deadline.cancel()
+            self._write_deadline = None
+
     def _cancel_head_deadline(self) -> None:
         if self._head_deadline is not None:
             self._head_deadline.cancel()
@@ -358,4 +382,5 @@ def limited_h11(settings: HttpSection) -> type[LimitedH11]:
         "max_connections": settings.max_connections,
         "header_timeout": float(settings.header_timeout),
         "keep_alive": float(settings.keep_alive),
+        "request_timeout": float(settings.request_timeout),
     })

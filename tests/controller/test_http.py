@@ -188,6 +188,19 @@ def test_answers_on_a_kept_alive_connection_do_not_wait_for_acks(
         controller.stop()
 
 
+def test_a_client_that_stops_reading_is_dropped(tmp_path: Path, mosquitto: Mosquitto, cluster_name: str) -> None:
+    port, controller = http_controller(tmp_path, mosquitto, cluster_name, more_http='request_timeout = "1s"\n')
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            # pipelined requests whose answers (MiBs) it never reads
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: vetd\r\n\r\n" * 2500)
+            wait_for(lambda: "http_client_not_reading" in controller.output, 15, "the reader dropped")
+        assert answers(f"http://127.0.0.1:{port}/healthz") == 200
+    finally:
+        controller.stop()
+
+
 def _body_answer(port: int, head: bytes, body: bytes, total: int) -> tuple[bytes, int]:
     """Send ``head`` then ``body`` again and again up to ``total`` bytes, stopping as soon
     as the server answers; returns the answer's first line and the body bytes sent."""
