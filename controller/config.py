@@ -100,10 +100,36 @@ class LimitsSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class HttpSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The API and ``/metrics`` (uvicorn + Starlette). The limits bound what one
+    client, however hostile, can take from the controller: memory for a request,
+    descriptors for connections, time."""
+
     #: ``host:port``; the default answers this host only. Empty: no HTTP at all.
     listen: str = "127.0.0.1:9464"
     #: A file holding the bearer token for state changes; without it, none over HTTP.
     token_file: str = ""
+    #: KiB of a request line and headers together; a longer head is answered
+    #: 400 and the connection closed, having held at most this much.
+    max_header_kib: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 16
+    #: KiB of a request body; a larger one is answered 413, from its
+    #: Content-Length before any of it is read, or as soon as a chunked body
+    #: passes the limit.
+    max_body_kib: Annotated[int, msgspec.Meta(ge=1, le=16384)] = 64
+    #: Connections open at once; one more is closed as soon as it is accepted.
+    #: Keep it well below the controller's open-file limit (the systemd unit sets
+    #: LimitNOFILE=65536), so clients never take the descriptors its database,
+    #: broker link and scontrol need.
+    max_connections: Annotated[int, msgspec.Meta(ge=1, le=10000)] = 100
+    #: Connections the kernel queues until the controller accepts them (listen backlog).
+    backlog: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 128
+    #: A connection that has not sent a whole request head this long after it
+    #: opened (or after its previous answer) is closed: idle and trickling clients.
+    header_timeout: Duration = Duration(10.0)
+    #: An idle kept-alive connection is closed after this.
+    keep_alive: Duration = Duration(5.0)
+    #: Reading a request's body and answering must end within this: else 408
+    #: and the connection is closed.
+    request_timeout: Duration = Duration(10.0)
 
 
 class ControllerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -180,6 +206,9 @@ def load_controller_config(path: Path | str, environ: dict[str, str] | None = No
         host, _, port = config.http.listen.rpartition(":")
         if not host or not port.isdigit():
             raise ConfigError(f"{where(path, text, 'http.listen')}: expected host:port, got {config.http.listen!r}")
+    for key in ("header_timeout", "keep_alive", "request_timeout"):
+        if not getattr(config.http, key) > 0:
+            raise ConfigError(f"{where(path, text, f'http.{key}')}: must be more than 0")
     if config.cluster and not valid_name(config.cluster):
         raise ConfigError(f"{path}: cluster: {config.cluster!r} is not a valid cluster name")
     if env.get("VETD_ALLOW_UNSIGNED_COMMANDS") == "1":

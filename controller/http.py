@@ -1,148 +1,386 @@
 """The controller's HTTP endpoints: Prometheus metrics, a read API, token-guarded changes.
 
-* ``GET /metrics``: Prometheus text format (counters, errors per rule, nodes by state, open breakers).
+* ``GET /metrics``: Prometheus exposition (counters, errors per rule, nodes by
+  state, open breakers, and the process's memory and descriptors), OpenMetrics
+  when the scraper asks for it.
+* ``GET /healthz``: ``{"status": "ok"}`` while the controller's loop answers.
 * ``GET /api/v1/nodes``: what ``vetd nodes --json`` prints.
 * ``POST /api/v1/drain`` ``{"nodes": "nid[001-004]", "reason": "…"}`` and
   ``POST /api/v1/resume`` ``{"nodes": "…"}``: need ``Authorization: Bearer
   <token>`` with the token from ``[http] token_file``; without a token file,
-  state cannot be changed over HTTP at all.
+  state cannot be changed over HTTP at all. Accepted changes are queued in the
+  store as operator requests (``202 {"request": ID, "nodes": [...]}``).
 
 It listens on ``[http] listen`` (``127.0.0.1:9464``: this host only; empty:
-off). A small HTTP/1.1 server on asyncio streams: one request per
-connection, bodies up to 64 KiB.
+off). uvicorn (its h11 protocol) serves a Starlette app inside the
+controller's own event loop, so handlers run on the loop's thread beside the
+store. One client cannot take the controller down: the request head, the
+body, the open connections and every wait are bounded by ``[http]`` (see
+:class:`~vetd.controller.config.HttpSection` for what happens at each bound).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
-from collections.abc import Callable
+import logging
+import socket
+from collections.abc import Callable, Iterable
 from typing import Any
 
+import h11
 import structlog
+import uvicorn
 from ClusterShell.NodeSet import NodeSet, NodeSetException
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from vetd.controller.config import HttpSection
 from vetd.controller.counters import RULE_ERRORS
 from vetd.controller.store import Store
 
 log = structlog.get_logger("vetd.http")
 
-MAX_BODY = 64 * 1024
-_REASONS = {200: "OK", 202: "Accepted", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
-            404: "Not Found", 405: "Method Not Allowed", 413: "Payload Too Large"}
+#: At most one warning this often about connections refused at ``max_connections``.
+REFUSED_LOG_S = 60.0
+
+#: Every state a node can be in, each always exported (0 when none) so a dashboard's series never vanish.
+NODE_STATES = ("healthy", "suspect", "excluded", "healing", "probation", "failed")
 
 
-def metrics_text(store: Store, counters: dict[str, int]) -> str:
-    lines = ["# HELP vetd_controller_events_total Controller counters (messages, rules, actions).",
-             "# TYPE vetd_controller_events_total counter"]
-    per_rule = {name.removeprefix(RULE_ERRORS): value for name, value in counters.items()
-                if name.startswith(RULE_ERRORS)}
-    for name, value in sorted(counters.items()):
-        if not name.startswith(RULE_ERRORS):
-            lines.append(f'vetd_controller_events_total{{event="{name}"}} {value}')
-    lines += ["# HELP vetd_rule_errors_total Evaluations of a rule's condition that errored, by rule.",
-              "# TYPE vetd_rule_errors_total counter"]
-    lines += [f'vetd_rule_errors_total{{rule="{_label_value(rule)}"}} {value}'
-              for rule, value in sorted(per_rule.items())]
-    states: dict[str, int] = {}
-    online = 0
-    for node in store.nodes.values():
-        states[node.state] = states.get(node.state, 0) + 1
-        online += node.online
-    lines += ["# HELP vetd_nodes Nodes known to vetd, by state.", "# TYPE vetd_nodes gauge"]
-    for state in ("healthy", "suspect", "excluded", "healing", "probation", "failed"):
-        lines.append(f'vetd_nodes{{state="{state}"}} {states.get(state, 0)}')
-    lines += ["# HELP vetd_nodes_online Nodes whose agent is connected.", "# TYPE vetd_nodes_online gauge",
-              f"vetd_nodes_online {online}",
-              "# HELP vetd_breaker_open 1 while the exclusion circuit breaker of a partition is open.",
-              "# TYPE vetd_breaker_open gauge"]
-    for row in store.breakers():
-        lines.append(f'vetd_breaker_open{{partition="{row["partition"]}"}} {int(row["open"])}')
-    return "\n".join(lines) + "\n"
+class FleetCollector(Collector):
+    """The controller's metrics, read from the store at each scrape (nothing kept twice)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families()
+
+    def collect(self) -> Iterable[Metric]:
+        events, rule_errors, nodes, online, breakers = self._families()
+        for name, value in sorted(self.store.counters().items()):
+            if name.startswith(RULE_ERRORS):
+                rule_errors.add_metric([name.removeprefix(RULE_ERRORS)], value)
+            else:
+                events.add_metric([name], value)
+        states = dict.fromkeys(NODE_STATES, 0)
+        up = 0
+        for node in self.store.nodes.values():
+            states[node.state] = states.get(node.state, 0) + 1
+            up += node.online
+        for state, count in states.items():
+            nodes.add_metric([state], count)
+        online.add_metric([], up)
+        for row in self.store.breakers():
+            breakers.add_metric([row["partition"]], int(row["open"]))
+        return [events, rule_errors, nodes, online, breakers]
+
+    @staticmethod
+    def _families() -> tuple[CounterMetricFamily, CounterMetricFamily, GaugeMetricFamily, GaugeMetricFamily,
+                             GaugeMetricFamily]:
+        return (
+            CounterMetricFamily("vetd_controller_events", "Controller counters (messages, rules, actions).",
+                                labels=["event"]),
+            CounterMetricFamily("vetd_rule_errors", "Evaluations of a rule's condition that errored, by rule.",
+                                labels=["rule"]),
+            GaugeMetricFamily("vetd_nodes", "Nodes known to vetd, by state.", labels=["state"]),
+            GaugeMetricFamily("vetd_nodes_online", "Nodes whose agent is connected.", labels=[]),
+            GaugeMetricFamily("vetd_breaker_open", "1 while the exclusion circuit breaker of a partition is open.",
+                              labels=["partition"]),
+        )
 
 
-def _label_value(text: str) -> str:
-    """``text`` escaped for a Prometheus label value (rule names are free text)."""
-    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+class BodyTooLarge(Exception):
+    """The request body is over ``[http] max_body_kib``."""
+
+
+def _json(status: int, value: object, *, close: bool = False) -> JSONResponse:
+    return JSONResponse(value, status, headers={"Connection": "close"} if close else None)
 
 
 class HttpApi:
-    def __init__(self, store: Store, counters: Callable[[], dict[str, int]],
-                 nodes: Callable[[], list[dict[str, Any]]], token: str, cluster: str) -> None:
-        self.store, self.counters, self.nodes = store, counters, nodes
-        self.token, self.cluster = token, cluster
+    """The endpoints as a Starlette app, and :meth:`serve` to run it under uvicorn."""
+
+    def __init__(self, store: Store, nodes: Callable[[], list[dict[str, Any]]], token: str, cluster: str,
+                 settings: HttpSection) -> None:
+        self.store, self.nodes, self.token, self.cluster = store, nodes, token, cluster
+        self.settings = settings
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(FleetCollector(store))
+        ProcessCollector(registry=self.registry)
+        # Every handler is a coroutine: Starlette runs plain functions in a thread
+        # pool, and the store's SQLite connection belongs to the loop's thread.
+        self.app = Starlette(
+            routes=[
+                Route("/metrics", self._metrics, methods=["GET"]),
+                Route("/healthz", self._healthz, methods=["GET"]),
+                Route("/api/v1/nodes", self._nodes, methods=["GET"]),
+                Route("/api/v1/drain", self._change, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
+                Route("/api/v1/resume", self._change, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
+            ],
+            exception_handlers={HTTPException: self._http_error},
+        )
+
+    # -- serving --------------------------------------------------------
 
     async def serve(self, host: str, port: int) -> None:
+        """Serve until cancelled, then stop accepting, let requests in flight finish
+        (up to ``request_timeout``) and close every connection."""
+        settings = self.settings
         try:
-            server = await asyncio.start_server(self._handle, host, port)
+            sock = listening_socket(host, port, settings.backlog)
         except OSError as exc:  # a taken port must not take the controller down with it
             log.error("http_unavailable", address=f"{host}:{port}", error=str(exc))
             return
-        log.info("http_listening", address=f"{host}:{port}", state_changes="token" if self.token else "off")
-        async with server:
-            await server.serve_forever()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        config = uvicorn.Config(
+            Deadline(self.app, float(settings.request_timeout)),
+            http=limited_h11(settings),
+            ws="none",
+            lifespan="off",
+            interface="asgi3",
+            log_config=None,
+            access_log=False,
+            server_header=False,
+            proxy_headers=False,
+            backlog=settings.backlog,
+            h11_max_incomplete_event_size=settings.max_header_kib * 1024,
+            timeout_keep_alive=max(1, round(float(settings.keep_alive))),
+            timeout_graceful_shutdown=max(1, round(float(settings.request_timeout))),
+        )
+        server = EmbeddedServer(config)
+        logging.getLogger("uvicorn.error").setLevel(logging.WARNING)  # its start/stop lines; ours say it
+        log.info("http_listening", address=f"{host}:{port}", state_changes="token" if self.token else "off",
+                 max_connections=settings.max_connections)
         try:
-            status, body, kind = await asyncio.wait_for(self._request(reader), 10)
-        except (TimeoutError, ValueError, asyncio.IncompleteReadError, ConnectionError):
-            status, body, kind = 400, b'{"error": "bad request"}', "application/json"
-        head = (f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\nContent-Type: {kind}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
-        try:
-            writer.write(head.encode() + body)
-            await writer.drain()
-        except ConnectionError:
-            pass
+            await server.serve(sockets=[sock])
+        except asyncio.CancelledError:
+            if server.started:
+                await server.shutdown(sockets=[sock])
+            raise
         finally:
-            writer.close()
+            sock.close()
 
-    async def _request(self, reader: asyncio.StreamReader) -> tuple[int, bytes, str]:
-        request_line = (await reader.readline()).decode("latin-1").split()
-        if len(request_line) != 3:
-            raise ValueError("request line")
-        method, path = request_line[0], request_line[1].split("?")[0]
-        headers: dict[str, str] = {}
-        while (line := (await reader.readline()).decode("latin-1").strip()):
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-        length = int(headers.get("content-length", "0") or 0)
-        if length > MAX_BODY:
-            return self._json(413, {"error": "body too large"})
-        body = await reader.readexactly(length) if length else b""
-        if path == "/metrics" and method == "GET":
-            text = metrics_text(self.store, self.counters())
-            return 200, text.encode(), "text/plain; version=0.0.4"
-        if path == "/api/v1/nodes" and method == "GET":
-            return self._json(200, self.nodes())
-        if path in ("/api/v1/drain", "/api/v1/resume"):
-            if method != "POST":
-                return self._json(405, {"error": "POST only"})
-            return self._change(path.rsplit("/", 1)[1], headers.get("authorization", ""), body)
-        return self._json(404, {"error": "not found"})
+    # -- endpoints ------------------------------------------------------
 
-    def _change(self, action: str, authorization: str, body: bytes) -> tuple[int, bytes, str]:
+    async def _metrics(self, request: Request) -> Response:
+        encoder, content_type = choose_encoder(request.headers.get("accept", ""))
+        return Response(encoder(self.registry), headers={"Content-Type": content_type})
+
+    async def _healthz(self, request: Request) -> Response:
+        return _json(200, {"status": "ok"})
+
+    async def _nodes(self, request: Request) -> Response:
+        return _json(200, self.nodes())
+
+    async def _change(self, request: Request) -> Response:
+        action = request.url.path.rsplit("/", 1)[1]
+        if request.method != "POST":
+            return _json(405, {"error": "POST only"})
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.settings.max_body_kib * 1024:
+            return _json(413, {"error": "body too large"}, close=True)
         if not self.token:
-            return self._json(403, {"error": "state changes over HTTP are off (set [http] token_file)"})
-        given = authorization.removeprefix("Bearer ").strip()
+            return _json(403, {"error": "state changes over HTTP are off (set [http] token_file)"}, close=True)
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
         if not hmac.compare_digest(given.encode(), self.token.encode()):
             log.warning("http_unauthorized", action=action)
-            return self._json(401, {"error": "a valid bearer token is required"})
+            return _json(401, {"error": "a valid bearer token is required"}, close=True)
+        try:
+            body = await self._body(request)
+        except BodyTooLarge:
+            return _json(413, {"error": "body too large"}, close=True)
         try:
             data = json.loads(body or b"{}")
             names = [str(n) for n in NodeSet(str(data["nodes"]))]
             reason = str(data.get("reason", "")) if action == "drain" else ""
         except (ValueError, KeyError, TypeError, NodeSetException) as exc:
-            return self._json(400, {"error": f"expected {{\"nodes\": HOSTLIST, \"reason\": TEXT}}: {exc}"})
+            return _json(400, {"error": f"expected {{\"nodes\": HOSTLIST, \"reason\": TEXT}}: {exc}"})
         if action == "drain" and not reason:
-            return self._json(400, {"error": "a drain needs a reason"})
+            return _json(400, {"error": "a drain needs a reason"})
         targets, problems = self.store.resolve_nodes(names, self.cluster)
         if problems:
-            return self._json(400, {"error": "; ".join(problems)})
+            return _json(400, {"error": "; ".join(problems)})
         request_id = self.store.submit("http", action, targets, reason)
-        return self._json(202, {"request": request_id, "nodes": names})
+        return _json(202, {"request": request_id, "nodes": names})
 
-    @staticmethod
-    def _json(status: int, value: object) -> tuple[int, bytes, str]:
-        return status, json.dumps(value).encode(), "application/json"
+    async def _body(self, request: Request) -> bytes:
+        """The body, refused as soon as it grows past the limit (a chunked body announces no length)."""
+        limit, size, chunks = self.settings.max_body_kib * 1024, 0, []
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _http_error(self, request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        if exc.status_code == 405:
+            return _json(405, {"error": "GET only"})
+        return _json(exc.status_code, {"error": "not found" if exc.status_code == 404 else str(exc.detail)})
+
+
+def listening_socket(host: str, port: int, backlog: int) -> socket.socket:
+    """Bound here so that a taken port is an error we log (uvicorn would exit the
+    process). Made with ``IPPROTO_TCP``, as asyncio's own are: asyncio sets
+    TCP_NODELAY only on such sockets, and without it every kept-alive answer
+    waits 40 ms for a delayed ACK."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                         proto=socket.IPPROTO_TCP)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(backlog)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class Deadline:
+    """ASGI middleware: a request (reading its body included) must be answered within
+    ``seconds``; else ``408`` if nothing was sent yet, and the connection is closed."""
+
+    def __init__(self, app: ASGIApp, seconds: float) -> None:
+        self.app, self.seconds = app, seconds
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            async with asyncio.timeout(self.seconds):
+                await self.app(scope, receive, tracked)
+        except TimeoutError:
+            log.warning("http_request_timeout", path=scope.get("path", ""), seconds=self.seconds)
+            if not started:
+                await _json(408, {"error": "request timed out"}, close=True)(scope, receive, send)
+
+
+class EmbeddedServer(uvicorn.Server):
+    """uvicorn inside the controller's loop: the controller owns SIGTERM/SIGINT
+    (``vetd.core.signals``), so uvicorn must not install handlers of its own."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Any:
+        yield
+
+
+class LimitedH11(H11Protocol):
+    """uvicorn's h11 protocol with the bounds uvicorn does not have.
+
+    * At most ``max_connections`` open: one more is closed as soon as it is
+      accepted, so clients can never take the descriptors the controller needs
+      for its database, its broker link and scontrol. (uvicorn's
+      ``limit_concurrency`` answers requests with 503 but keeps every
+      connection, and its descriptor, open.)
+    * A request head (line and headers) must arrive within ``header_timeout``
+      of the connection opening or of the previous answer; uvicorn itself
+      never times out a connection that has not sent a whole request.
+    * An answer given before the request's body was read (413, 401, 408) ends
+      the connection, so the rest of that body is never waited for.
+    * A client that stops reading an answer is dropped after ``request_timeout``
+      with its write buffer, rather than holding a connection for ever.
+    """
+
+    max_connections = 100
+    header_timeout = 10.0
+    keep_alive = 5.0
+    request_timeout = 10.0
+    _head_deadline: asyncio.TimerHandle | None = None
+    _write_deadline: asyncio.TimerHandle | None = None
+    #: Connections refused since the last warning about it (one warning a minute at most).
+    refused = 0
+    refused_logged = -REFUSED_LOG_S
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > self.max_connections:
+            transport.abort()
+            cls = type(self)
+            cls.refused += 1
+            if (now := self.loop.time()) - cls.refused_logged >= REFUSED_LOG_S:
+                log.warning("http_connections_refused", count=cls.refused, limit=self.max_connections)
+                cls.refused, cls.refused_logged = 0, now
+            return
+        self.timeout_keep_alive = self.keep_alive  # type: ignore[assignment]
+        self._head_deadline = self.loop.call_later(self.header_timeout, self._head_too_slow)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_deadline()
+        self._cancel_write_deadline()
+        super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._write_deadline is None:
+            self._write_deadline = self.loop.call_later(self.request_timeout, self._not_reading)
+
+    def resume_writing(self) -> None:
+        self._cancel_write_deadline()
+        super().resume_writing()
+
+    def _not_reading(self) -> None:
+        self._write_deadline = None
+        log.info("http_client_not_reading", client=f"{self.client[0]}:{self.client[1]}" if self.client else "")
+        self.transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE:
+            self._cancel_head_deadline()
+        elif self._head_deadline is None and not self.transport.is_closing():
+            # a new request's head has begun on a kept-alive connection
+            self._head_deadline = self.loop.call_later(self.header_timeout, self._head_too_slow)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if (not self.transport.is_closing() and self.cycle is not None and self.cycle.response_complete
+                and self.conn.their_state is h11.SEND_BODY):
+            self.transport.close()
+
+    def _head_too_slow(self) -> None:
+        self._head_deadline = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            log.info("http_header_timeout", client=f"{self.client[0]}:{self.client[1]}" if self.client else "")
+            self.transport.abort()
+
+    def _cancel_write_deadline(self) -> None:
+        if self._write_deadline is not None:
+            self._write_deadline.cancel()
+            self._write_deadline = None
+
+    def _cancel_head_deadline(self) -> None:
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+            self._head_deadline = None
+
+
+def limited_h11(settings: HttpSection) -> type[LimitedH11]:
+    """:class:`LimitedH11` with this config's bounds (uvicorn builds one protocol per connection from a class)."""
+    return type("LimitedH11", (LimitedH11,), {
+        "max_connections": settings.max_connections,
+        "header_timeout": float(settings.header_timeout),
+        "keep_alive": float(settings.keep_alive),
+        "request_timeout": float(settings.request_timeout),
+    })

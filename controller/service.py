@@ -141,8 +141,8 @@ class Controller:
         token = read_key(self.config.http.token_file, f"{self.config.source}: http.token_file").decode() \
             if self.config.http.token_file else ""
         host, _, port = self.config.http.listen.rpartition(":")
-        api = HttpApi(self.store, self.store.counters, lambda: node_summaries(self.store), token,
-                      self.config.cluster)
+        api = HttpApi(self.store, lambda: node_summaries(self.store), token, self.config.cluster,
+                      self.config.http)
         return group.create_task(api.serve(host.strip("[]"), int(port)), name="vetd.controller.http")
 
     async def run(self, *, signals: bool = True) -> int:

@@ -16,7 +16,7 @@ import pytest
 from tests.support.procs import run_vetd
 from vetd.agent.config import AgentConfig, load_agent_config
 from vetd.agent.pluginhost import PluginHost
-from vetd.controller.config import BreakerSection, load_controller_config
+from vetd.controller.config import BreakerSection, HttpSection, load_controller_config
 from vetd.plugins.gpu_health.config import GpuHealthConfig
 from vetd.plugins.host.config import HostConfig
 
@@ -50,6 +50,13 @@ def test_a_sample_documents_every_key_with_its_range() -> None:
     assert "power_cap_at_limit_fraction = 0.9" in text and "(0 to 1)" in text
     assert "[plugins.gpu_health.event_severity]" in text and "one of: critical, info, warning" in text
     assert 'interval = "1m"' in text and "# [checks.host_load]" in text
+
+
+def test_the_controller_unit_leaves_room_beyond_the_http_connections() -> None:
+    """Finding 8 of issue 12: clients must never take the descriptors the controller needs."""
+    unit = (ROOT / "packaging" / "systemd" / "vetd-controller.service").read_text()
+    limit = next(int(line.split("=", 1)[1]) for line in unit.splitlines() if line.startswith("LimitNOFILE="))
+    assert limit >= 10 * HttpSection().max_connections
 
 
 @pytest.fixture(scope="module")

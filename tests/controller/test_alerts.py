@@ -13,7 +13,7 @@ from tests.controller.test_http import call
 from tests.support.procs import run_vetd
 from tests.support.services import free_port
 from tests.support.wait import async_wait_for
-from vetd.controller.config import AlertsSection, ControllerConfig, StoreSection
+from vetd.controller.config import AlertsSection, ControllerConfig, HttpSection, StoreSection
 from vetd.controller.http import HttpApi
 from vetd.controller.service import Controller
 from vetd.controller.silences import matches, parse_matcher
@@ -141,7 +141,7 @@ def test_a_rule_that_errors_live_is_counted_and_alerted_by_name(
     controller = Controller(ControllerConfig(rules=[str(rules)], alerts=AlertsSection(urls=[receiver.url]),
                                              store=StoreSection(path=str(tmp_path / "c.db"))))
     port = free_port()
-    api = HttpApi(controller.store, controller.store.counters, list, "", "alps")
+    api = HttpApi(controller.store, list, "", "alps", HttpSection())
 
     async def scenario() -> str:
         serving = asyncio.create_task(api.serve("127.0.0.1", port), name="test.http")

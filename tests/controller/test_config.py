@@ -15,6 +15,9 @@ from vetd.core.configfile import ConfigError
     ("[breaker]\nalways_allow = -4\n", ":2: breaker.always_allow: Expected `int` >= 0"),
     ("[breaker]\nmax_drains = -1\n", ":2: breaker.max_drains: Expected `int` >= 0"),
     ("[repeat]\ncount = 0\n", ":2: repeat.count: Expected `int` >= 1"),
+    ("[http]\nmax_connections = 0\n", ":2: http.max_connections: Expected `int` >= 1"),
+    ("[http]\nmax_body_kib = 100000\n", ":2: http.max_body_kib: Expected `int` <= 16384"),
+    ("[http]\n\nheader_timeout = \"0s\"\n", ":3: http.header_timeout: must be more than 0"),
 ])
 def test_out_of_range_values_are_rejected(tmp_path: Path, text: str, message: str) -> None:
     path = tmp_path / "controller.toml"
