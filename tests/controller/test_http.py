@@ -89,6 +89,7 @@ def http_controller(tmp_path: Path, broker: Mosquitto, cluster: str, extra: str 
     ``extra``: top of its config, ``more_http``: more of ``[http]``, ``nofile``: its ``ulimit -n``."""
     port = free_port()
     (tmp_path / "token").write_text("t" * 40 + "\n")
+    (tmp_path / "token").chmod(0o600)  # a token file others can read is refused
     config = tmp_path / "controller.toml"
     config.write_text(f'cluster = "{cluster}"\nclient_id = "c-{cluster}"\n{extra}[store]\npath = "state/c.db"\n'
                       f'[http]\nlisten = "127.0.0.1:{port}"\ntoken_file = "{tmp_path / "token"}"\n{more_http}')
