@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -336,8 +337,8 @@ class PeerMetrics:
     def __init__(self) -> None:
         #: group → check → metric → series
         self.groups: dict[PeerGroup, dict[str, dict[str, PeerSeries]]] = {}
-        #: (cluster, node) → its group and the (check, metric, entity) it holds values for there.
-        self.held: dict[NodeKey, tuple[PeerGroup, set[tuple[str, str, str]]]] = {}
+        #: (cluster, node) → its group and the entities it holds values for there.
+        self.held: dict[NodeKey, tuple[PeerGroup, set[str]]] = {}
         #: Every check values were kept for: ``fleet.median[check]`` is there for each, if empty.
         self.checks: set[str] = set()
 
@@ -345,7 +346,10 @@ class PeerMetrics:
                names: frozenset[str]) -> None:
         """Keep the ``names`` among ``metrics`` as ``node``'s latest for ``entity``."""
         self._move(node, group)
-        _, holding = self.held.setdefault(node, (group, set()))
+        _, entities = self.held.setdefault(node, (group, set()))
+        entity = sys.intern(entity)  # one string and one key for every metric of every result of a GPU
+        entities.add(entity)
+        subject = (node[1], entity)
         series = self.groups.setdefault(group, {}).setdefault(check, {})
         self.checks.add(check)
         for metric, value in metrics.items():
@@ -356,22 +360,23 @@ class PeerMetrics:
                 if len(series) >= MAX_METRICS_PER_CHECK:
                     continue
                 one = series[metric] = PeerSeries()
-            one.put((node[1], entity), float(value))
-            holding.add((check, metric, entity))
+            one.put(subject, float(value))
 
     def _move(self, node: NodeKey, group: PeerGroup) -> None:
         """A node whose partition or GPU model changed takes its values to its new peers."""
         held = self.held.get(node)
         if held is None or held[0] == group:
             return
-        old, holding = held
+        old, entities = held
         moved = self.groups.setdefault(group, {})
-        for check, metric, entity in holding:
-            series = self.groups[old][check][metric]
-            value = series.by_subject[(node[1], entity)]
-            series.drop((node[1], entity))
-            moved.setdefault(check, {}).setdefault(metric, PeerSeries()).put((node[1], entity), value)
-        self.held[node] = (group, holding)
+        for check, metrics in self.groups.get(old, {}).items():
+            for metric, series in metrics.items():
+                for entity in entities:
+                    value = series.by_subject.get((node[1], entity))
+                    if value is not None:
+                        series.drop((node[1], entity))
+                        moved.setdefault(check, {}).setdefault(metric, PeerSeries()).put((node[1], entity), value)
+        self.held[node] = (group, entities)
 
     def view(self, group: PeerGroup, node: str, entity: str,
              ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, int]]]:
