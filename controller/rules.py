@@ -12,7 +12,10 @@ A rule file::
 ``when`` is a CEL expression over ``node`` (``name``, ``cluster``, ``state``,
 ``online``, ``labels``), ``fleet`` (``partition``, and ``labels``: each label's
 majority value among the nodes of the node's cluster and partition that have
-it, where one value is held by more than half of them) and either ``result`` (``check``, ``entity``,
+it, where one value is held by more than half of them; ``median`` and ``peers``:
+per check and metric, the median of the values of the node's peers, its own left
+out, and how many there are, see
+:class:`~vetd.controller.model.PeerMetrics`) and either ``result`` (``check``, ``entity``,
 ``status``, ``codes``, ``metrics``, ``message``, ``duration_s``, ``profile``,
 ``job_id``) or ``event`` (``name``, ``entity``, ``severity``, ``codes``,
 ``metrics``, ``message``, ``job_id``). A rule is evaluated on results if its
