@@ -37,7 +37,7 @@ from vetd.controller.decisions import Action, Alert, Decisions, Drain, Reboot
 from vetd.controller.fleet import Fleet, static_labels
 from vetd.controller.healing import Ladders
 from vetd.controller.lifecycle import Lifecycle
-from vetd.controller.model import FleetState, NodeRow
+from vetd.controller.model import FleetState, NodeRow, PeerGroup, PeerMetrics
 from vetd.controller.rules import (
     NODE_FIELDS,
     Rule,
@@ -53,7 +53,9 @@ from vetd.core.protocol import Event, Message, Reply, Result, State, Telemetry
 
 log = structlog.get_logger("vetd.controller")
 
-NO_FLEET: dict[str, Any] = {"partition": "", "labels": {}}
+NO_FLEET: dict[str, Any] = {"partition": "", "labels": {}, "median": {}, "peers": {}}
+#: Results whose metrics are measurements peers can be compared with (not an error, a skip).
+MEASURED = frozenset({"pass", "warn", "fail"})
 #: The operator alert for a rule that errors live; its ``rule`` label names the rule.
 RULE_ERROR_ALERT = "vetd_rule_error"
 
@@ -81,6 +83,8 @@ class Engine:
                                steps=steps)
         #: Rules that errored since they were loaded: logged and alerted once, then only counted.
         self.erring_rules: set[str] = set()
+        #: The latest metrics of each (node, entity) by peer group, for ``fleet.median``/``fleet.peers``.
+        self.peer_metrics = PeerMetrics()
 
     @property
     def firing_alerts(self) -> dict[str, dict[str, Any]]:
@@ -132,6 +136,9 @@ class Engine:
             self.fleet.count(node)  # first heard of through a result, not a birth
         kind, name = ("result", message.check) if isinstance(message, Result) else ("event", message.name)
         subject = f"{kind}:{name}:{message.entity}"
+        if isinstance(message, Result) and message.status in MEASURED and message.check in self.rules.peer_names:
+            self.peer_metrics.record(self.peer_group(node), (node.cluster, node.name), message.entity,
+                                     message.check, message.metrics, self.rules.peer_names)
         variables = self.variables(message, node)
         rules = self.rules.for_input(kind)
         self.counters.count("rules_evaluated", len(rules))
@@ -153,13 +160,23 @@ class Engine:
         """What a rule's ``when`` and annotations see."""
         data = message_view(message)  # the fields rule checking declares (rules.SCHEMAS)
         is_result = isinstance(message, Result)
+        fleet = self.fleet.of(node) if self.rules.uses_fleet else NO_FLEET
+        if self.rules.uses_peers:
+            # The node's own value is left out: a slow GPU must not pull down the median it is held to.
+            median, peers = self.peer_metrics.view(self.peer_group(node), node.name, message.entity)
+            fleet = {**fleet, "median": median, "peers": peers}
         return {
             "result": data if is_result else {},
             "event": {} if is_result else data,
             "node": {**{name: getattr(node, name) for name in NODE_FIELDS},
                      "labels": self.fleet.labels_of(node)},
-            "fleet": self.fleet.of(node) if self.rules.uses_fleet else NO_FLEET,
+            "fleet": fleet,
         }
+
+    def peer_group(self, node: NodeRow) -> PeerGroup:
+        """Whom ``node`` is compared with in ``fleet.median``: its cluster, partition and GPU model
+        (label ``gpu_model``, which gpu_health sends at birth; ``""`` without one)."""
+        return (node.cluster, self.fleet.partition_of(node), self.fleet.labels_of(node).get("gpu_model", ""))
 
     def _rule_error(self, rule: Rule, node: NodeRow, subject: str, history_id: int, now: float,
                     decisions: Decisions, variables: dict[str, Any]) -> None:

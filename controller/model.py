@@ -11,6 +11,9 @@ that transaction commits.
 
 from __future__ import annotations
 
+import bisect
+import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -271,3 +274,121 @@ class FleetState:
 
     def set_breaker(self, partition: str, open_: bool, reason: str, now: float) -> None:
         self.breakers[partition] = self.changes.breakers[partition] = Breaker(open_, now, reason)
+
+
+# -- peer metrics: the numbers fleet-relative rules compare -------------------------
+
+#: A peer group: (cluster, partition, GPU model); nodes in one compare with each other.
+PeerGroup = tuple[str, str, str]
+#: Most metrics kept per check (those a rule names, first seen first).
+MAX_METRICS_PER_CHECK = 16
+
+
+class PeerSeries:
+    """The latest value of one (check, metric) for each (node, entity) of a peer group,
+    also held sorted so that a median, with any one value left out, is a bisection away."""
+
+    __slots__ = ("by_subject", "ordered")
+
+    def __init__(self) -> None:
+        self.by_subject: dict[tuple[str, str], float] = {}
+        self.ordered: list[float] = []
+
+    def put(self, subject: tuple[str, str], value: float) -> None:
+        old = self.by_subject.get(subject)
+        if old == value:
+            return
+        if old is not None:
+            del self.ordered[bisect.bisect_left(self.ordered, old)]
+        self.by_subject[subject] = value
+        bisect.insort(self.ordered, value)
+
+    def drop(self, subject: tuple[str, str]) -> None:
+        old = self.by_subject.pop(subject, None)
+        if old is not None:
+            del self.ordered[bisect.bisect_left(self.ordered, old)]
+
+    def median_without(self, subject: tuple[str, str]) -> tuple[float | None, int]:
+        """The median of the values of every subject but ``subject``, and how many there are."""
+        values = self.ordered
+        own = self.by_subject.get(subject)
+        skip = len(values) if own is None else bisect.bisect_left(values, own)
+        count = len(values) - (own is not None)
+        if count == 0:
+            return None, 0
+
+        def at(k: int) -> float:  # the k-th of the values with ``skip`` left out
+            return values[k if k < skip else k + 1]
+
+        return (at((count - 1) // 2) + at(count // 2)) / 2, count
+
+
+class PeerMetrics:
+    """The numbers behind ``fleet.median`` and ``fleet.peers``: kept in memory only.
+
+    Bounded: only results of checks a rule names (see
+    :attr:`~vetd.controller.rules.RuleSet.fleet_metrics`), only the metrics it
+    names, at most :data:`MAX_METRICS_PER_CHECK` per check, one value per
+    (node, entity): nodes × entities × named (check, metric) pairs floats.
+    Not persisted: after a restart the peers are counted again as results come
+    in (a rule that asks for enough peers is quiet until then).
+    """
+
+    def __init__(self) -> None:
+        #: group → check → metric → series
+        self.groups: dict[PeerGroup, dict[str, dict[str, PeerSeries]]] = {}
+        #: (cluster, node) → its group and the entities it holds values for there.
+        self.held: dict[NodeKey, tuple[PeerGroup, set[str]]] = {}
+        #: Every check values were kept for: ``fleet.median[check]`` is there for each, if empty.
+        self.checks: set[str] = set()
+
+    def record(self, group: PeerGroup, node: NodeKey, entity: str, check: str, metrics: dict[str, float],
+               names: frozenset[str]) -> None:
+        """Keep the ``names`` among ``metrics`` as ``node``'s latest for ``entity``."""
+        self._move(node, group)
+        _, entities = self.held.setdefault(node, (group, set()))
+        entity = sys.intern(entity)  # one string and one key for every metric of every result of a GPU
+        entities.add(entity)
+        subject = (node[1], entity)
+        series = self.groups.setdefault(group, {}).setdefault(check, {})
+        self.checks.add(check)
+        for metric, value in metrics.items():
+            if metric not in names or not math.isfinite(value):
+                continue
+            one = series.get(metric)
+            if one is None:
+                if len(series) >= MAX_METRICS_PER_CHECK:
+                    continue
+                one = series[metric] = PeerSeries()
+            one.put(subject, float(value))
+
+    def _move(self, node: NodeKey, group: PeerGroup) -> None:
+        """A node whose partition or GPU model changed takes its values to its new peers."""
+        held = self.held.get(node)
+        if held is None or held[0] == group:
+            return
+        old, entities = held
+        moved = self.groups.setdefault(group, {})
+        for check, metrics in self.groups.get(old, {}).items():
+            for metric, series in metrics.items():
+                for entity in entities:
+                    value = series.by_subject.get((node[1], entity))
+                    if value is not None:
+                        series.drop((node[1], entity))
+                        moved.setdefault(check, {}).setdefault(metric, PeerSeries()).put((node[1], entity), value)
+        self.held[node] = (group, entities)
+
+    def view(self, group: PeerGroup, node: str, entity: str,
+             ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, int]]]:
+        """``fleet.median`` and ``fleet.peers`` for ``entity`` of ``node``: per check kept (anywhere),
+        per metric the group has, the median of the values other than this (node, entity)'s and
+        their count (a median only where there is one)."""
+        medians: dict[str, dict[str, float]] = {check: {} for check in self.checks}
+        peers: dict[str, dict[str, int]] = {check: {} for check in self.checks}
+        for check, metrics in self.groups.get(group, {}).items():
+            for metric, series in metrics.items():
+                median, count = series.median_without((node, entity))
+                peers[check][metric] = count
+                if median is not None:
+                    medians[check][metric] = median
+        return medians, peers

@@ -12,7 +12,10 @@ A rule file::
 ``when`` is a CEL expression over ``node`` (``name``, ``cluster``, ``state``,
 ``online``, ``labels``), ``fleet`` (``partition``, and ``labels``: each label's
 majority value among the nodes of the node's cluster and partition that have
-it, where one value is held by more than half of them) and either ``result`` (``check``, ``entity``,
+it, where one value is held by more than half of them; ``median`` and ``peers``:
+per check and metric, the median of the values of the node's peers, its own left
+out, and how many there are, see
+:class:`~vetd.controller.model.PeerMetrics`) and either ``result`` (``check``, ``entity``,
 ``status``, ``codes``, ``metrics``, ``message``, ``duration_s``, ``profile``,
 ``job_id``) or ``event`` (``name``, ``entity``, ``severity``, ``codes``,
 ``metrics``, ``message``, ``job_id``). A rule is evaluated on results if its
@@ -59,6 +62,10 @@ _ENV_ALL = cel.NewEnv(variables={"result": _DYN_MAP, "event": _DYN_MAP, "node": 
 _ENV_RESULT = cel.NewEnv(variables={"result": _DYN_MAP, "node": _DYN_MAP, "fleet": _DYN_MAP})
 _ENV_EVENT = cel.NewEnv(variables={"event": _DYN_MAP, "node": _DYN_MAP, "fleet": _DYN_MAP})
 _USES_FLEET = re.compile(r"\bfleet\b")
+_USES_PEERS = re.compile(r"\bfleet\s*\.\s*(?:median|peers)\b")
+#: What a condition names: quoted strings, and map keys taken as fields (``fleet.median.gpu_gemm.x``).
+_LITERAL = re.compile(r'"((?:[^"\\]|\\.)*)"|\'((?:[^\'\\]|\\.)*)\'')
+_PEER_FIELDS = re.compile(r"\bfleet\s*\.\s*(?:median|peers)\s*\.\s*(\w+)(?:\s*\.\s*(\w+))?")
 
 #: Envelope fields rules do not see: routing and sequencing (``ts`` they do).
 _ROUTING = frozenset(f.name for f in msgspec.structs.fields(Envelope)) - {"ts"}
@@ -109,6 +116,9 @@ _COMMON = {
     **_declared("node", NodeRow, NODE_FIELDS),
     # What Fleet.of gives: the node's partition and each label's majority value.
     "fleet.partition": cel.Type.STRING, "fleet.labels": cel.Type.Map(cel.Type.STRING, cel.Type.STRING),
+    # What PeerMetrics.view gives: per check, per metric, the peers' median and how many peers.
+    "fleet.median": cel.Type.Map(cel.Type.STRING, cel.Type.Map(cel.Type.STRING, cel.Type.DOUBLE)),
+    "fleet.peers": cel.Type.Map(cel.Type.STRING, cel.Type.Map(cel.Type.STRING, cel.Type.INT)),
 }
 #: Per input kind: every field a condition or template may name (``root.field``) and its CEL type.
 SCHEMAS: dict[str, dict[str, Any]] = {
@@ -179,6 +189,23 @@ class RuleSet:
         """Whether a condition reads ``fleet`` (only then is it worked out); asked once per message."""
         return any(_USES_FLEET.search(rule.spec.when) for rule in self.rules)
 
+    @functools.cached_property
+    def uses_peers(self) -> bool:
+        """Whether a condition reads ``fleet.median`` or ``fleet.peers`` (only then are peer values kept)."""
+        return any(_USES_PEERS.search(rule.spec.when) for rule in self.rules)
+
+    @functools.cached_property
+    def peer_names(self) -> frozenset[str]:
+        """The checks and metrics whose peer values the engine keeps: every name (a quoted
+        string, or a field after ``fleet.median.``) in a condition that reads ``fleet.median``
+        or ``fleet.peers``. A check and a metric are kept when both are named."""
+        names: set[str] = set()
+        for rule in self.rules:
+            if _USES_PEERS.search(rule.spec.when):
+                names.update(a or b for a, b in _LITERAL.findall(rule.spec.when))
+                names.update(name for pair in _PEER_FIELDS.findall(rule.spec.when) for name in pair if name)
+        return frozenset(names)
+
 
 def _compile(expression: str) -> tuple[str, Any]:
     """Compile ``expression``; returns (input kind, compiled) or raises ``ValueError``."""
@@ -236,7 +263,8 @@ def _field_known(path: str, kind: str) -> bool:
         return True
     if declared is None:
         return False
-    return len(parts) == 2 or (len(parts) == 3 and declared.name().startswith("MAP"))
+    # A map's keys are free, a map of maps' two levels of them (``fleet.median.gpu_gemm.tflops_fp16``).
+    return len(parts) - 2 <= str(declared.name()).count("MAP<")
 
 
 def template_problem(template: str, kind: str) -> str:

@@ -161,3 +161,64 @@ def test_the_breaker_opens_in_memory_and_an_operator_resets_it() -> None:
     assert state.breaker_open("gpu") is None and state.nodes[("alps", "nid001")].state == "healthy"
     assert reset.changes.nodes == {("alps", "nid001"): state.nodes[("alps", "nid001")]}
 
+
+
+DEFAULT_RULES = Path(__file__).resolve().parents[2] / "controller" / "default_rules.yaml"
+H100 = "NVIDIA H100 80GB HBM3"
+
+
+def gemm(node: str, gpu: int, seq: int, fp16: float, status: str = "pass") -> Result:
+    return Result(cluster="alps", node=node, session="s1", seq=seq, ts=100.0 + seq, check="gpu_gemm",
+                  entity=f"gpu{gpu}", status=status, metrics={"tflops_fp16": fp16, "checksum_error_fp16": 1e-3},
+                  message=f"fp16 {fp16} TFLOP/s")
+
+
+def test_the_default_rules_alert_on_the_one_gpu_below_90_percent_of_its_peers() -> None:
+    rules = RuleSet(tuple(parse_rules(DEFAULT_RULES.read_text(), "default.yaml")), ("default.yaml",))
+    eng = Engine(ControllerConfig(), FleetState(), Counters(), rules=lambda: rules, steps={}, alerting=True,
+                 session="test")
+    births = [State(cluster="alps", node=f"nid00{i}", session="s1", seq=0, ts=1.0, online=True, started=1.0,
+                    labels={"partition": "gpu", "gpu_model": "NVIDIA H200" if i == 6 else H100}) for i in range(1, 7)]
+    eng.process([(b, None) for b in births], now=1.0)
+    alerted = []
+    history = iter(range(1, 1000))
+    for node, gpu, fp16 in [("nid001", 0, 700), ("nid001", 1, 690), ("nid002", 0, 705),
+                            ("nid003", 0, 600),  # 3 peers so far: too few to judge
+                            ("nid006", 0, 1000),  # another GPU model: not a peer
+                            ("nid004", 0, 698), ("nid005", 0, 702), ("nid005", 1, 699),
+                            ("nid003", 1, 620),  # 7 peers (nid003 gpu0 among them), median 699: below
+                            ("nid003", 0, 600)]:  # again, with enough peers now
+        decided = eng.process([(gemm(node, gpu, next(history), fp16), next(history))], now=200.0)
+        alerted += [(a.node, p["labels"]["entity"]) for a in decided.alerts for p in a.alerts]
+    assert alerted == [("nid003", "gpu1"), ("nid003", "gpu0")]
+    assert eng.counters["rule_errors"] == 0
+    median, peers = eng.peer_metrics.view(("alps", "gpu", H100), "nid003", "gpu0")
+    # nid003 gpu0 left out: 620 690 698 699 700 702 705 → 699
+    assert median["gpu_gemm"] == {"tflops_fp16": 699.0} and peers["gpu_gemm"] == {"tflops_fp16": 7}
+    assert "checksum_error_fp16" not in peers["gpu_gemm"]  # no rule names it: not kept
+    # the slow GPU measures normally again: its alert is resolved
+    decided = eng.process([(gemm("nid003", 1, next(history), 697), next(history))], now=300.0)
+    assert [(a.rule, p["endsAt"]) for a in decided.alerts for p in a.alerts] == [
+        ("gpu-slower-than-peers", "1970-01-01T00:05:00Z")]
+
+
+def test_peer_values_are_kept_only_when_a_rule_asks_for_them() -> None:
+    eng = engine(FleetState())  # rules that never read fleet.median
+    eng.process([(birth(), None), (gemm("nid001", 0, 1, 700.0), 1)], now=101.0)
+    assert eng.peer_metrics.groups == {} and not eng.rules.uses_peers
+
+
+def test_a_node_whose_gpu_model_changes_is_compared_with_its_new_peers() -> None:
+    rules = RuleSet(tuple(parse_rules(DEFAULT_RULES.read_text(), "default.yaml")), ("default.yaml",))
+    eng = Engine(ControllerConfig(), FleetState(), Counters(), rules=lambda: rules, steps={}, alerting=True,
+                 session="test")
+    eng.process([(birth(), None), (gemm("nid001", 0, 1, 700.0), 1)], now=101.0)
+    moved = State(cluster="alps", node="nid001", session="s2", seq=0, ts=2.0, online=True, started=2.0,
+                  labels={"partition": "gpu", "gpu_model": H100})
+    eng.process([(moved, None), (birth("nid002"), None), (gemm("nid002", 0, 1, 650.0), 2)], now=102.0)
+    eng.process([(Result(cluster="alps", node="nid001", session="s2", seq=1, ts=103.0, check="gpu_gemm",
+                         entity="gpu1", status="pass", metrics={"tflops_fp16": 710.0}), 3)], now=103.0)
+    groups = eng.peer_metrics.groups
+    assert groups[("alps", "gpu", "")]["gpu_gemm"]["tflops_fp16"].by_subject == {("nid002", "gpu0"): 650.0}
+    assert groups[("alps", "gpu", H100)]["gpu_gemm"]["tflops_fp16"].by_subject == {
+        ("nid001", "gpu0"): 700.0, ("nid001", "gpu1"): 710.0}

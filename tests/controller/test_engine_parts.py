@@ -56,3 +56,25 @@ def test_the_breaker_allows_a_fraction_of_a_partition_and_a_rate_of_drains() -> 
     limited = BreakerSection(max_fraction=1.0, max_drains=3)
     assert verdict(limited, "gpu", 10, 0, lambda: 2) == ""
     assert verdict(limited, "gpu", 10, 0, lambda: 3) == "partition 'gpu' would have 4 drains in 3600s (allowed 3)"
+
+
+def test_a_peer_median_leaves_out_the_subject_itself() -> None:
+    import random
+    import statistics
+
+    from vetd.controller.model import PeerSeries
+
+    rng = random.Random(15)
+    series, values = PeerSeries(), {}
+    for step in range(400):
+        subject = (f"nid{rng.randrange(12):03d}", f"gpu{rng.randrange(4)}")
+        value = float(rng.choice([rng.uniform(0, 100), 50.0]))  # ties too
+        series.put(subject, value)
+        values[subject] = value
+        if step % 7 == 0:
+            series.drop(subject)
+            del values[subject]
+        assert series.ordered == sorted(values.values())
+        asked = (f"nid{rng.randrange(13):03d}", "gpu0")  # nid012 never reports
+        others = [v for s, v in values.items() if s != asked]
+        assert series.median_without(asked) == ((statistics.median(others) if others else None), len(others))

@@ -102,3 +102,38 @@ def test_export_then_replay_reproduces_the_controller_decisions(tmp_path: Path) 
     replayed = run_vetd("rules", "test", str(rules), "--events", str(events), "--json")
     decided = [(d["ts"], d["action"]) for d in map(json.loads, replayed.stdout.splitlines())]
     assert decided == live == [(1300.0, "rule_fired"), (1300.0, "drain"), (1360.0, "rule_resolved")]
+
+
+def test_rules_test_replays_the_fleet_relative_rule_on_the_one_slow_gpu(tmp_path: Path) -> None:
+    """Five nodes of one partition and GPU model, two GPUs each, vetted twice; nid003's gpu1
+    computes at 85 % of the others and nid004's NCCL bus bandwidth is low: only they are alerted."""
+    model = {"partition": "gpu", "gpu_model": "NVIDIA H100 80GB HBM3"}
+    lines: list[dict[str, object]] = [{"kind": "state", "ts": 0, "node": f"nid00{n}", "online": True, "labels": model}
+                                      for n in range(1, 6)]
+    for start in (100, 200):
+        for n in range(1, 6):
+            node = f"nid00{n}"
+            for gpu in range(2):
+                fp16 = 600.0 if (node, gpu) == ("nid003", 1) else 700.0 + n - gpu
+                lines.append({"kind": "result", "ts": start + n, "node": node, "check": "gpu_gemm",
+                              "entity": f"gpu{gpu}", "status": "pass", "message": f"fp16 {fp16} TFLOP/s",
+                              "metrics": {"tflops_fp16": fp16, "tflops_fp64": 50.0 + n}})
+            lines.append({"kind": "result", "ts": start + 50 + n, "node": node, "check": "nccl_allreduce",
+                          "status": "pass", "codes": ["no_reference"],
+                          "metrics": {"busbw_gbps": 300.0 if node == "nid004" else 370.0 + n}})
+    events = tmp_path / "events.jsonl"
+    events.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    done = run_vetd("rules", "test", "--events", str(events), "--json")  # the rules vetd ships
+    assert done.returncode == 0, done.stderr
+    decisions = [(d["ts"], d["node"], d["action"], d["rule"], d["detail"]) for d in map(json.loads, done.stdout.splitlines())]
+    # At least 4 peers: nid003's gpu1 has them in the first round (the GPUs of nid001 and nid002,
+    # and its own gpu0); nid004's all-reduce, one per node, only in the second (nid001-003 and nid005).
+    assert [d[:4] for d in decisions] == [
+        (103.0, "nid003", "rule_fired", "gpu-slower-than-peers"),
+        (103.0, "nid003", "alert", "gpu-slower-than-peers"),
+        (254.0, "nid004", "rule_fired", "gpu-slower-than-peers"),
+        (254.0, "nid004", "alert", "gpu-slower-than-peers"),
+    ]
+    assert decisions[0][4] == "result:gpu_gemm:gpu1" and decisions[2][4] == "result:nccl_allreduce:node"
+    assert decisions[1][4] == ("nid003 gpu1: gpu_gemm below 90 % of the median of its peers "
+                               "(NVIDIA H100 80GB HBM3 in partition gpu)")

@@ -6,7 +6,7 @@ import msgspec
 import pytest
 
 from tests.support.procs import run_vetd
-from vetd.controller.rules import SCHEMAS, RuleError, evaluate_all, load_rules, parse_rules
+from vetd.controller.rules import SCHEMAS, RuleError, RuleSet, evaluate_all, load_rules, parse_rules
 from vetd.core.protocol import Result
 
 GOOD = """\
@@ -117,6 +117,14 @@ def test_the_shipped_default_rules_are_valid() -> None:
         ("rules:\n  - name: wrong-kind\n    when: event.name == 'xid'\n    annotations:\n"
          "      summary: '{{ result.entity }}'\n",
          ":5: rule 'wrong-kind': annotations.summary: unknown field `result.entity`"),
+        ("rules:\n  - name: slow\n    when: result.metrics.tflops_fp16 < 0.9 * fleet.medain['gpu_gemm']['tflops_fp16']\n",
+         ":3: rule 'slow': when: unknown field `fleet.medain` at column 41 (fleet has: labels, median, partition, peers)"),
+        ("rules:\n  - name: few\n    when: result.check == 'gpu_gemm' && fleet.peers['gpu_gemm']['tflops_fp16'] >= '4'\n",
+         ":3: rule 'few': when: type error at column 70: found no matching overload for '_>=_' "
+         "applied to '(int, string)'"),
+        ("rules:\n  - name: deep\n    when: result.status == 'pass'\n"
+         "    description: '{{ fleet.median.gpu_gemm.tflops_fp16.x }}'\n",
+         ":4: rule 'deep': description: unknown field `fleet.median.gpu_gemm.tflops_fp16.x`"),
     ],
 )
 def test_rules_check_catches_unknown_fields_type_errors_and_bad_templates(
@@ -156,3 +164,17 @@ def test_the_checked_fields_are_the_wire_structs() -> None:
         {f.name for f in msgspec.structs.fields(Result)} - {"v", "cluster", "node", "session", "seq"})
     assert SCHEMAS["event"]["event.severity"].name() == "STRING"
     assert SCHEMAS["result"]["result.metrics"].name() == "MAP<STRING, DOUBLE>"
+
+
+def test_the_checks_and_metrics_a_fleet_relative_rule_names_are_the_ones_kept() -> None:
+    rules = RuleSet(tuple(parse_rules("""\
+rules:
+  - name: slow
+    when: >-
+      result.check in ["gpu_gemm", 'nccl_allreduce'] && fleet.peers.gpu_gemm.tflops_bf16 >= 4 &&
+      result.metrics.busbw_gbps < 0.9 * fleet.median[result.check]["busbw_gbps"]
+  - name: failed
+    when: result.status == "fail" && result.check == "host_env"
+""", "r.yaml")), ("r.yaml",))
+    assert rules.uses_peers and rules.uses_fleet
+    assert rules.peer_names == {"gpu_gemm", "nccl_allreduce", "tflops_bf16", "busbw_gbps"}
