@@ -94,7 +94,11 @@ def judge(result: Mapping[str, Any], config: NcclConfig, gpu_name: str) -> Outco
         return Outcome(status="fail", codes=["nccl_wrong"], metrics=metrics,
                        message=f"{int(data['wrong_elements'])} wrong elements in the all-reduce result; {message}")
     if ranks == 1:
-        return Outcome(status="pass", codes=["single_rank", "no_reference"], metrics=metrics,
+        # busbw is 0 by definition with one rank: not a measurement, so not a metric (a
+        # rule comparing busbw with peers must not see a 0 from a one-GPU node).
+        single = {key: value for key, value in metrics.items() if not key.startswith("busbw_gbps")}
+        single.update({f"algbw_gbps_{size_label(row['bytes'])}": round(row["algbw_gbps"], 2) for row in sizes})
+        return Outcome(status="pass", codes=["single_rank", "no_reference"], metrics=single,
                        message=f"one rank (a local copy, no link measured): {message}")
     floor = config.min_busbw_gbps
     if not floor:

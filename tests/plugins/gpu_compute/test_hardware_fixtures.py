@@ -59,3 +59,16 @@ def test_prolog_wall_time_on_one_gpu() -> None:
     bench = json.loads((DATA / "h200.bench.json").read_text())
     assert bench["prolog"]["rc"] == 0
     assert bench["prolog"]["wall_s"] < 10.0  # CSCS's prolog timeout
+
+
+def test_one_rank_publishes_no_busbw() -> None:
+    """busbw is 0 by definition with one rank (the H200 run above): not a figure a peer rule may compare."""
+    from vetd.plugins.nccl import judge
+    from vetd.plugins.nccl.config import NcclConfig
+
+    sizes = [{"bytes": 1 << 20, "algbw_gbps": 171.3, "busbw_gbps": 0.0},
+             {"bytes": 1 << 30, "algbw_gbps": 2127.9, "busbw_gbps": 0.0}]
+    outcome = judge({"result": {"ranks": 1, "sizes": sizes, "wrong_elements": 0}}, NcclConfig(), "NVIDIA H200")
+    assert outcome.status == "pass" and "single_rank" in outcome.codes
+    assert not any(key.startswith("busbw") for key in outcome.metrics)
+    assert outcome.metrics["algbw_gbps"] == 2127.9 and outcome.metrics["algbw_gbps_1g"] == 2127.9
