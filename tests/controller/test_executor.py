@@ -3,6 +3,7 @@ controller restart, visible in `vetd node`, and never stuck behind alerts (issue
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import re
@@ -19,7 +20,11 @@ from tests.controller.test_end_to_end import RULES, AlertReceiver, receiver, sta
 from tests.support.procs import publish_raw, run_vetd
 from tests.support.services import Mosquitto, Slurm
 from tests.support.wait import wait_for
+from vetd.controller import actions
+from vetd.controller.config import ControllerConfig, SchedulerSection, StoreSection
+from vetd.controller.service import Controller
 from vetd.core import protocol
+from vetd.core.configfile import Duration
 from vetd.core.protocol import Result
 
 
@@ -210,3 +215,53 @@ def test_alerts_to_an_alertmanager_that_never_answers_do_not_delay_a_drain(
         blackhole.close()
         controller.stop()
         slurm.resume("nid003")
+
+
+def in_process(tmp_path: Path, scontrol: Path, slurm: Slurm, monkeypatch: pytest.MonkeyPatch) -> Controller:
+    monkeypatch.setenv("SLURM_CONF", str(slurm.conf))
+    return Controller(ControllerConfig(
+        cluster="alps", allow_unsigned_commands=True, store=StoreSection(path=str(tmp_path / "c.db")),
+        scheduler=SchedulerSection(backend="slurm", scontrol=str(scontrol / "scontrol"),
+                                   retry_base=Duration(0.05), retry_max=Duration(0.1))))
+
+
+def test_a_resume_after_a_pending_drain_cancels_the_drain(
+    tmp_path: Path, slurm: Slurm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scontrol = flaky_scontrol(tmp_path)
+    (scontrol / "down").touch()
+    controller = in_process(tmp_path, scontrol, slurm, monkeypatch)
+    store, executor = controller.store, controller.executor
+
+    async def scenario() -> None:
+        store.submit("ops", "drain", [("alps", "nid002")], "bad fan")
+        controller.handle_requests()
+        await executor.carry_out_queued()
+        (pending,) = store.pending_actions()
+        assert (pending.action, pending.attempts) == ("drain", 1)
+        store.submit("ops", "resume", [("alps", "nid002")])
+        controller.handle_requests()
+        (pending,) = store.pending_actions()
+        assert (pending.action, pending.attempts) == ("resume", 0)
+        (scontrol / "down").unlink()
+        await executor.carry_out_queued()
+
+    asyncio.run(scenario())
+    outcomes = [(a["action"], a["outcome"]) for a in reversed(store.audit_log("alps", "nid002"))]
+    assert outcomes == [("drain", "superseded"), ("resume", "skipped")]
+    assert store.pending_actions() == [] and not drained(slurm, "nid002")
+    assert "DRAIN" not in (scontrol / "argv").read_text()  # the cancelled drain never reached Slurm
+
+
+@pytest.mark.parametrize("name", ["-o", "--help", "nid001 nid002"])
+def test_scontrol_never_sees_a_node_name_as_an_option(tmp_path: Path, slurm: Slurm, name: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    scontrol = flaky_scontrol(tmp_path)
+    backend = actions.Slurm(str(scontrol / "scontrol"))
+    for outcome in (asyncio.run(backend.drain(name, "vetd: x")), asyncio.run(backend.resume(name)),
+                    asyncio.run(backend.reboot(name, "vetd: x"))):
+        assert outcome.outcome == "refused" and "not a valid node name" in outcome.detail
+    assert not (scontrol / "argv").exists()
+    monkeypatch.setenv("SLURM_CONF", str(slurm.conf))
+    assert asyncio.run(backend.show("nid001"))["NodeName"] == "nid001"  # names after --, options before
+    assert (scontrol / "argv").read_text() == "-o -- show node nid001\n"
