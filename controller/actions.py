@@ -5,9 +5,12 @@ Scheduler backends exclude a node from new jobs:
 * ``none`` (default): vetd only records the exclusion; ``vetd excluded`` prints
   the hostlist for ``srun --exclude``.
 * ``slurm``: ``scontrol update NodeName=<n> State=DRAIN Reason="vetd: …"``, as an
-  argv list (never a shell), honouring ``SLURM_CONF``. A node already drained
-  by someone else (reason not starting with ``vetd:``) is left alone, so an
-  operator's reason is never overwritten.
+  argv list (never a shell), honouring ``SLURM_CONF``, then ``scontrol show
+  node`` to confirm Slurm has it (the executor retries until it does). A node
+  already drained by someone else (reason not starting with ``vetd:``) is left
+  alone, so an operator's reason is never overwritten. Node names are checked
+  (:func:`~vetd.core.protocol.valid_name`) and every argument comes after
+  ``--``, so no name can be read as an option.
 
 Alerts are Alertmanager API v2 shaped (``POST /api/v2/alerts`` body: a JSON list
 of ``{labels, annotations, startsAt, endsAt, generatorURL}``) and sent to every
@@ -31,7 +34,7 @@ from typing import Any, Protocol
 import structlog
 
 from vetd.core import proc
-from vetd.core.protocol import Command
+from vetd.core.protocol import Command, valid_name
 
 log = structlog.get_logger("vetd.actions")
 
@@ -128,10 +131,11 @@ class Slurm:
         self.scontrol = scontrol
         self.timeout = timeout
 
-    async def _run(self, *args: str) -> str:
+    async def _run(self, *args: str, options: tuple[str, ...] = ()) -> str:
+        """``scontrol [options] -- args``: nothing in ``args`` is ever taken for an option."""
         executable = shutil.which(self.scontrol) or self.scontrol
         try:
-            done = await proc.run([executable, *args], self.timeout, env=os.environ)
+            done = await proc.run([executable, *options, "--", *args], self.timeout, env=os.environ)
         except proc.ProcError as exc:
             raise SlurmError(f"scontrol {' '.join(args[:2])}: {exc}") from None
         if done.returncode != 0:
@@ -140,7 +144,7 @@ class Slurm:
 
     async def show(self, node: str) -> dict[str, str]:
         """``scontrol show node -o`` parsed into fields (State, Reason…)."""
-        text = (await self._run("show", "node", "-o", node)).strip()
+        text = (await self._run("show", "node", node, options=("-o",))).strip()
         # Reason comes last and may hold spaces and '=': take it whole, minus
         # the " [user@time]" Slurm appends.
         head, _, reason = text.partition(" Reason=")
@@ -150,6 +154,9 @@ class Slurm:
         return fields
 
     async def drain(self, node: str, reason: str) -> ActionOutcome:
+        """Drain ``node`` and read it back: ``done`` only once Slurm shows it DRAIN (or DRAINING, DRAINED)."""
+        if not valid_name(node):
+            return _not_a_node(node)
         try:
             current = await self.show(node)
         except SlurmError as exc:
@@ -164,11 +171,19 @@ class Slurm:
             await self._run("update", f"NodeName={node}", "State=DRAIN", f"Reason={clean_reason(reason)}")
         except SlurmError as exc:
             return ActionOutcome(False, "failed", f"scontrol update: {exc}")
-        return ActionOutcome(True, "done", f"drained in Slurm (was {state or 'unknown'})")
-
+        try:
+            after = (await self.show(node)).get("State", "")
+        except SlurmError as exc:
+            return ActionOutcome(False, "failed", f"scontrol show node (confirming): {exc}")
+        if "DRAIN" not in after:
+            return ActionOutcome(False, "failed", f"not confirmed: Slurm shows {after or 'no state'} after the drain")
+        return ActionOutcome(True, "done", f"drained in Slurm (was {state or 'unknown'}, now {after})")
 
     async def resume(self, node: str) -> ActionOutcome:
-        """Return a node to service, but only one vetd drained (reason ``vetd:``)."""
+        """Return a node to service, but only one vetd drained (reason ``vetd:``); ``done`` once Slurm
+        no longer shows it drained."""
+        if not valid_name(node):
+            return _not_a_node(node)
         try:
             current = await self.show(node)
         except SlurmError as exc:
@@ -183,16 +198,28 @@ class Slurm:
             await self._run("update", f"NodeName={node}", "State=RESUME")
         except SlurmError as exc:
             return ActionOutcome(False, "failed", f"scontrol update: {exc}")
-        return ActionOutcome(True, "done", f"resumed in Slurm (was {state})")
-
+        try:
+            after = (await self.show(node)).get("State", "")
+        except SlurmError as exc:
+            return ActionOutcome(False, "failed", f"scontrol show node (confirming): {exc}")
+        if "DRAIN" in after:
+            return ActionOutcome(False, "failed", f"not confirmed: Slurm still shows {after} after the resume")
+        return ActionOutcome(True, "done", f"resumed in Slurm (was {state}, now {after or 'unknown'})")
 
     async def reboot(self, node: str, reason: str) -> ActionOutcome:
         """``scontrol reboot ASAP nextstate=DOWN``: the node comes back drained and vetd decides."""
+        if not valid_name(node):
+            return _not_a_node(node)
         try:
             await self._run("reboot", "ASAP", "nextstate=DOWN", f"reason={clean_reason(reason)}", node)
         except SlurmError as exc:
             return ActionOutcome(False, "failed", f"scontrol reboot: {exc}")
         return ActionOutcome(True, "done", "reboot requested (ASAP, next state DOWN)")
+
+
+def _not_a_node(node: str) -> ActionOutcome:
+    """Final, never retried: such a name could reach scontrol as an option or a second argument."""
+    return ActionOutcome(False, "refused", f"{node!r} is not a valid node name; scontrol not run")
 
 
 def iso(ts: float) -> str:

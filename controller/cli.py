@@ -23,7 +23,7 @@ from typing import TextIO
 
 from vetd.controller.config import ControllerConfig, load_controller_config
 from vetd.controller.store import Store
-from vetd.controller.views import ago, format_nodes, node_summaries
+from vetd.controller.views import ago, format_nodes, node_summaries, pending_text
 from vetd.core.cli import EXIT_VETD, Parser, checked, duration, port, since
 from vetd.core.configfile import ConfigError
 from vetd.core.hookspecs import hookimpl
@@ -442,6 +442,8 @@ def show_node(store: Store, config: ControllerConfig, name: str, as_json: bool, 
               f"{'online' if summary['online'] else 'offline'}, last seen {ago(summary['last_seen'])}\n")
     if summary["reason"]:
         out.write(f"  reason: {summary['reason']}\n")
+    if summary["pending"]:
+        out.write(f"  {clean(pending_text(summary['pending']))}\n")
     delivery = summary["delivery"]
     out.write(f"  delivery: {delivery['received']} received, {delivery['duplicates']} duplicates, "
               f"{delivery['gaps']} missing\n  latest results:\n")

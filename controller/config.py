@@ -31,6 +31,15 @@ class SchedulerSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     scontrol: str = "scontrol"
     #: Deadline of one scontrol call.
     timeout: Duration = Duration(30.0)
+    #: A drain or resume that fails (or that Slurm does not show once done) is tried again,
+    #: across controller restarts, until Slurm confirms it, after a random wait (full jitter) of
+    #: up to retry_base, doubling with each attempt up to retry_max (0 < retry_base <= retry_max).
+    retry_base: Duration = Duration(1.0)
+    retry_max: Duration = Duration(300.0)
+    #: Alert (``vetd_scheduler_action_failing``) once a drain or resume has failed this many
+    #: attempts, or has been pending for alert_after (more than 0), whichever comes first.
+    alert_after_attempts: Annotated[int, msgspec.Meta(ge=1)] = 5
+    alert_after: Duration = Duration(600.0)
 
 
 class AlertsSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -209,6 +218,12 @@ def load_controller_config(path: Path | str, environ: dict[str, str] | None = No
     for key in ("header_timeout", "keep_alive", "request_timeout"):
         if not getattr(config.http, key) > 0:
             raise ConfigError(f"{where(path, text, f'http.{key}')}: must be more than 0")
+    scheduler = config.scheduler
+    if not 0 < scheduler.retry_base <= scheduler.retry_max:
+        raise ConfigError(f"{where(path, text, 'scheduler.retry_base')}: retry_base must be more than 0 and at "
+                          f"most retry_max, got {scheduler.retry_base:g}s and {scheduler.retry_max:g}s")
+    if not scheduler.alert_after > 0:
+        raise ConfigError(f"{where(path, text, 'scheduler.alert_after')}: must be more than 0")
     if config.cluster and not valid_name(config.cluster):
         raise ConfigError(f"{path}: cluster: {config.cluster!r} is not a valid cluster name")
     if env.get("VETD_ALLOW_UNSIGNED_COMMANDS") == "1":

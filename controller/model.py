@@ -91,6 +91,25 @@ class Audit:
 
 
 @dataclass
+class PendingAction:
+    """A drain or resume decided and not yet confirmed by the scheduler: the executor's
+    retry state, one per node (a newer decision for the node replaces it)."""
+
+    cluster: str
+    node: str
+    #: ``drain`` or ``resume``.
+    action: str
+    #: The decision's audit row, where its outcome goes.
+    audit_id: int
+    since: float
+    reason: str = ""
+    rule: str = ""
+    attempts: int = 0
+    last_error: str = ""
+    next_try: float = 0.0
+
+
+@dataclass
 class Breaker:
     """A partition's circuit breaker as last set (open, or reset by an operator)."""
 

@@ -13,13 +13,15 @@ Along the data flow:
   (node rows, rule states, ladders, audit rows, …) and the counters commit
   with them;
 * :mod:`~vetd.controller.executor`: decisions → the world, through the
-  scheduler, alert and command backends, off the ingest path, after commit;
+  scheduler, alert and command backends, each in its own lane, off the ingest
+  path, after commit; drains and resumes are retried until the scheduler
+  confirms them;
 * :mod:`~vetd.controller.requests`: operator requests; the read views are
   :mod:`~vetd.controller.cli` and :mod:`~vetd.controller.http`.
 
 Decisions are audited when taken and carried out afterwards, so a slow
-``scontrol`` or a dead Alertmanager never holds up ingest, and a drain
-decided but not yet carried out when the controller died is carried out
+``scontrol`` or a dead Alertmanager never holds up ingest, and a drain or
+resume decided but not yet confirmed when the controller died is carried out
 after restart.
 """
 
@@ -38,7 +40,7 @@ import structlog
 from vetd.controller.actions import AlertBackend, CommandBackend, SchedulerBackend
 from vetd.controller.config import ControllerConfig
 from vetd.controller.counters import Counters
-from vetd.controller.decisions import Decisions, Drain
+from vetd.controller.decisions import Decisions
 from vetd.controller.engine import Engine
 from vetd.controller.executor import Executor
 from vetd.controller.ingest import BrokerLink, decode
@@ -77,7 +79,8 @@ class Controller:
                              rules=functools.partial(load_rules, config.rules), steps=healing_steps(),
                              alerting=self.alerts.enabled, session=self.session, command_key=command_key)
         self.executor = Executor(self.store, self.counters, scheduler=self.backend, alerts=self.alerts,
-                                 commands=commands or self.link, on_outcome=self.engine.on_outcome)
+                                 commands=commands or self.link, on_outcome=self.engine.on_outcome,
+                                 retry=config.scheduler)
         self.requests = OperatorRequests(self.engine, self.store)
         self.connected = self.link.connected
         self.stop = asyncio.Event()
@@ -116,9 +119,9 @@ class Controller:
     def reload_rules(self) -> str:
         return self.engine.reload_rules()
 
-    def pending_drains(self) -> list[Drain]:
-        """Drains decided but not carried out (controller died in between)."""
-        return [Drain(a.cluster, a.node, a.detail, a.rule, a) for a in self.store.pending_drains()]
+    def _firing_alerts(self) -> list[dict[str, Any]]:
+        """The rules' alerts still firing and the executor's own (a drain that keeps failing)."""
+        return [*self.engine.firing_alerts.values(), *self.executor.failing_alerts()]
 
     def _on_batch(self, batch: Sequence[tuple[str, bytes]]) -> None:
         self.executor.enqueue(self.process(batch))
@@ -154,13 +157,11 @@ class Controller:
         loop = asyncio.get_running_loop()
         if signals:
             handle(loop, stop=self.stop.set, reload=self.reload_rules)
-        drains = self.pending_drains()
-        for drain in drains:
-            log.info("drain_resumed_after_restart", node=drain.node, rule=drain.rule)
-        self.executor.enqueue(drains)
+        for pending in self.executor.restore():
+            log.info(f"{pending.action}_resumed_after_restart", node=pending.node, rule=pending.rule,
+                     attempts=pending.attempts)
         log.info("controller_starting", store=str(self.store.path), backend=self.backend.name,
                  rules=[rule.name for rule in self.rules.rules])
-        queue = self.executor.queue
         try:
             async with asyncio.TaskGroup() as group:
                 ingest = group.create_task(self.link.receive(self._on_batch), name="vetd.controller.ingest")
@@ -168,7 +169,7 @@ class Controller:
                     group.create_task(self.executor.run(), name="vetd.controller.actions"),
                     group.create_task(self._housekeeping(), name="vetd.controller.requests"),
                     group.create_task(self.executor.resend(float(self.config.alerts.resend_interval),
-                                                           self.engine.firing_alerts.values),
+                                                           self._firing_alerts),
                                       name="vetd.controller.alerts.resend"),
                 ]
                 if (http := self._http(group)) is not None:
@@ -178,7 +179,7 @@ class Controller:
                 with contextlib.suppress(asyncio.CancelledError):
                     await ingest
                 deadline = time.monotonic() + 5
-                while not queue.empty() and time.monotonic() < deadline:
+                while not self.executor.idle and time.monotonic() < deadline:
                     await asyncio.sleep(0.05)
                 for task in tasks:
                     task.cancel()

@@ -30,6 +30,7 @@ from vetd.controller.model import (
     FleetState,
     Healing,
     NodeRow,
+    PendingAction,
     RuleState,
 )
 from vetd.core.files import create_private
@@ -180,6 +181,24 @@ CREATE TABLE IF NOT EXISTS counters (
 );
 """
 
+#: Drains and resumes not yet confirmed by the scheduler, with their retry state (issue 12).
+#: Kept apart from SCHEMA so that it can become a migration of its own.
+PENDING_ACTIONS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS pending_actions (
+    cluster TEXT NOT NULL,
+    node TEXT NOT NULL,
+    action TEXT NOT NULL,
+    audit_id INTEGER NOT NULL,
+    since REAL NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    rule TEXT NOT NULL DEFAULT '',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT NOT NULL DEFAULT '',
+    next_try REAL NOT NULL DEFAULT 0,
+    PRIMARY KEY (cluster, node)
+);
+"""
+
 
 class Store:
     """The controller's database."""
@@ -198,6 +217,7 @@ class Store:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.executescript(SCHEMA)
+            self.db.executescript(PENDING_ACTIONS_SCHEMA)
         self.db.row_factory = sqlite3.Row
         #: The node rows as committed (the engine's own, once :meth:`apply` wrote them).
         self.nodes: dict[tuple[str, str], NodeRow] = {} if readonly else self._load_nodes()
@@ -389,10 +409,35 @@ class Store:
         self.db.execute("UPDATE audit SET outcome=?, detail=" + ("detail || ?" if append else "?") + " WHERE id=?",
                         (outcome, detail, audit_id))
 
-    def pending_drains(self) -> list[Audit]:
-        """Drains decided but not carried out (the controller died in between)."""
-        rows = self.db.execute("SELECT * FROM audit WHERE action='drain' AND outcome='pending' ORDER BY id")
+    def undone_actions(self) -> list[Audit]:
+        """Drain and resume decisions whose outcome is still pending, oldest first (the controller
+        died before they were carried out, or before the executor took them on)."""
+        rows = self.db.execute("SELECT * FROM audit WHERE action IN ('drain', 'resume') AND outcome='pending' "
+                               "ORDER BY id")
         return [_audit_from_row(r) for r in rows]
+
+    # -- scheduler actions not yet confirmed (the executor's retries) --------------
+
+    def save_pending(self, pending: PendingAction) -> None:
+        """Write the node's pending drain or resume, replacing any older one of the node."""
+        self.db.execute(
+            """INSERT OR REPLACE INTO pending_actions (cluster, node, action, audit_id, since, reason, rule,
+                   attempts, last_error, next_try) VALUES (?,?,?,?,?,?,?,?,?,?)""",
+            (pending.cluster, pending.node, pending.action, pending.audit_id, pending.since, pending.reason,
+             pending.rule, pending.attempts, pending.last_error, pending.next_try))
+
+    def drop_pending(self, pending: PendingAction) -> None:
+        """The action is settled: forget it, unless a newer one of the node has replaced it."""
+        self.db.execute("DELETE FROM pending_actions WHERE cluster=? AND node=? AND audit_id=?",
+                        (pending.cluster, pending.node, pending.audit_id))
+
+    def pending_actions(self) -> list[PendingAction]:
+        """Every pending drain and resume, oldest decision first (none in a database older than the table)."""
+        try:
+            rows = self.db.execute("SELECT * FROM pending_actions ORDER BY audit_id").fetchall()
+        except sqlite3.OperationalError:  # read-only, from a controller that never had the table
+            return []
+        return [PendingAction(**dict(r)) for r in rows]
 
     def audit_after(self, audit_id: int) -> list[dict[str, Any]]:
         """Audit rows written after ``audit_id``, oldest first."""

@@ -5,12 +5,14 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from vetd.controller.model import PendingAction
 from vetd.controller.store import Store
 from vetd.core.output import table
 from vetd.core.protocol import BAD_STATUSES
 
 
 def node_summaries(store: Store) -> list[dict[str, Any]]:
+    pending = {(p.cluster, p.node): p for p in store.pending_actions()}
     failing: dict[tuple[str, str], list[str]] = {}
     for row in store.latest():
         if row["status"] in BAD_STATUSES:
@@ -27,9 +29,27 @@ def node_summaries(store: Store) -> list[dict[str, Any]]:
             "reason": n.reason,
             "labels": n.labels,
             "delivery": store.delivery(n.cluster, n.name),
+            "pending": pending_view(pending.get((n.cluster, n.name))),
         }
         for n in store.node_rows()
     ]
+
+
+def pending_view(pending: PendingAction | None) -> dict[str, Any] | None:
+    """A drain or resume not yet confirmed by the scheduler, as readers show it (None: there is none)."""
+    if pending is None:
+        return None
+    return {"action": pending.action, "since": pending.since, "attempts": pending.attempts,
+            "last_error": pending.last_error, "next_try": pending.next_try}
+
+
+def pending_text(pending: dict[str, Any], now: float | None = None) -> str:
+    """``drain pending: 3 attempts, last error: …, next try in 40s``."""
+    if not pending["attempts"]:
+        return f"{pending['action']} pending: not tried yet"
+    wait = max(0.0, pending["next_try"] - (time.time() if now is None else now))
+    return (f"{pending['action']} pending: {pending['attempts']} attempt{'s' if pending['attempts'] != 1 else ''}, "
+            f"last error: {pending['last_error']}, next try in {wait:.0f}s")
 
 
 def ago(ts: float) -> str:

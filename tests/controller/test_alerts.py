@@ -57,8 +57,7 @@ def birth() -> State:
 
 
 async def drain_actions(controller: Controller) -> None:
-    while not controller.executor.queue.empty():
-        await controller.executor.carry_out(controller.executor.queue.get_nowait())
+    await controller.executor.carry_out_queued()
 
 
 def test_firing_alerts_are_resent_and_resolve(tmp_path: Path, receiver: AlertReceiver) -> None:  # noqa: F811

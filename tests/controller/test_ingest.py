@@ -115,7 +115,7 @@ def test_state_survives_a_restart(controller: Controller) -> None:
     controller.store.close()
     reopened = Controller(controller.config)
     assert reopened.store.nodes[("alps", "nid001")].state == "excluded"
-    assert [d.node for d in reopened.pending_drains()] == ["nid001"]
+    assert [(p.node, p.action) for p in reopened.executor.restore()] == [("nid001", "drain")]
     # the rule is still firing: a repeat does not decide a second drain
     assert reopened.process([wire(result(2, "fail"))]).drains == []
 
