@@ -17,6 +17,7 @@ import pytest
 from tests.support.procs import VetdProcess, publish_raw, run_vetd, vetd_env
 from tests.support.services import Mosquitto, Slurm
 from tests.support.wait import wait_for
+from tests.test_hostile_input import deep_result
 
 RULES = Path(__file__).resolve().parents[2] / "packaging" / "rules" / "default.yaml"
 
@@ -165,6 +166,7 @@ def test_malformed_payloads_are_counted_and_the_controller_keeps_working(
         (f"{base}/nid001/event", b"\xdb" + (200_000).to_bytes(4, "big") + b"A" * 200_000),
         (f"{base}/nid001/state", b""),
         (f"{base}/nid001/bogus", b"\x80"),
+        (f"{base}/nid001/result", deep_result(100_000, cluster_name)),
     ]
     for topic, payload in junk:
         publish_raw(mosquitto.port, topic, payload)
