@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.procs import TEST_PLUGINS
-from tests.support.services import Mosquitto, SecureMosquitto, Slurm, missing
+from tests.support.services import Alertmanager, Mosquitto, SecureMosquitto, Slurm, missing
 
 # The scheduler-test plugin is importable in-process as it is in subprocesses.
 sys.path.insert(0, str(TEST_PLUGINS))
@@ -121,3 +121,21 @@ def secure_mosquitto(tmp_path: Path) -> Iterator[SecureMosquitto]:
     broker = SecureMosquitto(tmp_path / "secure-mosquitto").start()
     yield broker
     broker.stop()
+
+
+@pytest.fixture(scope="session")
+def alertmanager(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Alertmanager]:
+    """One real Alertmanager for the session; tests keep apart by the ``cluster`` label."""
+    _require("prometheus-alertmanager")
+    server = Alertmanager(tmp_path_factory.mktemp("alertmanager")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def own_alertmanager(tmp_path: Path) -> Iterator[Alertmanager]:
+    """An Alertmanager for one test, which may stop and start it."""
+    _require("prometheus-alertmanager")
+    server = Alertmanager(tmp_path / "alertmanager").start()
+    yield server
+    server.stop()
