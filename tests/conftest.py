@@ -1,7 +1,12 @@
-"""Fixtures: real Mosquitto and Slurm, started per session or per test."""
+"""Fixtures: real Mosquitto, Slurm and Alertmanager, started per session or per test.
+
+Also two rules for the whole run: a test that skips for a reason not on
+ALLOWED_SKIPS fails the run, and tests marked ``slow`` get a longer timeout.
+"""
 
 from __future__ import annotations
 
+import re
 import sys
 import uuid
 from collections.abc import Iterator
@@ -10,10 +15,64 @@ from pathlib import Path
 import pytest
 
 from tests.support.procs import TEST_PLUGINS
-from tests.support.services import Mosquitto, SecureMosquitto, Slurm, missing
+from tests.support.services import Alertmanager, Mosquitto, SecureMosquitto, Slurm, missing
 
 # The scheduler-test plugin is importable in-process as it is in subprocesses.
 sys.path.insert(0, str(TEST_PLUGINS))
+
+#: The only reasons a test may skip without failing the run, each with why. Everything
+#: else a test needs (Mosquitto, Slurm, Alertmanager, pynvml, the captures in tests/data)
+#: is installed by scripts/test or is in the repository: its absence is a failure.
+ALLOWED_SKIPS: dict[str, str] = {
+    # mounting needs root (CAP_SYS_ADMIN); the spool's full-disk test runs wherever it can
+    r"cannot mount a tmpfs here": "tmpfs mount needs root",
+    # the no-GPU paths can only be seen on a machine without NVIDIA GPUs or CuPy
+    r"this machine has NVIDIA GPUs": "GPU machine",
+    r"CuPy is installed here": "CUDA machine",
+}
+#: Per-test timeout of tests marked ``slow`` (the default is ``timeout`` in pyproject.toml).
+SLOW_TIMEOUT_S = 600
+
+_unexpected_skips: list[tuple[str, str]] = []
+
+
+def _skip_reason(report: pytest.CollectReport | pytest.TestReport) -> str:
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+    return reason.removeprefix("Skipped: ")
+
+
+def _note_skip(report: pytest.CollectReport | pytest.TestReport) -> None:
+    if report.skipped and not hasattr(report, "wasxfail"):
+        reason = _skip_reason(report)
+        if not any(re.search(allowed, reason) for allowed in ALLOWED_SKIPS):
+            _unexpected_skips.append((report.nodeid, reason))
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _note_skip(report)
+
+
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+    _note_skip(report)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _unexpected_skips and exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _unexpected_skips:
+        terminalreporter.section("skips not on the allow-list (tests/conftest.py ALLOWED_SKIPS): run fails")
+        for nodeid, reason in _unexpected_skips:
+            terminalreporter.line(f"{nodeid}: {reason}")
 
 
 def _require(*programs: str) -> None:
@@ -62,3 +121,21 @@ def secure_mosquitto(tmp_path: Path) -> Iterator[SecureMosquitto]:
     broker = SecureMosquitto(tmp_path / "secure-mosquitto").start()
     yield broker
     broker.stop()
+
+
+@pytest.fixture(scope="session")
+def alertmanager(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Alertmanager]:
+    """One real Alertmanager for the session; tests keep apart by the ``cluster`` label."""
+    _require("prometheus-alertmanager")
+    server = Alertmanager(tmp_path_factory.mktemp("alertmanager")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def own_alertmanager(tmp_path: Path) -> Iterator[Alertmanager]:
+    """An Alertmanager for one test, which may stop and start it."""
+    _require("prometheus-alertmanager")
+    server = Alertmanager(tmp_path / "alertmanager").start()
+    yield server
+    server.stop()

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -66,12 +67,23 @@ def test_decoder_random_bytes(payload: bytes) -> None:
     decodes_cleanly(payload)
 
 
+def deep_result(depth: int, cluster: str = "alps") -> bytes:
+    """A well-formed result whose unknown field ``x`` nests ``depth`` arrays: a decoder that skips
+    unknown fields has to walk all of it (built as bytes: encoding it would recurse here)."""
+    head = msgspec.msgpack.encode({"kind": "result", "cluster": cluster, "node": "nid001", "session": "s",
+                                   "seq": 1, "ts": 1.0, "check": "c", "status": "pass", "x": None})
+    assert head.endswith(b"\xc0")  # the None of "x", last
+    return head[:-1] + b"\x91" * depth + b"\xc0"
+
+
 def test_decoder_deep_nesting_huge_strings_and_nan() -> None:
-    deep: Any = []
-    for _ in range(100_000):
-        deep = [deep]
+    assert len(deep_result(100_000)) < protocol.MAX_PAYLOAD_BYTES  # the depth is reached, not the size limit
+    with pytest.raises(protocol.ProtocolError, match="RecursionError"):
+        protocol.decode_from("vetd/v1/alps/node/nid001/result", deep_result(100_000))
     for payload in (
-        b"\x91" * 200_000,  # 200k levels of nested arrays
+        deep_result(100_000),
+        b"\x91" * 200_000 + b"\xc0",  # 200k levels of nested arrays, complete
+        b"\x91" * 200_000,  # and cut short
         msgspec.msgpack.encode({"kind": "result", "message": "x" * 10_000_000}),
         msgspec.msgpack.encode({"kind": "result", "cluster": "a", "node": "n", "session": "s", "seq": 1,
                                 "ts": math.nan, "check": "c", "status": "pass", "metrics": {"t": math.nan}}),

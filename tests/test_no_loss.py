@@ -13,10 +13,14 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.support.procs import VetdProcess, vetd_env
 from tests.support.services import Mosquitto
 from tests.support.wait import wait_for
 from vetd.controller.store import Store
+
+pytestmark = pytest.mark.slow  # a 60 s outage, broker stalls and restarts
 
 OUTAGE_S = 60.0
 AGENT = ('[agent]\nload_plugins = ["vetd_testplugin"]\ndisable_plugins = ["host", "gpu_health"]\n'

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 from tests.support.procs import VetdProcess, publish_raw, run_vetd, vetd_env
 from tests.support.services import Mosquitto, Slurm
 from tests.support.wait import wait_for
+from tests.test_hostile_input import deep_result
 
 RULES = Path(__file__).resolve().parents[2] / "packaging" / "rules" / "default.yaml"
 
@@ -101,7 +103,6 @@ def test_a_failing_host_check_drains_the_node_in_slurm(
         assert slurm.states()["nid004"] == "idle"
 
         env = vetd_env()
-        nodes = {n["node"]: n for n in vetd_json("nodes", "--config", str(config), "--json", env=env)}
         wait_for(lambda: run_vetd("nodes", "--config", str(config), "--json").stdout.count('"node"') == 2,
                  15, "both nodes known")
         nodes = {n["node"]: n for n in vetd_json("nodes", "--config", str(config), "--json", env=env)}
@@ -116,9 +117,8 @@ def test_a_failing_host_check_drains_the_node_in_slurm(
         assert table[0].split()[:3] == ["NODE", "STATE", "ONLINE"]
         assert any(line.startswith("nid002") and "excluded" in line for line in table)
 
-        detail = vetd_json("node", "nid002", "--config", str(config), "--json")
-        drains = [a for a in detail["audit"] if a["action"] == "drain"]
-        wait_for(lambda: vetd_json("node", "nid002", "--config", str(config), "--json")["audit"], 10, "audit")
+        drains = wait_for(lambda: [a for a in vetd_json("node", "nid002", "--config", str(config), "--json")["audit"]
+                                   if a["action"] == "drain"], 10, "the drain audited")
         assert len(drains) == 1 and drains[0]["rule"] == "check-failed" and drains[0]["evidence"]
         wait_for(lambda: any(a["action"] == "drain" and a["outcome"] == "done" for a in
                              vetd_json("node", "nid002", "--config", str(config), "--json")["audit"]),
@@ -166,6 +166,7 @@ def test_malformed_payloads_are_counted_and_the_controller_keeps_working(
         (f"{base}/nid001/event", b"\xdb" + (200_000).to_bytes(4, "big") + b"A" * 200_000),
         (f"{base}/nid001/state", b""),
         (f"{base}/nid001/bogus", b"\x80"),
+        (f"{base}/nid001/result", deep_result(100_000, cluster_name)),
     ]
     for topic, payload in junk:
         publish_raw(mosquitto.port, topic, payload)
@@ -195,6 +196,7 @@ def test_a_fatal_xid_in_a_scenario_drains_the_node_and_a_warning_only_alerts(
     scenario.write_text("gpus: 4\ntimeline:\n"
                         "  - {at: 1s, gpu: 1, xid: 94, message: Contained ECC error}\n"
                         "  - {at: 2s, gpu: 3, xid: 79, message: GPU has fallen off the bus.}\n")
+    started = time.time()
     agent = start_agent(tmp_path, mosquitto, cluster_name, "nid004",
                         f'[agent]\ninterval = "1h"\n[plugins.gpu_health]\nsource = "scenario"\n'
                         f'scenario = "{scenario}"\n[plugins.host]\nload_warn_per_core = 0.0\n')
@@ -209,8 +211,16 @@ def test_a_fatal_xid_in_a_scenario_drains_the_node_and_a_warning_only_alerts(
         assert warning["labels"]["entity"] == "gpu1" and warning["labels"]["severity"] == "warning"
         events = [h for h in vetd_json("node", "nid004", "--config", str(config), "--json")["history"]
                   if h["kind"] == "event"]
-        assert sorted(e["codes"][0] for e in events) == ["xid_79", "xid_94"]
-        assert all(e["received_at"] >= e["ts"] for e in events)  # latency itself: bench/gpu_health.py
+        by_code = {e["codes"][0]: e for e in events}
+        assert sorted(by_code) == ["xid_79", "xid_94"]
+        # ts is the agent's clock when the XID happened, received_at the controller's when it
+        # stored it (one host, one clock): each event happened after the agent started, 1 s
+        # apart as the scenario has them, and reached the store a little later, not at once
+        # and not long after (latency itself: bench/drain_latency.py)
+        first, second = by_code["xid_94"], by_code["xid_79"]
+        assert started < first["ts"] < second["ts"] < time.time()
+        assert 0.5 < second["ts"] - first["ts"] < 2.5
+        assert all(0 < e["received_at"] - e["ts"] < 10 for e in events), events
     finally:
         agent.stop(), controller.stop()
         slurm.resume("nid004")

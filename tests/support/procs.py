@@ -88,11 +88,16 @@ class VetdProcess:
 class Watcher:
     """Subscribes (with paho) and keeps every decoded vetd message it sees."""
 
-    def __init__(self, port: int, topic: str) -> None:
+    def __init__(self, port: int, topic: str, session: str | None = None) -> None:
+        """``session``: a client id whose session the broker keeps (clean_session off), so what is
+        published while the watcher is away, or while the broker restarts, still reaches it."""
         self.messages: list[tuple[str, Message]] = []
         self.undecodable: list[str] = []
         self._lock = threading.Lock()
-        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"watch-{uuid.uuid4().hex[:8]}")
+        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2,
+                                  client_id=session or f"watch-{uuid.uuid4().hex[:8]}",
+                                  clean_session=session is None)
+        self.client.reconnect_delay_set(0.1, 1)  # back soon after a broker restart
         self.client.on_message = self._on_message
         self._subscribed = threading.Event()
         self.client.on_subscribe = lambda *_: self._subscribed.set()

@@ -1,4 +1,4 @@
-"""Start real Mosquitto and Slurm (munged, slurmctld, slurmd) for tests.
+"""Start real Mosquitto, Slurm (munged, slurmctld, slurmd) and Alertmanager for tests.
 
 Each service runs from a temp folder on free ports and is stopped at the end;
 nothing touches the machine's own /etc or system services.
@@ -6,14 +6,19 @@ nothing touches the machine's own /etc or system services.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
 import signal
 import socket
 import subprocess
+import urllib.error
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tests.support.wait import wait_for
 
@@ -261,3 +266,63 @@ class SecureMosquitto(Mosquitto):
         self.process = subprocess.Popen([_which("mosquitto"), "-c", str(conf)], stdout=log, stderr=log)
         wait_for(lambda: port_open(self.port), 10, "secure mosquitto to listen")
         return self
+
+
+@dataclass
+class Alertmanager:
+    """Prometheus Alertmanager (Debian ``prometheus-alertmanager``) of our own on 127.0.0.1.
+
+    No clustering, its storage in the temp folder (kept across ``stop``/``start``, as a
+    restarted Alertmanager keeps its silences and notification log), one receiver that
+    sends nothing: tests read what arrived through its API v2.
+    """
+
+    workdir: Path
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def alerts_url(self) -> str:
+        """Where vetd posts alerts (``[alerts] urls``)."""
+        return f"{self.url}/api/v2/alerts"
+
+    def start(self) -> Alertmanager:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "data").mkdir(exist_ok=True)
+        conf = self.workdir / "alertmanager.yml"
+        conf.write_text('route:\n  receiver: "null"\n  group_wait: 1h\nreceivers:\n  - name: "null"\n')
+        log = (self.workdir / "alertmanager.log").open("ab")
+        self.process = subprocess.Popen(
+            [_which("prometheus-alertmanager"), f"--config.file={conf}", f"--storage.path={self.workdir}/data",
+             f"--web.listen-address=127.0.0.1:{self.port}", "--cluster.listen-address=", "--log.level=warn"],
+            stdout=log, stderr=log)
+        wait_for(self.ready, 20, "alertmanager to be ready")
+        return self
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as response:
+                return int(response.status) == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def alerts(self, *matchers: str, active: bool = True) -> list[dict[str, Any]]:
+        """``GET /api/v2/alerts``, filtered by label matchers such as ``cluster="x"``."""
+        query = urllib.parse.urlencode([("filter", m) for m in matchers] + [("active", str(active).lower())])
+        with urllib.request.urlopen(f"{self.alerts_url}?{query}", timeout=5) as response:
+            alerts: list[dict[str, Any]] = json.load(response)
+        return alerts
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None

@@ -1,4 +1,4 @@
-"""Every real capture in ../shared/data/nvidia-smi parses, with the values it holds."""
+"""Every real capture in tests/data/nvidia-smi/telegraf parses, with the values it holds."""
 
 from __future__ import annotations
 
@@ -10,14 +10,13 @@ import pytest
 from tests.support.procs import run_vetd
 from vetd.plugins.gpu_health.capture import CaptureError, load_capture, parse_capture
 
-#: The real captures live in ../shared beside the checkout (as in CI).
-CAPTURES = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "nvidia-smi"
+#: Real captures from Telegraf's test data, kept in the repository (README.md there).
+CAPTURES = Path(__file__).resolve().parents[2] / "data" / "nvidia-smi" / "telegraf"
 
 
 def capture(name: str) -> Path:
     path = CAPTURES / name
-    if not path.exists():
-        pytest.skip(f"{path} not present (../shared/data/nvidia-smi)")
+    assert path.exists(), f"{path} is missing from the checkout"
     return path
 
 

@@ -48,14 +48,12 @@ def comparable(gpu: GpuSnapshot) -> dict[str, object]:
     return fields
 
 
-#: Captures in ../shared and those recorded on real GPUs by scripts/gpu-fixtures.
+#: Telegraf's captures (tests/data/nvidia-smi/telegraf) and those recorded on real GPUs by scripts/gpu-fixtures.
 ALL_CAPTURES = {p.name: p for folder in (CAPTURES, HARDWARE) for p in sorted(folder.glob("*.xml"))}
 
 
-@pytest.mark.parametrize("name", sorted(ALL_CAPTURES) or ["(none)"])
+@pytest.mark.parametrize("name", sorted(ALL_CAPTURES))
 def test_every_capture_reads_the_same_through_nvml(name: str) -> None:
-    if name not in ALL_CAPTURES:
-        pytest.skip("../shared/data/nvidia-smi has no captures")
     direct = CaptureSource(str(ALL_CAPTURES[name]))
     expected = direct.snapshot()
     got = through_nvml(direct).snapshot()
@@ -73,8 +71,6 @@ def test_every_capture_reads_the_same_through_nvml(name: str) -> None:
 
 def test_known_values_of_a_capture_arrive_in_nvml_units() -> None:
     path = CAPTURES / "a100-sxm4-v12.xml"
-    if not path.exists():
-        pytest.skip(f"{path} not present")
     gpu = through_nvml(CaptureSource(str(path))).snapshot().gpus[0]
     # milliwatts, bytes and bit masks on the wire; watts, MiB and names here
     assert (gpu.power_w, gpu.power_limit_w) == (67.03, 500.0)

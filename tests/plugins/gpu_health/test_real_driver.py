@@ -99,8 +99,7 @@ def test_memory_used_leaves_the_drivers_reservation_out_as_nvidia_smi_does() -> 
     gpu = NvmlSource(process_names=False).snapshot().gpus[0]
     assert gpu.memory_used_mib == 0.0 and gpu.memory_reserved_mib == 616.0
     # A driver (or capture) from before nvmlMemory_v2: v1, with the reservation inside "used".
-    old = CAPTURES.parent.parent.parent.parent / "shared" / "data" / "nvidia-smi" / "gtx-1070-ti.xml"
-    if old.exists():
-        install(SimulatedNvml.of(CaptureSource(str(old))))
-        legacy = NvmlSource(process_names=False).snapshot().gpus[0]
-        assert legacy.memory_reserved_mib is None and legacy.memory_used_mib is not None
+    old = CAPTURES / "telegraf" / "gtx-1070-ti.xml"
+    install(SimulatedNvml.of(CaptureSource(str(old))))
+    legacy = NvmlSource(process_names=False).snapshot().gpus[0]
+    assert legacy.memory_reserved_mib is None and legacy.memory_used_mib is not None
