@@ -20,6 +20,10 @@ from vetd.core.protocol import valid_name
 class StoreSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: The SQLite database (WAL) of fleet state, history and the audit log.
     path: str = "/var/lib/vetd/controller.db"
+    #: History (by arrival), audit and operator requests older than this are deleted, a bounded
+    #: number of rows a minute (drains not yet carried out and pending requests stay). At least
+    #: ``[repeat] window``, which counts exclusions in the audit log. 0: keep everything.
+    keep: Duration = Duration(30 * 86400.0)
 
 
 class SchedulerSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -53,6 +57,10 @@ class AlertsSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     resend_interval: Duration = Duration(60.0)
     #: Alerts from events (instants) end by themselves after this long.
     event_alert_for: Duration = Duration(3600.0)
+    #: A node whose agent has been offline (its Last Will, or a death) this long becomes an
+    #: ``agent_offline`` event for the rules (the shipped rule ``agent-offline`` alerts on it);
+    #: the agent's next birth is an ``agent_online`` event. 0: never.
+    agent_offline_after: Duration = Duration(600.0)
 
 
 #: A share of something, 0 to 1.
@@ -106,6 +114,13 @@ class LimitsSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     per_node_rate: Annotated[float, msgspec.Meta(gt=0.0)] = 2000.0
     #: Messages one node may send at once before its rate applies.
     per_node_burst: Annotated[float, msgspec.Meta(gt=0.0)] = 20000.0
+    #: Entities (``gpu3``, a NIC…) one node may report on. Beyond it, results and events about a
+    #: new entity are kept under the entity ``overflow`` (counted ``entity_limit``): rules still
+    #: see their status, so a failing one still drains the node, but as one subject.
+    entities_per_node: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 256
+    #: Check and event names one node may report. Beyond it, results and events with a new name
+    #: are dropped (counted ``check_limit`` and logged): rules cannot see a check they cannot name.
+    checks_per_node: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 256
 
 
 class HttpSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -145,9 +160,10 @@ class ControllerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     #: The MQTT broker (env VETD_BROKER overrides): ``mqtts://`` (TLS, 8883, as the shipped
     #: Mosquitto config listens) or ``mqtt://`` (plain, 1883).
     broker: str = "mqtts://vetd-broker:8883"
-    #: Only this cluster's nodes; empty: every cluster on the broker. The shipped ACL gives the
-    #: controller's identity one cluster (packaging/mosquitto/vetd.acl).
-    cluster: str = ""
+    #: The one cluster this controller owns (as the agents' ``[agent] cluster``, default ``default``);
+    #: messages of any other cluster are counted (``foreign_cluster``) and dropped before any state
+    #: is made. The shipped ACL gives the controller's identity one cluster (packaging/mosquitto/vetd.acl).
+    cluster: str = "default"
     #: MQTT client id; with a persistent session the broker keeps what arrives
     #: while the controller is down. Run one controller per id.
     client_id: str = "vetd-controller"
@@ -224,8 +240,12 @@ def load_controller_config(path: Path | str, environ: dict[str, str] | None = No
                           f"most retry_max, got {scheduler.retry_base:g}s and {scheduler.retry_max:g}s")
     if not scheduler.alert_after > 0:
         raise ConfigError(f"{where(path, text, 'scheduler.alert_after')}: must be more than 0")
-    if config.cluster and not valid_name(config.cluster):
-        raise ConfigError(f"{path}: cluster: {config.cluster!r} is not a valid cluster name")
+    if not valid_name(config.cluster):
+        raise ConfigError(f"{where(path, text, 'cluster')}: {config.cluster!r} is not a cluster name (one cluster "
+                          "per controller: a letter or digit, then letters, digits, `_.-`)")
+    if config.store.keep and float(config.store.keep) < float(config.repeat.window):
+        raise ConfigError(f"{where(path, text, 'store.keep')}: keep ({config.store.keep}) must be at least "
+                          f"[repeat] window ({config.repeat.window}): repeat offences are counted in the audit log")
     if env.get("VETD_ALLOW_UNSIGNED_COMMANDS") == "1":
         config = msgspec.structs.replace(config, allow_unsigned_commands=True)
     return msgspec.structs.replace(

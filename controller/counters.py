@@ -31,6 +31,16 @@ class Counters(Counter[str]):
         """Add the counts not yet written to the store's (inside the caller's transaction)."""
         store.add_counters(self._unwritten)
 
+    def snapshot(self) -> tuple[Counter[str], Counter[str]]:
+        """The counts as they are now, for :meth:`restore` should the work that follows be undone."""
+        return Counter(self), Counter(self._unwritten)
+
+    def restore(self, snapshot: tuple[Counter[str], Counter[str]]) -> None:
+        counts, unwritten = snapshot
+        self.clear()
+        self.update(counts)
+        self._unwritten = Counter(unwritten)
+
     def written(self) -> None:
         """The transaction that :meth:`write` wrote into committed."""
         self._unwritten.clear()

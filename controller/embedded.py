@@ -49,7 +49,7 @@ def write_configs(state_dir: Path, port: int, interval: str, http_port: int) -> 
     controller = state_dir / "controller.toml"
     controller.write_text(
         "# Written by `vetd up`; edit rules.yaml to change what vetd does.\n"
-        f'broker = "mqtt://127.0.0.1:{port}"\n'
+        f'broker = "mqtt://127.0.0.1:{port}"\ncluster = "local"\n'
         "# A demo on one machine: commands unsigned (production: command_key_file).\n"
         "allow_unsigned_commands = true\n"
         'rules = ["rules.yaml"]\n\n[store]\npath = "controller.db"\n\n'

@@ -24,20 +24,29 @@ through their own entry points (:meth:`Engine.operator_drain`,
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
-from vetd.controller.actions import REASON_PREFIX, ActionOutcome, HealingStep, alert_payload, clean_reason
+from vetd.controller.actions import (
+    REASON_PREFIX,
+    ActionOutcome,
+    HealingStep,
+    alert_payload,
+    clean_reason,
+    iso,
+)
 from vetd.controller.breaker import OUT_OF_SERVICE, Breaker
 from vetd.controller.config import ControllerConfig
 from vetd.controller.counters import RULE_ERRORS, Counters
 from vetd.controller.decisions import Action, Alert, Decisions, Drain, Reboot
 from vetd.controller.fleet import Fleet, static_labels
 from vetd.controller.healing import Ladders
-from vetd.controller.lifecycle import Lifecycle
-from vetd.controller.model import FleetState, NodeRow, PeerGroup, PeerMetrics
+from vetd.controller.lifecycle import Lifecycle, node_labels
+from vetd.controller.model import AGENT_CHECK, FleetState, NodeKey, NodeRow, PeerGroup, PeerMetrics
 from vetd.controller.rules import (
     NODE_FIELDS,
     Rule,
@@ -58,6 +67,14 @@ NO_FLEET: dict[str, Any] = {"partition": "", "labels": {}, "median": {}, "peers"
 MEASURED = frozenset({"pass", "warn", "fail"})
 #: The operator alert for a rule that errors live; its ``rule`` label names the rule.
 RULE_ERROR_ALERT = "vetd_rule_error"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """The engine's own state that the model's changes do not cover (:meth:`Engine.checkpoint`)."""
+
+    counters: tuple[Counter[str], Counter[str]]
+    erring_rules: frozenset[str]
 
 
 class Engine:
@@ -85,6 +102,9 @@ class Engine:
         self.erring_rules: set[str] = set()
         #: The latest metrics of each (node, entity) by peer group, for ``fleet.median``/``fleet.peers``.
         self.peer_metrics = PeerMetrics()
+        self.session = session
+        #: Sequence numbers of the controller's own ``vetd_agent`` results in this session, per node.
+        self._agent_seq: dict[NodeKey, int] = {}
 
     @property
     def firing_alerts(self) -> dict[str, dict[str, Any]]:
@@ -97,6 +117,20 @@ class Engine:
         for message, history_id in messages:
             self.on_message(message, history_id, now, decisions)
         return self._decided(decisions)
+
+    def checkpoint(self) -> Checkpoint:
+        """What :meth:`restore` needs to undo the work that follows, besides the model's changes
+        (which name every key they touch: the store puts those back, :meth:`Store.reload`)."""
+        return Checkpoint(self.counters.snapshot(), frozenset(self.erring_rules))
+
+    def restore(self, checkpoint: Checkpoint, nodes: Iterable[NodeKey]) -> None:
+        """After the store put the model back (:meth:`Store.reload`): counters, erring rules and the
+        fleet's label counts of ``nodes`` as they were at ``checkpoint``; changes noted since, dropped."""
+        self.counters.restore(checkpoint.counters)
+        self.erring_rules = set(checkpoint.erring_rules)
+        self.state.take_changes()
+        for key in nodes:
+            self.fleet.count(self.state.nodes.get(key) or NodeRow(*key))
 
     def _decided(self, decisions: Decisions) -> Decisions:
         """``decisions`` with the model's changes since the last ones, for the store to persist."""
@@ -113,7 +147,17 @@ class Engine:
         elif isinstance(message, Reply):
             self.counters.count("replies")
             log.info("agent_reply", node=message.node, id=message.id, ok=message.ok, message=message.message)
-            self.ladders.on_reply(message, now, decisions)
+            if not self.ladders.on_reply(message, now, decisions):
+                self._stray_reply(message)
+
+    def _stray_reply(self, reply: Reply) -> None:
+        """A reply that advances nothing: counted; one with another node's command id is logged."""
+        owner = next((h for h in self.state.healings.values() if reply.id and h.command_id == reply.id), None)
+        if owner is None:
+            self.counters.count("replies_unmatched")
+            return
+        self.counters.count("replies_wrong_node")
+        log.warning("reply_from_wrong_node", node=reply.node, id=reply.id, commanded=owner.node)
 
     def on_state(self, message: State, now: float) -> None:
         """A birth or a death: the node's session, online flag and labels."""
@@ -127,7 +171,14 @@ class Engine:
 
     def on_result(self, message: Result | Event, history_id: int | None, now: float, decisions: Decisions) -> None:
         """A result or event stored as ``history_id`` (None: seen before): let every rule on it decide."""
-        node = self.state.heard_from(message, now)
+        if isinstance(message, Result) and message.check == AGENT_CHECK and message.session == self.session:
+            node = self.state.node(message.cluster, message.node, now)  # about the agent, not from it
+            if message.status == "pass":
+                self.state.agents_late.discard((node.cluster, node.name))
+            else:
+                self.state.agents_late.add((node.cluster, node.name))
+        else:
+            node = self.state.heard_from(message, now)
         if history_id is None:
             self.counters.count("duplicates")
             return
@@ -241,7 +292,8 @@ class Engine:
         key = alert_key(rule, node, subject)
         if key in self.firing_alerts:
             self.state.save_firing_alert(key, node.cluster, node.name, None, now)
-            decisions.alerts.append(self._alert(rule, node, message, since, now, variables))
+            # A node's clock sets `since` (message time): an alert never starts after it ends.
+            decisions.alerts.append(self._alert(rule, node, message, min(since, now), now, variables))
 
     def _alert(self, rule: Rule, node: NodeRow, message: Result | Event, since: float,
                ended: float | None, variables: dict[str, Any]) -> Alert:
@@ -257,11 +309,36 @@ class Engine:
                                         render(rule.spec.description, variables) or message.message),
             starts_at=since,
             ends_at=ended,
-            labels={**self.fleet.labels_of(node), **rule.spec.labels},
+            labels={**node_labels(self.fleet.labels_of(node)), **rule.spec.labels},
             entity=message.entity,
             annotations=annotations,
         )
         return Alert(node.cluster, node.name, rule.name, [payload])
+
+    def agent_checks(self, now: float) -> list[Result]:
+        """The controller's own check of every node's agent, as results for the rules: ``timeout``
+        for an agent offline (its Last Will or a death, nothing heard since) for ``[alerts]
+        agent_offline_after``, ``pass`` once it is back. Only changes are reported; they go through
+        ingest like any result (stored, deduplicated, evaluated), which notes them in
+        :attr:`FleetState.agents_late`."""
+        after = float(self.config.alerts.agent_offline_after)
+        if not after:
+            return []
+        late = self.state.agents_late
+        checks = []
+        for key, node in self.state.nodes.items():
+            if not node.session:
+                continue  # never heard from an agent (a node an operator named)
+            if not node.online and now - node.last_seen >= after and key not in late:
+                status, text = "timeout", f"agent offline since {iso(node.last_seen)}"
+            elif node.online and key in late:
+                status, text = "pass", "agent back"
+            else:
+                continue
+            self._agent_seq[key] = seq = self._agent_seq.get(key, 0) + 1
+            checks.append(Result(cluster=node.cluster, node=node.name, session=self.session, seq=seq, ts=now,
+                                 check=AGENT_CHECK, status=status, message=text))  # type: ignore[arg-type]
+        return checks
 
     def heal_tick(self, now: float) -> Decisions:
         """Advance every healing ladder that waits on time."""

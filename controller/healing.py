@@ -43,16 +43,19 @@ class Ladders:
                          detail=f"ladder: {', '.join(ladder)}; gpu {gpu}", now=now)
         self.lifecycle.set_state(node, "healing", now)
 
-    def on_reply(self, reply: Reply, now: float, decisions: Decisions) -> None:
-        healing = next((h for h in self.state.ladders() if h.command_id == reply.id), None)
-        if healing is None:
-            return
+    def on_reply(self, reply: Reply, now: float, decisions: Decisions) -> bool:
+        """Advance the ladder of the node that answered; False for a reply that answers nothing
+        of its own: a command id of another node's (a node may answer only what it was sent), an
+        old or unknown one."""
+        healing = self.state.healings.get((reply.cluster, reply.node))
+        if healing is None or not healing.command_id or healing.command_id != reply.id:
+            return False
         node = self.state.node(healing.cluster, healing.node, now)
         step = healing.ladder[healing.step]
         if healing.phase == "step":
             if not reply.ok:
                 self._step_failed(healing, reply.message, now)
-                return
+                return True
             self.state.audit(node.cluster, node.name, "heal_step", rule=healing.rule, outcome="done",
                              detail=f"{step}: {reply.message}", now=now)
             self._probation(healing, node, self.config.probation_profile, now, decisions)
@@ -60,11 +63,12 @@ class Ladders:
             if not reply.ok:
                 self._step_failed(healing, f"re-vetting failed: {reply.message}", now)
                 self.lifecycle.set_state(node, "healing", now)
-                return
+                return True
             self.state.end_healing(node.cluster, node.name)
             self.state.audit(node.cluster, node.name, "healed", rule=healing.rule, outcome="done",
                              detail=f"after {step}: {reply.message}", now=now)
             self.lifecycle.return_to_service(node, f"healed by {step}", now, decisions)
+        return True
 
     def tick(self, now: float, decisions: Decisions) -> None:
         """Advance every ladder that waits on time (start, deadline, reboot)."""

@@ -2,18 +2,22 @@
 
 The one module on this side that speaks MQTT (aiomqtt, persistent session,
 reconnect with backoff). Messages arrive in batches (whatever is queued, up
-to :data:`BATCH_MAX`); a node flooding beyond ``[limits] per_node_rate`` is
-dropped on its topic alone, unread; malformed messages are counted and
-logged, never fatal. Commands to agents go out through the same link.
+to :data:`BATCH_MAX`); a message for a cluster this controller does not own
+is dropped on its topic alone (``foreign_cluster``), before any state is made;
+a node flooding beyond ``[limits] per_node_rate`` is dropped on its topic
+alone, unread; malformed messages are counted and logged, never fatal; names
+a node chooses are bounded (:class:`NameBounds`). Commands to agents go out
+through the same link.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import aiomqtt
+import msgspec
 import structlog
 
 from vetd.controller.config import ControllerConfig, LimitsSection
@@ -27,18 +31,46 @@ log = structlog.get_logger("vetd.controller")
 BATCH_MAX = 1000
 #: Log the first N malformed messages, then every Nth.
 MALFORMED_LOG_EVERY = 100
+#: How often rate-limit buckets that have filled up again are forgotten (a full bucket is no bucket).
+BUCKET_PRUNE_S = 10.0
+#: The entity results and events about entities beyond ``[limits] entities_per_node`` are kept under.
+OVERFLOW_ENTITY = "overflow"
 
 Batch = list[tuple[str, bytes]]
 
 
-class Admission:
-    """Per-node token buckets, on the topic alone (no decoding for a flood)."""
+def foreign(topic_name: str, cluster: str, counters: Counters) -> bool:
+    """Whether ``topic_name`` is not one of ``cluster``'s node topics (counted ``foreign_cluster``)."""
+    if topic_name.startswith(f"{protocol.TOPIC_ROOT}/{cluster}/"):
+        return False
+    counters.count("foreign_cluster")
+    dropped = counters["foreign_cluster"]
+    if dropped in (1, 10, 100) or dropped % 10_000 == 0:
+        log.warning("foreign_cluster_dropped", topic=topic_name[:200], cluster=cluster, dropped=dropped)
+    return True
 
-    def __init__(self, limits: LimitsSection, counters: Counters) -> None:
-        self.limits, self.counters = limits, counters
+
+class Admission:
+    """Per-node token buckets, on the topic alone (no decoding for a flood).
+
+    Only the controller's own cluster gets a bucket, and buckets that have filled up again are
+    forgotten every :data:`BUCKET_PRUNE_S`: there are at most as many as nodes that sent in the
+    last ``per_node_burst / per_node_rate`` seconds (10 s at the defaults).
+    """
+
+    def __init__(self, limits: LimitsSection, counters: Counters, cluster: str) -> None:
+        self.limits, self.counters, self.cluster = limits, counters, cluster
         self._buckets: dict[str, tuple[float, float]] = {}
+        self._pruned = 0.0
+
+    def __len__(self) -> int:
+        return len(self._buckets)
 
     def admit(self, topic_name: str, now: float) -> bool:
+        if foreign(topic_name, self.cluster, self.counters):
+            return False
+        if now - self._pruned >= BUCKET_PRUNE_S:
+            self._prune(now)
         parts = topic_name.split("/", 6)
         key = "/".join(parts[2:5]) if len(parts) >= 5 else topic_name[:100]
         limits = self.limits
@@ -54,18 +86,75 @@ class Admission:
         self._buckets[key] = (tokens - 1.0, now)
         return True
 
+    def _prune(self, now: float) -> None:
+        limits, self._pruned = self.limits, now
+        self._buckets = {key: (tokens, last) for key, (tokens, last) in self._buckets.items()
+                         if tokens + (now - last) * limits.per_node_rate < limits.per_node_burst}
 
-def decode(batch: Iterable[tuple[str, bytes]], counters: Counters) -> Iterator[protocol.Message]:
-    """The valid messages of a batch; the others are counted as ``malformed`` and logged."""
+
+def malformed(counters: Counters, reason: str, **fields: object) -> None:
+    """Count a message dropped as malformed and log why (the first ten, then every hundredth)."""
+    counters.count("malformed")
+    count = counters["malformed"]
+    if count <= 10 or count % MALFORMED_LOG_EVERY == 0:
+        log.warning("message_malformed", reason=reason[:300], count=count, **fields)
+
+
+def decode(batch: Iterable[tuple[str, bytes]], counters: Counters, cluster: str) -> Iterator[protocol.Message]:
+    """The valid messages of ``cluster`` in a batch; the others are counted (``foreign_cluster``,
+    ``malformed``) and logged."""
     for topic_name, payload in batch:
         counters.count("received")
+        if foreign(topic_name, cluster, counters):
+            continue
         try:
             yield protocol.decode_from(topic_name, payload)
         except ProtocolError as exc:
-            counters.count("malformed")
-            count = counters["malformed"]
-            if count <= 10 or count % MALFORMED_LOG_EVERY == 0:
-                log.warning("message_malformed", topic=topic_name[:200], error=str(exc)[:300], count=count)
+            malformed(counters, str(exc), topic=topic_name[:200])
+
+
+class NameBounds:
+    """Per node, the check/event names and entities the controller keeps state for, bounded
+    (``[limits] checks_per_node``, ``entities_per_node``): a node cannot grow the rule states,
+    firing alerts and latest results by naming new things.
+
+    Counts on from what the store holds at start (:meth:`Store.known_names`).
+    """
+
+    def __init__(self, limits: LimitsSection, counters: Counters,
+                 known: Mapping[tuple[str, str], tuple[set[str], set[str]]]) -> None:
+        self.limits, self.counters = limits, counters
+        self._known = dict(known)
+
+    def admit(self, messages: Iterable[protocol.Message]) -> list[protocol.Message]:
+        """``messages`` with those naming a check beyond the bound left out, and entities beyond it folded."""
+        kept: list[protocol.Message] = []
+        for message in messages:
+            bounded = self._bounded(message) if isinstance(message, protocol.Result | protocol.Event) else message
+            if bounded is not None:
+                kept.append(bounded)
+        return kept
+
+    def _bounded(self, message: protocol.Result | protocol.Event) -> protocol.Result | protocol.Event | None:
+        names, entities = self._known.setdefault((message.cluster, message.node), (set(), set()))
+        name = message.check if isinstance(message, protocol.Result) else message.name
+        if name not in names:
+            if len(names) >= self.limits.checks_per_node:
+                self.counters.count("check_limit")
+                if self.counters["check_limit"] in (1, 10, 100) or self.counters["check_limit"] % 10_000 == 0:
+                    log.warning("check_limit_reached", node=message.node, check=name[:128],
+                                limit=self.limits.checks_per_node, dropped=self.counters["check_limit"])
+                return None
+            names.add(name)
+        if message.entity not in entities:
+            if len(entities) >= self.limits.entities_per_node:
+                self.counters.count("entity_limit")
+                if self.counters["entity_limit"] in (1, 10, 100) or self.counters["entity_limit"] % 10_000 == 0:
+                    log.warning("entity_limit_reached", node=message.node, entity=message.entity[:128],
+                                limit=self.limits.entities_per_node, folded=self.counters["entity_limit"])
+                return msgspec.structs.replace(message, entity=OVERFLOW_ENTITY)
+            entities.add(message.entity)
+        return message
 
 
 class BrokerLink:
@@ -73,7 +162,7 @@ class BrokerLink:
 
     def __init__(self, config: ControllerConfig, counters: Counters) -> None:
         self.config = config
-        self.admission = Admission(config.limits, counters)
+        self.admission = Admission(config.limits, counters, config.cluster)
         self._options = client_options(parse_broker(config.broker), config.auth, f"{config.source}: auth")
         self._client: aiomqtt.Client | None = None
         self.connected = asyncio.Event()
@@ -87,11 +176,11 @@ class BrokerLink:
                                   keepalive=30, max_queued_incoming_messages=100_000, **self._options)
 
         async def session(client: aiomqtt.Client, ready: Callable[[], None]) -> None:
-            await client.subscribe(protocol.subscription(self.config.cluster or None), qos=1)
+            await client.subscribe(protocol.subscription(self.config.cluster), qos=1)
             self._client = client
             self.connected.set()
             ready()
-            log.info("broker_connected", broker=self.config.broker, cluster=self.config.cluster or "*")
+            log.info("broker_connected", broker=self.config.broker, cluster=self.config.cluster)
             batch: Batch = []
             async for raw in client.messages:
                 if not self.admission.admit(raw.topic.value, time.monotonic()):

@@ -7,6 +7,8 @@ decisions. Rules, the healing ladder and operators all move nodes through here.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import structlog
 
 from vetd.controller.actions import REASON_PREFIX, alert_payload, clean_reason
@@ -19,6 +21,15 @@ from vetd.controller.model import FleetState, NodeRow
 from vetd.controller.rulestate import RuleStates
 
 log = structlog.get_logger("vetd.controller")
+
+#: Alert labels that say what an alert is about and whose it is: a node's own labels (from its
+#: agent's birth) never replace them, or a node could pin its alerts on another.
+IDENTITY_LABELS = frozenset({"alertname", "cluster", "node", "severity", "rule", "entity"})
+
+
+def node_labels(labels: Mapping[str, str]) -> dict[str, str]:
+    """A node's labels as an alert carries them: all but the identity labels."""
+    return {key: value for key, value in labels.items() if key not in IDENTITY_LABELS}
 
 
 class Lifecycle:
@@ -82,7 +93,7 @@ class Lifecycle:
             decisions.alerts.append(Alert(node.cluster, node.name, "vetd-node-failed", [alert_payload(
                 rule="vetd-node-failed", cluster=node.cluster, node=node.name, severity="critical",
                 summary=f"{node.name} needs a person", description=reason, starts_at=now,
-                labels=self.fleet.labels_of(node))]))
+                labels=node_labels(self.fleet.labels_of(node)))]))
 
     def return_to_service(self, node: NodeRow, why: str, now: float, decisions: Decisions,
                           actor: str = "controller") -> None:

@@ -19,6 +19,10 @@ from typing import Any
 
 from vetd.core.protocol import Event, Result, State
 
+#: The controller's own check of each node's agent: ``timeout`` once the agent has been offline
+#: ``[alerts] agent_offline_after``, ``pass`` when it is back (rules see it as a result).
+AGENT_CHECK = "vetd_agent"
+
 #: (rule, cluster, node, subject)
 RuleKey = tuple[str, str, str, str]
 #: (cluster, node)
@@ -168,6 +172,8 @@ class FleetState:
     #: The controller's own drain decisions (audit rows), for repeat offences and the
     #: breaker's drain rate; their outcome follows the executor's (:meth:`drain_carried_out`).
     drains: list[Audit] = field(default_factory=list)
+    #: Nodes whose agent the controller's own check (``vetd_agent``) last found offline too long.
+    agents_late: set[NodeKey] = field(default_factory=set)
     #: What changed since the last :meth:`take_changes`.
     changes: Changes = field(default_factory=Changes)
 

@@ -29,6 +29,7 @@ import msgspec
 
 from vetd.controller.actions import ActionOutcome, NoScheduler, iso
 from vetd.controller.config import ControllerConfig, StoreSection
+from vetd.controller.decisions import Decisions
 from vetd.controller.service import Controller
 from vetd.controller.store import Store
 from vetd.core import protocol
@@ -107,27 +108,45 @@ def read_events(path: Path) -> Iterator[protocol.Message]:
 
 def replay(rule_files: list[str], events: Iterable[protocol.Message],
            config: ControllerConfig | None = None) -> list[Decision]:
-    """Every decision the controller would take on ``events``, in order."""
+    """Every decision the controller would take on ``events``, in order.
+
+    The controller's periodic look for agents offline too long (``[alerts] agent_offline_after``)
+    runs before and after each message, at its time: ``state`` lines with ``"online": false``
+    replay into ``agent-offline`` once a later line is that much later.
+    """
+    messages = list(events)
+    clusters = sorted({m.cluster for m in messages})
+    if len(clusters) > 1:
+        raise EventsError(f"events of several clusters ({', '.join(clusters)}): a controller owns one; "
+                          "replay them one cluster at a time")
     base = config or ControllerConfig()
-    controller = Controller(msgspec.structs.replace(base, rules=rule_files, store=StoreSection(path=":memory:")),
+    controller = Controller(msgspec.structs.replace(base, rules=rule_files, store=StoreSection(path=":memory:"),
+                                                    cluster=clusters[0] if clusters else base.cluster),
                             scheduler=NoScheduler(), alerts=DecideOnly(), commands=DecideOnly())
     decisions: list[Decision] = []
     seen = 0
-    for message in events:
-        decided = controller.process([(protocol.topic_for(message), protocol.encode(message))], now=message.ts)
+
+    def decided(what: Decisions, now: float) -> None:
+        nonlocal seen
         for row in controller.store.audit_after(seen):
             seen = row["id"]
             if row["action"] in DECISIONS:
                 outcome = "decided" if row["outcome"] == "pending" else row["outcome"]
                 decisions.append(Decision(row["ts"], row["node"], row["action"], row["rule"],
                                           outcome, row["detail"]))
-        for alert in decided.alerts:
+        for alert in what.alerts:
             for payload in alert.alerts:
                 # Event alerts carry a future endsAt (they end by themselves); resolved ones end now.
                 ends = payload.get("endsAt")
-                state = "resolved" if ends is not None and ends <= iso(message.ts) else "firing"
-                decisions.append(Decision(message.ts, alert.node, "alert", alert.rule, state,
+                state = "resolved" if ends is not None and ends <= iso(now) else "firing"
+                decisions.append(Decision(now, alert.node, "alert", alert.rule, state,
                                           payload["annotations"]["summary"]))
+
+    for message in messages:
+        decided(controller.agent_tick(now=message.ts), message.ts)
+        decided(controller.process([(protocol.topic_for(message), protocol.encode(message))], now=message.ts),
+                message.ts)
+        decided(controller.agent_tick(now=message.ts), message.ts)
     controller.store.close()
     return decisions
 

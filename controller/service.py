@@ -43,19 +43,25 @@ from vetd.controller.counters import Counters
 from vetd.controller.decisions import Decisions
 from vetd.controller.engine import Engine
 from vetd.controller.executor import Executor
-from vetd.controller.ingest import BrokerLink, decode
+from vetd.controller.ingest import BrokerLink, NameBounds, decode, malformed
 from vetd.controller.model import NodeRow
 from vetd.controller.plugins import plugins
 from vetd.controller.requests import OperatorRequests
 from vetd.controller.rules import RuleSet, healing_steps, load_rules
 from vetd.controller.store import Store
 from vetd.core.configfile import ConfigError, read_key
+from vetd.core.protocol import Message, channel_of
 from vetd.core.signals import handle, release
 
 log = structlog.get_logger("vetd.controller")
 
 #: How often operator requests and healing deadlines are looked at.
 HOUSEKEEPING_S = 0.25
+#: How often agents offline too long are looked for (``[alerts] agent_offline_after``).
+AGENT_CHECK_S = 5.0
+#: How often rows beyond ``[store] keep`` are pruned, and at most how many of each table at a time.
+PRUNE_S = 60.0
+PRUNE_ROWS = 10_000
 
 
 class Controller:
@@ -73,6 +79,7 @@ class Controller:
         self.backend = scheduler or plugins().scheduler_backend(config.scheduler)
         self.alerts = alerts or plugins().alert_sinks(config)
         self.link = BrokerLink(config, self.counters)
+        self.bounds = NameBounds(config.limits, self.counters, self.store.known_names())
         command_key = (read_key(config.command_key_file, f"{config.source}: command_key_file")
                        if config.command_key_file else b"")
         self.engine = Engine(config, self.store.load_state(), self.counters,
@@ -90,15 +97,64 @@ class Controller:
         return self.engine.rules
 
     def process(self, batch: Sequence[tuple[str, bytes]], now: float | None = None) -> Decisions:
-        """Ingest a batch of ``(topic, payload)`` in one transaction; returns what was decided."""
+        """Ingest a batch of ``(topic, payload)`` in one transaction; returns what was decided.
+
+        A message that fails anywhere (store, engine) is dropped, counted as ``malformed`` and
+        logged with its node and the reason; the rest of the batch goes on (:meth:`_isolated`).
+        """
         now = time.time() if now is None else now
-        messages = list(decode(batch, self.counters))
+        messages = self.bounds.admit(decode(batch, self.counters, self.config.cluster))
+        return self.process_messages(messages, now)
+
+    def process_messages(self, messages: Sequence[Message], now: float) -> Decisions:
+        """Decoded messages (of this cluster, within bounds) in one transaction."""
         with self.store.transaction():
-            history_ids = self.store.record(messages, now)  # None: a duplicate
-            decisions = self.engine.process(zip(messages, history_ids, strict=True), now)
-            self.store.apply(decisions.changes)
+            decisions = self._isolated(messages, now)
             self.counters.write(self.store)
         self.counters.written()
+        return decisions
+
+    def _isolated(self, messages: Sequence[Message], now: float) -> Decisions:
+        """The batch at once (the usual case, as fast as ever); if any message fails, again one
+        message at a time, each on its own, leaving out the ones that fail."""
+        decided = self._attempt(messages, now)
+        if isinstance(decided, Decisions):
+            return decided
+        decisions = Decisions()
+        for message in messages:
+            one = self._attempt([message], now)
+            if isinstance(one, Decisions):
+                decisions.extend(one)
+            else:
+                self.counters.count("failed_in_processing")
+                malformed(self.counters, f"{one.__class__.__name__}: {one}", cluster=message.cluster,
+                          node=message.node, kind=channel_of(message))
+        return decisions
+
+    def _attempt(self, messages: Sequence[Message], now: float) -> Decisions | Exception:
+        """Record, decide and apply ``messages`` under a savepoint; on any error, undo all of it.
+
+        Undoing: SQLite rolls the savepoint back; the engine's in-memory model is put back from
+        the store for every key the failed work's changes name, and for the messages' nodes
+        (whose rows and ladders the engine may change in place before noting it). Snapshotting
+        the whole model per message would cost as much as the work; validating every handler
+        before it mutates could never be shown complete; the changes already name what was touched.
+        """
+        checkpoint = self.engine.checkpoint()
+        decisions: Decisions | None = None
+        try:
+            with self.store.savepoint():
+                history_ids = self.store.record(messages, now)  # None: a duplicate
+                decisions = self.engine.process(zip(messages, history_ids, strict=True), now)
+                self.store.apply(decisions.changes)
+        except Exception as exc:  # noqa: BLE001 - any failure of one message is isolated, whatever it is
+            touched = self.engine.state.take_changes()
+            if decisions is not None:
+                touched.update(decisions.changes)
+            nodes = {(m.cluster, m.node) for m in messages}
+            self.store.reload(self.engine.state, touched, nodes)
+            self.engine.restore(checkpoint, nodes)
+            return exc
         return decisions
 
     def handle_requests(self, now: float | None = None) -> None:
@@ -112,6 +168,23 @@ class Controller:
             self.store.apply(decisions.changes)
         self.executor.enqueue(decisions)
         return decisions
+
+    def agent_tick(self, now: float | None = None) -> Decisions:
+        """The controller's own check of every node's agent (``vetd_agent``), through ingest."""
+        now = time.time() if now is None else now
+        checks = self.engine.agent_checks(now)
+        return self.process_messages(checks, now) if checks else Decisions()
+
+    def prune(self, now: float | None = None) -> dict[str, int]:
+        """Delete history, audit and requests beyond ``[store] keep``: bounded work, one transaction."""
+        keep = float(self.config.store.keep)
+        if not keep:
+            return {}
+        with self.store.transaction():
+            pruned = self.store.prune((time.time() if now is None else now) - keep, PRUNE_ROWS)
+        if any(pruned.values()):
+            log.info("store_pruned", keep=self.config.store.keep, **pruned)
+        return pruned
 
     def fleet_of(self, node: NodeRow) -> dict[str, Any]:
         return self.engine.fleet.of(node)
@@ -127,10 +200,17 @@ class Controller:
         self.executor.enqueue(self.process(batch))
 
     async def _housekeeping(self) -> None:
+        agents_checked = pruned = 0.0
         while True:
             try:
                 self.handle_requests()
                 self.heal_tick()
+                if (now := time.monotonic()) - agents_checked >= AGENT_CHECK_S:
+                    agents_checked = now
+                    self.executor.enqueue(self.agent_tick())
+                if now - pruned >= PRUNE_S:
+                    pruned = now
+                    self.prune()
             except Exception as exc:
                 log.exception("housekeeping_failed", error=str(exc))
             await asyncio.sleep(HOUSEKEEPING_S)

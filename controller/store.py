@@ -16,7 +16,7 @@ import json
 import math
 import sqlite3
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from typing import Any
 import msgspec
 
 from vetd.controller.model import (
+    AGENT_CHECK,
     Audit,
     Breaker,
     Changes,
@@ -33,9 +34,12 @@ from vetd.controller.model import (
     PendingAction,
     RuleState,
 )
+from vetd.core.configfile import ConfigError
 from vetd.core.files import create_private
 from vetd.core.protocol import Event, Message, Result
 
+#: The schema as first released (version 1): every table. Databases made before versions were
+#: recorded (``PRAGMA user_version`` 0) have exactly these tables, so this step is a no-op for them.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes (
     cluster TEXT NOT NULL,
@@ -182,7 +186,7 @@ CREATE TABLE IF NOT EXISTS counters (
 """
 
 #: Drains and resumes not yet confirmed by the scheduler, with their retry state (issue 12).
-#: Kept apart from SCHEMA so that it can become a migration of its own.
+#: Migration 3.
 PENDING_ACTIONS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS pending_actions (
     cluster TEXT NOT NULL,
@@ -200,6 +204,55 @@ CREATE TABLE IF NOT EXISTS pending_actions (
 """
 
 
+#: Ordered schema steps: entry ``i`` takes a database from version ``i`` to ``i + 1`` (``PRAGMA
+#: user_version``). Each runs in its own transaction on start; a change to the schema is one more
+#: entry at the end, never an edit of an entry already released.
+MIGRATIONS: tuple[str, ...] = (
+    SCHEMA,
+    # 2: retention prunes by arrival time (history) and by time (audit, requests).
+    """
+    CREATE INDEX IF NOT EXISTS history_received ON history (received_at);
+    CREATE INDEX IF NOT EXISTS audit_ts ON audit (ts);
+    CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts);
+    """,
+    # 3: drains and resumes the executor retries until the scheduler confirms them.
+    PENDING_ACTIONS_SCHEMA,
+)
+#: The version this code writes and reads.
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class SchemaError(ConfigError):
+    """A database this vetd cannot use (made by a newer one)."""
+
+
+def migrate(db: sqlite3.Connection, path: object) -> int:
+    """Bring ``db`` to :data:`SCHEMA_VERSION`, one transaction per step; returns the version found.
+
+    A database newer than this code knows is refused rather than half-understood.
+    """
+    found = int(db.execute("PRAGMA user_version").fetchone()[0])
+    if found > SCHEMA_VERSION:
+        raise SchemaError(f"{path}: database schema version {found} is newer than this vetd knows "
+                          f"({SCHEMA_VERSION}); run the vetd that wrote it, or a newer one")
+    for version in range(found, SCHEMA_VERSION):
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _statements(MIGRATIONS[version]):
+                db.execute(statement)
+            db.execute(f"PRAGMA user_version = {version + 1}")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+    return found
+
+
+def _statements(script: str) -> list[str]:
+    """The statements of a schema script (``executescript`` would commit the step's transaction)."""
+    return [part.strip() for part in script.split(";") if part.strip()]
+
+
 class Store:
     """The controller's database."""
 
@@ -209,6 +262,10 @@ class Store:
             if not self.path.exists():
                 raise FileNotFoundError(f"no vetd state database at {self.path}")
             self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10)
+            if (found := int(self.db.execute("PRAGMA user_version").fetchone()[0])) > SCHEMA_VERSION:
+                self.db.close()
+                raise SchemaError(f"{self.path}: database schema version {found} is newer than this vetd "
+                                  f"knows ({SCHEMA_VERSION}); use the vetd that wrote it, or a newer one")
         else:
             if str(path) != ":memory:":
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -216,8 +273,7 @@ class Store:
             self.db = sqlite3.connect(str(path), timeout=10, isolation_level=None)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.executescript(SCHEMA)
-            self.db.executescript(PENDING_ACTIONS_SCHEMA)
+            migrate(self.db, self.path)
         self.db.row_factory = sqlite3.Row
         #: The node rows as committed (the engine's own, once :meth:`apply` wrote them).
         self.nodes: dict[tuple[str, str], NodeRow] = {} if readonly else self._load_nodes()
@@ -236,6 +292,18 @@ class Store:
             raise
         self.db.execute("COMMIT")
 
+    @contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """Inside a transaction: what the block wrote is undone if it raises (the transaction goes on)."""
+        self.db.execute("SAVEPOINT message")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK TO message")
+            self.db.execute("RELEASE message")
+            raise
+        self.db.execute("RELEASE message")
+
     # -- the engine's model: loaded once, changed by apply -------------------
 
     def load_state(self) -> FleetState:
@@ -246,15 +314,79 @@ class Store:
                        for r in db.execute("SELECT * FROM rule_state")}
         rule_windows = {(r["rule"], r["cluster"], r["node"], r["subject"]): json.loads(r["stamps"])
                         for r in db.execute("SELECT * FROM rule_window")}
-        healings = [Healing(**{**dict(r), "ladder": json.loads(r["ladder"])})
-                    for r in db.execute("SELECT * FROM healing ORDER BY started")]
+        healings = [_healing_from_row(r) for r in db.execute("SELECT * FROM healing ORDER BY started")]
         breakers = {r["partition"]: Breaker(bool(r["open"]), r["since"], r["reason"])
                     for r in db.execute("SELECT * FROM breaker")}
         drains = [_audit_from_row(r) for r in db.execute(
             "SELECT * FROM audit WHERE action='drain' AND actor='controller' ORDER BY id")]
         return FleetState(nodes=dict(self.nodes), rule_states=rule_states, rule_windows=rule_windows,
                           firing_alerts=self.firing_alerts(), healings={(h.cluster, h.node): h for h in healings},
-                          breakers=breakers, drains=drains)
+                          breakers=breakers, drains=drains, agents_late=self._agents_late())
+
+    def _agents_late(self, node: tuple[str, str] | None = None) -> set[tuple[str, str]]:
+        """Nodes the controller's own ``vetd_agent`` check last found offline too long (of ``node`` only)."""
+        rows = self.db.execute(
+            "SELECT cluster, node FROM latest WHERE check_name=? AND status='timeout' "
+            "AND (? IS NULL OR (cluster=? AND node=?))",
+            (AGENT_CHECK, node and node[0], node and node[0], node and node[1]))
+        return {(r[0], r[1]) for r in rows}
+
+    def reload(self, state: FleetState, changes: Changes, nodes: Iterable[tuple[str, str]]) -> None:
+        """Put back into ``state`` what the store holds for every key ``changes`` names and for ``nodes``.
+
+        After a savepoint was rolled back, this undoes in memory what the failed work changed: the
+        store is the truth, and the model's changes name every key it touched (a node row or a
+        ladder may also have been changed in place before it was noted: the caller names those nodes).
+        """
+        db = self.db
+        for key in {*changes.nodes, *nodes}:
+            row = db.execute("SELECT * FROM nodes WHERE cluster=? AND name=?", key).fetchone()
+            if row is None:
+                state.nodes.pop(key, None)
+                self.nodes.pop(key, None)
+            else:
+                state.nodes[key] = self.nodes[key] = _node_from_row(row)
+            healing = db.execute("SELECT * FROM healing WHERE cluster=? AND node=?", key).fetchone()
+            if healing is None:
+                state.healings.pop(key, None)
+            else:
+                state.healings[key] = _healing_from_row(healing)
+            state.agents_late.discard(key)
+            state.agents_late |= self._agents_late(key)
+        for key in changes.healings:
+            healing = db.execute("SELECT * FROM healing WHERE cluster=? AND node=?", key).fetchone()
+            if healing is None:
+                state.healings.pop(key, None)
+            else:
+                state.healings[key] = _healing_from_row(healing)
+        for rule_key in changes.rule_states:
+            r = db.execute("SELECT * FROM rule_state WHERE rule=? AND cluster=? AND node=? AND subject=?",
+                           rule_key).fetchone()
+            if r is None:
+                state.rule_states.pop(rule_key, None)
+            else:
+                state.rule_states[rule_key] = RuleState(r["phase"], r["since"], r["cleared_at"])
+        for rule_key in changes.rule_windows:
+            r = db.execute("SELECT stamps FROM rule_window WHERE rule=? AND cluster=? AND node=? AND subject=?",
+                           rule_key).fetchone()
+            if r is None:
+                state.rule_windows.pop(rule_key, None)
+            else:
+                state.rule_windows[rule_key] = json.loads(r["stamps"])
+        for name in changes.firing_alerts:
+            r = db.execute("SELECT payload FROM alerts_firing WHERE key=?", (name,)).fetchone()
+            if r is None:
+                state.firing_alerts.pop(name, None)
+            else:
+                state.firing_alerts[name] = json.loads(r["payload"])
+        for partition in changes.breakers:
+            r = db.execute("SELECT * FROM breaker WHERE partition=?", (partition,)).fetchone()
+            if r is None:
+                state.breakers.pop(partition, None)
+            else:
+                state.breakers[partition] = Breaker(bool(r["open"]), r["since"], r["reason"])
+        undone = {id(record) for record in changes.audit}
+        state.drains[:] = [record for record in state.drains if id(record) not in undone]
 
     def apply(self, changes: Changes) -> None:
         """Persist what the engine changed, inside the caller's transaction.
@@ -380,6 +512,35 @@ class Store:
              for key, (first, max_seq, received, dups) in sessions.items()],
         )
         return ids
+
+    def known_names(self) -> dict[tuple[str, str], tuple[set[str], set[str]]]:
+        """Per node, the check names and entities the store keeps state for (``[limits]`` counts on from these)."""
+        known: dict[tuple[str, str], tuple[set[str], set[str]]] = {}
+        for r in self.db.execute("SELECT DISTINCT cluster, node, check_name, entity FROM latest"):
+            names, entities = known.setdefault((r[0], r[1]), (set(), set()))
+            names.add(r[2])
+            entities.add(r[3])
+        for r in self.db.execute("SELECT DISTINCT cluster, node, subject FROM rule_window"):
+            per = str(r[2]).removeprefix("count:")
+            if per != "*":
+                known.setdefault((r[0], r[1]), (set(), set()))[1].add(per)
+        return known
+
+    def prune(self, before: float, limit: int) -> dict[str, int]:
+        """Delete history, audit and request rows from before ``before``, at most ``limit`` of each
+        (the oldest), inside the caller's transaction; returns how many went, by table.
+
+        Drains not yet carried out and pending requests stay whatever their age.
+        """
+        queries = {
+            "history": "DELETE FROM history WHERE id IN (SELECT id FROM history WHERE received_at < ? "
+                       "ORDER BY received_at LIMIT ?)",
+            "audit": "DELETE FROM audit WHERE id IN (SELECT id FROM audit WHERE ts < ? AND outcome != 'pending' "
+                     "ORDER BY ts LIMIT ?)",
+            "requests": "DELETE FROM requests WHERE id IN (SELECT id FROM requests WHERE ts < ? "
+                        "AND status != 'pending' ORDER BY ts LIMIT ?)",
+        }
+        return {table: self.db.execute(query, (before, limit)).rowcount for table, query in queries.items()}
 
     # -- audit and counters ------------------------------------------------
 
@@ -567,8 +728,9 @@ class Store:
         """Received, duplicate and missing (sequence gaps) results+events of a node,
         and what the agent itself reported dropping (spool full)."""
         row = self.db.execute(
-            """SELECT coalesce(sum(received), 0), coalesce(sum(duplicates), 0),
-                      coalesce(sum(max(max_seq - received, 0)), 0)
+            # total(), not sum(): two sessions near seq 2**63 overflow an integer sum.
+            """SELECT CAST(total(received) AS INTEGER), CAST(total(duplicates) AS INTEGER),
+                      CAST(total(max(max_seq - received, 0)) AS INTEGER)
                FROM sessions WHERE cluster=? AND node=?""",
             (cluster, node),
         ).fetchone()
@@ -603,6 +765,10 @@ def _node_values(row: NodeRow) -> tuple[Any, ...]:
 def _audit_from_row(r: sqlite3.Row) -> Audit:
     return Audit(r["cluster"], r["node"], r["action"], r["ts"], r["actor"], r["rule"], r["outcome"], r["detail"],
                  json.loads(r["evidence"]), r["id"])
+
+
+def _healing_from_row(r: sqlite3.Row) -> Healing:
+    return Healing(**{**dict(r), "ladder": json.loads(r["ladder"])})
 
 
 def _node_from_row(r: sqlite3.Row) -> NodeRow:

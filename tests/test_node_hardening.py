@@ -90,7 +90,7 @@ def test_clean_strips_escapes_and_control_characters() -> None:
 
 
 def test_vetd_node_prints_agent_text_without_escapes(tmp_path: Path) -> None:
-    controller = Controller(ControllerConfig(store=StoreSection(path=str(tmp_path / "c.db"))))
+    controller = Controller(ControllerConfig(cluster="alps", store=StoreSection(path=str(tmp_path / "c.db"))))
     base = {"cluster": "alps", "node": "nid001", "session": "s1", "ts": time.time()}
     batch = [State(**base, seq=0, online=True, started=time.time(), labels={"rack": HOSTILE[:200]}),
              Result(**base, seq=1, check="host_env", status="fail", message=HOSTILE, codes=["env_missing"])]

@@ -37,7 +37,7 @@ rules:
 def make(tmp_path: Path, url: str, **alerts: object) -> Controller:
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES)
-    return Controller(ControllerConfig(rules=[str(rules)], store=StoreSection(path=str(tmp_path / "c.db")),
+    return Controller(ControllerConfig(cluster="alps", rules=[str(rules)], store=StoreSection(path=str(tmp_path / "c.db")),
                                        alerts=AlertsSection(urls=[url], **alerts)))  # type: ignore[arg-type]
 
 
@@ -89,7 +89,7 @@ def test_silences_hold_alerts_and_inhibition_quiets_gpus_of_an_excluded_node(
 ) -> None:
     controller = make(tmp_path, receiver.url)
     config = tmp_path / "controller.toml"
-    config.write_text(f'rules = ["{tmp_path / "rules.yaml"}"]\n[store]\npath = "{tmp_path / "c.db"}"\n')
+    config.write_text(f'cluster = "alps"\nrules = ["{tmp_path / "rules.yaml"}"]\n[store]\npath = "{tmp_path / "c.db"}"\n')
     added = run_vetd("silence", "add", "alertname=~xid.*", "node=nid001", "--for", "2h", "--comment", "GPU swap",
                      "--config", str(config))
     assert added.returncode == 0 and added.stdout.startswith("silence 1 until"), added.stderr
@@ -137,7 +137,7 @@ def test_a_rule_that_errors_live_is_counted_and_alerted_by_name(
     rules = tmp_path / "rules.yaml"
     rules.write_text("rules:\n  - name: unguarded-hot\n    when: result.metrics.temp_c > 85.0\n"
                      "  - name: gpu-hot\n    when: '\"temp_high\" in result.codes'\n")
-    controller = Controller(ControllerConfig(rules=[str(rules)], alerts=AlertsSection(urls=[receiver.url]),
+    controller = Controller(ControllerConfig(cluster="alps", rules=[str(rules)], alerts=AlertsSection(urls=[receiver.url]),
                                              store=StoreSection(path=str(tmp_path / "c.db"))))
     port = free_port()
     api = HttpApi(controller.store, list, "", "alps", HttpSection())

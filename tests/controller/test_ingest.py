@@ -29,7 +29,7 @@ rules:
 def controller(tmp_path: Path) -> Controller:
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES)
-    config = ControllerConfig(rules=[str(rules)], store=StoreSection(path=str(tmp_path / "c.db")),
+    config = ControllerConfig(cluster="alps", rules=[str(rules)], store=StoreSection(path=str(tmp_path / "c.db")),
                               scheduler=SchedulerSection(backend="none"))
     return Controller(config)
 
@@ -123,7 +123,7 @@ def test_state_survives_a_restart(controller: Controller) -> None:
 def test_the_circuit_breaker_stops_exclusions_until_reset(tmp_path: Path) -> None:
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES)
-    config = ControllerConfig(rules=[str(rules)], store=StoreSection(path=str(tmp_path / "c.db")),
+    config = ControllerConfig(cluster="alps", rules=[str(rules)], store=StoreSection(path=str(tmp_path / "c.db")),
                               breaker=BreakerSection(max_fraction=0.1, always_allow=1))
     controller = Controller(config)
     births = [State(cluster="alps", node=f"nid{i:03d}", session=f"s{i}", seq=0, ts=1.0, online=True, started=1.0,

@@ -77,7 +77,7 @@ def test_export_then_replay_reproduces_the_controller_decisions(tmp_path: Path) 
     rules.write_text("rules:\n  - name: fail\n    when: result.status == 'fail'\n    count: 2\n    within: 1h\n"
                      "    actions: [drain]\n")
     db = tmp_path / "state" / "c.db"
-    controller = Controller(ControllerConfig(rules=[str(rules)], store=StoreSection(path=str(db))))
+    controller = Controller(ControllerConfig(cluster="alps", rules=[str(rules)], store=StoreSection(path=str(db))))
     birth = State(cluster="alps", node="nid007", session="s", seq=0, ts=1000, online=True, started=1000,
                   labels={"rack": "r1"})
     messages: list[protocol.Message] = [birth] + [
@@ -90,7 +90,7 @@ def test_export_then_replay_reproduces_the_controller_decisions(tmp_path: Path) 
     live = [(a["ts"], a["action"]) for a in reversed(controller.store.audit_log("alps", "nid007"))]
     controller.store.close()
     config = tmp_path / "controller.toml"
-    config.write_text(f'rules = ["{rules}"]\n[store]\npath = "{db}"\n')
+    config.write_text(f'cluster = "alps"\nrules = ["{rules}"]\n[store]\npath = "{db}"\n')
 
     exported = run_vetd("export", "--events", "--config", str(config))
     assert exported.returncode == 0, exported.stderr

@@ -19,7 +19,7 @@ DEFAULT_RULES = Path(__file__).resolve().parents[2] / "controller" / "default_ru
 def make(tmp_path: Path, rules: str, **config: object) -> Controller:
     path = tmp_path / "rules.yaml"
     path.write_text(rules)
-    return Controller(ControllerConfig(rules=[str(path)], store=StoreSection(path=str(tmp_path / "c.db")),
+    return Controller(ControllerConfig(cluster="alps", rules=[str(path)], store=StoreSection(path=str(tmp_path / "c.db")),
                                        **config))  # type: ignore[arg-type]
 
 
@@ -126,7 +126,7 @@ def test_mark_failed_and_annotations_and_static_labels(tmp_path: Path) -> None:
 
 
 def test_the_default_rules_alert_on_a_gpu_driver_that_drifted_from_its_partition(tmp_path: Path) -> None:
-    controller = Controller(ControllerConfig(rules=[str(DEFAULT_RULES)], store=StoreSection(path=str(tmp_path / "c.db")),
+    controller = Controller(ControllerConfig(cluster="alps", rules=[str(DEFAULT_RULES)], store=StoreSection(path=str(tmp_path / "c.db")),
                                              labels={"nid[005-006]": {"partition": "debug"}},
                                              alerts=AlertsSection(urls=["http://unused"])))
     drivers = {"nid001": "550.54.15", "nid002": "550.54.15", "nid003": "550.54.15", "nid004": "535.104.05",
