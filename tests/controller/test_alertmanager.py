@@ -40,10 +40,10 @@ rules:
 """
 
 
-def make(tmp_path: Path, url: str, **sections: Any) -> Controller:
+def make(tmp_path: Path, url: str, cluster: str, **sections: Any) -> Controller:
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES)
-    return Controller(ControllerConfig(rules=[str(rules)], store=StoreSection(path=str(tmp_path / "c.db")),
+    return Controller(ControllerConfig(cluster=cluster, rules=[str(rules)], store=StoreSection(path=str(tmp_path / "c.db")),
                                        alerts=AlertsSection(urls=[url]), **sections))
 
 
@@ -74,7 +74,7 @@ def by_name(alerts: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def test_a_rule_alert_arrives_with_its_labels_and_annotations(
     tmp_path: Path, alertmanager: Alertmanager, cluster_name: str
 ) -> None:
-    controller = make(tmp_path, alertmanager.alerts_url)
+    controller = make(tmp_path, alertmanager.alerts_url, cluster_name)
     node = Node(cluster_name, "nid001")
     feed(controller, node.birth(), node.host_env(ok=False))
     asyncio.run(drain_actions(controller))
@@ -93,7 +93,7 @@ def test_a_rule_alert_arrives_with_its_labels_and_annotations(
 
 
 def test_the_circuit_breaker_alert(tmp_path: Path, alertmanager: Alertmanager, cluster_name: str) -> None:
-    controller = make(tmp_path, alertmanager.alerts_url, breaker=BreakerSection(max_fraction=0.25, always_allow=1))
+    controller = make(tmp_path, alertmanager.alerts_url, cluster_name, breaker=BreakerSection(max_fraction=0.25, always_allow=1))
     nodes = [Node(cluster_name, f"nid00{i}") for i in range(1, 5)]
     feed(controller, *(n.birth() for n in nodes))
     feed(controller, nodes[0].host_env(ok=False), nodes[1].host_env(ok=False))  # the second is one too many
@@ -113,7 +113,7 @@ def test_a_repeat_offender_is_failed_with_the_node_failed_alert(
 ) -> None:
     """vetd has no alert of its own for a repeat offender: it marks the node ``failed`` and
     sends ``vetd-node-failed`` whose description says why."""
-    controller = make(tmp_path, alertmanager.alerts_url, repeat=RepeatSection(count=2))
+    controller = make(tmp_path, alertmanager.alerts_url, cluster_name, repeat=RepeatSection(count=2))
     node = Node(cluster_name, "nid003")
     feed(controller, node.birth(), node.host_env(ok=False))
     asyncio.run(drain_actions(controller))
@@ -137,7 +137,7 @@ def test_alertmanager_down_for_a_while_loses_nothing(
 ) -> None:
     """Stopped while alerts are raised: the sender retries with back-off and, once Alertmanager
     is back on its port and storage, every alert is there."""
-    controller = make(tmp_path, own_alertmanager.alerts_url, breaker=BreakerSection(max_fraction=1.0))
+    controller = make(tmp_path, own_alertmanager.alerts_url, cluster_name, breaker=BreakerSection(max_fraction=1.0))
     nodes = [Node(cluster_name, f"nid00{i}") for i in range(1, 4)]
     own_alertmanager.stop()
     feed(controller, *(n.birth() for n in nodes), *(n.host_env(ok=False) for n in nodes))
