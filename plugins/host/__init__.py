@@ -2,7 +2,9 @@
 
 Checks (all in profiles ``prolog``, ``periodic`` and ``full``):
 
-* ``host_memory``: available memory as a fraction of total.
+* ``host_memory``: available memory as a fraction of total; below the fail
+  threshold it fails a prolog but only warns in the daemon (a job may be
+  using the memory) unless ``memory_fail_in_periodic``.
 * ``host_disk``: free space on each of ``disk_paths`` (one entity per path).
 * ``host_paths``: every ``required_paths`` entry exists and every
   ``required_mounts`` entry is a mount point (a missing Lustre mount is a
@@ -10,7 +12,9 @@ Checks (all in profiles ``prolog``, ``periodic`` and ``full``):
 * ``host_env``: ``required_env`` variables are set, with the expected value
   unless that is ``""`` (CSCS vetnode's ``EnvVarEval``: ``NCCL_NET``,
   ``FI_PROVIDER``… on Alps). Under ``vetd check`` in a prolog this is the
-  job's environment; in the daemon, the service's.
+  job's environment; the daemon checks ``env_file`` (the environment jobs
+  get) and without one reports ``skip`` (``no_job_env``): systemd's
+  environment is not a job's.
 * ``host_load``: 1-minute load average per logical CPU.
 
 Telemetry source ``host``: CPU and memory use, load, network byte counters.

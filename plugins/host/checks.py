@@ -8,7 +8,7 @@ from pathlib import Path
 
 import psutil
 
-from vetd.agent.api import Outcome, Status
+from vetd.agent.api import Outcome, Status, current_profile
 from vetd.plugins.host.config import HostConfig
 
 GIB = 1024**3
@@ -22,10 +22,13 @@ def _fraction_status(value: float, warn: float, fail: float) -> Status:
     return "pass"
 
 
-def check_memory(config: HostConfig) -> Outcome:
+def check_memory(config: HostConfig, profile: str | None = None) -> Outcome:
     memory = psutil.virtual_memory()
     fraction = memory.available / memory.total if memory.total else 0.0
     status = _fraction_status(fraction, config.memory_warn_fraction, config.memory_fail_fraction)
+    periodic = (current_profile() if profile is None else profile) == "periodic"
+    if status == "fail" and periodic and not config.memory_fail_in_periodic:
+        status = "warn"  # a job may be using it: warn the operator, never drain the job's node for it
     return Outcome(
         status=status,
         codes=[] if status == "pass" else ["memory_low"],
@@ -84,8 +87,36 @@ def check_paths(config: HostConfig) -> Outcome:
     )
 
 
-def check_env(config: HostConfig, environ: Mapping[str, str] | None = None) -> Outcome:
-    env = os.environ if environ is None else environ
+def read_env_file(path: str) -> dict[str, str]:
+    """``KEY=VALUE`` lines of a shell-style environment file (``export``, quotes, ``#`` comments)."""
+    env: dict[str, str] = {}
+    for raw in Path(path).read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.removeprefix("export ").partition("=")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        env[key.strip()] = value
+    return env
+
+
+def check_env(config: HostConfig, environ: Mapping[str, str] | None = None, profile: str | None = None) -> Outcome:
+    if environ is not None:
+        env: Mapping[str, str] = environ
+    elif config.env_file:
+        try:
+            env = read_env_file(config.env_file)
+        except OSError as exc:
+            return Outcome(status="error", codes=["env_file_unreadable"],
+                           message=f"env_file {config.env_file}: {exc.strerror or exc}")
+    elif config.required_env and (current_profile() if profile is None else profile) == "periodic":
+        return Outcome(status="skip", codes=["no_job_env"],
+                       message="the agent's own environment is not a job's: set [plugins.host] env_file "
+                               "to check the variables jobs get (a prolog checks the job's own)")
+    else:
+        env = os.environ
     missing = [name for name in config.required_env if name not in env]
     wrong = [
         f"{name}={env[name]!r} (expected {expected!r})"

@@ -17,6 +17,10 @@ class HostConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: Available memory below this share of the total: warn / fail (``memory_low``).
     memory_warn_fraction: Fraction = 0.10
     memory_fail_fraction: Fraction = 0.05
+    #: In the daemon's ``periodic`` runs, memory below ``memory_fail_fraction`` only warns unless
+    #: this is true: a running job may use the memory, and draining its node for it kills the job.
+    #: ``prolog`` and ``full`` (no job running) still fail.
+    memory_fail_in_periodic: bool = False
     #: Paths whose file systems must keep free space.
     disk_paths: list[str] = msgspec.field(default_factory=lambda: ["/", "/tmp"])
     #: Free space below this share of a file system: warn / fail (``disk_low``).
@@ -30,8 +34,13 @@ class HostConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     required_mounts: list[str] = []
     #: Variable → expected value; ``""`` means "must be set, any value" (e.g.
     #: ``{ NCCL_NET = "AWS Libfabric", FI_PROVIDER = "cxi" }`` on Alps). Under
-    #: ``vetd check`` in a prolog this is the job's environment; in the daemon, the service's.
+    #: ``vetd check`` in a prolog this is the job's environment (see ``env_file``).
     required_env: dict[str, str] = {}
+    #: A file of ``KEY=VALUE`` lines (``export`` and quotes allowed, ``#`` comments): the
+    #: environment jobs get, checked instead of the process's. The daemon's own environment
+    #: (systemd's) holds none of a job's variables, so in ``periodic`` runs without this file
+    #: ``host_env`` reports ``skip`` (``no_job_env``) rather than fail every node.
+    env_file: str = ""
     #: Load average (1 min) per logical CPU: warn / fail; 0 disables.
     load_warn_per_core: NonNegative = 2.0
     load_fail_per_core: NonNegative = 0.0
