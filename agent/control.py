@@ -146,7 +146,9 @@ class Container(msgspec.Struct, kw_only=True):
     job_id: str | None = None
 
 
-class Response(msgspec.Struct, kw_only=True, omit_defaults=True):
+class Response(msgspec.Struct, kw_only=True):
+    """Every answer has every key (empty when the request is not about it): a client reads what it asked for."""
+
     ok: bool
     error: str = ""
     node: str = ""

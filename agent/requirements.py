@@ -86,7 +86,8 @@ async def evaluate(requirements: Mapping[str, Requirement], annotations: Mapping
     for name in names:
         requirement = requirements[name]
         try:
-            checks = _checks(requirement, params_of(name, requirement, annotations), deadline)
+            # each item stops itself a little before the whole (and says what it waited for)
+            checks = _checks(requirement, params_of(name, requirement, annotations), deadline * 0.9)
         except Unfilled as exc:
             problems.append(f"{_label(name, requirement)}: {exc}")
             continue
