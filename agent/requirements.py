@@ -20,6 +20,7 @@ import os
 import re
 import socket
 import sys
+import time
 from collections.abc import Mapping
 
 from vetd.agent.checks import CheckTimeout, in_thread
@@ -141,13 +142,34 @@ async def _paths(patterns: list[str], deadline: float) -> str | None:
     return f"missing {', '.join(absent)}" if absent else None
 
 
+#: Libraries that loaded, by (name, file identity) → when: a child process costs tens of milliseconds
+#: on every container start, so a success is trusted for LOADED_TTL_S while the file is unchanged.
+_loaded: dict[tuple[str, tuple[int, int, int, int]], float] = {}
+LOADED_TTL_S = 300.0
+
+
+def _identity(name: str) -> tuple[int, int, int, int]:
+    try:
+        info = os.stat(name)  # noqa: PTH116 - a name or a path, as the loader takes it
+    except OSError:
+        return (0, 0, 0, 0)  # a name the loader searches for: cached by name
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+
+
 async def _libraries(names: list[str], deadline: float) -> str | None:
+    now = time.monotonic()
+    keys = [(name, _identity(name)) for name in names]
+    if all(now - _loaded.get(key, -LOADED_TTL_S) < LOADED_TTL_S for key in keys):
+        return None
     try:
         done = await proc.run([sys.executable, "-I", "-S", "-c", _DLOPEN, *names], deadline)
     except proc.ProcError as exc:
         return f"loading {', '.join(names)}: {exc}"
     if done.returncode != 0:
         return f"cannot load library: {done.stderr.strip()[:300] or f'exit {done.returncode}'}"
+    if len(_loaded) > 1024:
+        _loaded.clear()
+    _loaded.update(dict.fromkeys(keys, now))
     return None
 
 

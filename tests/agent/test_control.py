@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import stat
 import threading
@@ -52,10 +53,8 @@ def raw(sock: str, payload: bytes) -> dict[str, Any]:
     with socket.socket(socket.AF_UNIX) as client:
         client.settimeout(5)
         client.connect(sock)
-        try:
+        with contextlib.suppress(BrokenPipeError):  # it answered an oversized request and hung up
             client.sendall(payload)
-        except BrokenPipeError:
-            pass  # the agent answered an oversized request and hung up before reading it all
         return dict(json.loads(client.makefile("rb").readline()))
 
 

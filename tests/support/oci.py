@@ -17,7 +17,7 @@ _LIBRARY_GLOBS = ("/lib/x86_64-linux-gnu/libz.so.*", "/usr/lib/x86_64-linux-gnu/
 def system_library() -> Path:
     """A real shared library of this machine (zlib), to stand in for a plugin library that loads."""
     for pattern in _LIBRARY_GLOBS:
-        for found in sorted(glob.glob(pattern)):
+        for found in sorted(glob.glob(pattern)):  # noqa: PTH207 - absolute patterns
             path = Path(found).resolve()
             if path.is_file():
                 return path
