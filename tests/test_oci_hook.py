@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.oci import bundle, busybox, runc_run, system_library
-from tests.support.procs import VetdProcess, Watcher, vetd_env
+from tests.support.procs import REPO, VetdProcess, Watcher, vetd_env
 from tests.support.services import Mosquitto
 from tests.support.wait import wait_for
 from vetd.core.protocol import Event
@@ -85,9 +85,9 @@ def _agent(tmp_path: Path, broker: Mosquitto, cluster: str, checks: str) -> Iter
 
 
 def container(tmp_path: Path, name: str, config: Path, annotations: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    hook = {"path": HOOK, "env": [f"VETD_CONFIG={config}", "PATH=/usr/bin:/bin"], "timeout": 10}
-    hooks = {"prestart": [{**hook, "args": ["vetd-oci-hook", "prestart"]}],
-             "poststop": [{**hook, "args": ["vetd-oci-hook", "poststop"]}]}
+    # the snippet shipped for runc's config.json, with this test's hook and config
+    hooks = json.loads((REPO / "packaging" / "oci" / "runc-hooks.json").read_text()
+                       .replace("/usr/local/bin/vetd-oci-hook", HOOK).replace("/etc/vetd/agent.toml", str(config)))
     return runc_run(bundle(tmp_path / name, ["/bin/echo", "hello from the container"], hooks, annotations),
                     tmp_path / "runc-state", name)
 
