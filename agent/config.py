@@ -1,7 +1,7 @@
 """Agent configuration (``/etc/vetd/agent.toml``).
 
 Environment overrides, applied after the file: ``VETD_BROKER``
-(``mqtt://host:port``), ``VETD_CLUSTER``, ``VETD_NODE``, ``VETD_STATE_DIR`` and
+(``mqtt://host:port``), ``VETD_CLUSTER``, ``VETD_NODE``, ``VETD_STATE_DIR``, ``VETD_CONTROL_SOCKET`` and
 ``VETD_ALLOW_UNSIGNED_COMMANDS=1`` (tests, demos). The node name defaults
 to the short host name, which is what Slurm calls the node on most sites.
 """
@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from vetd.core.configfile import ConfigError, Duration, convert, read_toml
+from vetd.core.configfile import ConfigError, Duration, convert, read_toml, where
 from vetd.core.mqtt import BrokerAddress, BrokerAuth, parse_broker
 from vetd.core.protocol import valid_name
 
@@ -68,6 +68,13 @@ class AgentSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: Messages per second at most, so catching up after an outage stays below
     #: the controller's per-node limit (``[limits] per_node_rate``).
     max_publish_rate: Annotated[float, msgspec.Meta(gt=0.0)] = 1000.0
+    #: The local control socket (a Unix socket for `vetd-oci-hook`, prologs and other local tools:
+    #: service state, latest verdicts, run checks now, job start and end). Empty: no socket.
+    control_socket: str = "/run/vetd/agent.sock"
+    #: A group whose members may use the control socket too (mode 0660); empty: root only (0600).
+    control_socket_group: str = ""
+    #: Clients served at once; more wait for the kernel's backlog.
+    control_max_clients: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 64
 
 
 class CommandsSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -98,9 +105,92 @@ class CommandsSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     allow_unsigned: bool = False
 
 
+#: An annotation value's parameter, filled into a requirement (``{variant}``): a plain word, so that
+#: a container's annotation cannot point a path outside the folder the site wrote.
+PARAM_PATTERN = r"\A[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}\Z"
+_Param = Annotated[str, msgspec.Meta(pattern=PARAM_PATTERN)]
+_Patterns = Annotated[list[Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]], msgspec.Meta(max_length=64)]
+
+
+class Requirement(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """What a container annotation needs from the node (``[hooks.annotations."NAME"]``).
+
+    It applies when the container's annotation NAME is ``true`` (``1``, ``yes``, ``on``). ``{param}`` in
+    any value is replaced by the annotation next to it (``com.hooks.X.param`` beside ``com.hooks.X.enabled``),
+    else by ``params``' default. Every item must hold, within the hook's deadline.
+    """
+
+    #: What it is, for the message a refused container gets.
+    description: str = ""
+    #: Defaults of the ``{param}`` placeholders; an annotation beside NAME overrides each.
+    params: dict[str, _Param] = {}
+    #: Paths or globs that must each match something (``/dev/cxi*``).
+    paths: _Patterns = []
+    #: Shared libraries that must load (dlopen in a child process): a path or a name the loader finds.
+    libraries: _Patterns = []
+    #: Programs (argv, no shell) that must exit 0, e.g. ``["fi_info", "-p", "cxi"]``.
+    commands: Annotated[list[_Patterns], msgspec.Meta(max_length=16)] = []
+    #: ``host:port`` endpoints that must accept a TCP connection.
+    tcp: _Patterns = []
+    #: TCP ports that must be free (nothing listening on them).
+    ports_free: _Patterns = []
+    #: Environment variables of the agent that must be set (``""``) or equal a value.
+    env: dict[str, str] = {}
+
+
+def default_requirements() -> dict[str, Requirement]:
+    """The hooks CSCS's container engine switches on by annotation; a site overrides or adds tables."""
+    return {
+        "com.hooks.aws_ofi_nccl.enabled": Requirement(
+            description="the AWS OFI NCCL network plugin",
+            params={"variant": "cuda12", "provider": "cxi"},
+            paths=["/opt/cscs/aws-ofi-nccl/{variant}/lib/libnccl-net.so"],
+            libraries=["/opt/cscs/aws-ofi-nccl/{variant}/lib/libnccl-net.so"],
+            commands=[["fi_info", "-p", "{provider}"]],
+        ),
+        "com.hooks.cxi.enabled": Requirement(
+            description="the Slingshot CXI devices and libfabric's cxi provider",
+            paths=["/dev/cxi*"],
+            commands=[["fi_info", "-p", "cxi"]],
+        ),
+        "com.hooks.dcgm.enabled": Requirement(
+            description="the DCGM host engine",
+            tcp=["127.0.0.1:5555"],
+        ),
+        "com.hooks.ssh.enabled": Requirement(
+            description="a free port for the container's SSH server",
+            params={"port": "15263"},
+            ports_free=["{port}"],
+        ),
+    }
+
+
+class HooksSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``[hooks]``: what `vetd-oci-hook` asks before a container starts on this node.
+
+    A container is refused when the node is unfit (a check's latest verdict failed, errored or timed
+    out) or when a requirement its annotations switch on does not hold. vetd's own failure (no agent,
+    no socket, the deadline passed) never refuses a container.
+    """
+
+    #: The hook's whole deadline, its own start-up included; past it the container starts (0.1s to 60s).
+    deadline: Duration = Duration(5.0)
+    #: Refuse containers while a check's latest verdict is fail, error or timeout.
+    refuse_when_unfit: bool = True
+    #: Checks whose failing verdict does not make the node unfit for containers.
+    ignore_checks: list[str] = []
+    #: Requirements by annotation name; these replace the defaults of the same name, others are kept.
+    annotations: dict[str, Requirement] = {}
+
+    def requirements(self) -> dict[str, Requirement]:
+        """The shipped defaults with this config's tables over them."""
+        return {**default_requirements(), **self.annotations}
+
+
 class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     agent: AgentSection = msgspec.field(default_factory=AgentSection)
     commands: CommandsSection = msgspec.field(default_factory=CommandsSection)
+    hooks: HooksSection = msgspec.field(default_factory=HooksSection)
     #: ``[plugins.NAME]`` tables, decoded by the plugin that owns them.
     plugins: dict[str, dict[str, Any]] = {}
     checks: dict[str, CheckOverride] = {}
@@ -141,6 +231,7 @@ def load_agent_config(path: Path | str | None, environ: dict[str, str] | None = 
         "cluster": env.get("VETD_CLUSTER"),
         "node": env.get("VETD_NODE"),
         "state_dir": env.get("VETD_STATE_DIR"),
+        "control_socket": env.get("VETD_CONTROL_SOCKET"),
     }
     section = msgspec.structs.replace(section, **{k: v for k, v in overrides.items() if v})
     if not section.node:
@@ -164,6 +255,8 @@ def load_agent_config(path: Path | str | None, environ: dict[str, str] | None = 
         section = msgspec.structs.replace(section, auth=msgspec.structs.replace(section.auth, username=section.node))
     if not 0 <= section.jitter <= 0.5:
         raise ConfigError(f"{source}: agent.jitter: must be between 0 and 0.5")
+    if not 0.1 <= config.hooks.deadline <= 60:
+        raise ConfigError(f"{where(source, text, 'hooks.deadline')}: must be between 100ms and 60s")
     if section.interval <= 0 or section.telemetry_interval <= 0:
         raise ConfigError(f"{source}: agent.interval: intervals must be > 0")
     return msgspec.structs.replace(config, agent=section, source=source, source_text=text)

@@ -140,7 +140,15 @@ def table(name: str, cls: type[msgspec.Struct], *, skip: Iterable[str] = ()) -> 
 
 def agent_sample() -> str:
     """The whole agent config: ``[agent]``, ``[commands]``, every loaded plugin's table, a ``[checks]`` example."""
-    from vetd.agent.config import AgentConfig, AgentSection, CheckOverride, CommandsSection
+    from vetd.agent.config import (
+        AgentConfig,
+        AgentSection,
+        CheckOverride,
+        CommandsSection,
+        HooksSection,
+        Requirement,
+        default_requirements,
+    )
     from vetd.agent.pluginhost import PluginHost
 
     tables = PluginHost(AgentConfig()).config_tables()
@@ -151,6 +159,16 @@ def agent_sample() -> str:
     ]
     lines += table("agent", AgentSection)
     lines += table("commands", CommandsSection)
+    lines += table("hooks", HooksSection, skip=("annotations",))
+    lines += ["", "# What each container annotation needs from the node, checked by `vetd-oci-hook` before the",
+              "# container starts. These four are the defaults: a table of the same name replaces one, a new",
+              "# name adds a hook (no code). Keys of a table:"]
+    for key, doc in field_docs(Requirement).items():
+        lines += [f"#   {line}" for line in textwrap.wrap(f"{key}: {doc}", 98)]
+    for name, requirement in default_requirements().items():
+        lines += ["", f"[hooks.annotations.{_key(name)}]"]
+        lines += [f"{_key(key)} = {toml_value(value)}" for key, value in msgspec.structs.asdict(requirement).items()
+                  if value]
     for name, struct in sorted(tables.items()):
         lines += table(f"plugins.{name}", struct)
     lines += ["", "# Per-check overrides, by check name (`vetd check --list`): "

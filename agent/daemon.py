@@ -24,6 +24,7 @@ import structlog
 
 from vetd.agent.checks import (
     Check,
+    CheckRun,
     CheckRunner,
     EventOutcome,
     EventSource,
@@ -35,6 +36,7 @@ from vetd.agent.checks import (
 )
 from vetd.agent.commands import Answer, Commands, describe
 from vetd.agent.config import AgentConfig, load_agent_config
+from vetd.agent.control import ControlHost, ControlServer, NodeState
 from vetd.agent.pluginhost import PluginError, PluginHost
 from vetd.agent.spool import Spool
 from vetd.agent.systemd import Notifier
@@ -130,6 +132,19 @@ class Agent:
             publish=lambda run, profile: self.emit_result(run.check, run.outcomes, run.started,
                                                           run.duration_s, profile),
         )
+        #: Latest verdicts, running jobs and containers: what the control socket reports.
+        self.state = NodeState()
+        self.control = ControlServer(ControlHost(
+            config=lambda: self.config,
+            checks=lambda: list(self.schedule.checks),
+            runner=self.runner,
+            state=self.state,
+            publish=lambda run, profile: self.emit_result(run.check, run.outcomes, run.started,
+                                                          run.duration_s, profile),
+            event=self.emit_event,
+            identity=lambda: (self.identity.cluster, self.identity.node, self.identity.session),
+            connected=self.transport.connected.is_set,
+        )) if config.agent.control_socket else None
 
     def _birth(self) -> State:
         return self.identity.state(
@@ -150,6 +165,8 @@ class Agent:
 
     def emit_result(self, check: Check, outcome_list: list[Outcome], started: float, duration: float,
                     profile: str = "periodic") -> None:
+        job_id = self.state.job_id()
+        self.state.record(CheckRun(check, outcome_list, started, duration), profile, job_id)
         for outcome in outcome_list:
             self.transport.send(
                 Result(
@@ -162,6 +179,7 @@ class Agent:
                     message=outcome.message,
                     duration_s=round(duration, 6),
                     profile=profile,
+                    job_id=job_id,
                 )
             )
 
@@ -183,6 +201,9 @@ class Agent:
                 watchdog = None
                 if self.notifier.watchdog_s:
                     watchdog = group.create_task(self._watchdog(), name="vetd.watchdog")
+                control = None
+                if self.control is not None:
+                    control = group.create_task(self.control.run_supervised(), name="vetd.control")
                 await self._main(group)
                 if await self.transport.publish_offline("agent stopped"):
                     log.info("offline_published")
@@ -191,6 +212,8 @@ class Agent:
                 transport.cancel()
                 if watchdog is not None:
                     watchdog.cancel()
+                if control is not None:
+                    control.cancel()
         finally:
             if signals:
                 release(loop)
@@ -302,8 +325,8 @@ class Agent:
                     name=f"vetd[{source.plugin}].telemetry.{source.name}",
                 )
 
-    def emit_event(self, event: EventOutcome) -> None:
-        """Publish an event now (call from the event loop)."""
+    def emit_event(self, event: EventOutcome, job_id: str | None = None) -> None:
+        """Publish an event now (call from the event loop); it carries ``job_id``, else the running job's."""
         self.transport.send(
             Event(
                 **self.identity.stamp(),
@@ -313,6 +336,7 @@ class Agent:
                 codes=list(event.codes),
                 metrics={k: float(v) for k, v in event.metrics.items() if math.isfinite(v)},
                 message=clip(event.message),
+                job_id=job_id or self.state.job_id(),
             )
         )
         log.warning("event", name=event.name, severity=event.severity, entity=event.entity,

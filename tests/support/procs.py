@@ -30,7 +30,9 @@ def vetd_argv(*args: str) -> list[str]:
 def vetd_env(**extra: str) -> dict[str, str]:
     # Commands unsigned unless a test gives keys (signing is required by default).
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "VETD_LOG_LEVEL": "debug", "VETD_STATE_DIR": STATE_DIR,
-           "VETD_ALLOW_UNSIGNED_COMMANDS": "1"}
+           "VETD_ALLOW_UNSIGNED_COMMANDS": "1",
+           # each agent its own control socket, never the machine's /run/vetd/agent.sock
+           "VETD_CONTROL_SOCKET": f"{STATE_DIR}/ctl-{uuid.uuid4().hex[:8]}.sock"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TEST_PLUGINS), env.get("PYTHONPATH", "")]))
     env.update(extra)
     return env
