@@ -18,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.record import verify, write_results
 from vetd.core import protocol
 from vetd.core.protocol import Command, Event, Reply, Result, State, Telemetry
 
@@ -70,6 +71,9 @@ def main() -> None:
     parser.add_argument("--inputs", type=int, default=1_000_000)
     parser.add_argument("--seed", type=int, default=20261122)
     args = parser.parse_args()
+    for seed in SEEDS:  # the fuzzer is only as good as its seeds: each must decode as it was
+        verify(protocol.encode(protocol.decode(seed)) == seed,
+               "a seed message does not round-trip through the decoder")
     rng = random.Random(args.seed)
     crashes: list[tuple[int, bytes, str]] = []
     rejected = accepted = 0
@@ -88,7 +92,12 @@ def main() -> None:
           f"{rejected:,} rejected with ProtocolError, {accepted:,} accepted, {len(crashes)} crashes")
     for n, payload, error in crashes[:10]:
         print(f"  crash at input {n}: {error}: {payload[:80]!r}")
-    sys.exit(1 if crashes else 0)
+    verify(rejected + accepted + len(crashes) == args.inputs, "every input decoded or rejected")
+    verify(rejected > args.inputs // 2 and accepted > 0, f"the mutations reach both outcomes ({accepted:,} accepted)")
+    verify(not crashes, f"{len(crashes)} crashes (inputs other than ProtocolError)")
+    figures = {"inputs": args.inputs, "inputs_per_s": round(args.inputs / elapsed), "rejected": rejected,
+               "accepted": accepted, "crashes": len(crashes)}
+    print(f"written to {write_results('fuzz_decoder', figures, inputs=args.inputs, seed=args.seed)}")
 
 
 if __name__ == "__main__":

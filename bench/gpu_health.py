@@ -13,16 +13,19 @@
 from __future__ import annotations
 
 import argparse
+import sqlite3
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import contextlib
 
+from bench.record import verify, write_results
 from tests.support.procs import VetdProcess, vetd_env
 from tests.support.services import Mosquitto
 from tests.support.wait import wait_for
@@ -35,7 +38,7 @@ from vetd.plugins.gpu_health.replay import ScenarioSource
 RULES = Path(__file__).resolve().parents[1] / "packaging" / "rules" / "default.yaml"
 
 
-def logic_cost(samples: int) -> None:
+def logic_cost(samples: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "s.yaml"
         path.write_text("gpus: 8\ntimeline:\n  - {at: 0s, gpu: 3, set: {ecc_volatile_dram_correctable: 5}}\n")
@@ -46,16 +49,20 @@ def logic_cost(samples: int) -> None:
             t0 = time.process_time()
             snapshot = source.snapshot()
             t1 = time.process_time()
-            evaluator.health(snapshot, 8)
+            verdict = evaluator.health(snapshot, 8)
             t2 = time.process_time()
             snap_cpu.append(t1 - t0)
             eval_cpu.append(t2 - t1)
+    verify(len(snapshot.gpus) == 8, f"the scenario gave {len(snapshot.gpus)} GPUs, not 8")
+    verify(len(verdict) > 8, f"{len(verdict)} outcomes: not the count and one per GPU")
     total = [a + b for a, b in zip(snap_cpu, eval_cpu, strict=True)]
     print(f"8-GPU health sample, scenario source, {samples} samples (CPU time):")
     print(f"  snapshot  median {1e3 * statistics.median(snap_cpu):.3f} ms")
     print(f"  verdicts  median {1e3 * statistics.median(eval_cpu):.3f} ms")
     print(f"  total     median {1e3 * statistics.median(total):.3f} ms, "
           f"p99 {1e3 * sorted(total)[int(0.99 * len(total))]:.3f} ms (target <= 2 ms)")
+    return {"sample_cpu_ms_median": round(1e3 * statistics.median(total), 3),
+            "sample_cpu_ms_p99": round(1e3 * sorted(total)[int(0.99 * len(total))], 3)}
 
 
 def nvml_cost(samples: int) -> None:
@@ -130,7 +137,7 @@ def nvml_sim_cost(samples: int) -> None:
     print(f"  about {1e6 * statistics.median(per_call):.1f} us per call once the scenario's own cost is taken off")
 
 
-def xid_latency(count: int) -> None:
+def xid_latency(count: int) -> dict[str, Any]:
     """XIDs through a real agent, Mosquitto and controller: event latency, and
     how soon the gpu_health verdict that an XID wakes (EventSource.recheck) follows."""
     xids = [13, 31, 43, 45, 94, 92, 63, 68]
@@ -158,6 +165,8 @@ def xid_latency(count: int) -> None:
             try:
                 return store.db.execute(f"SELECT ts, received_at, codes FROM history WHERE {where} ORDER BY ts"
                                         ).fetchall()
+            except sqlite3.OperationalError:  # the controller has not created its tables yet
+                return []
             finally:
                 store.close()
 
@@ -170,6 +179,8 @@ def xid_latency(count: int) -> None:
             agent.stop()
             controller.stop()
             broker.stop()
+    verify(len(events) == count, f"{len(events)} XID events stored of {count}")
+    verify(sum("xid_79" in codes for _, _, codes in events) == 1, "the XID 79 stored once")
     values = sorted(received - ts for ts, received, _ in events)
     print(f"XID published -> stored by the controller, {len(values)} events through Mosquitto:")
     print(f"  median {1e3 * statistics.median(values):.1f} ms, p99 {1e3 * values[int(0.99 * (len(values) - 1))]:.1f} ms, "
@@ -177,10 +188,16 @@ def xid_latency(count: int) -> None:
     fatal = next(ts for ts, _, codes in events if "xid_79" in codes)
     missing = next((received for ts, received, codes in verdicts if ts >= fatal and "gpu_missing" in codes), None)
     during = [ts for ts, _, _ in verdicts if fatal <= ts <= fatal + storm_s + 2.0]
+    verify(missing is not None, "the XID 79 woke no gpu_health verdict with gpu_missing")
+    verify(0 < len(during) <= storm_s / RECHECK_SPACING_S + 2, f"{len(during)} runs woken in {storm_s:.1f} s")
     print("XID 79 -> gpu_health verdict (gpu_missing) stored, interval 1 h: "
           + ("never" if missing is None else f"{1e3 * (missing - fatal):.0f} ms"))
     print(f"  gpu_health runs woken during the {count - 1} warning XIDs over {storm_s:.1f} s: {len(during)} "
           f"(at most one per {RECHECK_SPACING_S:g} s)")
+    assert missing is not None
+    return {"xid_stored_ms_median": round(1e3 * statistics.median(values), 1),
+            "xid_stored_ms_p99": round(1e3 * values[int(0.99 * (len(values) - 1))], 1),
+            "xid79_to_verdict_ms": round(1e3 * (missing - fatal)), "runs_woken_in_storm": len(during)}
 
 
 def main() -> None:
@@ -192,14 +209,14 @@ def main() -> None:
                         help="also time the NVML code path over the simulated libnvidia-ml (no GPU needed)")
     parser.add_argument("--no-xid", action="store_true", help="skip the XID latency run (needs mosquitto)")
     args = parser.parse_args()
-    logic_cost(args.samples)
+    figures = logic_cost(args.samples)
     if args.nvml_sim:
         nvml_sim_cost(max(20, args.samples // 20))
     if args.nvml:
         nvml_cost(args.samples)
-    if args.no_xid:
-        return
-    xid_latency(args.xids)
+    if not args.no_xid:
+        figures |= xid_latency(args.xids)
+    print(f"written to {write_results('gpu_health', figures, samples=args.samples, xids=0 if args.no_xid else args.xids)}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import json
 import re
-import shutil
 import socket
 import threading
 import time
@@ -18,7 +17,7 @@ import pytest
 
 from tests.controller.test_end_to_end import RULES, AlertReceiver, receiver, start_controller, vetd_json  # noqa: F401
 from tests.support.procs import publish_raw, run_vetd
-from tests.support.services import Mosquitto, Slurm
+from tests.support.services import Mosquitto, Slurm, flaky_scontrol
 from tests.support.wait import wait_for
 from vetd.controller import actions
 from vetd.controller.config import ControllerConfig, SchedulerSection, StoreSection
@@ -26,29 +25,6 @@ from vetd.controller.service import Controller
 from vetd.core import protocol
 from vetd.core.configfile import Duration
 from vetd.core.protocol import Result
-
-
-def flaky_scontrol(tmp_path: Path, fail_first: int = 0, lose_first_drain: bool = False) -> Path:
-    """A stand-in for a flaky slurmctld, seen through scontrol: the first ``fail_first`` calls, and every
-    call while ``down`` exists, fail as when slurmctld cannot be reached; with ``lose_first_drain`` the
-    first drain is acknowledged and not applied. Everything else is the real scontrol; calls go to ``argv``."""
-    folder = tmp_path / "scontrol"
-    folder.mkdir()
-    script = folder / "scontrol"
-    script.write_text(f"""#!/bin/sh
-d={folder}
-n=$(($(cat $d/calls 2>/dev/null || echo 0) + 1)); echo $n > $d/calls
-echo "$*" >> $d/argv
-if [ -e $d/down ] || [ $n -le {fail_first} ]; then
-    echo "slurm_load_node error: Unable to contact slurm controller (connect failure)" >&2; exit 1
-fi
-case "$*" in *State=DRAIN*)
-    if [ {int(lose_first_drain)} = 1 ] && [ ! -e $d/lost ]; then touch $d/lost; exit 0; fi;;
-esac
-exec {shutil.which("scontrol")} "$@"
-""")
-    script.chmod(0o755)
-    return folder
 
 
 def config(tmp_path: Path, cluster: str, scontrol: Path, *, alert_url: str = "", extra: str = "",
@@ -192,6 +168,91 @@ def blackhole() -> Iterator[Blackhole]:
     server.close()
 
 
+def test_an_scontrol_that_hangs_is_a_failed_attempt_and_holds_up_no_other_drain(
+    tmp_path: Path, mosquitto: Mosquitto, slurm: Slurm, cluster_name: str
+) -> None:
+    """slurmctld accepts nid002's calls and never answers: each is killed at [scheduler] timeout and
+    counts as a failed attempt, retried; nid003's drain meanwhile goes through at once."""
+    scontrol = flaky_scontrol(tmp_path)
+    (scontrol / "hang").write_text("nid002")
+    path = config(tmp_path, cluster_name, scontrol, extra='timeout = "8s"\n')
+    controller = start_controller(tmp_path, path, mosquitto, {"SLURM_CONF": str(slurm.conf)})
+
+    def pending() -> dict[str, object]:
+        return vetd_json("node", "nid002", "--config", str(path), "--json")["pending"] or {}
+
+    try:
+        drain("nid002", path)
+        wait_for(lambda: "nid002" in (scontrol / "argv").read_text(), 10, "nid002's first scontrol call hanging")
+        hung = time.monotonic()
+        drain("nid003", path)
+        wait_for(lambda: drained(slurm, "nid003"), 20, "nid003 drained")
+        assert time.monotonic() - hung < 5, "nid003's drain waited behind nid002's hung scontrol"
+        assert not drained(slurm, "nid002")
+        failed = wait_for(lambda: (p := pending()).get("attempts", 0) >= 1 and p, 20, "a timed-out attempt")
+        assert "did not finish within 8s" in str(failed["last_error"]), failed
+        (scontrol / "hang").unlink()
+        wait_for(lambda: drained(slurm, "nid002"), 30, "nid002 drained once slurmctld answers")
+        (audit,) = wait_for(lambda: [a for a in vetd_json("node", "nid002", "--config", str(path), "--json")["audit"]
+                                     if a["action"] == "drain" and a["outcome"] == "done"], 10, "the drain audited")
+        assert re.search(r"\(after [2-9] attempts\)", audit["detail"]), audit
+    finally:
+        controller.stop()
+        slurm.resume("nid002"), slurm.resume("nid003")
+
+
+REBOOT_LADDER = """\
+rules:
+  - name: host-failed
+    when: result.check == "host_env" && result.status == "fail"
+    actions: [drain, heal]
+    heal: [reboot]
+"""
+
+
+@pytest.mark.parametrize(("switch", "why"), [
+    ("refuse", "reboot (step 1/1): scontrol reboot: scontrol_reboot_nodes error: Invalid node state specified"),
+    ("hang", "reboot (step 1/1): scontrol reboot: "),
+])
+def test_a_reboot_that_slurm_refuses_or_never_answers_fails_its_healing_step(
+    tmp_path: Path, slurm: Slurm, monkeypatch: pytest.MonkeyPatch, switch: str, why: str
+) -> None:
+    """The ladder's reboot step through a failing or hanging ``scontrol reboot``: the step fails with
+    scontrol's reason in the audit, the ladder moves on (here: exhausted, so the node is failed)."""
+    scontrol = flaky_scontrol(tmp_path)
+    (scontrol / switch).write_text("reboot")
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(REBOOT_LADDER)
+    controller = in_process(tmp_path, scontrol, slurm, monkeypatch, rules=[str(rules)], timeout=1.0)
+    store = controller.store
+    now = time.time()
+    try:
+        for message in (protocol.State(cluster="alps", node="nid004", session="s", seq=0, ts=now, online=True,
+                                       started=now),
+                        Result(cluster="alps", node="nid004", session="s", seq=1, ts=now, check="host_env",
+                               status="fail", message="LD_PRELOAD set")):
+            controller.executor.enqueue(controller.process([(protocol.topic_for(message), protocol.encode(message))]))
+
+        async def ladder() -> None:
+            for _ in range(3):  # the drain; the reboot (decided by a tick); the next tick: the ladder exhausted
+                await controller.executor.carry_out_queued()
+                controller.heal_tick()
+
+        asyncio.run(ladder())
+        trail = list(reversed(store.audit_log("alps", "nid004")))
+        steps = [(a["action"], a["outcome"]) for a in trail if a["action"] != "rule_fired"]
+        assert steps == [("drain", "done"), ("heal_start", ""), ("heal_command", "failed"), ("heal_step", "failed"),
+                         ("mark_failed", "failed")], trail
+        (step,) = [a for a in trail if a["action"] == "heal_step"]
+        assert step["detail"].startswith(why), step
+        if switch == "hang":
+            assert "did not finish within 1s" in step["detail"], step
+        assert controller.engine.node_state("alps", "nid004") == "failed"
+        assert "reboot" in (scontrol / "argv").read_text()
+    finally:
+        slurm.resume("nid004")
+
+
 def test_alerts_to_an_alertmanager_that_never_answers_do_not_delay_a_drain(
     tmp_path: Path, mosquitto: Mosquitto, slurm: Slurm, cluster_name: str, blackhole: Blackhole
 ) -> None:
@@ -217,11 +278,13 @@ def test_alerts_to_an_alertmanager_that_never_answers_do_not_delay_a_drain(
         slurm.resume("nid003")
 
 
-def in_process(tmp_path: Path, scontrol: Path, slurm: Slurm, monkeypatch: pytest.MonkeyPatch) -> Controller:
+def in_process(tmp_path: Path, scontrol: Path, slurm: Slurm, monkeypatch: pytest.MonkeyPatch,
+               rules: list[str] | None = None, timeout: float = 30.0) -> Controller:
     monkeypatch.setenv("SLURM_CONF", str(slurm.conf))
     return Controller(ControllerConfig(
         cluster="alps", allow_unsigned_commands=True, store=StoreSection(path=str(tmp_path / "c.db")),
-        scheduler=SchedulerSection(backend="slurm", scontrol=str(scontrol / "scontrol"),
+        rules=rules or [],
+        scheduler=SchedulerSection(backend="slurm", scontrol=str(scontrol / "scontrol"), timeout=Duration(timeout),
                                    retry_base=Duration(0.05), retry_max=Duration(0.1))))
 
 

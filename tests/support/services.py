@@ -205,6 +205,39 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         self.processes.clear()
 
 
+def flaky_scontrol(tmp_path: Path, fail_first: int = 0, lose_first_drain: bool = False) -> Path:
+    """A stand-in for a flaky slurmctld, seen through scontrol; returns its folder (``scontrol`` in it).
+
+    The first ``fail_first`` calls, and every call while the file ``down`` exists, fail as when
+    slurmctld cannot be reached; with ``lose_first_drain`` the first drain is acknowledged and not
+    applied. While the file ``hang`` exists, a call whose arguments contain its text never returns
+    (as against a slurmctld that accepts and never answers); while ``refuse`` exists, a call whose
+    arguments contain its text fails with the error slurmctld gives. Everything else is the real
+    scontrol; each call's arguments go to ``argv``.
+    """
+    folder = tmp_path / "scontrol"
+    folder.mkdir()
+    script = folder / "scontrol"
+    script.write_text(f"""#!/bin/sh
+d={folder}
+n=$(($(cat $d/calls 2>/dev/null || echo 0) + 1)); echo $n > $d/calls
+echo "$*" >> $d/argv
+if [ -e $d/down ] || [ $n -le {fail_first} ]; then
+    echo "slurm_load_node error: Unable to contact slurm controller (connect failure)" >&2; exit 1
+fi
+if [ -s $d/hang ]; then case "$*" in *"$(cat $d/hang)"*) exec sleep 3600;; esac; fi
+if [ -s $d/refuse ]; then case "$*" in *"$(cat $d/refuse)"*)
+    echo "scontrol_reboot_nodes error: Invalid node state specified" >&2; exit 1;; esac
+fi
+case "$*" in *State=DRAIN*)
+    if [ {int(lose_first_drain)} = 1 ] && [ ! -e $d/lost ]; then touch $d/lost; exit 0; fi;;
+esac
+exec {shutil.which("scontrol")} "$@"
+""")
+    script.chmod(0o755)
+    return folder
+
+
 REPO = Path(__file__).resolve().parents[2]
 
 
