@@ -33,6 +33,7 @@ from typing import Any, Protocol
 
 import structlog
 
+from vetd.controller.decisions import Alert
 from vetd.core import proc
 from vetd.core.protocol import Command, valid_name
 
@@ -258,6 +259,13 @@ def alert_payload(
     if ends_at is not None:
         alert["endsAt"] = iso(ends_at)
     return alert
+
+
+def resolved(alert: dict[str, Any], now: float) -> Alert:
+    """A firing alert, sent once more as ended at ``now``."""
+    labels = alert.get("labels", {})
+    return Alert(labels.get("cluster", ""), labels.get("node", ""), labels.get("alertname", ""),
+                 [{**alert, "endsAt": iso(now)}])
 
 
 class AlertSender:

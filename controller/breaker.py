@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import structlog
 
-from vetd.controller.actions import alert_payload
+from vetd.controller.actions import alert_payload, resolved
 from vetd.controller.config import BreakerSection
 from vetd.controller.decisions import Alert, Decisions
 from vetd.controller.fleet import Fleet
@@ -65,16 +65,21 @@ class Breaker:
             self.state.audit(node.cluster, node.name, "breaker_open", outcome="open", detail=why, now=now)
             log.error("breaker_open", partition=partition, reason=why)
             if self.alerting:
-                decisions.alerts.append(Alert(node.cluster, node.name, "vetd-circuit-breaker", [alert_payload(
+                payload = alert_payload(
                     rule="vetd-circuit-breaker", cluster=node.cluster, node=node.name, severity="critical",
                     summary=f"vetd stopped excluding nodes in partition {partition}",
                     description=f"{why}; nothing more is drained there until `vetd breaker reset`",
-                    starts_at=now, labels={"partition": partition})]))
+                    starts_at=now, labels={"partition": partition})
+                # Firing (re-sent) until an operator resets the breaker.
+                self.state.save_firing_alert(breaker_key(partition), node.cluster, node.name, payload, now)
+                decisions.alerts.append(Alert(node.cluster, node.name, "vetd-circuit-breaker", [payload]))
         return why
 
-    def reset(self, partition: str, actor: str, now: float) -> list[NodeRow]:
-        """Close the breaker; the nodes it held as ``suspect`` go back to healthy (returned)."""
+    def reset(self, partition: str, actor: str, now: float, decisions: Decisions) -> list[NodeRow]:
+        """Close the breaker (its alert resolved); the nodes it held as ``suspect`` go back to healthy (returned)."""
         self.state.set_breaker(partition, False, "reset by operator", now)
+        if (firing := self.state.end_firing_alert(breaker_key(partition), now)) is not None:
+            decisions.alerts.append(resolved(firing, now))
         self.state.audit("", "", "breaker_reset", actor=actor, detail=partition, now=now)
         released = []
         for node in self.state.nodes.values():
@@ -83,3 +88,8 @@ class Breaker:
                 self.state.save_node(node)
                 released.append(node)
         return released
+
+
+def breaker_key(partition: str) -> str:
+    """The firing-alert key of a partition's ``vetd-circuit-breaker``."""
+    return f"vetd-circuit-breaker|{partition}"

@@ -379,9 +379,10 @@ class Engine:
     def breaker_reset(self, partition: str, actor: str, now: float) -> Decisions:
         """Close a partition's breaker; the nodes it held as ``suspect`` go back to healthy
         and their rules may fire again (for those still failing)."""
-        for node in self.breaker.reset(partition, actor, now):
+        decisions = Decisions()
+        for node in self.breaker.reset(partition, actor, now, decisions):
             self.rule_states.forget(node)
-        return self._decided(Decisions())
+        return self._decided(decisions)
 
     def reload_rules(self) -> str:
         """Load the rule files again; on any error keep the rules in force and say why."""

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 import structlog
 
-from vetd.controller.actions import REASON_PREFIX, alert_payload, clean_reason
+from vetd.controller.actions import REASON_PREFIX, alert_payload, clean_reason, resolved
 from vetd.controller.breaker import OUT_OF_SERVICE, Breaker
 from vetd.controller.config import RepeatSection
 from vetd.controller.counters import Counters
@@ -90,16 +90,28 @@ class Lifecycle:
         self.counters.count("marked_failed")
         log.error("node_failed", node=node.name, reason=reason)
         if self.alerting:
-            decisions.alerts.append(Alert(node.cluster, node.name, "vetd-node-failed", [alert_payload(
+            payload = alert_payload(
                 rule="vetd-node-failed", cluster=node.cluster, node=node.name, severity="critical",
                 summary=f"{node.name} needs a person", description=reason, starts_at=now,
-                labels=node_labels(self.fleet.labels_of(node)))]))
+                labels=node_labels(self.fleet.labels_of(node)))
+            # Firing until the node is back in service: re-sent like a rule's alert, so an
+            # Alertmanager outage longer than the sender's retries cannot lose it.
+            self.state.save_firing_alert(failed_key(node), node.cluster, node.name, payload, now)
+            decisions.alerts.append(Alert(node.cluster, node.name, "vetd-node-failed", [payload]))
 
     def return_to_service(self, node: NodeRow, why: str, now: float, decisions: Decisions,
                           actor: str = "controller") -> None:
         node.state, node.reason, node.state_since = "healthy", "", now
         self.state.save_node(node)
+        if (firing := self.state.end_firing_alert(failed_key(node), now)) is not None:
+            decisions.alerts.append(resolved(firing, now))
         self.rule_states.forget(node)
         audit = self.state.audit(node.cluster, node.name, "resume", actor=actor, outcome="pending",
                                  detail=why, now=now)
         decisions.other.append(Resume(node.cluster, node.name, audit))
+
+
+def failed_key(node: NodeRow) -> str:
+    """The firing-alert key of a node's ``vetd-node-failed``."""
+    return f"vetd-node-failed|{node.cluster}|{node.name}"
+

@@ -252,6 +252,14 @@ class FleetState:
             self.firing_alerts[key] = payload
         self.changes.firing_alerts[key] = FiringAlert(cluster, node, payload, now)
 
+    def end_firing_alert(self, key: str, now: float) -> dict[str, Any] | None:
+        """Stop re-sending one of the controller's own alerts; the payload it had (None: it was not firing)."""
+        payload = self.firing_alerts.get(key)
+        if payload is not None:
+            labels = payload.get("labels", {})
+            self.save_firing_alert(key, labels.get("cluster", ""), labels.get("node", ""), None, now)
+        return payload
+
     # -- audit and the controller's drains ----------------------------------
 
     def audit(self, cluster: str, node: str, action: str, *, now: float, actor: str = "controller",

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
 
 from tests.controller.test_alerts import drain_actions, feed
 from tests.controller.test_end_to_end import start_controller, vetd_json
@@ -203,10 +202,6 @@ def test_alerts_raised_during_an_outage_longer_than_the_retries_arrive_through_t
         controller.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="product bug: vetd-node-failed is sent once and is not among the firing "
-                   "alerts the resend loop re-sends (Lifecycle.mark_failed; vetd-circuit-breaker is raised "
-                   "the same way), so one raised while Alertmanager is down longer than the sender's "
-                   "retries (~7.5 s) is lost")
 def test_a_node_failed_alert_raised_during_a_long_outage_arrives_through_the_resend_loop(
     tmp_path: Path, mosquitto: Mosquitto, own_alertmanager: Alertmanager, cluster_name: str
 ) -> None:

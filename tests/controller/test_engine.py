@@ -162,6 +162,34 @@ def test_the_breaker_opens_in_memory_and_an_operator_resets_it() -> None:
     assert reset.changes.nodes == {("alps", "nid001"): state.nodes[("alps", "nid001")]}
 
 
+def test_the_controllers_own_alerts_fire_until_resolved() -> None:
+    """vetd-circuit-breaker and vetd-node-failed are re-sent like rule alerts (an Alertmanager outage
+    longer than the sender's retries must not lose them) and resolved when their cause ends."""
+    state = FleetState()
+    eng = engine(state, breaker=BreakerSection(max_fraction=0.0, always_allow=1))
+    eng.process([(birth(f"nid00{i}"), None) for i in range(4)], now=1.0)
+    eng.process([(fail(1, "nid000"), 1)], now=101.0)
+    eng.process([(fail(1, "nid001"), 2)], now=102.0)
+    def own() -> list[str]:
+        return [a["labels"]["alertname"] for a in eng.firing_alerts.values() if a["labels"]["alertname"][:5] == "vetd-"]
+
+    assert own() == ["vetd-circuit-breaker"]
+    reset = eng.breaker_reset("gpu", "operator:ops", now=103.0)
+    assert own() == []
+    [ended] = [a for alert in reset.alerts for a in alert.alerts]
+    assert ended["labels"]["alertname"] == "vetd-circuit-breaker" and "endsAt" in ended
+    assert reset.changes.firing_alerts["vetd-circuit-breaker|gpu"].payload is None
+
+    node = state.nodes[("alps", "nid000")]
+    failed = Decisions()
+    eng.lifecycle.mark_failed(node, "vetd: healing exhausted", "rule", 1, 104.0, failed)
+    assert own() == ["vetd-node-failed"]
+    back = eng.operator_resume("alps", "nid000", "operator:ops", now=105.0)
+    assert own() == []
+    assert any(a["labels"]["alertname"] == "vetd-node-failed" and "endsAt" in a
+               for alert in back.alerts for a in alert.alerts)
+
+
 
 DEFAULT_RULES = Path(__file__).resolve().parents[2] / "controller" / "default_rules.yaml"
 H100 = "NVIDIA H100 80GB HBM3"
