@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-
 from tests.controller.test_alerts import drain_actions, feed
 from tests.controller.test_end_to_end import start_controller, vetd_json
 from tests.support.procs import VetdProcess, publish_raw
