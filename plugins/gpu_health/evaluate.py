@@ -92,6 +92,13 @@ def lost(gpu: GpuSnapshot) -> Outcome:
                    message=f"{_describe(gpu)} (index {gpu.index}) fell off the bus or is inaccessible: {why}")
 
 
+def denied(gpu: GpuSnapshot) -> Outcome:
+    """A GPU the driver counts but this agent may not open: not judged, and said so."""
+    return Outcome(status="skip", entity=gpu.entity, codes=["no_permission"],
+                   message=f"{_describe(gpu)} (index {gpu.index}): the driver lists it but denies this agent "
+                           "access (NVML_ERROR_NO_PERMISSION: cgroup or device permissions); not checked")
+
+
 class Evaluator:
     """Health and idle verdicts, with the history that rates need."""
 
@@ -105,14 +112,18 @@ class Evaluator:
 
     def count(self, snapshot: NodeSnapshot, expected: int | None) -> Outcome:
         listed = len(snapshot.gpus)
-        found = sum(not gpu.lost for gpu in snapshot.gpus)
+        denied_count = sum(gpu.no_permission for gpu in snapshot.gpus)
+        found = sum(not gpu.lost and not gpu.no_permission for gpu in snapshot.gpus)
         metrics: dict[str, float] = {"gpus_found": float(found)}
-        if found != listed:
-            metrics["gpus_lost"] = float(listed - found)
+        if found + denied_count != listed:
+            metrics["gpus_lost"] = float(listed - found - denied_count)
+        if denied_count:
+            metrics["gpus_no_permission"] = float(denied_count)
         findings: list[Finding] = []
         if expected is not None and expected >= 0:
             metrics["gpus_expected"] = float(expected)
-            if found < expected:
+            # A GPU this agent may not open is present (the driver counts it), only not ours to use.
+            if found + denied_count < expected:
                 findings.append(Finding("fail", "gpu_missing",
                                         f"{found} of {expected} expected GPUs usable through the driver"))
             elif found > expected:
@@ -127,7 +138,8 @@ class Evaluator:
                 if part.isdigit():
                     metrics[name] = float(part)
         driver = f"driver {snapshot.driver_version}" if snapshot.driver_version else "driver unknown"
-        return outcome("node", findings, metrics, f"{found} GPUs, {driver}")
+        others = f" (and {denied_count} this agent may not open)" if denied_count else ""
+        return outcome("node", findings, metrics, f"{found} GPUs{others}, {driver}")
 
     # -- per GPU health ----------------------------------------------------
 
@@ -136,6 +148,9 @@ class Evaluator:
         for gpu in snapshot.gpus:
             if gpu.lost:
                 outcomes.append(lost(gpu))
+                continue
+            if gpu.no_permission:
+                outcomes.append(denied(gpu))
                 continue
             key = gpu.uuid or gpu.pci_bus_id or gpu.entity
             previous = self._previous.get(key)
@@ -301,6 +316,9 @@ class Evaluator:
         for gpu in snapshot.gpus:
             if gpu.lost:
                 outcomes.append(lost(gpu))
+                continue
+            if gpu.no_permission:
+                outcomes.append(denied(gpu))
                 continue
             findings = []
             if gpu.temp_c is not None and gpu.temp_c >= self.config.idle_temp_max_c:

@@ -171,6 +171,12 @@ class NvmlSource:
             try:
                 handle = self.nvml.nvmlDeviceGetHandleByIndex(index)
             except self.nvml.NVMLError as exc:
+                if getattr(exc, "value", None) == self.nvml.NVML_ERROR_NO_PERMISSION:
+                    # Counted by the driver, denied to this process (cgroups, device
+                    # permissions): another tenant's GPU, not a lost one.
+                    known = self._known.get(index, _Known("", "", ""))
+                    return GpuSnapshot(index=index, uuid=known.uuid, pci_bus_id=known.pci_bus_id, name=known.name,
+                                       no_permission=True)
                 # No handle, no GPU to use: lost, with the driver's reason.
                 raise _Lost(f"nvmlDeviceGetHandleByIndex: {exc}") from exc
             gpu = self._gpu(index, handle, get)

@@ -17,6 +17,8 @@ How the simulated driver behaves, as the real one does:
 * A GPU that vanishes from the scenario stays counted by
   ``nvmlDeviceGetCount_v2`` and answers ``NVML_ERROR_GPU_IS_LOST`` (fallen off
   the bus), including to ``nvmlDeviceGetHandleByIndex_v2``.
+* A GPU with ``no_permission`` is counted, and its handle answers
+  ``NVML_ERROR_NO_PERMISSION`` (an agent confined by cgroup device rules).
 * A scenario ``hang`` blocks whichever call comes next, forever.
 * The scenario's XIDs and other GPU events arrive through
   ``nvmlEventSetWait_v2``, for the event types registered.
@@ -247,8 +249,11 @@ class SimulatedNvml:
         if position >= len(slots):
             raise _Fail("INVALID_ARGUMENT")
         gpu = slots[position]
-        if all(g.index != gpu for g in self.state().gpus):
+        present = next((g for g in self.state().gpus if g.index == gpu), None)
+        if present is None:
             raise _Fail("GPU_IS_LOST")
+        if present.no_permission:  # counted, but this process may not open it (cgroup device rules)
+            raise _Fail("NO_PERMISSION")
         _set_pointer(ref, _HANDLE_BASE + gpu)
 
     # -- identity --------------------------------------------------------------

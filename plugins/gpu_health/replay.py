@@ -20,6 +20,7 @@ Scenario format (YAML)::
       - {at: 8s, gpu: 7, vanish: true}   # fell off the bus
       - {at: 10s, gpu: 2, nvml_error: {nvmlDeviceGetPowerUsage: UNKNOWN}}   # --through-nvml only
       - {at: 12s, hang: true}            # the driver stops answering
+      - {at: 0s, gpu: 1, set: {no_permission: true}}   # counted, but denied to this agent (cgroups)
 
 ``set`` keys are :class:`~vetd.plugins.gpu_health.model.GpuSnapshot` field names;
 ``event`` names are :data:`~vetd.plugins.gpu_health.model.GPU_EVENTS` keys (a
@@ -201,6 +202,9 @@ class ScenarioSource:
                 links = [msgspec.structs.replace(link, up=False) if link.link in step.nvlink_down else link
                          for link in gpus[step.gpu].nvlinks or []]
                 gpus[step.gpu] = msgspec.structs.replace(gpus[step.gpu], nvlinks=links)
+        for index, gpu in gpus.items():
+            if gpu.no_permission:  # nothing about it can be read, as through NVML
+                gpus[index] = GpuSnapshot(index=index, no_permission=True)
         return NodeSnapshot(
             source=self.name,
             taken=self.started_wall + now,
