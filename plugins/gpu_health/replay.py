@@ -9,6 +9,8 @@ Scenario format (YAML)::
 
     gpus: 8                          # GPUs 0..7, healthy H100-like baseline
     driver: "550.54.15"
+    driver_ready_at: 3s              # nvmlInit fails (DRIVER_NOT_LOADED) until then
+    devices: /tmp/node1-dev          # the simulated /dev: `vetd nvml-sim reset` refuses while NVML is held
     expected_gpus: 8                 # what sysfs would list (default: gpus)
     base: {name: NVIDIA H100 80GB HBM3, temp_c: 28}   # overrides for every GPU
     timeline:
@@ -35,6 +37,8 @@ evaluates the state at the end of the timeline unless told ``--at``.
 
 from __future__ import annotations
 
+import hashlib
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -91,6 +95,12 @@ class Scenario(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     driver: str = "550.54.15"
     cuda: str = "12.4"
     expected_gpus: int | None = None
+    #: The driver loads this long after the source starts: until then nvmlInit
+    #: answers DRIVER_NOT_LOADED (and a direct scenario has no state).
+    driver_ready_at: Duration | None = None
+    #: The folder standing for ``/dev`` (``nvidiaN``, locked while NVML is held;
+    #: ``vetd nvml-sim reset`` refuses then). Default: one per scenario file in the temp folder.
+    devices: str = ""
     base: dict[str, Any] = {}
     timeline: list[Step] = []
 
@@ -169,6 +179,7 @@ class ScenarioSource:
 
     def __init__(self, path: str, at: float | None = None) -> None:
         self.name = f"scenario:{path}"
+        self.path = Path(path)
         try:
             self.scenario = load_scenario(path)
         except ScenarioError as exc:
@@ -182,8 +193,21 @@ class ScenarioSource:
     def elapsed(self) -> float:
         return self.at if self.at is not None else time.monotonic() - self.started
 
+    def driver_ready(self) -> bool:
+        ready = self.scenario.driver_ready_at
+        return ready is None or self.elapsed() >= ready
+
+    def devices(self) -> Path:
+        """The simulated ``/dev`` of this scenario's node (:func:`~vetd.plugins.gpu_health.nvmlsim.reset_stand_in`)."""
+        if self.scenario.devices:
+            return Path(self.scenario.devices)
+        key = hashlib.sha256(str(self.path.resolve()).encode()).hexdigest()[:16]
+        return Path(tempfile.gettempdir()) / "vetd-nvmlsim" / key
+
     def snapshot(self) -> NodeSnapshot:
         now = self.elapsed()
+        if not self.driver_ready():
+            raise SourceUnavailable("the GPU driver has not loaded yet (scenario driver_ready_at)")
         steps = [step for step in self.scenario.timeline if step.at <= now]
         if any(step.hang for step in steps):
             self._hung.wait()  # never set: the driver is gone
