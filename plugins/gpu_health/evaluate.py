@@ -99,6 +99,46 @@ def denied(gpu: GpuSnapshot) -> Outcome:
                            "access (NVML_ERROR_NO_PERMISSION: cgroup or device permissions); not checked")
 
 
+def unchecked(gpu: GpuSnapshot, *, idle: bool = False) -> list[tuple[str, str]]:
+    """The checks this GPU's driver gave nothing to run on: (code, what), never a silent pass.
+
+    ``mig_enabled``: MIG mode is on, and NVML answers NOT_SUPPORTED per device
+    handle for volatile ECC, remapped rows and processes. ``unsupported:NAME``:
+    the driver or GPU does not report what the check reads (driver 550 has no
+    reset-status fields 226/227 and no recovery action 230; 570+ deprecates
+    226/227 for 230, so either suffices for ``reset_status``).
+    """
+    found = []
+    if gpu.mig_enabled:
+        found.append(("mig_enabled", "MIG mode is on"))
+    if idle:
+        if gpu.processes is None:
+            found.append(("unsupported:processes", "stray processes (no process list)"))
+        return found
+    if gpu.mig_enabled and gpu.volatile_uncorrectable is None:
+        found.append(("unsupported:ecc_volatile", "double-bit ECC (no volatile ECC counts)"))
+    if gpu.mig_enabled and gpu.remapped_rows_pending is None:
+        found.append(("unsupported:row_remap", "row remapping (no remapped rows)"))
+    if gpu.recovery_action is None:
+        if gpu.reset_required is None and gpu.drain_and_reset_recommended is None:
+            found.append(("unsupported:reset_status", "the driver's reset verdict (no NVML fields 226/227)"))
+        found.append(("unsupported:recovery_action", "the driver's recovery action (no NVML field 230)"))
+    if gpu.temp_slowdown_c is None:
+        found.append(("unsupported:thermal", "temperature margin (no slowdown threshold)"))
+    return found
+
+
+def with_unchecked(result: Outcome, missing: list[tuple[str, str]]) -> Outcome:
+    """``result`` with the checks that could not run named in its codes and message; its status unchanged."""
+    if not missing:
+        return result
+    codes = [*result.codes, *(code for code, _ in missing if code not in result.codes)]
+    message = f"{result.message}; not checked: {', '.join(what for code, what in missing if code != 'mig_enabled')}"
+    if any(code == "mig_enabled" for code, _ in missing):
+        message += " (MIG mode on)"
+    return Outcome(status=result.status, entity=result.entity, codes=codes, metrics=result.metrics, message=message)
+
+
 class Evaluator:
     """Health and idle verdicts, with the history that rates need."""
 
@@ -166,8 +206,8 @@ class Evaluator:
                 *self._persistence(gpu),
             ]
             self._previous[key] = (snapshot.taken, gpu)
-            outcomes.append(outcome(gpu.entity, findings, gpu_metrics(gpu),
-                                    f"{_describe(gpu)} healthy"))
+            outcomes.append(with_unchecked(outcome(gpu.entity, findings, gpu_metrics(gpu), f"{_describe(gpu)} healthy"),
+                                           unchecked(gpu)))
         return outcomes
 
     def _queries(self, gpu: GpuSnapshot) -> list[Finding]:
@@ -336,5 +376,6 @@ class Evaluator:
             metrics = {k: v for k, v in gpu_metrics(gpu).items()
                        if k in ("temp_c", "memory_used_mib", "memory_total_mib", "utilization_pct")}
             metrics["compute_processes"] = float(len(compute))
-            outcomes.append(outcome(gpu.entity, findings, metrics, f"{_describe(gpu)} idle"))
+            outcomes.append(with_unchecked(outcome(gpu.entity, findings, metrics, f"{_describe(gpu)} idle"),
+                                           unchecked(gpu, idle=True)))
         return outcomes

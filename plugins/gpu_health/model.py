@@ -99,6 +99,9 @@ class GpuSnapshot(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     utilization_pct: float | None = None
     persistence_mode: bool | None = None
     processes: list[GpuProcess] | None = None
+    #: MIG mode (current). On, the per-GPU handle reports no volatile ECC, no
+    #: remapped rows and no processes (NVML: NOT_SUPPORTED): those checks cannot run.
+    mig_enabled: bool | None = None
     #: The driver answers GPU_IS_LOST: fallen off the bus or otherwise inaccessible.
     #: Only index, uuid, pci_bus_id and name (as last seen) are then known.
     lost: bool = False

@@ -127,6 +127,7 @@ class _Known(msgspec.Struct, frozen=True):
 
 class _Fixed(msgspec.Struct, frozen=True):
     uuid: str
+    mig_enabled: bool | None
     clock_sm_max_mhz: float | None
     temp_slowdown_c: float | None
     temp_shutdown_c: float | None
@@ -209,6 +210,7 @@ class NvmlSource:
         finally:
             try:
                 if shut:
+                    self._fixed.clear()  # a reset applies a pending MIG mode
                     self._init()
             finally:
                 with self._use:
@@ -358,6 +360,7 @@ class NvmlSource:
             else memory.reserved / 2**20,
             utilization_pct=None if util is None else float(util.gpu),
             persistence_mode=None if persistence is None else bool(persistence),
+            mig_enabled=fixed.mig_enabled,
             processes=None if procs is None else [
                 GpuProcess(pid=p.pid, type="C", name=_process_name(p.pid) if self._process_names else "",
                            used_memory_mib=None if p.usedGpuMemory is None else p.usedGpuMemory / 2**20)
@@ -393,8 +396,10 @@ class NvmlSource:
             return known
         n = self.nvml
         errors = len(get.errors)
+        mig = get(n.nvmlDeviceGetMigMode, handle)  # (current, pending): a change applies at a reset
         fixed = _Fixed(
             uuid=uuid,
+            mig_enabled=None if mig is None else bool(mig[0]),
             clock_sm_max_mhz=_float(get(n.nvmlDeviceGetMaxClockInfo, handle, n.NVML_CLOCK_SM)),
             temp_slowdown_c=_float(get(n.nvmlDeviceGetTemperatureThreshold, handle,
                                        n.NVML_TEMPERATURE_THRESHOLD_SLOWDOWN)),

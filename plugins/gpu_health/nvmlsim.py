@@ -492,6 +492,11 @@ class SimulatedNvml:
         have.value = len(processes)
         return int(self.n.NVML_SUCCESS)
 
+    def _c_nvmlDeviceGetMigMode(self, handle: Any, current: Any, pending: Any) -> None:
+        enabled = int(_need(self._gpu(handle).mig_enabled))
+        _out(current).value = enabled
+        _out(pending).value = enabled
+
     # -- PCIe and NVLink ---------------------------------------------------------
 
     def _c_nvmlDeviceGetCurrPcieLinkGeneration(self, handle: Any, ref: Any) -> None:

@@ -237,7 +237,7 @@ class GpuRuntime:
         agent start) is waited for with back-off, not given up on."""
         from vetd.plugins.gpu_health.nvml import DriverNotReady
 
-        backoff = Backoff(base=1.0, cap=60.0)
+        backoff = Backoff(base=0.5, cap=30.0)
         while not stop.is_set():
             try:
                 source = self.source()

@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from tests.plugins.gpu_health.test_nvml import through_nvml, write
@@ -27,7 +28,8 @@ from vetd.core.protocol import Command
 from vetd.plugins import gpu_health
 from vetd.plugins.gpu_health.config import GpuHealthConfig
 from vetd.plugins.gpu_health.evaluate import Evaluator
-from vetd.plugins.gpu_health.replay import ScenarioSource
+from vetd.plugins.gpu_health.model import NodeSnapshot
+from vetd.plugins.gpu_health.replay import CaptureSource, ScenarioSource
 from vetd.plugins.gpu_health.runtime import GpuRuntime
 
 pynvml = pytest.importorskip("pynvml")
@@ -139,11 +141,14 @@ def test_a_driver_that_loads_after_the_agent_is_waited_for(tmp_path: Path) -> No
     scenario = write(tmp_path, """
 gpus: 2
 driver_ready_at: 1.5s
-timeline:
+timeline:   # an event while no set is open is gone, as on a driver: one of these arrives after the retries
   - {at: 3s, gpu: 1, xid: 31}
+  - {at: 6s, gpu: 1, xid: 31}
+  - {at: 9s, gpu: 1, xid: 31}
+  - {at: 12s, gpu: 1, xid: 31}
 """)
     runtime = GpuRuntime(GpuHealthConfig(source="scenario", scenario=scenario, through_nvml=True))
-    seen = watch(runtime, 1)
+    seen = watch(runtime, 1, timeout=20)
     assert [(e.entity, e.codes[0]) for e in seen] == [("pci:0000:28:00", "xid_31")]
 
 
@@ -163,3 +168,49 @@ timeline:
         ("xid", "pci:0000:38:00", "xid_13"),
         ("gpu_event", "pci:0000:28:00", "fatal_poison"),
     ]
+
+
+def test_mig_mode_names_the_checks_it_stops_rather_than_passing_them(tmp_path: Path) -> None:
+    """Under MIG, volatile ECC, remapped rows and processes are NOT_SUPPORTED per device handle."""
+    source = ScenarioSource(write(tmp_path, """
+gpus: 2
+timeline:
+  - {at: 0s, gpu: 1, set: {mig_enabled: true, ecc_volatile_dram_uncorrectable: 4}}
+"""), at=1)
+    snapshot = through_nvml(source).snapshot()
+    mig = snapshot.gpus[1]
+    assert (mig.mig_enabled, mig.volatile_uncorrectable, mig.remapped_rows_pending, mig.processes) == (
+        True, None, None, None)
+    assert snapshot.gpus[0].mig_enabled is False
+    got = verdicts(source)
+    assert got[1] == ("gpu0", "pass", [])
+    assert got[2] == ("gpu1", "pass", ["mig_enabled", "unsupported:ecc_volatile", "unsupported:row_remap"])
+    idle = Evaluator(GpuHealthConfig()).idle(snapshot)[1]
+    assert (idle.status, idle.codes) == ("pass", ["mig_enabled", "unsupported:processes"])
+    assert "not checked: stray processes" in idle.message
+
+
+@pytest.mark.parametrize(("driver", "missing"), [
+    ("550.54.15", ["unsupported:reset_status", "unsupported:recovery_action"]),
+    ("560.35.03", ["unsupported:recovery_action"]),
+    ("570.86.15", []),
+    ("580.95.05", []),
+])
+def test_a_result_says_which_driver_verdicts_its_driver_cannot_give(
+    driver: str, missing: list[str], tmp_path: Path
+) -> None:
+    """550 has neither reset field (226/227) nor the recovery action (230); 570+ has 230 (226/227 deprecated)."""
+    source = ScenarioSource(write(tmp_path, f'gpus: 1\ndriver: "{driver}"\n'), at=0)
+    gpu = through_nvml(source).snapshot().gpus[0]
+    assert (gpu.reset_required is None, gpu.recovery_action is None) == (driver < "555", driver < "570")
+    assert verdicts(source)[1] == ("gpu0", "pass", missing)
+
+
+def test_thresholds_printed_relative_to_tlimit_still_drive_the_thermal_check() -> None:
+    """nvidia-smi 580 prints an H200's thresholds relative to T.Limit only; the driver said 89/95 °C."""
+    capture = Path(__file__).resolve().parents[2] / "data" / "nvidia-smi" / "h200.xml"
+    gpu = through_nvml(CaptureSource(str(capture))).snapshot().gpus[0]
+    assert (gpu.temp_slowdown_c, gpu.temp_shutdown_c) == (89.0, 95.0)
+    hot = msgspec.structs.replace(gpu, temp_c=86.0)
+    assert "temp_high" in Evaluator(GpuHealthConfig()).health(
+        NodeSnapshot(source="t", taken=0, gpus=[hot]), 1)[1].codes
