@@ -68,7 +68,7 @@ def agent_commands(tmp_path: Path, scenario: str, section: CommandsSection) -> t
         f'[plugins.gpu_health]\nsource = "scenario"\nscenario = "{scenario}"\nthrough_nvml = true\n')
     host = PluginHost(load_agent_config(tmp_path / "agent.toml", environ={}))
     checks = list(host.register_checks())
-    runtime = next(iter(gpu_health._runtimes.values()))
+    runtime = gpu_health.runtime_for(host.configs)  # the one the agent's checks and commands share
     return Commands(lambda: section, lambda: host, lambda: checks, lambda _run, _profile: None), runtime
 
 
