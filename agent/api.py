@@ -26,6 +26,7 @@ from vetd.agent.checks import (
 from vetd.agent.commands import AgentCommand, Answer, CommandContext, CommandRegistry, fill
 from vetd.core.configfile import Duration, dec_hook
 from vetd.core.hookspecs import hookimpl
+from vetd.core.mqtt import Backoff
 from vetd.core.proc import Finished, ProcError, ProcTimeout
 from vetd.core.proc import run as run_process
 from vetd.core.protocol import Status
@@ -33,6 +34,7 @@ from vetd.core.protocol import Status
 __all__ = [
     "AgentCommand",
     "Answer",
+    "Backoff",
     "Check",
     "CheckRegistry",
     "CommandContext",

@@ -99,19 +99,35 @@ def vetd_register_event_sources(registry: EventSourceRegistry, configs: PluginCo
 
 
 @hookimpl
-def vetd_register_commands(registry: CommandRegistry) -> None:
-    registry.add(AgentCommand("gpu_reset", reset_gpu, description="reset one GPU (gpu=INDEX) or every GPU "
+def vetd_register_commands(registry: CommandRegistry, configs: PluginConfigs) -> None:
+    runtime = runtime_for(configs)
+
+    async def gpu_reset(args: Mapping[str, str], context: CommandContext) -> Answer:
+        return await reset_gpu(args, context, runtime)
+
+    registry.add(AgentCommand("gpu_reset", gpu_reset, description="reset one GPU (gpu=INDEX) or every GPU "
                               "(gpu=all) with [commands] gpu_reset / gpu_reset_all"))
 
 
-async def reset_gpu(args: Mapping[str, str], context: CommandContext) -> Answer:
-    """``[commands] gpu_reset`` (``nvidia-smi -r -i {gpu}``) for one GPU, ``gpu_reset_all`` for ``all``."""
+async def reset_gpu(args: Mapping[str, str], context: CommandContext, runtime: GpuRuntime | None = None) -> Answer:
+    """``[commands] gpu_reset`` (``nvidia-smi -r -i {gpu}``) for one GPU, ``gpu_reset_all`` for ``all``.
+
+    The driver refuses a reset while any process holds NVML, this agent
+    included: NVML is released (event set freed, ``nvmlShutdown``) while the
+    command runs, and opened again after it.
+    """
     gpu = args.get("gpu", "all")
     if gpu == "all":
-        return await context.run(context.config.gpu_reset_all)
-    if not gpu.isdigit():
+        argv = list(context.config.gpu_reset_all)
+    elif not gpu.isdigit():
         return Answer(False, f"refused: gpu must be an index or 'all', not {gpu!r}", {})
-    return await context.run(fill(context.config.gpu_reset, gpu=gpu))
+    else:
+        argv = fill(context.config.gpu_reset, gpu=gpu)
+    if runtime is None:
+        return await context.run(argv)
+    async with runtime.nvml_released() as released:
+        answer = await context.run(argv)
+    return Answer(answer.ok, answer.message, {**answer.data, "nvml": released})
 
 
 @hookimpl
@@ -158,6 +174,27 @@ def vetd_cli_commands(subparsers: argparse._SubParsersAction) -> None:  # type: 
     xid.add_argument("--config", metavar="AGENT.toml",
                      help="take the site's [plugins.gpu_health] severities (xid_severity...) from this agent config")
     xid.set_defaults(func=_xid)
+    sim = subparsers.add_parser(
+        "nvml-sim", help="the simulated GPU node's stand-ins (tests, demos)",
+        description="Stand-ins for the tools of a node whose GPUs are a scenario served by the simulated "
+        "libnvidia-ml (`vetd check --scenario F --through-nvml`, [plugins.gpu_health] through_nvml = true).")
+    actions = sim.add_subparsers(dest="action", required=True)
+    reset = actions.add_parser(
+        "reset", help="nvidia-smi -r: refused while a process holds NVML on the simulated node",
+        description="As `nvidia-smi -r [-i GPU]` on the scenario's node: exits 255 (\"in use by another "
+        "process\") while any process has the simulated NVML open, 0 otherwise. Use it as [commands] "
+        "gpu_reset = [\"vetd\", \"nvml-sim\", \"reset\", \"SCENARIO\", \"-i\", \"{gpu}\"].")
+    reset.add_argument("scenario", metavar="SCENARIO", help="the scenario YAML the agent serves")
+    reset.add_argument("-i", "--id", dest="gpu", default="all", help="GPU index (default: every GPU)")
+    reset.set_defaults(func=_nvml_sim_reset)
+
+
+def _nvml_sim_reset(args: argparse.Namespace) -> int:
+    from vetd.plugins.gpu_health.nvmlsim import reset_stand_in
+
+    status, text = reset_stand_in(args.scenario, args.gpu)
+    print(text)
+    return status
 
 
 def _xid(args: argparse.Namespace) -> int:

@@ -101,6 +101,34 @@ def _ecc(gpu: ET.Element, scope: str) -> dict[str, int | None]:
     return counts
 
 
+def _recovery(gpu: ET.Element) -> str | None:
+    """``None`` here is the driver's word for "no action needed", not a missing value."""
+    raw = gpu.findtext("gpu_recovery_action")
+    if raw is not None and raw.strip().lower() == "none":
+        return "None"
+    return _text(gpu, "gpu_recovery_action")
+
+
+def _threshold(gpu: ET.Element, classic: str, tlimit: str) -> float | None:
+    """A temperature threshold in °C. nvidia-smi 580 prints Hopper's relative to
+    T.Limit instead (``gpu_temp_tlimit``: how far below T.Limit the GPU is now;
+    ``gpu_temp_slow_tlimit_threshold``: -2 C, slowdown 2 °C past T.Limit): in °C
+    that is now + margin - threshold, which is what the driver answered on an
+    H200 (37 + 50 + 2 = 89 °C slowdown, 95 °C shutdown)."""
+    value = _num(gpu, f"temperature/{classic}")
+    if value is not None:
+        return value
+    now, margin, relative = (_num(gpu, "temperature/gpu_temp"), _num(gpu, "temperature/gpu_temp_tlimit"),
+                             _num(gpu, f"temperature/{tlimit}"))
+    if now is None or margin is None or relative is None:
+        return None
+    return now + margin - relative
+
+
+def _mig(gpu: ET.Element) -> bool | None:
+    return _flag(gpu, "mig_mode/current_mig")
+
+
 def _clock_reasons(gpu: ET.Element) -> list[str] | None:
     for group, prefix in (("clocks_event_reasons", "clocks_event_reason_"),
                           ("clocks_throttle_reasons", "clocks_throttle_reason_")):
@@ -158,7 +186,7 @@ def _gpu(index: int, gpu: ET.Element) -> GpuSnapshot:
         remapped_rows_failure=_flag(remapped, "remapped_row_failure") if has_remap else None,
         reset_required=_flag(gpu, "gpu_reset_status/reset_required"),
         drain_and_reset_recommended=_flag(gpu, "gpu_reset_status/drain_and_reset_recommended"),
-        recovery_action=_text(gpu, "gpu_recovery_action"),
+        recovery_action=_recovery(gpu),
         clock_reasons=_clock_reasons(gpu),
         clock_sm_mhz=_num(gpu, "clocks/sm_clock"),
         clock_memory_mhz=_num(gpu, "clocks/mem_clock"),
@@ -171,8 +199,9 @@ def _gpu(index: int, gpu: ET.Element) -> GpuSnapshot:
         nvlinks=None,  # nvidia-smi -q -x does not report NVLink counters
         temp_c=_num(gpu, "temperature/gpu_temp"),
         temp_memory_c=_num(gpu, "temperature/memory_temp"),
-        temp_slowdown_c=_num(gpu, "temperature/gpu_temp_slow_threshold"),
-        temp_shutdown_c=_num(gpu, "temperature/gpu_temp_max_threshold"),
+        mig_enabled=_mig(gpu),
+        temp_slowdown_c=_threshold(gpu, "gpu_temp_slow_threshold", "gpu_temp_slow_tlimit_threshold"),
+        temp_shutdown_c=_threshold(gpu, "gpu_temp_max_threshold", "gpu_temp_max_tlimit_threshold"),
         power_w=_first(_num(gpu, "gpu_power_readings/power_draw"),
                        _num(gpu, "gpu_power_readings/instant_power_draw"),
                        _num(gpu, "gpu_power_readings/average_power_draw"),

@@ -92,6 +92,53 @@ def lost(gpu: GpuSnapshot) -> Outcome:
                    message=f"{_describe(gpu)} (index {gpu.index}) fell off the bus or is inaccessible: {why}")
 
 
+def denied(gpu: GpuSnapshot) -> Outcome:
+    """A GPU the driver counts but this agent may not open: not judged, and said so."""
+    return Outcome(status="skip", entity=gpu.entity, codes=["no_permission"],
+                   message=f"{_describe(gpu)} (index {gpu.index}): the driver lists it but denies this agent "
+                           "access (NVML_ERROR_NO_PERMISSION: cgroup or device permissions); not checked")
+
+
+def unchecked(gpu: GpuSnapshot, *, idle: bool = False) -> list[tuple[str, str]]:
+    """The checks this GPU's driver gave nothing to run on: (code, what), never a silent pass.
+
+    ``mig_enabled``: MIG mode is on, and NVML answers NOT_SUPPORTED per device
+    handle for volatile ECC, remapped rows and processes. ``unsupported:NAME``:
+    the driver or GPU does not report what the check reads (driver 550 has no
+    reset-status fields 226/227 and no recovery action 230; 570+ deprecates
+    226/227 for 230, so either suffices for ``reset_status``).
+    """
+    found = []
+    if gpu.mig_enabled:
+        found.append(("mig_enabled", "MIG mode is on"))
+    if idle:
+        if gpu.processes is None:
+            found.append(("unsupported:processes", "stray processes (no process list)"))
+        return found
+    if gpu.mig_enabled and gpu.volatile_uncorrectable is None:
+        found.append(("unsupported:ecc_volatile", "double-bit ECC (no volatile ECC counts)"))
+    if gpu.mig_enabled and gpu.remapped_rows_pending is None:
+        found.append(("unsupported:row_remap", "row remapping (no remapped rows)"))
+    if gpu.recovery_action is None:
+        if gpu.reset_required is None and gpu.drain_and_reset_recommended is None:
+            found.append(("unsupported:reset_status", "the driver's reset verdict (no NVML fields 226/227)"))
+        found.append(("unsupported:recovery_action", "the driver's recovery action (no NVML field 230)"))
+    if gpu.temp_slowdown_c is None:
+        found.append(("unsupported:thermal", "temperature margin (no slowdown threshold)"))
+    return found
+
+
+def with_unchecked(result: Outcome, missing: list[tuple[str, str]]) -> Outcome:
+    """``result`` with the checks that could not run named in its codes and message; its status unchanged."""
+    if not missing:
+        return result
+    codes = [*result.codes, *(code for code, _ in missing if code not in result.codes)]
+    message = f"{result.message}; not checked: {', '.join(what for code, what in missing if code != 'mig_enabled')}"
+    if any(code == "mig_enabled" for code, _ in missing):
+        message += " (MIG mode on)"
+    return Outcome(status=result.status, entity=result.entity, codes=codes, metrics=result.metrics, message=message)
+
+
 class Evaluator:
     """Health and idle verdicts, with the history that rates need."""
 
@@ -105,14 +152,18 @@ class Evaluator:
 
     def count(self, snapshot: NodeSnapshot, expected: int | None) -> Outcome:
         listed = len(snapshot.gpus)
-        found = sum(not gpu.lost for gpu in snapshot.gpus)
+        denied_count = sum(gpu.no_permission for gpu in snapshot.gpus)
+        found = sum(not gpu.lost and not gpu.no_permission for gpu in snapshot.gpus)
         metrics: dict[str, float] = {"gpus_found": float(found)}
-        if found != listed:
-            metrics["gpus_lost"] = float(listed - found)
+        if found + denied_count != listed:
+            metrics["gpus_lost"] = float(listed - found - denied_count)
+        if denied_count:
+            metrics["gpus_no_permission"] = float(denied_count)
         findings: list[Finding] = []
         if expected is not None and expected >= 0:
             metrics["gpus_expected"] = float(expected)
-            if found < expected:
+            # A GPU this agent may not open is present (the driver counts it), only not ours to use.
+            if found + denied_count < expected:
                 findings.append(Finding("fail", "gpu_missing",
                                         f"{found} of {expected} expected GPUs usable through the driver"))
             elif found > expected:
@@ -127,7 +178,8 @@ class Evaluator:
                 if part.isdigit():
                     metrics[name] = float(part)
         driver = f"driver {snapshot.driver_version}" if snapshot.driver_version else "driver unknown"
-        return outcome("node", findings, metrics, f"{found} GPUs, {driver}")
+        others = f" (and {denied_count} this agent may not open)" if denied_count else ""
+        return outcome("node", findings, metrics, f"{found} GPUs{others}, {driver}")
 
     # -- per GPU health ----------------------------------------------------
 
@@ -136,6 +188,9 @@ class Evaluator:
         for gpu in snapshot.gpus:
             if gpu.lost:
                 outcomes.append(lost(gpu))
+                continue
+            if gpu.no_permission:
+                outcomes.append(denied(gpu))
                 continue
             key = gpu.uuid or gpu.pci_bus_id or gpu.entity
             previous = self._previous.get(key)
@@ -151,8 +206,8 @@ class Evaluator:
                 *self._persistence(gpu),
             ]
             self._previous[key] = (snapshot.taken, gpu)
-            outcomes.append(outcome(gpu.entity, findings, gpu_metrics(gpu),
-                                    f"{_describe(gpu)} healthy"))
+            outcomes.append(with_unchecked(outcome(gpu.entity, findings, gpu_metrics(gpu), f"{_describe(gpu)} healthy"),
+                                           unchecked(gpu)))
         return outcomes
 
     def _queries(self, gpu: GpuSnapshot) -> list[Finding]:
@@ -302,6 +357,9 @@ class Evaluator:
             if gpu.lost:
                 outcomes.append(lost(gpu))
                 continue
+            if gpu.no_permission:
+                outcomes.append(denied(gpu))
+                continue
             findings = []
             if gpu.temp_c is not None and gpu.temp_c >= self.config.idle_temp_max_c:
                 findings.append(Finding("fail", "idle_temp_high",
@@ -318,5 +376,6 @@ class Evaluator:
             metrics = {k: v for k, v in gpu_metrics(gpu).items()
                        if k in ("temp_c", "memory_used_mib", "memory_total_mib", "utilization_pct")}
             metrics["compute_processes"] = float(len(compute))
-            outcomes.append(outcome(gpu.entity, findings, metrics, f"{_describe(gpu)} idle"))
+            outcomes.append(with_unchecked(outcome(gpu.entity, findings, metrics, f"{_describe(gpu)} idle"),
+                                           unchecked(gpu, idle=True)))
         return outcomes

@@ -99,9 +99,17 @@ class GpuSnapshot(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     utilization_pct: float | None = None
     persistence_mode: bool | None = None
     processes: list[GpuProcess] | None = None
+    #: MIG mode (current). On, the per-GPU handle reports no volatile ECC, no
+    #: remapped rows and no processes (NVML: NOT_SUPPORTED): those checks cannot run.
+    mig_enabled: bool | None = None
     #: The driver answers GPU_IS_LOST: fallen off the bus or otherwise inaccessible.
     #: Only index, uuid, pci_bus_id and name (as last seen) are then known.
     lost: bool = False
+    #: The driver counts the GPU but denies this process its handle
+    #: (``NVML_ERROR_NO_PERMISSION``: an agent confined by cgroups or device
+    #: permissions). Only ``index`` (and identity as last seen) is then known;
+    #: the GPU is not this agent's to judge, and it is not lost.
+    no_permission: bool = False
     #: Queries the driver failed for a reason other than "not supported",
     #: as ``"function: error"`` (an unknown error, a corrupted infoROM...).
     query_errors: list[str] = []

@@ -7,6 +7,11 @@ The whole snapshot runs under the driver deadline of
 :class:`~vetd.plugins.gpu_health.sources.Guard`; XIDs, double-bit ECC and the other
 health events NVML delivers come from an event set waited on by a thread of
 its own.
+
+The driver refuses to reset a GPU (``nvidia-smi -r``) while any process has
+NVML open, vetd included: :meth:`NvmlSource.released` frees the event set and
+shuts NVML down for the duration of a reset, and snapshots asked for
+meanwhile fail at once with :class:`NvmlReleased` instead of opening it again.
 """
 
 from __future__ import annotations
@@ -16,14 +21,15 @@ import functools
 import operator
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import structlog
 
-from vetd.agent.api import SourceUnavailable
+from vetd.agent.api import Backoff, SourceUnavailable
 from vetd.plugins.gpu_health.model import (
     CLOCK_REASONS,
     GPU_EVENTS,
@@ -63,6 +69,18 @@ def _import() -> Any:
 #: NVML errors that mean "this GPU or driver does not report that": the value is None.
 _NOT_REPORTED = ("NOT_SUPPORTED", "INVALID_ARGUMENT", "NO_PERMISSION", "NOT_FOUND", "FUNCTION_NOT_FOUND",
                  "NO_DATA", "VGPU_ECC_NOT_SUPPORTED", "ARGUMENT_VERSION_MISMATCH", "DEPRECATED")
+
+
+class DriverNotReady(SourceUnavailable):
+    """``nvmlInit`` failed although libnvidia-ml is there: the driver may still be loading."""
+
+
+class NvmlReleased(SourceUnavailable):
+    """NVML is shut down for a GPU reset (:meth:`NvmlSource.released`): no reading until it is over."""
+
+
+#: nvmlInit errors that mean "no NVML here at all", not "not yet".
+_NO_NVML = ("LIBRARY_NOT_FOUND", "FUNCTION_NOT_FOUND")
 
 
 class _Lost(Exception):
@@ -109,6 +127,7 @@ class _Known(msgspec.Struct, frozen=True):
 
 class _Fixed(msgspec.Struct, frozen=True):
     uuid: str
+    mig_enabled: bool | None
     clock_sm_max_mhz: float | None
     temp_slowdown_c: float | None
     temp_shutdown_c: float | None
@@ -126,10 +145,7 @@ class NvmlSource:
         self.name = name
         self._expected = expected or nvidia_gpus_in_sysfs
         self._process_names = process_names
-        try:
-            self.nvml.nvmlInit()
-        except self.nvml.NVMLError as exc:
-            raise SourceUnavailable(f"NVML: {exc}") from exc
+        self._init()
         self._not_reported = frozenset(
             code for code in (getattr(self.nvml, f"NVML_ERROR_{error}", None) for error in _NOT_REPORTED)
             if code is not None
@@ -143,6 +159,77 @@ class NvmlSource:
         #: index → the readings a board does not change while it runs.
         self._fixed: dict[int, _Fixed] = {}
         self._memory_v2 = True
+        #: Reset hold: snapshots in flight, whether NVML is released, whether the watcher has let go.
+        self._use = threading.Condition()
+        self._busy = 0
+        self._released = False
+        self._watching = False
+        self._parked = threading.Event()
+        #: index → PCI bus id as the event watcher registered it (a GPU lost later is still named).
+        self._bus_of: dict[int, str] = {}
+
+    def _init(self) -> None:
+        n = self.nvml
+        try:
+            n.nvmlInit()
+        except n.NVMLError as exc:
+            absent = {getattr(n, f"NVML_ERROR_{name}", None) for name in _NO_NVML}
+            kind = SourceUnavailable if getattr(exc, "value", None) in absent else DriverNotReady
+            raise kind(f"NVML: {exc}") from exc
+
+    @contextmanager
+    def released(self, timeout: float = 5.0) -> Iterator[str]:
+        """NVML let go for the duration (a GPU reset): the event watcher frees its
+        set, ``nvmlShutdown`` is called once no snapshot is in flight, and
+        ``nvmlInit`` again afterwards. Yields what was released, in words.
+
+        A snapshot stuck in the driver past ``timeout`` keeps NVML open: the
+        reset is then tried anyway (it is the remedy for a stuck driver) and
+        ``nvidia-smi`` says whether it could.
+        """
+        with self._use:
+            self._released = True
+            self._parked.clear()
+            idle = self._use.wait_for(lambda: self._busy == 0, timeout)
+            watching = self._watching
+        if watching and not self._parked.wait(timeout):
+            log.warning("nvml_release_incomplete", reason="event watcher did not let go")
+        shut = False
+        if idle:
+            try:
+                self.nvml.nvmlShutdown()
+                shut = True
+            except self.nvml.NVMLError as exc:
+                log.warning("nvml_release_incomplete", reason=f"nvmlShutdown: {exc}")
+        else:
+            log.warning("nvml_release_incomplete", reason=f"a driver query has not returned in {timeout:g}s")
+        log.info("nvml_released", shutdown=shut, watcher=watching)
+        try:
+            yield ("NVML shut down" if shut else "NVML still held by a stuck query") + \
+                  (", event watcher paused" if watching else "")
+        finally:
+            try:
+                if shut:
+                    self._fixed.clear()  # a reset applies a pending MIG mode
+                    self._init()
+            finally:
+                with self._use:
+                    self._released = False
+                    self._use.notify_all()
+                log.info("nvml_reopened", reinit=shut)
+
+    @contextmanager
+    def _using(self) -> Iterator[None]:
+        with self._use:
+            if self._released:
+                raise NvmlReleased("NVML is released for a GPU reset")
+            self._busy += 1
+        try:
+            yield
+        finally:
+            with self._use:
+                self._busy -= 1
+                self._use.notify_all()
 
     def _reader(self) -> _Reader:
         return _Reader(self.nvml, self._not_reported)
@@ -153,6 +240,10 @@ class NvmlSource:
         return value.decode() if isinstance(value, bytes) else str(value)
 
     def snapshot(self) -> NodeSnapshot:
+        with self._using():
+            return self._snapshot()
+
+    def _snapshot(self) -> NodeSnapshot:
         n = self.nvml
         count = n.nvmlDeviceGetCount()
         system = self._reader()
@@ -171,6 +262,12 @@ class NvmlSource:
             try:
                 handle = self.nvml.nvmlDeviceGetHandleByIndex(index)
             except self.nvml.NVMLError as exc:
+                if getattr(exc, "value", None) == self.nvml.NVML_ERROR_NO_PERMISSION:
+                    # Counted by the driver, denied to this process (cgroups, device
+                    # permissions): another tenant's GPU, not a lost one.
+                    known = self._known.get(index, _Known("", "", ""))
+                    return GpuSnapshot(index=index, uuid=known.uuid, pci_bus_id=known.pci_bus_id, name=known.name,
+                                       no_permission=True)
                 # No handle, no GPU to use: lost, with the driver's reason.
                 raise _Lost(f"nvmlDeviceGetHandleByIndex: {exc}") from exc
             gpu = self._gpu(index, handle, get)
@@ -263,6 +360,7 @@ class NvmlSource:
             else memory.reserved / 2**20,
             utilization_pct=None if util is None else float(util.gpu),
             persistence_mode=None if persistence is None else bool(persistence),
+            mig_enabled=fixed.mig_enabled,
             processes=None if procs is None else [
                 GpuProcess(pid=p.pid, type="C", name=_process_name(p.pid) if self._process_names else "",
                            used_memory_mib=None if p.usedGpuMemory is None else p.usedGpuMemory / 2**20)
@@ -298,8 +396,10 @@ class NvmlSource:
             return known
         n = self.nvml
         errors = len(get.errors)
+        mig = get(n.nvmlDeviceGetMigMode, handle)  # (current, pending): a change applies at a reset
         fixed = _Fixed(
             uuid=uuid,
+            mig_enabled=None if mig is None else bool(mig[0]),
             clock_sm_max_mhz=_float(get(n.nvmlDeviceGetMaxClockInfo, handle, n.NVML_CLOCK_SM)),
             temp_slowdown_c=_float(get(n.nvmlDeviceGetTemperatureThreshold, handle,
                                        n.NVML_TEMPERATURE_THRESHOLD_SLOWDOWN)),
@@ -356,7 +456,50 @@ class NvmlSource:
 
         Bus ids are read once, when the GPUs register: an event about a GPU
         that has just fallen off the bus must not need that GPU to answer.
+        Once a GPU is lost, every wait on a set it is in answers
+        ``GPU_IS_LOST`` at once: the set is then built again without it (the
+        lost GPU reported once, as ``gpu_unavailable``; its XID 79/119/120
+        come from the kernel log), so the other GPUs' events still arrive.
+        While NVML is released for a reset the set is freed, and built again after.
         """
+        with self._use:
+            self._watching = True
+        lost: set[int] = set()
+        backoff = Backoff(base=1.0, cap=30.0)
+        fruitless = 0
+        try:
+            while not stop.is_set():
+                if not self._wait_while_released(stop):
+                    return
+                newly_lost = self._watch_once(on_event, stop, lost)
+                if newly_lost is None:  # released, or stopping
+                    continue
+                # A set that answers GPU_IS_LOST is built again at once (the other GPUs'
+                # events are missed meanwhile); one that keeps answering it although no
+                # GPU is newly lost at registration is built again with back-off, not in a hot loop.
+                fruitless = 0 if newly_lost else fruitless + 1
+                if fruitless < 2:
+                    backoff.reset()
+                elif stop.wait(backoff.next()):
+                    return
+        finally:
+            with self._use:
+                self._watching = False
+            self._parked.set()
+
+    def _wait_while_released(self, stop: threading.Event) -> bool:
+        """Park while NVML is released for a reset; False when stopping."""
+        with self._use:
+            while self._released:
+                self._parked.set()
+                self._use.wait(0.5)
+                if stop.is_set():
+                    return False
+        return not stop.is_set()
+
+    def _watch_once(self, on_event: OnEvent, stop: threading.Event, lost: set[int]) -> bool | None:
+        """One event set, until it answers GPU_IS_LOST (True: a GPU was newly found lost and
+        reported; False: none), NVML is released or ``stop`` (None)."""
         n = self.nvml
         xid_type, dbe_type = n.nvmlEventTypeXidCriticalError, n.nvmlEventTypeDoubleBitEccError
         # An older pynvml lacks the newer types: those are then not watched.
@@ -366,11 +509,13 @@ class NvmlSource:
         events = n.nvmlEventSetCreate()
         bus_of: dict[int | None, str] = {}
         watched: dict[str, list[int]] = {}
+        newly_lost = False
         try:
             for index in range(n.nvmlDeviceGetCount()):
                 try:
                     handle = n.nvmlDeviceGetHandleByIndex(index)
-                    bus_of[_address(handle)] = self._text(n.nvmlDeviceGetPciInfo(handle).busId) or f"gpu{index}"
+                    bus_of[_address(handle)] = self._bus_of[index] = \
+                        self._text(n.nvmlDeviceGetPciInfo(handle).busId) or f"gpu{index}"
                     supported = n.nvmlDeviceGetSupportedEventTypes(handle)
                     if supported & wanted:
                         n.nvmlDeviceRegisterEvents(handle, supported & wanted, events)
@@ -378,16 +523,31 @@ class NvmlSource:
                         if supported & bit:
                             watched.setdefault(kind, []).append(index)
                 except n.NVMLError as exc:
-                    # One GPU that cannot register (lost, no event support) leaves the others watched;
-                    # the kernel log still reports its XIDs.
+                    if getattr(exc, "value", None) == n.NVML_ERROR_GPU_IS_LOST:
+                        if index not in lost:
+                            lost.add(index)
+                            newly_lost = True
+                            known = self._known.get(index)
+                            bus = self._bus_of.get(index) or (known.pci_bus_id if known else "") or f"gpu{index}"
+                            log.warning("gpu_events_lost_gpu", gpu=index, pci=bus)
+                            on_event(DriverEvent(bus, "gpu_unavailable", 0,
+                                                 "GPU is lost (NVML_ERROR_GPU_IS_LOST): no longer watched"))
+                        continue
+                    # One GPU that cannot register (no event support, no permission) leaves the others
+                    # watched; the kernel log still reports its XIDs.
                     log.warning("xid_events_unavailable", gpu=index, error=str(exc))
-            log.info("gpu_events_watched", gpus_by_type=watched)
+            log.info("gpu_events_watched", gpus_by_type=watched, lost=sorted(lost))
             while not stop.is_set():
+                if self._released:
+                    return None
                 try:
                     data = n.nvmlEventSetWait_v2(events, 500)
                 except n.NVMLError_Timeout:
                     continue
                 except n.NVMLError as exc:
+                    if getattr(exc, "value", None) == n.NVML_ERROR_GPU_IS_LOST:
+                        log.warning("gpu_events_set_lost", error=str(exc), action="rebuild without the lost GPU")
+                        return newly_lost
                     log.warning("xid_event_wait_failed", error=str(exc))
                     stop.wait(1.0)
                     continue
@@ -400,8 +560,12 @@ class NvmlSource:
                     if data.eventType & bit:
                         detail = self._recovery_action(data.device) if kind == "recovery_action" else ""
                         on_event(DriverEvent(bus, kind, int(data.eventData), detail))
+            return None
         finally:
-            n.nvmlEventSetFree(events)
+            try:
+                n.nvmlEventSetFree(events)
+            except n.NVMLError as exc:
+                log.warning("gpu_event_set_free_failed", error=str(exc))
 
     def _recovery_action(self, handle: Any) -> str:
         """The action the driver now asks for, read as ``gpu_health`` reads it.

@@ -17,9 +17,24 @@ How the simulated driver behaves, as the real one does:
 * A GPU that vanishes from the scenario stays counted by
   ``nvmlDeviceGetCount_v2`` and answers ``NVML_ERROR_GPU_IS_LOST`` (fallen off
   the bus), including to ``nvmlDeviceGetHandleByIndex_v2``.
+* A GPU with ``no_permission`` is counted, and its handle answers
+  ``NVML_ERROR_NO_PERMISSION`` (an agent confined by cgroup device rules).
 * A scenario ``hang`` blocks whichever call comes next, forever.
 * The scenario's XIDs and other GPU events arrive through
-  ``nvmlEventSetWait_v2``, for the event types registered.
+  ``nvmlEventSetWait_v2``, for the GPUs and event types registered in that
+  set; an event while no set watches its GPU is gone, as on a driver.
+* Once a GPU registered in an event set is lost, ``nvmlEventSetWait_v2`` on
+  that set answers ``NVML_ERROR_GPU_IS_LOST`` at once (after the events
+  already pending), for good: only a set without that GPU waits again.
+* ``nvmlInit`` answers ``NVML_ERROR_DRIVER_NOT_LOADED`` until the scenario's
+  ``driver_ready_at`` (a driver loading after the agent started); device and
+  event calls before ``nvmlInit`` or after the last ``nvmlShutdown`` answer
+  ``NVML_ERROR_UNINITIALIZED``.
+* A client holds the GPUs from ``nvmlInit`` to the last ``nvmlShutdown`` and
+  while an event set is open: the simulated device nodes (``devices``, one
+  file per GPU) are then locked, and ``vetd nvml-sim reset SCENARIO`` (the
+  stand-in for ``nvidia-smi -r``) refuses, as the driver refuses a reset of a
+  GPU another process has open.
 * ``nvml_error`` steps make named functions fail with a named NVML error
   (``{at: 3s, gpu: 1, nvml_error: {nvmlDeviceGetPowerUsage: UNKNOWN}}``).
 * Functions this simulation does not know are missing symbols, which pynvml
@@ -37,11 +52,13 @@ through NVML's interface.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 from vetd.agent.api import SourceUnavailable
 from vetd.plugins.gpu_health.model import CLOCK_REASONS, GPU_EVENTS, DriverEvent, GpuSnapshot, NodeSnapshot
@@ -78,12 +95,14 @@ assert set(_EVENT_NAMES) == set(GPU_EVENTS)
 
 
 class _EventSet:
-    """One ``nvmlEventSet_t``: what is pending, what was registered, and the stop of its feeder."""
+    """One ``nvmlEventSet_t``: what is pending, and the GPUs and event types registered."""
 
     def __init__(self) -> None:
         self.pending: queue.SimpleQueue[DriverEvent] = queue.SimpleQueue()
-        self.stop = threading.Event()
         self.types = 0
+        self.gpus: set[int] = set()
+        #: A GPU of the set was lost: it answers GPU_IS_LOST for good and takes no more events.
+        self.broken = False
 
 
 class _Fail(Exception):
@@ -122,10 +141,14 @@ class SimulatedNvml:
     """The C side of NVML, answering from a :class:`~vetd.plugins.gpu_health.sources.Source`."""
 
     def __init__(self, source: Source, *, slots: dict[int, str] | None = None,
-                 nvml_errors: Callable[[], dict[int, dict[str, str]]] | None = None) -> None:
+                 nvml_errors: Callable[[], dict[int, dict[str, str]]] | None = None,
+                 driver_ready: Callable[[], bool] | None = None, devices: Path | None = None) -> None:
         """``slots``: every GPU the node has, index → PCI bus id (default: the
         first snapshot's); ``nvml_errors``: the failures in force now, {GPU
-        index: {function: error name}}. :meth:`of` fills both from a scenario."""
+        index: {function: error name}}; ``driver_ready``: whether the driver
+        has loaded yet; ``devices``: the folder standing for ``/dev`` (one
+        ``nvidiaN`` per GPU, locked while a client holds NVML). :meth:`of`
+        fills them from a scenario."""
         from vetd.plugins.gpu_health.nvml import _import
 
         #: pynvml's constants are the simulation's nvml.h: it shares no table with NvmlSource.
@@ -138,7 +161,7 @@ class SimulatedNvml:
         self._recovery = {words: getattr(nvml, f"NVML_GPU_RECOVERY_ACTION_{name}")
                           for words, name in _RECOVERY_NAMES.items()
                           if hasattr(nvml, f"NVML_GPU_RECOVERY_ACTION_{name}")}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._snapshot: NodeSnapshot | None = None
         self._taken = 0.0
         self._slots: list[int] | None = None if slots is None else sorted(slots)
@@ -148,8 +171,13 @@ class SimulatedNvml:
             kind: getattr(nvml, f"nvmlEventType{name}") for kind, name in _EVENT_NAMES.items()
             if hasattr(nvml, f"nvmlEventType{name}")}
         self._events: dict[int, _EventSet] = {}
-        self._watching: set[int] = set()
+        self._feeding = False
         self._next_set = 0
+        self._driver_ready = driver_ready
+        self._devices = devices
+        self._held: list[IO[bytes]] = []
+        #: nvmlInit calls not yet matched by nvmlShutdown (the driver counts them too).
+        self.inits = 0
         self.calls = 0
 
     @classmethod
@@ -158,8 +186,29 @@ class SimulatedNvml:
         from vetd.plugins.gpu_health.replay import ScenarioSource
 
         if isinstance(source, ScenarioSource):
-            return cls(source, slots=source.slots(), nvml_errors=source.nvml_errors)
+            return cls(source, slots=source.slots(), nvml_errors=source.nvml_errors,
+                       driver_ready=source.driver_ready, devices=source.devices())
         return cls(source)
+
+    # -- who holds the GPUs ----------------------------------------------------
+
+    def held(self) -> bool:
+        """A client has NVML open (initialised, or an event set open): a reset would be refused."""
+        return self.inits > 0 or bool(self._events)
+
+    def _hold(self) -> None:
+        """Lock the simulated device nodes while held, as open ``/dev/nvidiaN`` files block ``nvidia-smi -r``."""
+        if self._devices is None:
+            return
+        if self.held() and not self._held:
+            self._devices.mkdir(parents=True, exist_ok=True)
+            for index in self._slots_now():
+                node = (self._devices / f"nvidia{index}").open("ab")
+                fcntl.flock(node, fcntl.LOCK_SH)
+                self._held.append(node)
+        elif not self.held():
+            while self._held:
+                self._held.pop().close()
 
     # -- plumbing ------------------------------------------------------------
 
@@ -171,6 +220,8 @@ class SimulatedNvml:
         def call(*args: Any) -> int:
             self.calls += 1
             try:
+                if name.startswith(("nvmlDevice", "nvmlEvent")) and self.inits <= 0:
+                    raise _Fail("UNINITIALIZED")
                 if args and name.startswith("nvmlDevice") and name != "nvmlDeviceGetCount_v2":
                     self._injected(name, args[0])
                 result = method(self, *args)
@@ -226,10 +277,19 @@ class SimulatedNvml:
     # -- system ----------------------------------------------------------------
 
     def _c_nvmlInitWithFlags(self, flags: Any) -> None:
+        if self._driver_ready is not None and not self._driver_ready():
+            raise _Fail("DRIVER_NOT_LOADED")
         self.state()
+        with self._lock:
+            self.inits += 1
+            self._hold()
 
     def _c_nvmlShutdown(self) -> None:
-        return None
+        with self._lock:
+            if self.inits <= 0:
+                raise _Fail("UNINITIALIZED")
+            self.inits -= 1
+            self._hold()
 
     def _c_nvmlSystemGetDriverVersion(self, buffer: Any, size: Any) -> None:
         buffer.value = _need(self.state().driver_version).encode()
@@ -247,8 +307,11 @@ class SimulatedNvml:
         if position >= len(slots):
             raise _Fail("INVALID_ARGUMENT")
         gpu = slots[position]
-        if all(g.index != gpu for g in self.state().gpus):
+        present = next((g for g in self.state().gpus if g.index == gpu), None)
+        if present is None:
             raise _Fail("GPU_IS_LOST")
+        if present.no_permission:  # counted, but this process may not open it (cgroup device rules)
+            raise _Fail("NO_PERMISSION")
         _set_pointer(ref, _HANDLE_BASE + gpu)
 
     # -- identity --------------------------------------------------------------
@@ -429,6 +492,11 @@ class SimulatedNvml:
         have.value = len(processes)
         return int(self.n.NVML_SUCCESS)
 
+    def _c_nvmlDeviceGetMigMode(self, handle: Any, current: Any, pending: Any) -> None:
+        enabled = int(_need(self._gpu(handle).mig_enabled))
+        _out(current).value = enabled
+        _out(pending).value = enabled
+
     # -- PCIe and NVLink ---------------------------------------------------------
 
     def _c_nvmlDeviceGetCurrPcieLinkGeneration(self, handle: Any, ref: Any) -> None:
@@ -477,27 +545,41 @@ class SimulatedNvml:
             self._next_set += 1
             number = self._next_set
             self._events[number] = _EventSet()
+            self._hold()
         _set_pointer(ref, _EVENT_SET_BASE + number)
 
     def _c_nvmlDeviceRegisterEvents(self, handle: Any, types: Any, event_set: Any) -> None:
-        self._gpu(handle)
+        index = self._gpu(handle).index
         number = _address(event_set) - _EVENT_SET_BASE
         if number not in self._events:
             raise _Fail("INVALID_ARGUMENT")
         entry = self._events[number]
         with self._lock:
             entry.types |= _int(types)
-            if number in self._watching:
+            entry.gpus.add(index)
+            if self._feeding:
                 return
-            self._watching.add(number)
+            self._feeding = True
+        threading.Thread(target=self._feed, name="vetd.nvmlsim.events", daemon=True).start()
 
-        def watch() -> None:
-            try:
-                self.source.watch(entry.pending.put, entry.stop)
-            except SourceUnavailable:
-                return  # a capture has no events: the set just never fires
+    def _feed(self) -> None:
+        """The driver's side of every event set: each event goes to the sets watching its GPU at that moment."""
 
-        threading.Thread(target=watch, name="vetd.nvmlsim.events", daemon=True).start()
+        def deliver(event: DriverEvent) -> None:
+            index = next((i for i, b in self._bus_of.items() if b == event.pci), None)
+            with self._lock:
+                for entry in self._events.values():
+                    if index in entry.gpus and not entry.broken:
+                        entry.pending.put(event)
+
+        try:
+            self.source.watch(deliver, threading.Event())
+        except SourceUnavailable:
+            return  # a capture has no events: the sets just never fire
+
+    def _lost_in(self, entry: _EventSet) -> bool:
+        present = {gpu.index for gpu in self.state().gpus}
+        return bool(entry.gpus - present)
 
     def _c_nvmlEventSetWait_v2(self, event_set: Any, ref: Any, timeout_ms: Any) -> None:
         number = _address(event_set) - _EVENT_SET_BASE
@@ -507,9 +589,18 @@ class SimulatedNvml:
         deadline = time.monotonic() + _int(timeout_ms) / 1000
         while True:  # events of types not registered are not delivered
             try:
-                event = entry.pending.get(timeout=max(0.0, deadline - time.monotonic()))
+                event = entry.pending.get_nowait()
             except queue.Empty:
-                raise _Fail("TIMEOUT") from None
+                # Nothing pending: a set with a lost GPU in it fails at once, every time.
+                if entry.broken or self._lost_in(entry):
+                    entry.broken = True
+                    raise _Fail("GPU_IS_LOST") from None
+                try:
+                    event = entry.pending.get(timeout=max(0.0, min(REFRESH_S, deadline - time.monotonic())))
+                except queue.Empty:
+                    if time.monotonic() >= deadline:
+                        raise _Fail("TIMEOUT") from None
+                    continue
             event_type = self._event_types.get(event.kind, 0)
             if event_type & entry.types:
                 break
@@ -526,10 +617,11 @@ class SimulatedNvml:
 
     def _c_nvmlEventSetFree(self, event_set: Any) -> None:
         number = _address(event_set) - _EVENT_SET_BASE
-        entry = self._events.pop(number, None)
-        if entry is None:
-            raise _Fail("INVALID_ARGUMENT")
-        entry.stop.set()
+        with self._lock:
+            entry = self._events.pop(number, None)
+            if entry is None:
+                raise _Fail("INVALID_ARGUMENT")
+            self._hold()
 
 
 def install(simulation: SimulatedNvml) -> Callable[[], None]:
@@ -547,3 +639,48 @@ def install(simulation: SimulatedNvml) -> Callable[[], None]:
             pynvml._nvmlGetFunctionPointer_cache.clear()
 
     return restore
+
+
+#: ``nvidia-smi -r``'s words when another process has the GPU open; its exit
+#: status then (255, "other error") is not confirmed on a GPU yet.
+IN_USE_EXIT = 255
+
+
+def reset_stand_in(scenario: str, gpu: str = "all") -> tuple[int, str]:
+    """What ``nvidia-smi -r [-i GPU]`` answers on the simulated node of ``scenario``: (exit status, output).
+
+    Refused while any process holds the simulated device nodes (a
+    :class:`SimulatedNvml` between ``nvmlInit`` and its last ``nvmlShutdown``,
+    or with an event set open), as the driver refuses a reset while a client
+    has the GPU open.
+    """
+    from vetd.plugins.gpu_health.replay import ScenarioError, ScenarioSource
+
+    try:
+        source = ScenarioSource(scenario, at=0.0)
+    except (ScenarioError, SourceUnavailable) as exc:
+        return 2, str(exc)
+    slots = source.slots()
+    targets = sorted(slots) if gpu == "all" else [int(gpu)] if gpu.isdigit() and int(gpu) in slots else None
+    if targets is None:
+        return 2, f"No GPU with index {gpu!r}"
+    devices = source.devices()
+    devices.mkdir(parents=True, exist_ok=True)
+    busy, lines = [], []
+    for index in targets:
+        with (devices / f"nvidia{index}").open("ab") as node:
+            try:
+                fcntl.flock(node, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                busy.append(slots[index])
+                continue
+            fcntl.flock(node, fcntl.LOCK_UN)
+        lines.append(f"GPU {slots[index]} was successfully reset.")
+    if busy:
+        lines = [f"GPU {bus} is currently in use by another process." for bus in busy]
+        lines.append(f"{len(busy)} device(s) currently being used by one or more other processes (e.g., Fabric "
+                     "Manager, CUDA application, graphics application such as an X server, or a monitoring "
+                     "application such as another instance of nvidia-smi). Please first kill all processes "
+                     "using the device(s) and all compute applications running in the system.")
+        return IN_USE_EXIT, "\n".join(lines)
+    return 0, "\n".join([*lines, "All done."])

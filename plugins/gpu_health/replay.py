@@ -8,7 +8,9 @@ operator can replay what a test replays, and a demo cluster can show faults.
 Scenario format (YAML)::
 
     gpus: 8                          # GPUs 0..7, healthy H100-like baseline
-    driver: "550.54.15"
+    driver: "550.54.15"              # 550: no NVML fields 226/227/230; 555+: 226/227; 570+: 230 (default 580)
+    driver_ready_at: 3s              # nvmlInit fails (DRIVER_NOT_LOADED) until then
+    devices: /tmp/node1-dev          # the simulated /dev: `vetd nvml-sim reset` refuses while NVML is held
     expected_gpus: 8                 # what sysfs would list (default: gpus)
     base: {name: NVIDIA H100 80GB HBM3, temp_c: 28}   # overrides for every GPU
     timeline:
@@ -20,6 +22,8 @@ Scenario format (YAML)::
       - {at: 8s, gpu: 7, vanish: true}   # fell off the bus
       - {at: 10s, gpu: 2, nvml_error: {nvmlDeviceGetPowerUsage: UNKNOWN}}   # --through-nvml only
       - {at: 12s, hang: true}            # the driver stops answering
+      - {at: 0s, gpu: 1, set: {no_permission: true}}   # counted, but denied to this agent (cgroups)
+      - {at: 0s, gpu: 0, set: {mig_enabled: true}}     # no volatile ECC, remapped rows, processes per GPU
 
 ``set`` keys are :class:`~vetd.plugins.gpu_health.model.GpuSnapshot` field names;
 ``event`` names are :data:`~vetd.plugins.gpu_health.model.GPU_EVENTS` keys (a
@@ -34,6 +38,8 @@ evaluates the state at the end of the timeline unless told ``--at``.
 
 from __future__ import annotations
 
+import hashlib
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -87,9 +93,16 @@ class Step(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 class Scenario(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     gpus: int = 8
-    driver: str = "550.54.15"
-    cuda: str = "12.4"
+    #: The driver's version decides which NVML fields exist (:func:`driver_fields`).
+    driver: str = "580.95.05"
+    cuda: str = "13.0"
     expected_gpus: int | None = None
+    #: The driver loads this long after the source starts: until then nvmlInit
+    #: answers DRIVER_NOT_LOADED (and a direct scenario has no state).
+    driver_ready_at: Duration | None = None
+    #: The folder standing for ``/dev`` (``nvidiaN``, locked while NVML is held;
+    #: ``vetd nvml-sim reset`` refuses then). Default: one per scenario file in the temp folder.
+    devices: str = ""
     base: dict[str, Any] = {}
     timeline: list[Step] = []
 
@@ -109,14 +122,14 @@ def healthy_gpu(index: int) -> GpuSnapshot:
         ecc_aggregate_dram_correctable=0, ecc_aggregate_dram_uncorrectable=0,
         remapped_rows_correctable=0, remapped_rows_uncorrectable=0,
         remapped_rows_pending=False, remapped_rows_failure=False,
-        reset_required=False, drain_and_reset_recommended=False,
+        reset_required=False, drain_and_reset_recommended=False, recovery_action="None",
         clock_reasons=["gpu_idle"], clock_sm_mhz=345.0, clock_memory_mhz=2619.0, clock_sm_max_mhz=1980.0,
         pcie_gen=5, pcie_gen_max=5, pcie_width=16, pcie_width_max=16, pcie_replay_counter=0,
         nvlinks=[NvLink(link=i, up=True, replay_errors=0, recovery_errors=0, crc_errors=0) for i in range(18)],
         temp_c=28.0, temp_memory_c=30.0, temp_slowdown_c=87.0, temp_shutdown_c=92.0,
         power_w=70.0, power_limit_w=700.0,
         memory_used_mib=0.0, memory_total_mib=81559.0, utilization_pct=0.0,
-        persistence_mode=True, processes=[],
+        persistence_mode=True, processes=[], mig_enabled=False,
     )
 
 
@@ -168,6 +181,7 @@ class ScenarioSource:
 
     def __init__(self, path: str, at: float | None = None) -> None:
         self.name = f"scenario:{path}"
+        self.path = Path(path)
         try:
             self.scenario = load_scenario(path)
         except ScenarioError as exc:
@@ -181,8 +195,21 @@ class ScenarioSource:
     def elapsed(self) -> float:
         return self.at if self.at is not None else time.monotonic() - self.started
 
+    def driver_ready(self) -> bool:
+        ready = self.scenario.driver_ready_at
+        return ready is None or self.elapsed() >= ready
+
+    def devices(self) -> Path:
+        """The simulated ``/dev`` of this scenario's node (:func:`~vetd.plugins.gpu_health.nvmlsim.reset_stand_in`)."""
+        if self.scenario.devices:
+            return Path(self.scenario.devices)
+        key = hashlib.sha256(str(self.path.resolve()).encode()).hexdigest()[:16]
+        return Path(tempfile.gettempdir()) / "vetd-nvmlsim" / key
+
     def snapshot(self) -> NodeSnapshot:
         now = self.elapsed()
+        if not self.driver_ready():
+            raise SourceUnavailable("the GPU driver has not loaded yet (scenario driver_ready_at)")
         steps = [step for step in self.scenario.timeline if step.at <= now]
         if any(step.hang for step in steps):
             self._hung.wait()  # never set: the driver is gone
@@ -201,6 +228,11 @@ class ScenarioSource:
                 links = [msgspec.structs.replace(link, up=False) if link.link in step.nvlink_down else link
                          for link in gpus[step.gpu].nvlinks or []]
                 gpus[step.gpu] = msgspec.structs.replace(gpus[step.gpu], nvlinks=links)
+        for index, gpu in gpus.items():
+            if gpu.no_permission:  # nothing about it can be read, as through NVML
+                gpus[index] = GpuSnapshot(index=index, no_permission=True)
+            else:
+                gpus[index] = driver_fields(self.scenario.driver, gpu)
         return NodeSnapshot(
             source=self.name,
             taken=self.started_wall + now,
@@ -247,6 +279,36 @@ class ScenarioSource:
         """A recovery-action event names the action the GPU has now, as the NVML source reads it."""
         gpu = next((g for g in self.snapshot().gpus if g.index == index), None)
         return (gpu.recovery_action if gpu else None) or "unreadable: not supported"
+
+
+#: Per device handle under MIG, NVML answers NOT_SUPPORTED for these.
+MIG_UNREPORTED = ("ecc_volatile_sram_correctable", "ecc_volatile_sram_uncorrectable",
+                  "ecc_volatile_dram_correctable", "ecc_volatile_dram_uncorrectable",
+                  "ecc_volatile_correctable_total", "ecc_volatile_uncorrectable_total",
+                  "remapped_rows_correctable", "remapped_rows_uncorrectable", "remapped_rows_pending",
+                  "remapped_rows_failure", "processes")
+
+
+def driver_fields(version: str, gpu: GpuSnapshot) -> GpuSnapshot:
+    """What a GPU reports under this driver (the scenario's ``driver``) and MIG mode.
+
+    * before 555 (550): no reset-status fields (226/227) and no recovery action (230);
+    * 555 to 569: 226/227, no 230;
+    * 570 and later: 230 as well (226/227 deprecated but still answered, as
+      580.159.04 on an H200 did); a GPU with nothing to recover from says ``None``.
+    * MIG on: :data:`MIG_UNREPORTED` are not reported per device handle.
+    """
+    major = int(version.split(".")[0]) if version.split(".")[0].isdigit() else 0
+    changes: dict[str, Any] = {}
+    if major < 555:
+        changes |= {"reset_required": None, "drain_and_reset_recommended": None, "recovery_action": None}
+    elif major < 570:
+        changes["recovery_action"] = None
+    elif gpu.recovery_action is None:
+        changes["recovery_action"] = "None"
+    if gpu.mig_enabled:
+        changes |= dict.fromkeys(MIG_UNREPORTED)
+    return msgspec.structs.replace(gpu, **changes) if changes else gpu
 
 
 def _apply(gpu: GpuSnapshot, changes: dict[str, Any]) -> GpuSnapshot:

@@ -3,13 +3,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 import structlog
 
-from vetd.agent.api import EventOutcome, Outcome, SourceUnavailable
+from vetd.agent.api import Backoff, EventOutcome, Outcome, SourceUnavailable
 from vetd.plugins.gpu_health.catalog import Verdict
 from vetd.plugins.gpu_health.config import GpuHealthConfig
 from vetd.plugins.gpu_health.evaluate import RECOVERY_FAIL, Evaluator
@@ -33,9 +35,14 @@ def event_codes(first: str, verdict: Verdict) -> list[str]:
     return [*codes, verdict.mnemonic.lower()] if verdict.mnemonic else codes
 
 
-def make_source(config: GpuHealthConfig) -> Source:
-    """The configured source; raises ``SourceUnavailable`` when it cannot be had."""
-    replayed = _replay_source(config)
+def make_source(config: GpuHealthConfig, stand_in: Source | None = None) -> Source:
+    """The configured source; raises ``SourceUnavailable`` when it cannot be had.
+
+    ``stand_in``: the capture or scenario made on an earlier try, already
+    served by the simulated library (``through_nvml``): opening NVML again
+    after a late driver must not start the scenario's clock again.
+    """
+    replayed = stand_in or (simulate(config) if config.through_nvml else _replay_source(config))
     if replayed is None:
         from vetd.plugins.gpu_health.nvml import NvmlSource
 
@@ -43,10 +50,18 @@ def make_source(config: GpuHealthConfig) -> Source:
     if not config.through_nvml:
         return replayed
     from vetd.plugins.gpu_health.nvml import NvmlSource
-    from vetd.plugins.gpu_health.nvmlsim import SimulatedNvml, install
 
-    install(SimulatedNvml.of(replayed))
     return NvmlSource(expected=replayed.expected_gpus, name=f"nvml({replayed.name})", process_names=False)
+
+
+def simulate(config: GpuHealthConfig) -> Source | None:
+    """The configured capture or scenario, served from now on by the simulated libnvidia-ml."""
+    replayed = _replay_source(config)
+    if replayed is not None:
+        from vetd.plugins.gpu_health.nvmlsim import SimulatedNvml, install
+
+        install(SimulatedNvml.of(replayed))
+    return replayed
 
 
 def _replay_source(config: GpuHealthConfig) -> Source | None:
@@ -76,6 +91,7 @@ class GpuRuntime:
         self._lock = threading.Lock()
         self._evaluating = threading.Lock()
         self._source: Source | None = None
+        self._stand_in: Source | None = None
         #: Opening the source (``nvmlInit``) runs under the deadline too: it hangs as readily as a query.
         self._guard = Guard(self._take, float(config.driver_timeout))
         #: PCI bus id → entity, from every snapshot so far: a GPU that just fell
@@ -86,16 +102,39 @@ class GpuRuntime:
         """The source, created on first use and retried while unavailable (a driver loading late)."""
         with self._lock:
             if self._source is None:
-                self._source = make_source(self.config)
+                if self.config.through_nvml and self._stand_in is None:
+                    self._stand_in = simulate(self.config)
+                self._source = make_source(self.config, self._stand_in)
             return self._source
+
+    @asynccontextmanager
+    async def nvml_released(self) -> AsyncIterator[str]:
+        """NVML let go for the duration of a GPU reset (the driver refuses one while
+        any client holds the GPU); a no-op for a capture, a scenario or an NVML never opened."""
+        from vetd.plugins.gpu_health.nvml import NvmlSource
+
+        source = self._source
+        if not isinstance(source, NvmlSource):
+            yield "NVML not open"
+            return
+        hold = source.released()
+        note = await asyncio.to_thread(hold.__enter__)
+        try:
+            yield note
+        finally:
+            await asyncio.to_thread(hold.__exit__, None, None, None)
 
     def _take(self) -> NodeSnapshot:
         return self.source().snapshot()
 
     def snapshot(self) -> NodeSnapshot | Outcome:
         """A snapshot, or the node-level outcome that says why there is none."""
+        from vetd.plugins.gpu_health.nvml import NvmlReleased
+
         try:
             snapshot = self._guard.snapshot()
+        except NvmlReleased as exc:
+            return Outcome(status="skip", codes=["gpu_reset_in_progress"], message=str(exc))
         except DriverUnresponsive as exc:
             return Outcome(status="fail", codes=["driver_unresponsive"], message=str(exc))
         except SourceUnavailable as exc:
@@ -194,7 +233,22 @@ class GpuRuntime:
         return self._entities.get(key, f"pci:{key}")
 
     def watch_driver(self, emit: Emit, stop: threading.Event) -> None:
-        self.source().watch(self._event_reporter(emit, self.source().name), stop)
+        """Watch the driver's events; a driver not loaded yet (nvmlInit failing at
+        agent start) is waited for with back-off, not given up on."""
+        from vetd.plugins.gpu_health.nvml import DriverNotReady
+
+        backoff = Backoff(base=0.5, cap=30.0)
+        while not stop.is_set():
+            try:
+                source = self.source()
+            except DriverNotReady as exc:
+                delay = backoff.next()
+                log.warning("gpu_driver_not_ready", error=str(exc), retry_in_s=round(delay, 2))
+                if stop.wait(delay):
+                    return
+                continue
+            source.watch(self._event_reporter(emit, source.name), stop)
+            return
 
     def watch_kmsg(self, emit: Emit, stop: threading.Event) -> None:
         if self.config.source != "nvml":
