@@ -36,7 +36,14 @@ How the simulated driver behaves, as the real one does:
   stand-in for ``nvidia-smi -r``) refuses, as the driver refuses a reset of a
   GPU another process has open.
 * ``nvml_error`` steps make named functions fail with a named NVML error
-  (``{at: 3s, gpu: 1, nvml_error: {nvmlDeviceGetPowerUsage: UNKNOWN}}``).
+  (``{at: 3s, gpu: 1, nvml_error: {nvmlDeviceGetPowerUsage: UNKNOWN}}``), or
+  named fields answer it inside ``nvmlDeviceGetFieldValues``
+  (``NVML_FI_DEV_NVLINK_GET_STATE: NOT_SUPPORTED``: a driver without the
+  per-link fields).
+* ``nvmlDeviceGetFieldValues`` answers each field on its own: the NVLink
+  fields per link (``scopeId`` = link, as the per-link calls answer), the
+  ``*_TLIMIT`` thresholds relative to a simulated T.Limit (the slowdown
+  threshold), which ``nvmlDeviceGetMarginTemperature`` measures from.
 * Functions this simulation does not know are missing symbols, which pynvml
   reports as ``NVML_ERROR_FUNCTION_NOT_FOUND`` (an older driver).
 
