@@ -116,16 +116,19 @@ def nvml_sim_cost(samples: int) -> None:
         restore = install(simulation)
         try:
             source = NvmlSource(expected=lambda: 8, process_names=False)
-            source.snapshot()
-            direct_cpu, cpu, calls = [], [], []
+            first_calls, w0 = simulation.calls, time.perf_counter()
+            source.snapshot()  # probes which NVLinks answer
+            first_wall, first_calls = time.perf_counter() - w0, simulation.calls - first_calls
+            direct_cpu, cpu, wall, calls = [], [], [], []
             for _ in range(samples):
                 c0 = time.process_time()
                 scenario.snapshot()
                 direct_cpu.append(time.process_time() - c0)
                 before = simulation.calls
-                c0 = time.process_time()
+                c0, w0 = time.process_time(), time.perf_counter()
                 source.snapshot()
                 cpu.append(time.process_time() - c0)
+                wall.append(time.perf_counter() - w0)
                 calls.append(simulation.calls - before)
         finally:
             restore()
@@ -133,7 +136,9 @@ def nvml_sim_cost(samples: int) -> None:
     print(f"8-GPU NVML snapshot through the simulated libnvidia-ml, {samples} samples (CPU time):")
     print(f"  {statistics.median(calls):.0f} NVML calls per snapshot; "
           f"snapshot median {1e3 * statistics.median(cpu):.2f} ms "
-          f"(pynvml + NvmlSource + simulation; a real driver's time replaces the simulation's)")
+          f"(pynvml + NvmlSource + simulation; a real driver's time replaces the simulation's), "
+          f"wall median {1e3 * statistics.median(wall):.2f} ms")
+    print(f"  first snapshot (probes every NVLink): {first_calls} NVML calls, wall {1e3 * first_wall:.2f} ms")
     print(f"  about {1e6 * statistics.median(per_call):.1f} us per call once the scenario's own cost is taken off")
 
 

@@ -21,7 +21,13 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from vetd.plugins.gpu_health.model import CLOCK_REASONS, GpuProcess, GpuSnapshot, NodeSnapshot
+from vetd.plugins.gpu_health.model import (
+    CLOCK_REASONS,
+    GpuProcess,
+    GpuSnapshot,
+    NodeSnapshot,
+    tlimit_threshold,
+)
 
 _MISSING = {"", "n/a", "[n/a]", "not supported", "[not supported]", "unknown error", "none",
             "requested functionality has been deprecated", "insufficient permissions"}
@@ -118,11 +124,8 @@ def _threshold(gpu: ET.Element, classic: str, tlimit: str) -> float | None:
     value = _num(gpu, f"temperature/{classic}")
     if value is not None:
         return value
-    now, margin, relative = (_num(gpu, "temperature/gpu_temp"), _num(gpu, "temperature/gpu_temp_tlimit"),
-                             _num(gpu, f"temperature/{tlimit}"))
-    if now is None or margin is None or relative is None:
-        return None
-    return now + margin - relative
+    return tlimit_threshold(_num(gpu, "temperature/gpu_temp"), _num(gpu, "temperature/gpu_temp_tlimit"),
+                            _num(gpu, f"temperature/{tlimit}"))
 
 
 def _mig(gpu: ET.Element) -> bool | None:

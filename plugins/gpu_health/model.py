@@ -178,3 +178,15 @@ class DriverEvent(msgspec.Struct, frozen=True):
     detail: str = ""
     #: The kernel's name of the device when it is not a GPU (``nvswitch0``).
     device: str = ""
+
+
+def tlimit_threshold(now_c: float | None, margin_c: float | None, relative_c: float | None) -> float | None:
+    """A temperature threshold in °C from T.Limit, as newer drivers give Hopper's:
+    ``margin_c`` is how far below T.Limit the GPU is now (nvidia-smi's
+    ``gpu_temp_tlimit``, ``nvmlDeviceGetMarginTemperature``), ``relative_c`` the
+    threshold against T.Limit (``gpu_temp_slow_tlimit_threshold``, NVML field 194:
+    -2 is 2 °C past T.Limit). An H200 on 580.159.04: 39 + 48 - (-2) = 89 °C, its
+    classic slowdown threshold."""
+    if now_c is None or margin_c is None or relative_c is None:
+        return None
+    return now_c + margin_c - relative_c

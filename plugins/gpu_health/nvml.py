@@ -38,6 +38,7 @@ from vetd.plugins.gpu_health.model import (
     GpuSnapshot,
     NodeSnapshot,
     NvLink,
+    tlimit_threshold,
 )
 from vetd.plugins.gpu_health.sources import OnEvent, nvidia_gpus_in_sysfs
 
@@ -118,6 +119,24 @@ class _Reader:
                 self.errors.append(f"{func.__name__}: {exc}")
             return None
 
+    def field(self, value: Any, what: str) -> float | None:
+        """One answer of ``nvmlDeviceGetFieldValues``, judged as a call of its own is
+        (each field carries its own return code): ``what`` names it in an error."""
+        n = self.nvml
+        code = int(value.nvmlReturn)
+        if code == n.NVML_SUCCESS:
+            return field_value(value)
+        if code in self.not_reported:
+            return None
+        error = n.NVMLError(code)
+        if code == n.NVML_ERROR_GPU_IS_LOST:
+            raise _Lost(f"nvmlDeviceGetFieldValues({what}): {error}")
+        if code == n.NVML_ERROR_RESET_REQUIRED:
+            self.reset_required = True
+        else:
+            self.errors.append(f"nvmlDeviceGetFieldValues({what}): {error}")
+        return None
+
 
 class _Known(msgspec.Struct, frozen=True):
     uuid: str
@@ -156,6 +175,10 @@ class NvmlSource:
         #: counts up to NVML_NVLINK_MAX_LINKS (36) links, an H100 has 18 and a
         #: PCIe card none: probing once saves most of the calls of a snapshot.
         self._links: dict[int, list[int]] = {}
+        #: Whether the driver answers the per-link NVLink fields (:data:`NVLINK_FIELDS`):
+        #: one field-values call per GPU instead of five calls per link. Older drivers
+        #: do not; they are read link by link from the first GPU that shows it.
+        self._link_fields = True
         #: index → the readings a board does not change while it runs.
         self._fixed: dict[int, _Fixed] = {}
         self._memory_v2 = True
@@ -397,14 +420,18 @@ class NvmlSource:
         n = self.nvml
         errors = len(get.errors)
         mig = get(n.nvmlDeviceGetMigMode, handle)  # (current, pending): a change applies at a reset
+        slowdown = _float(get(n.nvmlDeviceGetTemperatureThreshold, handle, n.NVML_TEMPERATURE_THRESHOLD_SLOWDOWN))
+        shutdown = _float(get(n.nvmlDeviceGetTemperatureThreshold, handle, n.NVML_TEMPERATURE_THRESHOLD_SHUTDOWN))
+        if slowdown is None or shutdown is None:
+            tlimit = self._tlimit_thresholds(handle, get)
+            slowdown = slowdown if slowdown is not None else tlimit.get("slowdown")
+            shutdown = shutdown if shutdown is not None else tlimit.get("shutdown")
         fixed = _Fixed(
             uuid=uuid,
             mig_enabled=None if mig is None else bool(mig[0]),
             clock_sm_max_mhz=_float(get(n.nvmlDeviceGetMaxClockInfo, handle, n.NVML_CLOCK_SM)),
-            temp_slowdown_c=_float(get(n.nvmlDeviceGetTemperatureThreshold, handle,
-                                       n.NVML_TEMPERATURE_THRESHOLD_SLOWDOWN)),
-            temp_shutdown_c=_float(get(n.nvmlDeviceGetTemperatureThreshold, handle,
-                                       n.NVML_TEMPERATURE_THRESHOLD_SHUTDOWN)),
+            temp_slowdown_c=slowdown,
+            temp_shutdown_c=shutdown,
         )
         if uuid and len(get.errors) == errors and not get.reset_required:  # a failed read is tried again
             self._fixed[index] = fixed
@@ -419,10 +446,101 @@ class NvmlSource:
         by_id = {v.fieldId: field_value(v) for v in values or [] if v.nvmlReturn == n.NVML_SUCCESS}
         return {key: value for key, field in wanted.items() if (value := by_id.get(field)) is not None}
 
+    def _tlimit_thresholds(self, handle: Any, get: _Reader) -> dict[str, float]:
+        """Thresholds in °C from T.Limit, for GPUs whose driver has no classic ones.
+
+        The ``*_TLIMIT`` fields are relative to T.Limit (-2: slowdown 2 °C past it)
+        and ``nvmlDeviceGetMarginTemperature`` is how far below T.Limit the GPU is
+        now, so a threshold is now + margin - relative, as a capture's are
+        (:func:`~vetd.plugins.gpu_health.model.tlimit_threshold`). An H200 on 580.159.04
+        answered 193/194 = -8/-2, margin 48 at 39 °C: 95/89 °C, its classic thresholds.
+        """
+        n = self.nvml
+        wanted = {key: getattr(n, name, None) for key, name in TLIMIT_FIELDS.items()}
+        ids = [field for field in wanted.values() if field is not None]
+        values = get(n.nvmlDeviceGetFieldValues, handle, ids) if ids else None
+        if not values:
+            return {}
+        relative = {int(v.fieldId): get.field(v, str(int(v.fieldId))) for v in values}
+        margin = _float(get(n.nvmlDeviceGetMarginTemperature, handle))
+        now = _float(get(n.nvmlDeviceGetTemperature, handle, n.NVML_TEMPERATURE_GPU))
+        return {key: value for key, field in wanted.items()
+                if (value := tlimit_threshold(now, margin, relative.get(field) if field is not None else None))
+                is not None}
+
     def _nvlinks(self, index: int, handle: Any, get: _Reader) -> list[NvLink] | None:
+        """The GPU's NVLinks: all of them in one field-values call where the driver
+        answers the per-link fields, else five calls per link (state, four counters).
+        Which links answer is probed once (:attr:`_links`), again when one stops answering."""
         n = self.nvml
         known = self._links.get(index)
-        candidates = known if known is not None else range(getattr(n, "NVML_NVLINK_MAX_LINKS", 18))
+        candidates = list(known if known is not None else range(getattr(n, "NVML_NVLINK_MAX_LINKS", 18)))
+        if not candidates:
+            return None
+        if self._link_fields:
+            batched = self._nvlinks_batched(handle, get, candidates, known=known is not None)
+            if batched is _REPROBE:  # a link that answered before no longer does: probe afresh
+                del self._links[index]
+                return self._nvlinks(index, handle, get)
+            if isinstance(batched, list):
+                if known is None:
+                    self._links[index] = [link.link for link in batched]
+                return batched or None
+        links = self._nvlinks_per_link(index, handle, get, candidates)
+        if links and self._link_fields:
+            # The per-link calls find links the fields did not: this driver has no per-link fields.
+            log.info("nvlink_fields_unsupported", gpu=index, action="NVLinks read link by link")
+            self._link_fields = False
+        return links
+
+    def _nvlinks_batched(self, handle: Any, get: _Reader, candidates: list[int], *,
+                         known: bool) -> list[NvLink] | object | None:
+        """``candidates`` in one ``nvmlDeviceGetFieldValues`` (:data:`NVLINK_FIELDS`, scopeId = link):
+        the links whose state answered; :data:`_REPROBE` when a ``known`` link no longer
+        answers; None when the fields gave no link at all (the per-link calls then tell
+        a driver without these fields from a GPU without NVLink)."""
+        n = self.nvml
+        ids = {key: getattr(n, name) for key, name in NVLINK_FIELDS.items() if hasattr(n, name)}
+        if "up" not in ids:
+            self._link_fields = False
+            return None
+        # CRC data has no scoped field: its legacy per-link fields name links 0-11 only.
+        data = {field: link for link in candidates
+                if (field := getattr(n, f"NVML_FI_DEV_NVLINK_CRC_DATA_ERROR_COUNT_L{link}", None)) is not None}
+        request = [(field, link) for link in candidates for field in ids.values()] + list(data)
+        errors = len(get.errors)
+        values = get(n.nvmlDeviceGetFieldValues, handle, request)
+        if values is None:
+            if len(get.errors) == errors and not get.reset_required:  # NOT_SUPPORTED, FUNCTION_NOT_FOUND...
+                self._link_fields = False
+            return None
+        key_of = {field: key for key, field in ids.items()}
+        read: dict[tuple[str, int], float | None] = {}
+        for value in values:
+            field, scope = int(value.fieldId), int(value.scopeId)
+            key, link = (key_of[field], scope) if field in key_of else ("crc_data", data[field])
+            read[key, link] = get.field(value, f"{NVLINK_FIELDS.get(key, 'NVLink CRC data')}, link {link}")
+        if not known and all(read.get(("up", link)) is None for link in candidates):
+            return None
+        links = []
+        for link in candidates:
+            state = read.get(("up", link))
+            if state is None:
+                if known:
+                    return _REPROBE
+                continue
+            crc = [read.get(("crc_flit", link)), read.get(("crc_data", link))]
+            links.append(NvLink(
+                link=link, up=bool(state),
+                replay_errors=_int(read.get(("replay_errors", link))),
+                recovery_errors=_int(read.get(("recovery_errors", link))),
+                crc_errors=None if all(c is None for c in crc) else sum(int(c or 0) for c in crc),
+            ))
+        return links
+
+    def _nvlinks_per_link(self, index: int, handle: Any, get: _Reader, candidates: list[int]) -> list[NvLink] | None:
+        n = self.nvml
+        known = self._links.get(index)
         links = []
         for link in candidates:
             state = get(n.nvmlDeviceGetNvLinkState, handle, link)
@@ -615,6 +733,25 @@ FIELDS = {
     "temp_memory_c": "NVML_FI_DEV_MEMORY_TEMP",
 }
 
+#: NvLink key → the NVML field (pynvml's name) read per link, with the link as scopeId.
+#: ``crc_flit`` stands for what ``nvmlDeviceGetNvLinkErrorCounter`` calls DL_CRC_FLIT;
+#: the CRC data counter has no scoped field (legacy ``..._CRC_DATA_ERROR_COUNT_L0..L11``).
+NVLINK_FIELDS = {
+    "up": "NVML_FI_DEV_NVLINK_GET_STATE",
+    "replay_errors": "NVML_FI_DEV_NVLINK_ERROR_DL_REPLAY",
+    "recovery_errors": "NVML_FI_DEV_NVLINK_ERROR_DL_RECOVERY",
+    "crc_flit": "NVML_FI_DEV_NVLINK_ERROR_DL_CRC",
+}
+
+#: Temperature threshold → its NVML field relative to T.Limit, for GPUs without the classic thresholds.
+TLIMIT_FIELDS = {
+    "slowdown": "NVML_FI_DEV_TEMPERATURE_SLOWDOWN_TLIMIT",
+    "shutdown": "NVML_FI_DEV_TEMPERATURE_SHUTDOWN_TLIMIT",
+}
+
+#: :meth:`NvmlSource._nvlinks_batched`: a link known to answer no longer does.
+_REPROBE = object()
+
 #: c_nvmlValue_t member by nvmlValueType_t.
 _VALUE_MEMBERS = {0: "dVal", 1: "uiVal", 2: "ulVal", 3: "ullVal", 4: "sllVal", 5: "siVal", 6: "usVal"}
 
@@ -646,6 +783,10 @@ def _len(value: Any) -> int | None:
 
 def _bool(value: Any) -> bool | None:
     return None if value is None else bool(value)
+
+
+def _int(value: Any) -> int | None:
+    return None if value is None else int(value)
 
 
 def _float(value: Any) -> float | None:

@@ -36,7 +36,14 @@ How the simulated driver behaves, as the real one does:
   stand-in for ``nvidia-smi -r``) refuses, as the driver refuses a reset of a
   GPU another process has open.
 * ``nvml_error`` steps make named functions fail with a named NVML error
-  (``{at: 3s, gpu: 1, nvml_error: {nvmlDeviceGetPowerUsage: UNKNOWN}}``).
+  (``{at: 3s, gpu: 1, nvml_error: {nvmlDeviceGetPowerUsage: UNKNOWN}}``), or
+  named fields answer it inside ``nvmlDeviceGetFieldValues``
+  (``NVML_FI_DEV_NVLINK_GET_STATE: NOT_SUPPORTED``: a driver without the
+  per-link fields).
+* ``nvmlDeviceGetFieldValues`` answers each field on its own: the NVLink
+  fields per link (``scopeId`` = link, as the per-link calls answer), the
+  ``*_TLIMIT`` thresholds relative to a simulated T.Limit (the slowdown
+  threshold), which ``nvmlDeviceGetMarginTemperature`` measures from.
 * Functions this simulation does not know are missing symbols, which pynvml
   reports as ``NVML_ERROR_FUNCTION_NOT_FOUND`` (an older driver).
 
@@ -61,7 +68,14 @@ from pathlib import Path
 from typing import IO, Any
 
 from vetd.agent.api import SourceUnavailable
-from vetd.plugins.gpu_health.model import CLOCK_REASONS, GPU_EVENTS, DriverEvent, GpuSnapshot, NodeSnapshot
+from vetd.plugins.gpu_health.model import (
+    CLOCK_REASONS,
+    GPU_EVENTS,
+    DriverEvent,
+    GpuSnapshot,
+    NodeSnapshot,
+    NvLink,
+)
 from vetd.plugins.gpu_health.sources import Source
 
 #: Handles are opaque pointers; ours are these addresses plus the GPU index.
@@ -85,6 +99,11 @@ assert set(_REASON_NAMES) == set(CLOCK_REASONS)
 _RECOVERY_NAMES = {"none": "NONE", "reset": "GPU_RESET", "reboot": "NODE_REBOOT", "drain p2p": "DRAIN_P2P",
                    "drain and reset": "DRAIN_AND_RESET", "recover imex domain": "RECOVER_IMEX_DOMAIN",
                    "bus reset": "BUS_RESET", "system reboot": "SYSTEM_REBOOT"}
+
+#: Per-link NVLink fields (scopeId = link) by pynvml's name → what each answers.
+_NVLINK_FIELDS = {"NVML_FI_DEV_NVLINK_GET_STATE": "up", "NVML_FI_DEV_NVLINK_ERROR_DL_REPLAY": "replay",
+                  "NVML_FI_DEV_NVLINK_ERROR_DL_RECOVERY": "recovery", "NVML_FI_DEV_NVLINK_ERROR_DL_CRC": "crc_flit"} | {
+    f"NVML_FI_DEV_NVLINK_CRC_DATA_ERROR_COUNT_L{link}": "crc_data" for link in range(12)}
 
 #: Scenario GPU events by pynvml's ``nvmlEventType<Name>``.
 _EVENT_NAMES = {"gpu_unavailable": "GpuUnavailableError", "fatal_poison": "FatalPoisonError",
@@ -390,26 +409,85 @@ class SimulatedNvml:
             _out(ref).value = int(value)  # type: ignore[arg-type]
 
     def _c_nvmlDeviceGetFieldValues(self, handle: Any, count: Any, ref: Any) -> None:
+        """Each field answers on its own: the GPU-wide ones, the NVLink ones per link
+        (scopeId = link, as the per-link calls answer), the T.Limit thresholds; an
+        ``nvml_error`` naming a field (``NVML_FI_DEV_NVLINK_GET_STATE: NOT_SUPPORTED``,
+        an older driver) makes that field answer the error."""
         gpu = self._gpu(handle)
         values = _out(ref)
+        n = self.n
         recovery = None if gpu.recovery_action is None else self._recovery.get(gpu.recovery_action.lower())
-        by_name = {
-            "NVML_FI_DEV_MEMORY_TEMP": None if gpu.temp_memory_c is None else round(gpu.temp_memory_c),
-            "NVML_FI_DEV_RESET_STATUS": None if gpu.reset_required is None else int(gpu.reset_required),
-            "NVML_FI_DEV_DRAIN_AND_RESET_STATUS": None if gpu.drain_and_reset_recommended is None
-            else int(gpu.drain_and_reset_recommended),
-            "NVML_FI_DEV_GET_GPU_RECOVERY_ACTION": recovery,
+        unsigned, signed = n.NVML_VALUE_TYPE_UNSIGNED_INT, n.NVML_VALUE_TYPE_SIGNED_INT
+        by_name: dict[str, tuple[int, int | None]] = {
+            "NVML_FI_DEV_MEMORY_TEMP": (unsigned, None if gpu.temp_memory_c is None else round(gpu.temp_memory_c)),
+            "NVML_FI_DEV_RESET_STATUS": (unsigned, None if gpu.reset_required is None else int(gpu.reset_required)),
+            "NVML_FI_DEV_DRAIN_AND_RESET_STATUS": (unsigned, None if gpu.drain_and_reset_recommended is None
+                                                   else int(gpu.drain_and_reset_recommended)),
+            "NVML_FI_DEV_GET_GPU_RECOVERY_ACTION": (unsigned, recovery),
         }
-        answers = {getattr(self.n, name): value for name, value in by_name.items() if hasattr(self.n, name)}
-        for n in range(_int(count)):
-            value = answers.get(values[n].fieldId)
-            values[n].timestamp = int(time.time() * 1e6)
-            if value is None:
-                values[n].nvmlReturn = self.n.NVML_ERROR_NOT_SUPPORTED
+        tlimit = self._tlimit_c(gpu)
+        for name, threshold in (("NVML_FI_DEV_TEMPERATURE_SLOWDOWN_TLIMIT", gpu.temp_slowdown_c),
+                                ("NVML_FI_DEV_TEMPERATURE_SHUTDOWN_TLIMIT", gpu.temp_shutdown_c)):
+            # An H200 answers these as signed ints (-2, -8), relative to T.Limit.
+            by_name[name] = (signed, None if tlimit is None or threshold is None else round(tlimit - threshold))
+        answers = {getattr(n, name): value for name, value in by_name.items() if hasattr(n, name)}
+        per_link = {getattr(n, name): kind for name, kind in _NVLINK_FIELDS.items() if hasattr(n, name)}
+        injected = self._field_errors(handle)
+        links = None if gpu.nvlinks is None else {link.link: link for link in gpu.nvlinks}
+        for i in range(_int(count)):
+            entry = values[i]
+            field, scope = int(entry.fieldId), int(entry.scopeId)
+            entry.timestamp = int(time.time() * 1e6)
+            try:
+                if field in injected:
+                    raise _Fail(injected[field])
+                if field in per_link:
+                    value_type, value = self._link_field(links, per_link[field], scope)
+                else:
+                    value_type, value = answers.get(field, (unsigned, None))
+                    _need(value)
+            except _Fail as fail:
+                entry.nvmlReturn = int(getattr(n, f"NVML_ERROR_{fail.name}"))
                 continue
-            values[n].nvmlReturn = self.n.NVML_SUCCESS
-            values[n].valueType = self.n.NVML_VALUE_TYPE_UNSIGNED_INT
-            values[n].value.uiVal = value
+            entry.nvmlReturn = n.NVML_SUCCESS
+            entry.valueType = value_type
+            member = {unsigned: "uiVal", signed: "siVal", n.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG: "ullVal"}[value_type]
+            setattr(entry.value, member, value)
+
+    def _field_errors(self, handle: Any) -> dict[int, str]:
+        """Field id → the error an ``nvml_error`` step makes it answer on this GPU."""
+        if self._nvml_errors is None:
+            return {}
+        named = self._nvml_errors().get(_address(handle) - _HANDLE_BASE, {})
+        return {getattr(self.n, name): error for name, error in named.items()
+                if name.startswith("NVML_FI_") and hasattr(self.n, name)}
+
+    def _link_field(self, links: dict[int, NvLink] | None, kind: str, link: int) -> tuple[int, int]:
+        """A per-link NVLink field, answered as the per-link calls answer for that link
+        (:meth:`_link`; state an unsigned int, counters unsigned long long, as on a driver)."""
+        state = _need(links).get(link)
+        if state is None:
+            raise _Fail("INVALID_ARGUMENT" if link > max(links or [-1]) else "NOT_SUPPORTED")
+        if kind == "up":
+            return self.n.NVML_VALUE_TYPE_UNSIGNED_INT, int(_need(state.up))
+        if kind == "crc_data":
+            raise _Fail("NOT_SUPPORTED")  # as nvmlDeviceGetNvLinkErrorCounter(DL_CRC_DATA) answers
+        counter = {"replay": state.replay_errors, "recovery": state.recovery_errors, "crc_flit": state.crc_errors}
+        return self.n.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG, int(_need(counter[kind]))
+
+    @staticmethod
+    def _tlimit_c(gpu: GpuSnapshot) -> float | None:
+        """T.Limit in °C. A snapshot has no T.Limit of its own: the simulated one is the
+        slowdown threshold (an H200's is 2 °C below it); any choice gives the same thresholds."""
+        return gpu.temp_slowdown_c
+
+    def _c_nvmlDeviceGetMarginTemperature(self, handle: Any, ref: Any) -> None:
+        gpu = self._gpu(handle)
+        margin = _out(ref)
+        if margin.version != self.n.nvmlMarginTemperature_v1:
+            raise _Fail("ARGUMENT_VERSION_MISMATCH")
+        tlimit, now = _need(self._tlimit_c(gpu)), _need(gpu.temp_c)
+        margin.marginTemperature = round(tlimit - now)
 
     # -- clocks, thermals, power, use -------------------------------------------
 

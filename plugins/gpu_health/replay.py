@@ -21,6 +21,7 @@ Scenario format (YAML)::
       - {at: 6s, gpu: 6, nvlink_down: [0]}
       - {at: 8s, gpu: 7, vanish: true}   # fell off the bus
       - {at: 10s, gpu: 2, nvml_error: {nvmlDeviceGetPowerUsage: UNKNOWN}}   # --through-nvml only
+      - {at: 0s, gpu: 3, nvml_error: {NVML_FI_DEV_NVLINK_GET_STATE: NOT_SUPPORTED}}   # one field refused
       - {at: 12s, hang: true}            # the driver stops answering
       - {at: 0s, gpu: 1, set: {no_permission: true}}   # counted, but denied to this agent (cgroups)
       - {at: 0s, gpu: 0, set: {mig_enabled: true}}     # no volatile ECC, remapped rows, processes per GPU
@@ -87,7 +88,8 @@ class Step(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     nvlink_down: list[int] = []
     #: Through the simulated NVML only (``--through-nvml``): these functions of
     #: ``gpu`` now fail with this error (``UNKNOWN``, ``GPU_IS_LOST``,
-    #: ``RESET_REQUIRED``...); ``{}`` ends earlier ones.
+    #: ``RESET_REQUIRED``...), or these fields (pynvml's ``NVML_FI_...`` names)
+    #: answer it in ``nvmlDeviceGetFieldValues``; ``{}`` ends earlier ones.
     nvml_error: dict[str, str] | None = None
 
 

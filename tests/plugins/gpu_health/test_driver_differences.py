@@ -29,6 +29,8 @@ from vetd.plugins import gpu_health
 from vetd.plugins.gpu_health.config import GpuHealthConfig
 from vetd.plugins.gpu_health.evaluate import Evaluator
 from vetd.plugins.gpu_health.model import NodeSnapshot
+from vetd.plugins.gpu_health.nvml import NvmlSource
+from vetd.plugins.gpu_health.nvmlsim import SimulatedNvml, install
 from vetd.plugins.gpu_health.replay import CaptureSource, ScenarioSource
 from vetd.plugins.gpu_health.runtime import GpuRuntime
 
@@ -214,3 +216,86 @@ def test_thresholds_printed_relative_to_tlimit_still_drive_the_thermal_check() -
     hot = msgspec.structs.replace(gpu, temp_c=86.0)
     assert "temp_high" in Evaluator(GpuHealthConfig()).health(
         NodeSnapshot(source="t", taken=0, gpus=[hot]), 1)[1].codes
+
+
+def h100_links(crc_on_5: int) -> str:
+    return ", ".join(f"{{link: {i}, up: true, replay_errors: 0, recovery_errors: {i // 9}, "
+                     f"crc_errors: {crc_on_5 if i == 5 else 0}}}" for i in range(18))
+
+
+#: Link 3 of gpu1 goes down at 2s; gpu2's link 5 counts CRC errors, more at 4s.
+NVLINK_FAULTS = f"""
+gpus: 4
+timeline:
+  - {{at: 1s, gpu: 2, set: {{nvlinks: [{h100_links(7)}]}}}}
+  - {{at: 2s, gpu: 1, nvlink_down: [3]}}
+  - {{at: 4s, gpu: 2, set: {{nvlinks: [{h100_links(900)}]}}}}
+"""
+
+
+def nvlinks_through_nvml(tmp_path: Path, scenario: str, at: float) -> tuple[list[object], int]:
+    """Every GPU's NVLinks at ``at`` through the live path, and the NVML calls the snapshot made."""
+    path = tmp_path / f"at{at:g}.yaml"
+    path.write_text(scenario)
+    simulation = SimulatedNvml.of(ScenarioSource(str(path), at=at))
+    install(simulation)
+    source = NvmlSource(expected=lambda: None, process_names=False)
+    source.snapshot()  # the first one probes which links answer
+    calls = simulation.calls
+    snapshot = source.snapshot()
+    return [gpu.nvlinks for gpu in snapshot.gpus], simulation.calls - calls
+
+
+@pytest.mark.parametrize("at", [0.0, 1.0, 2.0, 4.0])
+def test_nvlinks_read_in_one_call_per_gpu_read_as_link_by_link(tmp_path: Path, at: float) -> None:
+    """One field-values call per GPU (scopeId = link) reads what five calls per link read; a driver
+    that answers the per-link fields NOT_SUPPORTED is read link by link."""
+    old_driver = NVLINK_FAULTS + "".join(
+        f"  - {{at: 0s, gpu: {gpu}, nvml_error: {{NVML_FI_DEV_NVLINK_GET_STATE: NOT_SUPPORTED}}}}\n"
+        for gpu in range(4))
+    batched, batched_calls = nvlinks_through_nvml(tmp_path, NVLINK_FAULTS, at)
+    per_link, per_link_calls = nvlinks_through_nvml(tmp_path, old_driver, at)
+    assert batched == per_link
+    assert per_link_calls - batched_calls == 4 * (18 * 5 - 1)
+    links = {(gpu, link.link): link for gpu, each in enumerate(batched) for link in each or []}
+    assert len(links) == 4 * 18
+    assert links[1, 3].up is (at < 2.0)
+    assert links[2, 5].crc_errors == (0 if at < 1.0 else 7 if at < 4.0 else 900)
+    assert links[2, 9].recovery_errors == (0 if at < 1.0 else 1)
+
+
+def test_a_driver_without_field_values_is_read_link_by_link(tmp_path: Path) -> None:
+    """The call itself refused (an older driver): NVLinks still read, and the fields not asked again."""
+    refused = NVLINK_FAULTS + "  - {at: 0s, gpu: 0, nvml_error: {nvmlDeviceGetFieldValues: NOT_SUPPORTED}}\n"
+    links, calls = nvlinks_through_nvml(tmp_path, refused, 4.0)
+    assert links == nvlinks_through_nvml(tmp_path, NVLINK_FAULTS, 4.0)[0]
+    assert calls > 4 * 18 * 5
+
+
+def test_links_beyond_18_are_read_in_the_batch(tmp_path: Path) -> None:
+    """NVML counts up to 36 links per GPU: links 18-35 answer through the scoped fields as well."""
+    links = ", ".join(f"{{link: {i}, up: {'false' if i == 35 else 'true'}, replay_errors: {i}, "
+                      f"recovery_errors: 0, crc_errors: 0}}" for i in range(36))
+    got, _ = nvlinks_through_nvml(tmp_path, f"gpus: 1\nbase: {{nvlinks: [{links}]}}\n", 0.0)
+    assert [(link.link, link.up, link.replay_errors) for link in got[0] or []][-2:] == [(34, True, 34),
+                                                                                      (35, False, 35)]
+
+
+def test_thresholds_from_tlimit_fields_when_the_classic_ones_are_absent(tmp_path: Path) -> None:
+    """A driver that answers the classic thresholds NOT_SUPPORTED: the T.Limit fields (193/194) and
+    the margin give them in °C, so the thermal check still runs; without those either, it says so."""
+    scenario = write(tmp_path, """
+gpus: 3
+timeline:
+  - {at: 0s, gpu: 1, nvml_error: {nvmlDeviceGetTemperatureThreshold: NOT_SUPPORTED}}
+  - {at: 0s, gpu: 2, nvml_error: {nvmlDeviceGetTemperatureThreshold: NOT_SUPPORTED,
+                                  NVML_FI_DEV_TEMPERATURE_SLOWDOWN_TLIMIT: NOT_SUPPORTED}}
+  - {at: 0s, gpu: 1, set: {temp_c: 86}}
+  - {at: 0s, gpu: 2, set: {temp_c: 86}}
+""")
+    source = ScenarioSource(scenario, at=1)
+    gpus = through_nvml(source).snapshot().gpus
+    assert [(g.temp_slowdown_c, g.temp_shutdown_c) for g in gpus] == [(87.0, 92.0), (87.0, 92.0), (None, 92.0)]
+    got = {entity: codes for entity, _status, codes in verdicts(source)}
+    assert "temp_high" in got["gpu1"]
+    assert "unsupported:thermal" in got["gpu2"]
