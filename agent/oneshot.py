@@ -1,8 +1,8 @@
 """``vetd check``: run checks once on this node, no broker needed.
 
-The Slurm prolog and sbatch-preflight entry point. Exit status:
-0 every result passed or warned (or was skipped), 1 a result failed, errored or
-timed out, 2 vetd itself could not run (bad config, unknown check…).
+The Slurm prolog and sbatch-preflight entry point. Exit status as every
+command's (:mod:`vetd.core.cli`): 1 only for a node fault, so the prolog drains
+on nothing else.
 """
 
 from __future__ import annotations
@@ -19,9 +19,8 @@ import msgspec
 from vetd.agent.checks import PROFILE, Check, CheckRun, CheckRunner
 from vetd.agent.config import AgentConfig
 from vetd.agent.pluginhost import PluginHost
-from vetd.core.cli import EXIT_FAILED, EXIT_OK
+from vetd.core.cli import EXIT_FAILED, EXIT_OK, EXIT_VETD
 from vetd.core.output import table
-from vetd.core.protocol import BAD_STATUSES
 
 
 class SelectionError(Exception):
@@ -110,7 +109,10 @@ def main(
         out.writelines(json.dumps(result, default=_json_default) + "\n" for result in results)
     else:
         print_table(results, out)
-    return EXIT_FAILED if any(r["status"] in BAD_STATUSES for r in results) else EXIT_OK
+    statuses = {r["status"] for r in results}
+    if "fail" in statuses:
+        return EXIT_FAILED
+    return EXIT_VETD if statuses & {"error", "timeout"} else EXIT_OK
 
 
 def _json_default(value: object) -> object:

@@ -7,8 +7,10 @@ and third-party plugins (entry-point group ``vetd``) implement
 and nothing here names a command.
 
 Exit codes, the same for every command: 0 fine; 1 a verdict failed (a check
-failed, errored or timed out; an invalid rule file for ``rules check``); 2 a
-usage, config or vetd error. A bad argument is one line on stderr, never a
+result ``fail``: a node fault; an invalid rule file for ``rules check``); 2 a
+usage, config or vetd error, and a check that errored or timed out (vetd could
+not reach a verdict: the Slurm prolog logs it and does not drain). A ``fail``
+wins over an ``error`` in the same run. A bad argument is one line on stderr, never a
 traceback (``--log-level debug`` shows one for an internal error).
 """
 
@@ -100,7 +102,8 @@ def checked(kind: Callable[[str], object]) -> Callable[[str], str]:
 
 def build_parser() -> Parser:
     parser = Parser(prog="vetd", description="Node health for GPU clusters: vet nodes, exclude bad ones, "
-                    "bring them back. Exit 0: fine; 1: a verdict failed; 2: usage, config or vetd error.")
+                    "bring them back. Exit 0: fine; 1: a verdict failed (a node fault); 2: usage, config or "
+                    "vetd error, or a check that errored or timed out.")
     parser.add_argument("--version", action="version", version=f"vetd {__version__}")
     parser.add_argument("--log-level", default=os.environ.get("VETD_LOG_LEVEL", "info").lower(),
                         type=str.lower, choices=LOG_LEVELS, metavar="LEVEL",

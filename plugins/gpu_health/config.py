@@ -28,8 +28,8 @@ class GpuEventSeverity(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     uncontained poison, a row that could not be remapped, a recovery action
     asked for (a ``None`` action, the driver clearing its request, is info).
     Warning are the ones the GPU survived: contained poison (the job died, like
-    XID 94), a remapped row (pending until reset: ``gpu_health`` then fails
-    with ``reset_required``), an SBE storm.
+    XID 94), a remapped row (pending until reset: ``gpu_health`` then warns
+    with ``row_remap_pending``; NVIDIA says new work can start), an SBE storm.
     """
 
     gpu_unavailable: Severity = "critical"
@@ -71,6 +71,15 @@ class GpuHealthConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     retired_pages_fail: Annotated[int, msgspec.Meta(ge=1)] = 63
     #: Uncorrectable remapped rows that warn (DCGM: 512).
     remapped_uncorrectable_warn: Annotated[int, msgspec.Meta(ge=1)] = 512
+    #: HW slowdown (``hw_slowdown``, ``hw_thermal_slowdown``, ``hw_power_brake_slowdown``)
+    #: is judged as a rate: NVML reports it for a moment during P-state changes too, so one
+    #: sample is no finding. The window its rate is taken over (gpud: 10 min).
+    hw_slowdown_window: Duration = Duration(600.0)
+    #: Samples per minute over the window showing a HW slowdown that warn (gpud: 0.6; at the
+    #: default 1 m interval, 6 of the last 10 samples; with a longer interval, lower it).
+    hw_slowdown_warn_per_min: Annotated[float, msgspec.Meta(gt=0.0)] = 0.6
+    #: HW slowdown in every sample for this long fails (the GPU is held back for good).
+    hw_slowdown_sustained: Duration = Duration(1800.0)
     #: Consecutive samples a SW thermal slowdown or power cap must be seen in before it warns.
     sw_throttle_sustained_samples: Annotated[int, msgspec.Meta(ge=1)] = 3
     #: SW power cap while drawing at least this fraction of the enforced power
@@ -88,9 +97,17 @@ class GpuHealthConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: NVLink CRC errors per second that warn / fail (DCGM fails at 100/s).
     nvlink_crc_warn_per_s: NonNegative = 1.0
     nvlink_crc_fail_per_s: NonNegative = 100.0
-    #: ``gpu_idle`` (prolog): a GPU at or above this temperature is not idle. CSCS
-    #: vetnode's limit for liquid-cooled GH200; an idle air-cooled H200 sat at 34-39 °C.
-    idle_temp_max_c: float = 30.0
+    #: NVLinks every GPU must have up (``[0, 1, ...]``). Without it, only a link seen up since
+    #: the agent started is down when it goes down: boards leave links unwired.
+    nvlink_expected_links: list[Annotated[int, msgspec.Meta(ge=0)]] = []
+    #: ``gpu_idle`` (prolog): an idle GPU this close (°C) to its own slowdown temperature fails
+    #: (``idle_temp_high``): it cannot take a job's heat.
+    idle_temp_margin_c: NonNegative = 20.0
+    #: ``gpu_idle``: an idle GPU at or above this temperature warns (an air-cooled H200 idles at 34-39 °C).
+    idle_temp_warn_c: float = 50.0
+    #: ``gpu_idle``: a site's absolute limit; at or above it an idle GPU fails. Unset: judged by
+    #: the two keys above. CSCS vetnode uses 30 for liquid-cooled GH200.
+    idle_temp_max_c: float | None = None
     #: ``gpu_idle``: memory in use at or above this share of the total is left over from a job.
     idle_memory_used_fraction: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.20
     #: Warn when persistence mode is off (``persistence_off``).

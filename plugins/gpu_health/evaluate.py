@@ -1,14 +1,18 @@
 """Turn GPU snapshots into check outcomes: facts in, status + codes + metrics out.
 
-Rates (correctable ECC, PCIe replays, NVLink CRC) and "sustained" throttling
-need more than one sample, so :class:`Evaluator` keeps the previous sample per
-GPU. A single sample (``vetd check``, a capture) reports the counters as
-metrics and judges only what one sample can show.
+Rates (correctable ECC, PCIe replays, NVLink CRC, HW slowdown) and "sustained"
+throttling need more than one sample, so :class:`Evaluator` keeps the previous
+sample per GPU, when each HW slowdown reason was seen, and which NVLinks were
+up. A single sample (``vetd check``, a capture) reports the counters as
+metrics and judges only what one sample can show. A new driver (an upgrade or
+a reload) restarts that history: counters start again from zero and links
+train again.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from vetd.agent.api import Outcome, Status
@@ -99,6 +103,16 @@ def denied(gpu: GpuSnapshot) -> Outcome:
                            "access (NVML_ERROR_NO_PERMISSION: cgroup or device permissions); not checked")
 
 
+def ours(gpu: GpuSnapshot, only: Collection[str] | None) -> bool:
+    """Whether ``gpu`` is one of ``only`` (indices or UUIDs, as Slurm and CUDA name them); no list: every GPU."""
+    return only is None or str(gpu.index) in only or bool(gpu.uuid) and gpu.uuid in only
+
+
+def not_this_job(gpu: GpuSnapshot) -> Outcome:
+    return Outcome(status="skip", entity=gpu.entity, codes=["not_this_job"],
+                   message=f"{_describe(gpu)} (index {gpu.index}) is not one of this job's GPUs; not judged")
+
+
 def unchecked(gpu: GpuSnapshot, *, idle: bool = False) -> list[tuple[str, str]]:
     """The checks this GPU's driver gave nothing to run on: (code, what), never a silent pass.
 
@@ -147,10 +161,34 @@ class Evaluator:
         self._previous: dict[str, tuple[float, GpuSnapshot]] = {}
         self._sw_streak: dict[tuple[str, str], int] = {}
         self._links_up: dict[str, set[int]] = {}
+        #: (GPU, HW slowdown reason) → when samples showed it within the window.
+        self._hw_seen: dict[tuple[str, str], deque[float]] = {}
+        #: (GPU, HW slowdown reason) → the first sample of its current unbroken run.
+        self._hw_since: dict[tuple[str, str], float] = {}
+        self._driver: str | None = None
+
+    def forget(self) -> None:
+        """Drop the history rates and link states are judged against (a new driver, a GPU reset)."""
+        self._previous.clear()
+        self._sw_streak.clear()
+        self._links_up.clear()
+        self._hw_seen.clear()
+        self._hw_since.clear()
+
+    def _driver_changed(self, snapshot: NodeSnapshot) -> Finding | None:
+        """A driver version other than the last sample's: a reload or upgrade. Not a fault:
+        said once, and the history of the old driver's counters and links is dropped."""
+        before, self._driver = self._driver, snapshot.driver_version or self._driver
+        if before is None or not snapshot.driver_version or snapshot.driver_version == before:
+            return None
+        self.forget()
+        return Finding("warn", "driver_changed",
+                       f"GPU driver changed from {before} to {snapshot.driver_version} since the last sample "
+                       "(reloaded or upgraded): rates and NVLink history start again")
 
     # -- node level --------------------------------------------------------
 
-    def count(self, snapshot: NodeSnapshot, expected: int | None) -> Outcome:
+    def count(self, snapshot: NodeSnapshot, expected: int | None, reload: Finding | None = None) -> Outcome:
         listed = len(snapshot.gpus)
         denied_count = sum(gpu.no_permission for gpu in snapshot.gpus)
         found = sum(not gpu.lost and not gpu.no_permission for gpu in snapshot.gpus)
@@ -159,7 +197,7 @@ class Evaluator:
             metrics["gpus_lost"] = float(listed - found - denied_count)
         if denied_count:
             metrics["gpus_no_permission"] = float(denied_count)
-        findings: list[Finding] = []
+        findings: list[Finding] = [reload] if reload else []
         if expected is not None and expected >= 0:
             metrics["gpus_expected"] = float(expected)
             # A GPU this agent may not open is present (the driver counts it), only not ours to use.
@@ -183,9 +221,15 @@ class Evaluator:
 
     # -- per GPU health ----------------------------------------------------
 
-    def health(self, snapshot: NodeSnapshot, expected: int | None) -> list[Outcome]:
-        outcomes = [self.count(snapshot, expected)]
+    def health(self, snapshot: NodeSnapshot, expected: int | None,
+               only: Collection[str] | None = None) -> list[Outcome]:
+        """The node's outcome and one per GPU; with ``only`` (the job's GPUs, by index or
+        UUID), the other GPUs are ``skip`` with ``not_this_job``."""
+        outcomes = [self.count(snapshot, expected, self._driver_changed(snapshot))]
         for gpu in snapshot.gpus:
+            if not ours(gpu, only):
+                outcomes.append(not_this_job(gpu))
+                continue
             if gpu.lost:
                 outcomes.append(lost(gpu))
                 continue
@@ -199,7 +243,7 @@ class Evaluator:
                 *self._ecc(gpu, previous, snapshot.taken),
                 *self._memory(gpu),
                 *self._reset(gpu),
-                *self._clocks(gpu, key),
+                *self._clocks(gpu, key, snapshot.taken),
                 *self._thermal(gpu),
                 *self._pcie(gpu, previous, snapshot.taken),
                 *self._nvlink(gpu, key, previous, snapshot.taken),
@@ -247,7 +291,8 @@ class Evaluator:
         if gpu.remapped_rows_failure:
             findings.append(Finding("fail", "row_remap_failure", "row remapping failed"))
         if gpu.remapped_rows_pending:
-            findings.append(Finding("fail", "reset_required", "row remapping pending: GPU reset required"))
+            # NVIDIA: new work can start; the remap is applied at the next reset (XID 63 is "ignore").
+            findings.append(Finding("warn", "row_remap_pending", "row remapping pending (applied at the next GPU reset)"))
         unc = gpu.remapped_rows_uncorrectable
         if unc is not None and unc >= self.config.remapped_uncorrectable_warn:
             findings.append(Finding("warn", "row_remap_high", f"{unc} rows remapped for uncorrectable errors"))
@@ -266,12 +311,12 @@ class Evaluator:
                                     f"driver's recommended recovery action: {gpu.recovery_action}"))
         return findings
 
-    def _clocks(self, gpu: GpuSnapshot, key: str) -> list[Finding]:
+    def _clocks(self, gpu: GpuSnapshot, key: str, now: float) -> list[Finding]:
         if gpu.clock_reasons is None:
             return []
         active = set(gpu.clock_reasons)
-        findings = [Finding("fail", reason, f"clocks slowed: {reason.replace('_', ' ')}")
-                    for reason in HW_THROTTLE if reason in active]
+        findings = [finding for reason in HW_THROTTLE
+                    if (finding := self._hw_slowdown(key, reason, reason in active, now)) is not None]
         if "sw_power_cap" in active and _at_power_budget(gpu, self.config.power_cap_at_limit_fraction):
             active.discard("sw_power_cap")  # a busy GPU held at its power limit: working as designed
         for reason in SW_THROTTLE:
@@ -281,6 +326,26 @@ class Evaluator:
                 findings.append(Finding("warn", reason,
                                         f"clocks held back by {reason.replace('_', ' ')} for {streak} samples"))
         return findings
+
+    def _hw_slowdown(self, key: str, reason: str, active: bool, now: float) -> Finding | None:
+        """HW slowdown as a rate of samples over a window (warn), or unbroken for longer (fail)."""
+        window, sustained = float(self.config.hw_slowdown_window), float(self.config.hw_slowdown_sustained)
+        seen = self._hw_seen.setdefault((key, reason), deque())
+        while seen and seen[0] <= now - window:
+            seen.popleft()
+        what = reason.replace("_", " ")
+        if not active:
+            self._hw_since.pop((key, reason), None)
+            return None
+        seen.append(now)
+        since = self._hw_since.setdefault((key, reason), now)
+        if now - since >= sustained:
+            return Finding("fail", reason, f"clocks slowed by {what} in every sample for {(now - since) / 60:.0f} min")
+        rate = len(seen) / (window / 60)
+        if rate >= self.config.hw_slowdown_warn_per_min:
+            return Finding("warn", reason, f"clocks slowed by {what} in {len(seen)} samples in the last "
+                                           f"{window / 60:g} min ({rate:.1f}/min)")
+        return None
 
     def _thermal(self, gpu: GpuSnapshot) -> list[Finding]:
         if gpu.temp_c is None or gpu.temp_slowdown_c is None:
@@ -320,13 +385,13 @@ class Evaluator:
         seen_up = self._links_up.setdefault(key, set())
         before = {link.link: link for link in (previous[1].nvlinks or [])} if previous else {}
         seconds = now - previous[0] if previous else 0.0
-        any_up = any(link.up for link in gpu.nvlinks)
+        expected = self.config.nvlink_expected_links
         for link in gpu.nvlinks:
             if link.up:
                 seen_up.add(link.link)
-            elif link.up is False and (link.link in seen_up or any_up):
-                # Down while it was up before, or while its siblings are up: NVLink
-                # topologies use every link, so a lone down link is a fault.
+            elif link.up is False and (link.link in seen_up or link.link in expected):
+                # Down after it was up, or one the site says is wired. A link never up
+                # is not wired on this board (its siblings being up says nothing).
                 findings.append(Finding("fail", "nvlink_down", f"NVLink {link.link} is down"))
             old = before.get(link.link)
             if old is None:
@@ -351,19 +416,20 @@ class Evaluator:
 
     # -- idle vetting (prolog) ---------------------------------------------
 
-    def idle(self, snapshot: NodeSnapshot) -> list[Outcome]:
+    def idle(self, snapshot: NodeSnapshot, only: Collection[str] | None = None) -> list[Outcome]:
+        """Each GPU idle before a job; with ``only`` (the job's GPUs), the others are ``skip``."""
         outcomes = []
         for gpu in snapshot.gpus:
+            if not ours(gpu, only):
+                outcomes.append(not_this_job(gpu))
+                continue
             if gpu.lost:
                 outcomes.append(lost(gpu))
                 continue
             if gpu.no_permission:
                 outcomes.append(denied(gpu))
                 continue
-            findings = []
-            if gpu.temp_c is not None and gpu.temp_c >= self.config.idle_temp_max_c:
-                findings.append(Finding("fail", "idle_temp_high",
-                                        f"{gpu.temp_c:.0f} °C idle (limit {self.config.idle_temp_max_c:g} °C)"))
+            findings = self._idle_temp(gpu)
             if gpu.memory_used_mib is not None and gpu.memory_total_mib:
                 fraction = gpu.memory_used_mib / gpu.memory_total_mib
                 if fraction >= self.config.idle_memory_used_fraction:
@@ -379,3 +445,21 @@ class Evaluator:
             outcomes.append(with_unchecked(outcome(gpu.entity, findings, metrics, f"{_describe(gpu)} idle"),
                                            unchecked(gpu, idle=True)))
         return outcomes
+
+    def _idle_temp(self, gpu: GpuSnapshot) -> list[Finding]:
+        """The site's absolute limit if it set one; otherwise fail this close to the GPU's own
+        slowdown temperature and warn above an absolute value."""
+        temp, config = gpu.temp_c, self.config
+        if temp is None:
+            return []
+        if config.idle_temp_max_c is not None:
+            if temp >= config.idle_temp_max_c:
+                return [Finding("fail", "idle_temp_high", f"{temp:.0f} °C idle (limit {config.idle_temp_max_c:g} °C)")]
+            return []
+        slowdown = gpu.temp_slowdown_c
+        if slowdown is not None and temp >= slowdown - config.idle_temp_margin_c:
+            return [Finding("fail", "idle_temp_high", f"{temp:.0f} °C idle, within {config.idle_temp_margin_c:g} °C "
+                                                      f"of its slowdown at {slowdown:.0f} °C")]
+        if temp >= config.idle_temp_warn_c:
+            return [Finding("warn", "idle_temp_high", f"{temp:.0f} °C idle (warn at {config.idle_temp_warn_c:g} °C)")]
+        return []

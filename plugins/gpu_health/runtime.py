@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from vetd.agent.api import Backoff, EventOutcome, Outcome, SourceUnavailable
+from vetd.agent.api import Backoff, EventOutcome, Outcome, SourceUnavailable, current_profile
 from vetd.plugins.gpu_health.catalog import Verdict
 from vetd.plugins.gpu_health.config import GpuHealthConfig
 from vetd.plugins.gpu_health.evaluate import RECOVERY_FAIL, Evaluator
@@ -27,6 +28,19 @@ log = structlog.get_logger("vetd.gpu")
 HEALTH_PROFILES = frozenset({"prolog", "periodic", "full"})
 IDLE_PROFILES = frozenset({"prolog"})
 KMSG_PATH = "/dev/kmsg"
+#: Where Slurm (prolog) and CUDA name a job's GPUs, by index or UUID; the first one set wins.
+JOB_GPU_VARIABLES = ("SLURM_JOB_GPUS", "CUDA_VISIBLE_DEVICES")
+
+
+def job_gpus(environ: Mapping[str, str] | None = None) -> frozenset[str] | None:
+    """The GPUs this job was given (``"0,3"``, ``"GPU-5ce0…"``), or None when no variable names
+    them (the agent's own runs, an exclusive node): then every GPU is judged."""
+    environ = os.environ if environ is None else environ
+    for name in JOB_GPU_VARIABLES:
+        value = environ.get(name)
+        if value is not None:
+            return frozenset(part.strip() for part in value.split(",") if part.strip())
+    return None
 
 
 def event_codes(first: str, verdict: Verdict) -> list[str]:
@@ -123,6 +137,8 @@ class GpuRuntime:
             yield note
         finally:
             await asyncio.to_thread(hold.__exit__, None, None, None)
+            with self._evaluating:
+                self.evaluator.forget()  # a reset zeroes counters and retrains links
 
     def _take(self) -> NodeSnapshot:
         return self.source().snapshot()
@@ -159,14 +175,16 @@ class GpuRuntime:
         if isinstance(snapshot, Outcome):
             return [snapshot]
         expected = self.expected()
+        # In the prolog, the job's GPUs only: another job's busy GPU on a shared node is not this job's fault.
+        only = job_gpus() if current_profile() == "prolog" else None
         with self._evaluating:
-            return self.evaluator.health(snapshot, expected)
+            return self.evaluator.health(snapshot, expected, only)
 
     def idle(self) -> list[Outcome]:
         snapshot = self.snapshot()
         if isinstance(snapshot, Outcome):
             return [snapshot]
-        return self.evaluator.idle(snapshot) or [Outcome(status="skip", message="no GPUs")]
+        return self.evaluator.idle(snapshot, job_gpus()) or [Outcome(status="skip", message="no GPUs")]
 
     def telemetry(self) -> Mapping[str, Mapping[str, float]]:
         snapshot = self.snapshot()

@@ -24,6 +24,8 @@ from vetd.plugins.gpu_health.model import DriverEvent, NodeSnapshot
 NVIDIA_VENDOR = "0x10de"
 #: PCI classes of GPUs: VGA (0x0300xx) and 3D controller (0x0302xx); NVSwitch is 0x0680.
 GPU_CLASSES = ("0x0300", "0x0302")
+#: Drivers that hand a GPU to a virtual machine: the host's NVIDIA driver never sees it.
+PASSTHROUGH_DRIVERS = frozenset({"vfio-pci"})
 
 
 #: Where a source's watcher reports what the driver says, as it says it.
@@ -46,7 +48,8 @@ class Source(Protocol):
 
 
 def nvidia_gpus_in_sysfs(root: Path | str = "/sys/bus/pci/devices") -> int:
-    """NVIDIA GPU functions the kernel enumerated, whether or not a driver is bound."""
+    """NVIDIA GPU functions the kernel enumerated for the host: bound to a driver or not yet
+    bound, but not those bound to ``vfio-pci`` (passed to a VM; counting them failed the node)."""
     count = 0
     for device in Path(root).glob("*"):
         try:
@@ -54,9 +57,17 @@ def nvidia_gpus_in_sysfs(root: Path | str = "/sys/bus/pci/devices") -> int:
             klass = (device / "class").read_text().strip()
         except OSError:
             continue
-        if vendor == NVIDIA_VENDOR and klass.startswith(GPU_CLASSES):
+        if vendor == NVIDIA_VENDOR and klass.startswith(GPU_CLASSES) and _driver(device) not in PASSTHROUGH_DRIVERS:
             count += 1
     return count
+
+
+def _driver(device: Path) -> str:
+    """The name of the driver bound to a PCI device (its ``driver`` link), "" when none is."""
+    try:
+        return (device / "driver").resolve(strict=True).name
+    except OSError:
+        return ""
 
 
 class Guard:

@@ -50,11 +50,13 @@ def test_vetd_itself_failing_exits_2(tmp_path: Path) -> None:
     assert "unknown check(s): no_such_check" in unknown.stderr
 
 
-def test_profile_selects_and_a_raising_plugin_check_exits_1(tmp_path: Path) -> None:
+def test_profile_selects_and_a_raising_plugin_check_exits_2(tmp_path: Path) -> None:
+    """A check that raised or hung is vetd's failure, not the node's: exit 2, which the prolog
+    logs without draining (exit 1 is a node fault only)."""
     config = tmp_path / "agent.toml"
     config.write_text('[agent]\nload_plugins = ["vetd_testplugin"]\n')
     done = run_vetd("check", "--config", str(config), "--json", "--profile", "periodic")
-    assert done.returncode == 1
+    assert done.returncode == 2
     statuses = {r["check"]: r["status"] for r in map(json.loads, done.stdout.splitlines())}
     assert statuses["raises"] == "error"
     assert statuses["hangs"] == "timeout"

@@ -115,5 +115,6 @@ def test_capture_verdicts_and_expected_count() -> None:
     assert strict.returncode == 1
     idle = run_vetd("check", "gpu_idle", "--capture", str(capture("tesla-t4.xml")), "--json")
     t4 = json.loads(idle.stdout)
-    assert t4["codes"] == ["idle_temp_high", "stray_processes"] and "python (5762)" in t4["message"]
+    # 40 °C, slowdown at 93 °C: not hot for an idle air-cooled T4; the python process left on it fails.
+    assert t4["codes"] == ["stray_processes"] and "python (5762)" in t4["message"]
     assert idle.returncode == 1

@@ -39,14 +39,11 @@ def test_a_healthy_gpu_passes_with_its_metrics() -> None:
         ({"retired_pages_pending": True}, "warn", "retired_pages_pending"),
         ({"retired_pages_sbe": 40, "retired_pages_dbe": 23}, "fail", "retired_pages_limit"),
         ({"remapped_rows_failure": True}, "fail", "row_remap_failure"),
-        ({"remapped_rows_pending": True}, "fail", "reset_required"),
+        ({"remapped_rows_pending": True}, "warn", "row_remap_pending"),
         ({"remapped_rows_uncorrectable": 512}, "warn", "row_remap_high"),
         ({"reset_required": True}, "fail", "reset_required"),
         ({"drain_and_reset_recommended": True}, "fail", "drain_and_reset_recommended"),
         ({"recovery_action": "Reboot"}, "fail", "recovery_reboot"),
-        ({"clock_reasons": ["hw_slowdown"]}, "fail", "hw_slowdown"),
-        ({"clock_reasons": ["hw_thermal_slowdown"]}, "fail", "hw_thermal_slowdown"),
-        ({"clock_reasons": ["hw_power_brake_slowdown"]}, "fail", "hw_power_brake_slowdown"),
         ({"temp_c": 83.0}, "warn", "temp_high"),
         ({"utilization_pct": 90.0, "pcie_gen": 3}, "warn", "pcie_gen_degraded"),
         ({"utilization_pct": 90.0, "pcie_width": 8}, "warn", "pcie_width_degraded"),
@@ -135,3 +132,88 @@ def test_idle_vetting() -> None:
     assert outcome.metrics["compute_processes"] == 1.0
     [clean] = evaluator.idle(node(healthy_gpu(0)))
     assert clean.status == "pass"
+
+
+@pytest.mark.parametrize("reason", ["hw_slowdown", "hw_thermal_slowdown", "hw_power_brake_slowdown"])
+def test_hw_slowdown_is_a_rate_over_a_window_and_fails_only_when_sustained(reason: str) -> None:
+    """NVML reports HW slowdown during P-state changes too: one sample is no finding (it
+    failed and drained before); gpud's 0.6 events/min over 10 min warns; all along for 30 min fails."""
+    evaluator = Evaluator(GpuHealthConfig())  # window 10m, 0.6/min, sustained 30m
+    slowed = msgspec.structs.replace(healthy_gpu(0), clock_reasons=[reason])
+    assert verdict(slowed, evaluator, 0.0) == ("pass", [])  # a blip
+    assert [verdict(healthy_gpu(0), evaluator, 60.0 * i)[0] for i in range(1, 12)] == ["pass"] * 11
+    blips = [verdict(slowed if i % 2 else healthy_gpu(0), evaluator, 1000.0 + 60 * i) for i in range(10)]
+    assert blips[-1] == ("pass", [])  # 5 in 10 min: 0.5/min, under the rate
+    # Six samples in ten minutes: 0.6/min, a warning; still there 30 min on: a failure.
+    evaluator = Evaluator(GpuHealthConfig())
+    statuses = [verdict(slowed, evaluator, 60.0 * i) for i in range(31)]
+    assert [s for s, _ in statuses[:5]] == ["pass"] * 5 and statuses[5] == ("warn", [reason])
+    assert statuses[29][0] == "warn" and statuses[30] == ("fail", [reason])
+    assert verdict(healthy_gpu(0), evaluator, 1900.0)[0] == "pass"  # ended
+
+
+def test_a_pending_row_remap_warns_and_a_failed_one_still_fails() -> None:
+    pending = msgspec.structs.replace(healthy_gpu(0), remapped_rows_pending=True)
+    assert verdict(pending) == ("warn", ["row_remap_pending"])
+    failed = msgspec.structs.replace(pending, remapped_rows_failure=True)
+    assert verdict(failed) == ("fail", ["row_remap_failure", "row_remap_pending"])
+
+
+def test_a_link_never_up_is_no_fault_unless_expected() -> None:
+    """Boards leave NVLinks unwired: only a link seen up before, or listed as expected, can be down."""
+    gpu = healthy_gpu(0)
+    links = list(gpu.nvlinks or [])
+    links[17] = NvLink(link=17, up=False, replay_errors=0, recovery_errors=0, crc_errors=0)
+    unwired = msgspec.structs.replace(gpu, nvlinks=links)
+    evaluator = Evaluator(GpuHealthConfig())
+    assert [verdict(unwired, evaluator, t) for t in (0.0, 60.0)] == [("pass", []), ("pass", [])]
+    expected = Evaluator(GpuHealthConfig(nvlink_expected_links=list(range(18))))
+    assert verdict(unwired, expected, 0.0) == ("fail", ["nvlink_down"])
+    was_up = Evaluator(GpuHealthConfig())
+    assert verdict(gpu, was_up, 0.0)[0] == "pass"
+    assert verdict(unwired, was_up, 60.0) == ("fail", ["nvlink_down"])
+
+
+def test_a_driver_reload_is_a_warning_not_a_drain() -> None:
+    """A new driver (an upgrade, a reload): counters restart and links train again. The
+    links seen up before are still training: nvlink_down failed and drained the node."""
+    evaluator = Evaluator(GpuHealthConfig())
+    gpu = msgspec.structs.replace(healthy_gpu(0), ecc_volatile_dram_correctable=500, pcie_replay_counter=900)
+    assert [o.status for o in evaluator.health(node(gpu, taken=0.0), expected=1)] == ["pass", "pass"]
+    training = [NvLink(link=i, up=i >= 4, replay_errors=0, recovery_errors=0, crc_errors=0) for i in range(18)]
+    reloaded = msgspec.structs.replace(healthy_gpu(0), nvlinks=training)
+    after = NodeSnapshot(source="test", taken=60.0, gpus=[reloaded], driver_version="580.159.04", attached_gpus=1)
+    node_outcome, gpu_outcome = evaluator.health(after, expected=1)
+    assert (node_outcome.status, node_outcome.codes) == ("warn", ["driver_changed"])
+    assert "550.54.15" in node_outcome.message and "580.159.04" in node_outcome.message
+    assert (gpu_outcome.status, gpu_outcome.codes) == ("pass", [])
+    again = NodeSnapshot(source="test", taken=120.0, gpus=[healthy_gpu(0)], driver_version="580.159.04",
+                         attached_gpus=1)
+    assert [o.status for o in evaluator.health(again, expected=1)] == ["pass", "pass"]
+
+
+def test_idle_temperature_is_judged_against_the_gpus_own_slowdown_limit() -> None:
+    """An idle air-cooled H200 sits at 34-39 °C: the old absolute 30 °C failed it."""
+    evaluator = Evaluator(GpuHealthConfig())  # slowdown 87 °C on healthy_gpu
+    for temp, expected in [(39.0, ("pass", [])), (55.0, ("warn", ["idle_temp_high"])),
+                           (70.0, ("fail", ["idle_temp_high"]))]:
+        [outcome] = evaluator.idle(node(msgspec.structs.replace(healthy_gpu(0), temp_c=temp)))
+        assert (outcome.status, outcome.codes) == expected, temp
+    no_threshold = msgspec.structs.replace(healthy_gpu(0), temp_c=70.0, temp_slowdown_c=None)
+    [outcome] = evaluator.idle(node(no_threshold))
+    assert (outcome.status, outcome.codes) == ("warn", ["idle_temp_high"])
+    site = Evaluator(GpuHealthConfig(idle_temp_max_c=30.0))  # a liquid-cooled site's own limit
+    [outcome] = site.idle(node(msgspec.structs.replace(healthy_gpu(0), temp_c=39.0)))
+    assert (outcome.status, outcome.codes) == ("fail", ["idle_temp_high"])
+
+
+def test_the_prolog_judges_only_the_jobs_gpus() -> None:
+    """A shared node: GPU 1 runs another job. This job has GPU 0 (by index, or by UUID)."""
+    busy = msgspec.structs.replace(healthy_gpu(1), memory_used_mib=70000.0,
+                                   processes=[GpuProcess(pid=77, name="python", type="C")])
+    evaluator = Evaluator(GpuHealthConfig())
+    for only in ({"0"}, {healthy_gpu(0).uuid}):
+        outcomes = evaluator.idle(node(healthy_gpu(0), busy), only=only)
+        assert [(o.entity, o.status, o.codes) for o in outcomes] == [
+            ("gpu0", "pass", []), ("gpu1", "skip", ["not_this_job"])]
+    assert [o.status for o in evaluator.idle(node(healthy_gpu(0), busy))] == ["pass", "fail"]

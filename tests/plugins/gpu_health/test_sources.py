@@ -135,6 +135,18 @@ def test_sysfs_count_sees_gpus_not_nvswitches(tmp_path: Path) -> None:
     assert nvidia_gpus_in_sysfs(tmp_path) == 2
 
 
+def test_sysfs_count_leaves_out_gpus_passed_to_vms(tmp_path: Path) -> None:
+    """A GPU bound to vfio-pci belongs to a VM: the host's driver will never see it."""
+    for name, driver in [("0000:18:00.0", "nvidia"), ("0000:19:00.0", "vfio-pci"), ("0000:1a:00.0", None)]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "vendor").write_text("0x10de\n")
+        (tmp_path / name / "class").write_text("0x030200\n")
+        if driver:
+            (tmp_path / "drivers" / driver).mkdir(parents=True, exist_ok=True)  # /sys/bus/pci/drivers/NAME
+            (tmp_path / name / "driver").symlink_to(tmp_path / "drivers" / driver)
+    assert nvidia_gpus_in_sysfs(tmp_path) == 2  # bound to nvidia, and not bound yet
+
+
 def test_xid_lines_from_real_driver_formats() -> None:
     assert parse_xid("NVRM: Xid (PCI:0000:3b:00): 79, pid=1234, name=python, GPU has fallen off the bus.") == (
         "0000:3b:00", 79, "pid=1234, name=python, GPU has fallen off the bus.")
