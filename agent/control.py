@@ -36,6 +36,7 @@ import contextlib
 import grp
 import math
 import os
+import socket
 import stat
 import time
 from collections.abc import Callable, Sequence
@@ -260,19 +261,29 @@ class ControlServer:
                 raise OSError(f"another agent answers on {path}")
             path.unlink()  # left by an agent that died
         config = self.host.config().agent
-        server = await asyncio.start_unix_server(self._serve, path=str(path), limit=MAX_LINE)
-        # connecting needs write permission: with the usual umask nobody else could, even before this chmod
-        if config.control_socket_group:
-            try:
-                gid = grp.getgrnam(config.control_socket_group).gr_gid
-            except KeyError:
-                log.error("control_socket_group_unknown", group=config.control_socket_group)
-                path.chmod(0o600)
-            else:
-                os.chown(path, -1, gid)
-                path.chmod(0o660)
-        else:
-            path.chmod(0o600)
+        # Bound under a staging name, given its mode and group, then renamed into place: the
+        # socket never exists at its path with the umask's mode, not even for a moment.
+        staging = path.with_name(f".{path.name}.{os.getpid()}")
+        staging.unlink(missing_ok=True)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(str(staging))
+            mode = 0o600
+            if config.control_socket_group:
+                try:
+                    gid = grp.getgrnam(config.control_socket_group).gr_gid
+                except KeyError:
+                    log.error("control_socket_group_unknown", group=config.control_socket_group)
+                else:
+                    os.chown(staging, -1, gid)
+                    mode = 0o660
+            staging.chmod(mode)
+            staging.replace(path)
+            server = await asyncio.start_unix_server(self._serve, sock=sock, limit=MAX_LINE)
+        except BaseException:
+            sock.close()
+            staging.unlink(missing_ok=True)
+            raise
         log.info("control_socket_listening", path=str(path), group=config.control_socket_group or None)
         return server
 
