@@ -29,16 +29,7 @@ NODES = sorted(p.name.removesuffix(".calls.json") for p in SURVEYS.glob("*.calls
                if (CAPTURES / f"{p.name.removesuffix('.calls.json')}.xml").exists())
 
 #: Call classes where the simulation of a capture cannot answer as the driver did, and why.
-KNOWN = {
-    # MIG mode is read since issue 14 (once per GPU, with the other fixed
-    # readings); the survey was recorded before. Re-record to drop this line.
-    "nvmlDeviceGetMigMode()",
-    # NVLinks are read in one field-values call (issue 14), after the survey: 36
-    # links x 4 scoped fields + 12 legacy CRC data fields. The H200 was asked the
-    # same by hand (580.159.04, 2026-12-04): SUCCESS, every field NOT_SUPPORTED (no
-    # NVLink in its VM), as simulated; the per-link probe then follows, as recorded.
-    "nvmlDeviceGetFieldValues(156)",
-}
+KNOWN: set[str] = set()  # none since the survey was re-recorded after issue 14 (MIG mode, batched NVLink)
 
 
 def simulated_survey(capture: Path) -> Survey:
