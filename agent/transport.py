@@ -3,8 +3,15 @@
 * On connect: a retained birth ``State(online=True)``; the Last Will is a
   retained ``State(online=False)`` of the same session, so the broker marks the
   node offline when the agent vanishes.
-* Results and events go at QoS 1 and leave the spool only once the broker has
-  acknowledged them (PUBACK); telemetry goes at QoS 0.
+* Results and events go at QoS 1; the broker's PUBACK marks them sent, and
+  they leave the spool only when the controller's ack says they are in its
+  store (``vetd/v1/<cluster>/ack/<node>``, :class:`~vetd.core.protocol.Ack`).
+  Telemetry goes at QoS 0, replies leave on PUBACK.
+* What was sent and not acknowledged is sent again, oldest first, on every
+  (re)connect (acks published while we were away are gone: our session is
+  clean) and when no ack has come for ``ack_timeout`` (then with full-jitter
+  back-off, so a controller that is down is not flooded); the controller
+  drops duplicates and acknowledges them again.
 * Connection lost → reconnect with full-jitter exponential backoff; the spool
   keeps what is waiting (see :mod:`vetd.agent.spool`).
 """
@@ -23,12 +30,16 @@ import structlog
 
 from vetd.agent.spool import Spool
 from vetd.core import __version__, protocol
-from vetd.core.mqtt import BrokerAddress, connect_forever
+from vetd.core.mqtt import Backoff, BrokerAddress, connect_forever
 from vetd.core.protocol import Command, Message, State
 
 log = structlog.get_logger("vetd.transport")
 
 PUBLISH_TIMEOUT_S = 10.0
+#: No ack for this long while something sent waits for one: send it again.
+ACK_TIMEOUT_S = 30.0
+#: Longest extra wait (full jitter) between two resends while acks stay away.
+ACK_BACKOFF_CAP_S = 600.0
 
 
 @dataclass
@@ -93,7 +104,11 @@ class Transport:
         on_command: CommandHandler | None = None,
         max_rate: float = 0.0,
         client_options: dict[str, Any] | None = None,
+        ack_timeout: float = ACK_TIMEOUT_S,
     ) -> None:
+        self.ack_timeout = ack_timeout
+        self.resends = 0
+        self.malformed_acks = 0
         self.max_rate = max_rate
         self.client_options = client_options or {}
         self.broker = broker
@@ -126,6 +141,8 @@ class Transport:
         async def session(client: aiomqtt.Client, ready: Callable[[], None]) -> None:
             await client.publish(state_topic, protocol.encode(self.birth()), qos=1, retain=True)
             await client.subscribe(protocol.topic(self.identity.cluster, self.identity.node, "cmd"), qos=1)
+            await client.subscribe(self._ack_topic, qos=1)
+            self.spool.rewind()  # acks sent while we were away never reach a clean session: resend
             self._client = client
             self.connects += 1
             self.connected.set()
@@ -134,6 +151,7 @@ class Transport:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._publish_loop(client), name="vetd.transport.publish")
                 group.create_task(self._command_loop(client), name="vetd.transport.commands")
+                group.create_task(self._resend_loop(), name="vetd.transport.resend")
 
         def lost() -> None:
             self._client = None
@@ -155,10 +173,45 @@ class Transport:
             await client.publish(pending.topic, pending.payload, qos=pending.qos, timeout=PUBLISH_TIMEOUT_S)
             self.spool.done(pending)
 
+    @property
+    def _ack_topic(self) -> str:
+        return protocol.ack_topic(self.identity.cluster, self.identity.node)
+
+    async def _resend_loop(self) -> None:
+        """Send again what the controller has not acknowledged for ``ack_timeout`` (plus back-off)."""
+        backoff = Backoff(base=max(1.0, self.ack_timeout / 4), cap=ACK_BACKOFF_CAP_S)
+        wait = self.ack_timeout
+        while True:
+            await asyncio.sleep(min(1.0, self.ack_timeout / 4))
+            if not self.spool.awaiting_ack():
+                backoff.reset()
+                wait = self.ack_timeout
+                continue
+            idle = time.monotonic() - self.spool.progress_at
+            if idle >= wait:
+                self.resends += 1
+                log.warning("unacknowledged_resent", waited_s=round(idle, 1), waiting=len(self.spool),
+                            resends=self.resends)
+                self.spool.rewind()
+                wait = self.ack_timeout + backoff.next()
+
+    def _on_ack(self, payload: bytes) -> None:
+        try:
+            ack = protocol.decode_ack(self._ack_topic, payload)
+        except protocol.ProtocolError as exc:
+            self.malformed_acks += 1
+            log.warning("ack_malformed", error=str(exc)[:200], count=self.malformed_acks)
+            return
+        for ack_range in ack.ranges:
+            self.spool.acknowledge(ack_range.session, ack_range.first, ack_range.last)
+
     async def _command_loop(self, client: aiomqtt.Client) -> None:
         async for raw in client.messages:
             try:
                 payload = raw.payload if isinstance(raw.payload, bytes | bytearray) else b""
+                if raw.topic.value == self._ack_topic:
+                    self._on_ack(bytes(payload))
+                    continue
                 message = protocol.decode_from(raw.topic.value, payload)
             except protocol.ProtocolError as exc:
                 self.malformed_commands += 1

@@ -28,7 +28,8 @@ def critical(seq: int) -> Event:
 
 
 def drain(spool: Spool) -> list[int]:
-    """Publish everything waiting, as the transport does; the sequence numbers in order."""
+    """Publish everything waiting, as the transport does, each acknowledged by the controller at
+    once; the sequence numbers in order."""
     from vetd.core import protocol
 
     seqs = []
@@ -36,6 +37,7 @@ def drain(spool: Spool) -> list[int]:
         pending = asyncio.run(spool.first())
         seqs.append(protocol.decode(pending.payload).seq)
         spool.done(pending)
+        spool.acknowledge(pending.session, pending.seq, pending.seq)
     return seqs
 
 
