@@ -10,8 +10,12 @@
 * What was sent and not acknowledged is sent again, oldest first, on every
   (re)connect (acks published while we were away are gone: our session is
   clean) and when no ack has come for ``ack_timeout`` (then with full-jitter
-  back-off, so a controller that is down is not flooded); the controller
-  drops duplicates and acknowledges them again.
+  back-off); the controller drops duplicates and acknowledges them again.
+  Each such pass starts with a probe: one message, and the rest only once it
+  is acknowledged. Messages a broker dropped (no subscriber yet after losing
+  its store) then come round again before any later one is stored, so each
+  node's results are stored in order; and a controller that is down gets one
+  resent message per node per back-off, not the whole spool.
 * Connection lost → reconnect with full-jitter exponential backoff; the spool
   keeps what is waiting (see :mod:`vetd.agent.spool`).
 """
@@ -107,6 +111,9 @@ class Transport:
         ack_timeout: float = ACK_TIMEOUT_S,
     ) -> None:
         self.ack_timeout = ack_timeout
+        #: After a (re)connect or a resend, one message goes first and the rest wait for its ack.
+        self._probing = True
+        self._progress = asyncio.Event()
         self.resends = 0
         self.malformed_acks = 0
         self.max_rate = max_rate
@@ -143,6 +150,7 @@ class Transport:
             await client.subscribe(protocol.topic(self.identity.cluster, self.identity.node, "cmd"), qos=1)
             await client.subscribe(self._ack_topic, qos=1)
             self.spool.rewind()  # acks sent while we were away never reach a clean session: resend
+            self._probing = True
             self._client = client
             self.connects += 1
             self.connected.set()
@@ -164,6 +172,13 @@ class Transport:
         interval = 1.0 / self.max_rate if self.max_rate > 0 else 0.0
         next_at = time.monotonic()
         while True:
+            # Probe: until the controller acknowledges the first message of this pass, send no
+            # second. A broker that lost its store (or crashed before saving the controller's
+            # subscription) drops what arrives before the controller subscribes again; streaming
+            # on, later messages would be stored before the lost ones come round: out of order.
+            while self._probing and self.spool.awaiting_ack():
+                self._progress.clear()
+                await self._progress.wait()
             pending = await self.spool.first()
             now = time.monotonic()
             if next_at > now:
@@ -193,6 +208,8 @@ class Transport:
                 log.warning("unacknowledged_resent", waited_s=round(idle, 1), waiting=len(self.spool),
                             resends=self.resends)
                 self.spool.rewind()
+                self._probing = True
+                self._progress.set()
                 wait = self.ack_timeout + backoff.next()
 
     def _on_ack(self, payload: bytes) -> None:
@@ -202,8 +219,12 @@ class Transport:
             self.malformed_acks += 1
             log.warning("ack_malformed", error=str(exc)[:200], count=self.malformed_acks)
             return
+        removed = 0
         for ack_range in ack.ranges:
-            self.spool.acknowledge(ack_range.session, ack_range.first, ack_range.last)
+            removed += self.spool.acknowledge(ack_range.session, ack_range.first, ack_range.last)
+        if removed:
+            self._probing = False
+            self._progress.set()
 
     async def _command_loop(self, client: aiomqtt.Client) -> None:
         async for raw in client.messages:
