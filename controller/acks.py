@@ -18,6 +18,7 @@ this acknowledges again.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Awaitable, Callable, Iterable
 
@@ -39,6 +40,9 @@ class Acks:
 
     def __init__(self, session: str) -> None:
         self.session = session
+        #: ``VETD_CONTROLLER_ACKS=0`` turns acks off: only for bench/ack_cost.py's baseline (agents
+        #: would keep every result and resend it after each ack timeout).
+        self.enabled = os.environ.get("VETD_CONTROLLER_ACKS", "1") != "0"
         #: (cluster, node) → session → [[first, last], …] in arrival order.
         self._pending: dict[tuple[str, str], dict[str, list[list[int]]]] = {}
         self._ready = asyncio.Event()
@@ -47,6 +51,8 @@ class Acks:
 
     def committed(self, messages: Iterable[Message]) -> None:
         """Call after the transaction that stored ``messages`` committed (never before)."""
+        if not self.enabled:
+            return
         for message in messages:
             if not isinstance(message, Result | Event) or not message.seq:
                 continue
