@@ -309,28 +309,35 @@ class Spool:
             self._seen_memory[command_id] = expires
         return True
 
-    async def first(self) -> Pending:
+    async def first(self, *, reliable: bool = True) -> Pending:
         """The oldest message not yet sent in this pass (spooled ones, then held ones, then
-        telemetry); waits for one."""
+        telemetry); waits for one. ``reliable=False``: replies and telemetry only (what needs
+        no controller ack), while results wait for a probe's ack."""
         while True:
             self.flush()
-            after = self._sent_id
-            while True:
-                row = self.db.execute("SELECT id, topic, payload, session, seq FROM spool WHERE id > ? "
-                                      "ORDER BY id LIMIT 1", (after,)).fetchone()
-                if row is None or row[0] not in self._gone:
-                    break
-                after = row[0]
+            row = self._next_row() if reliable else self.db.execute(
+                "SELECT id, topic, payload, session, seq FROM spool WHERE seq = 0 ORDER BY id LIMIT 1").fetchone()
+            if row is not None and row[0] in self._gone:
+                row = None  # a reply whose delete failed: sent already, never again
             if row is not None:
                 return Pending(row[0], row[1], bytes(row[2]), 1, "db", row[3], row[4])
             for token, _, _, topic, payload, session, seq in self._held:
-                if token > self._sent_token:
+                if (token > self._sent_token and reliable) or not seq:
                     return Pending(token, topic, payload, 1, "held", session, seq)
             if self._telemetry:
                 token, topic, payload = self._telemetry[0]
                 return Pending(token, topic, payload, 0, "telemetry")
             self._ready.clear()
             await self._ready.wait()
+
+    def _next_row(self) -> tuple[int, str, bytes, str, int] | None:
+        after = self._sent_id
+        while True:
+            row = self.db.execute("SELECT id, topic, payload, session, seq FROM spool WHERE id > ? "
+                                  "ORDER BY id LIMIT 1", (after,)).fetchone()
+            if row is None or row[0] not in self._gone:
+                return row  # type: ignore[no-any-return]
+            after = row[0]
 
     def done(self, pending: Pending) -> None:
         """The broker has it (PUBACK). A reply leaves the spool; a result or event is marked sent
@@ -342,15 +349,17 @@ class Spool:
         if not self.awaiting_ack():
             self.progress_at = time.monotonic()  # the ack timeout runs from the first unacknowledged send
         if pending.where == "held":
-            self._sent_token = max(self._sent_token, pending.token)
-            if not pending.seq:
-                for item in self._held:
-                    if item[0] == pending.token:
-                        self._held.remove(item)
-                        break
+            if pending.seq:
+                self._sent_token = max(self._sent_token, pending.token)
+                return
+            for item in self._held:
+                if item[0] == pending.token:
+                    self._held.remove(item)
+                    break
             return
-        self._sent_id = max(self._sent_id, pending.token)
-        if not pending.seq:
+        if pending.seq:
+            self._sent_id = max(self._sent_id, pending.token)
+        else:
             self._forget([pending.token])
 
     def _forget(self, ids: list[int]) -> None:

@@ -32,7 +32,7 @@ from typing import Any
 import aiomqtt
 import structlog
 
-from vetd.agent.spool import Spool
+from vetd.agent.spool import Pending, Spool
 from vetd.core import __version__, protocol
 from vetd.core.mqtt import Backoff, BrokerAddress, connect_forever
 from vetd.core.protocol import Command, Message, State
@@ -176,10 +176,9 @@ class Transport:
             # second. A broker that lost its store (or crashed before saving the controller's
             # subscription) drops what arrives before the controller subscribes again; streaming
             # on, later messages would be stored before the lost ones come round: out of order.
-            while self._probing and self.spool.awaiting_ack():
-                self._progress.clear()
-                await self._progress.wait()
-            pending = await self.spool.first()
+            pending = await self._next()
+            if pending is None:
+                continue
             now = time.monotonic()
             if next_at > now:
                 await asyncio.sleep(next_at - now)
@@ -225,6 +224,22 @@ class Transport:
         if removed:
             self._probing = False
             self._progress.set()
+
+    async def _next(self) -> Pending | None:
+        """The next message to publish; while a probe waits for its ack, only replies and
+        telemetry (None when the ack came: look again)."""
+        if not (self._probing and self.spool.awaiting_ack()):
+            return await self.spool.first()
+        self._progress.clear()
+        getter = asyncio.ensure_future(self.spool.first(reliable=False))
+        progress = asyncio.ensure_future(self._progress.wait())
+        try:
+            await asyncio.wait({getter, progress}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            progress.cancel()
+            if not getter.done():
+                getter.cancel()
+        return getter.result() if getter.done() and not getter.cancelled() else None
 
     async def _command_loop(self, client: aiomqtt.Client) -> None:
         async for raw in client.messages:
