@@ -11,8 +11,8 @@
   (re)connect (acks published while we were away are gone: our session is
   clean) and when no ack has come for ``ack_timeout`` (then with full-jitter
   back-off); the controller drops duplicates and acknowledges them again.
-  Each such pass starts with a probe: one message, and the rest only once it
-  is acknowledged. Messages a broker dropped (no subscriber yet after losing
+  Once a controller has acknowledged anything, each such pass starts with a
+  probe: one message, and the rest only once it is acknowledged. Messages a broker dropped (no subscriber yet after losing
   its store) then come round again before any later one is stored, so each
   node's results are stored in order; and a controller that is down gets one
   resent message per node per back-off, not the whole spool.
@@ -113,6 +113,9 @@ class Transport:
         self.ack_timeout = ack_timeout
         #: After a (re)connect or a resend, one message goes first and the rest wait for its ack.
         self._probing = True
+        #: Whether a controller has acknowledged anything in this run: only then is there one to
+        #: probe (an agent whose controller is not there yet streams to the broker as before).
+        self._acked = False
         self._progress = asyncio.Event()
         self.resends = 0
         self.malformed_acks = 0
@@ -218,6 +221,7 @@ class Transport:
             self.malformed_acks += 1
             log.warning("ack_malformed", error=str(exc)[:200], count=self.malformed_acks)
             return
+        self._acked = True
         removed = 0
         for ack_range in ack.ranges:
             removed += self.spool.acknowledge(ack_range.session, ack_range.first, ack_range.last)
@@ -228,7 +232,7 @@ class Transport:
     async def _next(self) -> Pending | None:
         """The next message to publish; while a probe waits for its ack, only replies and
         telemetry (None when the ack came: look again)."""
-        if not (self._probing and self.spool.awaiting_ack()):
+        if not (self._probing and self._acked and self.spool.awaiting_ack()):
             return await self.spool.first()
         self._progress.clear()
         getter = asyncio.ensure_future(self.spool.first(reliable=False))
