@@ -4,8 +4,10 @@ One root TaskGroup holds every task, each named: the transport, the watchdog,
 and a *schedule* (a TaskGroup of its own with one loop per check and per
 telemetry source). SIGHUP builds a new schedule from the re-read config and
 swaps it in; a bad config is logged and the running one kept. SIGTERM/SIGINT
-stop new runs, give in-flight checks ``shutdown_grace`` to finish and be sent,
-publish the retained offline state, and return.
+stop new runs, give in-flight checks ``shutdown_grace`` to finish and be sent
+(acknowledged by the controller), publish the retained offline state, and
+return, within the grace period whether or not the broker is there: what was
+not acknowledged stays in the spool for the next start.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ log = structlog.get_logger("vetd.agent")
 FIRST_RUN_SPREAD_S = 5.0
 #: Least time between the starts of two runs of a check woken by events (an XID storm).
 RECHECK_SPACING_S = 1.0
+#: Of the shutdown grace, what is kept for the offline state and the goodbye to the broker.
+STOP_RESERVE_S = 1.0
 
 
 class Schedule:
@@ -204,16 +208,21 @@ class Agent:
                 control = None
                 if self.control is not None:
                     control = group.create_task(self.control.run_supervised(), name="vetd.control")
-                await self._main(group)
-                if await self.transport.publish_offline("agent stopped"):
+                deadline = await self._main(group)
+                if await self.transport.publish_offline(
+                        "agent stopped", timeout=max(0.1, min(2.0, (deadline - time.monotonic()) / 2))):
                     log.info("offline_published")
                 for task in list(self._command_tasks):
                     task.cancel()  # unanswered: the controller's deadline takes over
-                transport.cancel()
                 if watchdog is not None:
                     watchdog.cancel()
                 if control is not None:
                     control.cancel()
+                # The client says goodbye to the broker; one that is gone without a word (network
+                # down) would keep it waiting for its timeout: cancelled again, it stops at once.
+                transport.cancel()
+                await asyncio.wait({transport}, timeout=max(0.1, deadline - time.monotonic()))
+                transport.cancel()
         finally:
             if signals:
                 release(loop)
@@ -222,7 +231,8 @@ class Agent:
         self.spool.close()
         return 0
 
-    async def _main(self, group: asyncio.TaskGroup) -> None:
+    async def _main(self, group: asyncio.TaskGroup) -> float:
+        """Run the schedule until told to stop; returns the ``time.monotonic()`` by which to be gone."""
         schedule_task = group.create_task(self._run_schedule(self.schedule), name="vetd.schedule")
         self.notifier.notify("READY=1")
         while True:
@@ -252,14 +262,17 @@ class Agent:
         self._stopping.set()
         grace = float(self.config.agent.shutdown_grace)
         deadline = time.monotonic() + grace
-        while self._inflight and time.monotonic() < deadline:
+        while self._inflight and time.monotonic() < deadline - STOP_RESERVE_S:
             await asyncio.sleep(0.02)
         schedule_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await schedule_task
-        # Give what the last checks produced a moment to reach the broker.
-        if self.transport.connected.is_set():
-            await self.spool.drained(max(0.0, min(2.0, deadline - time.monotonic())))
+        # What the last checks produced (and any backlog) has until the grace period ends to be
+        # acknowledged by the controller; what is not stays in the spool for the next start.
+        while (len(self.spool) and self.transport.connected.is_set()
+               and time.monotonic() < deadline - STOP_RESERVE_S):
+            await asyncio.sleep(0.05)
+        return max(deadline, time.monotonic() + STOP_RESERVE_S)
 
     def _reloaded(self) -> Schedule | None:
         self.notifier.notify("RELOADING=1")

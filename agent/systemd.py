@@ -34,6 +34,9 @@ class Notifier:
         if not self.address:
             return False
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            # Never block the event loop on a receiver that is not reading (its queue full):
+            # a ping that cannot go now is dropped, the next one follows.
+            sock.setblocking(False)
             try:
                 sock.sendto(state.encode(), self.address)
             except OSError:

@@ -3,8 +3,19 @@
 * On connect: a retained birth ``State(online=True)``; the Last Will is a
   retained ``State(online=False)`` of the same session, so the broker marks the
   node offline when the agent vanishes.
-* Results and events go at QoS 1 and leave the spool only once the broker has
-  acknowledged them (PUBACK); telemetry goes at QoS 0.
+* Results and events go at QoS 1; the broker's PUBACK marks them sent, and
+  they leave the spool only when the controller's ack says they are in its
+  store (``vetd/v1/<cluster>/ack/<node>``, :class:`~vetd.core.protocol.Ack`).
+  Telemetry goes at QoS 0, replies leave on PUBACK.
+* What was sent and not acknowledged is sent again, oldest first, on every
+  (re)connect (acks published while we were away are gone: our session is
+  clean) and when no ack has come for ``ack_timeout`` (then with full-jitter
+  back-off); the controller drops duplicates and acknowledges them again.
+  Once a controller has acknowledged anything, each such pass starts with a
+  probe: one message, and the rest only once it is acknowledged. Messages a broker dropped (no subscriber yet after losing
+  its store) then come round again before any later one is stored, so each
+  node's results are stored in order; and a controller that is down gets one
+  resent message per node per back-off, not the whole spool.
 * Connection lost → reconnect with full-jitter exponential backoff; the spool
   keeps what is waiting (see :mod:`vetd.agent.spool`).
 """
@@ -21,14 +32,18 @@ from typing import Any
 import aiomqtt
 import structlog
 
-from vetd.agent.spool import Spool
+from vetd.agent.spool import Pending, Spool
 from vetd.core import __version__, protocol
-from vetd.core.mqtt import BrokerAddress, connect_forever
+from vetd.core.mqtt import Backoff, BrokerAddress, connect_forever
 from vetd.core.protocol import Command, Message, State
 
 log = structlog.get_logger("vetd.transport")
 
 PUBLISH_TIMEOUT_S = 10.0
+#: No ack for this long while something sent waits for one: send it again.
+ACK_TIMEOUT_S = 30.0
+#: Longest extra wait (full jitter) between two resends while acks stay away.
+ACK_BACKOFF_CAP_S = 600.0
 
 
 @dataclass
@@ -93,7 +108,17 @@ class Transport:
         on_command: CommandHandler | None = None,
         max_rate: float = 0.0,
         client_options: dict[str, Any] | None = None,
+        ack_timeout: float = ACK_TIMEOUT_S,
     ) -> None:
+        self.ack_timeout = ack_timeout
+        #: After a (re)connect or a resend, one message goes first and the rest wait for its ack.
+        self._probing = True
+        #: Whether a controller has acknowledged anything in this run: only then is there one to
+        #: probe (an agent whose controller is not there yet streams to the broker as before).
+        self._acked = False
+        self._progress = asyncio.Event()
+        self.resends = 0
+        self.malformed_acks = 0
         self.max_rate = max_rate
         self.client_options = client_options or {}
         self.broker = broker
@@ -126,6 +151,9 @@ class Transport:
         async def session(client: aiomqtt.Client, ready: Callable[[], None]) -> None:
             await client.publish(state_topic, protocol.encode(self.birth()), qos=1, retain=True)
             await client.subscribe(protocol.topic(self.identity.cluster, self.identity.node, "cmd"), qos=1)
+            await client.subscribe(self._ack_topic, qos=1)
+            self.spool.rewind()  # acks sent while we were away never reach a clean session: resend
+            self._probing = True
             self._client = client
             self.connects += 1
             self.connected.set()
@@ -134,6 +162,7 @@ class Transport:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._publish_loop(client), name="vetd.transport.publish")
                 group.create_task(self._command_loop(client), name="vetd.transport.commands")
+                group.create_task(self._resend_loop(), name="vetd.transport.resend")
 
         def lost() -> None:
             self._client = None
@@ -146,7 +175,13 @@ class Transport:
         interval = 1.0 / self.max_rate if self.max_rate > 0 else 0.0
         next_at = time.monotonic()
         while True:
-            pending = await self.spool.first()
+            # Probe: until the controller acknowledges the first message of this pass, send no
+            # second. A broker that lost its store (or crashed before saving the controller's
+            # subscription) drops what arrives before the controller subscribes again; streaming
+            # on, later messages would be stored before the lost ones come round: out of order.
+            pending = await self._next()
+            if pending is None:
+                continue
             now = time.monotonic()
             if next_at > now:
                 await asyncio.sleep(next_at - now)
@@ -155,10 +190,68 @@ class Transport:
             await client.publish(pending.topic, pending.payload, qos=pending.qos, timeout=PUBLISH_TIMEOUT_S)
             self.spool.done(pending)
 
+    @property
+    def _ack_topic(self) -> str:
+        return protocol.ack_topic(self.identity.cluster, self.identity.node)
+
+    async def _resend_loop(self) -> None:
+        """Send again what the controller has not acknowledged for ``ack_timeout`` (plus back-off)."""
+        backoff = Backoff(base=max(1.0, self.ack_timeout / 4), cap=ACK_BACKOFF_CAP_S)
+        wait = self.ack_timeout
+        while True:
+            await asyncio.sleep(min(1.0, self.ack_timeout / 4))
+            if not self.spool.awaiting_ack():
+                backoff.reset()
+                wait = self.ack_timeout
+                continue
+            idle = time.monotonic() - self.spool.progress_at
+            if idle >= wait:
+                self.resends += 1
+                log.warning("unacknowledged_resent", waited_s=round(idle, 1), waiting=len(self.spool),
+                            resends=self.resends)
+                self.spool.rewind()
+                self._probing = True
+                self._progress.set()
+                wait = self.ack_timeout + backoff.next()
+
+    def _on_ack(self, payload: bytes) -> None:
+        try:
+            ack = protocol.decode_ack(self._ack_topic, payload)
+        except protocol.ProtocolError as exc:
+            self.malformed_acks += 1
+            log.warning("ack_malformed", error=str(exc)[:200], count=self.malformed_acks)
+            return
+        self._acked = True
+        removed = 0
+        for ack_range in ack.ranges:
+            removed += self.spool.acknowledge(ack_range.session, ack_range.first, ack_range.last)
+        if removed:
+            self._probing = False
+            self._progress.set()
+
+    async def _next(self) -> Pending | None:
+        """The next message to publish; while a probe waits for its ack, only replies and
+        telemetry (None when the ack came: look again)."""
+        if not (self._probing and self._acked and self.spool.awaiting_ack()):
+            return await self.spool.first()
+        self._progress.clear()
+        getter = asyncio.ensure_future(self.spool.first(reliable=False))
+        progress = asyncio.ensure_future(self._progress.wait())
+        try:
+            await asyncio.wait({getter, progress}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            progress.cancel()
+            if not getter.done():
+                getter.cancel()
+        return getter.result() if getter.done() and not getter.cancelled() else None
+
     async def _command_loop(self, client: aiomqtt.Client) -> None:
         async for raw in client.messages:
             try:
                 payload = raw.payload if isinstance(raw.payload, bytes | bytearray) else b""
+                if raw.topic.value == self._ack_topic:
+                    self._on_ack(bytes(payload))
+                    continue
                 message = protocol.decode_from(raw.topic.value, payload)
             except protocol.ProtocolError as exc:
                 self.malformed_commands += 1

@@ -172,8 +172,10 @@ class BrokerLink:
         broker = parse_broker(self.config.broker)
 
         def connect() -> aiomqtt.Client:
-            return aiomqtt.Client(broker.host, broker.port, identifier=self.config.client_id, clean_session=False,
-                                  keepalive=30, max_queued_incoming_messages=100_000, **self._options)
+            client = aiomqtt.Client(broker.host, broker.port, identifier=self.config.client_id, clean_session=False,
+                                    keepalive=30, max_queued_incoming_messages=100_000, **self._options)
+            _manual_ack(client)
+            return client
 
         async def session(client: aiomqtt.Client, ready: Callable[[], None]) -> None:
             await client.subscribe(protocol.subscription(self.config.cluster), qos=1)
@@ -182,20 +184,35 @@ class BrokerLink:
             ready()
             log.info("broker_connected", broker=self.config.broker, cluster=self.config.cluster)
             batch: Batch = []
+            unacked: list[tuple[int, int]] = []  # (mid, qos): PUBACKed once their batch has committed
             async for raw in client.messages:
-                if not self.admission.admit(raw.topic.value, time.monotonic()):
-                    continue
-                payload = raw.payload if isinstance(raw.payload, bytes | bytearray) else b""
-                batch.append((raw.topic.value, bytes(payload)))
+                unacked.append((raw.mid, raw.qos))
+                if self.admission.admit(raw.topic.value, time.monotonic()):
+                    payload = raw.payload if isinstance(raw.payload, bytes | bytearray) else b""
+                    batch.append((raw.topic.value, bytes(payload)))
                 if len(client.messages) == 0 or len(batch) >= BATCH_MAX:
-                    on_batch(batch)
+                    if batch:
+                        on_batch(batch)
                     batch = []
+                    _ack(client, unacked)
+                    unacked = []
 
         def lost() -> None:
             self.connected.clear()
             self._client = None
 
         await connect_forever(connect, session, lost=lost, describe=lambda: {"broker": self.config.broker})
+
+    async def send(self, topic_name: str, payload: bytes) -> bool:
+        """Publish at QoS 1 (the controller's acks to agents); False if the broker did not take it."""
+        client = self._client
+        if client is None:
+            return False
+        try:
+            await client.publish(topic_name, payload, qos=1, timeout=10)
+        except aiomqtt.MqttError:
+            return False
+        return True
 
     async def publish(self, command: Command) -> None:
         """Publish a command; one the broker does not take fails its step at the deadline."""
@@ -209,3 +226,23 @@ class BrokerLink:
             log.warning("command_not_sent", node=command.node, action=command.action, reason=str(exc))
             return
         log.info("command_sent", node=command.node, action=command.action, id=command.id)
+
+
+# -- PUBACK after commit (issue 13) -------------------------------------------
+# aiomqtt acknowledges a message as it arrives; a controller killed with a
+# backlog in memory would lose it at the broker, and the agents' resends
+# would come after later messages the broker still held: out of order. paho
+# (under aiomqtt) can leave the PUBACK to us: it goes once the batch is
+# committed, so the broker redelivers, in order, what a killed controller had
+# not stored. The broker's ``max_inflight_messages`` bounds how many are
+# unacknowledged at once (the shipped config: 1000, a full batch).
+
+
+def _manual_ack(client: aiomqtt.Client) -> None:
+    client._client.manual_ack_set(True)  # aiomqtt 2.x has no option for it
+
+
+def _ack(client: aiomqtt.Client, messages: list[tuple[int, int]]) -> None:
+    for mid, qos in messages:
+        if qos:
+            client._client.ack(mid, qos)

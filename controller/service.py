@@ -37,6 +37,7 @@ from typing import Any
 
 import structlog
 
+from vetd.controller.acks import Acks
 from vetd.controller.actions import AlertBackend, CommandBackend, SchedulerBackend
 from vetd.controller.config import ControllerConfig
 from vetd.controller.counters import Counters
@@ -89,6 +90,8 @@ class Controller:
                                  commands=commands or self.link, on_outcome=self.engine.on_outcome,
                                  retry=config.scheduler)
         self.requests = OperatorRequests(self.engine, self.store)
+        #: Acknowledgements to agents of what each batch committed (issue 13: end-to-end delivery).
+        self.acks = Acks(self.session)
         self.connected = self.link.connected
         self.stop = asyncio.Event()
 
@@ -112,6 +115,7 @@ class Controller:
             decisions = self._isolated(messages, now)
             self.counters.write(self.store)
         self.counters.written()
+        self.acks.committed(messages)  # after COMMIT: only now may the agents forget them
         return decisions
 
     def _isolated(self, messages: Sequence[Message], now: float) -> Decisions:
@@ -248,6 +252,7 @@ class Controller:
                 tasks = [
                     group.create_task(self.executor.run(), name="vetd.controller.actions"),
                     group.create_task(self._housekeeping(), name="vetd.controller.requests"),
+                    group.create_task(self.acks.run(self.link.send), name="vetd.controller.acks"),
                     group.create_task(self.executor.resend(float(self.config.alerts.resend_interval),
                                                            self._firing_alerts),
                                       name="vetd.controller.alerts.resend"),

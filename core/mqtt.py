@@ -137,13 +137,22 @@ async def connect_forever(
     backoff = Backoff()
     while True:
         failed: BaseException | None = None
+        cancelled = False
         try:
             async with connect() as client:
-                await session(client, backoff.reset)
+                try:
+                    await session(client, backoff.reset)
+                except asyncio.CancelledError:
+                    cancelled = True
+                    raise
         except* (aiomqtt.MqttError, OSError) as errors:
             failed = errors.exceptions[0]
         finally:
             lost()
+        if cancelled:
+            # Cancelled, and the client's disconnect failed on the way out (the broker went away
+            # at the same moment): its MqttError replaced our CancelledError. We were told to stop.
+            raise asyncio.CancelledError
         delay = backoff.next()
         if failed is not None:
             log.warning("broker_unavailable", error=str(failed), retry_in_s=round(delay, 2), **describe())

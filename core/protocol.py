@@ -10,6 +10,12 @@ and new peers talking:
 Topics are ``vetd/v1/<cluster>/node/<node>/<channel>`` with channel one of
 ``state`` (retained birth / Last Will), ``result``, ``event``, ``telemetry``,
 ``cmd`` (controller → agent) and ``reply`` (agent → controller).
+
+Acknowledgements go controller → agent on ``vetd/v1/<cluster>/ack/<node>``,
+outside the ``node/`` tree on purpose: the controller's subscription
+(:func:`subscription`, ``node/+/+``) never brings it its own acks back, and
+a node topic can never carry one (:func:`parse_topic` knows no ``ack``
+channel), so an ack is only ever read by :func:`decode_ack`.
 """
 
 from __future__ import annotations
@@ -162,6 +168,31 @@ class Reply(Envelope, tag="reply"):
 
 Message = State | Result | Event | Telemetry | Command | Reply
 
+
+class AckRange(msgspec.Struct, array_like=True, frozen=True):
+    """Sequence numbers ``first..last`` (inclusive) of one agent session."""
+
+    session: Id
+    first: Seq
+    last: Seq
+
+
+#: Most ranges one ack carries; the controller splits longer lists over several acks.
+MAX_ACK_RANGES: Final = 1024
+
+
+class Ack(Envelope, tag="ack"):
+    """Controller → agent: these results and events are committed to the controller's store.
+
+    Sent after each commit for what that commit stored *and* for duplicates
+    (a lost ack must not make the agent resend forever). ``node`` is the
+    agent's node; ``session`` is the controller's run, ``seq`` 0. Not a
+    member of :data:`Message`: it travels on its own topic (:func:`ack_topic`)
+    and is decoded only by :func:`decode_ack`.
+    """
+
+    ranges: Annotated[list[AckRange], msgspec.Meta(max_length=MAX_ACK_RANGES)] = []
+
 _CHANNEL_OF: Final[dict[type[Envelope], str]] = {
     State: "state",
     Result: "result",
@@ -173,6 +204,7 @@ _CHANNEL_OF: Final[dict[type[Envelope], str]] = {
 
 _encoder: Final = msgspec.msgpack.Encoder()
 _decoder: Final = msgspec.msgpack.Decoder(Message)
+_ack_decoder: Final = msgspec.msgpack.Decoder(Ack)
 
 
 #: Longest validity a signed command may claim (a captured command cannot be saved for later).
@@ -216,7 +248,7 @@ def verify_command(command: Command, key: bytes, now: float) -> str | None:
     return None
 
 
-def encode(message: Message) -> bytes:
+def encode(message: Message | Ack) -> bytes:
     """Encode one message as MessagePack."""
     return _encoder.encode(message)
 
@@ -252,6 +284,28 @@ def topic(cluster: str, node: str, channel: str) -> str:
 def topic_for(message: Message) -> str:
     """The topic a message is published on."""
     return topic(message.cluster, message.node, channel_of(message))
+
+
+def ack_topic(cluster: str, node: str) -> str:
+    """``vetd/v1/<cluster>/ack/<node>``: where the controller acknowledges a node's messages."""
+    return f"{TOPIC_ROOT}/{cluster}/ack/{node}"
+
+
+def decode_ack(topic_name: str, payload: bytes | bytearray | memoryview) -> Ack:
+    """Decode an :class:`Ack` and check it is for the node whose ack topic it came on."""
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise ProtocolError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_BYTES}")
+    try:
+        ack = _ack_decoder.decode(payload)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ProtocolError(str(exc)) from exc
+    except (ValueError, TypeError, RecursionError, OverflowError) as exc:
+        raise ProtocolError(f"undecodable payload: {exc.__class__.__name__}") from exc
+    if ack_topic(ack.cluster, ack.node) != topic_name:
+        raise ProtocolError("ack does not match its topic")
+    if any(r.first > r.last for r in ack.ranges):
+        raise ProtocolError("ack range with first > last")
+    return ack
 
 
 def subscription(cluster: str | None = None) -> str:

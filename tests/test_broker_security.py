@@ -7,6 +7,7 @@ forbidden one passed it would have arrived first.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import ssl
@@ -87,6 +88,14 @@ def test_a_node_cannot_speak_for_another_send_commands_or_read_anothers(secure_m
             client.close()
 
 
+def spooled(path: Path) -> int:
+    """Rows in an agent's spool file (sent or not, not yet acknowledged by the controller)."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(path, timeout=5)) as db:
+        return int(db.execute("SELECT count(*) FROM spool").fetchone()[0])
+
+
 def refusals(proc: VetdProcess) -> list[str]:
     """The ``error`` of each ``broker_unavailable`` event the process logged (JSON lines)."""
     events = [json.loads(line) for line in proc.output.splitlines() if line.startswith("{")]
@@ -121,6 +130,8 @@ def test_vetd_over_tls_with_passwords_and_refusals(tmp_path: Path, secure_mosqui
         wait_for(lambda: '"broker_connected"' in controller.output, 20, "controller over TLS")
         wait_for(lambda: "nid001" in run_vetd("nodes", "--config", str(config)).stdout, 20,
                  "the agent's results at the controller over TLS")
+        # the controller's acks get through the shipped ACL: the agent's spool empties
+        wait_for(lambda: spooled(tmp_path / "good" / "spool-alps-nid001.db") == 0, 20, "the agent's spool acked")
         # Each connection attempt is refused, and for the reason meant: the broker's CONNACK
         # "not authorised" (MQTT 5 reason 135, 3.1.1 return code 5) for the password, the TLS
         # handshake for the CA. Not a word found anywhere in the log ("authori" is in "authority").
@@ -165,3 +176,28 @@ def test_credentials_in_the_broker_url_are_used_and_not_logged(tmp_path: Path,
         assert password not in agent.output and "nid001:***@127.0.0.1" in agent.output
     finally:
         agent.stop()
+
+
+def ack(node: str) -> tuple[str, bytes]:
+    from vetd.core.protocol import Ack, AckRange
+
+    message = Ack(cluster="alps", node=node, session="ctl", seq=0, ts=time.time(), ranges=[AckRange("s", 1, 1)])
+    return protocol.ack_topic("alps", node), protocol.encode(message)
+
+
+def test_acks_come_only_from_the_controller_and_a_node_reads_only_its_own(
+        secure_mosquitto: SecureMosquitto) -> None:
+    node_a = Client(secure_mosquitto, "nid001", "vetd/v1/alps/ack/+")  # asks for every node's acks
+    node_b = Client(secure_mosquitto, "nid002", "vetd/v1/alps/ack/nid002")
+    controller = Client(secure_mosquitto, "vetd-controller")
+    try:
+        node_a.publish(*ack("nid002"))  # a node forging the controller's ack to another node
+        controller.publish(*ack("nid002"))
+        wait_for(lambda: node_b.received, 10, "the controller's ack at B")
+        assert node_b.received == ["vetd/v1/alps/ack/nid002"]  # one: the controller's
+        controller.publish(*ack("nid001"))  # after the one to nid002
+        wait_for(lambda: node_a.received, 10, "A's own ack")
+        assert node_a.received == ["vetd/v1/alps/ack/nid001"]  # B's ack never reached A
+    finally:
+        for client in (controller, node_a, node_b):
+            client.close()

@@ -173,3 +173,23 @@ def test_any_message_that_decodes_is_within_bounds_and_round_trips(
     assert protocol.valid_name(message.cluster) and protocol.valid_name(message.node)
     assert 0 <= message.seq < 2**63
     assert protocol.decode(protocol.encode(message)) == message
+
+
+def test_an_ack_round_trips_on_its_own_topic_only() -> None:
+    from vetd.core.protocol import Ack, AckRange
+
+    ack = Ack(cluster="alps", node="nid001", session="ctl", seq=0, ts=1.0,
+              ranges=[AckRange("s1", 1, 10), AckRange("s2", 5, 5)])
+    topic = protocol.ack_topic("alps", "nid001")
+    assert topic == "vetd/v1/alps/ack/nid001"
+    assert protocol.decode_ack(topic, protocol.encode(ack)) == ack
+    for wrong_topic in ("vetd/v1/alps/ack/nid002", "vetd/v1/alps/node/nid001/ack"):
+        with pytest.raises(protocol.ProtocolError):
+            protocol.decode_ack(wrong_topic, protocol.encode(ack))
+    with pytest.raises(protocol.ProtocolError):  # not a node channel: never decoded as a message
+        protocol.decode_from("vetd/v1/alps/node/nid001/ack", protocol.encode(ack))
+    backwards = msgspec.structs.replace(ack, ranges=[AckRange("s1", 10, 1)])
+    too_many = msgspec.structs.replace(ack, ranges=[AckRange("s1", i, i) for i in range(protocol.MAX_ACK_RANGES + 1)])
+    for bad in (backwards, too_many):
+        with pytest.raises(protocol.ProtocolError):
+            protocol.decode_ack(topic, protocol.encode(bad))

@@ -28,7 +28,8 @@ def critical(seq: int) -> Event:
 
 
 def drain(spool: Spool) -> list[int]:
-    """Publish everything waiting, as the transport does; the sequence numbers in order."""
+    """Publish everything waiting, as the transport does, each acknowledged by the controller at
+    once; the sequence numbers in order."""
     from vetd.core import protocol
 
     seqs = []
@@ -36,6 +37,7 @@ def drain(spool: Spool) -> list[int]:
         pending = asyncio.run(spool.first())
         seqs.append(protocol.decode(pending.payload).seq)
         spool.done(pending)
+        spool.acknowledge(pending.session, pending.seq, pending.seq)
     return seqs
 
 
@@ -153,4 +155,78 @@ def test_the_spool_file_is_private(tmp_path: Path) -> None:
         os.umask(old)
     for name in ("spool.db", "spool.db-wal"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600, name
+    spool.close()
+
+
+def test_a_row_leaves_only_on_the_controllers_ack_and_unacked_ones_are_sent_again(tmp_path: Path) -> None:
+    from vetd.core import protocol
+
+    spool = Spool(tmp_path / "spool.db")
+    for seq in range(1, 6):
+        spool.put(result(seq))
+    sent = []
+    for _ in range(5):
+        pending = asyncio.run(spool.first())
+        spool.done(pending)  # the broker's PUBACK
+        sent.append(pending.seq)
+    assert sent == [1, 2, 3, 4, 5] and len(spool) == 5 and spool.awaiting_ack()
+    assert spool.acknowledge("s1", 1, 2) == 2 and spool.acknowledge("s1", 1, 2) == 0  # a duplicate ack
+    assert spool.acknowledge("other-session", 3, 5) == 0 and len(spool) == 3
+    spool.rewind()  # reconnect, or no ack for ack_timeout: the oldest unacknowledged goes first
+    assert protocol.decode(asyncio.run(spool.first()).payload).seq == 3
+    spool.close()
+    again = Spool(tmp_path / "spool.db")  # an agent restart keeps what was not acknowledged
+    assert len(again) == 3 and asyncio.run(again.first()).seq == 3
+    again.close()
+
+
+def test_held_rows_wait_for_the_ack_too_and_critical_events_are_never_dropped(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool.db", limit=10, memory_limit=5)
+    for seq in range(1, 11):
+        spool.put(critical(seq) if seq % 2 else result(seq))
+    for _ in range(10):
+        spool.done(asyncio.run(spool.first()))  # all sent, none acknowledged
+    for seq in range(11, 21):  # the bound counts unacknowledged rows: periodic ones make room
+        spool.put(critical(seq) if seq % 2 else result(seq))
+    assert len(spool) >= 10 and spool.dropped["result"] >= 5
+    fill_file(spool)
+    for seq in range(21, 31):
+        spool.put(critical(seq))
+    assert spool.held == 10  # over the memory bound: only critical events, all kept
+    pending = asyncio.run(spool.first())
+    while pending.where != "held":
+        spool.done(pending)
+        pending = asyncio.run(spool.first())
+    spool.done(pending)
+    assert spool.held == 10  # sent, not acknowledged: still held
+    spool.acknowledge("s1", 21, 21)
+    assert spool.held == 9
+    spool.rewind()
+    spool.db.execute("PRAGMA max_page_count=1073741823")
+    time.sleep(1.05)
+    seqs = drain(spool)
+    odd = [s for s in range(1, 31) if s % 2 and s != 21]
+    assert [s for s in seqs if s % 2] == odd  # every critical event, in order
+    spool.close()
+
+
+def test_a_spool_from_before_acks_is_upgraded(tmp_path: Path) -> None:
+    import sqlite3
+
+    from vetd.core import protocol
+
+    path = tmp_path / "spool.db"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE spool (id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, "
+               "priority INTEGER NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL)")
+    message = result(7)
+    db.execute("INSERT INTO spool (kind, priority, topic, payload) VALUES ('result', 0, ?, ?)",
+               (protocol.topic_for(message), protocol.encode(message)))
+    db.commit()
+    db.close()
+    spool = Spool(path)
+    pending = asyncio.run(spool.first())
+    assert (pending.session, pending.seq) == ("s1", 7)
+    spool.done(pending)
+    assert spool.acknowledge("s1", 7, 7) == 1 and len(spool) == 0
     spool.close()

@@ -67,6 +67,8 @@ class Mosquitto:
             "persistence true\n"
             f"persistence_location {self.workdir}/\n"
             "max_queued_messages 100000\n"
+            # as shipped: the controller PUBACKs a batch (up to 1000) after committing it
+            "max_inflight_messages 1000\n"
             "log_type error\nlog_type warning\n"
         )
         log = (self.workdir / "mosquitto.log").open("ab")
