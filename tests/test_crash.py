@@ -19,7 +19,7 @@ import pytest
 from tests.support import crash
 from tests.support.services import missing
 
-pytestmark = [pytest.mark.slow,
+pytestmark = [pytest.mark.slow, pytest.mark.soak,
               pytest.mark.skipif(bool(missing("mosquitto", "mosquitto_passwd", "openssl")),
                                  reason="mosquitto not installed (scripts/test installs them as root)")]
 
