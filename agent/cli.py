@@ -49,8 +49,8 @@ def vetd_cli_commands(subparsers: argparse._SubParsersAction) -> None:  # type: 
 
     check = sub.add_parser("check", help="run checks once on this node (prolog, preflight)",
                            description="Run checks once on this node and print the results. "
-                           "Exit 0: all pass or warn; 1: a check failed, errored or timed out; "
-                           "2: vetd itself could not run.")
+                           "Exit 0: all pass, warn or skip; 1: a check failed (a node fault); "
+                           "2: vetd itself could not run, or a check errored or timed out.")
     _agent_config_arg(check)
     check.add_argument("--profile", help="run the checks of this profile (prolog, periodic, full)")
     check.add_argument("--json", action="store_true", help="one JSON object per result per line")
