@@ -28,12 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import paho.mqtt.client as paho
 
-from bench.controller_ingest import RULES, messages
+from bench.controller_ingest import controller_config, messages, queue_backlog, stored_results
 from bench.record import verify, write_results
 from tests.support.procs import VetdProcess, vetd_env
 from tests.support.services import Mosquitto
 from tests.support.wait import wait_for
-from vetd.controller.store import Store
 from vetd.core import protocol
 
 
@@ -49,9 +48,7 @@ def run(nodes: int, per_node: int, acks: bool) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         broker = Mosquitto(work / "mosquitto").start()
-        config = work / "controller.toml"
-        config.write_text(f'cluster = "bench"\nrules = ["{RULES}"]\n[store]\npath = "c.db"\n'
-                          '[http]\nlisten = ""\n[limits]\nper_node_rate = 1e9\nper_node_burst = 1e9\n')
+        config = controller_config(work)
         env = vetd_env(VETD_BROKER=broker.url, VETD_LOG_LEVEL="warning", VETD_CONTROLLER_ACKS="1" if acks else "0")
         acked: set[str] = set()
         ack_messages = [0]
@@ -70,27 +67,10 @@ def run(nodes: int, per_node: int, acks: bool) -> dict[str, float]:
         observer.loop_start()
 
         def stored() -> int:
-            store = Store(work / "c.db", readonly=True)
-            try:
-                return store.counters().get("results", 0)
-            finally:
-                store.close()
+            return stored_results(work / "c.db")
 
         try:
-            first = VetdProcess(["controller", "--config", str(config)], work / "c1.log", env).start()
-            wait_for((work / "c.db").exists, 20, "controller store")
-            time.sleep(1)  # subscribed: the persistent session exists
-            first.stop()
-            load = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="bench-load")
-            load.max_inflight_messages_set(1000)
-            load.max_queued_messages_set(0)
-            load.connect("127.0.0.1", broker.port)
-            load.loop_start()
-            infos = [load.publish(topic, payload, qos=1) for topic, payload in messages("bench", nodes, count)]
-            for info in infos:
-                info.wait_for_publish(300)
-            load.loop_stop()
-            load.disconnect()
+            queue_backlog(work, config, env, broker, messages("bench", nodes, count, set()), 300)
             second = VetdProcess(["controller", "--config", str(config)], work / "c2.log", env).start()
             assert second.process is not None
             started = time.perf_counter()

@@ -77,8 +77,10 @@ def in_process(nodes: int, count: int, runs: int, failing: set[str]) -> dict[str
     rates = []
     for run in range(runs):
         with tempfile.TemporaryDirectory() as tmp:
-            controller = Controller(ControllerConfig(rules=[str(RULES)], store=StoreSection(path=f"{tmp}/c.db")))
-            batch = messages(f"bench{run}", nodes, count, failing)
+            cluster = f"bench{run}"  # a controller owns one cluster and drops the others' messages
+            controller = Controller(ControllerConfig(cluster=cluster, rules=[str(RULES)],
+                                                     store=StoreSection(path=f"{tmp}/c.db")))
+            batch = messages(cluster, nodes, count, failing)
             started = time.perf_counter()
             for i in range(0, len(batch), 1000):
                 controller.executor.enqueue(controller.process(batch[i:i + 1000]))
@@ -103,9 +105,7 @@ def through_broker(nodes: int, count: int, failing: set[str]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         broker = Mosquitto(work / "mosquitto").start()
-        config = work / "controller.toml"
-        config.write_text(f'cluster = "bench"\nrules = ["{RULES}"]\n[store]\npath = "c.db"\n'
-                          '[http]\nlisten = ""\n[limits]\nper_node_rate = 1e9\nper_node_burst = 1e9\n')
+        config = controller_config(work)
         env = vetd_env(VETD_BROKER=broker.url, VETD_LOG_LEVEL="warning")
 
         def drains_done(db: Path) -> int:
@@ -116,34 +116,11 @@ def through_broker(nodes: int, count: int, failing: set[str]) -> dict[str, Any]:
             finally:
                 store.close()
 
-        def stored() -> int:
-            store = Store(work / "c.db", readonly=True)
-            try:
-                return store.counters().get("results", 0)
-            finally:
-                store.close()
-
         try:
-            first = VetdProcess(["controller", "--config", str(config)], work / "c1.log", env).start()
-            wait_for((work / "c.db").exists, 20, "controller store")
-            time.sleep(1)  # subscribed: the persistent session exists
-            first.stop()
-            batch = messages("bench", nodes, count, failing)
-            client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="bench-load")
-            client.max_inflight_messages_set(1000)
-            client.max_queued_messages_set(0)
-            client.connect("127.0.0.1", broker.port)
-            client.loop_start()
-            started = time.perf_counter()
-            infos = [client.publish(topic, payload, qos=1) for topic, payload in batch]
-            for info in infos:
-                info.wait_for_publish(120)
-            published = time.perf_counter() - started
-            client.loop_stop()
-            client.disconnect()
+            published = queue_backlog(work, config, env, broker, messages("bench", nodes, count, failing), 120)
             second = VetdProcess(["controller", "--config", str(config)], work / "c2.log", env).start()
             started = time.perf_counter()
-            wait_for(lambda: stored() >= count, 300, "the backlog stored", interval=0.1)
+            wait_for(lambda: stored_results(work / "c.db") >= count, 300, "the backlog stored", interval=0.1)
             elapsed = time.perf_counter() - started
             wait_for(lambda: drains_done(work / "c.db") >= len(failing), 30, "the drains carried out")
             second.stop()
@@ -159,6 +136,47 @@ def through_broker(nodes: int, count: int, failing: set[str]) -> dict[str, Any]:
           f"{count / elapsed:,.0f} results/s, process start included; {len(failing)} nodes drained")
     return {"generator_results_per_s": round(count / published),
             "broker_backlog_results_per_s": round(count / elapsed)}
+
+
+def controller_config(work: Path) -> Path:
+    """A controller config for a backlog bench: the default rules, no HTTP, no rate limit."""
+    config = work / "controller.toml"
+    config.write_text(f'cluster = "bench"\nrules = ["{RULES}"]\n[store]\npath = "c.db"\n'
+                      '[http]\nlisten = ""\n[limits]\nper_node_rate = 1e9\nper_node_burst = 1e9\n')
+    return config
+
+
+def stored_results(db: Path) -> int:
+    """The results a controller's store holds (read-only, beside the running controller)."""
+    store = Store(db, readonly=True)
+    try:
+        return store.counters().get("results", 0)
+    finally:
+        store.close()
+
+
+def queue_backlog(work: Path, config: Path, env: dict[str, str], broker: Mosquitto,
+                  batch: list[tuple[str, bytes]], timeout: float) -> float:
+    """Start the controller once (its persistent session then exists), stop it and publish ``batch``
+    at QoS 1 for the broker to queue: the backlog a controller meets after an outage. Returns the
+    seconds the publishing took."""
+    first = VetdProcess(["controller", "--config", str(config)], work / "c1.log", env).start()
+    wait_for((work / "c.db").exists, 20, "controller store")
+    time.sleep(1)  # subscribed: the persistent session exists
+    first.stop()
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="bench-load")
+    client.max_inflight_messages_set(1000)
+    client.max_queued_messages_set(0)
+    client.connect("127.0.0.1", broker.port)
+    client.loop_start()
+    started = time.perf_counter()
+    infos = [client.publish(topic, payload, qos=1) for topic, payload in batch]
+    for info in infos:
+        info.wait_for_publish(timeout)
+    published = time.perf_counter() - started
+    client.loop_stop()
+    client.disconnect()
+    return published
 
 
 def main() -> None:
