@@ -91,7 +91,7 @@ def controller_path(text: str, batch: list[tuple[str, bytes]], tmp: str, name: s
     """CPU seconds per message of ``Controller.process`` (decode, dedup, SQLite, rule states) with ``text``."""
     path = Path(tmp) / f"{name}.yaml"
     path.write_text(text)
-    controller = Controller(ControllerConfig(rules=[str(path)], store=StoreSection(path=f"{tmp}/{name}.db"),
+    controller = Controller(ControllerConfig(cluster="c", rules=[str(path)], store=StoreSection(path=f"{tmp}/{name}.db"),
                                              labels={"nid[00000-99999]": {"partition": PARTITION}}))
     t0 = time.process_time()
     for i in range(0, len(batch), 500):
