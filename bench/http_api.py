@@ -58,8 +58,8 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        seeded = Controller(ControllerConfig(store=StoreSection(path=str(work / "c.db"))))
-        seeded.process(messages("bench", args.nodes, args.nodes * 5))
+        seeded = Controller(ControllerConfig(cluster="bench", store=StoreSection(path=str(work / "c.db"))))
+        seeded.process(messages("bench", args.nodes, args.nodes * 5, set()))
         seeded.store.close()
         broker = Mosquitto(work / "mosquitto").start()
         port = free_port()
