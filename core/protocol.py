@@ -75,7 +75,9 @@ Codes = Annotated[list[Ident], msgspec.Meta(max_length=64)]
 Metrics = Annotated[dict[Ident, Finite], msgspec.Meta(max_length=256)]
 Labels = Annotated[dict[Ident, ShortText], msgspec.Meta(max_length=64)]
 Args = Annotated[dict[Ident, ShortText], msgspec.Meta(max_length=32)]
-JobId = Annotated[str, msgspec.Meta(pattern=r"\A[A-Za-z0-9_.:+-]{0,64}\Z")]
+#: A job id (Slurm's ``1234``, ``1234_7`` of an array, ``1234+1`` of a het job); may be empty.
+JOB_ID_PATTERN: Final = r"\A[A-Za-z0-9_.:+-]{0,64}\Z"
+JobId = Annotated[str, msgspec.Meta(pattern=JOB_ID_PATTERN)]
 
 
 class ProtocolError(ValueError):
@@ -135,6 +137,9 @@ class Event(Envelope, tag="event"):
     metrics: Metrics = {}
     message: Text = ""
     job_id: JobId | None = None
+    #: Structured details, free text by name (``job_start``: ``user``, ``gpus``; ``job_end``:
+    #: ``state``; see :mod:`vetd.core.jobs`). Added after version 1: an older peer skips it.
+    data: Annotated[dict[Ident, Text], msgspec.Meta(max_length=32)] = {}
 
 
 class Telemetry(Envelope, tag="telemetry"):

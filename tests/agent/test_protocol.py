@@ -20,6 +20,7 @@ BASE = {"cluster": "alps", "node": "nid001", "session": "s1", "seq": 1, "ts": 17
         Result(**BASE, check="host_env", status="fail", codes=["env_missing"], metrics={"env_bad": 1.0},
                message="unset: NCCL_NET", job_id="123"),
         Event(**BASE, name="xid", severity="critical", entity="gpu3", codes=["xid_79"]),
+        Event(**BASE, name="job_start", job_id="4242", data={"user": "alice", "gpus": "0-3"}),
         Telemetry(**BASE, source="host", metrics={"load1": 0.5}),
         Command(**BASE, id="c1", action="ping", expires=2e9),
         Reply(**BASE, id="c1", ok=True, message="pong"),
@@ -35,6 +36,24 @@ def test_unknown_fields_from_a_newer_peer_are_skipped() -> None:
     newer = {**BASE, "kind": "result", "check": "c", "status": "pass", "gpu_serial": "X1", "v": 2}
     decoded = protocol.decode(msgspec.msgpack.encode(newer))
     assert isinstance(decoded, Result) and decoded.check == "c" and decoded.v == 2
+
+
+def test_event_data_is_skipped_by_an_older_peer_and_absent_from_one() -> None:
+    class OldEvent(msgspec.Struct, kw_only=True, tag_field="kind", tag="event"):  # Event before `data`
+        cluster: str
+        node: str
+        session: str
+        seq: int
+        ts: float
+        name: str
+        codes: list[str] = []
+        job_id: str | None = None
+
+    new = Event(**BASE, name="job_end", job_id="7", codes=["FAILED"], data={"state": "FAILED"})
+    old = msgspec.msgpack.decode(protocol.encode(new), type=OldEvent)
+    assert (old.name, old.job_id, old.codes) == ("job_end", "7", ["FAILED"])
+    from_old = protocol.decode(msgspec.msgpack.encode(old))
+    assert isinstance(from_old, Event) and from_old.data == {} and from_old.codes == ["FAILED"]
 
 
 @pytest.mark.parametrize(
