@@ -123,6 +123,23 @@ class LimitsSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     checks_per_node: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 256
 
 
+class JobsSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Jobs as the agents announce them on each node (``vetd slurm prolog``/``epilog``, or any
+    tool on the control socket): ``vetd job``, ``vetd jobs`` and rules that read ``job``."""
+
+    #: Job states (as the epilog reports them; any case) that count as a failure. A job that
+    #: ended with no state counts as failed when its exit code is not 0.
+    failed_states: list[str] = msgspec.field(default_factory=lambda: ["FAILED", "NODE_FAIL", "BOOT_FAIL"])
+    #: Once one of a job's nodes reported the job's end, the others have this long to report
+    #: theirs; then the job is decided on with what is known (rules that read `job` see it).
+    settle: Duration = Duration(300.0)
+    #: A job with no news for this long (its end never reported) is closed as lost; no rule sees it.
+    lost_after: Duration = Duration(7 * 86400.0)
+    #: Jobs kept open (running, or waiting for their nodes' ends) at once, in memory; beyond it the
+    #: one with the oldest news is closed as lost. Ended jobs stay in the database for [store] keep.
+    max_open: Annotated[int, msgspec.Meta(ge=1, le=10_000_000)] = 100_000
+
+
 class HttpSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """The API and ``/metrics`` (uvicorn + Starlette). The limits bound what one
     client, however hostile, can take from the controller: memory for a request,
@@ -187,6 +204,7 @@ class ControllerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     healing: HealingSection = msgspec.field(default_factory=HealingSection)
     limits: LimitsSection = msgspec.field(default_factory=LimitsSection)
     http: HttpSection = msgspec.field(default_factory=HttpSection)
+    jobs: JobsSection = msgspec.field(default_factory=JobsSection)
     #: Static node labels by hostlist: ``"nid[0001-2688]" = {partition = "normal", gpu = "GH200"}``;
     #: they override what agents report.
     labels: dict[str, dict[str, str]] = {}

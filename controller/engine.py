@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import structlog
 
 from vetd.controller.actions import (
@@ -45,8 +46,9 @@ from vetd.controller.counters import RULE_ERRORS, Counters
 from vetd.controller.decisions import Action, Alert, Decisions, Drain, Reboot
 from vetd.controller.fleet import Fleet, static_labels
 from vetd.controller.healing import Ladders
+from vetd.controller.jobs import Jobs
 from vetd.controller.lifecycle import Lifecycle, node_labels
-from vetd.controller.model import AGENT_CHECK, FleetState, NodeKey, NodeRow, PeerGroup, PeerMetrics
+from vetd.controller.model import AGENT_CHECK, FleetState, Job, NodeKey, NodeRow, PeerGroup, PeerMetrics
 from vetd.controller.rules import (
     NODE_FIELDS,
     Rule,
@@ -105,6 +107,8 @@ class Engine:
         self.session = session
         #: Sequence numbers of the controller's own ``vetd_agent`` results in this session, per node.
         self._agent_seq: dict[NodeKey, int] = {}
+        #: Open jobs: started, ended, what their nodes showed (:mod:`~vetd.controller.jobs`).
+        self.jobs = Jobs(state, config.jobs, counters)
 
     @property
     def firing_alerts(self) -> dict[str, dict[str, Any]]:
@@ -129,6 +133,7 @@ class Engine:
         self.counters.restore(checkpoint.counters)
         self.erring_rules = set(checkpoint.erring_rules)
         self.state.take_changes()
+        self.jobs.invalidate()
         for key in nodes:
             self.fleet.count(self.state.nodes.get(key) or NodeRow(*key))
 
@@ -185,6 +190,7 @@ class Engine:
         self.counters.count("results" if isinstance(message, Result) else "events")
         if not self.fleet.counted(node):
             self.fleet.count(node)  # first heard of through a result, not a birth
+        ended = self.jobs.observe(message, history_id, now)  # a job's start or end, or what its node showed
         kind, name = ("result", message.check) if isinstance(message, Result) else ("event", message.name)
         subject = f"{kind}:{name}:{message.entity}"
         if isinstance(message, Result) and message.status in MEASURED and message.check in self.rules.peer_names:
@@ -206,6 +212,36 @@ class Engine:
                 elif step.resolved_since is not None:
                     self._resolve(rule, node, message, subject, step.resolved_since, history_id, now,
                                   decisions, variables)
+        if ended is not None:
+            self.decide_job(ended, now, decisions)
+
+    def decide_job(self, job: Job, now: float, decisions: Decisions) -> None:
+        """A job has ended (on every node, or ``[jobs] settle`` after the first): every rule on
+        jobs decides once per node of the job, seeing the job from that node and its ``job_end``."""
+        rules = self.rules.for_input("job")
+        if not rules:
+            return
+        subject = f"job:{job.id}"
+        for name in sorted(job.nodes):
+            node = self.state.node(job.cluster, name, now)
+            event, evidence = self.jobs.end_event(job, name, now)
+            variables = self.variables(event, node)
+            variables["job"] = msgspec.structs.asdict(self.jobs.context(job, name))
+            self.counters.count("rules_evaluated", len(rules))
+            for rule, matched in evaluate_all(rules, variables):
+                if matched is None:
+                    self._rule_error(rule, node, subject, evidence, now, decisions, variables)
+                elif matched and self.rule_states.counted(rule, node, event):
+                    self._fire(rule, node, event, subject, evidence, now, decisions, variables)
+
+    def job_tick(self, now: float) -> Decisions:
+        """Decide on jobs whose nodes had ``[jobs] settle`` to report their ends; close lost ones."""
+        decisions = Decisions()
+        for job in self.jobs.settled(now):
+            self.decide_job(self.jobs.close(job, "done", now), now, decisions)
+        for job in self.jobs.lost(now):
+            self.jobs.close(job, "lost", now)
+        return self._decided(decisions)
 
     def variables(self, message: Result | Event, node: NodeRow) -> dict[str, Any]:
         """What a rule's ``when`` and annotations see."""
@@ -269,6 +305,8 @@ class Engine:
             excluded = self.lifecycle.exclude(rule.name, node, reason, history_id, now, decisions, failed=False)
             if excluded and "heal" in actions and node.state == "excluded":
                 self.ladders.start(rule.name, list(rule.spec.heal), node, message, now)
+        elif "suspect" in actions:
+            self.lifecycle.suspect(rule.name, node, reason, history_id, now)
         if "alert" in actions and self.alerting:
             if message.entity != "node" and (was_out or not node.online):
                 # Inhibition: a per-GPU (per-entity) alert adds nothing while the node

@@ -73,6 +73,18 @@ class Lifecycle:
         decisions.drains.append(Drain(node.cluster, node.name, reason, rule, audit))
         return True
 
+    def suspect(self, rule: str, node: NodeRow, reason: str, history_id: int, now: float) -> bool:
+        """Mark a healthy node ``suspect``: a person should look; it stays in service (no drain).
+        An operator's ``vetd resume`` makes it healthy again."""
+        if node.state != "healthy":
+            return False
+        node.state, node.reason, node.state_since = "suspect", reason, now
+        self.state.save_node(node)
+        self.state.audit(node.cluster, node.name, "suspect", rule=rule, outcome="done", detail=reason,
+                         evidence=[history_id], now=now)
+        self.counters.count("marked_suspect")
+        return True
+
     def operator_drain(self, node: NodeRow, reason: str, actor: str, now: float, decisions: Decisions) -> None:
         """An operator's drain: no breaker, no repeat counting."""
         node.state, node.reason, node.state_since = "excluded", reason, now

@@ -131,6 +131,70 @@ class FiringAlert:
     sent: float
 
 
+#: (cluster, job id)
+JobKey = tuple[str, str]
+
+
+@dataclass
+class JobNode:
+    """One node's part in a job: what it announced and what it showed while the job ran there."""
+
+    gpus: str = ""
+    #: The node's ``job_start`` and ``job_end`` times (its own clock); None: not announced.
+    started: float | None = None
+    ended: float | None = None
+    #: The state and exit code its ``job_end`` reported (state upper case, ``""``: none).
+    state: str = ""
+    exit_code: int | None = None
+    #: Failed results, warning/critical events and XIDs the node reported while the job ran there.
+    findings: int = 0
+    #: What those showed: their codes (``xid_79``), or the check's or event's name when they had none.
+    codes: list[str] = field(default_factory=list)
+    #: History id of the node's ``job_end`` (the evidence a decision on the job cites).
+    end_event: int = 0
+
+
+@dataclass
+class Job:
+    """A job as its nodes announced it. ``phase``: ``running`` (no node reported its end),
+    ``ending`` (some did; the others have ``[jobs] settle``), ``done`` (decided), ``lost``
+    (closed without an end: no news for ``[jobs] lost_after``, or room made for newer jobs)."""
+
+    cluster: str
+    id: str
+    #: Earliest start and latest end its nodes reported (their clocks).
+    started: float
+    #: The controller's time of the latest news of the job (``lost_after``, retention).
+    updated: float
+    user: str = ""
+    phase: str = "running"
+    nodes: dict[str, JobNode] = field(default_factory=dict)
+    ended: float | None = None
+    #: The job's state and exit code: the first failure any node reported, else the first reported.
+    state: str = ""
+    exit_code: int | None = None
+    failed: bool = False
+    #: The controller's time of the first end reported (``settle`` counts from it).
+    ending_since: float | None = None
+
+
+@dataclass
+class Finding:
+    """One failed result, warning/critical event or XID a node reported while a job ran there."""
+
+    cluster: str
+    job_id: str
+    node: str
+    ts: float
+    kind: str
+    name: str
+    entity: str
+    status: str
+    codes: list[str]
+    message: str
+    history_id: int
+
+
 @dataclass
 class Changes:
     """What the store must persist of a set of decisions, applied in one call.
@@ -147,6 +211,10 @@ class Changes:
     breakers: dict[str, Breaker] = field(default_factory=dict)
     agent_loss: dict[NodeKey, dict[str, int]] = field(default_factory=dict)
     audit: list[Audit] = field(default_factory=list)
+    #: Jobs (their own row) and their nodes' parts whose values changed, and findings to add.
+    jobs: dict[JobKey, Job] = field(default_factory=dict)
+    job_nodes: dict[tuple[str, str, str], JobNode] = field(default_factory=dict)
+    job_findings: list[Finding] = field(default_factory=list)
 
     def update(self, other: Changes) -> None:
         """Add ``other``'s changes, which come after these."""
@@ -174,6 +242,8 @@ class FleetState:
     drains: list[Audit] = field(default_factory=list)
     #: Nodes whose agent the controller's own check (``vetd_agent``) last found offline too long.
     agents_late: set[NodeKey] = field(default_factory=set)
+    #: Jobs still open (running, or waiting for their nodes' ends); decided ones are in the store only.
+    jobs: dict[JobKey, Job] = field(default_factory=dict)
     #: What changed since the last :meth:`take_changes`.
     changes: Changes = field(default_factory=Changes)
 
@@ -307,6 +377,19 @@ class FleetState:
 
     def set_breaker(self, partition: str, open_: bool, reason: str, now: float) -> None:
         self.breakers[partition] = self.changes.breakers[partition] = Breaker(open_, now, reason)
+
+    # -- jobs -------------------------------------------------------------------
+
+    def save_job(self, job: Job, *nodes: str) -> None:
+        """Note the job's row changed, and the parts of ``nodes``; a closed job leaves the open ones."""
+        self.changes.jobs[(job.cluster, job.id)] = job
+        for name in nodes:
+            self.changes.job_nodes[(job.cluster, job.id, name)] = job.nodes[name]
+        if job.phase in ("done", "lost"):
+            self.jobs.pop((job.cluster, job.id), None)
+
+    def add_finding(self, finding: Finding) -> None:
+        self.changes.job_findings.append(finding)
 
 
 # -- peer metrics: the numbers fleet-relative rules compare -------------------------

@@ -18,8 +18,10 @@ out, and how many there are, see
 :class:`~vetd.controller.model.PeerMetrics`) and either ``result`` (``check``, ``entity``,
 ``status``, ``codes``, ``metrics``, ``message``, ``duration_s``, ``profile``,
 ``job_id``) or ``event`` (``name``, ``entity``, ``severity``, ``codes``,
-``metrics``, ``message``, ``job_id``). A rule is evaluated on results if its
-condition uses ``result``, on events if it uses ``event`` (one, not both).
+``metrics``, ``message``, ``job_id``, ``data``). A rule is evaluated on results if its
+condition uses ``result``, on events if it uses ``event`` (one, not both), and
+on jobs if it uses ``job`` (:class:`~vetd.controller.jobs.JobContext`: once per
+node of a job that has ended, with that node's ``job_end`` as ``event``).
 A condition that errors at run time (a missing metric: guard it with
 ``has(result.metrics.temp_c)``) does not match; the engine counts the error
 per rule and alerts once per rule.
@@ -50,17 +52,21 @@ import yaml
 from cel_expr_python import cel
 
 from vetd.controller.actions import OWN_STEPS, HealingStep
+from vetd.controller.jobs import JobContext
 from vetd.controller.model import NodeRow
 from vetd.core.configfile import ConfigError, Duration, dec_hook, read_text
 from vetd.core.protocol import Envelope, Event, Result
 
 Severity = Literal["info", "warning", "critical"]
-Action = Literal["drain", "alert", "heal", "mark_failed"]
+Action = Literal["drain", "alert", "heal", "mark_failed", "suspect"]
 
 _DYN_MAP = cel.Type.Map(cel.Type.STRING, cel.Type.DYN)
-_ENV_ALL = cel.NewEnv(variables={"result": _DYN_MAP, "event": _DYN_MAP, "node": _DYN_MAP, "fleet": _DYN_MAP})
+_ENV_ALL = cel.NewEnv(variables={"result": _DYN_MAP, "event": _DYN_MAP, "node": _DYN_MAP, "fleet": _DYN_MAP,
+                                 "job": _DYN_MAP})
 _ENV_RESULT = cel.NewEnv(variables={"result": _DYN_MAP, "node": _DYN_MAP, "fleet": _DYN_MAP})
 _ENV_EVENT = cel.NewEnv(variables={"event": _DYN_MAP, "node": _DYN_MAP, "fleet": _DYN_MAP})
+#: Rules on jobs: ``job`` and the node's ``job_end`` as ``event`` (:mod:`~vetd.controller.jobs`).
+_ENV_JOB = cel.NewEnv(variables={"job": _DYN_MAP, "event": _DYN_MAP, "node": _DYN_MAP, "fleet": _DYN_MAP})
 _USES_FLEET = re.compile(r"\bfleet\b")
 _USES_PEERS = re.compile(r"\bfleet\s*\.\s*(?:median|peers)\b")
 #: What a condition names: quoted strings, and map keys taken as fields (``fleet.median.gpu_gemm.x``).
@@ -124,11 +130,16 @@ _COMMON = {
 SCHEMAS: dict[str, dict[str, Any]] = {
     "result": {**_declared("result", Result, message_fields(Result)), **_COMMON},
     "event": {**_declared("event", Event, message_fields(Event)), **_COMMON},
+    "job": {**_declared("job", JobContext, tuple(f.name for f in msgspec.structs.fields(JobContext))),
+            **_declared("event", Event, message_fields(Event)), **_COMMON},
 }
+#: The variables a rule on each kind of input sees.
+_SEES = {"result": ("result", "node", "fleet"), "event": ("event", "node", "fleet"),
+         "job": ("job", "event", "node", "fleet")}
 # Declaring `result.status` and not `result` makes CEL's checker resolve each field as a typed
 # name: a misspelling is an undeclared reference, a string compared with a number has no overload.
 _TYPED_ENVS = {kind: cel.NewEnv(variables=schema) for kind, schema in SCHEMAS.items()}
-_ROOTS = ("result", "event", "node", "fleet")
+_ROOTS = ("result", "event", "node", "fleet", "job")
 _CHECK_ERROR = re.compile(r"ERROR: <input>:(\d+):(\d+): (.*)")
 _UNDECLARED = re.compile(r"undeclared reference to '([\w.]+)'")
 _NUMERIC_PAIR = re.compile(r"applied to '\((?:int|uint|double), (?:int|uint|double)\)'")
@@ -165,7 +176,7 @@ class RuleSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 @dataclass(frozen=True)
 class Rule:
     spec: RuleSpec
-    #: ``"result"`` or ``"event"``: the kind of message the rule looks at.
+    #: ``"result"``, ``"event"`` or ``"job"``: what the rule looks at.
     input: str
     expression: Any
     source: str
@@ -221,7 +232,12 @@ def _compile(expression: str) -> tuple[str, Any]:
         return "event", _ENV_EVENT.compile(expression)
     except RuntimeError:
         pass
-    raise ValueError("a condition looks at `result` or at `event`, not both")
+    try:
+        return "job", _ENV_JOB.compile(expression)
+    except RuntimeError:
+        pass
+    raise ValueError("a condition looks at `result` or at `event`, not both (a rule on jobs looks at `job`, "
+                     "and may look at `event`)")
 
 
 def _check_fields(expression: str, kind: str) -> None:
@@ -256,7 +272,7 @@ def _check_fields(expression: str, kind: str) -> None:
 def _field_known(path: str, kind: str) -> bool:
     """Whether ``{{ path }}`` names something a rule on ``kind`` sees (a map's keys are free)."""
     parts = path.split(".")
-    if parts[0] not in (kind, "node", "fleet"):
+    if parts[0] not in _SEES[kind]:
         return False
     declared = SCHEMAS[kind].get(".".join(parts[:2]))
     if len(parts) == 1:
@@ -278,7 +294,8 @@ def template_problem(template: str, kind: str) -> str:
         if not _PLACEHOLDER.fullmatch(template[start:end + 2]):
             return f"`{template[start:end + 2]}` is not a field placeholder like {{{{ node.name }}}}"
         if not _field_known(path, kind):
-            return f"unknown field `{path}` (a rule on {kind}s sees {kind}.*, node.*, fleet.*)"
+            sees = ", ".join(f"{root}.*" for root in _SEES[kind])
+            return f"unknown field `{path}` (a rule on {kind}s sees {sees})"
         at = end + 2
     return ""
 
@@ -371,9 +388,11 @@ def _parse_rule(node: yaml.Node, source: str) -> Rule:
         at = _line(keys[key]) if key in keys else line
         return RuleError(f"{source}:{at}: {label}: {key}: {message}")
 
-    if kind == "event" and (spec.for_ or spec.keep_firing_for):
+    if kind != "result" and (spec.for_ or spec.keep_firing_for):
         raise fail("for" if spec.for_ else "keep_firing_for",
-                   "only rules on results can wait (events are instants: use count/within)")
+                   f"only rules on results can wait ({kind}s are instants: use count/within)")
+    if "suspect" in spec.actions and {"drain", "heal", "mark_failed"} & set(spec.actions):
+        raise fail("actions", "suspect keeps the node in service: not with drain, heal or mark_failed")
     if spec.count < 1:
         raise fail("count", "must be at least 1")
     if spec.count > 1 and not spec.within:

@@ -173,6 +173,19 @@ class Controller:
         self.executor.enqueue(decisions)
         return decisions
 
+    def job_tick(self, now: float | None = None) -> Decisions:
+        """Decide on jobs whose nodes had ``[jobs] settle`` to report their ends, close lost ones;
+        returns what was decided (for the executor)."""
+        now = time.time() if now is None else now
+        if not self.engine.jobs.due(now):
+            return Decisions()
+        with self.store.transaction():
+            decisions = self.engine.job_tick(now)
+            self.store.apply(decisions.changes)
+            self.counters.write(self.store)
+        self.counters.written()
+        return decisions
+
     def agent_tick(self, now: float | None = None) -> Decisions:
         """The controller's own check of every node's agent (``vetd_agent``), through ingest."""
         now = time.time() if now is None else now
@@ -209,6 +222,7 @@ class Controller:
             try:
                 self.handle_requests()
                 self.heal_tick()
+                self.executor.enqueue(self.job_tick())
                 if (now := time.monotonic()) - agents_checked >= AGENT_CHECK_S:
                     agents_checked = now
                     self.executor.enqueue(self.agent_tick())

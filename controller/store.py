@@ -30,6 +30,8 @@ from vetd.controller.model import (
     Changes,
     FleetState,
     Healing,
+    Job,
+    JobNode,
     NodeRow,
     PendingAction,
     RuleState,
@@ -204,6 +206,59 @@ CREATE TABLE IF NOT EXISTS pending_actions (
 """
 
 
+#: Jobs as the agents announce them, each node's part, and what the nodes showed while they ran
+#: (issue 17). Migration 4.
+JOBS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    cluster TEXT NOT NULL,
+    id TEXT NOT NULL,
+    user TEXT NOT NULL DEFAULT '',
+    phase TEXT NOT NULL,
+    started REAL NOT NULL,
+    ended REAL,
+    state TEXT NOT NULL DEFAULT '',
+    exit_code INTEGER,
+    failed INTEGER NOT NULL DEFAULT 0,
+    updated REAL NOT NULL,
+    ending_since REAL,
+    PRIMARY KEY (cluster, id)
+);
+CREATE INDEX IF NOT EXISTS jobs_started ON jobs (started);
+CREATE INDEX IF NOT EXISTS jobs_updated ON jobs (updated);
+CREATE INDEX IF NOT EXISTS jobs_open ON jobs (phase) WHERE phase IN ('running', 'ending');
+CREATE TABLE IF NOT EXISTS job_nodes (
+    cluster TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    node TEXT NOT NULL,
+    gpus TEXT NOT NULL DEFAULT '',
+    started REAL,
+    ended REAL,
+    state TEXT NOT NULL DEFAULT '',
+    exit_code INTEGER,
+    findings INTEGER NOT NULL DEFAULT 0,
+    codes TEXT NOT NULL DEFAULT '[]',
+    end_event INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (cluster, job_id, node)
+);
+CREATE INDEX IF NOT EXISTS job_nodes_node ON job_nodes (cluster, node);
+CREATE TABLE IF NOT EXISTS job_findings (
+    id INTEGER PRIMARY KEY,
+    cluster TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    node TEXT NOT NULL,
+    ts REAL NOT NULL,
+    kind TEXT NOT NULL,
+    name TEXT NOT NULL,
+    entity TEXT NOT NULL,
+    status TEXT NOT NULL,
+    codes TEXT NOT NULL,
+    message TEXT NOT NULL,
+    history_id INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS job_findings_job ON job_findings (cluster, job_id);
+"""
+
+
 #: Ordered schema steps: entry ``i`` takes a database from version ``i`` to ``i + 1`` (``PRAGMA
 #: user_version``). Each runs in its own transaction on start; a change to the schema is one more
 #: entry at the end, never an edit of an entry already released.
@@ -217,6 +272,8 @@ MIGRATIONS: tuple[str, ...] = (
     """,
     # 3: drains and resumes the executor retries until the scheduler confirms them.
     PENDING_ACTIONS_SCHEMA,
+    # 4: jobs, their nodes and what those showed while the job ran.
+    JOBS_SCHEMA,
 )
 #: The version this code writes and reads.
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -321,7 +378,8 @@ class Store:
             "SELECT * FROM audit WHERE action='drain' AND actor='controller' ORDER BY id")]
         return FleetState(nodes=dict(self.nodes), rule_states=rule_states, rule_windows=rule_windows,
                           firing_alerts=self.firing_alerts(), healings={(h.cluster, h.node): h for h in healings},
-                          breakers=breakers, drains=drains, agents_late=self._agents_late())
+                          breakers=breakers, drains=drains, agents_late=self._agents_late(),
+                          jobs=self._open_jobs())
 
     def _agents_late(self, node: tuple[str, str] | None = None) -> set[tuple[str, str]]:
         """Nodes the controller's own ``vetd_agent`` check last found offline too long (of ``node`` only)."""
@@ -339,6 +397,7 @@ class Store:
         ladder may also have been changed in place before it was noted: the caller names those nodes).
         """
         db = self.db
+        nodes = set(nodes)
         for key in {*changes.nodes, *nodes}:
             row = db.execute("SELECT * FROM nodes WHERE cluster=? AND name=?", key).fetchone()
             if row is None:
@@ -387,6 +446,12 @@ class Store:
                 state.breakers[partition] = Breaker(bool(r["open"]), r["since"], r["reason"])
         undone = {id(record) for record in changes.audit}
         state.drains[:] = [record for record in state.drains if id(record) not in undone]
+        # Jobs the failed work changed, and those with a part on its nodes (changed in place first).
+        touched = {*changes.jobs, *((c, j) for c, j, _ in changes.job_nodes)}
+        touched |= {key for key, job in state.jobs.items() if any((job.cluster, n) in nodes for n in job.nodes)}
+        for job_key in touched:
+            state.jobs.pop(job_key, None)
+            state.jobs.update(self._open_jobs(job_key))
 
     def apply(self, changes: Changes) -> None:
         """Persist what the engine changed, inside the caller's transaction.
@@ -440,6 +505,43 @@ class Store:
             record.id = self.audit(record.cluster, record.node, record.action, actor=record.actor,
                                    rule=record.rule, outcome=record.outcome, detail=record.detail,
                                    evidence=record.evidence, now=record.ts)
+        self._apply_jobs(changes)
+
+    # -- jobs ------------------------------------------------------------------
+
+    def _apply_jobs(self, changes: Changes) -> None:
+        db = self.db
+        db.executemany(
+            """INSERT INTO jobs (cluster, id, user, phase, started, ended, state, exit_code, failed, updated,
+                   ending_since) VALUES (?,?,?,?,?,?,?,?,?,?,?)
+               ON CONFLICT (cluster, id) DO UPDATE SET user=excluded.user, phase=excluded.phase,
+                   started=excluded.started, ended=excluded.ended, state=excluded.state,
+                   exit_code=excluded.exit_code, failed=excluded.failed, updated=excluded.updated,
+                   ending_since=excluded.ending_since""",
+            [(j.cluster, j.id, j.user, j.phase, j.started, j.ended, j.state, j.exit_code, int(j.failed), j.updated,
+              j.ending_since) for j in changes.jobs.values()])
+        db.executemany(
+            """INSERT OR REPLACE INTO job_nodes (cluster, job_id, node, gpus, started, ended, state, exit_code,
+                   findings, codes, end_event) VALUES (?,?,?,?,?,?,?,?,?,?,?)""",
+            [(*key, p.gpus, p.started, p.ended, p.state, p.exit_code, p.findings, _json(p.codes), p.end_event)
+             for key, p in changes.job_nodes.items()])
+        db.executemany(
+            """INSERT INTO job_findings (cluster, job_id, node, ts, kind, name, entity, status, codes, message,
+                   history_id) VALUES (?,?,?,?,?,?,?,?,?,?,?)""",
+            [(f.cluster, f.job_id, f.node, f.ts, f.kind, f.name, f.entity, f.status, _json(f.codes), f.message,
+              f.history_id) for f in changes.job_findings])
+
+    def _open_jobs(self, key: tuple[str, str] | None = None) -> dict[tuple[str, str], Job]:
+        """The open jobs (running, or waiting for their nodes' ends), or ``key`` if it is one."""
+        where = "WHERE j.phase IN ('running', 'ending')" + ("" if key is None else " AND j.cluster=? AND j.id=?")
+        params = key or ()
+        jobs = {(r["cluster"], r["id"]): _job_from_row(r)
+                for r in self.db.execute(f"SELECT j.* FROM jobs j {where}", params)}
+        if jobs:
+            for r in self.db.execute("SELECT n.* FROM job_nodes n JOIN jobs j ON j.cluster = n.cluster "
+                                     f"AND j.id = n.job_id {where}", params):
+                jobs[(r["cluster"], r["job_id"])].nodes[r["node"]] = _job_node_from_row(r)
+        return jobs
 
     # -- nodes -------------------------------------------------------------
 
@@ -527,8 +629,8 @@ class Store:
         return known
 
     def prune(self, before: float, limit: int) -> dict[str, int]:
-        """Delete history, audit and request rows from before ``before``, at most ``limit`` of each
-        (the oldest), inside the caller's transaction; returns how many went, by table.
+        """Delete history, audit and request rows and closed jobs from before ``before``, at most
+        ``limit`` of each (the oldest), inside the caller's transaction; returns how many went, by table.
 
         Drains not yet carried out and pending requests stay whatever their age.
         """
@@ -540,7 +642,14 @@ class Store:
             "requests": "DELETE FROM requests WHERE id IN (SELECT id FROM requests WHERE ts < ? "
                         "AND status != 'pending' ORDER BY ts LIMIT ?)",
         }
-        return {table: self.db.execute(query, (before, limit)).rowcount for table, query in queries.items()}
+        pruned = {table: self.db.execute(query, (before, limit)).rowcount for table, query in queries.items()}
+        # Jobs closed before ``before`` (open ones belong to the engine), with their nodes and findings.
+        jobs = self.db.execute("SELECT cluster, id FROM jobs WHERE updated < ? AND phase IN ('done', 'lost') "
+                               "ORDER BY updated LIMIT ?", (before, limit)).fetchall()
+        for table, column in (("job_findings", "job_id"), ("job_nodes", "job_id"), ("jobs", "id")):
+            self.db.executemany(f"DELETE FROM {table} WHERE cluster=? AND {column}=?", [tuple(r) for r in jobs])
+        pruned["jobs"] = len(jobs)
+        return pruned
 
     # -- audit and counters ------------------------------------------------
 
@@ -739,6 +848,75 @@ class Store:
         return {"received": row[0], "duplicates": row[1], "gaps": row[2],
                 "agent_dropped": json.loads(loss[0]) if loss else {}}
 
+    # -- jobs: the read side (vetd job, vetd jobs, the HTTP API) ---------------------
+
+    def jobs(self, cluster: str | None = None, *, node: str | None = None, failed: bool = False,
+             since: float | None = None, limit: int = 200) -> list[dict[str, Any]]:
+        """Jobs newest first (by start), each with its ``nodes`` (their parts): of ``node`` only,
+        failed ones only, those running or ended since ``since``; none in a database older than jobs."""
+        query = "SELECT * FROM jobs j WHERE (? IS NULL OR j.cluster = ?)"
+        params: list[Any] = [cluster, cluster]
+        if node is not None:
+            query += " AND EXISTS (SELECT 1 FROM job_nodes n WHERE n.cluster = j.cluster AND n.job_id = j.id " \
+                     "AND n.node = ?)"
+            params.append(node)
+        if failed:
+            query += " AND j.failed = 1"
+        if since is not None:
+            query += " AND (j.ended IS NULL OR j.ended >= ?)"
+            params.append(since)
+        try:
+            rows = [dict(r) for r in self.db.execute(query + " ORDER BY j.started DESC, j.id LIMIT ?",
+                                                     (*params, limit))]
+        except sqlite3.OperationalError:  # read-only, from a controller that never had the table
+            return []
+        for row in rows:
+            row["failed"] = bool(row["failed"])
+            row["nodes"] = self.job_parts(row["cluster"], row["id"])
+        return rows
+
+    def job(self, cluster: str | None, job_id: str) -> dict[str, Any] | None:
+        """One job with its nodes' parts and its findings (None: unknown); of any cluster when None."""
+        try:
+            row = self.db.execute("SELECT * FROM jobs WHERE (? IS NULL OR cluster = ?) AND id = ? "
+                                  "ORDER BY updated DESC", (cluster, cluster, job_id)).fetchone()
+        except sqlite3.OperationalError:
+            return None
+        if row is None:
+            return None
+        job = {**dict(row), "failed": bool(row["failed"])}
+        job["nodes"] = self.job_parts(job["cluster"], job_id)
+        job["findings"] = [_decoded(dict(r)) for r in self.db.execute(
+            "SELECT node, ts, kind, name, entity, status, codes, message, history_id FROM job_findings "
+            "WHERE cluster = ? AND job_id = ? ORDER BY ts, id", (job["cluster"], job_id))]
+        return job
+
+    def job_parts(self, cluster: str, job_id: str) -> list[dict[str, Any]]:
+        return [{**dict(r), "codes": json.loads(r["codes"])} for r in self.db.execute(
+            "SELECT node, gpus, started, ended, state, exit_code, findings, codes FROM job_nodes "
+            "WHERE cluster = ? AND job_id = ? ORDER BY node", (cluster, job_id))]
+
+    def job_decisions(self, cluster: str, job_id: str, nodes: Sequence[str], since: float) -> list[dict[str, Any]]:
+        """Rules that fired on the job (their audit rows name it ``job:ID``) on ``nodes`` since ``since``."""
+        rows = []
+        for node in nodes:
+            rows += self.db.execute("SELECT * FROM audit WHERE cluster = ? AND node = ? AND ts >= ? AND detail = ?",
+                                    (cluster, node, since, f"job:{job_id}")).fetchall()
+        return [{**dict(r), "evidence": json.loads(r["evidence"])} for r in sorted(rows, key=lambda r: r["id"])]
+
+    def job_parts_between(self, since: float, node: str | None = None) -> list[dict[str, Any]]:
+        """Every node's part in a job that started or ended since ``since`` (of ``node`` only), with
+        the job's user: what ``vetd export`` writes as ``job`` lines."""
+        try:
+            rows = self.db.execute(
+                "SELECT n.*, j.user FROM job_nodes n JOIN jobs j ON j.cluster = n.cluster AND j.id = n.job_id "
+                "WHERE (n.started >= ? OR n.ended >= ?) AND (? IS NULL OR n.node = ?) ORDER BY n.started",
+                (since, since, node, node))
+        except sqlite3.OperationalError:
+            return []
+        return [{**dict(r), "codes": json.loads(r["codes"])} for r in rows]
+
+
 _json_encoder = msgspec.json.Encoder()
 
 
@@ -786,3 +964,15 @@ def _node_from_row(r: sqlite3.Row) -> NodeRow:
         agent_version=r["agent_version"],
         labels=json.loads(r["labels"]),
     )
+
+
+def _job_from_row(r: sqlite3.Row) -> Job:
+    return Job(cluster=r["cluster"], id=r["id"], started=r["started"], updated=r["updated"], user=r["user"],
+               phase=r["phase"], ended=r["ended"], state=r["state"], exit_code=r["exit_code"],
+               failed=bool(r["failed"]), ending_since=r["ending_since"])
+
+
+def _job_node_from_row(r: sqlite3.Row) -> JobNode:
+    return JobNode(gpus=r["gpus"], started=r["started"], ended=r["ended"], state=r["state"],
+                   exit_code=r["exit_code"], findings=r["findings"], codes=json.loads(r["codes"]),
+                   end_event=r["end_event"])
