@@ -1,5 +1,5 @@
-"""The controller's ``vetd`` commands: controller, nodes, node, excluded, drain, resume, breaker,
-silence, rules, export, up.
+"""The controller's ``vetd`` commands: controller, nodes, node, jobs, job, excluded, drain, resume,
+breaker, silence, rules, export, up.
 
 Registered on the root command (:mod:`vetd.core.cli`) through ``vetd_cli_commands``.
 This module imports only what every install has; a command that needs the
@@ -14,6 +14,7 @@ import asyncio
 import getpass
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -67,6 +68,29 @@ def vetd_cli_commands(subparsers: argparse._SubParsersAction) -> None:  # type: 
     node.add_argument("--json", action="store_true", help="JSON instead of text")
     node.set_defaults(func=reading(lambda store, config, args: show_node(store, config, args.name, args.json,
                                                                          sys.stdout)))
+
+    jobs = sub.add_parser("jobs", help="list jobs and the nodes their outcome points at",
+                          description="Jobs as the agents announced them (vetd slurm prolog/epilog, or the "
+                          "control socket), newest first: user, start, runtime, outcome, nodes, and which "
+                          "nodes the outcome points at (those that showed something while it ran).")
+    _controller_config_arg(jobs)
+    jobs.add_argument("--node", type=checked(node_name), help="only jobs that ran on this node")
+    jobs.add_argument("--failed", action="store_true", help="only failed jobs ([jobs] failed_states)")
+    jobs.add_argument("--since", metavar="WHEN", type=since,
+                      help="only jobs running or ended since then: a duration back (24h) or an ISO time")
+    jobs.add_argument("--limit", type=positive, default=200, help="at most this many, newest first (200)")
+    jobs.add_argument("--json", action="store_true", help="a JSON array instead of a table")
+    jobs.set_defaults(func=reading(lambda store, config, args: show_jobs(store, config, args, sys.stdout)))
+
+    job = sub.add_parser("job", help="show one job: its nodes, what they showed, what it points at",
+                         description="One job: user, start, end, exit state and code, each node's GPUs and "
+                         "part, the failed results, events and XIDs its nodes reported while it ran, the "
+                         "node(s) its outcome points at, and what rules decided on it.")
+    job.add_argument("job_id", metavar="JOBID", type=job_id)
+    _controller_config_arg(job)
+    job.add_argument("--json", action="store_true", help="JSON instead of text")
+    job.set_defaults(func=reading(lambda store, config, args: show_job(store, config, args.job_id, args.json,
+                                                                       sys.stdout)))
 
     excluded = sub.add_parser("excluded", help="nodes vetd has excluded (for srun --exclude)",
                               description="Print the nodes vetd has excluded, folded as a hostlist "
@@ -203,6 +227,26 @@ def node_name(value: str) -> str:
         raise argparse.ArgumentTypeError(f"{value!r} is not a node or cluster name (a letter or digit, then "
                                          "letters, digits, '_', '.', '-'; at most 64)")
     return value
+
+
+def job_id(value: str) -> str:
+    """An argparse type: a job id as the protocol carries it."""
+    from vetd.core.protocol import JOB_ID_PATTERN
+
+    if not value or not re.search(JOB_ID_PATTERN, value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a job id (letters, digits, '_.:+-'; at most 64)")
+    return value
+
+
+def positive(value: str) -> int:
+    """An argparse type: a count of at least 1."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
 
 
 def run_keys_derive(args: argparse.Namespace) -> int:
@@ -452,6 +496,29 @@ def show_node(store: Store, config: ControllerConfig, name: str, as_json: bool, 
     for row in detail["audit"]:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["ts"]))
         out.write(f"    {stamp} {row['actor']} {row['action']} {row['rule']} {row['outcome']} {row['detail']}\n")
+    return 0
+
+
+def show_jobs(store: Store, config: ControllerConfig, args: argparse.Namespace, out: TextIO) -> int:
+    from vetd.controller.views import format_jobs, job_summaries
+
+    summaries = job_summaries(store, config.cluster, node=args.node, failed=args.failed, since=args.since,
+                              limit=args.limit)
+    if args.json:
+        out.write(json.dumps(summaries, indent=2) + "\n")
+    else:
+        out.write(format_jobs(summaries) if summaries else "no jobs\n")
+    return 0
+
+
+def show_job(store: Store, config: ControllerConfig, job: str, as_json: bool, out: TextIO) -> int:
+    from vetd.controller.views import format_job, job_detail
+
+    detail = job_detail(store, config.cluster, job)
+    if detail is None:
+        print(f"vetd: no job {job!r} in {store.path} (cluster {config.cluster})", file=sys.stderr)
+        return 1
+    out.write(json.dumps(detail, indent=2) + "\n" if as_json else format_job(detail))
     return 0
 
 
