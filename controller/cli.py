@@ -78,7 +78,7 @@ def vetd_cli_commands(subparsers: argparse._SubParsersAction) -> None:  # type: 
     jobs.add_argument("--failed", action="store_true", help="only failed jobs ([jobs] failed_states)")
     jobs.add_argument("--since", metavar="WHEN", type=since,
                       help="only jobs running or ended since then: a duration back (24h) or an ISO time")
-    jobs.add_argument("--limit", type=positive, default=200, help="at most this many, newest first (200)")
+    jobs.add_argument("--limit", type=at_least(1), default=200, help="at most this many, newest first (200)")
     jobs.add_argument("--json", action="store_true", help="a JSON array instead of a table")
     jobs.set_defaults(func=reading(lambda store, config, args: show_jobs(store, config, args, sys.stdout)))
 
@@ -88,9 +88,11 @@ def vetd_cli_commands(subparsers: argparse._SubParsersAction) -> None:  # type: 
                          "node(s) its outcome points at, and what rules decided on it.")
     job.add_argument("job_id", metavar="JOBID", type=job_id)
     _controller_config_arg(job)
+    job.add_argument("--run", type=at_least(0), default=0, metavar="N",
+                     help="an earlier run of a job requeued under its id: 1 the one before the latest, …")
     job.add_argument("--json", action="store_true", help="JSON instead of text")
     job.set_defaults(func=reading(lambda store, config, args: show_job(store, config, args.job_id, args.json,
-                                                                       sys.stdout)))
+                                                                       sys.stdout, args.run)))
 
     excluded = sub.add_parser("excluded", help="nodes vetd has excluded (for srun --exclude)",
                               description="Print the nodes vetd has excluded, folded as a hostlist "
@@ -238,14 +240,16 @@ def job_id(value: str) -> str:
     return value
 
 
-def positive(value: str) -> int:
-    """An argparse type: a count of at least 1."""
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least ``minimum``."""
+    def number(value: str) -> int:
+        try:
+            found = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+        if found < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {found}")
+        return found
     return number
 
 
@@ -511,12 +515,13 @@ def show_jobs(store: Store, config: ControllerConfig, args: argparse.Namespace, 
     return 0
 
 
-def show_job(store: Store, config: ControllerConfig, job: str, as_json: bool, out: TextIO) -> int:
+def show_job(store: Store, config: ControllerConfig, job: str, as_json: bool, out: TextIO, run: int = 0) -> int:
     from vetd.controller.views import format_job, job_detail
 
-    detail = job_detail(store, config.cluster, job)
+    detail = job_detail(store, config.cluster, job, run)
     if detail is None:
-        print(f"vetd: no job {job!r} in {store.path} (cluster {config.cluster})", file=sys.stderr)
+        print(f"vetd: no job {job!r}" + (f" run -{run}" if run else "") + f" in {store.path} "
+              f"(cluster {config.cluster})", file=sys.stderr)
         return 1
     out.write(json.dumps(detail, indent=2) + "\n" if as_json else format_job(detail))
     return 0

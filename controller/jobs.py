@@ -119,7 +119,7 @@ class Jobs:
         job = self.state.jobs.get(key)
         if job is None:
             self._make_room(now)
-            job = self.state.jobs[key] = Job(cluster, job_id, started=ts, updated=now)
+            job = self.state.jobs[key] = Job(cluster, job_id, started=ts, updated=now, opened=now)
             self.counters.count("jobs_started")
         return job
 

@@ -176,6 +176,9 @@ class Job:
     failed: bool = False
     #: The controller's time of the first end reported (``settle`` counts from it).
     ending_since: float | None = None
+    #: The controller's time the job was first heard of: a job id heard of again once its job was
+    #: closed (Slurm requeues a job under its id) is a new run, kept beside the earlier ones.
+    opened: float = 0.0
 
 
 @dataclass

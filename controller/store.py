@@ -207,7 +207,8 @@ CREATE TABLE IF NOT EXISTS pending_actions (
 
 
 #: Jobs as the agents announce them, each node's part, and what the nodes showed while they ran
-#: (issue 17). Migration 4.
+#: (issue 17). Migration 4. ``run`` 0 is a job id's latest run; a requeued job's earlier runs are
+#: 1, 2… (the newest first).
 JOBS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     cluster TEXT NOT NULL,
@@ -221,7 +222,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     failed INTEGER NOT NULL DEFAULT 0,
     updated REAL NOT NULL,
     ending_since REAL,
-    PRIMARY KEY (cluster, id)
+    opened REAL NOT NULL DEFAULT 0,
+    run INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (cluster, id, run)
 );
 CREATE INDEX IF NOT EXISTS jobs_started ON jobs (started);
 CREATE INDEX IF NOT EXISTS jobs_updated ON jobs (updated);
@@ -238,7 +241,8 @@ CREATE TABLE IF NOT EXISTS job_nodes (
     findings INTEGER NOT NULL DEFAULT 0,
     codes TEXT NOT NULL DEFAULT '[]',
     end_event INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (cluster, job_id, node)
+    run INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (cluster, job_id, run, node)
 );
 CREATE INDEX IF NOT EXISTS job_nodes_node ON job_nodes (cluster, node);
 CREATE TABLE IF NOT EXISTS job_findings (
@@ -253,9 +257,10 @@ CREATE TABLE IF NOT EXISTS job_findings (
     status TEXT NOT NULL,
     codes TEXT NOT NULL,
     message TEXT NOT NULL,
-    history_id INTEGER NOT NULL
+    history_id INTEGER NOT NULL,
+    run INTEGER NOT NULL DEFAULT 0
 );
-CREATE INDEX IF NOT EXISTS job_findings_job ON job_findings (cluster, job_id);
+CREATE INDEX IF NOT EXISTS job_findings_job ON job_findings (cluster, job_id, run);
 """
 
 
@@ -511,35 +516,45 @@ class Store:
 
     def _apply_jobs(self, changes: Changes) -> None:
         db = self.db
+        for job in changes.jobs.values():
+            # A job id whose latest run in the store is another (closed) one: that run becomes run 1.
+            row = db.execute("SELECT opened FROM jobs WHERE cluster=? AND id=? AND run=0", (job.cluster, job.id))
+            if (found := row.fetchone()) is not None and found[0] != job.opened:
+                for table, column in (("jobs", "id"), ("job_nodes", "job_id"), ("job_findings", "job_id")):
+                    db.execute(f"UPDATE {table} SET run = -run - 1 WHERE cluster=? AND {column}=?",
+                               (job.cluster, job.id))
+                    db.execute(f"UPDATE {table} SET run = -run WHERE cluster=? AND {column}=? AND run < 0",
+                               (job.cluster, job.id))
         db.executemany(
-            """INSERT INTO jobs (cluster, id, user, phase, started, ended, state, exit_code, failed, updated,
-                   ending_since) VALUES (?,?,?,?,?,?,?,?,?,?,?)
-               ON CONFLICT (cluster, id) DO UPDATE SET user=excluded.user, phase=excluded.phase,
+            """INSERT INTO jobs (cluster, id, run, user, phase, started, ended, state, exit_code, failed, updated,
+                   ending_since, opened) VALUES (?,?,0,?,?,?,?,?,?,?,?,?,?)
+               ON CONFLICT (cluster, id, run) DO UPDATE SET user=excluded.user, phase=excluded.phase,
                    started=excluded.started, ended=excluded.ended, state=excluded.state,
                    exit_code=excluded.exit_code, failed=excluded.failed, updated=excluded.updated,
                    ending_since=excluded.ending_since""",
             [(j.cluster, j.id, j.user, j.phase, j.started, j.ended, j.state, j.exit_code, int(j.failed), j.updated,
-              j.ending_since) for j in changes.jobs.values()])
+              j.ending_since, j.opened) for j in changes.jobs.values()])
         db.executemany(
-            """INSERT OR REPLACE INTO job_nodes (cluster, job_id, node, gpus, started, ended, state, exit_code,
-                   findings, codes, end_event) VALUES (?,?,?,?,?,?,?,?,?,?,?)""",
+            """INSERT OR REPLACE INTO job_nodes (cluster, job_id, node, run, gpus, started, ended, state, exit_code,
+                   findings, codes, end_event) VALUES (?,?,?,0,?,?,?,?,?,?,?,?)""",
             [(*key, p.gpus, p.started, p.ended, p.state, p.exit_code, p.findings, _json(p.codes), p.end_event)
              for key, p in changes.job_nodes.items()])
         db.executemany(
-            """INSERT INTO job_findings (cluster, job_id, node, ts, kind, name, entity, status, codes, message,
-                   history_id) VALUES (?,?,?,?,?,?,?,?,?,?,?)""",
+            """INSERT INTO job_findings (cluster, job_id, node, run, ts, kind, name, entity, status, codes, message,
+                   history_id) VALUES (?,?,?,0,?,?,?,?,?,?,?,?)""",
             [(f.cluster, f.job_id, f.node, f.ts, f.kind, f.name, f.entity, f.status, _json(f.codes), f.message,
               f.history_id) for f in changes.job_findings])
 
     def _open_jobs(self, key: tuple[str, str] | None = None) -> dict[tuple[str, str], Job]:
         """The open jobs (running, or waiting for their nodes' ends), or ``key`` if it is one."""
-        where = "WHERE j.phase IN ('running', 'ending')" + ("" if key is None else " AND j.cluster=? AND j.id=?")
+        where = "WHERE j.run = 0 AND j.phase IN ('running', 'ending')" + (
+            "" if key is None else " AND j.cluster=? AND j.id=?")
         params = key or ()
         jobs = {(r["cluster"], r["id"]): _job_from_row(r)
                 for r in self.db.execute(f"SELECT j.* FROM jobs j {where}", params)}
         if jobs:
             for r in self.db.execute("SELECT n.* FROM job_nodes n JOIN jobs j ON j.cluster = n.cluster "
-                                     f"AND j.id = n.job_id {where}", params):
+                                     f"AND j.id = n.job_id AND j.run = n.run {where}", params):
                 jobs[(r["cluster"], r["job_id"])].nodes[r["node"]] = _job_node_from_row(r)
         return jobs
 
@@ -644,10 +659,11 @@ class Store:
         }
         pruned = {table: self.db.execute(query, (before, limit)).rowcount for table, query in queries.items()}
         # Jobs closed before ``before`` (open ones belong to the engine), with their nodes and findings.
-        jobs = self.db.execute("SELECT cluster, id FROM jobs WHERE updated < ? AND phase IN ('done', 'lost') "
+        jobs = self.db.execute("SELECT cluster, id, run FROM jobs WHERE updated < ? AND phase IN ('done', 'lost') "
                                "ORDER BY updated LIMIT ?", (before, limit)).fetchall()
         for table, column in (("job_findings", "job_id"), ("job_nodes", "job_id"), ("jobs", "id")):
-            self.db.executemany(f"DELETE FROM {table} WHERE cluster=? AND {column}=?", [tuple(r) for r in jobs])
+            self.db.executemany(f"DELETE FROM {table} WHERE cluster=? AND {column}=? AND run=?",
+                                [tuple(r) for r in jobs])
         pruned["jobs"] = len(jobs)
         return pruned
 
@@ -852,13 +868,13 @@ class Store:
 
     def jobs(self, cluster: str | None = None, *, node: str | None = None, failed: bool = False,
              since: float | None = None, limit: int = 200) -> list[dict[str, Any]]:
-        """Jobs newest first (by start), each with its ``nodes`` (their parts): of ``node`` only,
+        """Job runs newest first (by start), each with its ``nodes`` (their parts): of ``node`` only,
         failed ones only, those running or ended since ``since``; none in a database older than jobs."""
         query = "SELECT * FROM jobs j WHERE (? IS NULL OR j.cluster = ?)"
         params: list[Any] = [cluster, cluster]
         if node is not None:
             query += " AND EXISTS (SELECT 1 FROM job_nodes n WHERE n.cluster = j.cluster AND n.job_id = j.id " \
-                     "AND n.node = ?)"
+                     "AND n.run = j.run AND n.node = ?)"
             params.append(node)
         if failed:
             query += " AND j.failed = 1"
@@ -866,42 +882,47 @@ class Store:
             query += " AND (j.ended IS NULL OR j.ended >= ?)"
             params.append(since)
         try:
-            rows = [dict(r) for r in self.db.execute(query + " ORDER BY j.started DESC, j.id LIMIT ?",
+            rows = [dict(r) for r in self.db.execute(query + " ORDER BY j.started DESC, j.id, j.run LIMIT ?",
                                                      (*params, limit))]
         except sqlite3.OperationalError:  # read-only, from a controller that never had the table
             return []
         for row in rows:
             row["failed"] = bool(row["failed"])
-            row["nodes"] = self.job_parts(row["cluster"], row["id"])
+            row["nodes"] = self.job_parts(row["cluster"], row["id"], row["run"])
         return rows
 
-    def job(self, cluster: str | None, job_id: str) -> dict[str, Any] | None:
-        """One job with its nodes' parts and its findings (None: unknown); of any cluster when None."""
+    def job(self, cluster: str | None, job_id: str, run: int = 0) -> dict[str, Any] | None:
+        """One run of a job (0: the latest) with its nodes' parts, its findings and how many runs the
+        job id has had (``runs``); None: unknown. Of any cluster when ``cluster`` is None."""
         try:
-            row = self.db.execute("SELECT * FROM jobs WHERE (? IS NULL OR cluster = ?) AND id = ? "
-                                  "ORDER BY updated DESC", (cluster, cluster, job_id)).fetchone()
+            row = self.db.execute("SELECT * FROM jobs WHERE (? IS NULL OR cluster = ?) AND id = ? AND run = ? "
+                                  "ORDER BY updated DESC", (cluster, cluster, job_id, run)).fetchone()
         except sqlite3.OperationalError:
             return None
         if row is None:
             return None
         job = {**dict(row), "failed": bool(row["failed"])}
-        job["nodes"] = self.job_parts(job["cluster"], job_id)
+        job["runs"] = self.db.execute("SELECT count(*) FROM jobs WHERE cluster = ? AND id = ?",
+                                      (job["cluster"], job_id)).fetchone()[0]
+        job["nodes"] = self.job_parts(job["cluster"], job_id, run)
         job["findings"] = [_decoded(dict(r)) for r in self.db.execute(
             "SELECT node, ts, kind, name, entity, status, codes, message, history_id FROM job_findings "
-            "WHERE cluster = ? AND job_id = ? ORDER BY ts, id", (job["cluster"], job_id))]
+            "WHERE cluster = ? AND job_id = ? AND run = ? ORDER BY ts, id", (job["cluster"], job_id, run))]
         return job
 
-    def job_parts(self, cluster: str, job_id: str) -> list[dict[str, Any]]:
+    def job_parts(self, cluster: str, job_id: str, run: int = 0) -> list[dict[str, Any]]:
         return [{**dict(r), "codes": json.loads(r["codes"])} for r in self.db.execute(
             "SELECT node, gpus, started, ended, state, exit_code, findings, codes FROM job_nodes "
-            "WHERE cluster = ? AND job_id = ? ORDER BY node", (cluster, job_id))]
+            "WHERE cluster = ? AND job_id = ? AND run = ? ORDER BY node", (cluster, job_id, run))]
 
-    def job_decisions(self, cluster: str, job_id: str, nodes: Sequence[str], since: float) -> list[dict[str, Any]]:
-        """Rules that fired on the job (their audit rows name it ``job:ID``) on ``nodes`` since ``since``."""
+    def job_decisions(self, cluster: str, job_id: str, nodes: Sequence[str], since: float,
+                      until: float) -> list[dict[str, Any]]:
+        """Rules that fired on the job (their audit rows name it ``job:ID``) on ``nodes``, between
+        ``since`` and ``until`` (the controller's times the run was opened and last heard of)."""
         rows = []
         for node in nodes:
-            rows += self.db.execute("SELECT * FROM audit WHERE cluster = ? AND node = ? AND ts >= ? AND detail = ?",
-                                    (cluster, node, since, f"job:{job_id}")).fetchall()
+            rows += self.db.execute("SELECT * FROM audit WHERE cluster = ? AND node = ? AND ts >= ? AND ts <= ? "
+                                    "AND detail = ?", (cluster, node, since, until, f"job:{job_id}")).fetchall()
         return [{**dict(r), "evidence": json.loads(r["evidence"])} for r in sorted(rows, key=lambda r: r["id"])]
 
     def job_parts_between(self, since: float, node: str | None = None) -> list[dict[str, Any]]:
@@ -910,7 +931,8 @@ class Store:
         try:
             rows = self.db.execute(
                 "SELECT n.*, j.user FROM job_nodes n JOIN jobs j ON j.cluster = n.cluster AND j.id = n.job_id "
-                "WHERE (n.started >= ? OR n.ended >= ?) AND (? IS NULL OR n.node = ?) ORDER BY n.started",
+                "AND j.run = n.run WHERE (n.started >= ? OR n.ended >= ?) AND (? IS NULL OR n.node = ?) "
+                "ORDER BY n.started",
                 (since, since, node, node))
         except sqlite3.OperationalError:
             return []
@@ -969,7 +991,7 @@ def _node_from_row(r: sqlite3.Row) -> NodeRow:
 def _job_from_row(r: sqlite3.Row) -> Job:
     return Job(cluster=r["cluster"], id=r["id"], started=r["started"], updated=r["updated"], user=r["user"],
                phase=r["phase"], ended=r["ended"], state=r["state"], exit_code=r["exit_code"],
-               failed=bool(r["failed"]), ending_since=r["ending_since"])
+               failed=bool(r["failed"]), ending_since=r["ending_since"], opened=r["opened"])
 
 
 def _job_node_from_row(r: sqlite3.Row) -> JobNode:

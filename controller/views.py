@@ -86,8 +86,8 @@ def attribution(job: dict[str, Any]) -> dict[str, Any]:
     """What a job's outcome points at, from what its nodes showed while it ran:
 
     ``running``; ``ok`` (it did not fail); ``nodes`` (it failed, and these nodes showed something
-    while the others showed nothing: the failure is theirs); ``spread`` (it failed and every one
-    of its nodes showed something: the fabric, a file system, the application, not one node);
+    while the others showed nothing, or its one node did: the failure is theirs); ``spread`` (it
+    failed and every one of its nodes showed something: the fabric, a file system, the application);
     ``unexplained`` (it failed and no node showed anything). ``rules``: the nodes rules on the job
     fired on (:func:`job_detail` fills it in).
     """
@@ -97,8 +97,9 @@ def attribution(job: dict[str, Any]) -> dict[str, Any]:
         kind, text = "running", "running" if job["phase"] == "running" else "ending (waiting for its nodes' ends)"
     elif not job["failed"]:
         kind, text = "ok", "did not fail"
-    elif showed and len(showed) < len(parts):
-        kind, text = "nodes", f"failed; only {_names(showed)} showed something while it ran: " + "; ".join(
+    elif showed and (len(showed) < len(parts) or len(parts) == 1):
+        only = "only " if len(parts) > 1 else ""
+        kind, text = "nodes", f"failed; {only}{_names(showed)} showed something while it ran: " + "; ".join(
             f"{p['node']} {', '.join(p['codes'])}" for p in parts if p["findings"])
     elif showed:
         kind, text = "spread", f"failed; every node ({_names(showed)}) showed something: not one node's doing"
@@ -119,6 +120,8 @@ def job_summary(job: dict[str, Any]) -> dict[str, Any]:
     return {
         "cluster": job["cluster"],
         "job": job["id"],
+        #: 0: the job id's latest run; 1, 2…: earlier ones (Slurm requeues a job under its id).
+        "run": job["run"],
         "user": job["user"],
         "phase": job["phase"],
         "state": job["state"],
@@ -138,23 +141,22 @@ def job_summaries(store: Store, cluster: str | None, *, node: str | None = None,
     return [job_summary(job) for job in store.jobs(cluster, node=node, failed=failed, since=since, limit=limit)]
 
 
-def job_detail(store: Store, cluster: str | None, job_id: str) -> dict[str, Any] | None:
-    """A job as ``vetd job --json`` shows it (None: unknown): the summary, each node's part, the
-    findings, and what rules decided on it."""
-    job = store.job(cluster, job_id)
+def job_detail(store: Store, cluster: str | None, job_id: str, run: int = 0) -> dict[str, Any] | None:
+    """A job's run as ``vetd job --json`` shows it (None: unknown): the summary, each node's part,
+    the findings, what rules decided on it, and how many runs the job id had."""
+    job = store.job(cluster, job_id, run)
     if job is None:
         return None
     names = [p["node"] for p in job["nodes"]]
-    # the audit's time is the controller's, the job's its nodes': a day's leeway for their clocks
     decisions = [{"ts": d["ts"], "node": d["node"], "rule": d["rule"]}
-                 for d in store.job_decisions(job["cluster"], job_id, names, job["started"] - 86400.0)]
+                 for d in store.job_decisions(job["cluster"], job_id, names, job["opened"], job["updated"])]
     summary = job_summary(job)
     if decisions:  # rules that weigh this job with the node's other jobs (job-failures-on-node)
         ruled = sorted({d["node"] for d in decisions})
         summary["attribution"]["rules"] = ruled
         summary["attribution"]["text"] += (f"; rules fired on {_names(ruled)} ("
                                            f"{', '.join(sorted({d['rule'] for d in decisions}))})")
-    return {**summary, "parts": job["nodes"], "found": job["findings"], "decisions": decisions}
+    return {**summary, "runs": job["runs"], "parts": job["nodes"], "found": job["findings"], "decisions": decisions}
 
 
 def _when(ts: float | None) -> str:
@@ -170,7 +172,7 @@ def _outcome(job: dict[str, Any]) -> str:
 
 def format_jobs(summaries: list[dict[str, Any]]) -> str:
     headers = ("JOB", "USER", "STARTED", "RUNTIME", "OUTCOME", "NODES", "POINTS AT")
-    rows = [(s["job"], s["user"] or "-", _when(s["started"]),
+    rows = [(s["job"] + (f" (run -{s['run']})" if s["run"] else ""), s["user"] or "-", _when(s["started"]),
              "-" if s["runtime_s"] is None else f"{s['runtime_s']:.0f}s", _outcome(s), _names(s["nodes"]),
              {"nodes": _names(s["attribution"]["nodes"]), "ok": "-"}.get(s["attribution"]["kind"],
                                                                          s["attribution"]["kind"]))
@@ -179,9 +181,11 @@ def format_jobs(summaries: list[dict[str, Any]]) -> str:
 
 
 def format_job(detail: dict[str, Any]) -> str:
+    run = "" if detail["runs"] < 2 else (
+        f", run {detail['runs'] - detail['run']} of {detail['runs']} (requeued under its id; --run N shows run -N)")
     lines = [f"job {detail['job']} ({detail['cluster']}): {_outcome(detail)}"
              + (" (failed)" if detail["failed"] else "")
-             + (f", user {detail['user']}" if detail["user"] else ""),
+             + (f", user {detail['user']}" if detail["user"] else "") + run,
              f"  started {_when(detail['started'])}, ended {_when(detail['ended'])}"
              + ("" if detail["runtime_s"] is None else f", ran {detail['runtime_s']:.0f}s"),
              f"  points at: {detail['attribution']['text']}", "  nodes:"]

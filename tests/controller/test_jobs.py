@@ -194,6 +194,31 @@ def test_jobs_outlive_a_restart_and_vetd_job_shows_where_the_failure_points(tmp_
         f"vetd: no job '901' in {db} (cluster alps)"]
 
 
+def test_a_job_requeued_under_its_id_keeps_each_run_apart(tmp_path: Path) -> None:
+    db, w = tmp_path / "c.db", Wire()
+    first = controller(db)
+    first.process([wire(w.start("nid003", "42", 10.0)), wire(w.xid("nid003", 15.0)),
+                   wire(w.end("nid003", "42", 20.0, state="NODE_FAIL", code=None))], now=20.0)
+    first.store.close()
+    again = controller(db)  # Slurm requeues the job under its id; it runs on nid004
+    again.process([wire(w.start("nid004", "42", 30.0)), wire(w.end("nid004", "42", 40.0, "COMPLETED", 0))],
+                  now=40.0)
+    latest, earlier = again.store.job("alps", "42"), again.store.job("alps", "42", 1)
+    assert latest is not None and earlier is not None and again.store.job("alps", "42", 2) is None
+    assert (latest["runs"], latest["state"], latest["failed"], [p["node"] for p in latest["nodes"]]) == (
+        2, "COMPLETED", False, ["nid004"])
+    assert (earlier["state"], earlier["failed"], [p["node"] for p in earlier["nodes"]], len(earlier["findings"])) == (
+        "NODE_FAIL", True, ["nid003"], 1)
+    again.store.close()
+    config = tmp_path / "controller.toml"
+    config.write_text('cluster = "alps"\n[store]\npath = "c.db"\n')
+    failed = run_vetd("jobs", "--config", str(config), "--failed").stdout.splitlines()
+    assert len(failed) == 2 and failed[1].startswith("42 (run -1)")
+    shown = run_vetd("job", "42", "--run", "1", "--config", str(config)).stdout
+    assert shown.startswith("job 42 (alps): NODE_FAIL (failed), user alice, run 1 of 2")
+    assert "points at: failed; nid003 showed something while it ran: nid003 xid_79" in shown
+
+
 def test_closed_jobs_are_pruned_beyond_keep_with_their_nodes_and_findings(tmp_path: Path) -> None:
     w, day = Wire(), 86400.0
     ctl = controller(tmp_path / "c.db")
