@@ -156,7 +156,9 @@ def job_detail(store: Store, cluster: str | None, job_id: str, run: int = 0) -> 
         summary["attribution"]["rules"] = ruled
         summary["attribution"]["text"] += (f"; rules fired on {_names(ruled)} ("
                                            f"{', '.join(sorted({d['rule'] for d in decisions}))})")
-    return {**summary, "runs": job["runs"], "parts": job["nodes"], "found": job["findings"], "decisions": decisions}
+    states = {n.name: n.state for n in store.node_rows() if n.cluster == job["cluster"] and n.name in names}
+    parts = [{**part, "node_state": states.get(part["node"], "")} for part in job["nodes"]]  # vetd's view now
+    return {**summary, "runs": job["runs"], "parts": parts, "found": job["findings"], "decisions": decisions}
 
 
 def _when(ts: float | None) -> str:
@@ -189,9 +191,10 @@ def format_job(detail: dict[str, Any]) -> str:
              f"  started {_when(detail['started'])}, ended {_when(detail['ended'])}"
              + ("" if detail["runtime_s"] is None else f", ran {detail['runtime_s']:.0f}s"),
              f"  points at: {detail['attribution']['text']}", "  nodes:"]
-    lines += table(("    NODE", "GPUS", "STARTED", "ENDED", "STATE", "FINDINGS", "SHOWED"), [
-        (f"    {p['node']}", p["gpus"] or "-", _when(p["started"]), _when(p["ended"]) if p["ended"] is not None
-         else "never reported", p["state"] or ("-" if p["exit_code"] is None else f"exit {p['exit_code']}"),
+    lines += table(("    NODE", "NOW", "GPUS", "STARTED", "ENDED", "STATE", "FINDINGS", "SHOWED"), [
+        (f"    {p['node']}", p["node_state"] or "-", p["gpus"] or "-", _when(p["started"]),
+         _when(p["ended"]) if p["ended"] is not None else "never reported",
+         p["state"] or ("-" if p["exit_code"] is None else f"exit {p['exit_code']}"),
          str(p["findings"]), ", ".join(p["codes"]) or "-") for p in detail["parts"]]).splitlines()
     if detail["found"]:
         lines.append("  findings:")

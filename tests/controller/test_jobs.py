@@ -182,7 +182,7 @@ def test_jobs_outlive_a_restart_and_vetd_job_shows_where_the_failure_points(tmp_
     assert [(f["node"], f["name"], f["codes"]) for f in detail["found"]] == [("nid001", "xid", ["xid_31"])] * 2
     text = run_vetd("job", "900", "--config", str(config)).stdout
     assert "points at: failed; only nid001 showed something while it ran: nid001 xid_31" in text
-    assert "never reported" not in text and "nid002  4-7" in text
+    assert "never reported" not in text and "nid002  healthy  4-7" in text
 
     listed = json.loads(run_vetd("jobs", "--config", str(config), "--json", "--node", "nid002", "--failed").stdout)
     assert [(j["job"], j["nodes"], j["findings"]) for j in listed] == [("900", ["nid001", "nid002"], 2)]
@@ -246,6 +246,27 @@ def test_the_default_rule_marks_the_node_repeated_failures_share_suspect() -> No
 @pytest.mark.parametrize("case", ["spread", "few"])
 def test_the_default_rule_is_quiet_when_failures_are_spread_or_few(case: str) -> None:
     assert decisions_of(DATA / f"{case}.jsonl") == []
+
+
+def test_a_replayed_incident_points_each_failed_job_at_the_node_at_fault_and_none_at_the_others(
+    tmp_path: Path,
+) -> None:
+    from vetd.controller.views import job_detail
+
+    store = Store(tmp_path / "c.db")
+    replay([str(RULES)], read_events(DATA / "incident.jsonl"), keep=store)
+    shown = {job: job_detail(store, "replay", job) for job in ("1002", "1004", "1005", "1006", "1007", "1008", "1009")}
+    store.close()
+    kinds = {job: (d["attribution"]["kind"], d["attribution"]["nodes"], d["attribution"]["rules"])
+             for job, d in shown.items() if d is not None}
+    assert kinds == {"1002": ("unexplained", [], []), "1004": ("unexplained", [], []),
+                     "1005": ("unexplained", [], []), "1006": ("unexplained", [], []),
+                     "1007": ("nodes", ["nid003"], []),  # XID 79 on nid003 during the job
+                     "1008": ("unexplained", [], ["nid006"]),  # nid006's third failed job: suspect
+                     "1009": ("spread", [], [])}  # every node saw the fabric's link flaps
+    now = {job: {p["node"]: p["node_state"] for p in d["parts"]} for job, d in shown.items() if d is not None}
+    assert now["1002"] == {"nid005": "healthy", "nid006": "suspect"}  # named in hindsight
+    assert now["1004"] == {"nid002": "healthy"} and now["1006"] == {"nid001": "healthy"}  # dave's bug
 
 
 def test_a_suspect_node_stays_in_service_until_an_operator_resumes_it(tmp_path: Path) -> None:
