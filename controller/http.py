@@ -6,7 +6,7 @@
 * ``GET /healthz``: ``{"status": "ok"}`` while the controller's loop answers.
 * ``GET /api/v1/nodes``: what ``vetd nodes --json`` prints.
 * ``GET /api/v1/jobs`` (``?node=N&failed=1&since=24h&limit=200``) and
-  ``GET /api/v1/jobs/ID``: what ``vetd jobs --json`` and ``vetd job ID --json`` print.
+  ``GET /api/v1/jobs/ID`` (``?run=N``): what ``vetd jobs --json`` and ``vetd job ID --json`` print.
 * ``POST /api/v1/drain`` ``{"nodes": "nid[001-004]", "reason": "…"}`` and
   ``POST /api/v1/resume`` ``{"nodes": "…"}``: need ``Authorization: Bearer
   <token>`` with the token from ``[http] token_file``; without a token file,
@@ -213,7 +213,10 @@ class HttpApi:
         return _json(200, job_summaries(self.store, self.cluster, node=node, failed=failed, since=when, limit=limit))
 
     async def _job(self, request: Request) -> Response:
-        detail = job_detail(self.store, self.cluster, request.path_params["job_id"])
+        run = request.query_params.get("run", "0")
+        if not run.isdigit() or set(request.query_params) - {"run"}:
+            return _json(400, {"error": "the one parameter is run, a number (1: the run before the latest)"})
+        detail = job_detail(self.store, self.cluster, request.path_params["job_id"], int(run))
         return _json(404, {"error": "no such job"}) if detail is None else _json(200, detail)
 
     async def _change(self, request: Request) -> Response:

@@ -878,8 +878,8 @@ class Store:
             params.append(node)
         if failed:
             query += " AND j.failed = 1"
-        if since is not None:
-            query += " AND (j.ended IS NULL OR j.ended >= ?)"
+        if since is not None:  # open ones, and closed ones that ended (or were lost) since
+            query += " AND (j.phase IN ('running', 'ending') OR coalesce(j.ended, j.updated) >= ?)"
             params.append(since)
         try:
             rows = [dict(r) for r in self.db.execute(query + " ORDER BY j.started DESC, j.id, j.run LIMIT ?",

@@ -359,7 +359,8 @@ def test_jobs_announced_by_real_agents_point_at_the_node_that_showed_something(
         assert {f["name"] for f in done["found"]} == {"host_paths"} and done["parts"][1]["codes"] == ["path_missing"]
         status, listed = call(f"{base}/jobs?failed=1&node=nid001&since=1h")
         assert status == 200 and [j["job"] for j in json.loads(listed)] == ["5001"]
-        assert call(f"{base}/jobs/5002")[0] == 404
+        assert call(f"{base}/jobs/5002")[0] == 404 and call(f"{base}/jobs/5001?run=1")[0] == 404
+        assert call(f"{base}/jobs/5001?run=last")[0] == 400
         assert call(f"{base}/jobs?since=whenever")[0] == 400 and call(f"{base}/jobs?nodes=x")[0] == 400
         cli = run_vetd("job", "5001", "--config", str(config), "--json")
         assert json.loads(cli.stdout)["attribution"] == done["attribution"]
