@@ -10,7 +10,14 @@ The events file is JSON lines, one message per line, oldest first::
 
 ``ts`` is Unix seconds or ISO 8601. ``cluster`` (default ``replay``),
 ``session`` and ``seq`` are optional; other fields are those of the wire
-messages. ``vetd export --events`` writes this format from a controller's
+messages. A node's reboot is a ``state`` line with a new ``session`` and
+``boot_id``; an agent's answer to a command (a healing step, a re-vetting, a
+diagnosis) is a ``reply`` line, ``{"kind": "reply", "node": "nid001", "ok":
+true}``, whose ``id``, when left out, is that of the latest command sent to
+the node. An operator's ``vetd drain`` / ``vetd resume`` is an ``operator``
+line, ``{"kind": "operator", "action": "resume", "ts": …, "node": "nid001"}``
+(``reason`` for a drain, and ``actor``, default ``replay``, optional).
+``vetd export --events`` writes this format from a controller's
 history, so an incident can be replayed against new rules. The replay runs
 the real controller logic on an in-memory store, with message time as the
 clock: no waiting, and ``for:`` and windows behave as they did live.
@@ -23,13 +30,13 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
 import msgspec
 
 from vetd.controller.actions import ActionOutcome, NoScheduler, iso
 from vetd.controller.config import ControllerConfig, StoreSection
-from vetd.controller.decisions import Decisions
+from vetd.controller.decisions import Decisions, Send
 from vetd.controller.service import Controller
 from vetd.controller.store import Store
 from vetd.core import protocol
@@ -37,7 +44,8 @@ from vetd.core.configfile import ConfigError, read_text
 from vetd.core.output import table
 
 #: Audit actions that are decisions (what `vetd rules test` reports).
-DECISIONS = ("rule_fired", "rule_resolved", "drain", "mark_failed", "breaker_open")
+DECISIONS = ("rule_fired", "rule_resolved", "drain", "mark_failed", "breaker_open", "heal_step", "healed",
+             "heal_end", "resume", "diagnose")
 
 
 class EventsError(ConfigError):
@@ -56,6 +64,23 @@ class Decision:
     def as_dict(self) -> dict[str, Any]:
         return {"ts": self.ts, "time": iso(self.ts), "node": self.node, "action": self.action,
                 "rule": self.rule, "outcome": self.outcome, "detail": self.detail}
+
+
+class Operator(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """An operator's request in an events file (not a wire message): what ``vetd drain`` or
+    ``vetd resume`` would have asked of the controller at ``ts``."""
+
+    kind: Literal["operator"]
+    action: Literal["drain", "resume"]
+    ts: float
+    node: str
+    cluster: str = "replay"
+    reason: str = ""
+    actor: str = "replay"
+
+
+#: What an events file holds: wire messages and operators' requests.
+Line = protocol.Message | Operator
 
 
 class DecideOnly:
@@ -78,7 +103,7 @@ def _ts(value: Any) -> float:
     raise ValueError(f"ts must be Unix seconds or ISO 8601, got {value!r}")
 
 
-def read_events(path: Path) -> Iterator[protocol.Message]:
+def read_events(path: Path) -> Iterator[Line]:
     seqs: dict[tuple[str, str, str], int] = {}
     lines = read_text(path, "events", EventsError).splitlines()
     for number, line in enumerate(lines, 1):
@@ -89,8 +114,16 @@ def read_events(path: Path) -> Iterator[protocol.Message]:
             if not isinstance(data, dict):
                 raise ValueError("each line is a JSON object")
             data["ts"] = _ts(data.get("ts"))
+            if data.get("kind") == "operator":
+                request = msgspec.convert(data, Operator)
+                if not protocol.valid_name(request.node) or not protocol.valid_name(request.cluster):
+                    raise ValueError("invalid node or cluster name")
+                yield request
+                continue
             data.setdefault("cluster", "replay")
             data.setdefault("session", "replay")
+            if data.get("kind") == "reply":
+                data.setdefault("id", "")  # the latest command sent to the node (replay())
             key = (data["cluster"], str(data.get("node")), data["session"])
             if data.get("kind") == "state":
                 data["seq"] = 0
@@ -106,13 +139,16 @@ def read_events(path: Path) -> Iterator[protocol.Message]:
         yield message
 
 
-def replay(rule_files: list[str], events: Iterable[protocol.Message],
+def replay(rule_files: list[str], events: Iterable[Line],
            config: ControllerConfig | None = None) -> list[Decision]:
     """Every decision the controller would take on ``events``, in order.
 
     The controller's periodic look for agents offline too long (``[alerts] agent_offline_after``)
     runs before and after each message, at its time: ``state`` lines with ``"online": false``
-    replay into ``agent-offline`` once a later line is that much later.
+    replay into ``agent-offline`` once a later line is that much later. So do healing ladders'
+    (their steps start, time out, see a rebooted node back), and a ``reply`` line without an
+    ``id`` answers the latest command sent to its node; an ``operator`` line goes through the
+    controller's operator requests, as ``vetd drain`` / ``vetd resume`` do.
     """
     messages = list(events)
     clusters = sorted({m.cluster for m in messages})
@@ -125,9 +161,12 @@ def replay(rule_files: list[str], events: Iterable[protocol.Message],
                             scheduler=NoScheduler(), alerts=DecideOnly(), commands=DecideOnly())
     decisions: list[Decision] = []
     seen = 0
+    #: The latest command sent to each node, which a reply line without an id answers.
+    commands: dict[tuple[str, str], str] = {}
 
     def decided(what: Decisions, now: float) -> None:
         nonlocal seen
+        commands.update({(a.command.cluster, a.node): a.command.id for a in what.other if isinstance(a, Send)})
         for row in controller.store.audit_after(seen):
             seen = row["id"]
             if row["action"] in DECISIONS:
@@ -144,9 +183,19 @@ def replay(rule_files: list[str], events: Iterable[protocol.Message],
 
     for message in messages:
         decided(controller.agent_tick(now=message.ts), message.ts)
-        decided(controller.process([(protocol.topic_for(message), protocol.encode(message))], now=message.ts),
-                message.ts)
+        decided(controller.heal_tick(now=message.ts, carry_out=False), message.ts)
+        if isinstance(message, Operator):
+            controller.store.submit(message.actor, message.action, [(message.cluster, message.node)],
+                                    message.reason, now=message.ts)
+            controller.requests.handle(message.ts)
+            decided(Decisions(), message.ts)
+            continue
+        sent = message
+        if isinstance(message, protocol.Reply) and not message.id:
+            sent = msgspec.structs.replace(message, id=commands.get((message.cluster, message.node), ""))
+        decided(controller.process([(protocol.topic_for(sent), protocol.encode(sent))], now=message.ts), message.ts)
         decided(controller.agent_tick(now=message.ts), message.ts)
+        decided(controller.heal_tick(now=message.ts, carry_out=False), message.ts)
     controller.store.close()
     return decisions
 
