@@ -429,6 +429,8 @@ def show_node(store: Store, config: ControllerConfig, name: str, as_json: bool, 
         "results": store.latest(summary["cluster"], name),
         "history": store.history(summary["cluster"], name, limit=20),
         "audit": store.audit_log(summary["cluster"], name, limit=50),
+        # What `history` in rules counts for the node (incidents, remediations, reboots…), newest first.
+        "node_history": store.node_history(summary["cluster"], name, limit=50),
     }
     if as_json:
         out.write(json.dumps(detail, indent=2) + "\n")

@@ -591,8 +591,11 @@ class Store:
 
     def node_history(self, cluster: str, node: str, limit: int = 50) -> list[dict[str, Any]]:
         """A node's latest history records (what ``history`` in rules counts), newest first."""
-        rows = self.db.execute("SELECT * FROM node_history WHERE cluster=? AND node=? ORDER BY ts DESC, id DESC "
-                               "LIMIT ?", (cluster, node, limit))
+        try:
+            rows = self.db.execute("SELECT * FROM node_history WHERE cluster=? AND node=? ORDER BY ts DESC, id DESC "
+                                   "LIMIT ?", (cluster, node, limit)).fetchall()
+        except sqlite3.OperationalError:  # read-only, from a controller that never had the table
+            return []
         return [{**dict(r), "tags": json.loads(r["tags"])} for r in rows]
 
     # -- audit and counters ------------------------------------------------

@@ -264,7 +264,9 @@ def test_a_database_of_the_version_before_gains_history_and_boot_ids(tmp_path: P
     db.execute("INSERT INTO nodes (cluster, name, state_since, first_seen, last_seen) VALUES ('alps','nid001',1,1,1)")
     db.commit()
     db.close()
-    assert Store(path, readonly=True).node_rows()[0].boot_id == ""  # a look before the controller migrated it
+    early = Store(path, readonly=True)  # `vetd node` before the controller migrated it
+    assert early.node_rows()[0].boot_id == "" and early.node_history("alps", "nid001") == []
+    early.close()
     store = Store(path)
     assert store.node_rows()[0].boot_id == "" and store.node_history("alps", "nid001") == []
     store.close()
