@@ -111,7 +111,7 @@ class Engine:
         self.ladders = Ladders(state, config.healing, self.lifecycle, session=session, command_key=command_key,
                                steps=steps)
         self.diagnoses = Diagnoses(state, config.healing, session=session, command_key=command_key)
-        state.history.keep, state.history.per_node = float(config.history.keep), config.history.per_node
+        state.history.keep, state.history.per_kind = float(config.history.keep), config.history.per_kind
         #: Rules that errored since they were loaded: logged and alerted once, then only counted.
         self.erring_rules: set[str] = set()
         #: The latest metrics of each (node, entity) by peer group, for ``fleet.median``/``fleet.peers``.

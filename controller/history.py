@@ -41,12 +41,13 @@ The functions are bound once, in the rules' CEL environment; what they count is 
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import functools
 import re
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from cel_expr_python import cel
@@ -73,28 +74,32 @@ SCOPES: dict[str, dict[str, str]] = {"node": {"scope": "node"}, "gpu": {"scope":
 @dataclass(frozen=True, slots=True)
 class HistoryView:
     """One message's look at its node's history: the node's records (oldest first), the
-    entity the message is about (``""``: the node) and its time."""
+    entity the message is about (``""``: the node) and its time; what was counted for it
+    (several rules often ask the same)."""
 
     records: list[HistoryRecord]
     entity: str
     now: float
     keep: float
+    counted: dict[tuple[str, str, str, str | None], int] = field(default_factory=dict)
 
-    def scoped(self, scope: str) -> Iterator[HistoryRecord]:
-        if scope == "node":
-            yield from self.records
-        elif self.entity:
-            yield from (r for r in self.records
-                        if r.entity == self.entity or (not r.entity and r.kind in _NODE_WIDE))
-
-    def since(self, scope: str, window: str) -> Iterator[HistoryRecord]:
+    def since(self, scope: str, window: str) -> list[HistoryRecord]:
         """The scope's records in ``window`` before the message, oldest first."""
         seconds = _window(window)
         if seconds > self.keep:
             raise ValueError(f"history window {window!r} is longer than [history] keep "
                              f"({self.keep / 86400:g}d): records that old are not kept")
-        start = self.now - seconds
-        return (r for r in self.scoped(scope) if r.ts > start)
+        records = self.records[bisect.bisect_right(self.records, self.now - seconds, key=_ts):]
+        if scope == "node":
+            return records
+        entity = self.entity
+        if not entity:
+            return []
+        return [r for r in records if r.entity == entity or (not r.entity and r.kind in _NODE_WIDE)]
+
+
+def _ts(record: HistoryRecord) -> float:
+    return record.ts
 
 
 _VIEW: ContextVar[HistoryView | None] = ContextVar("vetd_history_view", default=None)
@@ -133,18 +138,21 @@ def _view() -> HistoryView:
 def count(function: str, scope: str, window: str, tag: str | None = None) -> int:
     """What ``history.<scope>.<function>(window[, tag])`` gives for the message in view."""
     view = _view()
+    key = (function, scope, window, tag)
+    if (known := view.counted.get(key)) is not None:
+        return known
+    records = view.since(scope, window)
     if function == "remediated":
-        return _remediated(view.since(scope, window), tag or "")
-    kind = COUNTS[function]
-    records = (r for r in view.since(scope, window) if r.kind == kind)
-    if function == "resets":
-        records = (r for r in records if "gpu_reset" in r.tags and FAILED not in r.tags)
-    if tag is not None:
-        records = (r for r in records if tag in r.tags)
-    return sum(1 for _ in records)
+        times = _remediated(records, tag or "")
+    else:
+        kind = COUNTS[function]
+        times = sum(1 for r in records if r.kind == kind and (tag is None or tag in r.tags)
+                    and (function != "resets" or ("gpu_reset" in r.tags and FAILED not in r.tags)))
+    view.counted[key] = times
+    return times
 
 
-def _remediated(records: Iterator[HistoryRecord], tag: str) -> int:
+def _remediated(records: list[HistoryRecord], tag: str) -> int:
     """How many times incidents tagged ``tag`` were followed by a reboot or a remediation carried out."""
     times, pending = 0, False
     for record in records:

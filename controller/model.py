@@ -348,31 +348,47 @@ class HistoryRecord:
 
 
 class NodeHistory:
-    """Every node's history records, oldest first, in memory and bounded: at most
-    ``per_node`` records per node and none older than ``keep`` seconds before the newest
-    one added (``[history]`` in the controller config; the store prunes its table alike)."""
+    """Every node's history records, oldest first, in memory and bounded: at most ``per_kind``
+    records of each kind per node (a flood of incidents cannot push out the node's reboots) and
+    none older than ``keep`` seconds before the newest one added (``[history]`` in the
+    controller config; the store prunes its table alike). Equal tag tuples are shared."""
 
-    __slots__ = ("keep", "per_node", "by_node")
+    __slots__ = ("keep", "per_kind", "by_node", "_tags")
 
-    def __init__(self, keep: float = 30 * 86400.0, per_node: int = 200) -> None:
-        self.keep, self.per_node = keep, per_node
+    #: Distinct tag tuples shared at most (codes come from nodes: a hostile one cannot grow it).
+    MAX_SHARED_TAGS = 4096
+
+    def __init__(self, keep: float = 30 * 86400.0, per_kind: int = 100) -> None:
+        self.keep, self.per_kind = keep, per_kind
         self.by_node: dict[NodeKey, list[HistoryRecord]] = {}
+        self._tags: dict[tuple[str, ...], tuple[str, ...]] = {}
 
     def add(self, record: HistoryRecord) -> None:
-        records = self.by_node.setdefault((record.cluster, record.node), [])
+        record.cluster, record.node = sys.intern(record.cluster), sys.intern(record.node)
         record.kind = sys.intern(record.kind)
         record.entity = sys.intern("" if record.entity == "node" else record.entity)
-        record.tags = tuple(sys.intern(tag) for tag in record.tags)
+        record.tags = self._shared(record.tags)
+        records = self.by_node.setdefault((record.cluster, record.node), [])
         if records and record.ts < records[-1].ts:
             bisect.insort(records, record, key=lambda r: r.ts)  # a node's message from before the last record
         else:
             records.append(record)
         horizon = records[-1].ts - self.keep
-        drop = max(len(records) - self.per_node, 0)
-        while drop < len(records) and records[drop].ts < horizon:
-            drop += 1
-        if drop:
-            del records[:drop]
+        old = 0
+        while old < len(records) and records[old].ts < horizon:
+            old += 1
+        if old:
+            del records[:old]
+        if sum(1 for r in records if r.kind is record.kind) > self.per_kind:
+            records.remove(next(r for r in records if r.kind is record.kind))  # the oldest of its kind
+
+    def _shared(self, tags: tuple[str, ...]) -> tuple[str, ...]:
+        shared = self._tags.get(tags)
+        if shared is None:
+            shared = tuple(sys.intern(tag) for tag in tags)
+            if len(self._tags) < self.MAX_SHARED_TAGS:
+                self._tags[shared] = shared
+        return shared
 
     def of(self, key: NodeKey) -> list[HistoryRecord]:
         """The node's records, oldest first (the list itself: do not change it)."""

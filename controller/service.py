@@ -83,7 +83,7 @@ class Controller:
         self.bounds = NameBounds(config.limits, self.counters, self.store.known_names())
         command_key = (read_key(config.command_key_file, f"{config.source}: command_key_file")
                        if config.command_key_file else b"")
-        history = NodeHistory(float(config.history.keep), config.history.per_node)
+        history = NodeHistory(float(config.history.keep), config.history.per_kind)
         self.engine = Engine(config, self.store.load_state(history), self.counters,
                              rules=functools.partial(load_rules, config.rules), steps=healing_steps(),
                              alerting=self.alerts.enabled, session=self.session, command_key=command_key)

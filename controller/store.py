@@ -348,12 +348,12 @@ class Store:
                           history=self._load_history(NodeHistory() if history is None else history))
 
     def _load_history(self, history: NodeHistory) -> NodeHistory:
-        """Each node's latest ``history.per_node`` records into ``history`` (which drops those
-        older than its ``keep`` before the node's newest)."""
+        """Each node's latest ``history.per_kind`` records of each kind into ``history`` (which
+        drops those older than its ``keep`` before the node's newest)."""
         rows = self.db.execute(
-            """SELECT * FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY cluster, node ORDER BY ts DESC, id DESC)
-                                  AS newest FROM node_history)
-               WHERE newest <= ? ORDER BY cluster, node, ts, id""", (history.per_node,))
+            """SELECT * FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY cluster, node, kind
+                                                           ORDER BY ts DESC, id DESC) AS newest FROM node_history)
+               WHERE newest <= ? ORDER BY cluster, node, ts, id""", (history.per_kind,))
         for r in rows:
             history.add(HistoryRecord(r["cluster"], r["node"], r["ts"], r["kind"], r["entity"],
                                       tuple(json.loads(r["tags"]))))

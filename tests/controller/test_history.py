@@ -216,14 +216,14 @@ def test_a_window_over_keep_is_a_rule_error_and_a_bad_one_is_refused_when_rules_
 def test_history_outlives_a_restart_within_its_bounds_and_is_pruned(tmp_path: Path) -> None:
     def controller() -> Controller:
         return Controller(ControllerConfig(cluster="alps", rules=[], store=StoreSection(path=str(tmp_path / "c.db")),
-                                           history=HistorySection(keep=Duration(30 * DAY), per_node=3)))
+                                           history=HistorySection(keep=Duration(30 * DAY), per_kind=2)))
 
     first = controller()
     messages: list[protocol.Message] = [birth(float(n * 100), f"s{n}", f"b{n}") for n in range(1, 6)]
     for message in messages:
         first.process([(protocol.topic_for(message), protocol.encode(message))], now=message.ts)
     kept = [(r.kind, r.ts) for r in first.engine.state.history.of(NODE)]
-    assert kept == [("reboot", 400.0), ("session", 500.0), ("reboot", 500.0)]  # the newest 3
+    assert kept == [("session", 400.0), ("reboot", 400.0), ("session", 500.0), ("reboot", 500.0)]  # 2 of each kind
     assert len(first.store.node_history(*NODE)) == 9  # 5 sessions, 4 reboots: the table is pruned by age
     first.store.close()
     second = controller()
@@ -314,3 +314,17 @@ def test_diagnose_sends_a_signed_command_once_at_a_time_to_a_node_in_service() -
     decide(State(cluster="alps", node="nid002", session="t", seq=0, ts=5, online=False, started=0), None, 5)
     gone = Event(cluster="alps", node="nid002", session="old", seq=1, ts=1400, name="xid", entity="gpu0")
     assert decide(gone, 6, 1400) == [] and audited[-1] == ("skipped", "node offline")
+
+
+def test_a_flood_of_incidents_keeps_the_nodes_reboots() -> None:
+    records = NodeHistory(keep=30 * DAY, per_kind=100)
+    records.add(HistoryRecord("alps", "nid001", 1.0, "reboot"))
+    for n in range(1000):
+        records.add(HistoryRecord("alps", "nid001", 10.0 + n, "incident", "gpu0", ("warning-event", "xid", "xid_13")))
+    kinds = [r.kind for r in records.of(NODE)]
+    assert kinds.count("incident") == 100 and kinds.count("reboot") == 1
+    assert records.of(NODE)[1].ts == 910.0  # the newest 100 incidents
+    shared = {id(r.tags) for r in records.of(NODE) if r.kind == "incident"}
+    assert len(shared) == 1  # one tag tuple for all of them
+    records.add(HistoryRecord("alps", "nid001", 40 * DAY, "session"))
+    assert [r.kind for r in records.of(NODE)] == ["session"]  # everything else older than keep
