@@ -6,7 +6,7 @@ A rule file::
       - name: host-check-failed
         when: result.status == "fail" && result.check.startsWith("host_")
         severity: critical          # info | warning | critical
-        actions: [drain, alert]     # any of drain, alert
+        actions: [drain, alert]     # any of drain, alert, heal, mark_failed, diagnose
         description: A host check failed on the node.
 
 ``when`` is a CEL expression over ``node`` (``name``, ``cluster``, ``state``,
@@ -15,7 +15,9 @@ majority value among the nodes of the node's cluster and partition that have
 it, where one value is held by more than half of them; ``median`` and ``peers``:
 per check and metric, the median of the values of the node's peers, its own left
 out, and how many there are, see
-:class:`~vetd.controller.model.PeerMetrics`) and either ``result`` (``check``, ``entity``,
+:class:`~vetd.controller.model.PeerMetrics`), ``history`` (what happened to the node and
+its GPUs before: ``history.gpu.incidents("24h", "xid_31")``, see
+:mod:`~vetd.controller.history`) and either ``result`` (``check``, ``entity``,
 ``status``, ``codes``, ``metrics``, ``message``, ``duration_s``, ``profile``,
 ``job_id``) or ``event`` (``name``, ``entity``, ``severity``, ``codes``,
 ``metrics``, ``message``, ``job_id``). A rule is evaluated on results if its
