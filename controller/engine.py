@@ -45,7 +45,7 @@ from vetd.controller.breaker import OUT_OF_SERVICE, Breaker
 from vetd.controller.config import ControllerConfig
 from vetd.controller.counters import RULE_ERRORS, Counters
 from vetd.controller.decisions import Action, Alert, Decisions, Drain, Reboot
-from vetd.controller.diagnose import Diagnoses
+from vetd.controller.diagnose import Asked, Diagnoses
 from vetd.controller.fleet import Fleet, static_labels
 from vetd.controller.healing import Ladders
 from vetd.controller.history import SCOPES, viewing
@@ -87,6 +87,8 @@ class Checkpoint:
 
     counters: tuple[Counter[str], Counter[str]]
     erring_rules: frozenset[str]
+    #: The diagnose commands out (kept in memory, not in the model).
+    diagnoses: dict[NodeKey, Asked]
 
 
 class Engine:
@@ -137,13 +139,14 @@ class Engine:
     def checkpoint(self) -> Checkpoint:
         """What :meth:`restore` needs to undo the work that follows, besides the model's changes
         (which name every key they touch: the store puts those back, :meth:`Store.reload`)."""
-        return Checkpoint(self.counters.snapshot(), frozenset(self.erring_rules))
+        return Checkpoint(self.counters.snapshot(), frozenset(self.erring_rules), dict(self.diagnoses.out))
 
     def restore(self, checkpoint: Checkpoint, nodes: Iterable[NodeKey]) -> None:
         """After the store put the model back (:meth:`Store.reload`): counters, erring rules and the
         fleet's label counts of ``nodes`` as they were at ``checkpoint``; changes noted since, dropped."""
         self.counters.restore(checkpoint.counters)
         self.erring_rules = set(checkpoint.erring_rules)
+        self.diagnoses.out = dict(checkpoint.diagnoses)
         self.state.take_changes()
         for key in nodes:
             self.fleet.count(self.state.nodes.get(key) or NodeRow(*key))
@@ -183,18 +186,20 @@ class Engine:
             self.counters.count("stale_state")
             return
         if message.online and message.session != session:
-            self._remember_birth(message, boot)
+            self._remember_birth(message, boot, now)
         if (born := self.state.nodes.get((message.cluster, message.node))) is not None:
             self.fleet.count(born)  # a birth carries the node's labels
         if message.dropped:
             self.state.set_agent_loss(message.cluster, message.node, dict(message.dropped))
 
-    def _remember_birth(self, birth: State, boot_before: str) -> None:
-        """A new agent session in the node's history, and a reboot when its boot id is new."""
-        at = birth.started or birth.ts
-        self.state.remember(HistoryRecord(birth.cluster, birth.node, at, "session"))
+    def _remember_birth(self, birth: State, boot_before: str, now: float) -> None:
+        """A new agent session in the node's history, and a reboot when its boot id is new.
+
+        History is kept by the controller's clock (in a replay, each line's time), as every
+        record the controller makes: a node's clock that is off can neither hide nor forge one."""
+        self.state.remember(HistoryRecord(birth.cluster, birth.node, now, "session"))
         if birth.boot_id and boot_before and birth.boot_id != boot_before:
-            self.state.remember(HistoryRecord(birth.cluster, birth.node, at, "reboot"))
+            self.state.remember(HistoryRecord(birth.cluster, birth.node, now, "reboot"))
 
     def on_result(self, message: Result | Event, history_id: int | None, now: float, decisions: Decisions) -> None:
         """A result or event stored as ``history_id`` (None: seen before): let every rule on it decide."""
@@ -221,7 +226,7 @@ class Engine:
         rules = self.rules.for_input(kind)
         self.counters.count("rules_evaluated", len(rules))
         self._incident = None
-        with self._history_in_view(node, message):
+        with self._history_in_view(node, message.entity, now):
             for rule, matched in evaluate_all(rules, variables):
                 if matched is None:
                     self._rule_error(rule, node, subject, history_id, now, decisions, variables)
@@ -236,13 +241,13 @@ class Engine:
                         self._resolve(rule, node, message, subject, step.resolved_since, history_id, now,
                                       decisions, variables)
 
-    def _history_in_view(self, node: NodeRow, message: Result | Event) -> contextlib.AbstractContextManager[None]:
-        """Where ``history`` functions count: the node's records, at the message's time."""
+    def _history_in_view(self, node: NodeRow, entity: str, now: float) -> contextlib.AbstractContextManager[None]:
+        """Where ``history`` functions count: the node's records, for ``entity``, back from ``now``."""
         if not self.rules.uses_history:
             return contextlib.nullcontext()
-        return viewing(self.state.history, (node.cluster, node.name), message.entity, message.ts)
+        return viewing(self.state.history, (node.cluster, node.name), entity, now)
 
-    def _remember_incident(self, node: NodeRow, message: Result | Event, rule: str) -> None:
+    def _remember_incident(self, node: NodeRow, message: Result | Event, rule: str, now: float) -> None:
         """One incident per message that made rules fire, tagged with them, its name and its codes
         (noted when the first fires, so it comes before what the rules did about it)."""
         if self._incident is not None:
@@ -250,7 +255,7 @@ class Engine:
                 self._incident.tags = (*self._incident.tags, sys.intern(rule))
             return
         name = message.check if isinstance(message, Result) else message.name
-        self._incident = HistoryRecord(node.cluster, node.name, message.ts, "incident", message.entity,
+        self._incident = HistoryRecord(node.cluster, node.name, now, "incident", message.entity,
                                        tuple(dict.fromkeys([rule, name, *message.codes])))
         self.state.remember(self._incident)
 
@@ -303,7 +308,7 @@ class Engine:
     def _fire(self, rule: Rule, node: NodeRow, message: Result | Event, subject: str, history_id: int,
               now: float, decisions: Decisions, variables: dict[str, Any]) -> None:
         self.counters.count("rules_fired")
-        self._remember_incident(node, message, rule.name)
+        self._remember_incident(node, message, rule.name, now)
         was_out = node.state in OUT_OF_SERVICE
         self.state.audit(node.cluster, node.name, "rule_fired", rule=rule.name, detail=subject,
                          evidence=[history_id], now=now)

@@ -10,8 +10,9 @@ entity, the message is about)::
 
 Each function takes a window (a duration, ``"90m"``, ``"24h"``, ``"7d"``, at most
 ``[history] keep``) and, optionally, a tag; it counts the records of its kind from that
-long before the message (by the message's time) on, with that tag if one is given.
-The message being judged is not in them yet: a rule sees what came before it.
+long before the message on, with that tag if one is given. Times are the controller's
+(in a replay, each line's): a node whose clock is off can neither hide a record nor forge
+one. The message being judged is not in them yet: a rule sees what came before it.
 
 * ``incidents``: messages that made at least one rule fire (tags: the rules that fired,
   the check or event name, the message's codes);

@@ -235,23 +235,35 @@ def test_history_outlives_a_restart_within_its_bounds_and_is_pruned(tmp_path: Pa
 
 
 def test_a_message_that_fails_in_processing_leaves_no_history(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vetd.controller.diagnose import Diagnoses
+
     rules = tmp_path / "rules.yaml"
     rules.write_text(XID31)
-    controller = Controller(ControllerConfig(cluster="alps", rules=[str(rules)],
+    controller = Controller(ControllerConfig(cluster="alps", rules=[str(rules)], allow_unsigned_commands=True,
                                              store=StoreSection(path=str(tmp_path / "c.db"))))
-    ok, doomed = xid(100, 1, 31), xid(200, 2, 31)
-    original = Engine._remember_incident
+    original = Diagnoses.request
 
-    def fail_on_the_second(self: Engine, node: object, message: Event, rule: str) -> None:
-        original(self, node, message, rule)  # type: ignore[arg-type]
+    def fail_after_asking(self: Diagnoses, rule: str, node: object, message: Event, now: float,
+                          decisions: object) -> None:
+        original(self, rule, node, message, now, decisions)  # type: ignore[arg-type]
         if message.seq == 2:
             raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(Engine, "_remember_incident", fail_on_the_second)
-    controller.process([(protocol.topic_for(m), protocol.encode(m)) for m in (birth(0, "s1"), ok, doomed)], now=300)
+    monkeypatch.setattr(Diagnoses, "request", fail_after_asking)
+
+    def process(message: protocol.Message, now: float) -> list[str]:
+        decided = controller.process([(protocol.topic_for(message), protocol.encode(message))], now=now)
+        return [a.command.action for a in decided.other if isinstance(a, Send)]
+
+    process(birth(0, "s1"), 0)
+    assert process(xid(100, 1, 31), 100) == []
+    assert process(xid(200, 2, 31), 200) == []  # the diagnose was decided, then the message failed
     assert controller.counters["failed_in_processing"] == 1
-    assert [r.ts for r in controller.engine.state.history.of(NODE) if r.kind == "incident"] == [100.0]
-    assert [r["ts"] for r in controller.store.node_history(*NODE) if r["kind"] == "incident"] == [100.0]
+    assert [(r.kind, r.ts) for r in controller.engine.state.history.of(NODE) if r.kind != "session"] == [
+        ("incident", 100.0)]
+    assert [(r["kind"], r["ts"]) for r in controller.store.node_history(*NODE) if r["kind"] != "session"] == [
+        ("incident", 100.0)]
+    assert process(xid(300, 3, 31), 300) == ["diagnose"]  # the failed one is not "already running"
     controller.store.close()
 
 
