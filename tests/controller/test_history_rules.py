@@ -86,3 +86,11 @@ def test_vetd_rules_test_replays_a_case_as_its_header_shows() -> None:
     assert [(r["action"], r["rule"]) for r in rows if r["action"] in ("mark_failed", "heal_end")] == [
         ("mark_failed", "remediated-too-often"), ("heal_end", "gpu-reset-then-reboot")]
     assert rows[-1]["ts"] == 1794045600.0  # 2026-11-07T10:00:00Z, the fourth request for a reset
+
+
+def test_a_bad_operator_line_names_file_and_line(tmp_path: Path) -> None:
+    events = tmp_path / "events.jsonl"
+    events.write_text('{"kind": "state", "ts": 0, "node": "nid001", "online": true}\n'
+                      '{"kind": "operator", "action": "reboot", "ts": 10, "node": "nid001"}\n')
+    done = run_vetd("rules", "test", "--events", str(events))
+    assert done.returncode == 2 and f"{events}:2: Invalid enum value 'reboot'" in done.stderr, done.stderr
