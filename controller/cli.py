@@ -168,10 +168,15 @@ def vetd_cli_commands(subparsers: argparse._SubParsersAction) -> None:  # type: 
         "test", help="replay recorded results/events and print every decision",
         description="Replay an events file (JSON lines; `vetd export --events` writes one) against rule "
         "files, with the messages' own timestamps as the clock, and print every decision the controller "
-        "would take: rules firing and resolving, drains, nodes marked failed, breaker trips, alerts.")
+        "would take: rules firing and resolving, drains, nodes marked failed, breaker trips, alerts, "
+        "healing steps, resumes and diagnoses. Besides results, events and states (a new session and "
+        "boot_id: a reboot), a line may be an agent's reply to the latest command sent to its node "
+        "({\"kind\": \"reply\", \"ok\": true, ...}) or an operator's drain or resume "
+        "({\"kind\": \"operator\", \"action\": \"resume\", ...}).")
     rules_test.add_argument("files", nargs="*", metavar="FILE", help="default: the rules vetd ships")
     rules_test.add_argument("--events", required=True, metavar="EVENTS.jsonl")
-    rules_test.add_argument("--config", help="controller config whose breaker, repeat and labels to use")
+    rules_test.add_argument("--config", help="controller config whose breaker, repeat, history, healing and "
+                            "labels to use")
     rules_test.add_argument("--json", action="store_true", help="one JSON object per decision")
     rules_check.set_defaults(func=lambda args: run_rules_check(rule_files(args.files)))
     rules_test.set_defaults(func=run_rules_test)
@@ -477,6 +482,8 @@ def show_node(store: Store, config: ControllerConfig, name: str, as_json: bool, 
         "results": store.latest(summary["cluster"], name),
         "history": store.history(summary["cluster"], name, limit=20),
         "audit": store.audit_log(summary["cluster"], name, limit=50),
+        # What `history` in rules counts for the node (incidents, remediations, reboots…), newest first.
+        "node_history": store.node_history(summary["cluster"], name, limit=50),
     }
     if as_json:
         out.write(json.dumps(detail, indent=2) + "\n")

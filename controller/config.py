@@ -103,6 +103,21 @@ class HealingSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     reply_timeout: Duration = Duration(600.0)
     #: How long a rebooted node may take to come back (a new agent session).
     reboot_timeout: Duration = Duration(1800.0)
+    #: The profile a rule's ``diagnose`` action asks a node in service to run now (not drained:
+    #: its checks leave GPUs with compute processes alone). The agent must allow ``diagnose``.
+    diagnose_profile: str = "full"
+
+
+class HistorySection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """What happened to each node (incidents, remediations, reboots, drains…), kept for
+    ``history`` in rules (``history.gpu.incidents("24h", "xid_31")``): in memory and in the
+    database, bounded by both keys."""
+
+    #: Records older than this are forgotten: the longest window a rule may count in.
+    keep: Duration = Duration(30 * 86400.0)
+    #: Records of each kind (incidents, remediations, reboots…) kept per node, the newest: a flood of
+    #: one kind never pushes out another. 10,000 nodes with 100 incidents each: about 120 MiB.
+    per_kind: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 100
 
 
 class LimitsSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -202,6 +217,7 @@ class ControllerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     breaker: BreakerSection = msgspec.field(default_factory=BreakerSection)
     repeat: RepeatSection = msgspec.field(default_factory=RepeatSection)
     healing: HealingSection = msgspec.field(default_factory=HealingSection)
+    history: HistorySection = msgspec.field(default_factory=HistorySection)
     limits: LimitsSection = msgspec.field(default_factory=LimitsSection)
     http: HttpSection = msgspec.field(default_factory=HttpSection)
     jobs: JobsSection = msgspec.field(default_factory=JobsSection)
@@ -264,6 +280,9 @@ def load_controller_config(path: Path | str, environ: dict[str, str] | None = No
     if config.store.keep and float(config.store.keep) < float(config.repeat.window):
         raise ConfigError(f"{where(path, text, 'store.keep')}: keep ({config.store.keep}) must be at least "
                           f"[repeat] window ({config.repeat.window}): repeat offences are counted in the audit log")
+    if not config.history.keep > 0:
+        raise ConfigError(f"{where(path, text, 'history.keep')}: must be more than 0 (the longest window "
+                          "a rule's history may count in)")
     if env.get("VETD_ALLOW_UNSIGNED_COMMANDS") == "1":
         config = msgspec.structs.replace(config, allow_unsigned_commands=True)
     return msgspec.structs.replace(

@@ -10,9 +10,16 @@ The events file is JSON lines, one message per line, oldest first::
 
 ``ts`` is Unix seconds or ISO 8601. ``cluster`` (default ``replay``),
 ``session`` and ``seq`` are optional; other fields are those of the wire
-messages. A ``job`` line is a job starting or ending on one node (``node``)
-or several (``nodes``, a hostlist): one ``job_start`` or ``job_end`` event per
-node, as each node's agent publishes it (:mod:`vetd.core.jobs`)::
+messages. A node's reboot is a ``state`` line with a new ``session`` and
+``boot_id``; an agent's answer to a command (a healing step, a re-vetting, a
+diagnosis) is a ``reply`` line, ``{"kind": "reply", "node": "nid001", "ok":
+true}``, whose ``id``, when left out, is that of the latest command sent to
+the node. An operator's ``vetd drain`` / ``vetd resume`` is an ``operator``
+line, ``{"kind": "operator", "action": "resume", "ts": …, "node": "nid001"}``
+(``reason`` for a drain, and ``actor``, default ``replay``, optional). A
+``job`` line is a job starting or ending on one node (``node``) or several
+(``nodes``, a hostlist): one ``job_start`` or ``job_end`` event per node, as
+each node's agent publishes it (:mod:`vetd.core.jobs`)::
 
     {"kind": "job", "ts": 1700000000, "job_id": "4242", "phase": "start", "nodes": "nid[001-004]",
      "user": "alice", "gpus": "0-3"}
@@ -41,7 +48,7 @@ import msgspec
 
 from vetd.controller.actions import ActionOutcome, NoScheduler, iso
 from vetd.controller.config import ControllerConfig, StoreSection
-from vetd.controller.decisions import Decisions
+from vetd.controller.decisions import Decisions, Send
 from vetd.controller.service import Controller
 from vetd.controller.store import Store
 from vetd.core import protocol
@@ -50,7 +57,8 @@ from vetd.core.jobs import JOB_END, JOB_START, end_fields, start_fields
 from vetd.core.output import table
 
 #: Audit actions that are decisions (what `vetd rules test` reports).
-DECISIONS = ("rule_fired", "rule_resolved", "drain", "mark_failed", "suspect", "breaker_open")
+DECISIONS = ("rule_fired", "rule_resolved", "drain", "mark_failed", "suspect", "breaker_open", "heal_step",
+             "healed", "heal_end", "resume", "diagnose")
 
 
 class EventsError(ConfigError):
@@ -69,6 +77,23 @@ class Decision:
     def as_dict(self) -> dict[str, Any]:
         return {"ts": self.ts, "time": iso(self.ts), "node": self.node, "action": self.action,
                 "rule": self.rule, "outcome": self.outcome, "detail": self.detail}
+
+
+class Operator(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """An operator's request in an events file (not a wire message): what ``vetd drain`` or
+    ``vetd resume`` would have asked of the controller at ``ts``."""
+
+    kind: Literal["operator"]
+    action: Literal["drain", "resume"]
+    ts: float
+    node: str
+    cluster: str = "replay"
+    reason: str = ""
+    actor: str = "replay"
+
+
+#: What an events file holds: wire messages and operators' requests.
+Line = protocol.Message | Operator
 
 
 class DecideOnly:
@@ -108,7 +133,7 @@ class JobLine(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     exit_code: int | None = None
 
 
-def read_events(path: Path) -> Iterator[protocol.Message]:
+def read_events(path: Path) -> Iterator[Line]:
     seqs: dict[tuple[str, str, str], int] = {}
     #: (cluster, job, node) → when its start line said the job started there (for ``runtime_s``).
     starts: dict[tuple[str, str, str], float] = {}
@@ -121,11 +146,19 @@ def read_events(path: Path) -> Iterator[protocol.Message]:
             if not isinstance(data, dict):
                 raise ValueError("each line is a JSON object")
             data["ts"] = _ts(data.get("ts"))
+            if data.get("kind") == "operator":
+                request = msgspec.convert(data, Operator)
+                if not protocol.valid_name(request.node) or not protocol.valid_name(request.cluster):
+                    raise ValueError("invalid node or cluster name")
+                yield request
+                continue
             if data.get("kind") == "job":
                 messages = _job_events(msgspec.convert(data, JobLine), seqs, starts)
             else:
                 data.setdefault("cluster", "replay")
                 data.setdefault("session", "replay")
+                if data.get("kind") == "reply":
+                    data.setdefault("id", "")  # the latest command sent to the node (replay())
                 key = (data["cluster"], str(data.get("node")), data["session"])
                 if data.get("kind") == "state":
                     data["seq"] = 0
@@ -173,14 +206,17 @@ def _job_events(line: JobLine, seqs: dict[tuple[str, str, str], int],
     return events
 
 
-def replay(rule_files: list[str], events: Iterable[protocol.Message],
+def replay(rule_files: list[str], events: Iterable[Line],
            config: ControllerConfig | None = None, keep: Store | None = None) -> list[Decision]:
     """Every decision the controller would take on ``events``, in order; ``keep``: into this store
     (left open) rather than a throwaway one, so that ``vetd job`` and friends can read what it made.
 
     The controller's periodic look for agents offline too long (``[alerts] agent_offline_after``)
     runs before and after each message, at its time: ``state`` lines with ``"online": false``
-    replay into ``agent-offline`` once a later line is that much later.
+    replay into ``agent-offline`` once a later line is that much later. So do healing ladders'
+    (their steps start, time out, see a rebooted node back), and a ``reply`` line without an
+    ``id`` answers the latest command sent to its node; an ``operator`` line goes through the
+    controller's operator requests, as ``vetd drain`` / ``vetd resume`` do.
     """
     messages = list(events)
     clusters = sorted({m.cluster for m in messages})
@@ -193,9 +229,12 @@ def replay(rule_files: list[str], events: Iterable[protocol.Message],
                             store=keep, scheduler=NoScheduler(), alerts=DecideOnly(), commands=DecideOnly())
     decisions: list[Decision] = []
     seen = 0
+    #: The latest command sent to each node, which a reply line without an id answers.
+    commands: dict[tuple[str, str], str] = {}
 
     def decided(what: Decisions, now: float) -> None:
         nonlocal seen
+        commands.update({(a.command.cluster, a.node): a.command.id for a in what.other if isinstance(a, Send)})
         for row in controller.store.audit_after(seen):
             seen = row["id"]
             if row["action"] in DECISIONS:
@@ -213,9 +252,19 @@ def replay(rule_files: list[str], events: Iterable[protocol.Message],
     for message in messages:
         decided(controller.agent_tick(now=message.ts), message.ts)
         decided(controller.job_tick(now=message.ts), message.ts)
-        decided(controller.process([(protocol.topic_for(message), protocol.encode(message))], now=message.ts),
-                message.ts)
+        decided(controller.heal_tick(now=message.ts, carry_out=False), message.ts)
+        if isinstance(message, Operator):
+            controller.store.submit(message.actor, message.action, [(message.cluster, message.node)],
+                                    message.reason, now=message.ts)
+            controller.requests.handle(message.ts)
+            decided(Decisions(), message.ts)
+            continue
+        sent = message
+        if isinstance(message, protocol.Reply) and not message.id:
+            sent = msgspec.structs.replace(message, id=commands.get((message.cluster, message.node), ""))
+        decided(controller.process([(protocol.topic_for(sent), protocol.encode(sent))], now=message.ts), message.ts)
         decided(controller.agent_tick(now=message.ts), message.ts)
+        decided(controller.heal_tick(now=message.ts, carry_out=False), message.ts)
     if messages:  # the clock moves on: jobs some node never reported the end of are decided too
         end = messages[-1].ts + float(base.jobs.settle)
         decided(controller.job_tick(now=end), end)

@@ -6,7 +6,7 @@ A rule file::
       - name: host-check-failed
         when: result.status == "fail" && result.check.startsWith("host_")
         severity: critical          # info | warning | critical
-        actions: [drain, alert]     # any of drain, alert
+        actions: [drain, alert]     # any of drain, alert, heal, mark_failed, diagnose
         description: A host check failed on the node.
 
 ``when`` is a CEL expression over ``node`` (``name``, ``cluster``, ``state``,
@@ -15,7 +15,9 @@ majority value among the nodes of the node's cluster and partition that have
 it, where one value is held by more than half of them; ``median`` and ``peers``:
 per check and metric, the median of the values of the node's peers, its own left
 out, and how many there are, see
-:class:`~vetd.controller.model.PeerMetrics`) and either ``result`` (``check``, ``entity``,
+:class:`~vetd.controller.model.PeerMetrics`), ``history`` (what happened to the node and
+its GPUs before: ``history.gpu.incidents("24h", "xid_31")``, see
+:mod:`~vetd.controller.history`) and either ``result`` (``check``, ``entity``,
 ``status``, ``codes``, ``metrics``, ``message``, ``duration_s``, ``profile``,
 ``job_id``) or ``event`` (``name``, ``entity``, ``severity``, ``codes``,
 ``metrics``, ``message``, ``job_id``, ``data``). A rule is evaluated on results if its
@@ -51,6 +53,7 @@ import msgspec
 import yaml
 from cel_expr_python import cel
 
+from vetd.controller import history
 from vetd.controller.actions import OWN_STEPS, HealingStep
 from vetd.controller.jobs import JobContext
 from vetd.controller.model import NodeRow
@@ -58,16 +61,22 @@ from vetd.core.configfile import ConfigError, Duration, dec_hook, read_text
 from vetd.core.protocol import Envelope, Event, Result
 
 Severity = Literal["info", "warning", "critical"]
-Action = Literal["drain", "alert", "heal", "mark_failed", "suspect"]
+Action = Literal["drain", "alert", "heal", "mark_failed", "suspect", "diagnose"]
 
 _DYN_MAP = cel.Type.Map(cel.Type.STRING, cel.Type.DYN)
+# `history.node.incidents("7d")`… are functions on the history scopes (vetd.controller.history).
+_FUNCTIONS = history.DECLARATIONS
 _ENV_ALL = cel.NewEnv(variables={"result": _DYN_MAP, "event": _DYN_MAP, "node": _DYN_MAP, "fleet": _DYN_MAP,
-                                 "job": _DYN_MAP})
-_ENV_RESULT = cel.NewEnv(variables={"result": _DYN_MAP, "node": _DYN_MAP, "fleet": _DYN_MAP})
-_ENV_EVENT = cel.NewEnv(variables={"event": _DYN_MAP, "node": _DYN_MAP, "fleet": _DYN_MAP})
+                                 "job": _DYN_MAP, "history": _DYN_MAP}, functions=_FUNCTIONS)
+_ENV_RESULT = cel.NewEnv(variables={"result": _DYN_MAP, "node": _DYN_MAP, "fleet": _DYN_MAP, "history": _DYN_MAP},
+                         functions=_FUNCTIONS)
+_ENV_EVENT = cel.NewEnv(variables={"event": _DYN_MAP, "node": _DYN_MAP, "fleet": _DYN_MAP, "history": _DYN_MAP},
+                        functions=_FUNCTIONS)
 #: Rules on jobs: ``job`` and the node's ``job_end`` as ``event`` (:mod:`~vetd.controller.jobs`).
-_ENV_JOB = cel.NewEnv(variables={"job": _DYN_MAP, "event": _DYN_MAP, "node": _DYN_MAP, "fleet": _DYN_MAP})
+_ENV_JOB = cel.NewEnv(variables={"job": _DYN_MAP, "event": _DYN_MAP, "node": _DYN_MAP, "fleet": _DYN_MAP,
+                                 "history": _DYN_MAP}, functions=_FUNCTIONS)
 _USES_FLEET = re.compile(r"\bfleet\b")
+_USES_HISTORY = re.compile(r"\bhistory\b")
 _USES_PEERS = re.compile(r"\bfleet\s*\.\s*(?:median|peers)\b")
 #: What a condition names: quoted strings, and map keys taken as fields (``fleet.median.gpu_gemm.x``).
 _LITERAL = re.compile(r'"((?:[^"\\]|\\.)*)"|\'((?:[^\'\\]|\\.)*)\'')
@@ -125,6 +134,8 @@ _COMMON = {
     # What PeerMetrics.view gives: per check, per metric, the peers' median and how many peers.
     "fleet.median": cel.Type.Map(cel.Type.STRING, cel.Type.Map(cel.Type.STRING, cel.Type.DOUBLE)),
     "fleet.peers": cel.Type.Map(cel.Type.STRING, cel.Type.Map(cel.Type.STRING, cel.Type.INT)),
+    # What history.SCOPES gives: the scopes its functions count on.
+    **{f"history.{scope}": _DYN_MAP for scope in history.SCOPES},
 }
 #: Per input kind: every field a condition or template may name (``root.field``) and its CEL type.
 SCHEMAS: dict[str, dict[str, Any]] = {
@@ -138,8 +149,8 @@ _SEES = {"result": ("result", "node", "fleet"), "event": ("event", "node", "flee
          "job": ("job", "event", "node", "fleet")}
 # Declaring `result.status` and not `result` makes CEL's checker resolve each field as a typed
 # name: a misspelling is an undeclared reference, a string compared with a number has no overload.
-_TYPED_ENVS = {kind: cel.NewEnv(variables=schema) for kind, schema in SCHEMAS.items()}
-_ROOTS = ("result", "event", "node", "fleet", "job")
+_TYPED_ENVS = {kind: cel.NewEnv(variables=schema, functions=_FUNCTIONS) for kind, schema in SCHEMAS.items()}
+_ROOTS = ("result", "event", "node", "fleet", "job", "history")
 _CHECK_ERROR = re.compile(r"ERROR: <input>:(\d+):(\d+): (.*)")
 _UNDECLARED = re.compile(r"undeclared reference to '([\w.]+)'")
 _NUMERIC_PAIR = re.compile(r"applied to '\((?:int|uint|double), (?:int|uint|double)\)'")
@@ -199,6 +210,11 @@ class RuleSet:
     def uses_fleet(self) -> bool:
         """Whether a condition reads ``fleet`` (only then is it worked out); asked once per message."""
         return any(_USES_FLEET.search(rule.spec.when) for rule in self.rules)
+
+    @functools.cached_property
+    def uses_history(self) -> bool:
+        """Whether a condition reads ``history`` (only then is a message's history put in view)."""
+        return any(_USES_HISTORY.search(rule.spec.when) for rule in self.rules)
 
     @functools.cached_property
     def uses_peers(self) -> bool:
@@ -379,6 +395,8 @@ def _parse_rule(node: yaml.Node, source: str) -> Rule:
     if not spec.name.strip():
         raise RuleError(f"{source}:{line}: rule: name must not be empty")
     try:
+        if problem := history.window_problem(spec.when):
+            raise ValueError(problem)
         kind, expression = _compile(spec.when)
         _check_fields(spec.when, kind)
     except ValueError as exc:

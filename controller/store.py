@@ -32,6 +32,8 @@ from vetd.controller.model import (
     Healing,
     Job,
     JobNode,
+    HistoryRecord,
+    NodeHistory,
     NodeRow,
     PendingAction,
     RuleState,
@@ -264,6 +266,24 @@ CREATE INDEX IF NOT EXISTS job_findings_job ON job_findings (cluster, job_id, ru
 """
 
 
+#: What happened to each node (incidents, remediations, reboots, drains…) that rules count
+#: (``history.node.incidents("7d")``), and the boot id of each node's latest birth. Migration 5.
+HISTORY_SCHEMA = """
+CREATE TABLE IF NOT EXISTS node_history (
+    id INTEGER PRIMARY KEY,
+    cluster TEXT NOT NULL,
+    node TEXT NOT NULL,
+    ts REAL NOT NULL,
+    kind TEXT NOT NULL,
+    entity TEXT NOT NULL DEFAULT '',
+    tags TEXT NOT NULL DEFAULT '[]'
+);
+CREATE INDEX IF NOT EXISTS node_history_node ON node_history (cluster, node, ts);
+CREATE INDEX IF NOT EXISTS node_history_ts ON node_history (ts);
+ALTER TABLE nodes ADD COLUMN boot_id TEXT NOT NULL DEFAULT ''
+"""
+
+
 #: Ordered schema steps: entry ``i`` takes a database from version ``i`` to ``i + 1`` (``PRAGMA
 #: user_version``). Each runs in its own transaction on start; a change to the schema is one more
 #: entry at the end, never an edit of an entry already released.
@@ -279,6 +299,8 @@ MIGRATIONS: tuple[str, ...] = (
     PENDING_ACTIONS_SCHEMA,
     # 4: jobs, their nodes and what those showed while the job ran.
     JOBS_SCHEMA,
+    # 5: what happened to each node, for `history` in rules (issue 14), and its boot id.
+    HISTORY_SCHEMA,
 )
 #: The version this code writes and reads.
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -368,8 +390,9 @@ class Store:
 
     # -- the engine's model: loaded once, changed by apply -------------------
 
-    def load_state(self) -> FleetState:
-        """Everything the engine decides on, as committed."""
+    def load_state(self, history: NodeHistory | None = None) -> FleetState:
+        """Everything the engine decides on, as committed; ``history`` (empty, with its bounds)
+        gets each node's latest records."""
         db = self.db
         rule_states = {(r["rule"], r["cluster"], r["node"], r["subject"]): RuleState(r["phase"], r["since"],
                                                                                      r["cleared_at"])
@@ -384,7 +407,20 @@ class Store:
         return FleetState(nodes=dict(self.nodes), rule_states=rule_states, rule_windows=rule_windows,
                           firing_alerts=self.firing_alerts(), healings={(h.cluster, h.node): h for h in healings},
                           breakers=breakers, drains=drains, agents_late=self._agents_late(),
-                          jobs=self._open_jobs())
+                          jobs=self._open_jobs(),
+                          history=self._load_history(NodeHistory() if history is None else history))
+
+    def _load_history(self, history: NodeHistory) -> NodeHistory:
+        """Each node's latest ``history.per_kind`` records of each kind into ``history`` (which
+        drops those older than its ``keep`` before the node's newest)."""
+        rows = self.db.execute(
+            """SELECT * FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY cluster, node, kind
+                                                           ORDER BY ts DESC, id DESC) AS newest FROM node_history)
+               WHERE newest <= ? ORDER BY cluster, node, ts, id""", (history.per_kind,))
+        for r in rows:
+            history.add(HistoryRecord(r["cluster"], r["node"], r["ts"], r["kind"], r["entity"],
+                                      tuple(json.loads(r["tags"]))))
+        return history
 
     def _agents_late(self, node: tuple[str, str] | None = None) -> set[tuple[str, str]]:
         """Nodes the controller's own ``vetd_agent`` check last found offline too long (of ``node`` only)."""
@@ -457,6 +493,7 @@ class Store:
         for job_key in touched:
             state.jobs.pop(job_key, None)
             state.jobs.update(self._open_jobs(job_key))
+        state.history.drop(changes.history)
 
     def apply(self, changes: Changes) -> None:
         """Persist what the engine changed, inside the caller's transaction.
@@ -467,13 +504,14 @@ class Store:
         if changes.nodes:
             db.executemany(
                 """INSERT INTO nodes (cluster, name, state, state_since, reason, online, session,
-                       session_started, first_seen, last_seen, agent_version, labels)
-                   VALUES (?,?,?,?,?,?,?,?,?,?,?,?)
+                       session_started, first_seen, last_seen, agent_version, labels, boot_id)
+                   VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)
                    ON CONFLICT (cluster, name) DO UPDATE SET state=excluded.state,
                        state_since=excluded.state_since, reason=excluded.reason,
                        online=excluded.online, session=excluded.session,
                        session_started=excluded.session_started, last_seen=excluded.last_seen,
-                       agent_version=excluded.agent_version, labels=excluded.labels""",
+                       agent_version=excluded.agent_version, labels=excluded.labels,
+                       boot_id=excluded.boot_id""",
                 [_node_values(row) for row in changes.nodes.values()],
             )
             self.nodes.update(changes.nodes)
@@ -506,6 +544,9 @@ class Store:
                        [(p, int(b.open), b.since, b.reason) for p, b in changes.breakers.items()])
         db.executemany("INSERT OR REPLACE INTO agent_loss (cluster, node, dropped) VALUES (?,?,?)",
                        [(*key, json.dumps(dropped)) for key, dropped in changes.agent_loss.items()])
+        db.executemany("INSERT INTO node_history (cluster, node, ts, kind, entity, tags) VALUES (?,?,?,?,?,?)",
+                       [(r.cluster, r.node, r.ts, r.kind, r.entity, json.dumps(list(r.tags)))
+                        for r in changes.history])
         for record in changes.audit:
             record.id = self.audit(record.cluster, record.node, record.action, actor=record.actor,
                                    rule=record.rule, outcome=record.outcome, detail=record.detail,
@@ -667,6 +708,21 @@ class Store:
         pruned["jobs"] = len(jobs)
         return pruned
 
+    def prune_node_history(self, before: float, limit: int) -> int:
+        """Delete at most ``limit`` of the oldest node history records from before ``before``
+        (``[history] keep``), inside the caller's transaction; returns how many went."""
+        return self.db.execute("DELETE FROM node_history WHERE id IN (SELECT id FROM node_history WHERE ts < ? "
+                               "ORDER BY ts LIMIT ?)", (before, limit)).rowcount
+
+    def node_history(self, cluster: str, node: str, limit: int = 50) -> list[dict[str, Any]]:
+        """A node's latest history records (what ``history`` in rules counts), newest first."""
+        try:
+            rows = self.db.execute("SELECT * FROM node_history WHERE cluster=? AND node=? ORDER BY ts DESC, id DESC "
+                                   "LIMIT ?", (cluster, node, limit)).fetchall()
+        except sqlite3.OperationalError:  # read-only, from a controller that never had the table
+            return []
+        return [{**dict(r), "tags": json.loads(r["tags"])} for r in rows]
+
     # -- audit and counters ------------------------------------------------
 
     def audit(
@@ -762,14 +818,15 @@ class Store:
 
     # -- operator requests and the circuit breaker ---------------------------
 
-    def submit(self, actor: str, action: str, nodes: Sequence[object] = (), reason: str = "") -> int:
-        """Queue an operator request for the running controller.
+    def submit(self, actor: str, action: str, nodes: Sequence[object] = (), reason: str = "",
+               now: float | None = None) -> int:
+        """Queue an operator request for the running controller (``now``: a replay's clock).
 
         ``nodes`` are ``(cluster, node)`` pairs, or partition names for a breaker reset.
         """
         cursor = self.db.execute(
             "INSERT INTO requests (ts, actor, action, nodes, reason) VALUES (?,?,?,?,?)",
-            (time.time(), actor, action, json.dumps(list(nodes)), reason),
+            (time.time() if now is None else now, actor, action, json.dumps(list(nodes)), reason),
         )
         return int(cursor.lastrowid or 0)
 
@@ -959,7 +1016,7 @@ def _decoded(row: dict[str, Any]) -> dict[str, Any]:
 
 def _node_values(row: NodeRow) -> tuple[Any, ...]:
     return (row.cluster, row.name, row.state, row.state_since, row.reason, int(row.online), row.session,
-            row.session_started, row.first_seen, row.last_seen, row.agent_version, _json(row.labels))
+            row.session_started, row.first_seen, row.last_seen, row.agent_version, _json(row.labels), row.boot_id)
 
 
 def _audit_from_row(r: sqlite3.Row) -> Audit:
@@ -985,6 +1042,8 @@ def _node_from_row(r: sqlite3.Row) -> NodeRow:
         last_seen=r["last_seen"],
         agent_version=r["agent_version"],
         labels=json.loads(r["labels"]),
+        # A read-only look at an older database has no boot_id (a Row's `in` looks at values, not keys).
+        boot_id=r["boot_id"] if "boot_id" in r.keys() else "",  # noqa: SIM118
     )
 
 

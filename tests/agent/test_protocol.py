@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -212,3 +213,16 @@ def test_an_ack_round_trips_on_its_own_topic_only() -> None:
     for bad in (backwards, too_many):
         with pytest.raises(protocol.ProtocolError):
             protocol.decode_ack(topic, protocol.encode(bad))
+
+
+def test_a_birth_carries_the_kernel_boot_id_and_an_older_one_without_it_decodes(tmp_path: Path) -> None:
+    from vetd.agent.transport import Identity, boot_id
+
+    assert boot_id() == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    birth = Identity("alps", "nid001").state(True)
+    assert birth.boot_id == boot_id() and protocol.decode_from(protocol.topic_for(birth), protocol.encode(birth)) == birth
+    odd = tmp_path / "boot_id"
+    odd.write_text("not a plain id\n")
+    assert boot_id(str(odd)) == "" and boot_id(str(tmp_path / "absent")) == ""
+    older = msgspec.msgpack.encode({"kind": "state", "v": 1, **BASE, "seq": 0, "online": True})
+    assert protocol.decode_from("vetd/v1/alps/node/nid001/state", older).boot_id == ""  # type: ignore[union-attr]

@@ -70,7 +70,7 @@ def test_a_condition_that_errors_at_runtime_is_neither_true_nor_false() -> None:
         ("rules:\n  - name: k\n    when: result.status == 'fail'\n    actoins: [drain]\n",
          r"bad\.yaml:4: rule 'k': actoins: .*unknown field"),
         ("rules:\n  - name: a\n    when: 'true'\n    actions: [reboot]\n",
-         r"bad\.yaml:4: rule 'a': actions: Invalid enum value 'reboot' \(expected one of: drain, alert, heal, mark_failed, suspect\)"),
+         r"bad\.yaml:4: rule 'a': actions: Invalid enum value 'reboot' \(expected one of: drain, alert, heal, mark_failed, suspect, diagnose\)"),
         ("rules:\n  - when: result.status == 'fail'\n", r"bad\.yaml:2: rule: name: .*missing required field"),
         ("rules:\n  - name: a\n    when: [\n", r"bad\.yaml:\d+: invalid YAML"),
         ("rule:\n  - name: a\n", r"bad\.yaml:1: rule: unknown key"),
