@@ -103,6 +103,10 @@ class JobEndRequest(msgspec.Struct, tag="job_end", tag_field="op", forbid_unknow
     job_id: Annotated[JobId, msgspec.Meta(min_length=1)]
     exit_code: int | None = None
     state: _Word = ""
+    #: The signal that ended the job's script, if one did.
+    signal: Annotated[int, msgspec.Meta(ge=0, le=255)] | None = None
+    #: The highest exit code of the job's steps (Slurm's derived exit code).
+    derived_exit_code: int | None = None
 
 
 class ContainerStartRequest(msgspec.Struct, tag="container_start", tag_field="op", forbid_unknown_fields=True):
@@ -235,6 +239,8 @@ class NodeState:
         self.containers: dict[str, Container] = {}
         #: The controller's retained service notice, and when it came (None: nothing heard).
         self.controller: ControllerView | None = None
+        #: Jobs that ended lately: a second end (the epilog after a prolog that failed) is not an event.
+        self.ended: dict[str, float] = {}
 
     def heard(self, notice: ServiceNotice | None) -> None:
         """The controller's service notice (None: it was cleared)."""
@@ -486,6 +492,7 @@ class ControlServer:
         jobs = self.host.state.jobs
         if request.job_id not in jobs and len(jobs) >= MAX_TRACKED:
             return Response(ok=False, error=f"{MAX_TRACKED} jobs already running; end some first")
+        self.host.state.ended.pop(request.job_id, None)  # a requeued job may start here again
         jobs[request.job_id] = Job(id=request.job_id, user=request.user, gpus=request.gpus, started=time.time())
         self.host.event(EventOutcome(name="job_start", message=f"job {request.job_id} started"
                                      + (f" for {request.user}" if request.user else "")
@@ -494,20 +501,28 @@ class ControlServer:
         return Response(ok=True, jobs=list(jobs.values()))
 
     def _job_end(self, request: JobEndRequest, base: dict[str, str]) -> Response:
-        job = self.host.state.jobs.pop(request.job_id, None)
-        metrics = {"exit_code": float(request.exit_code)} if request.exit_code is not None else {}
+        state = self.host.state
+        job = state.jobs.pop(request.job_id, None)
+        if job is None and request.job_id in state.ended:
+            return Response(ok=True, jobs=list(state.jobs.values()))  # ended already: said once
+        state.ended[request.job_id] = time.time()
+        while len(state.ended) > MAX_TRACKED:
+            state.ended.pop(next(iter(state.ended)))
+        metrics = {name: float(value) for name, value in (("exit_code", request.exit_code), ("signal", request.signal),
+                                                          ("derived_exit_code", request.derived_exit_code))
+                   if value is not None}
         if job is not None:
             metrics["runtime_s"] = round(time.time() - job.started, 3)
-        state = f" ({request.state})" if request.state else ""
+        said = f" ({request.state})" if request.state else ""
         if job is not None and (job.events or job.events_dropped):
             metrics["events"] = float(len(job.events) + job.events_dropped)
             metrics["critical_events"] = float(sum(1 for e in job.events if e.severity == "critical"))
         self.host.event(EventOutcome(name="job_end", metrics=metrics, codes=[request.state] if request.state else [],
-                                     message=f"job {request.job_id} ended{state}"
+                                     message=f"job {request.job_id} ended{said}"
                                      + ("" if job else "; its start was not announced")), request.job_id)
         log.info("job_ended", job_id=request.job_id, exit_code=request.exit_code, state=request.state,
                  known=job is not None, events=len(job.events) if job else 0)
-        return Response(ok=True, jobs=list(self.host.state.jobs.values()), job=job)
+        return Response(ok=True, jobs=list(state.jobs.values()), job=job)
 
     async def _container_start(self, request: ContainerStartRequest, base: dict[str, str]) -> Response:
         hooks = self.host.config().hooks
