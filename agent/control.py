@@ -224,6 +224,8 @@ class Response(msgspec.Struct, kw_only=True):
     reason: str = ""
     #: job_end: the job that ended, with the events seen while it ran (None: its start was not announced).
     job: Job | None = None
+    #: job_end of a job that had ended already: the state it ended with (``prolog_failed``).
+    ended: str = ""
 
 
 _decoder = msgspec.json.Decoder(Request)
@@ -239,8 +241,9 @@ class NodeState:
         self.containers: dict[str, Container] = {}
         #: The controller's retained service notice, and when it came (None: nothing heard).
         self.controller: ControllerView | None = None
-        #: Jobs that ended lately: a second end (the epilog after a prolog that failed) is not an event.
-        self.ended: dict[str, float] = {}
+        #: Jobs that ended lately, with the state they ended in: a second end (the epilog after a prolog
+        #: that failed) is not an event.
+        self.ended: dict[str, str] = {}
 
     def heard(self, notice: ServiceNotice | None) -> None:
         """The controller's service notice (None: it was cleared)."""
@@ -503,9 +506,9 @@ class ControlServer:
     def _job_end(self, request: JobEndRequest, base: dict[str, str]) -> Response:
         state = self.host.state
         job = state.jobs.pop(request.job_id, None)
-        if job is None and request.job_id in state.ended:
-            return Response(ok=True, jobs=list(state.jobs.values()))  # ended already: said once
-        state.ended[request.job_id] = time.time()
+        if job is None and request.job_id in state.ended:  # ended already: said once
+            return Response(ok=True, jobs=list(state.jobs.values()), ended=state.ended[request.job_id] or "ended")
+        state.ended[request.job_id] = request.state
         while len(state.ended) > MAX_TRACKED:
             state.ended.pop(next(iter(state.ended)))
         metrics = {name: float(value) for name, value in (("exit_code", request.exit_code), ("signal", request.signal),

@@ -106,9 +106,9 @@ def _int(text: str | None) -> int | None:
 
 
 def _wait_status(status: int) -> tuple[int, int]:
-    """A ``wait(2)`` status as (exit code, signal); a signal also reads as exit code 128 + signal."""
+    """A ``wait(2)`` status as (exit code, signal), as Slurm shows it (``ExitCode=0:15``: killed by SIGTERM)."""
     if os.WIFSIGNALED(status):
-        return 128 + os.WTERMSIG(status), os.WTERMSIG(status)
+        return 0, os.WTERMSIG(status)
     return (os.WEXITSTATUS(status) if os.WIFEXITED(status) else status), 0
 
 
@@ -221,6 +221,10 @@ def epilog(config: AgentConfig, job: Job, deadline: float) -> int:
         return 0
     if not ended.get("ok"):
         notes.append(f"the agent did not take the job's end: {ended.get('error')}")
+    if ended.get("ended") == "prolog_failed":  # the job never ran here; the prolog drained the node for it
+        _note("epilog", job, "; ".join([*notes, _summary(verdicts), "its prolog failed here: the node is drained "
+                                        "already, with the prolog's reason"]), warning=False)
+        return 0
     events = [e for e in ((ended.get("job") or {}).get("events") or []) if e.get("severity") == "critical"]
     summary = "; ".join([*notes, _summary(verdicts)]
                         + ([f"{len(events)} critical events during the job"] if events else []))

@@ -9,6 +9,7 @@
 vetd=${VETD_BIN:-/usr/bin/vetd}
 out=$("$vetd" slurm prolog 2>&1)
 rc=$?
+[ -n "$out" ] && printf '%s\n' "$out" >&2   # slurmd discards it; a wrapper of the wrapper may keep it
 case "$out" in
     *"vetd: node fault"*) [ "$rc" -eq 1 ] && exit 1 ;;
 esac
