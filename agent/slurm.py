@@ -31,7 +31,6 @@ controller says the node's partition has its circuit breaker open.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import sys
@@ -43,7 +42,6 @@ from typing import Any
 
 from vetd.agent.config import AgentConfig, load_agent_config
 from vetd.agent.controlclient import ControlError, ask, log_local
-from vetd.core import proc
 from vetd.core.configfile import ConfigError
 from vetd.core.slurm import REASON_PREFIX, clean_reason, find_program
 
@@ -263,6 +261,10 @@ def _set_reason(config: AgentConfig, node: str, reason: str, timeout: float) -> 
     """``scontrol update NodeName=N State=DRAIN Reason=…`` (argv, no shell); what happened, for the log."""
     if not node:
         return "no node name (SLURMD_NODENAME) to set the drain reason on"
+    import asyncio  # only a node fault pays for asyncio's import
+
+    from vetd.core import proc
+
     argv = [find_program(config.slurm.scontrol), "update", f"NodeName={node}", "State=DRAIN", f"Reason={reason}"]
     try:
         done = asyncio.run(proc.run(argv, timeout))
