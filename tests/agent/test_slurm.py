@@ -163,3 +163,19 @@ def test_a_critical_xid_on_the_jobs_gpu_fails_the_epilog(node: Node, mosquitto: 
         assert ended[0].metrics["critical_events"] >= 1.0 and ended[0].metrics["exit_code"] == 0.0
     finally:
         watcher.close()
+
+
+def test_a_bad_slurm_config_is_one_line_and_never_drains(tmp_path: Path) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text('[agent]\nnode = "nid001"\n[slurm]\nprolog_deadline = "100ms"\n')
+    done = run_vetd("slurm", "prolog", env=slurm_env(config))
+    assert done.returncode == 0  # vetd's own failure: the job runs
+    assert (f"prolog job 42 on nid001: config error: {config}:4: slurm.prolog_deadline: must be between 500ms "
+            "and 1h; the job runs") in done.stderr
+    checked = run_vetd("check", "--list", "--config", str(config))
+    assert checked.returncode == 2
+    assert checked.stderr.strip() == (f"vetd: config error: {config}:4: slurm.prolog_deadline: must be between "
+                                      "500ms and 1h")
+    config.write_text('[slurm]\nprolog_deadlin = "10s"\n')
+    done = run_vetd("slurm", "epilog", env=slurm_env(config))
+    assert done.returncode == 0 and "slurm.prolog_deadlin" in done.stderr and "the node stays in service" in done.stderr
