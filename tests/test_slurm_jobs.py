@@ -149,7 +149,7 @@ def test_a_job_on_a_healthy_node_runs_and_the_epilog_records_its_end(site: Site)
     job = site.finished(job_id, 60)
     assert job["JobState"] == "FAILED" and job["ExitCode"] == "3:0" and job["NodeList"] == "nid001"
     assert "ran on nid001" in (site.root / f"job-{job_id}.out").read_text()
-    assert site.slurm.states()["nid001"] == "idle"
+    wait_for(lambda: site.slurm.states()["nid001"] == "idle", 15, "nid001 idle again, not drained")
     # the prolog's checks ran in the agent, for this job: results carry its id and profile
     prolog = site.results(job_id, profile="prolog")
     assert {r.check for r in prolog} >= {"gpu_health", "gpu_idle", "host_memory"}
@@ -174,7 +174,7 @@ def test_a_node_whose_prolog_check_fails_is_drained_and_the_job_runs_on_another(
         job = site.finished(job_id, 90)  # requeued (cred_expire: 5 s) and run on nid001
         assert job["JobState"] == "COMPLETED" and job["NodeList"] == "nid001" and job["Restarts"] == "1", job
         assert "ran on nid001" in (site.root / f"job-{job_id}.out").read_text()
-        assert site.slurm.states()["nid001"] == "idle"
+        wait_for(lambda: site.slurm.states()["nid001"] == "idle", 15, "nid001 idle, not drained")
         # the failed verdict went to the controller through the agent, with the job's id
         failed = site.results(job_id, node="nid002", status="fail")
         assert [(r.check, r.entity, r.codes) for r in failed] == [("gpu_health", "gpu1", ["ecc_dbe"])]
@@ -195,7 +195,7 @@ def test_vetd_down_never_drains(site: Site) -> None:
         job_id = site.sbatch("-w", "nid001", "--wrap", "true")
         job = site.finished(job_id, 60)
         assert job["JobState"] == "COMPLETED" and job["Restarts"] == "0"
-        assert site.slurm.states()["nid001"] == "idle"
+        wait_for(lambda: site.slurm.states()["nid001"] == "idle", 15, "nid001 idle, not drained")
         log = site.log("prolog-nid001.log")
         assert f"prolog job {job_id} on nid001: cannot ask vetd (no control socket at" in log
         assert "the job runs" in log
