@@ -115,13 +115,16 @@ through_nvml = true
             verify(done.returncode == 0, f"vetd check exited {done.returncode}: {done.stderr[-500:]}")
             oneshots.append(seconds)
 
+        # No controller acknowledges them here, so the agent sends them again after 30 s: once each.
         def results(job: int, profile: str) -> list[Result]:
-            return [m for m in watcher.select(lambda m: isinstance(m, Result)) if isinstance(m, Result)
-                    and m.job_id == str(job) and m.profile == profile]
+            unique = {(m.session, m.seq): m for m in watcher.select(lambda m: isinstance(m, Result))
+                      if isinstance(m, Result) and m.job_id == str(job) and m.profile == profile}
+            return list(unique.values())
 
         def events(job: int, name: str) -> list[Event]:
-            return [m for m in watcher.select(lambda m: isinstance(m, Event)) if isinstance(m, Event)
-                    and m.name == name and m.job_id == str(job)]
+            unique = {(m.session, m.seq): m for m in watcher.select(lambda m: isinstance(m, Event))
+                      if isinstance(m, Event) and m.name == name and m.job_id == str(job)}
+            return list(unique.values())
 
         for job in range(1, args.runs + 1):
             # one agent publishes in order: once the job's end is here, so is everything before it
