@@ -21,6 +21,7 @@ from vetd.agent.checks import (
     SourceUnavailable,
     TelemetryRegistry,
     TelemetrySource,
+    current_job_gpus,
     current_profile,
 )
 from vetd.agent.commands import AgentCommand, Answer, CommandContext, CommandRegistry, fill
@@ -54,6 +55,7 @@ __all__ = [
     "Status",
     "TelemetryRegistry",
     "TelemetrySource",
+    "current_job_gpus",
     "current_profile",
     "dec_hook",
     "fill",

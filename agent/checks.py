@@ -38,6 +38,17 @@ PROFILE: contextvars.ContextVar[str] = contextvars.ContextVar("vetd_profile", de
 def current_profile() -> str:
     """The profile the running check was started for (see :data:`PROFILE`)."""
     return PROFILE.get()
+
+
+#: The GPUs of the job the checks are run for, as Slurm names them (``SLURM_JOB_GPUS``: ``"0,3"`` or
+#: UUIDs), set when a prolog asks the agent to run them; None: the process environment says (the
+#: one-shot ``vetd check`` in a prolog), else every GPU is the job's.
+JOB_GPUS: contextvars.ContextVar[str | None] = contextvars.ContextVar("vetd_job_gpus", default=None)
+
+
+def current_job_gpus() -> str | None:
+    """The job's GPUs the running check was started for (see :data:`JOB_GPUS`), or None."""
+    return JOB_GPUS.get()
 MAX_MESSAGE_CHARS = 1000
 
 

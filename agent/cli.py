@@ -77,6 +77,21 @@ def vetd_cli_commands(subparsers: argparse._SubParsersAction) -> None:  # type: 
     check.add_argument("checks", nargs="*", metavar="CHECK", help="checks to run (default: all)")
     check.set_defaults(func=_check)
 
+    slurm = sub.add_parser("slurm", help="Slurm prolog and epilog (slurm.conf Prolog= / Epilog=)",
+                           description="Run as Slurm's Prolog= / Epilog= (packaging/slurm/ has the wrappers): "
+                           "ask this node's agent to vet it for the job in SLURM_JOB_ID. Exit 1: a node fault "
+                           "(Slurm drains the node; a prolog's job is requeued); 0 otherwise, vetd's own failure "
+                           "included (logged to syslog, tag vetd-slurm).")
+    stages = slurm.add_subparsers(dest="stage", required=True, metavar="STAGE", parser_class=type(slurm))
+    for stage, text in (("prolog", "before the job: job start, the [slurm] prolog_profile checks"),
+                        ("epilog", "after the job: the epilog_profile checks, job end with its exit state")):
+        parser = stages.add_parser(stage, help=text, description=f"{text}. Reads SLURM_JOB_ID, SLURMD_NODENAME, "
+                                   "SLURM_JOB_USER, SLURM_JOB_GPUS (else CUDA_VISIBLE_DEVICES)"
+                                   + (", SLURM_JOB_EXIT_CODE2 / SLURM_JOB_EXIT_CODE, SLURM_JOB_DERIVED_EC"
+                                      if stage == "epilog" else "") + ".")
+        _agent_config_arg(parser)
+        parser.set_defaults(func=_slurm)
+
     plugins = sub.add_parser("plugins", help="list the plugins this node loads and what they provide",
                              description="Every plugin the agent would load with this config: its name, where "
                              "it comes from (built-in, an installed package and its version, load_plugins), "
@@ -136,6 +151,13 @@ def _check(args: argparse.Namespace) -> int:
     except Exception as exc:  # noqa: BLE001 - exit 2 means "vetd itself failed", never 1
         print(f"vetd: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_VETD
+
+
+def _slurm(args: argparse.Namespace) -> int:
+    from vetd.agent.slurm import main, process_started
+
+    started = process_started()
+    return main(args.stage, agent_config_path(args.config), started=started)
 
 
 def _compute_overrides(args: argparse.Namespace, tables: dict[str, dict[str, object]]) -> None:

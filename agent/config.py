@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
 
 from vetd.core.configfile import ConfigError, Duration, convert, read_toml, where
 from vetd.core.mqtt import BrokerAddress, BrokerAuth, parse_broker
 from vetd.core.protocol import valid_name
+
+if TYPE_CHECKING:
+    from vetd.agent.checks import Check
 
 
 class CheckOverride(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -189,10 +193,49 @@ class HooksSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         return {**default_requirements(), **self.annotations}
 
 
+class SlurmSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``[slurm]``: `vetd slurm prolog` and `vetd slurm epilog` (slurm.conf ``Prolog=`` / ``Epilog=``).
+
+    A node fault (a check ``fail``, a critical event on the job's GPUs, the controller's exclusion)
+    makes them exit 1 with a ``vetd:`` drain reason: Slurm drains the node (and requeues the job).
+    vetd's own failure (no agent, the deadline passed, a check that errored or timed out) never does:
+    the job runs, and why is logged.
+    """
+
+    #: The prolog's whole deadline, its start-up included; keep it below slurm.conf's
+    #: PrologEpilogTimeout. Past it the job runs (0.5s to 1h).
+    prolog_deadline: Duration = Duration(30.0)
+    #: The epilog's whole deadline, as the prolog's (0.5s to 1h).
+    epilog_deadline: Duration = Duration(30.0)
+    #: The profile the prolog runs (`vetd check --list` shows each check's).
+    prolog_profile: str = "prolog"
+    #: The profile the epilog runs ([profiles] epilog below: stray processes, GPU memory not freed, a GPU
+    #: that needs a reset).
+    epilog_profile: str = "epilog"
+    #: On a node fault, set the node's drain reason (`vetd: prolog nid001: …`) with `scontrol update`
+    #: before failing, so Slurm shows why and the controller may resume the node (it only resumes
+    #: drains whose reason starts with `vetd:`); false: Slurm's own reason ("Prolog error").
+    set_reason: bool = True
+    #: The scontrol program (a path, or a name looked up in PATH, /usr/bin and /usr/sbin).
+    scontrol: str = "scontrol"
+    #: A critical event (an XID NVIDIA's catalog says needs a reset or reboot) on the node or on one of
+    #: the job's GPUs while the job ran fails the epilog.
+    epilog_fails_on_critical_events: bool = True
+
+
+def default_profiles() -> dict[str, list[str]]:
+    """Profiles made of named checks, besides those plugins tag their checks with."""
+    return {"epilog": ["gpu_idle", "gpu_health"]}
+
+
 class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     agent: AgentSection = msgspec.field(default_factory=AgentSection)
     commands: CommandsSection = msgspec.field(default_factory=CommandsSection)
     hooks: HooksSection = msgspec.field(default_factory=HooksSection)
+    slurm: SlurmSection = msgspec.field(default_factory=SlurmSection)
+    #: ``[profiles]``: profile name → checks it runs besides those their plugins put in it;
+    #: these replace the defaults of the same name (:func:`default_profiles`), others are kept.
+    profiles: dict[str, list[str]] = {}
     #: ``[plugins.NAME]`` tables, decoded by the plugin that owns them.
     plugins: dict[str, dict[str, Any]] = {}
     checks: dict[str, CheckOverride] = {}
@@ -203,6 +246,13 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     @property
     def broker(self) -> BrokerAddress:
         return parse_broker(self.agent.broker)
+
+    def profile_checks(self, profile: str, checks: Iterable[Check]) -> list[Check]:
+        """The enabled checks of ``profile``: those their plugin put in it and those ``[profiles]`` names."""
+        named = {**default_profiles(), **self.profiles}.get(profile, [])
+        return [check for check in checks
+                if (profile in check.profiles or check.name in named)
+                and ((override := self.checks.get(check.name)) is None or override.enabled)]
 
     @property
     def spool_path(self) -> Path | None:
@@ -259,6 +309,9 @@ def load_agent_config(path: Path | str | None, environ: dict[str, str] | None = 
         raise ConfigError(f"{source}: agent.jitter: must be between 0 and 0.5")
     if not 0.1 <= config.hooks.deadline <= 60:
         raise ConfigError(f"{where(source, text, 'hooks.deadline')}: must be between 100ms and 60s")
+    for key in ("prolog_deadline", "epilog_deadline"):
+        if not 0.5 <= getattr(config.slurm, key) <= 3600:
+            raise ConfigError(f"{where(source, text, f'slurm.{key}')}: must be between 500ms and 1h")
     if section.interval <= 0 or section.telemetry_interval <= 0:
         raise ConfigError(f"{source}: agent.interval: intervals must be > 0")
     return msgspec.structs.replace(config, agent=section, source=source, source_text=text)

@@ -147,6 +147,8 @@ def agent_sample() -> str:
         CommandsSection,
         HooksSection,
         Requirement,
+        SlurmSection,
+        default_profiles,
         default_requirements,
     )
     from vetd.agent.pluginhost import PluginHost
@@ -169,6 +171,11 @@ def agent_sample() -> str:
         lines += ["", f"[hooks.annotations.{_key(name)}]"]
         lines += [f"{_key(key)} = {toml_value(value)}" for key, value in msgspec.structs.asdict(requirement).items()
                   if value]
+    lines += table("slurm", SlurmSection)
+    lines += ["", "# Profiles made of named checks, besides the checks their plugins put in a profile (`vetd check",
+              "# --list`). A profile here replaces the default of the same name; the epilog's checks look for",
+              "# stray processes, GPU memory not freed and a GPU that needs a reset after the job.", "[profiles]"]
+    lines += [f"{_key(name)} = {toml_value(checks)}" for name, checks in default_profiles().items()]
     for name, struct in sorted(tables.items()):
         lines += table(f"plugins.{name}", struct)
     lines += ["", "# Per-check overrides, by check name (`vetd check --list`): "

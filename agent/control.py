@@ -8,12 +8,16 @@ send several requests on one connection. Every request has an ``op``:
 - ``status``: node, cluster, session, whether the broker is connected, the
   node's service state, running jobs and containers.
 - ``verdicts`` (``checks`` optional): the latest result of every check per entity.
-- ``run`` (``profile`` or ``checks``): runs them now through the daemon's check
-  runner (each under its timeout), publishes the results and answers with them.
+- ``run`` (``profile`` or ``checks``; ``deadline``, ``gpus`` optional): runs them
+  now through the daemon's check runner (each under its timeout, cut to the
+  deadline), publishes the results and answers with them; with ``gpus`` the GPU
+  checks judge those GPUs only, as in a prolog.
 - ``job_start`` (``job_id``, ``user``, ``gpus``) / ``job_end`` (``job_id``,
   ``exit_code``, ``state``): ``job_start``/``job_end`` events whose contents
   :mod:`vetd.core.jobs` defines (the controller ties the job's outcome to its
-  nodes from them); results and events published while one job runs carry its id.
+  nodes from them); results and events published while one job runs carry its
+  id; the warning and critical events seen during a job (an XID on one of its
+  GPUs) come back with its end.
 - ``container_start`` (``id``, ``annotations``, ``deadline``): may this container
   start? ``allowed`` and a one-line ``reason``. ``container_end`` (``id``).
 
@@ -24,10 +28,12 @@ says what is wrong, and the connection stays usable. Lines are bounded
 threads and subprocesses, never on the event loop: a slow check holds up only
 the client that asked for it.
 
-The agent does not know whether the controller has excluded the node: the wire
-protocol has no message that tells it. The service state is the agent's own
-view: ``unfit`` while a check's latest verdict is ``fail``, ``error`` or
-``timeout``.
+The service state joins the controller's word and the agent's own view. The
+controller tells the agent, in a retained notice, whether it took the node out
+of service (:class:`~vetd.core.protocol.ServiceNotice`): ``excluded`` or
+``drained`` then, with its reason. Otherwise the node is ``unfit`` while a
+check's latest verdict is ``fail``, ``error`` or ``timeout``, and
+``in_service`` when neither says otherwise.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import contextlib
 import grp
 import math
 import os
+import re
 import socket
 import stat
 import time
@@ -48,13 +55,13 @@ from typing import Annotated, Literal
 import msgspec
 import structlog
 
-from vetd.agent.checks import PROFILE, Check, CheckRun, CheckRunner, EventOutcome, Outcome
+from vetd.agent.checks import JOB_GPUS, PROFILE, Check, CheckRun, CheckRunner, EventOutcome, Outcome
 from vetd.agent.config import AgentConfig
 from vetd.agent.controlclient import MAX_LINE
 from vetd.agent.requirements import evaluate
 from vetd.core.jobs import end_fields, start_fields
 from vetd.core.mqtt import Backoff
-from vetd.core.protocol import BAD_STATUSES, JobId
+from vetd.core.protocol import BAD_STATUSES, JobId, ServiceNotice
 
 log = structlog.get_logger("vetd.control")
 
@@ -62,6 +69,10 @@ log = structlog.get_logger("vetd.control")
 IDLE_S = 60.0
 #: Containers and jobs the agent remembers at once (a runtime that never calls poststop cannot fill memory).
 MAX_TRACKED = 1024
+#: Warning and critical events a job keeps (the first ones; later ones are counted).
+MAX_JOB_EVENTS = 32
+#: Of a ``run``'s deadline, what each check may use: the rest is for answering in time.
+RUN_DEADLINE_SHARE = 0.9
 
 _Word = Annotated[str, msgspec.Meta(max_length=256)]
 _Names = Annotated[list[Annotated[str, msgspec.Meta(min_length=1, max_length=128)]], msgspec.Meta(max_length=256)]
@@ -79,6 +90,10 @@ class VerdictsRequest(msgspec.Struct, tag="verdicts", tag_field="op", forbid_unk
 class RunRequest(msgspec.Struct, tag="run", tag_field="op", forbid_unknown_fields=True):
     profile: Annotated[str, msgspec.Meta(pattern=r"\A[A-Za-z0-9_.-]{0,64}\Z")] = ""
     checks: _Names = []
+    #: Seconds the caller waits; each check's timeout is cut to fit (0: the checks' own timeouts).
+    deadline: Annotated[float, msgspec.Meta(ge=0.0, le=3600.0)] = 0.0
+    #: The job's GPUs (``SLURM_JOB_GPUS``: indices or UUIDs): GPU checks judge these only; empty: all.
+    gpus: _Word = ""
 
 
 class JobStartRequest(msgspec.Struct, tag="job_start", tag_field="op", forbid_unknown_fields=True):
@@ -91,6 +106,10 @@ class JobEndRequest(msgspec.Struct, tag="job_end", tag_field="op", forbid_unknow
     job_id: Annotated[JobId, msgspec.Meta(min_length=1)]
     exit_code: int | None = None
     state: _Word = ""
+    #: The signal that ended the job's script, if one did.
+    signal: Annotated[int, msgspec.Meta(ge=0, le=255)] | None = None
+    #: The highest exit code of the job's steps (Slurm's derived exit code).
+    derived_exit_code: int | None = None
 
 
 class ContainerStartRequest(msgspec.Struct, tag="container_start", tag_field="op", forbid_unknown_fields=True):
@@ -125,14 +144,43 @@ class Verdict(msgspec.Struct, kw_only=True):
     job_id: str | None = None
 
 
+class ControllerView(msgspec.Struct, kw_only=True):
+    """What the controller last said about this node (its retained service notice)."""
+
+    #: ``in_service``, ``excluded`` (out of service in vetd) or ``drained`` (and in the scheduler).
+    service: str
+    #: The controller's node state (``healthy``, ``suspect``, ``excluded``, ``healing``…).
+    state: str = ""
+    reason: str = ""
+    since: float = 0.0
+    #: The partition's circuit breaker is open: vetd drains nothing more there.
+    breaker_open: bool = False
+    #: When the agent received it.
+    received: float = 0.0
+
+
 class Service(msgspec.Struct, kw_only=True):
-    #: ``in_service``: nothing the agent knows of stops work here; ``unfit``: a check's latest verdict is bad.
-    state: Literal["in_service", "unfit"]
+    #: ``in_service``: nothing the agent knows of stops work here; ``excluded`` / ``drained``: the
+    #: controller took the node out of service; ``unfit``: a check's latest verdict is bad.
+    state: Literal["in_service", "unfit", "excluded", "drained"]
     reason: str = ""
     #: ``check[entity]`` of every bad latest verdict.
     failing: list[str] = []
-    #: Where the state comes from: the agent's own verdicts (the controller's decision is not sent to agents).
+    #: What decided the state: ``controller`` (its notice says out of service) or ``verdicts`` (the agent's own).
     source: str = "verdicts"
+    #: The controller's notice; None until one arrived (no controller yet, or an older one).
+    controller: ControllerView | None = None
+
+
+class JobEvent(msgspec.Struct, kw_only=True):
+    """A warning or critical event seen while a job ran (an XID on one of its GPUs)."""
+
+    name: str
+    severity: str
+    entity: str = "node"
+    codes: list[str] = []
+    message: str = ""
+    ts: float = 0.0
 
 
 class Job(msgspec.Struct, kw_only=True):
@@ -140,6 +188,18 @@ class Job(msgspec.Struct, kw_only=True):
     user: str = ""
     gpus: str = ""
     started: float = 0.0
+    #: Warning and critical events while it ran, on the node or on its GPUs (the first :data:`MAX_JOB_EVENTS`).
+    events: list[JobEvent] = []
+    #: Events beyond those kept.
+    events_dropped: int = 0
+
+    def concerns(self, entity: str) -> bool:
+        """Whether an event about ``entity`` is this job's: the node's, or one of its GPUs' (by index)."""
+        match = re.fullmatch(r"gpu(\d+)", entity)
+        indices = [part.strip() for part in self.gpus.split(",") if part.strip()]
+        if match is None or not indices or not all(part.isdigit() for part in indices):
+            return True  # a node event, or GPUs named by UUID: kept (vetd cannot tell)
+        return match.group(1) in {str(int(part)) for part in indices}
 
 
 class Container(msgspec.Struct, kw_only=True):
@@ -165,6 +225,10 @@ class Response(msgspec.Struct, kw_only=True):
     #: container_start: whether it may start, and if not, why (one line).
     allowed: bool | None = None
     reason: str = ""
+    #: job_end: the job that ended, with the events seen while it ran (None: its start was not announced).
+    job: Job | None = None
+    #: job_end of a job that had ended already: the state it ended with (``prolog_failed``).
+    ended: str = ""
 
 
 _decoder = msgspec.json.Decoder(Request)
@@ -178,6 +242,30 @@ class NodeState:
         self.verdicts: dict[tuple[str, str], Verdict] = {}
         self.jobs: dict[str, Job] = {}
         self.containers: dict[str, Container] = {}
+        #: The controller's retained service notice, and when it came (None: nothing heard).
+        self.controller: ControllerView | None = None
+        #: Jobs that ended lately, with the state they ended in: a second end (the epilog after a prolog
+        #: that failed) is not an event.
+        self.ended: dict[str, str] = {}
+
+    def heard(self, notice: ServiceNotice | None) -> None:
+        """The controller's service notice (None: it was cleared)."""
+        self.controller = None if notice is None else ControllerView(
+            service=notice.service, state=notice.state, reason=notice.reason, since=notice.since,
+            breaker_open=notice.breaker_open, received=time.time())
+
+    def saw(self, event: EventOutcome) -> None:
+        """A warning or critical event: kept with each running job it concerns."""
+        if event.severity == "info":
+            return
+        for job in self.jobs.values():
+            if not job.concerns(event.entity):
+                continue
+            if len(job.events) >= MAX_JOB_EVENTS:
+                job.events_dropped += 1
+                continue
+            job.events.append(JobEvent(name=event.name, severity=event.severity, entity=event.entity,
+                                       codes=list(event.codes), message=event.message, ts=time.time()))
 
     def job_id(self) -> str | None:
         """The job running on the node, if exactly one is (a Result or Event carries one job id)."""
@@ -191,14 +279,21 @@ class NodeState:
             self.verdicts[(run.check.name, outcome.entity)] = verdict(run, outcome, profile, job_id)
 
     def service(self, ignore: Sequence[str] = ()) -> Service:
+        """The controller's word when it took the node out of service, else the agent's own verdicts."""
         failing = [f"{v.check}[{v.entity}]" for v in self.verdicts.values()
                    if v.status in BAD_STATUSES and v.check not in ignore]
+        view = self.controller
+        if view is not None and view.service in ("excluded", "drained"):
+            why = f": {view.reason}" if view.reason else ""
+            return Service(state="drained" if view.service == "drained" else "excluded",
+                           reason=f"{view.service} by the vetd controller ({view.state}){why}",
+                           failing=sorted(failing), source="controller", controller=view)
         if not failing:
-            return Service(state="in_service")
+            return Service(state="in_service", controller=view)
         first = next(v for v in self.verdicts.values() if f"{v.check}[{v.entity}]" == failing[0])
         detail = f"{first.check}[{first.entity}] {first.status}" + (f": {first.message}" if first.message else "")
         more = f" (and {len(failing) - 1} more)" if len(failing) > 1 else ""
-        return Service(state="unfit", reason=detail + more, failing=sorted(failing))
+        return Service(state="unfit", reason=detail + more, failing=sorted(failing), controller=view)
 
 
 def verdict(run: CheckRun, outcome: Outcome, profile: str, job_id: str | None) -> Verdict:
@@ -374,22 +469,23 @@ class ControlServer:
                                 f"available: {', '.join(sorted(registered))}")
             checks = [registered[name] for name in request.checks]
         elif request.profile:
-            disabled = {name for name, override in config.checks.items() if not override.enabled}
-            checks = [check for check in registered.values()
-                      if request.profile in check.profiles and check.name not in disabled]
+            checks = config.profile_checks(request.profile, registered.values())
             if not checks:
                 return Response(ok=False, error=f"no checks in profile {request.profile!r}")
         else:
             return Response(ok=False, error="run needs a profile or checks")
+        cap = request.deadline * RUN_DEADLINE_SHARE if request.deadline else math.inf
 
         def timeout_of(check: Check) -> float:
             override = config.checks.get(check.name)
-            return float(override.timeout) if override is not None and override.timeout else check.timeout
+            own = float(override.timeout) if override is not None and override.timeout else check.timeout
+            return max(0.01, min(own, cap))
 
-        token = PROFILE.set(request.profile)
+        token, gpus = PROFILE.set(request.profile), JOB_GPUS.set(request.gpus or None)
         try:
             runs = await asyncio.gather(*(self.host.runner.run(check, timeout_of(check)) for check in checks))
         finally:
+            JOB_GPUS.reset(gpus)
             PROFILE.reset(token)
         job = self.host.state.job_id()
         for run in runs:
@@ -402,19 +498,33 @@ class ControlServer:
         jobs = self.host.state.jobs
         if request.job_id not in jobs and len(jobs) >= MAX_TRACKED:
             return Response(ok=False, error=f"{MAX_TRACKED} jobs already running; end some first")
+        self.host.state.ended.pop(request.job_id, None)  # a requeued job may start here again
         jobs[request.job_id] = Job(id=request.job_id, user=request.user, gpus=request.gpus, started=time.time())
         self.host.event(EventOutcome(**start_fields(request.job_id, request.user, request.gpus)), request.job_id)
         log.info("job_started", job_id=request.job_id, user=request.user, gpus=request.gpus)
         return Response(ok=True, jobs=list(jobs.values()))
 
     def _job_end(self, request: JobEndRequest, base: dict[str, str]) -> Response:
-        job = self.host.state.jobs.pop(request.job_id, None)
-        runtime = time.time() - job.started if job is not None else None
-        self.host.event(EventOutcome(**end_fields(request.job_id, request.state, request.exit_code, runtime,
-                                                  announced=job is not None)), request.job_id)
+        state = self.host.state
+        job = state.jobs.pop(request.job_id, None)
+        if job is None and request.job_id in state.ended:  # ended already: said once
+            return Response(ok=True, jobs=list(state.jobs.values()), ended=state.ended[request.job_id] or "ended")
+        state.ended[request.job_id] = request.state
+        while len(state.ended) > MAX_TRACKED:
+            state.ended.pop(next(iter(state.ended)))
+        fields = end_fields(request.job_id, request.state, request.exit_code,
+                            time.time() - job.started if job is not None else None, announced=job is not None)
+        metrics = fields["metrics"]
+        metrics.update({name: float(value) for name, value in (("signal", request.signal),
+                                                               ("derived_exit_code", request.derived_exit_code))
+                        if value is not None})
+        if job is not None and (job.events or job.events_dropped):
+            metrics["events"] = float(len(job.events) + job.events_dropped)
+            metrics["critical_events"] = float(sum(1 for e in job.events if e.severity == "critical"))
+        self.host.event(EventOutcome(**fields), request.job_id)
         log.info("job_ended", job_id=request.job_id, exit_code=request.exit_code, state=request.state,
-                 known=job is not None)
-        return Response(ok=True, jobs=list(self.host.state.jobs.values()))
+                 known=job is not None, events=len(job.events) if job else 0)
+        return Response(ok=True, jobs=list(state.jobs.values()), job=job)
 
     async def _container_start(self, request: ContainerStartRequest, base: dict[str, str]) -> Response:
         hooks = self.host.config().hooks

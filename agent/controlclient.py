@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import time
 import tomllib
 
@@ -25,6 +26,19 @@ DEFAULT_CONTROL_SOCKET = "/run/vetd/agent.sock"
 DEFAULT_HOOK_DEADLINE_S = 5.0
 #: Largest request or response line either side accepts (bytes, newline included).
 MAX_LINE = 1024 * 1024
+
+
+def log_local(tag: str, message: str, *, warning: bool = True) -> None:
+    """One line to syslog (facility daemon: the journal, ``journalctl -t TAG``) and stderr, for the
+    tools whose output nobody reads (an OCI runtime hook that succeeded, a Slurm prolog)."""
+    try:
+        import syslog
+
+        syslog.openlog(tag, syslog.LOG_PID, syslog.LOG_DAEMON)
+        syslog.syslog(syslog.LOG_WARNING if warning else syslog.LOG_INFO, message)
+    except OSError:
+        pass
+    print(f"{tag}: {message}", file=sys.stderr)
 
 
 class ControlError(Exception):

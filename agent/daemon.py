@@ -46,7 +46,7 @@ from vetd.agent.transport import Identity, Transport
 from vetd.core.configfile import ConfigError, read_key
 from vetd.core.logs import redact
 from vetd.core.mqtt import client_options
-from vetd.core.protocol import Command, Event, Reply, Result, State, Telemetry, verify_command
+from vetd.core.protocol import Command, Event, Reply, Result, ServiceNotice, State, Telemetry, verify_command
 from vetd.core.signals import handle, release
 
 log = structlog.get_logger("vetd.agent")
@@ -108,6 +108,7 @@ class Agent:
             client_options=client_options(config.broker, config.agent.auth, f"{config.source}: agent.auth"),
             birth=self._birth,
             on_command=self._on_command,
+            on_service=self._on_service,
         )
         self.spool.on_unwritable = self._spool_unwritable
         self.notifier = Notifier()
@@ -157,6 +158,18 @@ class Agent:
             checks=self.schedule.checks.names(),
             dropped=dict(self.spool.dropped),
         )
+
+    def _on_service(self, notice: ServiceNotice | None) -> None:
+        """The controller's retained word on whether this node is in service (for the control socket)."""
+        before = self.state.controller
+        self.state.heard(notice)
+        if notice is None:
+            if before is not None:
+                log.info("service_notice_cleared")
+        elif before is None or (before.service, before.state, before.reason) != (notice.service, notice.state,
+                                                                                 notice.reason):
+            log.info("service_notice", service=notice.service, state=notice.state, reason=notice.reason,
+                     breaker_open=notice.breaker_open)
 
     def _spool_unwritable(self, error: str) -> None:
         """The spool file stopped taking writes: say so on the wire (it is held in memory meanwhile)."""
@@ -340,6 +353,7 @@ class Agent:
 
     def emit_event(self, event: EventOutcome, job_id: str | None = None) -> None:
         """Publish an event now (call from the event loop); it carries ``job_id``, else the running job's."""
+        self.state.saw(event)
         self.transport.send(
             Event(
                 **self.identity.stamp(),

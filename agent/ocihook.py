@@ -25,7 +25,7 @@ import os
 import sys
 import time
 
-from vetd.agent.controlclient import ControlError, ask, local_settings
+from vetd.agent.controlclient import ControlError, ask, local_settings, log_local
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs the hook 4 ms
 if TYPE_CHECKING:
@@ -42,15 +42,7 @@ MAX_ANNOTATIONS = 256
 
 def _log(message: str) -> None:
     """To syslog (the journal) and stderr: what a runtime keeps of a hook that let a container start."""
-    line = f"vetd-oci-hook: {message}"
-    try:
-        import syslog
-
-        syslog.openlog("vetd-oci-hook", syslog.LOG_PID, syslog.LOG_DAEMON)
-        syslog.syslog(syslog.LOG_WARNING, message)
-    except OSError:
-        pass
-    print(line, file=sys.stderr)
+    log_local("vetd-oci-hook", message)
 
 
 def read_state(text: str) -> dict[str, Any]:

@@ -37,14 +37,11 @@ def select(config: AgentConfig, host: PluginHost, names: Sequence[str], profile:
                 f"unknown check(s): {', '.join(unknown)}; available: {', '.join(registry.names())}"
             )
         return [check for name in names if (check := registry.get(name)) is not None]
-    chosen = []
-    for check in registry:
-        override = config.checks.get(check.name)
-        if override is not None and not override.enabled:
-            continue
-        if profile and profile not in check.profiles:
-            continue
-        chosen.append(check)
+    if profile:
+        chosen = config.profile_checks(profile, registry)
+    else:
+        chosen = [check for check in registry
+                  if (override := config.checks.get(check.name)) is None or override.enabled]
     if not chosen:
         raise SelectionError(f"no checks in profile {profile!r}" if profile else "no checks registered")
     return chosen

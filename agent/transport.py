@@ -7,6 +7,11 @@
   they leave the spool only when the controller's ack says they are in its
   store (``vetd/v1/<cluster>/ack/<node>``, :class:`~vetd.core.protocol.Ack`).
   Telemetry goes at QoS 0, replies leave on PUBACK.
+* The controller's retained word on whether the node is in service
+  (``vetd/v1/<cluster>/service/<node>``, :class:`~vetd.core.protocol.ServiceNotice`)
+  arrives on subscribing and whenever it changes; it goes to ``on_service``
+  (a malformed one is counted and dropped; an empty one, a retained notice
+  cleared, is ``None``: the controller says nothing).
 * What was sent and not acknowledged is sent again, oldest first, on every
   (re)connect (acks published while we were away are gone: our session is
   clean) and when no ack has come for ``ack_timeout`` (then with full-jitter
@@ -36,7 +41,7 @@ import structlog
 from vetd.agent.spool import Pending, Spool
 from vetd.core import __version__, protocol
 from vetd.core.mqtt import Backoff, BrokerAddress, connect_forever
-from vetd.core.protocol import Command, Message, State
+from vetd.core.protocol import Command, Message, ServiceNotice, State
 
 log = structlog.get_logger("vetd.transport")
 
@@ -109,6 +114,7 @@ class Identity:
 
 
 CommandHandler = Callable[[Command], Awaitable[None]]
+ServiceHandler = Callable[[ServiceNotice | None], None]
 
 
 class Transport:
@@ -123,6 +129,7 @@ class Transport:
         keepalive: int = 30,
         birth: Callable[[], State] | None = None,
         on_command: CommandHandler | None = None,
+        on_service: ServiceHandler | None = None,
         max_rate: float = 0.0,
         client_options: dict[str, Any] | None = None,
         ack_timeout: float = ACK_TIMEOUT_S,
@@ -144,9 +151,11 @@ class Transport:
         self.keepalive = keepalive
         self.birth = birth or (lambda: identity.state(True))
         self.on_command = on_command
+        self.on_service = on_service
         self.connected = asyncio.Event()
         self.connects = 0
         self.malformed_commands = 0
+        self.malformed_service = 0
         self._client: aiomqtt.Client | None = None
 
     def send(self, message: Message) -> None:
@@ -169,6 +178,7 @@ class Transport:
             await client.publish(state_topic, protocol.encode(self.birth()), qos=1, retain=True)
             await client.subscribe(protocol.topic(self.identity.cluster, self.identity.node, "cmd"), qos=1)
             await client.subscribe(self._ack_topic, qos=1)
+            await client.subscribe(self._service_topic, qos=1)
             self.spool.rewind()  # acks sent while we were away never reach a clean session: resend
             self._probing = True
             self._client = client
@@ -210,6 +220,23 @@ class Transport:
     @property
     def _ack_topic(self) -> str:
         return protocol.ack_topic(self.identity.cluster, self.identity.node)
+
+    @property
+    def _service_topic(self) -> str:
+        return protocol.service_topic(self.identity.cluster, self.identity.node)
+
+    def _on_service_notice(self, payload: bytes) -> None:
+        if not payload:  # the retained notice was cleared
+            notice = None
+        else:
+            try:
+                notice = protocol.decode_service(self._service_topic, payload)
+            except protocol.ProtocolError as exc:
+                self.malformed_service += 1
+                log.warning("service_notice_malformed", error=str(exc)[:200], count=self.malformed_service)
+                return
+        if self.on_service is not None:
+            self.on_service(notice)
 
     async def _resend_loop(self) -> None:
         """Send again what the controller has not acknowledged for ``ack_timeout`` (plus back-off)."""
@@ -268,6 +295,9 @@ class Transport:
                 payload = raw.payload if isinstance(raw.payload, bytes | bytearray) else b""
                 if raw.topic.value == self._ack_topic:
                     self._on_ack(bytes(payload))
+                    continue
+                if raw.topic.value == self._service_topic:
+                    self._on_service_notice(bytes(payload))
                     continue
                 message = protocol.decode_from(raw.topic.value, payload)
             except protocol.ProtocolError as exc:

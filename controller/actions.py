@@ -23,7 +23,6 @@ import asyncio
 import json
 import os
 import re
-import shutil
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -36,18 +35,12 @@ import structlog
 from vetd.controller.decisions import Alert
 from vetd.core import proc
 from vetd.core.protocol import Command, valid_name
+from vetd.core.slurm import REASON_PREFIX as REASON_PREFIX  # the controller imports them from here
+from vetd.core.slurm import clean_reason as clean_reason
+from vetd.core.slurm import find_program
 
 log = structlog.get_logger("vetd.actions")
 
-REASON_PREFIX = "vetd:"
-MAX_REASON_CHARS = 200
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
-
-
-def clean_reason(text: str, limit: int = MAX_REASON_CHARS) -> str:
-    """A drain reason safe to hand to ``scontrol``: one line, bounded, no control characters."""
-    text = _CONTROL.sub(" ", text).strip()
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 @dataclass(frozen=True)
@@ -134,7 +127,7 @@ class Slurm:
 
     async def _run(self, *args: str, options: tuple[str, ...] = ()) -> str:
         """``scontrol [options] -- args``: nothing in ``args`` is ever taken for an option."""
-        executable = shutil.which(self.scontrol) or self.scontrol
+        executable = find_program(self.scontrol)
         try:
             done = await proc.run([executable, *options, "--", *args], self.timeout, env=os.environ)
         except proc.ProcError as exc:

@@ -166,6 +166,8 @@ class BrokerLink:
         self._options = client_options(parse_broker(config.broker), config.auth, f"{config.source}: auth")
         self._client: aiomqtt.Client | None = None
         self.connected = asyncio.Event()
+        #: Connections made so far: retained service notices are published again after each.
+        self.connects = 0
 
     async def receive(self, on_batch: Callable[[Batch], None]) -> None:
         """Hand every batch of admitted messages to ``on_batch``; reconnect until cancelled."""
@@ -180,6 +182,7 @@ class BrokerLink:
         async def session(client: aiomqtt.Client, ready: Callable[[], None]) -> None:
             await client.subscribe(protocol.subscription(self.config.cluster), qos=1)
             self._client = client
+            self.connects += 1
             self.connected.set()
             ready()
             log.info("broker_connected", broker=self.config.broker, cluster=self.config.cluster)
@@ -203,13 +206,13 @@ class BrokerLink:
 
         await connect_forever(connect, session, lost=lost, describe=lambda: {"broker": self.config.broker})
 
-    async def send(self, topic_name: str, payload: bytes) -> bool:
-        """Publish at QoS 1 (the controller's acks to agents); False if the broker did not take it."""
+    async def send(self, topic_name: str, payload: bytes, *, retain: bool = False) -> bool:
+        """Publish at QoS 1 (acks and service notices to agents); False if the broker did not take it."""
         client = self._client
         if client is None:
             return False
         try:
-            await client.publish(topic_name, payload, qos=1, timeout=10)
+            await client.publish(topic_name, payload, qos=1, retain=retain, timeout=10)
         except aiomqtt.MqttError:
             return False
         return True

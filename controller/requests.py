@@ -14,7 +14,7 @@ from typing import Any
 import structlog
 
 from vetd.controller.actions import REASON_PREFIX, clean_reason
-from vetd.controller.decisions import Action, Decisions
+from vetd.controller.decisions import Decisions
 from vetd.controller.engine import Engine
 from vetd.controller.store import Store
 
@@ -28,12 +28,13 @@ class OperatorRequests:
     def __init__(self, engine: Engine, store: Store) -> None:
         self.engine, self.store = engine, store
 
-    def handle(self, now: float) -> list[Action]:
-        """Apply every pending request; the drains and resumes to carry out, request by request.
+    def handle(self, now: float) -> Decisions:
+        """Apply every pending request; the drains and resumes to carry out, request by request
+        (and what the engine changed, already persisted).
 
         Each request is one transaction: what the engine changed and the request's answer.
         """
-        actions: list[Action] = []
+        actions = Decisions()
         for request in self.store.pending_requests():
             if now - request["ts"] > REQUEST_TTL_S:
                 self.store.finish_request(request["id"], "expired", "the controller was not running in time")

@@ -17,7 +17,10 @@ Along the data flow:
   path, after commit; drains and resumes are retried until the scheduler
   confirms them;
 * :mod:`~vetd.controller.requests`: operator requests; the read views are
-  :mod:`~vetd.controller.cli` and :mod:`~vetd.controller.http`.
+  :mod:`~vetd.controller.cli` and :mod:`~vetd.controller.http`;
+* :mod:`~vetd.controller.notices`: after each commit, a retained notice to each
+  node whose service state changed (in service, excluded, drained), read by
+  its agent.
 
 Decisions are audited when taken and carried out afterwards, so a slow
 ``scontrol`` or a dead Alertmanager never holds up ingest, and a drain or
@@ -38,14 +41,15 @@ from typing import Any
 import structlog
 
 from vetd.controller.acks import Acks
-from vetd.controller.actions import AlertBackend, CommandBackend, SchedulerBackend
+from vetd.controller.actions import ActionOutcome, AlertBackend, CommandBackend, SchedulerBackend
 from vetd.controller.config import ControllerConfig
 from vetd.controller.counters import Counters
-from vetd.controller.decisions import Decisions
+from vetd.controller.decisions import Action, Decisions
 from vetd.controller.engine import Engine
 from vetd.controller.executor import Executor
 from vetd.controller.ingest import BrokerLink, NameBounds, decode, malformed
 from vetd.controller.model import NodeHistory, NodeRow
+from vetd.controller.notices import ServiceNotices
 from vetd.controller.plugins import plugins
 from vetd.controller.requests import OperatorRequests
 from vetd.controller.rules import RuleSet, healing_steps, load_rules
@@ -87,8 +91,11 @@ class Controller:
         self.engine = Engine(config, self.store.load_state(history), self.counters,
                              rules=functools.partial(load_rules, config.rules), steps=healing_steps(),
                              alerting=self.alerts.enabled, session=self.session, command_key=command_key)
+        #: Retained notices to agents: whether their node is in service (issue 17).
+        self.notices = ServiceNotices(self.session, self.engine.state, self.engine.fleet,
+                                      scheduler=self.backend.name)
         self.executor = Executor(self.store, self.counters, scheduler=self.backend, alerts=self.alerts,
-                                 commands=commands or self.link, on_outcome=self.engine.on_outcome,
+                                 commands=commands or self.link, on_outcome=self._on_outcome,
                                  retry=config.scheduler)
         self.requests = OperatorRequests(self.engine, self.store)
         #: Acknowledgements to agents of what each batch committed (issue 13: end-to-end delivery).
@@ -117,6 +124,7 @@ class Controller:
             self.counters.write(self.store)
         self.counters.written()
         self.acks.committed(messages)  # after COMMIT: only now may the agents forget them
+        self.notices.decided(decisions)
         return decisions
 
     def _isolated(self, messages: Sequence[Message], now: float) -> Decisions:
@@ -164,7 +172,9 @@ class Controller:
 
     def handle_requests(self, now: float | None = None) -> None:
         """Carry out what operators asked for through the CLI or HTTP."""
-        self.executor.enqueue(self.requests.handle(time.time() if now is None else now))
+        decisions = self.requests.handle(time.time() if now is None else now)
+        self.notices.decided(decisions)
+        self.executor.enqueue(decisions)
 
     def heal_tick(self, now: float | None = None, *, carry_out: bool = True) -> Decisions:
         """Advance every healing ladder that waits on time (start, deadline, reboot); ``carry_out``
@@ -173,6 +183,7 @@ class Controller:
             decisions = self.engine.heal_tick(time.time() if now is None else now)
             self.store.apply(decisions.changes)
         if carry_out:
+            self.notices.decided(decisions)
             self.executor.enqueue(decisions)
         return decisions
 
@@ -207,6 +218,14 @@ class Controller:
         if any(pruned.values()):
             log.info("store_pruned", keep=self.config.store.keep, **pruned)
         return pruned
+
+    def _on_outcome(self, action: Action, outcome: ActionOutcome, now: float) -> Decisions:
+        """The engine hears how an action turned out; the node's service notice follows it
+        (the executor commits what this returns, and notices go out after that)."""
+        decisions = self.engine.on_outcome(action, outcome, now)
+        self.notices.outcome(action, outcome)
+        self.notices.decided(decisions)
+        return decisions
 
     def fleet_of(self, node: NodeRow) -> dict[str, Any]:
         return self.engine.fleet.of(node)
@@ -260,9 +279,11 @@ class Controller:
         loop = asyncio.get_running_loop()
         if signals:
             handle(loop, stop=self.stop.set, reload=self.reload_rules)
-        for pending in self.executor.restore():
+        restored = self.executor.restore()
+        for pending in restored:
             log.info(f"{pending.action}_resumed_after_restart", node=pending.node, rule=pending.rule,
                      attempts=pending.attempts)
+        self.notices.restore((p.cluster, p.node) for p in restored if p.action == "drain")
         log.info("controller_starting", store=str(self.store.path), backend=self.backend.name,
                  rules=[rule.name for rule in self.rules.rules])
         try:
@@ -272,6 +293,9 @@ class Controller:
                     group.create_task(self.executor.run(), name="vetd.controller.actions"),
                     group.create_task(self._housekeeping(), name="vetd.controller.requests"),
                     group.create_task(self.acks.run(self.link.send), name="vetd.controller.acks"),
+                    group.create_task(self.notices.run(self.link.send, self.link.connected,
+                                                                        lambda: self.link.connects),
+                                      name="vetd.controller.notices"),
                     group.create_task(self.executor.resend(float(self.config.alerts.resend_interval),
                                                            self._firing_alerts),
                                       name="vetd.controller.alerts.resend"),

@@ -16,6 +16,14 @@ outside the ``node/`` tree on purpose: the controller's subscription
 (:func:`subscription`, ``node/+/+``) never brings it its own acks back, and
 a node topic can never carry one (:func:`parse_topic` knows no ``ack``
 channel), so an ack is only ever read by :func:`decode_ack`.
+
+Whether the controller has a node in service goes controller → agent on
+``vetd/v1/<cluster>/service/<node>``, retained (QoS 1), outside the
+``node/`` tree for the same reasons: a :class:`ServiceNotice` saying
+``in_service``, ``excluded`` or ``drained``, with the controller's node state
+and reason. The controller publishes it when any of those change and again
+after it (re)connects; a new agent gets the retained one on subscribing.
+Only :func:`decode_service` reads it.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import hashlib
 import hmac
 import re
 import sys
-from typing import Annotated, Final, Literal
+from typing import Annotated, Final, Literal, TypeVar
 
 import msgspec
 
@@ -202,6 +210,34 @@ class Ack(Envelope, tag="ack"):
 
     ranges: Annotated[list[AckRange], msgspec.Meta(max_length=MAX_ACK_RANGES)] = []
 
+
+#: ``in_service``: the controller lets jobs run here; ``excluded``: vetd took the node out of
+#: service and the scheduler has not confirmed a drain (backend ``none``: only vetd's hostlist,
+#: or the drain is still being carried out); ``drained``: the scheduler confirmed the drain.
+ServiceState = Literal["in_service", "excluded", "drained"]
+
+
+class ServiceNotice(Envelope, tag="service"):
+    """Controller → agent, retained: whether the controller has this node in service.
+
+    ``node`` is the agent's node; ``session`` is the controller's run, ``seq`` 0. Not a member
+    of :data:`Message`: it travels on its own topic (:func:`service_topic`) and is decoded only
+    by :func:`decode_service`.
+    """
+
+    service: ServiceState
+    #: The controller's node state: ``healthy``, ``suspect``, ``excluded``, ``healing``,
+    #: ``probation`` or ``failed``.
+    state: Annotated[str, msgspec.Meta(pattern=r"\A[a-z_]{0,32}\Z")] = ""
+    #: Why it is out of service (the drain reason, ``vetd: RULE: …``); empty in service.
+    reason: Text = ""
+    #: When the node entered ``state``.
+    since: Seconds = 0.0
+    #: The circuit breaker of the node's partition is open: the controller drains nothing more
+    #: there, so a prolog or epilog must not drain for a failed check either.
+    breaker_open: bool = False
+
+
 _CHANNEL_OF: Final[dict[type[Envelope], str]] = {
     State: "state",
     Result: "result",
@@ -214,6 +250,7 @@ _CHANNEL_OF: Final[dict[type[Envelope], str]] = {
 _encoder: Final = msgspec.msgpack.Encoder()
 _decoder: Final = msgspec.msgpack.Decoder(Message)
 _ack_decoder: Final = msgspec.msgpack.Decoder(Ack)
+_service_decoder: Final = msgspec.msgpack.Decoder(ServiceNotice)
 
 
 #: Longest validity a signed command may claim (a captured command cannot be saved for later).
@@ -257,7 +294,7 @@ def verify_command(command: Command, key: bytes, now: float) -> str | None:
     return None
 
 
-def encode(message: Message | Ack) -> bytes:
+def encode(message: Message | Ack | ServiceNotice) -> bytes:
     """Encode one message as MessagePack."""
     return _encoder.encode(message)
 
@@ -307,19 +344,40 @@ def ack_topic(cluster: str, node: str) -> str:
 
 def decode_ack(topic_name: str, payload: bytes | bytearray | memoryview) -> Ack:
     """Decode an :class:`Ack` and check it is for the node whose ack topic it came on."""
-    if len(payload) > MAX_PAYLOAD_BYTES:
-        raise ProtocolError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_BYTES}")
-    try:
-        ack = _ack_decoder.decode(payload)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise ProtocolError(str(exc)) from exc
-    except (ValueError, TypeError, RecursionError, OverflowError) as exc:
-        raise ProtocolError(f"undecodable payload: {exc.__class__.__name__}") from exc
+    ack = _bounded_decode(_ack_decoder, payload)
     if ack_topic(ack.cluster, ack.node) != topic_name:
         raise ProtocolError("ack does not match its topic")
     if any(r.first > r.last for r in ack.ranges):
         raise ProtocolError("ack range with first > last")
     return ack
+
+
+def service_topic(cluster: str, node: str) -> str:
+    """``vetd/v1/<cluster>/service/<node>``: the controller's retained word on whether a node is in service."""
+    return f"{TOPIC_ROOT}/{cluster}/service/{node}"
+
+
+def decode_service(topic_name: str, payload: bytes | bytearray | memoryview) -> ServiceNotice:
+    """Decode a :class:`ServiceNotice` and check it is for the node whose service topic it came on."""
+    notice = _bounded_decode(_service_decoder, payload)
+    if service_topic(notice.cluster, notice.node) != topic_name:
+        raise ProtocolError("service notice does not match its topic")
+    return notice
+
+
+_T = TypeVar("_T")
+
+
+def _bounded_decode(decoder: msgspec.msgpack.Decoder[_T], payload: bytes | bytearray | memoryview) -> _T:
+    """``decoder.decode(payload)`` with the size bound; any defect raises :class:`ProtocolError`."""
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise ProtocolError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_BYTES}")
+    try:
+        return decoder.decode(payload)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ProtocolError(str(exc)) from exc
+    except (ValueError, TypeError, RecursionError, OverflowError) as exc:
+        raise ProtocolError(f"undecodable payload: {exc.__class__.__name__}") from exc
 
 
 def subscription(cluster: str | None = None) -> str:

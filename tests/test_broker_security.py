@@ -201,3 +201,28 @@ def test_acks_come_only_from_the_controller_and_a_node_reads_only_its_own(
     finally:
         for client in (controller, node_a, node_b):
             client.close()
+
+
+def service_notice(node: str) -> tuple[str, bytes]:
+    from vetd.core.protocol import ServiceNotice
+
+    message = ServiceNotice(cluster="alps", node=node, session="ctl", seq=0, ts=time.time(), service="drained")
+    return protocol.service_topic("alps", node), protocol.encode(message)
+
+
+def test_service_notices_come_only_from_the_controller_and_a_node_reads_only_its_own(
+        secure_mosquitto: SecureMosquitto) -> None:
+    node_a = Client(secure_mosquitto, "nid001", "vetd/v1/alps/service/+")  # asks for every node's notice
+    node_b = Client(secure_mosquitto, "nid002", "vetd/v1/alps/service/nid002")
+    controller = Client(secure_mosquitto, "vetd-controller")
+    try:
+        node_a.publish(*service_notice("nid002"))  # a node putting another out of service
+        controller.publish(*service_notice("nid002"))
+        wait_for(lambda: node_b.received, 10, "the controller's notice at B")
+        assert node_b.received == ["vetd/v1/alps/service/nid002"]  # one: the controller's
+        controller.publish(*service_notice("nid001"))
+        wait_for(lambda: node_a.received, 10, "A's own notice")
+        assert node_a.received == ["vetd/v1/alps/service/nid001"]  # B's never reached A
+    finally:
+        for client in (controller, node_a, node_b):
+            client.close()

@@ -1,16 +1,19 @@
 #!/bin/sh
-# Slurm Prolog (slurm.conf: Prolog=/etc/slurm/prolog.d/vetd.sh).
-# Only exit 1 from `vetd check` (a check result `fail`: a node fault) fails the
-# prolog: Slurm drains the node and requeues the job. Exit 2 (vetd itself
-# broken, or a check that errored or timed out) and this script's own timeout
-# are vetd's fault, not the node's: logged, job allowed, as the default rules
-# only alert on `error`/`timeout` (check-broken). Exit codes: `vetd --help`.
-# gpu_idle and gpu_health judge only the job's GPUs (SLURM_JOB_GPUS).
-# Keep within the site's prolog budget (CSCS: 10 s).
-timeout 10s /usr/bin/vetd check --profile prolog --config /etc/vetd/agent.toml --json \
-    >>/var/log/vetd-prolog.log 2>&1
+# Slurm Prolog (slurm.conf: Prolog=/etc/slurm/prolog.d/vetd.sh; Slurm passes no arguments, hence
+# this wrapper). `vetd slurm prolog` asks this node's agent to vet it for the job (SLURM_JOB_ID,
+# SLURM_JOB_GPUS…): exit 1 and a "vetd: node fault" line only on a node fault, after setting the
+# drain reason ("vetd: prolog NODE: …"); Slurm then drains the node and requeues the job.
+# Anything else lets the job run: vetd's own failure (no agent, its deadline, [slurm] in
+# /etc/vetd/agent.toml, a check that errored) is logged (journalctl -t vetd-slurm), and so is a
+# vetd that could not even start (exit 1 without the fault line: a broken install drains nothing).
+vetd=${VETD_BIN:-/usr/bin/vetd}
+out=$("$vetd" slurm prolog 2>&1)
 rc=$?
-[ "$rc" -eq 1 ] && exit 1
-[ "$rc" -ne 0 ] && echo "vetd prolog: vetd check exited $rc (vetd's own failure, not the node's); job allowed" \
-    >>/var/log/vetd-prolog.log
+[ -n "$out" ] && printf '%s\n' "$out" >&2   # slurmd discards it; a wrapper of the wrapper may keep it
+case "$out" in
+    *"vetd: node fault"*) [ "$rc" -eq 1 ] && exit 1 ;;
+esac
+[ "$rc" -ne 0 ] && logger -t vetd-slurm -p daemon.warning \
+    "prolog job ${SLURM_JOB_ID:-?}: $vetd exited $rc without a node fault (vetd's own failure); the job runs: $out" \
+    2>/dev/null
 exit 0

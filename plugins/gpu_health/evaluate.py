@@ -416,8 +416,11 @@ class Evaluator:
 
     # -- idle vetting (prolog) ---------------------------------------------
 
-    def idle(self, snapshot: NodeSnapshot, only: Collection[str] | None = None) -> list[Outcome]:
-        """Each GPU idle before a job; with ``only`` (the job's GPUs), the others are ``skip``."""
+    def idle(self, snapshot: NodeSnapshot, only: Collection[str] | None = None, *,
+             after_job: bool = False) -> list[Outcome]:
+        """Each GPU idle before a job; with ``only`` (the job's GPUs), the others are ``skip``.
+        ``after_job`` (an epilog): no process left and the memory freed; the temperature is not
+        judged (the GPU is still warm from the job)."""
         outcomes = []
         for gpu in snapshot.gpus:
             if not ours(gpu, only):
@@ -429,12 +432,13 @@ class Evaluator:
             if gpu.no_permission:
                 outcomes.append(denied(gpu))
                 continue
-            findings = self._idle_temp(gpu)
+            findings = [] if after_job else self._idle_temp(gpu)
             if gpu.memory_used_mib is not None and gpu.memory_total_mib:
                 fraction = gpu.memory_used_mib / gpu.memory_total_mib
                 if fraction >= self.config.idle_memory_used_fraction:
                     findings.append(Finding("fail", "idle_memory_used",
-                                            f"{fraction:.0%} of GPU memory in use before the job"))
+                                            f"{fraction:.0%} of GPU memory in use "
+                                            + ("after the job" if after_job else "before the job")))
             compute = [p for p in gpu.processes or [] if "C" in p.type]
             if compute:
                 names = ", ".join(f"{p.name or '?'} ({p.pid})" for p in compute[:5])

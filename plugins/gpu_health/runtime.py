@@ -12,7 +12,14 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from vetd.agent.api import Backoff, EventOutcome, Outcome, SourceUnavailable, current_profile
+from vetd.agent.api import (
+    Backoff,
+    EventOutcome,
+    Outcome,
+    SourceUnavailable,
+    current_job_gpus,
+    current_profile,
+)
 from vetd.plugins.gpu_health.catalog import Verdict
 from vetd.plugins.gpu_health.config import GpuHealthConfig
 from vetd.plugins.gpu_health.evaluate import RECOVERY_FAIL, Evaluator
@@ -27,14 +34,21 @@ log = structlog.get_logger("vetd.gpu")
 
 HEALTH_PROFILES = frozenset({"prolog", "periodic", "full"})
 IDLE_PROFILES = frozenset({"prolog"})
+#: Profiles run around one job: per-GPU verdicts judge the job's GPUs only.
+JOB_PROFILES = frozenset({"prolog", "epilog"})
 KMSG_PATH = "/dev/kmsg"
 #: Where Slurm (prolog) and CUDA name a job's GPUs, by index or UUID; the first one set wins.
 JOB_GPU_VARIABLES = ("SLURM_JOB_GPUS", "CUDA_VISIBLE_DEVICES")
 
 
 def job_gpus(environ: Mapping[str, str] | None = None) -> frozenset[str] | None:
-    """The GPUs this job was given (``"0,3"``, ``"GPU-5ce0…"``), or None when no variable names
-    them (the agent's own runs, an exclusive node): then every GPU is judged."""
+    """The GPUs this job was given (``"0,3"``, ``"GPU-5ce0…"``), or None when nothing names them
+    (the agent's own runs, an exclusive node): then every GPU is judged. A prolog that asks the
+    agent names them in its request (``current_job_gpus``); ``vetd check`` in a prolog has them
+    in its environment."""
+    asked = current_job_gpus()
+    if asked is not None:
+        return frozenset(part.strip() for part in asked.split(",") if part.strip())
     environ = os.environ if environ is None else environ
     for name in JOB_GPU_VARIABLES:
         value = environ.get(name)
@@ -175,8 +189,8 @@ class GpuRuntime:
         if isinstance(snapshot, Outcome):
             return [snapshot]
         expected = self.expected()
-        # In the prolog, the job's GPUs only: another job's busy GPU on a shared node is not this job's fault.
-        only = job_gpus() if current_profile() == "prolog" else None
+        # Around a job, its GPUs only: another job's busy GPU on a shared node is not this job's fault.
+        only = job_gpus() if current_profile() in JOB_PROFILES else None
         with self._evaluating:
             return self.evaluator.health(snapshot, expected, only)
 
@@ -184,7 +198,9 @@ class GpuRuntime:
         snapshot = self.snapshot()
         if isinstance(snapshot, Outcome):
             return [snapshot]
-        return self.evaluator.idle(snapshot, job_gpus()) or [Outcome(status="skip", message="no GPUs")]
+        # After a job (epilog) a GPU is still warm from it: its temperature says nothing then.
+        return (self.evaluator.idle(snapshot, job_gpus(), after_job=current_profile() == "epilog")
+                or [Outcome(status="skip", message="no GPUs")])
 
     def telemetry(self) -> Mapping[str, Mapping[str, float]]:
         snapshot = self.snapshot()

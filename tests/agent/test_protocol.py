@@ -226,3 +226,23 @@ def test_a_birth_carries_the_kernel_boot_id_and_an_older_one_without_it_decodes(
     assert boot_id(str(odd)) == "" and boot_id(str(tmp_path / "absent")) == ""
     older = msgspec.msgpack.encode({"kind": "state", "v": 1, **BASE, "seq": 0, "online": True})
     assert protocol.decode_from("vetd/v1/alps/node/nid001/state", older).boot_id == ""  # type: ignore[union-attr]
+
+
+def test_a_service_notice_round_trips_on_its_own_topic_only() -> None:
+    from vetd.core.protocol import ServiceNotice
+
+    notice = ServiceNotice(cluster="alps", node="nid001", session="ctl", seq=0, ts=1.0, service="drained",
+                           state="excluded", reason="vetd: check-failed: gpu_health", since=0.5, breaker_open=True)
+    topic = protocol.service_topic("alps", "nid001")
+    assert topic == "vetd/v1/alps/service/nid001"
+    assert protocol.decode_service(topic, protocol.encode(notice)) == notice
+    for wrong_topic in ("vetd/v1/alps/service/nid002", "vetd/v1/beta/service/nid001"):
+        with pytest.raises(protocol.ProtocolError):
+            protocol.decode_service(wrong_topic, protocol.encode(notice))
+    with pytest.raises(protocol.ProtocolError):  # not a node channel: never decoded as a message
+        protocol.decode_from("vetd/v1/alps/node/nid001/service", protocol.encode(notice))
+    for bad in (msgspec.structs.replace(notice, reason="x" * 5000), msgspec.structs.replace(notice, state="On Fire")):
+        with pytest.raises(protocol.ProtocolError):
+            protocol.decode_service(topic, protocol.encode(bad))
+    with pytest.raises(protocol.ProtocolError):
+        protocol.decode_service(topic, b"\x00" * (protocol.MAX_PAYLOAD_BYTES + 1))

@@ -97,11 +97,21 @@ class Mosquitto:
 
 @dataclass
 class Slurm:
-    """munged + slurmctld + one slurmd answering for nid[001-004]."""
+    """munged + slurmctld + one slurmd answering for nid[001-004]; or, with ``daemons``, one slurmd per
+    node (``slurmd -N NAME`` on a port of its own), which is what jobs that run on one node and not
+    another need."""
 
     workdir: Path
     nodes: str = "nid[001-004]"
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    #: Nodes that each get a slurmd of their own (then these are the cluster's nodes, not ``nodes``).
+    daemons: tuple[str, ...] = ()
+    #: Scheduling weights by node (lower is used first).
+    weights: dict[str, int] = field(default_factory=dict)
+    #: More slurm.conf lines (Prolog=, Epilog=, SchedulerParameters=…).
+    extra: str = ""
+    #: AuthInfo cred_expire: also how long a requeued job waits before it may start again (Slurm: 120 s).
+    cred_expire: int = 0
 
     @property
     def conf(self) -> Path:
@@ -113,7 +123,7 @@ class Slurm:
 
     def start(self) -> Slurm:
         d = self.workdir
-        for sub in ("state", "spool/nid001", "munge"):
+        for sub in ("state", "munge", *(f"spool/{name}" for name in self.daemons or ("nid001",))):
             (d / sub).mkdir(parents=True, exist_ok=True)
         (d / "munge").chmod(0o711)
         key = d / "munge" / "munge.key"
@@ -125,13 +135,19 @@ class Slurm:
                     f"--log-file={d}/munge/munged.log", f"--seed-file={d}/munge/seed"])
         wait_for(socket_path.exists, 10, "munged socket")
         ctld_port, slurmd_port = free_port(), free_port()
+        if self.daemons:
+            node_lines = "".join(f"NodeName={name} NodeAddr=127.0.0.1 Port={free_port()} CPUs=2 RealMemory=1000 "
+                                 f"Weight={self.weights.get(name, 1)} State=UNKNOWN\n" for name in self.daemons)
+        else:
+            node_lines = f"NodeName={self.nodes} NodeAddr=127.0.0.1 CPUs=2 RealMemory=1000 State=UNKNOWN\n"
+        auth = f"socket={socket_path}" + (f",cred_expire={self.cred_expire}" if self.cred_expire else "")
         self.conf.write_text(f"""\
 ClusterName=vetdtest
 SlurmctldHost={socket.gethostname().split('.')[0]}(127.0.0.1)
 SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
 AuthType=auth/munge
-AuthInfo=socket={socket_path}
+AuthInfo={auth}
 CredType=cred/munge
 SlurmUser=root
 SlurmdUser=root
@@ -153,12 +169,13 @@ ReturnToService=2
 RebootProgram=/bin/true
 SlurmctldTimeout=10
 SlurmdTimeout=300
-NodeName={self.nodes} NodeAddr=127.0.0.1 CPUs=2 RealMemory=1000 State=UNKNOWN
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+{self.extra}{node_lines}PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """)
         self._spawn("slurmctld", [_which("slurmctld"), "-D", "-c", "-f", str(self.conf)])
         wait_for(lambda: port_open(ctld_port), 20, "slurmctld to listen")
-        self._spawn("slurmd", [_which("slurmd"), "-D", "-N", "nid001", "-f", str(self.conf)])
+        for name in self.daemons or ("nid001",):
+            self._spawn(f"slurmd-{name}" if self.daemons else "slurmd", [_which("slurmd"), "-D", "-N", name, "-f",
+                                                                          str(self.conf)])
         wait_for(lambda: self.states() and all(s == "idle" for s in self.states().values()), 60,
                  "Slurm nodes to register and go idle")
         return self
