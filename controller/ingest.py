@@ -7,7 +7,10 @@ is dropped on its topic alone (``foreign_cluster``), before any state is made;
 a node flooding beyond ``[limits] per_node_rate`` is dropped on its topic
 alone, unread; malformed messages are counted and logged, never fatal; names
 a node chooses are bounded (:class:`NameBounds`). Commands to agents go out
-through the same link.
+through the same link, and so do the acks (:mod:`~vetd.controller.acks`).
+The retained births that arrive as the controller subscribes name the nodes
+that were online before it (``on_retained_birth``): they are asked to send
+again what it has not acknowledged.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from vetd.controller.config import ControllerConfig, LimitsSection
 from vetd.controller.counters import Counters
 from vetd.core import protocol
 from vetd.core.mqtt import client_options, connect_forever, parse_broker
-from vetd.core.protocol import Command, ProtocolError
+from vetd.core.protocol import Command, ProtocolError, State
 
 log = structlog.get_logger("vetd.controller")
 
@@ -167,8 +170,11 @@ class BrokerLink:
         self._client: aiomqtt.Client | None = None
         self.connected = asyncio.Event()
 
-    async def receive(self, on_batch: Callable[[Batch], None]) -> None:
-        """Hand every batch of admitted messages to ``on_batch``; reconnect until cancelled."""
+    async def receive(self, on_batch: Callable[[Batch], None],
+                      on_retained_birth: Callable[[State], None] = lambda _: None) -> None:
+        """Hand every batch of admitted messages to ``on_batch``, and each retained online
+        ``State`` (a node online before this subscription) to ``on_retained_birth`` as it comes;
+        reconnect until cancelled."""
         broker = parse_broker(self.config.broker)
 
         def connect() -> aiomqtt.Client:
@@ -190,6 +196,8 @@ class BrokerLink:
                 if self.admission.admit(raw.topic.value, time.monotonic()):
                     payload = raw.payload if isinstance(raw.payload, bytes | bytearray) else b""
                     batch.append((raw.topic.value, bytes(payload)))
+                    if raw.retain and (birth := _online_state(raw.topic.value, payload)) is not None:
+                        on_retained_birth(birth)
                 if len(client.messages) == 0 or len(batch) >= BATCH_MAX:
                     if batch:
                         on_batch(batch)
@@ -226,6 +234,18 @@ class BrokerLink:
             log.warning("command_not_sent", node=command.node, action=command.action, reason=str(exc))
             return
         log.info("command_sent", node=command.node, action=command.action, id=command.id)
+
+
+def _online_state(topic_name: str, payload: bytes | bytearray) -> State | None:
+    """The online ``State`` a (retained) message is, if it is one; anything else is left to the
+    batch path, which counts what is malformed."""
+    if not topic_name.endswith("/state"):
+        return None
+    try:
+        message = protocol.decode_from(topic_name, payload)
+    except ProtocolError:
+        return None
+    return message if isinstance(message, State) and message.online else None
 
 
 # -- PUBACK after commit (issue 13) -------------------------------------------

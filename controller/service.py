@@ -51,7 +51,7 @@ from vetd.controller.requests import OperatorRequests
 from vetd.controller.rules import RuleSet, healing_steps, load_rules
 from vetd.controller.store import Store
 from vetd.core.configfile import ConfigError, read_key
-from vetd.core.protocol import Message, channel_of
+from vetd.core.protocol import Message, State, channel_of
 from vetd.core.signals import handle, release
 
 log = structlog.get_logger("vetd.controller")
@@ -203,6 +203,11 @@ class Controller:
     def _on_batch(self, batch: Sequence[tuple[str, bytes]]) -> None:
         self.executor.enqueue(self.process(batch))
 
+    def _on_retained_birth(self, state: State) -> None:
+        """A node was online before this subscription: what it published meanwhile may have gone
+        to a broker with no subscriber for it; ask it to send again what is not acknowledged."""
+        self.acks.resend(state.cluster, state.node)
+
     async def _housekeeping(self) -> None:
         agents_checked = pruned = 0.0
         while True:
@@ -248,7 +253,8 @@ class Controller:
                  rules=[rule.name for rule in self.rules.rules])
         try:
             async with asyncio.TaskGroup() as group:
-                ingest = group.create_task(self.link.receive(self._on_batch), name="vetd.controller.ingest")
+                ingest = group.create_task(self.link.receive(self._on_batch, self._on_retained_birth),
+                                           name="vetd.controller.ingest")
                 tasks = [
                     group.create_task(self.executor.run(), name="vetd.controller.actions"),
                     group.create_task(self._housekeeping(), name="vetd.controller.requests"),
