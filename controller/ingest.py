@@ -11,6 +11,11 @@ through the same link, and so do the acks (:mod:`~vetd.controller.acks`).
 The retained births that arrive as the controller subscribes name the nodes
 that were online before it (``on_retained_birth``): they are asked to send
 again what it has not acknowledged.
+
+A batch the store cannot take (``on_batch`` returns False: a full disk) is
+given again, with back-off, until it can; meanwhile nothing more is read
+and nothing PUBACKed, so the broker keeps the rest (at most
+``max_inflight_messages`` are ever delivered and not acknowledged).
 """
 
 from __future__ import annotations
@@ -23,15 +28,18 @@ import aiomqtt
 import msgspec
 import structlog
 
+from vetd.controller.acks import CONCURRENCY as ACK_CONCURRENCY
 from vetd.controller.config import ControllerConfig, LimitsSection
 from vetd.controller.counters import Counters
 from vetd.core import protocol
-from vetd.core.mqtt import client_options, connect_forever, parse_broker
+from vetd.core.mqtt import Backoff, client_options, connect_forever, parse_broker
 from vetd.core.protocol import Command, ProtocolError, State
 
 log = structlog.get_logger("vetd.controller")
 
 BATCH_MAX = 1000
+#: Longest wait between two tries of a batch the store would not take.
+STORE_RETRY_CAP_S = 10.0
 #: Log the first N malformed messages, then every Nth.
 MALFORMED_LOG_EVERY = 100
 #: How often rate-limit buckets that have filled up again are forgotten (a full bucket is no bucket).
@@ -170,17 +178,20 @@ class BrokerLink:
         self._client: aiomqtt.Client | None = None
         self.connected = asyncio.Event()
 
-    async def receive(self, on_batch: Callable[[Batch], None],
+    async def receive(self, on_batch: Callable[[Batch], bool],
                       on_retained_birth: Callable[[State], None] = lambda _: None) -> None:
-        """Hand every batch of admitted messages to ``on_batch``, and each retained online
-        ``State`` (a node online before this subscription) to ``on_retained_birth`` as it comes;
-        reconnect until cancelled."""
+        """Hand every batch of admitted messages to ``on_batch`` (again, with back-off, while it
+        returns False: not stored), and each retained online ``State`` (a node online before this
+        subscription) to ``on_retained_birth`` as it comes; reconnect until cancelled."""
         broker = parse_broker(self.config.broker)
 
         def connect() -> aiomqtt.Client:
             client = aiomqtt.Client(broker.host, broker.port, identifier=self.config.client_id, clean_session=False,
                                     keepalive=30, max_queued_incoming_messages=100_000, **self._options)
             _manual_ack(client)
+            # aiomqtt warns once per publish beyond 10 waiting for their PUBACK; the acks to agents
+            # go up to acks.CONCURRENCY at a time by design (a line per ack under a backlog, before)
+            client.pending_calls_threshold = ACK_CONCURRENCY + 100
             return client
 
         async def session(client: aiomqtt.Client, ready: Callable[[], None]) -> None:
@@ -200,7 +211,7 @@ class BrokerLink:
                         on_retained_birth(birth)
                 if len(client.messages) == 0 or len(batch) >= BATCH_MAX:
                     if batch:
-                        on_batch(batch)
+                        await _handed_over(on_batch, batch)
                     batch = []
                     _ack(client, unacked)
                     unacked = []
@@ -234,6 +245,13 @@ class BrokerLink:
             log.warning("command_not_sent", node=command.node, action=command.action, reason=str(exc))
             return
         log.info("command_sent", node=command.node, action=command.action, id=command.id)
+
+
+async def _handed_over(on_batch: Callable[[Batch], bool], batch: Batch) -> None:
+    """Give ``batch`` to ``on_batch`` until it takes it (PUBACK only after: the broker keeps it)."""
+    backoff = Backoff(base=0.5, cap=STORE_RETRY_CAP_S)
+    while not on_batch(batch):
+        await asyncio.sleep(backoff.next())
 
 
 def _online_state(topic_name: str, payload: bytes | bytearray) -> State | None:
