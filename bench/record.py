@@ -58,7 +58,8 @@ def machine() -> dict[str, Any]:
         "memory_gib": round(memory_kib / 2**20, 1),
         "os": platform.platform(),
         "python": platform.python_version(),
-        "git_commit": git("rev-parse", "HEAD"),
+        # a copy without .git (a borrowed GPU machine gets the tree alone): the commit it was copied from
+        "git_commit": git("rev-parse", "HEAD") or os.environ.get("VETD_BENCH_GIT_COMMIT", ""),
         "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
     }
 
