@@ -58,9 +58,11 @@ def machine() -> dict[str, Any]:
         "memory_gib": round(memory_kib / 2**20, 1),
         "os": platform.platform(),
         "python": platform.python_version(),
-        # a copy without .git (a borrowed GPU machine gets the tree alone): the commit it was copied from
-        "git_commit": git("rev-parse", "HEAD") or os.environ.get("VETD_BENCH_GIT_COMMIT", ""),
-        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        # a copy of the tree run elsewhere (a borrowed GPU machine): the commit it was copied from, which
+        # git there cannot tell (it has no .git, or another checkout's)
+        "git_commit": os.environ.get("VETD_BENCH_GIT_COMMIT") or git("rev-parse", "HEAD"),
+        "git_dirty": False if os.environ.get("VETD_BENCH_GIT_COMMIT") else
+        bool(git("status", "--porcelain", "--untracked-files=no")),
     }
 
 
