@@ -10,14 +10,14 @@ out merged in the next round, so under a backlog the acks cost about one
 message per node per round rather than one per batch.
 
 :meth:`Acks.resend` asks a node to send again, at once, all it has not had
-acknowledged (an ack with ``resend`` set). The controller asks it of every
-node whose retained birth reaches it as it subscribes: a node online before
-that subscription may have published into a broker that had no subscriber
-for it (the controller's first start, a broker that lost its store), and the
-broker dropped those messages unseen; without the request the node would
-wait ``ack_timeout`` to send them again. It costs one ack and one resent
-message per node per controller connect (the agent resends one message
-first and the rest only once that one is acknowledged).
+acknowledged (an ack with ``resend`` set). The controller asks it, when the
+broker held no session for it, of every node whose retained birth reaches it
+as it subscribes: a node online before that subscription published into a
+broker that had no subscriber for it (the controller's first start, a broker
+that lost its store), and the broker dropped those messages unseen; without
+the request the node would wait ``ack_timeout`` to send them again. It costs
+one ack and one resent message per node (the agent resends one message first
+and the rest only once that one is acknowledged).
 
 Nothing here is durable, and nothing needs to be: an ack lost (the broker
 away, the controller killed between commit and publish) only makes the

@@ -8,9 +8,12 @@ a node flooding beyond ``[limits] per_node_rate`` is dropped on its topic
 alone, unread; malformed messages are counted and logged, never fatal; names
 a node chooses are bounded (:class:`NameBounds`). Commands to agents go out
 through the same link, and so do the acks (:mod:`~vetd.controller.acks`).
-The retained births that arrive as the controller subscribes name the nodes
-that were online before it (``on_retained_birth``): they are asked to send
-again what it has not acknowledged.
+When the broker held no session for the controller (a first start, a broker
+that lost its store), what nodes published before it subscribed was dropped
+unseen: the retained births that arrive as it subscribes name the nodes that
+were online before it (``on_retained_birth``), and they are asked to send
+again what it has not acknowledged. With its session kept, the broker queued
+all of it, and nobody is asked (they would resend what waits in the queue).
 
 A batch the store cannot take (``on_batch`` returns False: a full disk) is
 given again, with back-off, until it can; meanwhile nothing more is read
@@ -23,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import aiomqtt
 import msgspec
@@ -189,6 +193,7 @@ class BrokerLink:
             client = aiomqtt.Client(broker.host, broker.port, identifier=self.config.client_id, clean_session=False,
                                     keepalive=30, max_queued_incoming_messages=100_000, **self._options)
             _manual_ack(client)
+            _note_session_present(client)
             # aiomqtt warns once per publish beyond 10 waiting for their PUBACK; the acks to agents
             # go up to acks.CONCURRENCY at a time by design (a line per ack under a backlog, before)
             client.pending_calls_threshold = ACK_CONCURRENCY + 100
@@ -207,7 +212,8 @@ class BrokerLink:
                 if self.admission.admit(raw.topic.value, time.monotonic()):
                     payload = raw.payload if isinstance(raw.payload, bytes | bytearray) else b""
                     batch.append((raw.topic.value, bytes(payload)))
-                    if raw.retain and (birth := _online_state(raw.topic.value, payload)) is not None:
+                    if (raw.retain and not getattr(client, SESSION_PRESENT, True)
+                            and (birth := _online_state(raw.topic.value, payload)) is not None):
                         on_retained_birth(birth)
                 if len(client.messages) == 0 or len(batch) >= BATCH_MAX:
                     if batch:
@@ -278,6 +284,23 @@ def _online_state(topic_name: str, payload: bytes | bytearray) -> State | None:
 
 def _manual_ack(client: aiomqtt.Client) -> None:
     client._client.manual_ack_set(True)  # aiomqtt 2.x has no option for it
+
+
+#: Set on the client from its CONNACK: whether the broker still held our session (aiomqtt drops the flag).
+SESSION_PRESENT = "vetd_session_present"
+
+
+def _note_session_present(client: aiomqtt.Client) -> None:
+    """Keep CONNACK's session-present flag on the client as ``SESSION_PRESENT``."""
+    paho = client._client
+    on_connect = paho.on_connect
+    assert on_connect is not None  # aiomqtt's own: it completes the connect
+
+    def noted(*args: Any) -> None:  # (client, userdata, flags, reason_code, properties)
+        setattr(client, SESSION_PRESENT, bool(getattr(args[2], "session_present", False)))
+        on_connect(*args)
+
+    paho.on_connect = noted
 
 
 def _ack(client: aiomqtt.Client, messages: list[tuple[int, int]]) -> None:
