@@ -58,6 +58,8 @@ def machine() -> dict[str, Any]:
         "memory_gib": round(memory_kib / 2**20, 1),
         "os": platform.platform(),
         "python": platform.python_version(),
+        # what else ran: on a shared host the figures are only as good as this (1, 5, 15 min)
+        "load_average": [round(x, 2) for x in os.getloadavg()],
         # a copy of the tree run elsewhere (a borrowed GPU machine): the commit it was copied from, which
         # git there cannot tell (it has no .git, or another checkout's)
         "git_commit": os.environ.get("VETD_BENCH_GIT_COMMIT") or git("rev-parse", "HEAD"),
