@@ -67,6 +67,11 @@ class AgentSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     spool_sync: Literal["normal", "full"] = "normal"
     #: Seconds between MQTT keepalives: a stalled broker is noticed within 1.5×.
     keepalive: Annotated[int, msgspec.Meta(ge=1)] = 30
+    #: A result or event leaves the spool only when the controller acknowledges it (on
+    #: ``vetd/v1/<cluster>/ack/<node>``). When the oldest one sent has had no ack for this long, what
+    #: is unacknowledged is sent again, oldest first, then with back-off up to 10 minutes while acks
+    #: stay away (1s to 1h; shorter resends more duplicates while a controller works through a backlog).
+    ack_timeout: Duration = Duration(30.0)
     #: Broker credentials and TLS (``[agent.auth]``).
     auth: BrokerAuth = msgspec.field(default_factory=BrokerAuth)
     #: Messages per second at most, so catching up after an outage stays below
@@ -312,6 +317,9 @@ def load_agent_config(path: Path | str | None, environ: dict[str, str] | None = 
     for key in ("prolog_deadline", "epilog_deadline"):
         if not 0.5 <= getattr(config.slurm, key) <= 3600:
             raise ConfigError(f"{where(source, text, f'slurm.{key}')}: must be between 500ms and 1h")
+    if not 1 <= section.ack_timeout <= 3600:
+        raise ConfigError(f"{where(source, text, 'agent.ack_timeout')}: must be between 1s and 1h, "
+                          f"got {section.ack_timeout:g}s")
     if section.interval <= 0 or section.telemetry_interval <= 0:
         raise ConfigError(f"{source}: agent.interval: intervals must be > 0")
     return msgspec.structs.replace(config, agent=section, source=source, source_text=text)

@@ -104,6 +104,7 @@ class Agent:
             self.identity,
             self.spool,
             keepalive=config.agent.keepalive,
+            ack_timeout=float(config.agent.ack_timeout),
             max_rate=config.agent.max_publish_rate,
             client_options=client_options(config.broker, config.agent.auth, f"{config.source}: agent.auth"),
             birth=self._birth,

@@ -139,7 +139,8 @@ class Spool:
         #: Rows done with (acknowledged, or a reply PUBACKed) whose delete failed: counted out, never
         #: sent again, deleted when the file takes writes again.
         self._gone: set[int] = set()
-        #: ``time.monotonic()`` of the last sign of progress: a first send, an ack that removed rows, a rewind.
+        #: ``time.monotonic()`` of the last sign of progress: a first send, an ack that removed the oldest
+        #: message waiting (acks of later ones are no progress: the oldest may have been lost), a rewind.
         self.progress_at = time.monotonic()
         #: Rows removed by the controller's acks since start.
         self.acknowledged = 0
@@ -380,6 +381,7 @@ class Spool:
         """The controller has stored ``session``'s messages ``first..last``: they leave the spool.
         Returns how many were still here (an ack for what is gone already removes nothing)."""
         removed = 0
+        head = self._oldest()
         before = len(self._held)
         self._held = deque(item for item in self._held if not (item[5] == session and first <= item[6] <= last))
         removed += before - len(self._held)
@@ -390,8 +392,22 @@ class Spool:
         removed += count - self._count
         if removed:
             self.acknowledged += removed
-            self.progress_at = time.monotonic()
+            if self._oldest() != head:
+                self.progress_at = time.monotonic()
         return removed
+
+    def _oldest(self) -> tuple[str, int] | None:
+        """The oldest result or event here (spooled rows are older than held ones)."""
+        after = 0
+        while True:
+            row = self.db.execute("SELECT id FROM spool WHERE id > ? AND seq > 0 ORDER BY id LIMIT 1",
+                                  (after,)).fetchone()
+            if row is None:
+                break
+            if row[0] not in self._gone:
+                return ("db", int(row[0]))
+            after = row[0]
+        return next((("held", item[0]) for item in self._held if item[6]), None)
 
     def awaiting_ack(self) -> bool:
         """Whether something sent in this pass still waits for the controller's ack."""

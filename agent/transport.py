@@ -14,8 +14,13 @@
   cleared, is ``None``: the controller says nothing).
 * What was sent and not acknowledged is sent again, oldest first, on every
   (re)connect (acks published while we were away are gone: our session is
-  clean) and when no ack has come for ``ack_timeout`` (then with full-jitter
-  back-off); the controller drops duplicates and acknowledges them again.
+  clean), when the controller asks (an ack with ``resend``: it has just
+  subscribed, and what we published before that the broker may have dropped)
+  and when the oldest message sent has had no ack for ``ack_timeout`` (then
+  with full-jitter back-off; acks of later messages do not put it off: a
+  message lost between us and the controller is sent again even while the
+  ones after it are acknowledged); the controller drops duplicates and
+  acknowledges them again.
   Once a controller has acknowledged anything, each such pass starts with a
   probe: one message, and the rest only once it is acknowledged. Messages a broker dropped (no subscriber yet after losing
   its store) then come round again before any later one is stored, so each
@@ -269,7 +274,12 @@ class Transport:
         removed = 0
         for ack_range in ack.ranges:
             removed += self.spool.acknowledge(ack_range.session, ack_range.first, ack_range.last)
-        if removed:
+        if ack.resend:
+            log.info("resend_requested", waiting=len(self.spool))
+            self.spool.rewind()
+            self._probing = True
+            self._progress.set()
+        elif removed:
             self._probing = False
             self._progress.set()
 

@@ -29,7 +29,9 @@ from tests.support import crash
 
 
 @contextlib.contextmanager
-def tmpfs(where: Path, size: str = "16m") -> Iterator[Path]:
+def tmpfs(where: Path, size: str = "64m") -> Iterator[Path]:
+    """A small file system for the controller's store: room for the store of 50,000 results (about
+    200 bytes each) and SQLite's write-ahead log (4 MiB before its first checkpoint), the rest filled."""
     where.mkdir()
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True,
                           check=False)

@@ -58,8 +58,13 @@ def machine() -> dict[str, Any]:
         "memory_gib": round(memory_kib / 2**20, 1),
         "os": platform.platform(),
         "python": platform.python_version(),
-        "git_commit": git("rev-parse", "HEAD"),
-        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        # what else ran: on a shared host the figures are only as good as this (1, 5, 15 min)
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        # a copy of the tree run elsewhere (a borrowed GPU machine): the commit it was copied from, which
+        # git there cannot tell (it has no .git, or another checkout's)
+        "git_commit": os.environ.get("VETD_BENCH_GIT_COMMIT") or git("rev-parse", "HEAD"),
+        "git_dirty": False if os.environ.get("VETD_BENCH_GIT_COMMIT") else
+        bool(git("status", "--porcelain", "--untracked-files=no")),
     }
 
 

@@ -1,5 +1,9 @@
 """Spool cost: writing a result to the on-disk spool, and removing it once acknowledged.
 
+Removing is what the transport does for each result: read it (``first``), mark it sent on the
+broker's PUBACK (``done``) and drop it on the controller's ack (``acknowledge``, one ack per
+result here: the worst case; the controller acknowledges ranges).
+
 Checked before any figure: every result put is spooled, given back once and in order, and the
 spool is empty after. Figures go to bench/results/spool.json.
 """
@@ -41,7 +45,8 @@ def measure(sync: str, count: int) -> tuple[float, float]:
             for _ in range(count):
                 pending = await spool.first()
                 seqs.append(protocol.decode(pending.payload).seq)
-                spool.done(pending)
+                spool.done(pending)  # the broker's PUBACK: sent, kept until the controller's ack
+                spool.acknowledge(pending.session, pending.seq, pending.seq)
             return (time.perf_counter() - t1) / count, seqs
 
         done, seqs = asyncio.run(drain())
@@ -61,7 +66,7 @@ def main() -> None:
         runs = [measure(sync, args.count if sync == "normal" else max(200, args.count // 10)) for _ in range(args.runs)]
         put = statistics.median(r[0] for r in runs)
         done = statistics.median(r[1] for r in runs)
-        print(f"spool_sync={sync}: put {1e6 * put:.0f} us per result, read+remove {1e6 * done:.0f} us "
+        print(f"spool_sync={sync}: put {1e6 * put:.0f} us per result, read+sent+acked {1e6 * done:.0f} us "
               f"(median of {args.runs} runs)")
         figures |= {f"{sync}_put_us": round(1e6 * put, 1), f"{sync}_read_remove_us": round(1e6 * done, 1)}
     print(f"written to {write_results('spool', figures, count=args.count, runs=args.runs)}")

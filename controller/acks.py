@@ -9,6 +9,16 @@ numbers folded into ranges. While it publishes, later commits pile up and go
 out merged in the next round, so under a backlog the acks cost about one
 message per node per round rather than one per batch.
 
+:meth:`Acks.resend` asks a node to send again, at once, all it has not had
+acknowledged (an ack with ``resend`` set). The controller asks it, when the
+broker held no session for it, of every node whose retained birth reaches it
+as it subscribes: a node online before that subscription published into a
+broker that had no subscriber for it (the controller's first start, a broker
+that lost its store), and the broker dropped those messages unseen; without
+the request the node would wait ``ack_timeout`` to send them again. It costs
+one ack and one resent message per node (the agent resends one message first
+and the rest only once that one is acknowledged).
+
 Nothing here is durable, and nothing needs to be: an ack lost (the broker
 away, the controller killed between commit and publish) only makes the
 agent send those messages again, which the store drops as duplicates and
@@ -45,6 +55,8 @@ class Acks:
         self.enabled = os.environ.get("VETD_CONTROLLER_ACKS", "1") != "0"
         #: (cluster, node) → session → [[first, last], …] in arrival order.
         self._pending: dict[tuple[str, str], dict[str, list[list[int]]]] = {}
+        #: (cluster, node) asked to send again what is not acknowledged (:meth:`resend`).
+        self._resend: set[tuple[str, str]] = set()
         self._ready = asyncio.Event()
         self.published = 0
         self.failed = 0
@@ -65,16 +77,26 @@ class Acks:
         if self._pending:
             self._ready.set()
 
+    def resend(self, cluster: str, node: str) -> None:
+        """Ask ``node`` to send again, now, whatever it has not had acknowledged."""
+        if not self.enabled:
+            return
+        self._resend.add((cluster, node))
+        self._ready.set()
+
     def take(self) -> list[Ack]:
         """The acks for everything noted so far (and forget it)."""
         pending, self._pending = self._pending, {}
+        resend, self._resend = self._resend, set()
         now = time.time()
         acks = []
+        for key in resend.difference(pending):
+            pending[key] = {}
         for (cluster, node), sessions in pending.items():
             ranges = [AckRange(session, first, last) for session, spans in sessions.items() for first, last in spans]
-            for i in range(0, len(ranges), MAX_ACK_RANGES):
+            for i in range(0, max(1, len(ranges)), MAX_ACK_RANGES):
                 acks.append(Ack(cluster=cluster, node=node, session=self.session, seq=0, ts=now,
-                                ranges=ranges[i:i + MAX_ACK_RANGES]))
+                                ranges=ranges[i:i + MAX_ACK_RANGES], resend=not i and (cluster, node) in resend))
         return acks
 
     async def run(self, publish: Publish) -> None:

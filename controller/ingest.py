@@ -7,7 +7,18 @@ is dropped on its topic alone (``foreign_cluster``), before any state is made;
 a node flooding beyond ``[limits] per_node_rate`` is dropped on its topic
 alone, unread; malformed messages are counted and logged, never fatal; names
 a node chooses are bounded (:class:`NameBounds`). Commands to agents go out
-through the same link.
+through the same link, and so do the acks (:mod:`~vetd.controller.acks`).
+When the broker held no session for the controller (a first start, a broker
+that lost its store), what nodes published before it subscribed was dropped
+unseen: the retained births that arrive as it subscribes name the nodes that
+were online before it (``on_retained_birth``), and they are asked to send
+again what it has not acknowledged. With its session kept, the broker queued
+all of it, and nobody is asked (they would resend what waits in the queue).
+
+A batch the store cannot take (``on_batch`` returns False: a full disk) is
+given again, with back-off, until it can; meanwhile nothing more is read
+and nothing PUBACKed, so the broker keeps the rest (at most
+``max_inflight_messages`` are ever delivered and not acknowledged).
 """
 
 from __future__ import annotations
@@ -15,20 +26,24 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import aiomqtt
 import msgspec
 import structlog
 
+from vetd.controller.acks import CONCURRENCY as ACK_CONCURRENCY
 from vetd.controller.config import ControllerConfig, LimitsSection
 from vetd.controller.counters import Counters
 from vetd.core import protocol
-from vetd.core.mqtt import client_options, connect_forever, parse_broker
-from vetd.core.protocol import Command, ProtocolError
+from vetd.core.mqtt import Backoff, client_options, connect_forever, parse_broker
+from vetd.core.protocol import Command, ProtocolError, State
 
 log = structlog.get_logger("vetd.controller")
 
 BATCH_MAX = 1000
+#: Longest wait between two tries of a batch the store would not take.
+STORE_RETRY_CAP_S = 10.0
 #: Log the first N malformed messages, then every Nth.
 MALFORMED_LOG_EVERY = 100
 #: How often rate-limit buckets that have filled up again are forgotten (a full bucket is no bucket).
@@ -169,14 +184,21 @@ class BrokerLink:
         #: Connections made so far: retained service notices are published again after each.
         self.connects = 0
 
-    async def receive(self, on_batch: Callable[[Batch], None]) -> None:
-        """Hand every batch of admitted messages to ``on_batch``; reconnect until cancelled."""
+    async def receive(self, on_batch: Callable[[Batch], bool],
+                      on_retained_birth: Callable[[State], None] = lambda _: None) -> None:
+        """Hand every batch of admitted messages to ``on_batch`` (again, with back-off, while it
+        returns False: not stored), and each retained online ``State`` (a node online before this
+        subscription) to ``on_retained_birth`` as it comes; reconnect until cancelled."""
         broker = parse_broker(self.config.broker)
 
         def connect() -> aiomqtt.Client:
             client = aiomqtt.Client(broker.host, broker.port, identifier=self.config.client_id, clean_session=False,
                                     keepalive=30, max_queued_incoming_messages=100_000, **self._options)
             _manual_ack(client)
+            _note_session_present(client)
+            # aiomqtt warns once per publish beyond 10 waiting for their PUBACK; the acks to agents
+            # go up to acks.CONCURRENCY at a time by design (a line per ack under a backlog, before)
+            client.pending_calls_threshold = ACK_CONCURRENCY + 100
             return client
 
         async def session(client: aiomqtt.Client, ready: Callable[[], None]) -> None:
@@ -193,9 +215,12 @@ class BrokerLink:
                 if self.admission.admit(raw.topic.value, time.monotonic()):
                     payload = raw.payload if isinstance(raw.payload, bytes | bytearray) else b""
                     batch.append((raw.topic.value, bytes(payload)))
+                    if (raw.retain and not getattr(client, SESSION_PRESENT, True)
+                            and (birth := _online_state(raw.topic.value, payload)) is not None):
+                        on_retained_birth(birth)
                 if len(client.messages) == 0 or len(batch) >= BATCH_MAX:
                     if batch:
-                        on_batch(batch)
+                        await _handed_over(on_batch, batch)
                     batch = []
                     _ack(client, unacked)
                     unacked = []
@@ -231,6 +256,25 @@ class BrokerLink:
         log.info("command_sent", node=command.node, action=command.action, id=command.id)
 
 
+async def _handed_over(on_batch: Callable[[Batch], bool], batch: Batch) -> None:
+    """Give ``batch`` to ``on_batch`` until it takes it (PUBACK only after: the broker keeps it)."""
+    backoff = Backoff(base=0.5, cap=STORE_RETRY_CAP_S)
+    while not on_batch(batch):
+        await asyncio.sleep(backoff.next())
+
+
+def _online_state(topic_name: str, payload: bytes | bytearray) -> State | None:
+    """The online ``State`` a (retained) message is, if it is one; anything else is left to the
+    batch path, which counts what is malformed."""
+    if not topic_name.endswith("/state"):
+        return None
+    try:
+        message = protocol.decode_from(topic_name, payload)
+    except ProtocolError:
+        return None
+    return message if isinstance(message, State) and message.online else None
+
+
 # -- PUBACK after commit (issue 13) -------------------------------------------
 # aiomqtt acknowledges a message as it arrives; a controller killed with a
 # backlog in memory would lose it at the broker, and the agents' resends
@@ -243,6 +287,23 @@ class BrokerLink:
 
 def _manual_ack(client: aiomqtt.Client) -> None:
     client._client.manual_ack_set(True)  # aiomqtt 2.x has no option for it
+
+
+#: Set on the client from its CONNACK: whether the broker still held our session (aiomqtt drops the flag).
+SESSION_PRESENT = "vetd_session_present"
+
+
+def _note_session_present(client: aiomqtt.Client) -> None:
+    """Keep CONNACK's session-present flag on the client as ``SESSION_PRESENT``."""
+    paho = client._client
+    on_connect = paho.on_connect
+    assert on_connect is not None  # aiomqtt's own: it completes the connect
+
+    def noted(*args: Any) -> None:  # (client, userdata, flags, reason_code, properties)
+        setattr(client, SESSION_PRESENT, bool(getattr(args[2], "session_present", False)))
+        on_connect(*args)
+
+    paho.on_connect = noted
 
 
 def _ack(client: aiomqtt.Client, messages: list[tuple[int, int]]) -> None:

@@ -35,7 +35,7 @@ import contextlib
 import functools
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import structlog
@@ -45,17 +45,17 @@ from vetd.controller.actions import ActionOutcome, AlertBackend, CommandBackend,
 from vetd.controller.config import ControllerConfig
 from vetd.controller.counters import Counters
 from vetd.controller.decisions import Action, Decisions
-from vetd.controller.engine import Engine
+from vetd.controller.engine import Checkpoint, Engine
 from vetd.controller.executor import Executor
 from vetd.controller.ingest import BrokerLink, NameBounds, decode, malformed
-from vetd.controller.model import NodeHistory, NodeRow
+from vetd.controller.model import Changes, NodeHistory, NodeRow
 from vetd.controller.notices import ServiceNotices
 from vetd.controller.plugins import plugins
 from vetd.controller.requests import OperatorRequests
 from vetd.controller.rules import RuleSet, healing_steps, load_rules
-from vetd.controller.store import Store
+from vetd.controller.store import Store, StoreUnavailable, unavailable
 from vetd.core.configfile import ConfigError, read_key
-from vetd.core.protocol import Message, channel_of
+from vetd.core.protocol import Message, State, channel_of
 from vetd.core.signals import handle, release
 
 log = structlog.get_logger("vetd.controller")
@@ -102,6 +102,9 @@ class Controller:
         self.acks = Acks(self.session)
         self.connected = self.link.connected
         self.stop = asyncio.Event()
+        #: While batches fail to commit (a full disk): since when (monotonic) and how many tries.
+        self._store_failed_at = 0.0
+        self._store_tries = 0
 
     @property
     def rules(self) -> RuleSet:
@@ -112,28 +115,49 @@ class Controller:
 
         A message that fails anywhere (store, engine) is dropped, counted as ``malformed`` and
         logged with its node and the reason; the rest of the batch goes on (:meth:`_isolated`).
+        The database failing is no message's fault: :class:`StoreUnavailable`, and nothing of
+        the batch is kept, counted or acknowledged (the same batch may be given again).
         """
         now = time.time() if now is None else now
+        checkpoint = self.engine.checkpoint()  # before decoding: its counts are undone too
         messages = self.bounds.admit(decode(batch, self.counters, self.config.cluster))
-        return self.process_messages(messages, now)
+        return self._commit(messages, now, checkpoint)
 
     def process_messages(self, messages: Sequence[Message], now: float) -> Decisions:
         """Decoded messages (of this cluster, within bounds) in one transaction."""
-        with self.store.transaction():
-            decisions = self._isolated(messages, now)
-            self.counters.write(self.store)
+        return self._commit(messages, now, self.engine.checkpoint())
+
+    def _commit(self, messages: Sequence[Message], now: float, checkpoint: Checkpoint) -> Decisions:
+        decisions = Decisions()
+        try:
+            with self.store.transaction():
+                self._isolated(messages, now, decisions)
+                self.counters.write(self.store)
+        except Exception as exc:
+            if not unavailable(exc):
+                raise
+            self._undo(checkpoint, decisions.changes, messages)
+            raise StoreUnavailable(str(exc)) from exc
         self.counters.written()
         self.acks.committed(messages)  # after COMMIT: only now may the agents forget them
         self.notices.decided(decisions)
         return decisions
 
-    def _isolated(self, messages: Sequence[Message], now: float) -> Decisions:
+    def _undo(self, checkpoint: Checkpoint, changes: Changes, messages: Sequence[Message]) -> None:
+        """Put the engine's model back as the store holds it, after a transaction was rolled back."""
+        changes.update(self.engine.state.take_changes())
+        nodes = {(m.cluster, m.node) for m in messages} | set(changes.nodes) | set(changes.healings)
+        self.store.reload(self.engine.state, changes, nodes)
+        self.engine.restore(checkpoint, nodes)
+
+    def _isolated(self, messages: Sequence[Message], now: float, decisions: Decisions) -> None:
         """The batch at once (the usual case, as fast as ever); if any message fails, again one
-        message at a time, each on its own, leaving out the ones that fail."""
+        message at a time, each on its own, leaving out the ones that fail. What is decided goes
+        into ``decisions`` as it is (the caller undoes it if the transaction fails after all)."""
         decided = self._attempt(messages, now)
         if isinstance(decided, Decisions):
-            return decided
-        decisions = Decisions()
+            decisions.extend(decided)
+            return
         for message in messages:
             one = self._attempt([message], now)
             if isinstance(one, Decisions):
@@ -142,7 +166,6 @@ class Controller:
                 self.counters.count("failed_in_processing")
                 malformed(self.counters, f"{one.__class__.__name__}: {one}", cluster=message.cluster,
                           node=message.node, kind=channel_of(message))
-        return decisions
 
     def _attempt(self, messages: Sequence[Message], now: float) -> Decisions | Exception:
         """Record, decide and apply ``messages`` under a savepoint; on any error, undo all of it.
@@ -160,13 +183,15 @@ class Controller:
                 history_ids = self.store.record(messages, now)  # None: a duplicate
                 decisions = self.engine.process(zip(messages, history_ids, strict=True), now)
                 self.store.apply(decisions.changes)
-        except Exception as exc:  # noqa: BLE001 - any failure of one message is isolated, whatever it is
+        except Exception as exc:  # any failure of one message is isolated, whatever it is (the database: not)
             touched = self.engine.state.take_changes()
             if decisions is not None:
                 touched.update(decisions.changes)
             nodes = {(m.cluster, m.node) for m in messages}
             self.store.reload(self.engine.state, touched, nodes)
             self.engine.restore(checkpoint, nodes)
+            if unavailable(exc):
+                raise  # the database, not this message: the whole batch waits (:meth:`_commit`)
             return exc
         return decisions
 
@@ -179,9 +204,7 @@ class Controller:
     def heal_tick(self, now: float | None = None, *, carry_out: bool = True) -> Decisions:
         """Advance every healing ladder that waits on time (start, deadline, reboot); ``carry_out``
         False only decides (``vetd rules test``)."""
-        with self.store.transaction():
-            decisions = self.engine.heal_tick(time.time() if now is None else now)
-            self.store.apply(decisions.changes)
+        decisions = self._ticked(self.engine.heal_tick, time.time() if now is None else now)
         if carry_out:
             self.notices.decided(decisions)
             self.executor.enqueue(decisions)
@@ -193,10 +216,25 @@ class Controller:
         now = time.time() if now is None else now
         if not self.engine.jobs.due(now):
             return Decisions()
-        with self.store.transaction():
-            decisions = self.engine.job_tick(now)
-            self.store.apply(decisions.changes)
-            self.counters.write(self.store)
+        decisions = self._ticked(self.engine.job_tick, now)
+        self.notices.decided(decisions)
+        return decisions
+
+    def _ticked(self, tick: Callable[[float], Decisions], now: float) -> Decisions:
+        """One of the engine's timed steps in its own transaction; on a store that cannot be
+        written, nothing of it is kept (the engine's model put back) and :class:`StoreUnavailable`."""
+        checkpoint = self.engine.checkpoint()
+        decisions = Decisions()
+        try:
+            with self.store.transaction():
+                decisions = tick(now)
+                self.store.apply(decisions.changes)
+                self.counters.write(self.store)
+        except Exception as exc:
+            if not unavailable(exc):
+                raise
+            self._undo(checkpoint, decisions.changes, ())
+            raise StoreUnavailable(str(exc)) from exc
         self.counters.written()
         return decisions
 
@@ -237,8 +275,35 @@ class Controller:
         """The rules' alerts still firing and the executor's own (a drain that keeps failing)."""
         return [*self.engine.firing_alerts.values(), *self.executor.failing_alerts()]
 
-    def _on_batch(self, batch: Sequence[tuple[str, bytes]]) -> None:
-        self.executor.enqueue(self.process(batch))
+    def _on_batch(self, batch: Sequence[tuple[str, bytes]]) -> bool:
+        """Ingest a batch from the broker; False when the store would not take it (try again)."""
+        try:
+            decisions = self.process(batch)
+        except StoreUnavailable as exc:
+            self._store_failing(exc)
+            return False
+        if self._store_failed_at:
+            log.warning("store_writable_again", store=str(self.store.path), tries=self._store_tries,
+                        seconds=round(time.monotonic() - self._store_failed_at, 1))
+            self._store_failed_at, self._store_tries = 0.0, 0
+        self.executor.enqueue(decisions)
+        return True
+
+    def _store_failing(self, exc: StoreUnavailable) -> None:
+        """Log a store that fails to take a batch: once as it starts, then every 100th try."""
+        self._store_tries += 1
+        if not self._store_failed_at:
+            self._store_failed_at = time.monotonic()
+            log.error("store_unwritable", store=str(self.store.path), error=str(exc),
+                      hint="ingest waits, nothing acknowledged: the broker and the agents keep the results; "
+                           "free space on the store's disk and it goes on by itself")
+        elif self._store_tries % 100 == 0:
+            log.error("store_still_unwritable", store=str(self.store.path), error=str(exc), tries=self._store_tries)
+
+    def _on_retained_birth(self, state: State) -> None:
+        """A node was online before this subscription: what it published meanwhile may have gone
+        to a broker with no subscriber for it; ask it to send again what is not acknowledged."""
+        self.acks.resend(state.cluster, state.node)
 
     async def _housekeeping(self) -> None:
         agents_checked = pruned = 0.0
@@ -254,7 +319,10 @@ class Controller:
                     pruned = now
                     self.prune()
             except Exception as exc:
-                log.exception("housekeeping_failed", error=str(exc))
+                if unavailable(exc):  # a full disk: ingest logs it; this tries again next round
+                    log.debug("housekeeping_store_unavailable", error=str(exc))
+                else:
+                    log.exception("housekeeping_failed", error=str(exc))
             await asyncio.sleep(HOUSEKEEPING_S)
 
     def _http(self, group: asyncio.TaskGroup) -> asyncio.Task[None] | None:
@@ -288,7 +356,8 @@ class Controller:
                  rules=[rule.name for rule in self.rules.rules])
         try:
             async with asyncio.TaskGroup() as group:
-                ingest = group.create_task(self.link.receive(self._on_batch), name="vetd.controller.ingest")
+                ingest = group.create_task(self.link.receive(self._on_batch, self._on_retained_birth),
+                                           name="vetd.controller.ingest")
                 tasks = [
                     group.create_task(self.executor.run(), name="vetd.controller.actions"),
                     group.create_task(self._housekeeping(), name="vetd.controller.requests"),

@@ -8,6 +8,11 @@ new (ingest is idempotent: ``(cluster, node, session, seq)`` is unique, so a
 message delivered twice is counted as a duplicate and changes nothing); the
 engine decides, in memory; :meth:`Store.apply` persists what it changed. The
 engine's model is loaded once, at start, by :meth:`Store.load_state`.
+
+The database failing (a full disk, an I/O error, a lock held too long, a
+file gone bad: :func:`unavailable`) is not any one message's fault: the
+controller then stores nothing of the batch, acknowledges none of it, and
+tries again until the database takes it (see :mod:`~vetd.controller.service`).
 """
 
 from __future__ import annotations
@@ -306,6 +311,18 @@ MIGRATIONS: tuple[str, ...] = (
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
+class StoreUnavailable(Exception):
+    """The database could not take a write (a full disk, an I/O error…); nothing of it was kept."""
+
+
+def unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` is the database failing rather than what it was given: SQLite's operational
+    and internal errors (``database or disk is full``, ``disk I/O error``, ``database is locked``…)
+    and a database that is not one (``file is not a database``, ``disk image is malformed``)."""
+    return (isinstance(exc, StoreUnavailable | sqlite3.OperationalError | sqlite3.InternalError)
+            or type(exc) is sqlite3.DatabaseError)
+
+
 class SchemaError(ConfigError):
     """A database this vetd cannot use (made by a newer one)."""
 
@@ -367,22 +384,34 @@ class Store:
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
-        """One write transaction."""
+        """One write transaction. SQLite may have rolled it back already when a statement failed
+        (``SQLITE_FULL``, ``SQLITE_IOERR``): then there is nothing left to roll back."""
         self.db.execute("BEGIN IMMEDIATE")
         try:
             yield
         except BaseException:
-            self.db.execute("ROLLBACK")
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
             raise
-        self.db.execute("COMMIT")
+        try:
+            self.db.execute("COMMIT")
+        except BaseException:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise
 
     @contextmanager
     def savepoint(self) -> Iterator[None]:
-        """Inside a transaction: what the block wrote is undone if it raises (the transaction goes on)."""
+        """Inside a transaction: what the block wrote is undone if it raises (the transaction goes on).
+
+        Raises :class:`StoreUnavailable` when the transaction itself is gone (SQLite rolled all of
+        it back on a full disk or an I/O error): what went before in it is lost as well."""
         self.db.execute("SAVEPOINT message")
         try:
             yield
-        except BaseException:
+        except BaseException as exc:
+            if not self.db.in_transaction:
+                raise StoreUnavailable(f"the transaction was rolled back: {exc}") from exc
             self.db.execute("ROLLBACK TO message")
             self.db.execute("RELEASE message")
             raise

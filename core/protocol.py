@@ -209,6 +209,10 @@ class Ack(Envelope, tag="ack"):
     """
 
     ranges: Annotated[list[AckRange], msgspec.Meta(max_length=MAX_ACK_RANGES)] = []
+    #: Send again, now, everything not yet acknowledged. The controller asks this of every node
+    #: whose retained birth reaches it as it subscribes: what a node published before that
+    #: subscription (a first start, a broker that lost its store) the broker dropped unseen.
+    resend: bool = False
 
 
 #: ``in_service``: the controller lets jobs run here; ``excluded``: vetd took the node out of

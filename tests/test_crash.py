@@ -59,4 +59,4 @@ def test_agent_and_broker_sigtermed_together(tmp_path: Path) -> None:
 def test_controller_disk_full_and_freed(tmp_path: Path) -> None:
     from tests.agent.test_spool import tiny_tmpfs
 
-    check(crash.disk_full(tmp_path, NODES, PER_NODE, mount=lambda where: tiny_tmpfs(where, "4m")))
+    check(crash.disk_full(tmp_path, NODES, PER_NODE, mount=lambda where: tiny_tmpfs(where, "16m")))

@@ -163,12 +163,43 @@ def test_a_controller_killed_mid_stream_misses_nothing_and_decides_nothing_twice
         drains = [a for a in store.audit_log() if a["action"] == "drain"]
         store.close()
         assert len(drains) == 1  # decided once, before the kill; the restart did not decide again
+        # the broker kept the controller's session and queued everything: nobody was asked to resend
+        assert '"resend_requested"' not in node.output
         second.stop()
         print(f"\ncontroller SIGKILL: {before} stored before, produced {produced}, stored {len(result[session])} "
               f"exactly once in order; drains decided: {len(drains)}")
     finally:
         node.kill()
         first.kill()
+
+
+def test_what_an_agent_sent_before_the_controller_first_subscribed_arrives_at_once(
+    tmp_path: Path, own_mosquitto: Mosquitto, cluster_name: str
+) -> None:
+    """The broker drops what nobody subscribes to. The agent had its PUBACKs and waits for the
+    controller's acks; before: it waited 30 s (its ack timeout) for a quiet agent, and for ever
+    for the first results of a steady one (the acks of later results reset the timer). Now the
+    controller, finding the node's retained birth as it subscribes, asks it to send again."""
+    node = agent(tmp_path, own_mosquitto, cluster_name)
+    try:
+        wait_for(lambda: '"broker_connected"' in node.output, 20, "the agent connected")
+        time.sleep(2)  # ~20 results published into a broker with no subscriber for them
+        ctl = controller(tmp_path, own_mosquitto, cluster_name)
+        connected = time.monotonic()
+        try:
+            wait_for(lambda: 1 in next((v for k, v in stored(tmp_path).items() if not k.startswith("_")), []),
+                     10, "the first result stored (ack timeout: 30 s)")
+            first_stored = time.monotonic() - connected
+            assert '"resend_requested"' in node.output
+            session, produced = stop_and_collect(node, tmp_path)
+            seqs = stored(tmp_path)[session]
+            assert sorted(seqs) == list(range(1, produced + 1))  # all of them, once
+            print(f"\nagent before controller: seq 1 stored {first_stored:.1f} s after the "
+                  f"controller subscribed; {produced} produced, all stored once")
+        finally:
+            ctl.stop()
+    finally:
+        node.kill()
 
 
 def test_a_stalled_broker_is_noticed_and_the_agent_catches_up(

@@ -31,6 +31,9 @@ def write(tmp_path: Path, text: str) -> Path:
         ('[agent]\nnode = "bad name!"\n', r"agent\.node: 'bad name!' is not a valid name"),
         ('[agent\n', r"agent\.toml: invalid TOML"),
         ('[agent]\nbroker = "amqp://x"\n', r"agent\.broker: unsupported broker scheme"),
+        ('[agent]\ncluster = "alps"\nack_timeout = "100ms"\n',
+         r"agent\.toml:3: agent\.ack_timeout: must be between 1s and 1h, got 0\.1s"),
+        ('[agent]\nack_timeout = "soon"\n', r"agent\.toml:2: agent\.ack_timeout: expected a duration"),
     ],
 )
 def test_bad_config_names_file_line_and_key(tmp_path: Path, text: str, expected: str) -> None:
@@ -64,3 +67,20 @@ def test_a_disabled_plugin_is_not_loaded_and_its_table_is_tolerated(tmp_path: Pa
     host = PluginHost(load_agent_config(path, environ={}))
     assert "host" not in host.names()
     assert not [name for name in host.register_checks().names() if name.startswith("host_")]
+
+
+def test_ack_timeout_reaches_the_transport_and_a_bad_one_stops_vetd_agent_in_one_line(tmp_path: Path) -> None:
+    from tests.support.procs import run_vetd, vetd_env
+    from vetd.agent.daemon import Agent
+
+    config = load_agent_config(write(tmp_path, f'[agent]\nack_timeout = "2m"\nstate_dir = "{tmp_path}"\n'
+                                               '[commands]\nallow_unsigned = true\n'), environ={})
+    agent = Agent(config)
+    assert agent.transport.ack_timeout == 120
+    agent.spool.close()
+    assert load_agent_config(None, environ={}).agent.ack_timeout == 30
+    done = run_vetd("agent", "--config", str(write(tmp_path, '[agent]\nack_timeout = "2h"\n')),
+                    env=vetd_env(VETD_STATE_DIR=str(tmp_path)))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"vetd: config error: {tmp_path / 'agent.toml'}:2: agent.ack_timeout: must be between 1s and 1h, got 7200s"]

@@ -180,6 +180,23 @@ def test_a_row_leaves_only_on_the_controllers_ack_and_unacked_ones_are_sent_agai
     again.close()
 
 
+def test_acks_of_later_messages_do_not_put_off_resending_the_oldest(tmp_path: Path) -> None:
+    """The ack timeout runs from the oldest message waiting: one lost on the way (dropped by a
+    broker with no subscriber yet) is sent again even while the ones after it are acknowledged."""
+    spool = Spool(tmp_path / "spool.db")
+    for seq in range(1, 6):
+        spool.put(result(seq))
+    for _ in range(5):
+        spool.done(asyncio.run(spool.first()))
+    since = spool.progress_at
+    time.sleep(0.01)
+    assert spool.acknowledge("s1", 2, 5) == 4  # 1 was lost: the later ones are no progress
+    assert spool.progress_at == since and spool.awaiting_ack()
+    assert spool.acknowledge("s1", 1, 1) == 1
+    assert spool.progress_at > since and not spool.awaiting_ack() and len(spool) == 0
+    spool.close()
+
+
 def test_held_rows_wait_for_the_ack_too_and_critical_events_are_never_dropped(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool.db", limit=10, memory_limit=5)
     for seq in range(1, 11):

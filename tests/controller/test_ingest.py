@@ -185,3 +185,31 @@ def test_failed_nodes_are_in_the_exclusion_hostlist(controller: Controller) -> N
     out = io.StringIO()
     show_excluded(controller.store, "hostlist", out)
     assert out.getvalue() == "nid[001-002]\n"
+
+
+def test_a_full_database_keeps_nothing_of_a_batch_and_takes_it_whole_once_it_has_room(
+        controller: Controller) -> None:
+    """Before: SQLITE_FULL inside a message's savepoint made SQLite roll the whole transaction back,
+    the batch fell back to one message at a time, each committed on its own outside it or counted
+    malformed, and the controller died on COMMIT. Now: nothing kept, nothing acknowledged, nothing
+    counted, the model as before; the same batch taken whole once the database has room."""
+    from vetd.controller.store import StoreUnavailable
+
+    controller.process([wire(result(1))])
+    controller.acks.take()
+    db = controller.store.db
+    db.execute(f"PRAGMA max_page_count={db.execute('PRAGMA page_count').fetchone()[0]}")  # as a full disk
+    batch = [wire(result(seq, "fail" if seq == 300 else "pass", node=f"nid{seq % 20:03d}")) for seq in range(2, 400)]
+    counts = dict(controller.counters)
+    for _ in range(3):
+        with pytest.raises(StoreUnavailable, match="full"):
+            controller.process(batch)
+    assert controller.acks.take() == [] and dict(controller.counters) == counts
+    assert db.execute("SELECT count(*) FROM history").fetchone()[0] == 1
+    assert controller.store.nodes.keys() == {("alps", "nid001")} == controller.engine.state.nodes.keys()
+    db.execute("PRAGMA max_page_count=1073741823")  # room again
+    decisions = controller.process(batch)
+    assert [d.node for d in decisions.drains] == ["nid000"]  # decided once, when it was kept
+    assert db.execute("SELECT count(*) FROM history").fetchone()[0] == 399
+    assert controller.counters["received"] == counts["received"] + 398 and not controller.counters["malformed"]
+    assert sum(r.last - r.first + 1 for ack in controller.acks.take() for r in ack.ranges) == 398
