@@ -1,0 +1,136 @@
+"""Several nodes' network on one machine: a network namespace per node, veth pairs to a bridge, ``tc``.
+
+Each node ``nid001``… gets its own namespace (``vetd-TAG-nid001``) with
+``eth0`` (one end of a veth pair whose other end is on the bridge ``vbTAG``),
+its own address in a private /24 (the bridge has ``.254`` on the host, so
+processes outside, slurmctld for one, reach the nodes) and
+``/etc/netns/NAMESPACE/hosts`` naming every node, which ``ip netns exec``
+mounts over ``/etc/hosts``: node names resolve through the system resolver,
+as on a cluster. Traffic between nodes crosses two veth pairs and the
+bridge, through the kernel's real TCP stack, and ``tc`` on a node's ``eth0``
+shapes what it sends (:meth:`NetNodes.throttle`: ``tbf``) or only what it
+sends to one peer (:meth:`NetNodes.throttle_link`: ``htb`` and a ``u32``
+filter on the peer's address; ``netem`` and ``prio`` are missing from some
+kernels, this machine's included).
+
+Needs root (CAP_NET_ADMIN) and iproute2. :meth:`NetNodes.stop` removes the
+namespaces, the bridge and the hosts files.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+NETNS_ETC = Path("/etc/netns")
+
+
+def unavailable() -> str:
+    """Why namespaced nodes cannot be built here (``""``: they can)."""
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    missing = [p for p in ("ip", "tc") if shutil.which(p) is None]
+    return f"missing {', '.join(missing)} (iproute2)" if missing else ""
+
+
+def _ip(*args: str) -> None:
+    done = subprocess.run(["ip", *args], capture_output=True, text=True, check=False, timeout=30)
+    if done.returncode != 0:
+        raise RuntimeError(f"ip {' '.join(args)}: {done.stderr.strip()}")
+
+
+@dataclass
+class NetNodes:
+    """``count`` nodes ``nid001``…, each in its own network namespace on one bridge."""
+
+    count: int
+    tag: str = field(default_factory=lambda: secrets.token_hex(2))
+    names: list[str] = field(default_factory=list)
+    _subnet: str = ""
+    _built: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.names = [f"nid{i:03d}" for i in range(1, self.count + 1)]
+        seed = int(self.tag, 16)
+        self._subnet = f"10.{200 + seed % 50}.{seed // 50 % 256}"
+
+    def namespace(self, node: str) -> str:
+        return f"vetd-{self.tag}-{node}"
+
+    def ip(self, node: str) -> str:
+        return f"{self._subnet}.{self.names.index(node) + 1}"
+
+    @property
+    def bridge(self) -> str:
+        return f"vb{self.tag}"
+
+    @property
+    def host_ip(self) -> str:
+        """The bridge's address on the host: what a node reaches the host (slurmctld) at."""
+        return f"{self._subnet}.254"
+
+    def start(self) -> NetNodes:
+        _ip("link", "add", self.bridge, "type", "bridge")
+        self._built.append("bridge")
+        _ip("addr", "add", f"{self.host_ip}/24", "dev", self.bridge)
+        _ip("link", "set", self.bridge, "up")
+        hosts = "127.0.0.1 localhost\n::1 localhost\n" + "".join(f"{self.ip(n)} {n}\n" for n in self.names)
+        for index, node in enumerate(self.names, 1):
+            ns, outside = self.namespace(node), f"vh{self.tag}{index:02d}"
+            _ip("netns", "add", ns)
+            self._built.append(ns)
+            (NETNS_ETC / ns).mkdir(parents=True, exist_ok=True)
+            (NETNS_ETC / ns / "hosts").write_text(hosts)
+            _ip("link", "add", outside, "type", "veth", "peer", "name", "eth0", "netns", ns)
+            _ip("link", "set", outside, "master", self.bridge)
+            _ip("link", "set", outside, "up")
+            _ip("-n", ns, "addr", "add", f"{self.ip(node)}/24", "dev", "eth0")
+            _ip("-n", ns, "link", "set", "eth0", "up")
+            _ip("-n", ns, "link", "set", "lo", "up")
+        return self
+
+    def argv(self, node: str, argv: list[str]) -> list[str]:
+        """``argv`` run in ``node``'s namespace (its /etc/hosts too)."""
+        return ["ip", "netns", "exec", self.namespace(node), *argv]
+
+    def run(self, node: str, *argv: str) -> str:
+        done = subprocess.run(self.argv(node, list(argv)), capture_output=True, text=True, check=False, timeout=60)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv)} in {node}: {done.stderr.strip()}")
+        return done.stdout
+
+    def throttle(self, node: str, rate: str) -> None:
+        """Everything ``node`` sends leaves at ``rate`` (``"20mbit"``): a node with a bad NIC or cable."""
+        self.run(node, "tc", "qdisc", "replace", "dev", "eth0", "root", "tbf", "rate", rate,
+                 "burst", "32kb", "latency", "50ms")
+
+    def throttle_link(self, node: str, peer: str, rate: str) -> None:
+        """Only what ``node`` sends to ``peer`` is held to ``rate``: a bad path between two good nodes.
+
+        An HTB class for the peer's address (a ``u32`` filter) beside an unlimited
+        default class: ``prio`` and ``netem`` are not in every kernel, HTB is.
+        """
+        self.run(node, "tc", "qdisc", "replace", "dev", "eth0", "root", "handle", "1:", "htb", "default", "10")
+        self.run(node, "tc", "class", "add", "dev", "eth0", "parent", "1:", "classid", "1:10", "htb",
+                 "rate", "100gbit", "quantum", "200000")
+        self.run(node, "tc", "class", "add", "dev", "eth0", "parent", "1:", "classid", "1:30", "htb",
+                 "rate", rate, "ceil", rate)
+        self.run(node, "tc", "filter", "add", "dev", "eth0", "parent", "1:", "protocol", "ip", "prio", "1",
+                 "u32", "match", "ip", "dst", f"{self.ip(peer)}/32", "flowid", "1:30")
+
+    def unthrottle(self, node: str) -> None:
+        subprocess.run(self.argv(node, ["tc", "qdisc", "del", "dev", "eth0", "root"]), capture_output=True,
+                       check=False, timeout=30)
+
+    def stop(self) -> None:
+        for built in reversed(self._built):
+            if built == "bridge":
+                subprocess.run(["ip", "link", "del", self.bridge], capture_output=True, check=False, timeout=30)
+            else:
+                subprocess.run(["ip", "netns", "del", built], capture_output=True, check=False, timeout=30)
+                shutil.rmtree(NETNS_ETC / built, ignore_errors=True)
+        self._built.clear()
