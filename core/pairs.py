@@ -175,6 +175,8 @@ class Link(msgspec.Struct, kw_only=True, frozen=True):
     #: The slower direction's figure (None: it could not be measured).
     gbps: float | None
     reason: str
+    #: Rounds the pair was measured in (2: measured again to confirm).
+    times: int = 1
 
 
 class Localisation(msgspec.Struct, kw_only=True):
@@ -207,7 +209,9 @@ def localise(nodes: Sequence[str], measurements: Iterable[Measurement], *, absen
 
     # a direction measured again (to confirm a slow link) counts its better figure
     best: dict[tuple[str, str], Measurement] = {}
+    rounds_of: dict[frozenset[str], set[int]] = {}
     for m in kept:
+        rounds_of.setdefault(frozenset((m.src, m.dst)), set()).add(m.round)
         seen = best.get((m.src, m.dst))
         if seen is None or (m.gbps is not None and (seen.gbps is None or m.gbps > seen.gbps)):
             best[(m.src, m.dst)] = m
@@ -273,8 +277,11 @@ def localise(nodes: Sequence[str], measurements: Iterable[Measurement], *, absen
         slow_links = [peer for peer, key in pairs if slow(key) and peer not in bad]
         for peer, key in pairs:
             if slow(key) and peer not in bad and node < peer:
+                times = len(rounds_of[key])
                 why = pair_error[key] or f"{_fmt(pair_gbps[key])} < {threshold:.3g} GB/s"
-                links.append(Link(a=node, b=peer, gbps=pair_gbps[key], reason=why))
+                if times > 1:
+                    why += f" (at best, of {times} measurements)"
+                links.append(Link(a=node, b=peer, gbps=pair_gbps[key], reason=why, times=times))
         reason = f"{len(pairs)} pair{'s' if len(pairs) != 1 else ''}: {described}"
         codes = []
         if slow_links:

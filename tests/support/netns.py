@@ -134,3 +134,68 @@ class NetNodes:
                 subprocess.run(["ip", "netns", "del", built], capture_output=True, check=False, timeout=30)
                 shutil.rmtree(NETNS_ETC / built, ignore_errors=True)
         self._built.clear()
+
+
+@dataclass
+class Finished:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@dataclass
+class VetJob:
+    """``vetd vet`` on every node as ``srun --ntasks-per-node=1`` would start it: one task per
+    namespace, with the environment Slurm sets (``SLURM_PROCID``, ``SLURM_NTASKS``,
+    ``SLURM_JOB_NODELIST``, ``SLURMD_NODENAME``, ``SLURM_JOB_ID``, ``SLURM_STEP_ID``)."""
+
+    nodes: NetNodes
+    args: list[str]
+    workdir: Path
+    env: dict[str, str]
+    #: Nodes whose task is never started (it "never arrives").
+    skip: tuple[str, ...] = ()
+    #: Extra environment per node.
+    node_env: dict[str, dict[str, str]] = field(default_factory=dict)
+    job_id: str = "4242"
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def start(self) -> VetJob:
+        from tests.support.procs import vetd_argv
+
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        hostlist = f"nid[001-{len(self.nodes.names):03d}]"
+        for rank, node in enumerate(self.nodes.names):
+            if node in self.skip:
+                continue
+            env = {**self.env, "SLURM_PROCID": str(rank), "SLURM_NTASKS": str(len(self.nodes.names)),
+                   "SLURM_JOB_NODELIST": hostlist, "SLURMD_NODENAME": node, "SLURM_JOB_ID": self.job_id,
+                   "SLURM_STEP_ID": "0", **self.node_env.get(node, {})}
+            with (self.workdir / f"{node}.out").open("wb") as out, (self.workdir / f"{node}.err").open("wb") as err:
+                self.processes[node] = subprocess.Popen(self.nodes.argv(node, vetd_argv("vet", *self.args)),
+                                                        stdout=out, stderr=err, env=env, cwd=self.workdir)
+        return self
+
+    def stderr(self, node: str) -> str:
+        return (self.workdir / f"{node}.err").read_text(errors="replace")
+
+    def kill(self, node: str) -> None:
+        self.processes[node].kill()
+
+    def wait(self, timeout: float = 120) -> dict[str, Finished]:
+        done = {}
+        for node, process in self.processes.items():
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            done[node] = Finished(process.returncode, (self.workdir / f"{node}.out").read_text(errors="replace"),
+                                  self.stderr(node))
+        return done
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
