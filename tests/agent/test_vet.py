@@ -1,8 +1,8 @@
 """``vetd vet`` across nodes with real networks: a network namespace per node, ``tc`` to break one.
 
 Each task runs in its node's namespace with the environment Slurm sets (see
-:class:`tests.support.netns.VetJob`; ``test_srun_across_namespaced_slurmds``
-runs them through real slurmds instead). Probes are short (0.5 s, two
+:class:`tests.support.netns.VetJob`); ``test_srun_across_namespaced_slurmds``
+runs them with ``srun`` through a real slurmd in each namespace. Probes are short (0.5 s, two
 streams) to keep the CPU modest; the throttles are 100× below what the veth
 pairs carry here, so the verdicts do not depend on the machine's load.
 """
@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support import netns
-from tests.support.netns import NetNodes, VetJob
-from tests.support.procs import run_vetd, vetd_env
+from tests.support.netns import NetNodes, SlurmOnNodes, VetJob
+from tests.support.procs import run_vetd, vetd_argv, vetd_env
+from tests.support.services import missing
 from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.skipif(bool(netns.unavailable()), reason=netns.unavailable() or "-")
@@ -167,3 +169,32 @@ def test_outside_a_job_and_bad_options_are_one_line_exit_2() -> None:
         assert done.returncode == 2 and expected in done.stderr and done.stderr.count("\n") == 1, done.stderr
     done = run_vetd("vet", env=vetd_env(**{**job, "SLURM_NTASKS": "4"}))
     assert done.returncode == 2 and "vet needs one task per node" in done.stderr
+
+
+@pytest.mark.slurm
+def test_srun_across_namespaced_slurmds(tmp_path: Path) -> None:
+    """The real thing: ``srun -N 4 --ntasks-per-node=1 vetd vet``, a slurmd in each node's namespace."""
+    if absent := missing("munged", "slurmctld", "slurmd", "srun", "nsenter", "unshare"):
+        pytest.skip(f"{', '.join(absent)} not installed (scripts/test installs them as root)")
+    nodes = NetNodes(4).start()
+    slurm = None
+    try:
+        slurm = SlurmOnNodes(nodes, tmp_path / "slurm").start()
+        nodes.throttle("nid003", "16mbit")
+        (tmp_path / "agent.toml").write_text(CONFIG.format(seconds="0.5s"))
+        (tmp_path / "protocol.yaml").write_text(PROTOCOL)
+        env = {**vetd_env(), "SLURM_CONF": str(slurm.conf)}
+        done = subprocess.run(["srun", "-N", "4", "--ntasks-per-node=1", *vetd_argv(
+            "vet", "--config", str(tmp_path / "agent.toml"), "--protocol", str(tmp_path / "protocol.yaml"),
+            "--need", "3", "--json", "--good-file", "good", "--bad-file", "bad")],
+            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 0, done.stderr[-3000:]
+        verdicts = _verdicts(done.stdout)
+        assert {n: v["verdict"] for n, v in verdicts.items()} == {
+            "nid001": "good", "nid002": "good", "nid003": "bad", "nid004": "good"}, done.stdout
+        assert (tmp_path / "good").read_text() == "nid[001-002,004]\n"
+        assert (tmp_path / "bad").read_text() == "nid003\n"
+    finally:
+        if slurm is not None:
+            slurm.stop()
+        nodes.stop()

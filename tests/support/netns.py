@@ -199,3 +199,111 @@ class VetJob:
             if process.poll() is None:
                 process.kill()
                 process.wait()
+
+
+@dataclass
+class SlurmOnNodes:
+    """munged, slurmctld and one real slurmd per namespaced node: ``srun`` starts tasks inside the nodes.
+
+    Unlike :class:`tests.support.services.Slurm` (one slurmd answering for
+    every node on 127.0.0.1), each node here has its own slurmd at its own
+    address (``NodeAddr``), slurmctld listens on the bridge's host address,
+    and srun's tasks run in their node's network namespace with the
+    environment Slurm sets. Each slurmd enters only the namespace's network
+    (``nsenter --net``) and a private mount namespace where the node's hosts
+    file is bound over ``/etc/hosts``: ``ip netns exec`` would also remount
+    ``/sys``, hiding the cgroup file systems slurmd needs.
+    """
+
+    nodes: NetNodes
+    workdir: Path
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def conf(self) -> Path:
+        return self.workdir / "slurm.conf"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "SLURM_CONF": str(self.conf)}
+
+    def start(self) -> SlurmOnNodes:
+        import socket
+
+        from tests.support.services import _which, free_port, port_open
+        from tests.support.wait import wait_for
+
+        d = self.workdir
+        for sub in ("state", "munge", *(f"spool/{n}" for n in self.nodes.names)):
+            (d / sub).mkdir(parents=True, exist_ok=True)
+        (d / "munge").chmod(0o711)
+        key = d / "munge" / "munge.key"
+        key.write_bytes(secrets.token_bytes(1024))
+        key.chmod(0o400)
+        sock = d / "munge" / "munge.sock"
+        self._spawn([_which("munged"), "--force", "--foreground", f"--key-file={key}", f"--socket={sock}",
+                     f"--pid-file={d}/munge/munged.pid", f"--log-file={d}/munge/munged.log",
+                     f"--seed-file={d}/munge/seed"])
+        wait_for(sock.exists, 10, "munged socket")
+        ctld_port, slurmd_port = free_port(), free_port()
+        nodes = "".join(f"NodeName={n} NodeAddr={self.nodes.ip(n)} CPUs=2 RealMemory=1000 State=UNKNOWN\n"
+                        for n in self.nodes.names)
+        self.conf.write_text(f"""\
+ClusterName=vetdnetns
+SlurmctldHost={socket.gethostname().split('.')[0]}({self.nodes.host_ip})
+SlurmctldPort={ctld_port}
+SlurmdPort={slurmd_port}
+AuthType=auth/munge
+AuthInfo=socket={sock}
+CredType=cred/munge
+SlurmUser=root
+SlurmdUser=root
+StateSaveLocation={d}/state
+SlurmdSpoolDir={d}/spool/%n
+SlurmctldPidFile={d}/slurmctld.pid
+SlurmdPidFile={d}/slurmd-%n.pid
+SlurmctldLogFile={d}/slurmctld.log
+SlurmdLogFile={d}/slurmd-%n.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SwitchType=switch/none
+MpiDefault=none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+SchedulerType=sched/builtin
+SelectType=select/linear
+ReturnToService=2
+SlurmctldTimeout=10
+SlurmdTimeout=300
+{nodes}PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+""")
+        self._spawn([_which("slurmctld"), "-D", "-c", "-f", str(self.conf)])
+        wait_for(lambda: port_open(ctld_port), 20, "slurmctld to listen")
+        for node in self.nodes.names:
+            ns = self.nodes.namespace(node)
+            self._spawn(["nsenter", f"--net=/run/netns/{ns}", "unshare", "--mount", "--propagation", "private",
+                         "sh", "-c", f"mount --bind {NETNS_ETC / ns / 'hosts'} /etc/hosts && "
+                         f"exec {_which('slurmd')} -D -N {node} -f {self.conf}"])
+        wait_for(lambda: (s := self.states()) and set(s.values()) == {"idle"}, 60, "the slurmds to register, idle")
+        return self
+
+    def _spawn(self, argv: list[str]) -> None:
+        with (self.workdir / "daemons.log").open("ab") as log:
+            self.processes.append(subprocess.Popen(argv, stdout=log, stderr=log, env=self.env))
+
+    def states(self) -> dict[str, str]:
+        done = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], env=self.env, capture_output=True, text=True,
+                              check=False, timeout=30)
+        return dict(line.split() for line in done.stdout.splitlines() if len(line.split()) == 2)
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            if process.poll() is None:
+                process.terminate()
+        for process in reversed(self.processes):
+            try:
+                process.wait(5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.processes.clear()
