@@ -320,6 +320,9 @@ class Coordinator:
                     verdict.codes = ["pairs_skipped"]
         good = sum(v.verdict == "good" for v in result.nodes)
         need = len(self.nodes) if self.settings.need is None else self.settings.need
+        log.debug("vet_done", test=test, skipped=skipped, nodes=len(self.nodes), rounds=len(plan_rounds),
+                  confirm_rounds=extra, rounds_s=round(rounds_s, 3), good=good, need=need,
+                  reference_gbps=result.reference_gbps, links=[f"{k.a}-{k.b}" for k in result.links])
         exit_code = 0 if good >= need else 1
         final = Final(exit_code=exit_code, verdicts=result.nodes)
         here = self._here(members)

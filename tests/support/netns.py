@@ -103,10 +103,13 @@ class NetNodes:
             raise RuntimeError(f"{' '.join(argv)} in {node}: {done.stderr.strip()}")
         return done.stdout
 
-    def throttle(self, node: str, rate: str) -> None:
-        """Everything ``node`` sends leaves at ``rate`` (``"20mbit"``): a node with a bad NIC or cable."""
+    def throttle(self, node: str, rate: str, burst: str = "32kb") -> None:
+        """Everything ``node`` sends leaves at ``rate`` (``"20mbit"``): a node with a bad NIC or cable.
+
+        ``burst`` must hold at least a timer tick's worth of ``rate`` (1 Gbit/s: 1mb), or tbf
+        lets less through than ``rate``."""
         self.run(node, "tc", "qdisc", "replace", "dev", "eth0", "root", "tbf", "rate", rate,
-                 "burst", "32kb", "latency", "50ms")
+                 "burst", burst, "latency", "50ms")
 
     def throttle_link(self, node: str, peer: str, rate: str) -> None:
         """Only what ``node`` sends to ``peer`` is held to ``rate``: a bad path between two good nodes.
