@@ -32,6 +32,9 @@ from vetd.plugins.nccl.config import NcclConfig
 
 #: The unique id of a pair, sent by the lead: ``key`` (a line), then the id in hex (a line).
 ID_WAIT_S = 60.0
+#: The worker module; tests put a stand-in here (no GPU) to exercise the hand-over and the deadlines.
+WORKER_ENV = "VETD_NCCL_PAIR_WORKER"
+WORKER_MODULE = "vetd.plugins.nccl.pairworker"
 
 
 def unavailable(config: NcclConfig) -> str:
@@ -87,7 +90,7 @@ class NcclPairEndpoint:
                     self._arrived.notify_all()
 
     def _worker(self, rank: int, uid: str, seconds: float) -> subprocess.Popen[str]:
-        argv = [sys.executable, "-m", "vetd.plugins.nccl.pairworker", "--rank", str(rank), "--uid", uid,
+        argv = [sys.executable, "-m", os.environ.get(WORKER_ENV) or WORKER_MODULE, "--rank", str(rank), "--uid", uid,
                 "--bytes", str(self.config.pair_bytes), "--seconds", str(seconds)]
         return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
