@@ -17,8 +17,10 @@ Every task:
    :func:`vetd.core.pairs.localise`.
 
 Rank 0 prints the table (node, verdict, why) or ``--json`` (one object per
-node), writes ``--good-file`` / ``--bad-file`` as folded hostlists, and every
-task exits with the same status: 0 when at least ``--need`` nodes (default:
+node), writes ``--good-file`` / ``--bad-file`` as folded hostlists; every task
+whose node runs a vetd agent it may talk to hands its node's verdict to it
+(:func:`report_to_agent`), which publishes it to the controller as check
+``fabric_pairs`` tagged with the job; and every task exits with the same status: 0 when at least ``--need`` nodes (default:
 all) are good, 1 otherwise, 2 when vetd itself could not run (a bad option,
 no rendezvous with rank 0).
 """
@@ -30,12 +32,15 @@ import asyncio
 import json
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
+
+import structlog
 
 from vetd.agent.fabric import (
     SLACK_S,
@@ -53,10 +58,14 @@ from vetd.agent.pairtests import PairTest
 from vetd.core.cli import EXIT_FAILED, EXIT_VETD
 from vetd.core.configfile import ConfigError
 from vetd.core.output import table
+from vetd.core.pairs import NodeVerdict
 
 if TYPE_CHECKING:
     from vetd.agent.pluginhost import PluginHost
 
+log = structlog.get_logger("vetd.vet")
+#: A job id the wire protocol takes (``vetd.core.protocol.JobId``).
+JOB_ID = re.compile(r"\A[A-Za-z0-9_.:+-]{1,64}\Z")
 #: Rendezvous ports derived from the job: ``PORT_BASE + (job × 16 + step) mod PORT_SPAN``,
 #: below Linux's ephemeral range (32768–60999).
 PORT_BASE, PORT_SPAN = 18000, 10000
@@ -202,8 +211,13 @@ async def _run(step: Step, port: int, settings: Settings, host: PluginHost, test
         outcome = led.result()
         report(outcome, args.json, sys.stdout)
         write_lists(outcome, args.good_file, args.bad_file)
-        return outcome.exit_code
     result = mine.result()
+    if result.final is not None:
+        mine_verdict = next((v for v in result.final.verdicts if v.node == step.node), None)
+        if mine_verdict is not None:
+            await asyncio.to_thread(report_to_agent, step, mine_verdict, time.monotonic() - started)
+    if led is not None:
+        return outcome.exit_code
     if result.final is None:
         print(f"vetd: vet on {step.node}: {result.late}", file=sys.stderr)
         return EXIT_FAILED
@@ -228,6 +242,38 @@ async def _member(step: Step, port: int, settings: Settings, host: PluginHost, t
         return await member(channel, join, tests, settings.deadline + SLACK_S)
     finally:
         await channel.close()
+
+
+#: The check name of ``vetd vet``'s verdict on a node, as the agent publishes it (a campaign's too).
+CHECK = "fabric_pairs"
+
+
+def report_to_agent(step: Step, verdict: NodeVerdict, duration: float) -> bool:
+    """Hand this node's verdict to the node's agent, if one runs and lets us in, to publish to the
+    controller tagged with the job (``report`` on the control socket). Never fails the run."""
+    from vetd.agent.controlclient import ControlError, ask, local_settings
+
+    settings = local_settings()
+    if not settings.socket_path or not Path(settings.socket_path).exists():
+        return False
+    if verdict.verdict == "bad":
+        status = "skip" if "local_checks" in verdict.codes else "fail"
+    elif {"pairs_skipped", "no_pairs"} & set(verdict.codes):
+        status = "skip"
+    else:
+        status = "warn" if verdict.slow_links else "pass"
+    request = {"op": "report", "check": CHECK, "job_id": step.job_id if JOB_ID.match(step.job_id) else "",
+               "duration_s": round(duration, 3),
+               "results": [{"status": status, "codes": verdict.codes[:32], "message": verdict.reason[:4000],
+                            "metrics": {k: v for k, v in list(verdict.metrics.items())[:256] if math.isfinite(v)}}]}
+    try:
+        answer = ask(settings.socket_path, request, settings.deadline)
+    except ControlError as exc:
+        log.debug("vet_report_not_sent", reason=str(exc))
+        return False
+    if not answer.get("ok"):
+        log.warning("vet_report_refused", error=answer.get("error", ""))
+    return bool(answer.get("ok"))
 
 
 def rows(outcome: Outcome) -> list[dict[str, object]]:

@@ -19,9 +19,11 @@ import pytest
 
 from tests.support import netns
 from tests.support.netns import NetNodes, SlurmOnNodes, VetJob
-from tests.support.procs import run_vetd, vetd_argv, vetd_env
-from tests.support.services import missing
+from tests.support.procs import VetdProcess, Watcher, run_vetd, vetd_argv, vetd_env
+from tests.support.services import Mosquitto, missing
 from tests.support.wait import wait_for
+from vetd.agent.controlclient import ask
+from vetd.core.protocol import Result
 
 pytestmark = pytest.mark.skipif(bool(netns.unavailable()), reason=netns.unavailable() or "-")
 
@@ -198,3 +200,33 @@ def test_srun_across_namespaced_slurmds(tmp_path: Path) -> None:
         if slurm is not None:
             slurm.stop()
         nodes.stop()
+
+
+@pytest.mark.mosquitto
+def test_the_verdict_goes_to_the_nodes_agent_tagged_with_the_job(net: NetNodes, tmp_path: Path,
+                                                                  mosquitto: Mosquitto, cluster_name: str) -> None:
+    sock = str(tmp_path / "agent.sock")
+    watcher = Watcher(mosquitto.port, f"vetd/v1/{cluster_name}/#")
+    (tmp_path / "node.toml").write_text('[agent]\ndisable_plugins = ["gpu_health", "gpu_compute", "nccl"]\n')
+    agent = VetdProcess(["agent", "--config", str(tmp_path / "node.toml")], tmp_path / "agent.log",
+                        vetd_env(VETD_BROKER=mosquitto.url, VETD_CLUSTER=cluster_name, VETD_NODE="nid001",
+                                 VETD_CONTROL_SOCKET=sock)).start()
+    try:
+        wait_for(lambda: Path(sock).exists(), 20, "the agent's control socket")
+        refused = ask(sock, {"op": "report", "check": "host_memory", "results": [{"status": "pass"}]}, 5)
+        assert not refused["ok"] and "a check this agent runs" in refused["error"]
+        # only nid001 has an agent (the socket is a file: reachable from its namespace)
+        done = _job(net, tmp_path, node_env={"nid001": {"VETD_CONTROL_SOCKET": sock}}).start().wait()
+        assert {d.returncode for d in done.values()} == {0}, done["nid001"].stderr[-2000:]
+        found = wait_for(lambda: [m for m in watcher.select(lambda m: isinstance(m, Result))
+                                  if m.check == "fabric_pairs"], 20, "fabric_pairs on the wire")
+        (result,) = found
+        assert isinstance(result, Result)
+        assert (result.node, result.entity, result.status, result.job_id) == ("nid001", "node", "pass", "4242")
+        assert result.metrics["pairs"] == 3 and result.metrics["pair_gbps_median"] > 0
+        assert "3 pairs" in result.message
+        # a reported result is not the node's own verdict: the service state ignores it
+        assert all(v["check"] != "fabric_pairs" for v in ask(sock, {"op": "verdicts"}, 5)["verdicts"])
+    finally:
+        assert agent.stop() == 0
+        watcher.close()
