@@ -126,13 +126,22 @@ def test_a_task_killed_mid_run_is_absent_and_blames_no_one(net: NetNodes, tmp_pa
     assert (tmp_path / "job" / "bad").read_text() == ""  # absent is not bad
 
 
-def test_a_task_that_never_arrives_is_absent(net: NetNodes, tmp_path: Path) -> None:
-    done = _job(net, tmp_path, "--deadline", "4s", "--need", "5", skip=("nid006",)).start().wait()
+def test_a_task_that_never_arrives_is_absent_and_one_too_late_is_told(net: NetNodes, tmp_path: Path) -> None:
+    # 3 s probes: rank 0 still serves (3 rounds, 9 s) when the late task, started once they begin, knocks
+    job = _job(net, tmp_path, "--deadline", "3s", "--need", "4", skip=("nid005", "nid006"), seconds="3s").start()
+    try:
+        wait_for(lambda: '"vet_round"' in job.stderr("nid001"), 60, "the rounds to start without nid005, nid006")
+        job.start_one("nid005")  # after the deadline, while the others measure
+        done = job.wait()
+    finally:
+        job.stop()
     verdicts = _verdicts(done["nid001"].stdout)
-    assert verdicts["nid006"]["verdict"] == "absent"
-    assert "never arrived within the 4s deadline" in str(verdicts["nid006"]["reason"])
-    assert all(v["verdict"] == "good" for n, v in verdicts.items() if n != "nid006")
-    assert {d.returncode for d in done.values()} == {0}
+    assert verdicts["nid006"]["verdict"] == "absent" == verdicts["nid005"]["verdict"]
+    assert "never arrived within the 3s deadline" in str(verdicts["nid006"]["reason"])
+    assert all(v["verdict"] == "good" for n, v in verdicts.items() if n not in ("nid005", "nid006"))
+    assert {n: d.returncode for n, d in done.items()} == {"nid001": 0, "nid002": 0, "nid003": 0, "nid004": 0,
+                                                          "nid005": 1}
+    assert "arrived after the 3s deadline: reported absent" in done["nid005"].stderr
 
 
 def test_a_node_failing_its_local_checks_is_bad_and_left_out_of_the_pairs(net: NetNodes, tmp_path: Path) -> None:

@@ -164,20 +164,23 @@ class VetJob:
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def start(self) -> VetJob:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        for node in self.nodes.names:
+            if node not in self.skip:
+                self.start_one(node)
+        return self
+
+    def start_one(self, node: str) -> None:
+        """Start ``node``'s task (a skipped one, late)."""
         from tests.support.procs import vetd_argv
 
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        hostlist = f"nid[001-{len(self.nodes.names):03d}]"
-        for rank, node in enumerate(self.nodes.names):
-            if node in self.skip:
-                continue
-            env = {**self.env, "SLURM_PROCID": str(rank), "SLURM_NTASKS": str(len(self.nodes.names)),
-                   "SLURM_JOB_NODELIST": hostlist, "SLURMD_NODENAME": node, "SLURM_JOB_ID": self.job_id,
-                   "SLURM_STEP_ID": "0", **self.node_env.get(node, {})}
-            with (self.workdir / f"{node}.out").open("wb") as out, (self.workdir / f"{node}.err").open("wb") as err:
-                self.processes[node] = subprocess.Popen(self.nodes.argv(node, vetd_argv("vet", *self.args)),
-                                                        stdout=out, stderr=err, env=env, cwd=self.workdir)
-        return self
+        env = {**self.env, "SLURM_PROCID": str(self.nodes.names.index(node)),
+               "SLURM_NTASKS": str(len(self.nodes.names)),
+               "SLURM_JOB_NODELIST": f"nid[001-{len(self.nodes.names):03d}]", "SLURMD_NODENAME": node,
+               "SLURM_JOB_ID": self.job_id, "SLURM_STEP_ID": "0", **self.node_env.get(node, {})}
+        with (self.workdir / f"{node}.out").open("wb") as out, (self.workdir / f"{node}.err").open("wb") as err:
+            self.processes[node] = subprocess.Popen(self.nodes.argv(node, vetd_argv("vet", *self.args)),
+                                                    stdout=out, stderr=err, env=env, cwd=self.workdir)
 
     def stderr(self, node: str) -> str:
         return (self.workdir / f"{node}.err").read_text(errors="replace")
