@@ -284,7 +284,8 @@ class Coordinator:
         seconds = chosen.seconds if chosen else 0.0
         round_timeout = (chosen.seconds + chosen.overhead_s) if chosen else 0.0
         plan_rounds = [] if skipped else schedule(len(pairing), self.settings.rounds)
-        expected = OPEN_WAIT_S + len(plan_rounds) * (round_timeout + SLACK_S) + SLACK_S
+        # the planned rounds, as many again at most to measure slow links again, and the opening
+        expected = OPEN_WAIT_S + 2 * len(plan_rounds) * (round_timeout + SLACK_S) + SLACK_S
         plan = Plan(test=test, seconds=seconds, round_timeout=round_timeout, nodes=[m.node for m in pairing],
                     rounds=[list(r) for r in plan_rounds], skipped=skipped, expected_s=expected)
         await self._each(members, lambda m: m.channel.send(plan))
