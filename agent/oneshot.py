@@ -80,10 +80,9 @@ def rows(runs: Sequence[CheckRun], profile: str | None) -> list[dict[str, object
     ]
 
 
-async def collect(config: AgentConfig, host: PluginHost, names: Sequence[str],
+async def collect(config: AgentConfig, host: PluginHost, checks: Sequence[Check],
                   profile: str | None) -> list[dict[str, object]]:
-    """Run the checks (:func:`select`) once: one row per result, and an ``error`` row per broken plugin."""
-    checks = select(config, host, names, profile)
+    """Run ``checks`` (from :func:`select`) once: one row per result, and an ``error`` row per broken plugin."""
     token = PROFILE.set(profile or "")
     try:
         runs = await run_checks(config, checks)
@@ -110,7 +109,9 @@ def main(
     as_json: bool,
     out: TextIO = sys.stdout,
 ) -> int:
-    results = asyncio.run(collect(config, PluginHost(config), names, profile))
+    host = PluginHost(config)
+    checks = select(config, host, names, profile)  # before the loop: a bad name is one line, no log
+    results = asyncio.run(collect(config, host, checks, profile))
     if as_json:
         out.writelines(json.dumps(result, default=_json_default) + "\n" for result in results)
     else:

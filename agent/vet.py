@@ -35,7 +35,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
@@ -61,6 +61,7 @@ from vetd.core.output import table
 from vetd.core.pairs import NodeVerdict
 
 if TYPE_CHECKING:
+    from vetd.agent.checks import Check
     from vetd.agent.pluginhost import PluginHost
 
 log = structlog.get_logger("vetd.vet")
@@ -172,14 +173,20 @@ def main(args: argparse.Namespace) -> int:
             config.plugins.setdefault(table_name, {}).update(keys)
         host = PluginHost(config)
         names, profile = protocol.checks, protocol.profile
+    from vetd.agent.oneshot import SelectionError, select
+
+    try:
+        checks = select(config, host, names, profile)
+    except SelectionError as exc:
+        raise VetError(str(exc)) from None
     settings = Settings(test=args.test, rounds=args.rounds, deadline=args.deadline,
                         slow_fraction=args.slow_fraction, min_gbps=args.min_gbps, need=args.need)
     port = args.port if args.port is not None else step.default_port()
-    return asyncio.run(_run(step, port, settings, host, tests, names, profile, args))
+    return asyncio.run(_run(step, port, settings, host, tests, checks, profile, args))
 
 
 async def _run(step: Step, port: int, settings: Settings, host: PluginHost, tests: Mapping[str, PairTest],
-               names: list[str], profile: str | None, args: argparse.Namespace) -> int:
+               checks: Sequence[Check], profile: str | None, args: argparse.Namespace) -> int:
     started = time.monotonic()
     coordinator: Coordinator | None = None
     server = None
@@ -197,7 +204,7 @@ async def _run(step: Step, port: int, settings: Settings, host: PluginHost, test
     try:
         async with asyncio.TaskGroup() as group:
             led = group.create_task(coordinator.run(), name="vetd[vet].coordinator") if coordinator else None
-            mine = group.create_task(_member(step, port, settings, host, tests, names, profile, started),
+            mine = group.create_task(_member(step, port, settings, host, tests, checks, profile, started),
                                      name="vetd[vet].member")
     except* RendezvousLost as group_error:
         lost = group_error.exceptions[0]
@@ -225,10 +232,10 @@ async def _run(step: Step, port: int, settings: Settings, host: PluginHost, test
 
 
 async def _member(step: Step, port: int, settings: Settings, host: PluginHost, tests: Mapping[str, PairTest],
-                  names: list[str], profile: str | None, started: float) -> MemberResult:
+                  checks: Sequence[Check], profile: str | None, started: float) -> MemberResult:
     from vetd.agent import oneshot
 
-    results = await oneshot.collect(host.config, host, names, profile)
+    results = await oneshot.collect(host.config, host, checks, profile)
     bad = [r for r in results if r["status"] in ("fail", "error", "timeout")]
     local_bad = "; ".join(f"{r['check']}[{r['entity']}] {r['status']}: {r['message']}" for r in bad[:3])
     if len(bad) > 3:

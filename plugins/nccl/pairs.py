@@ -1,7 +1,7 @@
 """``nccl_pairs``: NCCL send/receive between the GPUs of two nodes, the pair test ``vetd vet`` prefers.
 
 The rounds, rendezvous and localisation are the same as for ``tcp_pairs``
-(:mod:`vetd.agent.fabric`); only the measurement differs. For each pair the
+(``agent/fabric.py``); only the measurement differs. For each pair the
 lead (the lower rank) starts a worker (:mod:`vetd.plugins.nccl.pairworker`)
 that creates NCCL's unique id, sends it to the other node's endpoint over a
 small TCP side channel (the port announced through the rendezvous), and both
