@@ -19,9 +19,11 @@ namespaces, the bridge and the hosts files.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,12 +132,23 @@ class NetNodes:
                        check=False, timeout=30)
 
     def stop(self) -> None:
+        """Remove what :meth:`start` built. Processes still in a node's namespace are this test's (a
+        slurmstepd outliving its slurmd, a task) and are killed: alive, they would keep the namespace
+        and its veth pair after ``ip netns del``."""
         for built in reversed(self._built):
             if built == "bridge":
                 subprocess.run(["ip", "link", "del", self.bridge], capture_output=True, check=False, timeout=30)
-            else:
-                subprocess.run(["ip", "netns", "del", built], capture_output=True, check=False, timeout=30)
-                shutil.rmtree(NETNS_ETC / built, ignore_errors=True)
+                continue
+            pids = subprocess.run(["ip", "netns", "pids", built], capture_output=True, text=True, check=False,
+                                  timeout=30).stdout.split()
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), signal.SIGKILL)
+            subprocess.run(["ip", "netns", "del", built], capture_output=True, check=False, timeout=30)
+            shutil.rmtree(NETNS_ETC / built, ignore_errors=True)
+        for index in range(1, self.count + 1):  # gone with their namespaces, unless one is still held
+            subprocess.run(["ip", "link", "del", f"vh{self.tag}{index:02d}"], capture_output=True, check=False,
+                           timeout=30)
         self._built.clear()
 
 
