@@ -25,6 +25,7 @@ from vetd.agent.checks import (
     current_profile,
 )
 from vetd.agent.commands import AgentCommand, Answer, CommandContext, CommandRegistry, fill
+from vetd.agent.pairtests import PairEndpoint, PairSample, PairTest, PairTestRegistry, Peer
 from vetd.core.configfile import Duration, dec_hook
 from vetd.core.hookspecs import hookimpl
 from vetd.core.mqtt import Backoff
@@ -47,6 +48,11 @@ __all__ = [
     "EventSourceRegistry",
     "Finished",
     "Outcome",
+    "PairEndpoint",
+    "PairSample",
+    "PairTest",
+    "PairTestRegistry",
+    "Peer",
     "PluginConfigs",
     "ProcError",
     "ProcTimeout",

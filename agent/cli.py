@@ -1,4 +1,4 @@
-"""The node's ``vetd`` commands: ``agent``, ``check``, ``plugins``; the agent's config sample.
+"""The node's ``vetd`` commands: ``agent``, ``check``, ``vet``, ``plugins``; the agent's config sample.
 
 They need only the agent's light dependencies. Registered on the root command
 (:mod:`vetd.core.cli`) through ``vetd_cli_commands``, as a plugin's would be.
@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vetd.core.cli import EXIT_VETD, duration
+from vetd.core.cli import EXIT_VETD, duration, port
 from vetd.core.hookspecs import hookimpl
 from vetd.core.output import table
 
@@ -92,6 +92,40 @@ def vetd_cli_commands(subparsers: argparse._SubParsersAction) -> None:  # type: 
         _agent_config_arg(parser)
         parser.set_defaults(func=_slurm)
 
+    vet = sub.add_parser("vet", help="vet a job's nodes: node-local checks, then bandwidth between them in pairs",
+                         description="Inside a job step, one task per node (srun --ntasks-per-node=1 vetd vet): "
+                         "every task runs the node-local checks (--protocol, else the prolog profile), then the "
+                         "tasks meet (rank 0 serves the rendezvous; the Slurm environment says who is where) and "
+                         "measure bandwidth between nodes in rounds of pairs. A node slow with every partner is "
+                         "bad; a slow pair of good nodes is a bad link, named as such; a task that never arrives "
+                         "is absent. Rank 0 prints the verdicts. Exit 0: at least --need nodes are good; 1: fewer; "
+                         "2: vetd could not run.")
+    _agent_config_arg(vet)
+    vet.add_argument("--protocol", metavar="FILE.yaml",
+                     help="node-local checks of a vetting protocol (as vetd check --protocol); default: the "
+                     "prolog profile")
+    vet.add_argument("--need", type=int, metavar="N", help="exit 0 when at least N nodes are good (default: all)")
+    vet.add_argument("--good-file", metavar="FILE", help="rank 0 writes the good nodes here, as a folded hostlist "
+                     "for srun --nodelist")
+    vet.add_argument("--bad-file", metavar="FILE", help="rank 0 writes the bad nodes here (srun --exclude); absent "
+                     "nodes are in neither file")
+    vet.add_argument("--json", action="store_true",
+                     help="one JSON object per node per line: node, verdict (good, bad, absent), reason, metrics")
+    vet.add_argument("--test", default="auto", metavar="NAME",
+                     help="pair test: auto (NCCL where every node has GPUs and NCCL, else TCP), tcp_pairs, "
+                     "nccl_pairs")
+    vet.add_argument("--deadline", type=duration, default=60.0, metavar="DURATION",
+                     help="a task that has not reached rank 0 this long after rank 0 started is absent (default 60s)")
+    vet.add_argument("--rounds", type=_rounds, default=3, metavar="N|all",
+                     help="rounds of pairs (default 3: two partners on the ring, one across it); all: every pair")
+    vet.add_argument("--slow-fraction", type=_fraction, default=0.5, metavar="F",
+                     help="a pair below F times the median of all pairs is slow (default 0.5)")
+    vet.add_argument("--min-gbps", type=float, default=0.0, metavar="GB/S",
+                     help="a pair below this (decimal GB/s) is slow too (default: none)")
+    vet.add_argument("--port", type=port, metavar="PORT",
+                     help="TCP port of rank 0's rendezvous (default: 18000 + a number from the job and step ids)")
+    vet.set_defaults(func=_vet)
+
     plugins = sub.add_parser("plugins", help="list the plugins this node loads and what they provide",
                              description="Every plugin the agent would load with this config: its name, where "
                              "it comes from (built-in, an installed package and its version, load_plugins), "
@@ -158,6 +192,34 @@ def _slurm(args: argparse.Namespace) -> int:
 
     started = process_started()
     return main(args.stage, agent_config_path(args.config), started=started)
+
+
+def _rounds(value: str) -> int | None:
+    from vetd.agent.vet import rounds_arg
+
+    return rounds_arg(value)
+
+
+def _fraction(value: str) -> float:
+    from vetd.agent.vet import fraction_arg
+
+    return fraction_arg(value)
+
+
+def _vet(args: argparse.Namespace) -> int:
+    from vetd.agent import vet
+    from vetd.agent.pluginhost import PluginError
+    from vetd.core.configfile import ConfigError
+
+    try:
+        return vet.main(args)
+    except vet.VetError as exc:
+        print(f"vetd: vet: {exc}", file=sys.stderr)
+    except ConfigError as exc:
+        print(f"vetd: config error: {exc}", file=sys.stderr)
+    except PluginError as exc:
+        print(f"vetd: {exc}", file=sys.stderr)
+    return EXIT_VETD
 
 
 def _compute_overrides(args: argparse.Namespace, tables: dict[str, dict[str, object]]) -> None:

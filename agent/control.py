@@ -20,6 +20,10 @@ send several requests on one connection. Every request has an ``op``:
   GPUs) come back with its end.
 - ``container_start`` (``id``, ``annotations``, ``deadline``): may this container
   start? ``allowed`` and a one-line ``reason``. ``container_end`` (``id``).
+- ``report`` (``check``, ``results``, ``job_id``): publishes results a local tool
+  measured (``vetd vet``'s ``fabric_pairs`` verdict for this node), tagged with
+  the job; never a check the agent runs itself, and not counted in the
+  node's service state (the controller's rules judge them).
 
 Every answer has ``ok``; a bad request gets ``ok: false`` and an ``error`` that
 says what is wrong, and the connection stays usable. Lines are bounded
@@ -61,7 +65,7 @@ from vetd.agent.controlclient import MAX_LINE
 from vetd.agent.requirements import evaluate
 from vetd.core.jobs import end_fields, start_fields
 from vetd.core.mqtt import Backoff
-from vetd.core.protocol import BAD_STATUSES, JobId, ServiceNotice
+from vetd.core.protocol import BAD_STATUSES, JobId, ServiceNotice, Status
 
 log = structlog.get_logger("vetd.control")
 
@@ -127,8 +131,26 @@ class ContainerEndRequest(msgspec.Struct, tag="container_end", tag_field="op", f
     id: _ContainerId
 
 
+class Reported(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """One result a local tool measured (``vetd vet``'s verdict for this node)."""
+
+    status: Status
+    entity: Annotated[str, msgspec.Meta(min_length=1, max_length=128)] = "node"
+    codes: Annotated[list[Annotated[str, msgspec.Meta(max_length=64)]], msgspec.Meta(max_length=32)] = []
+    metrics: Annotated[dict[Annotated[str, msgspec.Meta(max_length=128)], float], msgspec.Meta(max_length=256)] = {}
+    message: Annotated[str, msgspec.Meta(max_length=4000)] = ""
+
+
+class ReportRequest(msgspec.Struct, tag="report", tag_field="op", forbid_unknown_fields=True):
+    #: Not a check the agent runs itself: a tool cannot speak for those.
+    check: Annotated[str, msgspec.Meta(pattern=r"\A[a-z][a-z0-9_]{0,63}\Z")]
+    results: Annotated[list[Reported], msgspec.Meta(min_length=1, max_length=64)]
+    job_id: JobId = ""
+    duration_s: Annotated[float, msgspec.Meta(ge=0.0)] = 0.0
+
+
 Request = (StatusRequest | VerdictsRequest | RunRequest | JobStartRequest | JobEndRequest
-           | ContainerStartRequest | ContainerEndRequest)
+           | ContainerStartRequest | ContainerEndRequest | ReportRequest)
 
 
 class Verdict(msgspec.Struct, kw_only=True):
@@ -317,6 +339,8 @@ class ControlHost:
     event: Callable[[EventOutcome, str | None], None]
     identity: Callable[[], tuple[str, str, str]]
     connected: Callable[[], bool]
+    #: Publish results a local tool measured, tagged with their job (not recorded as the node's verdicts).
+    report: Callable[[CheckRun, str | None], None] | None = None
 
 
 class ControlServer:
@@ -454,6 +478,8 @@ class ControlServer:
             return self._job_end(request, base)
         if isinstance(request, ContainerStartRequest):
             return await self._container_start(request, base)
+        if isinstance(request, ReportRequest):
+            return self._report(request)
         return self._container_end(request, base)
 
     def _service(self) -> Service:
@@ -493,6 +519,20 @@ class ControlServer:
         return Response(ok=True, service=self._service(),
                         verdicts=[verdict(run, outcome, request.profile, job)
                                   for run in runs for outcome in run.outcomes])
+
+    def _report(self, request: ReportRequest) -> Response:
+        if any(check.name == request.check for check in self.host.checks()):
+            return Response(ok=False, error=f"{request.check} is a check this agent runs: only it reports that")
+        if self.host.report is None:
+            return Response(ok=False, error="this agent does not take reports")
+        check = Check(request.check, lambda: [], plugin="report")
+        outcomes = [Outcome(status=r.status, entity=r.entity, codes=list(r.codes),
+                            metrics={k: v for k, v in r.metrics.items() if math.isfinite(v)}, message=r.message)
+                    for r in request.results]
+        self.host.report(CheckRun(check, outcomes, time.time() - request.duration_s, request.duration_s),
+                         request.job_id or self.host.state.job_id())
+        log.info("report_published", check=request.check, results=len(outcomes), job_id=request.job_id)
+        return Response(ok=True)
 
     def _job_start(self, request: JobStartRequest, base: dict[str, str]) -> Response:
         jobs = self.host.state.jobs

@@ -150,6 +150,8 @@ class Agent:
             event=self.emit_event,
             identity=lambda: (self.identity.cluster, self.identity.node, self.identity.session),
             connected=self.transport.connected.is_set,
+            report=lambda run, job_id: self.emit_result(run.check, run.outcomes, run.started, run.duration_s,
+                                                        "", job_id=job_id, record=False),
         )) if config.agent.control_socket else None
 
     def _birth(self) -> State:
@@ -182,9 +184,12 @@ class Agent:
         ))
 
     def emit_result(self, check: Check, outcome_list: list[Outcome], started: float, duration: float,
-                    profile: str = "periodic") -> None:
-        job_id = self.state.job_id()
-        self.state.record(CheckRun(check, outcome_list, started, duration), profile, job_id)
+                    profile: str = "periodic", *, job_id: str | None = None, record: bool = True) -> None:
+        """Publish a check's outcomes, tagged with ``job_id`` (default: the one job running); ``record``:
+        they are also the node's latest verdicts (not for results a local tool reported)."""
+        job_id = job_id or self.state.job_id()
+        if record:
+            self.state.record(CheckRun(check, outcome_list, started, duration), profile, job_id)
         for outcome in outcome_list:
             self.transport.send(
                 Result(

@@ -77,6 +77,22 @@ def rows(runs: Sequence[CheckRun], profile: str | None) -> list[dict[str, object
     ]
 
 
+async def collect(config: AgentConfig, host: PluginHost, checks: Sequence[Check],
+                  profile: str | None) -> list[dict[str, object]]:
+    """Run ``checks`` (from :func:`select`) once: one row per result, and an ``error`` row per broken plugin."""
+    token = PROFILE.set(profile or "")
+    try:
+        runs = await run_checks(config, checks)
+    finally:
+        PROFILE.reset(token)
+    results = rows(runs, profile)
+    for plugin, error in host.broken.items():
+        results.append({"check": "plugin_load", "entity": plugin, "status": "error",
+                        "codes": ["plugin_broken"], "metrics": {}, "message": error,
+                        "duration_s": 0.0, "profile": profile or "", "plugin": plugin, "ts": 0.0})
+    return results
+
+
 def print_table(results: Sequence[dict[str, object]], out: TextIO) -> None:
     out.write(table(("CHECK", "ENTITY", "STATUS", "DURATION", "MESSAGE"),
                     [(str(r["check"]), str(r["entity"]), str(r["status"]).upper(), f"{r['duration_s']:.3f}s",
@@ -91,17 +107,8 @@ def main(
     out: TextIO = sys.stdout,
 ) -> int:
     host = PluginHost(config)
-    checks = select(config, host, names, profile)
-    token = PROFILE.set(profile or "")
-    try:
-        runs = asyncio.run(run_checks(config, checks))
-    finally:
-        PROFILE.reset(token)
-    results = rows(runs, profile)
-    for plugin, error in host.broken.items():
-        results.append({"check": "plugin_load", "entity": plugin, "status": "error",
-                        "codes": ["plugin_broken"], "metrics": {}, "message": error,
-                        "duration_s": 0.0, "profile": profile or "", "plugin": plugin, "ts": 0.0})
+    checks = select(config, host, names, profile)  # before the loop: a bad name is one line, no log
+    results = asyncio.run(collect(config, host, checks, profile))
     if as_json:
         out.writelines(json.dumps(result, default=_json_default) + "\n" for result in results)
     else:

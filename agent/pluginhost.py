@@ -32,6 +32,7 @@ from vetd.core import __version__, hookspecs
 
 if TYPE_CHECKING:
     from vetd.agent.commands import CommandRegistry
+    from vetd.agent.pairtests import PairTestRegistry
 from vetd.core.configfile import ConfigError, convert, where
 
 log = structlog.get_logger("vetd.plugins")
@@ -42,6 +43,7 @@ BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (
     ("gpu_health", "vetd.plugins.gpu_health"),
     ("gpu_compute", "vetd.plugins.gpu_compute"),
     ("nccl", "vetd.plugins.nccl"),
+    ("tcp_pairs", "vetd.plugins.tcp_pairs"),
 )
 
 
@@ -179,6 +181,14 @@ class PluginHost:
     def register_event_sources(self) -> EventSourceRegistry:
         registry = EventSourceRegistry()
         self._register("vetd_register_event_sources", registry)
+        return registry
+
+    def register_pair_tests(self) -> PairTestRegistry:
+        """The bandwidth tests between nodes that plugins provide (``vetd vet``)."""
+        from vetd.agent.pairtests import PairTestRegistry
+
+        registry = PairTestRegistry()
+        self._register("vetd_register_pair_tests", registry)
         return registry
 
     def commands(self) -> CommandRegistry:

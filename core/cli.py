@@ -34,7 +34,7 @@ BUILTIN_COMMANDS = ("vetd.agent.cli", "vetd.controller.cli")
 #: The agent's built-in plugins, whose commands (``vetd xid``) every vetd has too.
 BUILTIN_PLUGIN_COMMANDS = ("vetd.plugins.gpu_health",)
 #: Optional packages a command may need, and the extra that brings them.
-EXTRAS = {"ClusterShell": "controller", "cel_expr_python": "controller", "yaml": "controller",
+EXTRAS = {"cel_expr_python": "controller", "yaml": "controller",
           "amqtt": "up", "pynvml": "gpu"}
 
 

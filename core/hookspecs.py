@@ -5,7 +5,7 @@ plugin module (entry-point group ``vetd``, or ``[agent] load_plugins``) may
 implement hooks of any part:
 
 - the agent's: config tables, checks, telemetry, event sources, node commands
-  and their vetoes, node labels (called by :mod:`vetd.agent.pluginhost`);
+  and their vetoes, node labels, pair tests (called by :mod:`vetd.agent.pluginhost`);
 - the command line's: subcommands (called by :mod:`vetd.core.cli`);
 - the controller's: scheduler backends, alert sinks, healing steps (called by
   :mod:`vetd.controller.plugins`).
@@ -30,6 +30,7 @@ import pluggy
 if TYPE_CHECKING:
     from vetd.agent.checks import CheckRegistry, EventSourceRegistry, PluginConfigs, TelemetryRegistry
     from vetd.agent.commands import CommandRegistry
+    from vetd.agent.pairtests import PairTestRegistry
     from vetd.controller.actions import AlertBackend, HealingStep, SchedulerBackend
     from vetd.controller.config import ControllerConfig, SchedulerSection
     from vetd.core.cli import Parser
@@ -120,6 +121,17 @@ def vetd_register_commands(registry: CommandRegistry, configs: PluginConfigs) ->
     only once ``[commands] allow`` lists it, and after every plugin's
     :func:`vetd_command_veto`. ``ping`` and ``revet`` are the agent's own. Not
     ``firstresult``.
+    """
+
+
+@hookspec
+def vetd_register_pair_tests(registry: PairTestRegistry, configs: PluginConfigs) -> None:
+    """Add :class:`vetd.agent.pairtests.PairTest` objects: bandwidth tests between two nodes that the
+    pair rounds of ``vetd vet`` run (``tcp_pairs``, ``nccl_pairs``).
+
+    Called when ``vetd vet`` starts, with the decoded config tables. The rounds,
+    the rendezvous and the localisation are vetd's; a test only measures one
+    direction of one pair at a time. Not ``firstresult``.
     """
 
 

@@ -29,6 +29,8 @@ ALLOWED_SKIPS: dict[str, str] = {
     # the no-GPU paths can only be seen on a machine without NVIDIA GPUs or CuPy
     r"this machine has NVIDIA GPUs": "GPU machine",
     r"CuPy is installed here": "CUDA machine",
+    # several nodes' networks are network namespaces: building them needs root (CAP_NET_ADMIN)
+    r"network namespaces need root": "netns needs root",
 }
 #: Per-test timeout of tests marked ``slow`` (the default is ``timeout`` in pyproject.toml).
 SLOW_TIMEOUT_S = 600

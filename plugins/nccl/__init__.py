@@ -8,6 +8,9 @@ table in the message. Judged against ``[plugins.nccl] min_busbw_gbps`` or the
 SKU table's floor for that many GPUs (``busbw_low``); a wrong sum fails
 (``nccl_wrong``). One GPU: ``skip`` (``single_gpu``) unless ``single_rank``.
 
+Pair test ``nccl_pairs`` (``vetd vet``, :mod:`vetd.plugins.nccl.pairs`): NCCL
+between two nodes' GPUs, in the pair rounds every pair test shares.
+
 The worker launcher, GPU inventory and SKU table are gpu_compute's: one
 implementation of "a killable process per run" for every GPU check.
 """
@@ -19,14 +22,14 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from vetd.agent.api import Check, Outcome, Status, current_profile, hookimpl
+from vetd.agent.api import Check, Outcome, PairTest, Status, current_profile, hookimpl
 from vetd.plugins.gpu_compute.launch import Job, run_workers
 from vetd.plugins.gpu_compute.runtime import PROFILES, cupy_missing, gpu_targets
 from vetd.plugins.gpu_compute.skus import lookup
 from vetd.plugins.nccl.config import NcclConfig
 
 if TYPE_CHECKING:
-    from vetd.agent.api import CheckRegistry, PluginConfigs
+    from vetd.agent.api import CheckRegistry, PairTestRegistry, PluginConfigs
 
 
 @hookimpl
@@ -40,6 +43,17 @@ def vetd_register_checks(registry: CheckRegistry, configs: PluginConfigs) -> Non
     timeout = float(max(config.timeout_prolog, config.timeout_full)) + 30.0
     registry.add(Check("nccl_allreduce", lambda: allreduce(config, configs), timeout, profiles=PROFILES,
                        description="NCCL all-reduce busbw over the node's GPUs (size sweep)"))
+
+
+@hookimpl
+def vetd_register_pair_tests(registry: PairTestRegistry, configs: PluginConfigs) -> None:
+    from vetd.plugins.nccl import pairs
+
+    config = configs.typed("nccl", NcclConfig)
+    registry.add(PairTest("nccl_pairs", lambda: pairs.NcclPairEndpoint(config),
+                          unavailable=lambda: pairs.unavailable(config), seconds=float(config.pair_seconds),
+                          overhead_s=float(config.pair_overhead), priority=10,
+                          description="NCCL send/recv between the nodes' first GPUs, both directions at once"))
 
 
 def size_label(size: int) -> str:

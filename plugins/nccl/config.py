@@ -34,3 +34,9 @@ class NcclConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: Deadline of the NCCL worker in ``prolog`` / ``full``; killed beyond it (``timeout``).
     timeout_prolog: Duration = Duration(60.0)
     timeout_full: Duration = Duration(900.0)
+    #: ``nccl_pairs`` (``vetd vet``): bytes each GPU sends its peer per exchange, how long
+    #: each pair is measured, and the worker's start-up (CUDA context, NCCL communicator)
+    #: allowed on top before it is killed.
+    pair_bytes: Bytes = 256 << 20
+    pair_seconds: Duration = Duration(3.0)
+    pair_overhead: Duration = Duration(60.0)
