@@ -42,6 +42,7 @@ BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (
     ("gpu_health", "vetd.plugins.gpu_health"),
     ("gpu_compute", "vetd.plugins.gpu_compute"),
     ("nccl", "vetd.plugins.nccl"),
+    ("telemetry", "vetd.plugins.telemetry"),
 )
 
 
