@@ -16,13 +16,14 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import TextIO
 
 from vetd.controller.config import ControllerConfig, load_controller_config
 from vetd.controller.store import Store
+from vetd.controller.telemetry import StoredWindow, TelemetryStore
 from vetd.controller.views import ago, format_nodes, node_summaries, pending_text
 from vetd.core.cli import EXIT_VETD, Parser, checked, duration, port, since
 from vetd.core.configfile import ConfigError
@@ -152,14 +153,36 @@ def vetd_cli_commands(subparsers: argparse._SubParsersAction) -> None:  # type: 
 
     export = sub.add_parser("export", help="export the controller's history",
                             description="Write the controller's stored results and events as JSON lines, "
-                            "the format `vetd rules test --events` replays.")
+                            "the format `vetd rules test --events` replays; with --telemetry, telemetry "
+                            "windows: a job's in full (--job), else the nodes' downsampled history.")
     export.add_argument("--events", action="store_true",
                         help="results and events as JSON lines: what export writes (kept for old scripts)")
+    export.add_argument("--telemetry", action="store_true",
+                        help="telemetry windows instead: one line per window per GPU (and per node)")
+    export.add_argument("--job", metavar="JOBID", help="with --telemetry: every window of this job, in full")
+    export.add_argument("--format", choices=("jsonl", "csv"), default="jsonl",
+                        help="with --telemetry: JSON lines (default) or CSV (a column per metric, _min/_max beside)")
     export.add_argument("--node", help="only this node")
     export.add_argument("--since", metavar="WHEN", type=since,
                         help="only since then: a duration back (24h) or an ISO time (2026-12-01T08:00:00Z)")
     _controller_config_arg(export)
     export.set_defaults(func=reading(run_export))
+
+    job = sub.add_parser("job", help="a job's telemetry: report, flags, saturation score, plots",
+                         description="What vetd knows of one job.")
+    job_sub = job.add_subparsers(dest="job_command", required=True, metavar="ACTION", parser_class=Parser)
+    report = job_sub.add_parser(
+        "report", help="per-GPU table, flags with evidence, the GPU saturation score, plots",
+        description="From the telemetry windows tagged with the job: per GPU the mean and p95 of each metric, "
+        "energy and time throttled; flags (idle GPU, straggler, memory nearly full, throttling, XIDs and "
+        "failed checks during the job) with their evidence; the GSSR saturation score per GPU and for the "
+        "job (a labelled proxy where GPUs have no GPM). Exit 0: a report; 1: no telemetry for the job.")
+    report.add_argument("job_id", metavar="JOBID")
+    _controller_config_arg(report)
+    report.add_argument("--json", action="store_true", help="the report as one JSON object")
+    report.add_argument("--png", metavar="DIR", help="write the figures (and the plotted series as JSON) here")
+    report.add_argument("--html", metavar="FILE", help="write one self-contained HTML page")
+    report.set_defaults(func=reading(run_job_report))
 
     keys = sub.add_parser("keys", help="command signing keys",
                           description="Each node gets its own command key, derived from the controller's "
@@ -251,12 +274,64 @@ def reading(view: Callable[[Store, ControllerConfig, argparse.Namespace], int]) 
     return run
 
 
-def run_export(store: Store, _config: ControllerConfig, args: argparse.Namespace) -> int:
+def telemetry_store(config: ControllerConfig) -> TelemetryStore:
+    """The telemetry database, read-only (``FileNotFoundError`` when the controller never made it)."""
+    from vetd.controller.telemetry import TelemetryStore, default_path
+
+    return TelemetryStore(config.telemetry.path or default_path(config.store.path), readonly=True)
+
+
+def run_export(store: Store, config: ControllerConfig, args: argparse.Namespace) -> int:
     from vetd.controller.replay import export_events
 
+    if args.telemetry:
+        return run_export_telemetry(config, args)
+    if args.job or args.format != "jsonl":
+        print("vetd: --job and --format go with --telemetry", file=sys.stderr)
+        return EXIT_VETD
     count = export_events(store, sys.stdout, args.node, args.since or 0.0)
     print(f"vetd: exported {count} lines", file=sys.stderr)
     return 0
+
+
+def run_export_telemetry(config: ControllerConfig, args: argparse.Namespace) -> int:
+    from vetd.controller.telemetryexport import export_windows
+
+    try:
+        telemetry = telemetry_store(config)
+    except FileNotFoundError as exc:
+        print(f"vetd: {exc} (has the controller run with this config, [telemetry] enabled?)", file=sys.stderr)
+        return EXIT_VETD
+    start = args.since if args.since is not None else time.time() - 86400.0
+
+    def windows() -> Iterable[StoredWindow]:  # read twice for CSV: its columns, then its rows
+        if args.job:
+            return telemetry.job_windows(args.job, config.cluster)
+        return telemetry.node_windows(start, time.time() + 86400.0, args.node, config.cluster)
+
+    try:
+        count = export_windows(windows, sys.stdout, args.format, node=args.node)
+    finally:
+        telemetry.close()
+    if not count and args.job:
+        print(f"vetd: no telemetry of job {clean(args.job)!r} in {telemetry.path}", file=sys.stderr)
+        return 1
+    print(f"vetd: exported {count} windows", file=sys.stderr)
+    return 0
+
+
+def run_job_report(store: Store, config: ControllerConfig, args: argparse.Namespace) -> int:
+    from vetd.controller.jobreport import run_report
+
+    try:
+        telemetry = telemetry_store(config)
+    except FileNotFoundError as exc:
+        print(f"vetd: {exc} (has the controller run with this config, [telemetry] enabled?)", file=sys.stderr)
+        return EXIT_VETD
+    try:
+        return run_report(store, telemetry, config, args)
+    finally:
+        telemetry.close()
 
 
 REQUEST_WAIT_S = 30.0

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import sqlite3
 import time
 import uuid
 from collections.abc import Sequence
@@ -50,6 +51,7 @@ from vetd.controller.plugins import plugins
 from vetd.controller.requests import OperatorRequests
 from vetd.controller.rules import RuleSet, healing_steps, load_rules
 from vetd.controller.store import Store
+from vetd.controller.telemetry import Current, TelemetryStore, default_path
 from vetd.core.configfile import ConfigError, read_key
 from vetd.core.protocol import Message, channel_of
 from vetd.core.signals import handle, release
@@ -94,6 +96,9 @@ class Controller:
         self.acks = Acks(self.session)
         self.connected = self.link.connected
         self.stop = asyncio.Event()
+        #: The agents' telemetry windows (issue 18), in a database of their own; None: ``[telemetry] enabled = false``.
+        self.telemetry = TelemetryStore(config.telemetry.path or default_path(str(self.store.path)),
+                                        counters=self.counters) if config.telemetry.enabled else None
 
     @property
     def rules(self) -> RuleSet:
@@ -107,7 +112,20 @@ class Controller:
         """
         now = time.time() if now is None else now
         messages = self.bounds.admit(decode(batch, self.counters, self.config.cluster))
-        return self.process_messages(messages, now)
+        decisions = self.process_messages(messages, now)
+        self.store_telemetry(messages, now)
+        return decisions
+
+    def store_telemetry(self, messages: Sequence[Message], now: float) -> None:
+        """The batch's telemetry windows into the telemetry database, after (and apart from) its
+        decisions: telemetry is best effort, and a failure to keep it never holds up the rest."""
+        if self.telemetry is None:
+            return
+        try:
+            self.telemetry.add(messages, now)
+        except sqlite3.Error as exc:
+            self.counters.count("telemetry_failed")
+            log.error("telemetry_store_failed", error=str(exc), path=str(self.telemetry.path))
 
     def process_messages(self, messages: Sequence[Message], now: float) -> Decisions:
         """Decoded messages (of this cluster, within bounds) in one transaction."""
@@ -190,6 +208,18 @@ class Controller:
             log.info("store_pruned", keep=self.config.store.keep, **pruned)
         return pruned
 
+    def telemetry_tick(self, now: float | None = None) -> dict[str, int]:
+        """Roll the telemetry windows up into the node history and delete what is past its keep."""
+        if self.telemetry is None:
+            return {}
+        section = self.config.telemetry
+        done = self.telemetry.tick(time.time() if now is None else now, keep_nodes=float(section.keep_nodes),
+                                   keep_jobs=float(section.keep_jobs), resolution=float(section.node_resolution),
+                                   late=float(section.late))
+        if any(done.values()):
+            log.info("telemetry_pruned", **done)
+        return done
+
     def fleet_of(self, node: NodeRow) -> dict[str, Any]:
         return self.engine.fleet.of(node)
 
@@ -215,6 +245,7 @@ class Controller:
                 if now - pruned >= PRUNE_S:
                     pruned = now
                     self.prune()
+                    self.telemetry_tick()
             except Exception as exc:
                 log.exception("housekeeping_failed", error=str(exc))
             await asyncio.sleep(HOUSEKEEPING_S)
@@ -229,8 +260,13 @@ class Controller:
             if self.config.http.token_file else ""
         host, _, port = self.config.http.listen.rpartition(":")
         api = HttpApi(self.store, lambda: node_summaries(self.store), token, self.config.cluster,
-                      self.config.http)
+                      self.config.http, telemetry=self._current_telemetry)
         return group.create_task(api.serve(host.strip("[]"), int(port)), name="vetd.controller.http")
+
+    def _current_telemetry(self) -> list[Current]:
+        if self.telemetry is None:
+            return []
+        return self.telemetry.current(time.time(), float(self.config.telemetry.current_for))
 
     async def run(self, *, signals: bool = True) -> int:
         """Run until ``stop`` is set (by SIGTERM/SIGINT when ``signals``)."""
@@ -272,5 +308,7 @@ class Controller:
             if signals:
                 release(loop)
             self.store.close()
+            if self.telemetry is not None:
+                self.telemetry.close()
         log.info("controller_stopped", **dict(self.counters))
         return 0
