@@ -29,6 +29,8 @@ ALLOWED_SKIPS: dict[str, str] = {
     # the no-GPU paths can only be seen on a machine without NVIDIA GPUs or CuPy
     r"this machine has NVIDIA GPUs": "GPU machine",
     r"CuPy is installed here": "CUDA machine",
+    # recorded on a GPU node (scripts/gpu-telemetry-fixtures); the test runs once the file is in tests/data
+    r"no GPU telemetry fixture recorded yet": "GPU telemetry fixture not recorded yet",
 }
 #: Per-test timeout of tests marked ``slow`` (the default is ``timeout`` in pyproject.toml).
 SLOW_TIMEOUT_S = 600
