@@ -24,6 +24,7 @@ import io
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,11 +65,14 @@ class Figure:
     png: bytes
 
 
-def value(metric: str, mean: dict[str, float]) -> float | None:
-    if metric == "nvlink":
-        parts = [mean[k] for k in ("nvlink_tx_mib_s", "nvlink_rx_mib_s") if k in mean]
-        return sum(parts) / 1024.0 if parts else None
-    return mean.get(metric)
+def column(gpu: GpuReport, metric: str) -> Sequence[float] | None:
+    """A GPU's means of ``metric`` per window (NaN: absent); ``nvlink`` is transmit + receive, GiB/s."""
+    if metric != "nvlink":
+        return gpu.series.mean.get(metric)
+    parts = [gpu.series.mean[k] for k in ("nvlink_tx_mib_s", "nvlink_rx_mib_s") if k in gpu.series.mean]
+    if not parts:
+        return None
+    return [sum(values) / 1024.0 for values in zip(*parts, strict=True)]
 
 
 def downsample(points: list[tuple[float, float]]) -> tuple[list[tuple[float, float]], int]:
@@ -89,7 +93,10 @@ def _axis(report: Report) -> tuple[str, float]:
 
 
 def _line(gpu: GpuReport, metric: str, report: Report, unit: float) -> dict[str, Any] | None:
-    points = [(w.ts, y) for w in gpu.windows if (y := value(metric, w.mean)) is not None]
+    values = column(gpu, metric)
+    if values is None:
+        return None
+    points = [(t, y) for t, y in zip(gpu.series.ts, values, strict=True) if not math.isnan(y)]
     if not points:
         return None
     plotted, size = downsample(points)

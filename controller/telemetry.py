@@ -24,11 +24,14 @@ The latest window of each entity is also kept in memory for ``/metrics``.
 
 from __future__ import annotations
 
+import itertools
 import math
+import operator
 import sqlite3
 import zlib
+from array import array
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -133,12 +136,14 @@ HOST_METRICS = {
 MAX_METRIC_NAMES = 4096
 #: Series (node, entity, source) one node may have.
 MAX_SERIES_PER_NODE = 512
+NAN = float("nan")
 #: Rows deleted or rolled up per table per tick, at most.
 TICK_ROWS = 20_000
 #: Node buckets rolled up per tick, at most (a controller back after a long stop catches up over ticks).
 TICK_BUCKETS = 2016
 #: Stored values are tenths of their unit (NVML itself reports whole percents, degrees and MHz).
 SCALE = 10.0
+_UNSCALE = (1.0 / SCALE).__mul__
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(list[list[int]])
@@ -159,6 +164,30 @@ class StoredWindow:
     mean: dict[str, float]
     minimum: dict[str, float]
     maximum: dict[str, float]
+
+
+@dataclass
+class Series:
+    """One series of a job as columns (``array('d')``), in time order; NaN where a window lacks a metric."""
+
+    cluster: str
+    node: str
+    entity: str
+    source: str
+    ts: array[float] = field(default_factory=lambda: array("d"))
+    length: array[float] = field(default_factory=lambda: array("d"))
+    samples: array[int] = field(default_factory=lambda: array("q"))
+    mean: dict[str, array[float]] = field(default_factory=dict)
+    minimum: dict[str, array[float]] = field(default_factory=dict)
+    maximum: dict[str, array[float]] = field(default_factory=dict)
+
+    def reorder(self, order: list[int]) -> None:
+        self.ts = array("d", (self.ts[i] for i in order))
+        self.length = array("d", (self.length[i] for i in order))
+        self.samples = array("q", (self.samples[i] for i in order))
+        for columns in (self.mean, self.minimum, self.maximum):
+            for name, column in columns.items():
+                columns[name] = array("d", (column[i] for i in order))
 
 
 @dataclass(frozen=True)
@@ -216,6 +245,7 @@ class TelemetryStore:
         self._series_per_node: dict[tuple[str, str], int] = {}
         self._names: dict[str, int] = {}
         self._name_of: dict[int, str] = {}
+        self._key_of: dict[int, tuple[str, str, str, str]] = {}
         self._load_names()
         #: The latest window of each (cluster, node, entity, source): ``/metrics`` reads it.
         self.latest: dict[tuple[str, str, str, str], Current] = {}
@@ -230,6 +260,7 @@ class TelemetryStore:
             for number, cluster, node, entity, source in self.db.execute(
                     "SELECT id, cluster, node, entity, source FROM series"):
                 self._series[(cluster, node, entity, source)] = number
+                self._key_of[number] = (cluster, node, entity, source)
                 self._series_per_node[(cluster, node)] = self._series_per_node.get((cluster, node), 0) + 1
         except sqlite3.OperationalError:  # read-only, before the controller made the tables
             pass
@@ -284,6 +315,7 @@ class TelemetryStore:
             return None
         cursor = self.db.execute("INSERT INTO series (cluster, node, entity, source) VALUES (?,?,?,?)", key)
         number = self._series[key] = int(cursor.lastrowid or 0)
+        self._key_of[number] = key
         self._series_per_node[node] = self._series_per_node.get(node, 0) + 1
         return number
 
@@ -427,20 +459,69 @@ class TelemetryStore:
 
     # -- reading -----------------------------------------------------------
 
-    def job_windows(self, job: str, cluster: str | None = None) -> list[StoredWindow]:
-        """Every window of ``job`` (packed chunks and the windows not packed yet), oldest first."""
-        windows: list[StoredWindow] = []
+    def job_series(self, job: str, cluster: str | None = None, extremes: Sequence[str] = (),
+                   series: int | None = None) -> list[Series]:
+        """Every series (node, entity, source) of ``job`` as columns, each in time order (only the series
+        numbered ``series``, if given): the means of every metric, the minima and maxima of ``extremes``
+        only (what a report of a 24 h job on 64 GPUs can hold)."""
+        blocks: dict[tuple[str, str, str, str], list[Block]] = {}
         query = ("SELECT s.cluster, s.node, s.entity, s.source, c.data FROM chunks c JOIN series s ON s.id = c.series "
-                 "WHERE c.job = ? AND (? IS NULL OR s.cluster = ?)")
-        for cluster_, node, entity, source, data in self.db.execute(query, (job, cluster, cluster)):
-            for ts, length, samples, items in _unpack(data):
-                mean, low, high = self._values(items)
-                windows.append(StoredWindow(cluster_, node, entity, source, ts, length, samples, job, mean, low, high))
-        query = ("SELECT s.cluster, s.node, s.entity, s.source, w.ts, w.length, w.samples, w.job, w.data "
-                 "FROM windows w JOIN series s ON s.id = w.series WHERE w.job = ? AND (? IS NULL OR s.cluster = ?)")
-        windows += [self._window(row) for row in self.db.execute(query, (job, cluster, cluster))]
-        windows.sort(key=lambda w: (w.ts, w.node, w.entity))
-        return windows
+                 "WHERE c.job = ? AND (? IS NULL OR s.cluster = ?) AND (? IS NULL OR c.series = ?)")
+        for cluster_, node, entity, source, data in self.db.execute(query, (job, cluster, cluster, series, series)):
+            blocks.setdefault((cluster_, node, entity, source), []).append(_unpack(data))
+        query = ("SELECT s.cluster, s.node, s.entity, s.source, w.ts, w.length, w.samples, w.data "
+                 "FROM windows w JOIN series s ON s.id = w.series WHERE w.job = ? AND (? IS NULL OR s.cluster = ?) "
+                 "AND (? IS NULL OR w.series = ?)")
+        for cluster_, node, entity, source, ts, length, samples, data in self.db.execute(
+                query, (job, cluster, cluster, series, series)):
+            blocks.setdefault((cluster_, node, entity, source), []).append(_block(ts, length, samples, data))
+        return [self._columns(key, found, extremes) for key, found in sorted(blocks.items())]
+
+    def _columns(self, key: tuple[str, str, str, str], blocks: list[Block], extremes: Sequence[str]) -> Series:
+        blocks.sort(key=lambda block: block[0][0] if block[0] else 0.0)
+        series = Series(*key)
+        numbers = {number for block in blocks for number in block[3]}
+        names = {number: self._name_of[number] for number in numbers if number in self._name_of}
+        wanted = {number for number, name in names.items() if name in extremes}
+        for ts, length, samples, columns in blocks:
+            size, offset = len(ts), len(series.ts)
+            series.ts.extend(ts)
+            series.length.extend(length)
+            series.samples.extend(samples)
+            for number, name in names.items():
+                column = columns.get(number)
+                means, lowest, highest = (_grown(series.mean, name, offset), _grown(series.minimum, name, offset),
+                                          _grown(series.maximum, name, offset)) if number in wanted else (
+                    _grown(series.mean, name, offset), None, None)
+                if column is None:
+                    for each in (means, lowest, highest):
+                        if each is not None:
+                            each.extend([NAN] * size)
+                    continue
+                present, centers, lows, highs = column
+                means.extend(_spread(present, list(map(_UNSCALE, centers)), size))
+                if lowest is not None and highest is not None:
+                    lowest.extend(_spread(present, list(map(_UNSCALE, map(operator.sub, centers, lows))), size))
+                    highest.extend(_spread(present, list(map(_UNSCALE, map(operator.add, centers, highs))), size))
+        if any(later < earlier for earlier, later in itertools.pairwise(series.ts)):  # late windows packed apart
+            order = sorted(range(len(series.ts)), key=series.ts.__getitem__)
+            series.reorder(order)
+        return series
+
+    def job_windows(self, job: str, cluster: str | None = None) -> Iterator[StoredWindow]:
+        """Every window of ``job``, series by series (node, entity), each in time order; one series
+        in memory at a time."""
+        numbers = sorted({row[0] for row in self.db.execute(
+            "SELECT DISTINCT series FROM chunks WHERE job = ? UNION SELECT DISTINCT series FROM windows WHERE job = ?",
+            (job, job))}, key=lambda number: self._key_of.get(number, ("", "", "", "")))
+        for series in (one for number in numbers
+                       for one in self.job_series(job, cluster, extremes=tuple(self._names), series=number)):
+            for i in range(len(series.ts)):
+                mean = {name: column[i] for name, column in series.mean.items() if not math.isnan(column[i])}
+                yield StoredWindow(series.cluster, series.node, series.entity, series.source, series.ts[i],
+                                   series.length[i], int(series.samples[i]), job, mean,
+                                   {name: series.minimum[name][i] for name in mean},
+                                   {name: series.maximum[name][i] for name in mean})
 
     def node_windows(self, since: float, until: float, node: str | None = None,
                      cluster: str | None = None) -> Iterator[StoredWindow]:
@@ -455,15 +536,6 @@ class TelemetryStore:
         mean, low, high = self._decode(row[8])
         return StoredWindow(cluster=row[0], node=row[1], entity=row[2], source=row[3], ts=row[4], length=row[5],
                             samples=row[6], job=row[7], mean=mean, minimum=low, maximum=high)
-
-    def _values(self, items: dict[int, tuple[int, int, int]]) -> tuple[dict[str, float], dict[str, float],
-                                                                          dict[str, float]]:
-        mean, low, high = {}, {}, {}
-        for number, (center, lowest, highest) in items.items():
-            name = self._name_of.get(number)
-            if name is not None:
-                mean[name], low[name], high[name] = center / SCALE, lowest / SCALE, highest / SCALE
-        return mean, low, high
 
     def current(self, now: float, max_age: float) -> list[Current]:
         """The latest window of every entity that arrived within ``max_age``."""
@@ -484,60 +556,72 @@ def _fixed(value: float) -> int:
     return round(scaled) if math.isfinite(scaled) and abs(scaled) < 2**62 else 0
 
 
-def _deltas(values: Sequence[int | None]) -> list[int | None]:
-    """Each present value as its difference from the previous present one (None stays None)."""
-    out: list[int | None] = []
-    last = 0
-    for value in values:
-        if value is None:
-            out.append(None)
-        else:
-            out.append(value - last)
-            last = value
-    return out
+#: A chunk (or one window) as columns: starts, lengths, sample counts, and per metric number
+#: (the indices of the windows that have it, None: all; then its means, and how far its minima
+#: and maxima lie below and above them, in tenths).
+Block = tuple[list[float], list[float], list[int], dict[int, tuple[list[int] | None, list[int], list[int], list[int]]]]
 
 
-def _sums(deltas: Sequence[int | None]) -> list[int | None]:
-    out: list[int | None] = []
-    last = 0
-    for delta in deltas:
-        if delta is None:
-            out.append(None)
-        else:
-            last += delta
-            out.append(last)
-    return out
+def _deltas(values: Sequence[int]) -> list[int]:
+    return [values[0], *(b - a for a, b in itertools.pairwise(values))] if values else []
 
 
 def _pack(rows: Sequence[tuple[Any, ...]]) -> bytes:
     """Windows ``(series, ts, length, samples, job, data)`` of one series as a compressed chunk: columns
     (start, length and sample count, then per metric its means and how far its min and max lie from
-    them), each delta-coded, in MessagePack, zlib-compressed: a third of the windows' own size."""
-    columns: dict[int, list[list[int | None]]] = {}
+    them), each delta-coded, in MessagePack, zlib-compressed: about a quarter of the windows' own size."""
+    columns: dict[int, tuple[list[int], list[int], list[int], list[int]]] = {}
     for i, row in enumerate(rows):
         for item in _decoder.decode(row[5]):
             center = item[1]
-            low = center - (item[2] if len(item) > 2 else center)
-            high = (item[3] if len(item) > 3 else center) - center
-            column = columns.setdefault(item[0], [[None] * len(rows), [None] * len(rows), [None] * len(rows)])
-            column[0][i], column[1][i], column[2][i] = center, low, high
+            present, centers, lows, highs = columns.setdefault(item[0], ([], [], [], []))
+            present.append(i)
+            centers.append(center)
+            lows.append(center - (item[2] if len(item) > 2 else center))
+            highs.append((item[3] if len(item) > 3 else center) - center)
+    metrics = [[number, None if len(present) == len(rows) else _deltas(present), _deltas(centers), _deltas(lows),
+                _deltas(highs)] for number, (present, centers, lows, highs) in columns.items()]
     payload = [_deltas([round(row[1] * 1000) for row in rows]), _deltas([round(row[2] * 1000) for row in rows]),
-               _deltas([int(row[3]) for row in rows]),
-               [[number, *(_deltas(values) for values in column)] for number, column in columns.items()]]
+               _deltas([int(row[3]) for row in rows]), metrics]
     return zlib.compress(_encoder.encode(payload), 6)
 
 
 _chunk_decoder = msgspec.msgpack.Decoder()
 
 
-def _unpack(data: bytes) -> list[tuple[float, float, int, dict[int, tuple[int, int, int]]]]:
-    """A chunk's windows: ``(ts, length, samples, {metric number: (mean, min, max)})``."""
-    starts, lengths, samples, columns = _chunk_decoder.decode(zlib.decompress(data))
-    ts, length, count = _sums(starts), _sums(lengths), _sums(samples)
-    windows: list[tuple[float, float, int, dict[int, tuple[int, int, int]]]] = [
-        (float(ts[i] or 0) / 1000, float(length[i] or 0) / 1000, int(count[i] or 0), {}) for i in range(len(ts))]
-    for number, means, lows, highs in columns:
-        for i, (center, low, high) in enumerate(zip(_sums(means), _sums(lows), _sums(highs), strict=True)):
-            if center is not None and low is not None and high is not None:
-                windows[i][3][number] = (center, center - low, center + high)
-    return windows
+def _unpack(data: bytes) -> Block:
+    starts, lengths, samples, metrics = _chunk_decoder.decode(zlib.decompress(data))
+    columns = {number: (None if present is None else list(itertools.accumulate(present)),
+                        list(itertools.accumulate(centers)), list(itertools.accumulate(lows)),
+                        list(itertools.accumulate(highs)))
+               for number, present, centers, lows, highs in metrics}
+    return ([t / 1000 for t in itertools.accumulate(starts)], [t / 1000 for t in itertools.accumulate(lengths)],
+            list(itertools.accumulate(samples)), columns)
+
+
+def _block(ts: float, length: float, samples: int, data: bytes) -> Block:
+    """One window not packed yet, as a block of one."""
+    columns: dict[int, tuple[list[int] | None, list[int], list[int], list[int]]] = {}
+    for item in _decoder.decode(data):
+        center = item[1]
+        columns[item[0]] = (None, [center], [center - (item[2] if len(item) > 2 else center)],
+                            [(item[3] if len(item) > 3 else center) - center])
+    return [ts], [length], [samples], columns
+
+
+def _grown(columns: dict[str, array[float]], name: str, offset: int) -> array[float]:
+    """``columns[name]``, made (NaN up to ``offset``: windows before the metric appeared) if new."""
+    column = columns.get(name)
+    if column is None:
+        column = columns[name] = array("d", [NAN] * offset)
+    return column
+
+
+def _spread(present: list[int] | None, values: list[float], size: int) -> list[float]:
+    """``values`` at the ``present`` indices of ``size`` (None: all of them), NaN elsewhere."""
+    if present is None:
+        return values
+    out = [NAN] * size
+    for index, value in zip(present, values, strict=True):
+        out[index] = value
+    return out

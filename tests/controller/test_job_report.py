@@ -8,6 +8,7 @@ import json
 import math
 import time
 import urllib.request
+from array import array
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from tests.support.wait import wait_for
 from vetd.agent.controlclient import ask
 from vetd.controller.config import ReportSection
 from vetd.controller.jobreport import build, gssr, text
-from vetd.controller.telemetry import StoredWindow
+from vetd.controller.telemetry import Series
 
 SCENARIOS = Path(__file__).resolve().parents[2] / "packaging" / "scenarios"
 
@@ -34,15 +35,18 @@ def test_the_gssr_score_follows_its_formula() -> None:
     assert gssr(2.0, 3.0, -1.0) == gssr(1.0, 1.0, 0.0)  # fractions are held to 0..1
 
 
-def windows(node: str, gpu: int, n: int, **mean: float) -> list[StoredWindow]:
-    return [StoredWindow("c1", node, f"gpu{gpu}", "telemetry_gpu", 1000.0 + 10 * i, 10.0, 10, "7",
-                         {**mean, "energy_j": 5000.0 + 4000.0 * i}, {**mean, "energy_j": 5000.0 + 4000.0 * i},
-                         {**mean, "energy_j": 5000.0 + 4000.0 * i + 3600.0}) for i in range(n)]
+def series(node: str, gpu: int, n: int, **mean: float) -> Series:
+    """``n`` 10 s windows of one GPU of job 7, each metric steady; the energy counter grows 4000 J a window
+    (its maximum in a window 3600 J past its minimum)."""
+    energy = [5000.0 + 4000.0 * i for i in range(n)]
+    return Series("c1", node, f"gpu{gpu}", "telemetry_gpu", array("d", [1000.0 + 10 * i for i in range(n)]),
+                  array("d", [10.0] * n), array("q", [10] * n),
+                  {**{k: array("d", [v] * n) for k, v in mean.items()}, "energy_j": array("d", energy)},
+                  {"energy_j": array("d", energy)}, {"energy_j": array("d", [e + 3600.0 for e in energy])})
 
 
 def test_without_gpm_the_report_shows_a_labelled_proxy_never_a_score() -> None:
-    data = [w for gpu in range(4) for w in windows("nid001", gpu, 6, utilization_pct=90.0 - 50 * (gpu == 3),
-                                                   power_w=400.0)]
+    data = [series("nid001", gpu, 6, utilization_pct=90.0 - 50 * (gpu == 3), power_w=400.0) for gpu in range(4)]
     report = build("7", data, None, ReportSection())
     assert report is not None
     document = report.to_json()
@@ -64,9 +68,9 @@ def test_flags_carry_their_evidence() -> None:
     settings = ReportSection()
     gpm = {"sm_active_pct": 80.0, "sm_occupancy_pct": 40.0, "tensor_active_pct": 50.0, "utilization_pct": 97.0,
            "memory_used_pct": 60.0, "throttle_thermal_pct": 0.0, "throttle_power_pct": 0.0, "throttle_hw_pct": 0.0}
-    data = (windows("nid001", 0, 10, **gpm) + windows("nid001", 1, 10, **{**gpm, "sm_active_pct": 2.0})
-            + windows("nid002", 0, 10, **{**gpm, "memory_used_pct": 97.5})
-            + windows("nid002", 1, 10, **{**gpm, "throttle_thermal_pct": 30.0}))
+    data = [series("nid001", 0, 10, **gpm), series("nid001", 1, 10, **{**gpm, "sm_active_pct": 2.0}),
+            series("nid002", 0, 10, **{**gpm, "memory_used_pct": 97.5}),
+            series("nid002", 1, 10, **{**gpm, "throttle_thermal_pct": 30.0})]
     report = build("7", data, None, settings)
     assert report is not None
     flags = {(f["kind"], f["node"], f["gpu"]): f for f in report.to_json()["flags"]}

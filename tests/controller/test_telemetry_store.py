@@ -57,7 +57,7 @@ def test_node_history_is_rolled_up_and_each_tier_kept_as_long_as_configured(tmp_
     store.add([window(t0 + 10 * i, entity="gpu1", job=None, util=20.0) for i in range(30)], now=t0)
     store.add([window(t0 + 300 + 10 * i, entity="gpu1", job=None) for i in range(3)], now=t0)
     keep = {"keep_nodes": 7 * DAY, "keep_jobs": 90 * DAY, "resolution": 300.0, "late": 60.0}
-    before = store.job_windows("42")
+    before = list(store.job_windows("42"))
     assert len(before) == 30 and before[7].minimum["utilization_pct"] == 60.0
     done = store.tick(t0 + 300 + 60, **keep)
     assert done["rolled_up"] == 2  # one bucket, two series
@@ -68,18 +68,18 @@ def test_node_history_is_rolled_up_and_each_tier_kept_as_long_as_configured(tmp_
         300, 300.0, 20.0)
     # the job's windows stay in full, packed in a chunk, exactly as they were; the rolled-up windows
     # of no job are gone; the open bucket's wait
-    assert store.job_windows("42") == before
+    assert list(store.job_windows("42")) == before
     size = store.size()
     assert (size["windows"], size["chunks"], size["rollups"], done["packed"]) == (3, 1, 2, 1)
     # a window arriving after its bucket was rolled up stays only if it belongs to a job
     store.add([window(t0 + 5, entity="gpu2", job=None), window(t0 + 5, entity="gpu3", job="43")], now=t0 + 400)
     assert store.tick(t0 + 400, **keep)["late"] == 1
     assert {w.entity for w in store.node_windows(0, t0 + 10 * DAY)} == {"gpu0", "gpu1"}
-    assert [w.entity for w in store.job_windows("43")] == ["gpu3"] and store.job_windows("42") == before
+    assert [w.entity for w in store.job_windows("43")] == ["gpu3"] and list(store.job_windows("42")) == before
     # past their keeps: rollups after keep_nodes, job windows after keep_jobs
     store.tick(t0 + 8 * DAY, **keep)
     assert list(store.node_windows(0, t0 + 10 * DAY)) == []
-    assert store.job_windows("42") == before
+    assert list(store.job_windows("42")) == before
     store.tick(t0 + 91 * DAY, **keep)
     assert list(store.job_windows("42")) == [] and list(store.job_windows("43")) == []
 
