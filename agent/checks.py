@@ -105,6 +105,8 @@ class EventOutcome(msgspec.Struct, kw_only=True):
     codes: list[str] = []
     metrics: dict[str, float] = {}
     message: str = ""
+    #: Structured details by name (``job_start``'s ``user``, ``gpus``): the event's ``data`` on the wire.
+    data: dict[str, str] = {}
 
 
 Emit = Callable[[EventOutcome], None]

@@ -6,6 +6,10 @@ logged. The agent itself answers two:
 * ``ping``: answers ``pong``.
 * ``revet`` (``profile``): runs that profile's checks once, publishes their
   results, and answers ok only if none failed, errored or timed out.
+* ``diagnose`` (``profile``, default ``full``): the same, asked by a rule's
+  ``diagnose`` action while the node is in service (not drained): its own
+  entry in ``[commands] allow``, so a site can allow re-vetting after healing
+  and not runs on a node that may hold a job. The results go to the rules.
 
 Every other action is an :class:`AgentCommand` a plugin registers through
 ``vetd_register_commands``, built-ins as third parties: ``gpu_reset`` comes
@@ -89,7 +93,7 @@ class AgentCommand:
 
 
 #: Actions the agent answers itself; a plugin cannot register these names.
-CORE_ACTIONS = ("ping", "revet")
+CORE_ACTIONS = ("ping", "revet", "diagnose")
 
 
 class CommandRegistry(_Registry[AgentCommand]):
@@ -128,6 +132,8 @@ class Commands:
             return Answer(True, "pong", {})
         if command.action == "revet":
             return await self.revet(command.args.get("profile", "prolog"))
+        if command.action == "diagnose":
+            return await self.revet(command.args.get("profile", "full"))
         plugins = self.plugins()
         handler = plugins.commands().get(command.action)
         if handler is None:

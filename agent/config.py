@@ -84,8 +84,10 @@ class CommandsSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     lists, never through a shell; ``{gpu}`` and ``{service}`` are filled in.
     """
 
-    #: Actions allowed: ``ping``, ``revet``; add ``gpu_reset`` and ``restart_service`` to let vetd heal.
-    allow: list[str] = msgspec.field(default_factory=lambda: ["ping", "revet"])
+    #: Actions allowed: ``ping``, ``revet`` (re-vetting of a drained node), ``diagnose`` (a profile run
+    #: on a node in service, asked by a rule; GPUs with compute processes are left alone); add
+    #: ``gpu_reset`` and ``restart_service`` to let vetd heal.
+    allow: list[str] = msgspec.field(default_factory=lambda: ["ping", "revet", "diagnose"])
     #: Services ``restart_service`` may restart.
     services: list[str] = []
     #: The command a ``gpu_reset`` of one GPU runs.

@@ -11,8 +11,9 @@ send several requests on one connection. Every request has an ``op``:
 - ``run`` (``profile`` or ``checks``): runs them now through the daemon's check
   runner (each under its timeout), publishes the results and answers with them.
 - ``job_start`` (``job_id``, ``user``, ``gpus``) / ``job_end`` (``job_id``,
-  ``exit_code``, ``state``): results and events published while one job runs
-  carry its id.
+  ``exit_code``, ``state``): ``job_start``/``job_end`` events whose contents
+  :mod:`vetd.core.jobs` defines (the controller ties the job's outcome to its
+  nodes from them); results and events published while one job runs carry its id.
 - ``container_start`` (``id``, ``annotations``, ``deadline``): may this container
   start? ``allowed`` and a one-line ``reason``. ``container_end`` (``id``).
 
@@ -51,6 +52,7 @@ from vetd.agent.checks import PROFILE, Check, CheckRun, CheckRunner, EventOutcom
 from vetd.agent.config import AgentConfig
 from vetd.agent.controlclient import MAX_LINE
 from vetd.agent.requirements import evaluate
+from vetd.core.jobs import end_fields, start_fields
 from vetd.core.mqtt import Backoff
 from vetd.core.protocol import BAD_STATUSES, JobId
 
@@ -430,21 +432,15 @@ class ControlServer:
         if request.job_id not in jobs and len(jobs) >= MAX_TRACKED:
             return Response(ok=False, error=f"{MAX_TRACKED} jobs already running; end some first")
         jobs[request.job_id] = Job(id=request.job_id, user=request.user, gpus=request.gpus, started=time.time())
-        self.host.event(EventOutcome(name="job_start", message=f"job {request.job_id} started"
-                                     + (f" for {request.user}" if request.user else "")
-                                     + (f" on GPUs {request.gpus}" if request.gpus else "")), request.job_id)
+        self.host.event(EventOutcome(**start_fields(request.job_id, request.user, request.gpus)), request.job_id)
         log.info("job_started", job_id=request.job_id, user=request.user, gpus=request.gpus)
         return Response(ok=True, jobs=list(jobs.values()))
 
     def _job_end(self, request: JobEndRequest, base: dict[str, str]) -> Response:
         job = self.host.state.jobs.pop(request.job_id, None)
-        metrics = {"exit_code": float(request.exit_code)} if request.exit_code is not None else {}
-        if job is not None:
-            metrics["runtime_s"] = round(time.time() - job.started, 3)
-        state = f" ({request.state})" if request.state else ""
-        self.host.event(EventOutcome(name="job_end", metrics=metrics, codes=[request.state] if request.state else [],
-                                     message=f"job {request.job_id} ended{state}"
-                                     + ("" if job else "; its start was not announced")), request.job_id)
+        runtime = time.time() - job.started if job is not None else None
+        self.host.event(EventOutcome(**end_fields(request.job_id, request.state, request.exit_code, runtime,
+                                                  announced=job is not None)), request.job_id)
         log.info("job_ended", job_id=request.job_id, exit_code=request.exit_code, state=request.state,
                  known=job is not None)
         return Response(ok=True, jobs=list(self.host.state.jobs.values()))

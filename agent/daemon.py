@@ -351,6 +351,7 @@ class Agent:
                 metrics={k: float(v) for k, v in event.metrics.items() if math.isfinite(v)},
                 message=clip(event.message),
                 job_id=job_id or self.state.job_id(),
+                data={key[:128]: clip(value) for key, value in list(event.data.items())[:32]},
             )
         )
         log.warning("event", name=event.name, severity=event.severity, entity=event.entity,

@@ -27,6 +27,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiomqtt
@@ -46,6 +47,19 @@ ACK_TIMEOUT_S = 30.0
 ACK_BACKOFF_CAP_S = 600.0
 
 
+#: Where Linux keeps the id it draws at each boot.
+BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
+
+
+def boot_id(path: str = BOOT_ID_PATH) -> str:
+    """This boot's id (``""`` where the kernel has none to give, or it is not a plain id)."""
+    try:
+        text = Path(path).read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+    return text if protocol.valid_id(text) else ""
+
+
 @dataclass
 class Identity:
     """Who this agent is on the wire, for one run (one session)."""
@@ -54,6 +68,8 @@ class Identity:
     node: str
     session: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
     started: float = field(default_factory=time.time)
+    #: Sent in every birth: the controller tells a reboot (a new one) from an agent restart.
+    boot: str = field(default_factory=boot_id)
     _seq: int = 0
 
     @property
@@ -87,6 +103,7 @@ class Identity:
             online=online,
             started=self.started,
             agent_version=__version__,
+            boot_id=self.boot,
             **fields,  # type: ignore[arg-type]
         )
 

@@ -1,5 +1,5 @@
-"""The controller's ``vetd`` commands: controller, nodes, node, excluded, drain, resume, breaker,
-silence, rules, export, up.
+"""The controller's ``vetd`` commands: controller, nodes, node, jobs, job, excluded, drain, resume,
+breaker, silence, rules, export, up.
 
 Registered on the root command (:mod:`vetd.core.cli`) through ``vetd_cli_commands``.
 This module imports only what every install has; a command that needs the
@@ -14,6 +14,7 @@ import asyncio
 import getpass
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -68,6 +69,41 @@ def vetd_cli_commands(subparsers: argparse._SubParsersAction) -> None:  # type: 
     node.add_argument("--json", action="store_true", help="JSON instead of text")
     node.set_defaults(func=reading(lambda store, config, args: show_node(store, config, args.name, args.json,
                                                                          sys.stdout)))
+
+    jobs = sub.add_parser("jobs", help="list jobs and the nodes their outcome points at",
+                          description="Jobs as the agents announced them (vetd slurm prolog/epilog, or the "
+                          "control socket), newest first: user, start, runtime, outcome, nodes, and which "
+                          "nodes the outcome points at (those that showed something while it ran).")
+    _controller_config_arg(jobs)
+    jobs.add_argument("--node", type=checked(node_name), help="only jobs that ran on this node")
+    jobs.add_argument("--failed", action="store_true", help="only failed jobs ([jobs] failed_states)")
+    jobs.add_argument("--since", metavar="WHEN", type=since,
+                      help="only jobs running or ended since then: a duration back (24h) or an ISO time")
+    jobs.add_argument("--limit", type=at_least(1), default=200, help="at most this many, newest first (200)")
+    jobs.add_argument("--json", action="store_true", help="a JSON array instead of a table")
+    jobs.set_defaults(func=reading(lambda store, config, args: show_jobs(store, config, args, sys.stdout)))
+
+    # One parser for `vetd job JOBID` (issue 17) and `vetd job report JOBID` (issue 18): a job id is
+    # never the word `report` (Slurm's are numbers), and each form refuses the other's options.
+    job = sub.add_parser(
+        "job", help="show one job (its nodes, what they showed, what it points at); `job report JOBID`: "
+        "its telemetry report", usage="%(prog)s [-h] [--config CONFIG] [--json] {JOBID [--run N] | "
+        "report JOBID [--png DIR] [--html FILE]}",
+        description="`vetd job JOBID`: one job: user, start, end, exit state and code, each node's GPUs and "
+        "part, the failed results, events and XIDs its nodes reported while it ran, the node(s) its outcome "
+        "points at, and what rules decided on it. `vetd job report JOBID`: from the telemetry windows tagged "
+        "with the job, per GPU the mean and p95 of each metric, energy and time throttled; flags (idle GPU, "
+        "straggler, memory nearly full, throttling, XIDs and failed checks during the job) with their "
+        "evidence; the GSSR saturation score per GPU and for the job (a labelled proxy where GPUs have no "
+        "GPM); exit 1 when the job has no telemetry.")
+    job.add_argument("words", nargs="+", metavar="JOBID", help="a job id, or `report` and a job id")
+    _controller_config_arg(job)
+    job.add_argument("--run", type=at_least(0), default=None, metavar="N",
+                     help="an earlier run of a job requeued under its id: 1 the one before the latest, …")
+    job.add_argument("--json", action="store_true", help="JSON instead of text")
+    job.add_argument("--png", metavar="DIR", help="report: write the figures (and the plotted series as JSON) here")
+    job.add_argument("--html", metavar="FILE", help="report: write one self-contained HTML page")
+    job.set_defaults(func=lambda args: run_job(job, args))
 
     excluded = sub.add_parser("excluded", help="nodes vetd has excluded (for srun --exclude)",
                               description="Print the nodes vetd has excluded, folded as a hostlist "
@@ -143,10 +179,15 @@ def vetd_cli_commands(subparsers: argparse._SubParsersAction) -> None:  # type: 
         "test", help="replay recorded results/events and print every decision",
         description="Replay an events file (JSON lines; `vetd export --events` writes one) against rule "
         "files, with the messages' own timestamps as the clock, and print every decision the controller "
-        "would take: rules firing and resolving, drains, nodes marked failed, breaker trips, alerts.")
+        "would take: rules firing and resolving, drains, nodes marked failed, breaker trips, alerts, "
+        "healing steps, resumes and diagnoses. Besides results, events and states (a new session and "
+        "boot_id: a reboot), a line may be an agent's reply to the latest command sent to its node "
+        "({\"kind\": \"reply\", \"ok\": true, ...}) or an operator's drain or resume "
+        "({\"kind\": \"operator\", \"action\": \"resume\", ...}).")
     rules_test.add_argument("files", nargs="*", metavar="FILE", help="default: the rules vetd ships")
     rules_test.add_argument("--events", required=True, metavar="EVENTS.jsonl")
-    rules_test.add_argument("--config", help="controller config whose breaker, repeat and labels to use")
+    rules_test.add_argument("--config", help="controller config whose breaker, repeat, history, healing and "
+                            "labels to use")
     rules_test.add_argument("--json", action="store_true", help="one JSON object per decision")
     rules_check.set_defaults(func=lambda args: run_rules_check(rule_files(args.files)))
     rules_test.set_defaults(func=run_rules_test)
@@ -167,22 +208,6 @@ def vetd_cli_commands(subparsers: argparse._SubParsersAction) -> None:  # type: 
                         help="only since then: a duration back (24h) or an ISO time (2026-12-01T08:00:00Z)")
     _controller_config_arg(export)
     export.set_defaults(func=reading(run_export))
-
-    job = sub.add_parser("job", help="a job's telemetry: report, flags, saturation score, plots",
-                         description="What vetd knows of one job.")
-    job_sub = job.add_subparsers(dest="job_command", required=True, metavar="ACTION", parser_class=Parser)
-    report = job_sub.add_parser(
-        "report", help="per-GPU table, flags with evidence, the GPU saturation score, plots",
-        description="From the telemetry windows tagged with the job: per GPU the mean and p95 of each metric, "
-        "energy and time throttled; flags (idle GPU, straggler, memory nearly full, throttling, XIDs and "
-        "failed checks during the job) with their evidence; the GSSR saturation score per GPU and for the "
-        "job (a labelled proxy where GPUs have no GPM). Exit 0: a report; 1: no telemetry for the job.")
-    report.add_argument("job_id", metavar="JOBID")
-    _controller_config_arg(report)
-    report.add_argument("--json", action="store_true", help="the report as one JSON object")
-    report.add_argument("--png", metavar="DIR", help="write the figures (and the plotted series as JSON) here")
-    report.add_argument("--html", metavar="FILE", help="write one self-contained HTML page")
-    report.set_defaults(func=reading(run_job_report))
 
     keys = sub.add_parser("keys", help="command signing keys",
                           description="Each node gets its own command key, derived from the controller's "
@@ -226,6 +251,28 @@ def node_name(value: str) -> str:
         raise argparse.ArgumentTypeError(f"{value!r} is not a node or cluster name (a letter or digit, then "
                                          "letters, digits, '_', '.', '-'; at most 64)")
     return value
+
+
+def job_id(value: str) -> str:
+    """An argparse type: a job id as the protocol carries it."""
+    from vetd.core.protocol import JOB_ID_PATTERN
+
+    if not value or not re.search(JOB_ID_PATTERN, value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a job id (letters, digits, '_.:+-'; at most 64)")
+    return value
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least ``minimum``."""
+    def number(value: str) -> int:
+        try:
+            found = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+        if found < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {found}")
+        return found
+    return number
 
 
 def run_keys_derive(args: argparse.Namespace) -> int:
@@ -318,6 +365,28 @@ def run_export_telemetry(config: ControllerConfig, args: argparse.Namespace) -> 
         return 1
     print(f"vetd: exported {count} windows", file=sys.stderr)
     return 0
+
+
+def run_job(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """``vetd job JOBID`` or ``vetd job report JOBID``; a bad word or option is one line, exit 2."""
+    words = args.words
+    report = words[0] == "report" and len(words) == 2
+    if words == ["report"]:
+        parser.error("`vetd job report` needs a JOBID")
+    if len(words) != 1 and not report:
+        parser.error(f"expected JOBID or `report JOBID`, got {' '.join(map(repr, words))}")
+    try:
+        args.job_id = job_id(words[-1])
+    except argparse.ArgumentTypeError as exc:
+        parser.error(f"argument JOBID: {exc}")
+    if report and args.run is not None:
+        parser.error("--run goes with `vetd job JOBID`; a report is of the job's telemetry, every run")
+    if not report and (args.png or args.html):
+        parser.error("--png and --html go with `vetd job report JOBID`")
+    if report:
+        return reading(run_job_report)(args)
+    return reading(lambda store, config, args: show_job(store, config, args.job_id, args.json, sys.stdout,
+                                                        args.run or 0))(args)
 
 
 def run_job_report(store: Store, config: ControllerConfig, args: argparse.Namespace) -> int:
@@ -504,6 +573,8 @@ def show_node(store: Store, config: ControllerConfig, name: str, as_json: bool, 
         "results": store.latest(summary["cluster"], name),
         "history": store.history(summary["cluster"], name, limit=20),
         "audit": store.audit_log(summary["cluster"], name, limit=50),
+        # What `history` in rules counts for the node (incidents, remediations, reboots…), newest first.
+        "node_history": store.node_history(summary["cluster"], name, limit=50),
     }
     if as_json:
         out.write(json.dumps(detail, indent=2) + "\n")
@@ -527,6 +598,30 @@ def show_node(store: Store, config: ControllerConfig, name: str, as_json: bool, 
     for row in detail["audit"]:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["ts"]))
         out.write(f"    {stamp} {row['actor']} {row['action']} {row['rule']} {row['outcome']} {row['detail']}\n")
+    return 0
+
+
+def show_jobs(store: Store, config: ControllerConfig, args: argparse.Namespace, out: TextIO) -> int:
+    from vetd.controller.views import format_jobs, job_summaries
+
+    summaries = job_summaries(store, config.cluster, node=args.node, failed=args.failed, since=args.since,
+                              limit=args.limit)
+    if args.json:
+        out.write(json.dumps(summaries, indent=2) + "\n")
+    else:
+        out.write(format_jobs(summaries) if summaries else "no jobs\n")
+    return 0
+
+
+def show_job(store: Store, config: ControllerConfig, job: str, as_json: bool, out: TextIO, run: int = 0) -> int:
+    from vetd.controller.views import format_job, job_detail
+
+    detail = job_detail(store, config.cluster, job, run)
+    if detail is None:
+        print(f"vetd: no job {job!r}" + (f" run -{run}" if run else "") + f" in {store.path} "
+              f"(cluster {config.cluster})", file=sys.stderr)
+        return 1
+    out.write(json.dumps(detail, indent=2) + "\n" if as_json else format_job(detail))
     return 0
 
 

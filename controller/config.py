@@ -103,6 +103,21 @@ class HealingSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     reply_timeout: Duration = Duration(600.0)
     #: How long a rebooted node may take to come back (a new agent session).
     reboot_timeout: Duration = Duration(1800.0)
+    #: The profile a rule's ``diagnose`` action asks a node in service to run now (not drained:
+    #: its checks leave GPUs with compute processes alone). The agent must allow ``diagnose``.
+    diagnose_profile: str = "full"
+
+
+class HistorySection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """What happened to each node (incidents, remediations, reboots, drains…), kept for
+    ``history`` in rules (``history.gpu.incidents("24h", "xid_31")``): in memory and in the
+    database, bounded by both keys."""
+
+    #: Records older than this are forgotten: the longest window a rule may count in.
+    keep: Duration = Duration(30 * 86400.0)
+    #: Records of each kind (incidents, remediations, reboots…) kept per node, the newest: a flood of
+    #: one kind never pushes out another. 10,000 nodes with 100 incidents each: about 120 MiB.
+    per_kind: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 100
 
 
 class LimitsSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -121,6 +136,23 @@ class LimitsSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: Check and event names one node may report. Beyond it, results and events with a new name
     #: are dropped (counted ``check_limit`` and logged): rules cannot see a check they cannot name.
     checks_per_node: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 256
+
+
+class JobsSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Jobs as the agents announce them on each node (``vetd slurm prolog``/``epilog``, or any
+    tool on the control socket): ``vetd job``, ``vetd jobs`` and rules that read ``job``."""
+
+    #: Job states (as the epilog reports them; any case) that count as a failure. A job that
+    #: ended with no state counts as failed when its exit code is not 0.
+    failed_states: list[str] = msgspec.field(default_factory=lambda: ["FAILED", "NODE_FAIL", "BOOT_FAIL"])
+    #: Once one of a job's nodes reported the job's end, the others have this long to report
+    #: theirs; then the job is decided on with what is known (rules that read `job` see it).
+    settle: Duration = Duration(300.0)
+    #: A job with no news for this long (its end never reported) is closed as lost; no rule sees it.
+    lost_after: Duration = Duration(7 * 86400.0)
+    #: Jobs kept open (running, or waiting for their nodes' ends) at once, in memory; beyond it the
+    #: one with the oldest news is closed as lost. Ended jobs stay in the database for [store] keep.
+    max_open: Annotated[int, msgspec.Meta(ge=1, le=10_000_000)] = 100_000
 
 
 class HttpSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -225,8 +257,10 @@ class ControllerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     breaker: BreakerSection = msgspec.field(default_factory=BreakerSection)
     repeat: RepeatSection = msgspec.field(default_factory=RepeatSection)
     healing: HealingSection = msgspec.field(default_factory=HealingSection)
+    history: HistorySection = msgspec.field(default_factory=HistorySection)
     limits: LimitsSection = msgspec.field(default_factory=LimitsSection)
     http: HttpSection = msgspec.field(default_factory=HttpSection)
+    jobs: JobsSection = msgspec.field(default_factory=JobsSection)
     telemetry: TelemetrySection = msgspec.field(default_factory=TelemetrySection)
     report: ReportSection = msgspec.field(default_factory=ReportSection)
     #: Static node labels by hostlist: ``"nid[0001-2688]" = {partition = "normal", gpu = "GH200"}``;
@@ -288,6 +322,9 @@ def load_controller_config(path: Path | str, environ: dict[str, str] | None = No
     if config.store.keep and float(config.store.keep) < float(config.repeat.window):
         raise ConfigError(f"{where(path, text, 'store.keep')}: keep ({config.store.keep}) must be at least "
                           f"[repeat] window ({config.repeat.window}): repeat offences are counted in the audit log")
+    if not config.history.keep > 0:
+        raise ConfigError(f"{where(path, text, 'history.keep')}: must be more than 0 (the longest window "
+                          "a rule's history may count in)")
     if not config.telemetry.node_resolution >= 1.0:
         raise ConfigError(f"{where(path, text, 'telemetry.node_resolution')}: must be at least 1s")
     if env.get("VETD_ALLOW_UNSIGNED_COMMANDS") == "1":

@@ -24,11 +24,14 @@ through their own entry points (:meth:`Engine.operator_drain`,
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import structlog
 
 from vetd.controller.actions import (
@@ -43,10 +46,22 @@ from vetd.controller.breaker import OUT_OF_SERVICE, Breaker
 from vetd.controller.config import ControllerConfig
 from vetd.controller.counters import RULE_ERRORS, Counters
 from vetd.controller.decisions import Action, Alert, Decisions, Drain, Reboot
+from vetd.controller.diagnose import Asked, Diagnoses
 from vetd.controller.fleet import Fleet, static_labels
 from vetd.controller.healing import Ladders
+from vetd.controller.history import SCOPES, viewing
+from vetd.controller.jobs import Jobs
 from vetd.controller.lifecycle import Lifecycle, node_labels
-from vetd.controller.model import AGENT_CHECK, FleetState, NodeKey, NodeRow, PeerGroup, PeerMetrics
+from vetd.controller.model import (
+    AGENT_CHECK,
+    FleetState,
+    HistoryRecord,
+    Job,
+    NodeKey,
+    NodeRow,
+    PeerGroup,
+    PeerMetrics,
+)
 from vetd.controller.rules import (
     NODE_FIELDS,
     Rule,
@@ -75,6 +90,8 @@ class Checkpoint:
 
     counters: tuple[Counter[str], Counter[str]]
     erring_rules: frozenset[str]
+    #: The diagnose commands out (kept in memory, not in the model).
+    diagnoses: dict[NodeKey, Asked]
 
 
 class Engine:
@@ -98,13 +115,19 @@ class Engine:
                                    alerting=alerting)
         self.ladders = Ladders(state, config.healing, self.lifecycle, session=session, command_key=command_key,
                                steps=steps)
+        self.diagnoses = Diagnoses(state, config.healing, session=session, command_key=command_key)
+        state.history.keep, state.history.per_kind = float(config.history.keep), config.history.per_kind
         #: Rules that errored since they were loaded: logged and alerted once, then only counted.
         self.erring_rules: set[str] = set()
         #: The latest metrics of each (node, entity) by peer group, for ``fleet.median``/``fleet.peers``.
         self.peer_metrics = PeerMetrics()
         self.session = session
+        #: The incident of the message being judged, once a rule fired on it (more rules add their names).
+        self._incident: HistoryRecord | None = None
         #: Sequence numbers of the controller's own ``vetd_agent`` results in this session, per node.
         self._agent_seq: dict[NodeKey, int] = {}
+        #: Open jobs: started, ended, what their nodes showed (:mod:`~vetd.controller.jobs`).
+        self.jobs = Jobs(state, config.jobs, counters)
 
     @property
     def firing_alerts(self) -> dict[str, dict[str, Any]]:
@@ -121,14 +144,16 @@ class Engine:
     def checkpoint(self) -> Checkpoint:
         """What :meth:`restore` needs to undo the work that follows, besides the model's changes
         (which name every key they touch: the store puts those back, :meth:`Store.reload`)."""
-        return Checkpoint(self.counters.snapshot(), frozenset(self.erring_rules))
+        return Checkpoint(self.counters.snapshot(), frozenset(self.erring_rules), dict(self.diagnoses.out))
 
     def restore(self, checkpoint: Checkpoint, nodes: Iterable[NodeKey]) -> None:
         """After the store put the model back (:meth:`Store.reload`): counters, erring rules and the
         fleet's label counts of ``nodes`` as they were at ``checkpoint``; changes noted since, dropped."""
         self.counters.restore(checkpoint.counters)
         self.erring_rules = set(checkpoint.erring_rules)
+        self.diagnoses.out = dict(checkpoint.diagnoses)
         self.state.take_changes()
+        self.jobs.invalidate()
         for key in nodes:
             self.fleet.count(self.state.nodes.get(key) or NodeRow(*key))
 
@@ -147,7 +172,7 @@ class Engine:
         elif isinstance(message, Reply):
             self.counters.count("replies")
             log.info("agent_reply", node=message.node, id=message.id, ok=message.ok, message=message.message)
-            if not self.ladders.on_reply(message, now, decisions):
+            if not self.ladders.on_reply(message, now, decisions) and not self.diagnoses.on_reply(message, now):
                 self._stray_reply(message)
 
     def _stray_reply(self, reply: Reply) -> None:
@@ -161,13 +186,26 @@ class Engine:
 
     def on_state(self, message: State, now: float) -> None:
         """A birth or a death: the node's session, online flag and labels."""
+        known = self.state.nodes.get((message.cluster, message.node))
+        session, boot = (known.session, known.boot_id) if known is not None else ("", "")
         if not self.state.apply_state(message, now):
             self.counters.count("stale_state")
             return
+        if message.online and message.session != session:
+            self._remember_birth(message, boot, now)
         if (born := self.state.nodes.get((message.cluster, message.node))) is not None:
             self.fleet.count(born)  # a birth carries the node's labels
         if message.dropped:
             self.state.set_agent_loss(message.cluster, message.node, dict(message.dropped))
+
+    def _remember_birth(self, birth: State, boot_before: str, now: float) -> None:
+        """A new agent session in the node's history, and a reboot when its boot id is new.
+
+        History is kept by the controller's clock (in a replay, each line's time), as every
+        record the controller makes: a node's clock that is off can neither hide nor forge one."""
+        self.state.remember(HistoryRecord(birth.cluster, birth.node, now, "session"))
+        if birth.boot_id and boot_before and birth.boot_id != boot_before:
+            self.state.remember(HistoryRecord(birth.cluster, birth.node, now, "reboot"))
 
     def on_result(self, message: Result | Event, history_id: int | None, now: float, decisions: Decisions) -> None:
         """A result or event stored as ``history_id`` (None: seen before): let every rule on it decide."""
@@ -185,6 +223,7 @@ class Engine:
         self.counters.count("results" if isinstance(message, Result) else "events")
         if not self.fleet.counted(node):
             self.fleet.count(node)  # first heard of through a result, not a birth
+        ended = self.jobs.observe(message, history_id, now)  # a job's start or end, or what its node showed
         kind, name = ("result", message.check) if isinstance(message, Result) else ("event", message.name)
         subject = f"{kind}:{name}:{message.entity}"
         if isinstance(message, Result) and message.status in MEASURED and message.check in self.rules.peer_names:
@@ -193,19 +232,71 @@ class Engine:
         variables = self.variables(message, node)
         rules = self.rules.for_input(kind)
         self.counters.count("rules_evaluated", len(rules))
-        for rule, matched in evaluate_all(rules, variables):
-            if matched is None:
-                self._rule_error(rule, node, subject, history_id, now, decisions, variables)
-            elif kind == "event":
-                if matched and self.rule_states.counted(rule, node, message):
-                    self._fire(rule, node, message, subject, history_id, now, decisions, variables)
-            else:
-                step = self.rule_states.step(rule, node, message, subject, bool(matched))
-                if step.fire:
-                    self._fire(rule, node, message, subject, history_id, now, decisions, variables)
-                elif step.resolved_since is not None:
-                    self._resolve(rule, node, message, subject, step.resolved_since, history_id, now,
-                                  decisions, variables)
+        self._incident = None
+        with self._history_in_view(node, message.entity, now):
+            for rule, matched in evaluate_all(rules, variables):
+                if matched is None:
+                    self._rule_error(rule, node, subject, history_id, now, decisions, variables)
+                elif kind == "event":
+                    if matched and self.rule_states.counted(rule, node, message):
+                        self._fire(rule, node, message, subject, history_id, now, decisions, variables)
+                else:
+                    step = self.rule_states.step(rule, node, message, subject, bool(matched))
+                    if step.fire:
+                        self._fire(rule, node, message, subject, history_id, now, decisions, variables)
+                    elif step.resolved_since is not None:
+                        self._resolve(rule, node, message, subject, step.resolved_since, history_id, now,
+                                      decisions, variables)
+        if ended is not None:
+            self.decide_job(ended, now, decisions)
+
+    def decide_job(self, job: Job, now: float, decisions: Decisions) -> None:
+        """A job has ended (on every node, or ``[jobs] settle`` after the first): every rule on
+        jobs decides once per node of the job, seeing the job from that node and its ``job_end``."""
+        rules = self.rules.for_input("job")
+        if not rules:
+            return
+        subject = f"job:{job.id}"
+        for name in sorted(job.nodes):
+            node = self.state.node(job.cluster, name, now)
+            event, evidence = self.jobs.end_event(job, name, now)
+            variables = self.variables(event, node)
+            variables["job"] = msgspec.structs.asdict(self.jobs.context(job, name))
+            self.counters.count("rules_evaluated", len(rules))
+            self._incident = None
+            with self._history_in_view(node, event.entity, now):
+                for rule, matched in evaluate_all(rules, variables):
+                    if matched is None:
+                        self._rule_error(rule, node, subject, evidence, now, decisions, variables)
+                    elif matched and self.rule_states.counted(rule, node, event):
+                        self._fire(rule, node, event, subject, evidence, now, decisions, variables)
+
+    def job_tick(self, now: float) -> Decisions:
+        """Decide on jobs whose nodes had ``[jobs] settle`` to report their ends; close lost ones."""
+        decisions = Decisions()
+        for job in self.jobs.settled(now):
+            self.decide_job(self.jobs.close(job, "done", now), now, decisions)
+        for job in self.jobs.lost(now):
+            self.jobs.close(job, "lost", now)
+        return self._decided(decisions)
+
+    def _history_in_view(self, node: NodeRow, entity: str, now: float) -> contextlib.AbstractContextManager[None]:
+        """Where ``history`` functions count: the node's records, for ``entity``, back from ``now``."""
+        if not self.rules.uses_history:
+            return contextlib.nullcontext()
+        return viewing(self.state.history, (node.cluster, node.name), entity, now)
+
+    def _remember_incident(self, node: NodeRow, message: Result | Event, rule: str, now: float) -> None:
+        """One incident per message that made rules fire, tagged with them, its name and its codes
+        (noted when the first fires, so it comes before what the rules did about it)."""
+        if self._incident is not None:
+            if rule not in self._incident.tags:
+                self._incident.tags = (*self._incident.tags, sys.intern(rule))
+            return
+        name = message.check if isinstance(message, Result) else message.name
+        self._incident = HistoryRecord(node.cluster, node.name, now, "incident", message.entity,
+                                       tuple(dict.fromkeys([rule, name, *message.codes])))
+        self.state.remember(self._incident)
 
     def variables(self, message: Result | Event, node: NodeRow) -> dict[str, Any]:
         """What a rule's ``when`` and annotations see."""
@@ -222,6 +313,7 @@ class Engine:
             "node": {**{name: getattr(node, name) for name in NODE_FIELDS},
                      "labels": self.fleet.labels_of(node)},
             "fleet": fleet,
+            "history": SCOPES if self.rules.uses_history else {},
         }
 
     def peer_group(self, node: NodeRow) -> PeerGroup:
@@ -255,6 +347,7 @@ class Engine:
     def _fire(self, rule: Rule, node: NodeRow, message: Result | Event, subject: str, history_id: int,
               now: float, decisions: Decisions, variables: dict[str, Any]) -> None:
         self.counters.count("rules_fired")
+        self._remember_incident(node, message, rule.name, now)
         was_out = node.state in OUT_OF_SERVICE
         self.state.audit(node.cluster, node.name, "rule_fired", rule=rule.name, detail=subject,
                          evidence=[history_id], now=now)
@@ -264,11 +357,17 @@ class Engine:
         entity = "" if message.entity == "node" else f"[{message.entity}]"
         reason = clean_reason(f"{REASON_PREFIX} {rule.name}: {what}{entity} {message.message}")
         if "mark_failed" in actions:
-            self.lifecycle.exclude(rule.name, node, reason, history_id, now, decisions, failed=True)
+            self.lifecycle.exclude(rule.name, node, reason, history_id, now, decisions, failed=True,
+                                   entity=message.entity)
         elif "drain" in actions or "heal" in actions:
-            excluded = self.lifecycle.exclude(rule.name, node, reason, history_id, now, decisions, failed=False)
+            excluded = self.lifecycle.exclude(rule.name, node, reason, history_id, now, decisions, failed=False,
+                                              entity=message.entity)
             if excluded and "heal" in actions and node.state == "excluded":
                 self.ladders.start(rule.name, list(rule.spec.heal), node, message, now)
+        elif "suspect" in actions:
+            self.lifecycle.suspect(rule.name, node, reason, history_id, now)
+        if "diagnose" in actions:
+            self.diagnoses.request(rule.name, node, message, now, decisions)
         if "alert" in actions and self.alerting:
             if message.entity != "node" and (was_out or not node.online):
                 # Inhibition: a per-GPU (per-entity) alert adds nothing while the node

@@ -16,8 +16,18 @@ from vetd.controller.actions import REASON_PREFIX, HealingStep, clean_reason
 from vetd.controller.config import HealingSection
 from vetd.controller.decisions import Decisions, Reboot, Send
 from vetd.controller.lifecycle import Lifecycle
-from vetd.controller.model import FleetState, Healing, NodeRow
+from vetd.controller.model import FleetState, Healing, HistoryRecord, NodeRow
 from vetd.core.protocol import Command, Event, Reply, Result, node_key, sign_command
+
+
+def signed_command(node: NodeRow, action: str, args: dict[str, str], now: float, *, session: str,
+                   master_key: bytes, expires_in: float) -> Command:
+    """A command to ``node`` from this controller run (``session``), signed with the node's key
+    derived from ``master_key`` (unsigned without one), refused by the agent after ``expires_in``."""
+    command = Command(cluster=node.cluster, node=node.name, session=session, seq=0, ts=now,
+                      id=uuid.uuid4().hex, action=action, args=args, expires=now + expires_in)
+    key = node_key(master_key, node.cluster, node.name) if master_key else b""
+    return sign_command(command, key) if key else command
 
 
 def gpu_of(message: Result | Event) -> str:
@@ -67,6 +77,7 @@ class Ladders:
             self.state.end_healing(node.cluster, node.name)
             self.state.audit(node.cluster, node.name, "healed", rule=healing.rule, outcome="done",
                              detail=f"after {step}: {reply.message}", now=now)
+            self._remember(healing, "healed", now)
             self.lifecycle.return_to_service(node, f"healed by {step}", now, decisions)
         return True
 
@@ -118,11 +129,8 @@ class Ladders:
             self._start_step(healing, node, now, decisions)
 
     def _command(self, node: NodeRow, action: str, args: dict[str, str], now: float) -> Command:
-        timeout = float(self.config.reply_timeout)
-        command = Command(cluster=node.cluster, node=node.name, session=self.session, seq=0, ts=now,
-                          id=uuid.uuid4().hex, action=action, args=args, expires=now + timeout)
-        key = node_key(self.command_key, node.cluster, node.name) if self.command_key else b""
-        return sign_command(command, key) if key else command
+        return signed_command(node, action, args, now, session=self.session, master_key=self.command_key,
+                              expires_in=float(self.config.reply_timeout))
 
     def _send(self, healing: Healing, node: NodeRow, action: str, args: dict[str, str], phase: str,
               now: float, decisions: Decisions) -> None:
@@ -139,9 +147,21 @@ class Ladders:
         step = healing.ladder[healing.step] if healing.step < len(healing.ladder) else "?"
         self.state.audit(healing.cluster, healing.node, "heal_step", rule=healing.rule, outcome="failed",
                          detail=f"{step} (step {healing.step + 1}/{len(healing.ladder)}): {why}", now=now)
+        carried_out = healing.phase == "probation" and not step.startswith("revet")
+        self._remember(healing, "revet_failed" if carried_out else "failed", now)
         healing.step += 1
         healing.phase, healing.command_id = "next", ""
         self.state.save_healing(healing)
+
+    def _remember(self, healing: Healing, outcome: str, now: float) -> None:
+        """The step's outcome in the node's history (``history.node.remediations`` in rules)."""
+        if healing.step >= len(healing.ladder):
+            return
+        verb = healing.ladder[healing.step].partition(" ")[0]
+        # A reset of one GPU is that GPU's; any other step (a reboot, a service) acts on the whole node.
+        entity = f"gpu{healing.gpu}" if verb == "gpu_reset" and healing.gpu != "all" else ""
+        self.state.remember(HistoryRecord(healing.cluster, healing.node, now, "remediation", entity,
+                                          (verb, outcome, healing.rule)))
 
     def _probation(self, healing: Healing, node: NodeRow, profile: str, now: float, decisions: Decisions) -> None:
         self.lifecycle.set_state(node, "probation", now)

@@ -5,6 +5,8 @@
   when the scraper asks for it.
 * ``GET /healthz``: ``{"status": "ok"}`` while the controller's loop answers.
 * ``GET /api/v1/nodes``: what ``vetd nodes --json`` prints.
+* ``GET /api/v1/jobs`` (``?node=N&failed=1&since=24h&limit=200``) and
+  ``GET /api/v1/jobs/ID`` (``?run=N``): what ``vetd jobs --json`` and ``vetd job ID --json`` print.
 * ``POST /api/v1/drain`` ``{"nodes": "nid[001-004]", "reason": "…"}`` and
   ``POST /api/v1/resume`` ``{"nodes": "…"}``: need ``Authorization: Bearer
   <token>`` with the token from ``[http] token_file``; without a token file,
@@ -27,6 +29,7 @@ import hmac
 import json
 import logging
 import socket
+from argparse import ArgumentTypeError
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -50,6 +53,9 @@ from vetd.controller.config import HttpSection
 from vetd.controller.counters import RULE_ERRORS
 from vetd.controller.store import Store
 from vetd.controller.telemetry import GPU_METRICS, HOST_METRICS, Current
+from vetd.controller.views import job_detail, job_summaries
+from vetd.core.cli import since
+from vetd.core.protocol import valid_name
 
 log = structlog.get_logger("vetd.http")
 
@@ -166,6 +172,8 @@ class HttpApi:
                 Route("/metrics", self._metrics, methods=["GET"]),
                 Route("/healthz", self._healthz, methods=["GET"]),
                 Route("/api/v1/nodes", self._nodes, methods=["GET"]),
+                Route("/api/v1/jobs", self._jobs, methods=["GET"]),
+                Route("/api/v1/jobs/{job_id}", self._job, methods=["GET"]),
                 Route("/api/v1/drain", self._change, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
                 Route("/api/v1/resume", self._change, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
             ],
@@ -222,6 +230,33 @@ class HttpApi:
 
     async def _nodes(self, request: Request) -> Response:
         return _json(200, self.nodes())
+
+    async def _jobs(self, request: Request) -> Response:
+        query = request.query_params
+        unknown = sorted(set(query) - {"node", "failed", "since", "limit"})
+        if unknown:
+            return _json(400, {"error": f"unknown parameter {unknown[0]!r} (node, failed, since, limit)"})
+        try:
+            node = query.get("node")
+            if node is not None and not valid_name(node):
+                raise ValueError(f"node: {node[:64]!r} is not a node name")
+            failed = {"": False, "0": False, "false": False, "1": True, "true": True}.get(query.get("failed", ""))
+            if failed is None:
+                raise ValueError("failed: 1, true, 0 or false")
+            when = since(query["since"]) if "since" in query else None
+            limit = int(query.get("limit", "200"))
+            if not 1 <= limit <= 10_000:
+                raise ValueError("limit: 1 to 10000")
+        except (ValueError, ArgumentTypeError) as exc:
+            return _json(400, {"error": str(exc)})
+        return _json(200, job_summaries(self.store, self.cluster, node=node, failed=failed, since=when, limit=limit))
+
+    async def _job(self, request: Request) -> Response:
+        run = request.query_params.get("run", "0")
+        if not run.isdigit() or set(request.query_params) - {"run"}:
+            return _json(400, {"error": "the one parameter is run, a number (1: the run before the latest)"})
+        detail = job_detail(self.store, self.cluster, request.path_params["job_id"], int(run))
+        return _json(404, {"error": "no such job"}) if detail is None else _json(200, detail)
 
     async def _change(self, request: Request) -> Response:
         action = request.url.path.rsplit("/", 1)[1]

@@ -1,9 +1,9 @@
 """``vetd job report JOBID``: a job's GPUs from its telemetry windows: table, flags, saturation score.
 
-The job's nodes, GPUs and time span come from the telemetry windows tagged with
-its id (:func:`span_of`). That is the seam for the controller's jobs table
-(issue 17): where it knows the job, its nodes, start and end can be read from
-it instead, and the windows selected by them.
+The job's GPUs come from the telemetry windows tagged with its id; its nodes and
+time span from those windows (:func:`span_of`), widened by what the controller's
+jobs table (issue 17) knows of it (:func:`with_jobs_table`): its start and end,
+and nodes that sent no telemetry, whose XIDs and failed checks still count.
 
 Per GPU: the time-weighted mean and the p95 (over windows) of each metric, the
 energy (growth of the driver's energy counter; where it is missing or went
@@ -121,6 +121,19 @@ def span_of(job: str, series: Sequence[Series]) -> JobSpan | None:
         return None
     return JobSpan(job=job, cluster=series[0].cluster, nodes=sorted({s.node for s in series}),
                    start=min(s.ts[0] for s in series), end=max(s.ts[-1] + s.length[-1] for s in series))
+
+
+def with_jobs_table(span: JobSpan, job: dict[str, Any] | None) -> JobSpan:
+    """The span widened by what the controller's jobs table knows of the job (``Store.job``: its latest
+    run's start and end, its nodes): a node that sent no telemetry still has its XIDs and failed checks
+    looked for, and the span is the job's even when its first or last window was lost."""
+    if job is None:
+        return span
+    nodes = sorted({*span.nodes, *(part["node"] for part in job.get("nodes", []))})
+    start = min(span.start, float(job["started"])) if job.get("started") else span.start
+    end = max(span.end, float(job["ended"])) if job.get("ended") else span.end
+    return JobSpan(job=span.job, cluster=span.cluster, nodes=nodes, start=start, end=end,
+                   source="jobs table and telemetry windows")
 
 
 @dataclass
@@ -263,11 +276,12 @@ def summarize(gpu: GpuReport) -> None:
 
 
 def build(job: str, series: Sequence[Series], history: Iterable[dict[str, Any]] | None,
-          settings: ReportSection) -> Report | None:
+          settings: ReportSection, span: JobSpan | None = None) -> Report | None:
     """The report of ``job`` from its telemetry (:meth:`TelemetryStore.job_series`) and the results and
-    events of its nodes during it (``history``: the rows of its nodes while it ran, from the store)."""
-    span = span_of(job, series)
-    if span is None:
+    events of its nodes during it (``history``: the rows of its nodes while it ran, from the store);
+    ``span``: where and when it ran, if known better than its telemetry says (:func:`with_jobs_table`)."""
+    span = span or span_of(job, series)
+    if span is None or not any(len(s.ts) for s in series):
         return None
     reports = sorted((GpuReport(s) for s in series
                       if s.entity.startswith("gpu") and s.entity[3:].isdigit() and len(s.ts)),
@@ -476,10 +490,12 @@ def run_report(store: Store, telemetry: TelemetryStore, config: ControllerConfig
     out = out or sys.stdout
     series = telemetry.job_series(args.job_id, config.cluster, extremes=EXTREMES)
     span = span_of(args.job_id, series)
+    if span is not None:
+        span = with_jobs_table(span, store.job(config.cluster, args.job_id))
     history = None if span is None else itertools.chain.from_iterable(
         itertools.takewhile(lambda row: row["ts"] <= span.end, store.history_since(span.start, node))
         for node in span.nodes)
-    report = build(args.job_id, series, history, config.report)
+    report = build(args.job_id, series, history, config.report, span)
     if report is None:
         print(f"vetd: no telemetry of job {clean(args.job_id)!r} in {telemetry.path} (kept {config.telemetry.keep_jobs:g}s "
               "after the job; is [plugins.telemetry] on its nodes, and did its job_start reach the agent?)",

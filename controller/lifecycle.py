@@ -17,7 +17,7 @@ from vetd.controller.config import RepeatSection
 from vetd.controller.counters import Counters
 from vetd.controller.decisions import Alert, Decisions, Drain, Resume
 from vetd.controller.fleet import Fleet
-from vetd.controller.model import FleetState, NodeRow
+from vetd.controller.model import FleetState, HistoryRecord, NodeRow
 from vetd.controller.rulestate import RuleStates
 
 log = structlog.get_logger("vetd.controller")
@@ -43,8 +43,9 @@ class Lifecycle:
         self.state.save_node(node)
 
     def exclude(self, rule: str, node: NodeRow, reason: str, history_id: int, now: float,
-                decisions: Decisions, *, failed: bool) -> bool:
-        """Take the node out of service (once), minding the breaker and repeat offences."""
+                decisions: Decisions, *, failed: bool, entity: str = "") -> bool:
+        """Take the node out of service (once), minding the breaker and repeat offences;
+        ``entity`` is what the rule judged (``gpu3``), for the node's history."""
         if node.state in OUT_OF_SERVICE:
             if failed and node.state != "failed":
                 self.mark_failed(node, reason, rule, history_id, now, decisions)
@@ -70,7 +71,20 @@ class Lifecycle:
         if failed:
             self.mark_failed(node, reason, rule, history_id, now, decisions)
         self.state.save_node(node)
+        self.state.remember(HistoryRecord(node.cluster, node.name, now, "drain", entity, (rule,)))
         decisions.drains.append(Drain(node.cluster, node.name, reason, rule, audit))
+        return True
+
+    def suspect(self, rule: str, node: NodeRow, reason: str, history_id: int, now: float) -> bool:
+        """Mark a healthy node ``suspect``: a person should look; it stays in service (no drain).
+        An operator's ``vetd resume`` makes it healthy again."""
+        if node.state != "healthy":
+            return False
+        node.state, node.reason, node.state_since = "suspect", reason, now
+        self.state.save_node(node)
+        self.state.audit(node.cluster, node.name, "suspect", rule=rule, outcome="done", detail=reason,
+                         evidence=[history_id], now=now)
+        self.counters.count("marked_suspect")
         return True
 
     def operator_drain(self, node: NodeRow, reason: str, actor: str, now: float, decisions: Decisions) -> None:
@@ -79,14 +93,21 @@ class Lifecycle:
         self.state.save_node(node)
         audit = self.state.audit(node.cluster, node.name, "drain", actor=actor, outcome="pending",
                                  detail=reason, now=now)
+        self.state.remember(HistoryRecord(node.cluster, node.name, now, "drain", "", ("operator",)))
         decisions.drains.append(Drain(node.cluster, node.name, reason, "", audit))
 
     def mark_failed(self, node: NodeRow, reason: str, rule: str, history_id: int, now: float,
                     decisions: Decisions) -> None:
+        """The node needs a person: out of service, and no healing ladder goes on (a rule that marks a
+        node failed mid-ladder, e.g. one counting its remediations, must not see the ladder resume it)."""
         node.state, node.reason, node.state_since = "failed", reason, now
         self.state.save_node(node)
         self.state.audit(node.cluster, node.name, "mark_failed", rule=rule, outcome="failed",
                          detail=reason, evidence=[history_id], now=now)
+        if (ladder := self.state.healings.get((node.cluster, node.name))) is not None:
+            self.state.end_healing(node.cluster, node.name)
+            self.state.audit(node.cluster, node.name, "heal_end", rule=ladder.rule, outcome="stopped",
+                             detail=f"the node is marked failed by {rule}", now=now)
         self.counters.count("marked_failed")
         log.error("node_failed", node=node.name, reason=reason)
         if self.alerting:
@@ -108,6 +129,8 @@ class Lifecycle:
         self.rule_states.forget(node)
         audit = self.state.audit(node.cluster, node.name, "resume", actor=actor, outcome="pending",
                                  detail=why, now=now)
+        self.state.remember(HistoryRecord(node.cluster, node.name, now, "resume", "",
+                                          ("vetd" if actor == "controller" else "operator",)))
         decisions.other.append(Resume(node.cluster, node.name, audit))
 
 

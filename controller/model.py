@@ -75,6 +75,8 @@ class NodeRow:
     last_seen: float = 0.0
     agent_version: str = ""
     labels: dict[str, str] = field(default_factory=dict)
+    #: The kernel boot id of the agent's latest birth (``""``: an agent that sends none).
+    boot_id: str = ""
 
 
 @dataclass
@@ -131,6 +133,73 @@ class FiringAlert:
     sent: float
 
 
+#: (cluster, job id)
+JobKey = tuple[str, str]
+
+
+@dataclass
+class JobNode:
+    """One node's part in a job: what it announced and what it showed while the job ran there."""
+
+    gpus: str = ""
+    #: The node's ``job_start`` and ``job_end`` times (its own clock); None: not announced.
+    started: float | None = None
+    ended: float | None = None
+    #: The state and exit code its ``job_end`` reported (state upper case, ``""``: none).
+    state: str = ""
+    exit_code: int | None = None
+    #: Failed results, warning/critical events and XIDs the node reported while the job ran there.
+    findings: int = 0
+    #: What those showed: their codes (``xid_79``), or the check's or event's name when they had none.
+    codes: list[str] = field(default_factory=list)
+    #: History id of the node's ``job_end`` (the evidence a decision on the job cites).
+    end_event: int = 0
+
+
+@dataclass
+class Job:
+    """A job as its nodes announced it. ``phase``: ``running`` (no node reported its end),
+    ``ending`` (some did; the others have ``[jobs] settle``), ``done`` (decided), ``lost``
+    (closed without an end: no news for ``[jobs] lost_after``, or room made for newer jobs)."""
+
+    cluster: str
+    id: str
+    #: Earliest start and latest end its nodes reported (their clocks).
+    started: float
+    #: The controller's time of the latest news of the job (``lost_after``, retention).
+    updated: float
+    user: str = ""
+    phase: str = "running"
+    nodes: dict[str, JobNode] = field(default_factory=dict)
+    ended: float | None = None
+    #: The job's state and exit code: the first failure any node reported, else the first reported.
+    state: str = ""
+    exit_code: int | None = None
+    failed: bool = False
+    #: The controller's time of the first end reported (``settle`` counts from it).
+    ending_since: float | None = None
+    #: The controller's time the job was first heard of: a job id heard of again once its job was
+    #: closed (Slurm requeues a job under its id) is a new run, kept beside the earlier ones.
+    opened: float = 0.0
+
+
+@dataclass
+class Finding:
+    """One failed result, warning/critical event or XID a node reported while a job ran there."""
+
+    cluster: str
+    job_id: str
+    node: str
+    ts: float
+    kind: str
+    name: str
+    entity: str
+    status: str
+    codes: list[str]
+    message: str
+    history_id: int
+
+
 @dataclass
 class Changes:
     """What the store must persist of a set of decisions, applied in one call.
@@ -147,6 +216,12 @@ class Changes:
     breakers: dict[str, Breaker] = field(default_factory=dict)
     agent_loss: dict[NodeKey, dict[str, int]] = field(default_factory=dict)
     audit: list[Audit] = field(default_factory=list)
+    #: Jobs (their own row) and their nodes' parts whose values changed, and findings to add.
+    jobs: dict[JobKey, Job] = field(default_factory=dict)
+    job_nodes: dict[tuple[str, str, str], JobNode] = field(default_factory=dict)
+    job_findings: list[Finding] = field(default_factory=list)
+    #: What happened to nodes, for ``history`` in rules: records to add, in order.
+    history: list[HistoryRecord] = field(default_factory=list)
 
     def update(self, other: Changes) -> None:
         """Add ``other``'s changes, which come after these."""
@@ -174,6 +249,10 @@ class FleetState:
     drains: list[Audit] = field(default_factory=list)
     #: Nodes whose agent the controller's own check (``vetd_agent``) last found offline too long.
     agents_late: set[NodeKey] = field(default_factory=set)
+    #: Jobs still open (running, or waiting for their nodes' ends); decided ones are in the store only.
+    jobs: dict[JobKey, Job] = field(default_factory=dict)
+    #: What happened to each node (incidents, remediations, reboots…), for ``history`` in rules.
+    history: NodeHistory = field(default_factory=lambda: NodeHistory())  # noqa: PLW0108 - defined below
     #: What changed since the last :meth:`take_changes`.
     changes: Changes = field(default_factory=Changes)
 
@@ -207,6 +286,7 @@ class FleetState:
             row.session_started = message.started
             row.agent_version = message.agent_version
             row.labels = dict(message.labels)
+            row.boot_id = message.boot_id or row.boot_id
         else:
             if message.session != row.session and message.started <= row.session_started:
                 return False  # death of an older session: never overrides a newer birth
@@ -287,6 +367,13 @@ class FleetState:
         return sum(1 for d in self.drains if d.ts >= since and d.outcome in ("pending", "done")
                    and (d.cluster, d.node) in partition_nodes)
 
+    # -- history: what happened to each node, for rules ------------------------
+
+    def remember(self, record: HistoryRecord) -> None:
+        """Add to a node's history (``history`` in rules); the store keeps it too."""
+        self.history.add(record)
+        self.changes.history.append(record)
+
     # -- healing ladders and breakers -----------------------------------------
 
     def ladders(self) -> list[Healing]:
@@ -307,6 +394,104 @@ class FleetState:
 
     def set_breaker(self, partition: str, open_: bool, reason: str, now: float) -> None:
         self.breakers[partition] = self.changes.breakers[partition] = Breaker(open_, now, reason)
+
+    # -- jobs -------------------------------------------------------------------
+
+    def save_job(self, job: Job, *nodes: str) -> None:
+        """Note the job's row changed, and the parts of ``nodes``; a closed job leaves the open ones."""
+        self.changes.jobs[(job.cluster, job.id)] = job
+        for name in nodes:
+            self.changes.job_nodes[(job.cluster, job.id, name)] = job.nodes[name]
+        if job.phase in ("done", "lost"):
+            self.jobs.pop((job.cluster, job.id), None)
+
+    def add_finding(self, finding: Finding) -> None:
+        self.changes.job_findings.append(finding)
+
+
+# -- history: what happened to each node, as rules count it --------------------------
+
+#: The kinds of :class:`HistoryRecord`, each counted by the ``history`` function of the same plural
+#: name (``incident`` → ``history.node.incidents(window)``).
+HISTORY_KINDS = ("incident", "remediation", "reboot", "session", "drain", "resume", "diagnose")
+
+
+@dataclass(slots=True)
+class HistoryRecord:
+    """One thing that happened to a node (or one of its GPUs), kept for rules to count.
+
+    ``kind`` is one of :data:`HISTORY_KINDS`; ``entity`` is the GPU (``gpu3``) or other
+    entity it was about, ``""`` for the whole node; ``tags`` are what a rule may count it
+    by (for an incident: the rules that fired, the check or event name and the codes).
+    """
+
+    cluster: str
+    node: str
+    ts: float
+    kind: str
+    entity: str = ""
+    tags: tuple[str, ...] = ()
+
+
+class NodeHistory:
+    """Every node's history records, oldest first, in memory and bounded: at most ``per_kind``
+    records of each kind per node (a flood of incidents cannot push out the node's reboots) and
+    none older than ``keep`` seconds before the newest one added (``[history]`` in the
+    controller config; the store prunes its table alike). Equal tag tuples are shared."""
+
+    __slots__ = ("keep", "per_kind", "by_node", "_tags")
+
+    #: Distinct tag tuples shared at most (codes come from nodes: a hostile one cannot grow it).
+    MAX_SHARED_TAGS = 4096
+
+    def __init__(self, keep: float = 30 * 86400.0, per_kind: int = 100) -> None:
+        self.keep, self.per_kind = keep, per_kind
+        self.by_node: dict[NodeKey, list[HistoryRecord]] = {}
+        self._tags: dict[tuple[str, ...], tuple[str, ...]] = {}
+
+    def add(self, record: HistoryRecord) -> None:
+        record.cluster, record.node = sys.intern(record.cluster), sys.intern(record.node)
+        record.kind = sys.intern(record.kind)
+        record.entity = sys.intern("" if record.entity == "node" else record.entity)
+        record.tags = self._shared(record.tags)
+        records = self.by_node.setdefault((record.cluster, record.node), [])
+        if records and record.ts < records[-1].ts:
+            bisect.insort(records, record, key=lambda r: r.ts)  # a node's message from before the last record
+        else:
+            records.append(record)
+        horizon = records[-1].ts - self.keep
+        old = 0
+        while old < len(records) and records[old].ts < horizon:
+            old += 1
+        if old:
+            del records[:old]
+        if sum(1 for r in records if r.kind is record.kind) > self.per_kind:
+            records.remove(next(r for r in records if r.kind is record.kind))  # the oldest of its kind
+
+    def _shared(self, tags: tuple[str, ...]) -> tuple[str, ...]:
+        shared = self._tags.get(tags)
+        if shared is None:
+            shared = tuple(sys.intern(tag) for tag in tags)
+            if len(self._tags) < self.MAX_SHARED_TAGS:
+                self._tags[shared] = shared
+        return shared
+
+    def of(self, key: NodeKey) -> list[HistoryRecord]:
+        """The node's records, oldest first (the list itself: do not change it)."""
+        return self.by_node.get(key, [])
+
+    def drop(self, records: list[HistoryRecord]) -> None:
+        """Forget these records (work undone after a failure: :meth:`Store.reload`)."""
+        gone = {id(record) for record in records}
+        for key in {(r.cluster, r.node) for r in records}:
+            kept = [r for r in self.by_node.get(key, []) if id(r) not in gone]
+            if kept:
+                self.by_node[key] = kept
+            else:
+                self.by_node.pop(key, None)
+
+    def __len__(self) -> int:
+        return sum(map(len, self.by_node.values()))
 
 
 # -- peer metrics: the numbers fleet-relative rules compare -------------------------

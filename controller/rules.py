@@ -6,7 +6,7 @@ A rule file::
       - name: host-check-failed
         when: result.status == "fail" && result.check.startsWith("host_")
         severity: critical          # info | warning | critical
-        actions: [drain, alert]     # any of drain, alert
+        actions: [drain, alert]     # any of drain, alert, heal, mark_failed, diagnose
         description: A host check failed on the node.
 
 ``when`` is a CEL expression over ``node`` (``name``, ``cluster``, ``state``,
@@ -15,11 +15,15 @@ majority value among the nodes of the node's cluster and partition that have
 it, where one value is held by more than half of them; ``median`` and ``peers``:
 per check and metric, the median of the values of the node's peers, its own left
 out, and how many there are, see
-:class:`~vetd.controller.model.PeerMetrics`) and either ``result`` (``check``, ``entity``,
+:class:`~vetd.controller.model.PeerMetrics`), ``history`` (what happened to the node and
+its GPUs before: ``history.gpu.incidents("24h", "xid_31")``, see
+:mod:`~vetd.controller.history`) and either ``result`` (``check``, ``entity``,
 ``status``, ``codes``, ``metrics``, ``message``, ``duration_s``, ``profile``,
 ``job_id``) or ``event`` (``name``, ``entity``, ``severity``, ``codes``,
-``metrics``, ``message``, ``job_id``). A rule is evaluated on results if its
-condition uses ``result``, on events if it uses ``event`` (one, not both).
+``metrics``, ``message``, ``job_id``, ``data``). A rule is evaluated on results if its
+condition uses ``result``, on events if it uses ``event`` (one, not both), and
+on jobs if it uses ``job`` (:class:`~vetd.controller.jobs.JobContext`: once per
+node of a job that has ended, with that node's ``job_end`` as ``event``).
 A condition that errors at run time (a missing metric: guard it with
 ``has(result.metrics.temp_c)``) does not match; the engine counts the error
 per rule and alerts once per rule.
@@ -49,19 +53,30 @@ import msgspec
 import yaml
 from cel_expr_python import cel
 
+from vetd.controller import history
 from vetd.controller.actions import OWN_STEPS, HealingStep
+from vetd.controller.jobs import JobContext
 from vetd.controller.model import NodeRow
 from vetd.core.configfile import ConfigError, Duration, dec_hook, read_text
 from vetd.core.protocol import Envelope, Event, Result
 
 Severity = Literal["info", "warning", "critical"]
-Action = Literal["drain", "alert", "heal", "mark_failed"]
+Action = Literal["drain", "alert", "heal", "mark_failed", "suspect", "diagnose"]
 
 _DYN_MAP = cel.Type.Map(cel.Type.STRING, cel.Type.DYN)
-_ENV_ALL = cel.NewEnv(variables={"result": _DYN_MAP, "event": _DYN_MAP, "node": _DYN_MAP, "fleet": _DYN_MAP})
-_ENV_RESULT = cel.NewEnv(variables={"result": _DYN_MAP, "node": _DYN_MAP, "fleet": _DYN_MAP})
-_ENV_EVENT = cel.NewEnv(variables={"event": _DYN_MAP, "node": _DYN_MAP, "fleet": _DYN_MAP})
+# `history.node.incidents("7d")`… are functions on the history scopes (vetd.controller.history).
+_FUNCTIONS = history.DECLARATIONS
+_ENV_ALL = cel.NewEnv(variables={"result": _DYN_MAP, "event": _DYN_MAP, "node": _DYN_MAP, "fleet": _DYN_MAP,
+                                 "job": _DYN_MAP, "history": _DYN_MAP}, functions=_FUNCTIONS)
+_ENV_RESULT = cel.NewEnv(variables={"result": _DYN_MAP, "node": _DYN_MAP, "fleet": _DYN_MAP, "history": _DYN_MAP},
+                         functions=_FUNCTIONS)
+_ENV_EVENT = cel.NewEnv(variables={"event": _DYN_MAP, "node": _DYN_MAP, "fleet": _DYN_MAP, "history": _DYN_MAP},
+                        functions=_FUNCTIONS)
+#: Rules on jobs: ``job`` and the node's ``job_end`` as ``event`` (:mod:`~vetd.controller.jobs`).
+_ENV_JOB = cel.NewEnv(variables={"job": _DYN_MAP, "event": _DYN_MAP, "node": _DYN_MAP, "fleet": _DYN_MAP,
+                                 "history": _DYN_MAP}, functions=_FUNCTIONS)
 _USES_FLEET = re.compile(r"\bfleet\b")
+_USES_HISTORY = re.compile(r"\bhistory\b")
 _USES_PEERS = re.compile(r"\bfleet\s*\.\s*(?:median|peers)\b")
 #: What a condition names: quoted strings, and map keys taken as fields (``fleet.median.gpu_gemm.x``).
 _LITERAL = re.compile(r'"((?:[^"\\]|\\.)*)"|\'((?:[^\'\\]|\\.)*)\'')
@@ -119,16 +134,23 @@ _COMMON = {
     # What PeerMetrics.view gives: per check, per metric, the peers' median and how many peers.
     "fleet.median": cel.Type.Map(cel.Type.STRING, cel.Type.Map(cel.Type.STRING, cel.Type.DOUBLE)),
     "fleet.peers": cel.Type.Map(cel.Type.STRING, cel.Type.Map(cel.Type.STRING, cel.Type.INT)),
+    # What history.SCOPES gives: the scopes its functions count on.
+    **{f"history.{scope}": _DYN_MAP for scope in history.SCOPES},
 }
 #: Per input kind: every field a condition or template may name (``root.field``) and its CEL type.
 SCHEMAS: dict[str, dict[str, Any]] = {
     "result": {**_declared("result", Result, message_fields(Result)), **_COMMON},
     "event": {**_declared("event", Event, message_fields(Event)), **_COMMON},
+    "job": {**_declared("job", JobContext, tuple(f.name for f in msgspec.structs.fields(JobContext))),
+            **_declared("event", Event, message_fields(Event)), **_COMMON},
 }
+#: The variables a rule on each kind of input sees.
+_SEES = {"result": ("result", "node", "fleet"), "event": ("event", "node", "fleet"),
+         "job": ("job", "event", "node", "fleet")}
 # Declaring `result.status` and not `result` makes CEL's checker resolve each field as a typed
 # name: a misspelling is an undeclared reference, a string compared with a number has no overload.
-_TYPED_ENVS = {kind: cel.NewEnv(variables=schema) for kind, schema in SCHEMAS.items()}
-_ROOTS = ("result", "event", "node", "fleet")
+_TYPED_ENVS = {kind: cel.NewEnv(variables=schema, functions=_FUNCTIONS) for kind, schema in SCHEMAS.items()}
+_ROOTS = ("result", "event", "node", "fleet", "job", "history")
 _CHECK_ERROR = re.compile(r"ERROR: <input>:(\d+):(\d+): (.*)")
 _UNDECLARED = re.compile(r"undeclared reference to '([\w.]+)'")
 _NUMERIC_PAIR = re.compile(r"applied to '\((?:int|uint|double), (?:int|uint|double)\)'")
@@ -165,7 +187,7 @@ class RuleSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 @dataclass(frozen=True)
 class Rule:
     spec: RuleSpec
-    #: ``"result"`` or ``"event"``: the kind of message the rule looks at.
+    #: ``"result"``, ``"event"`` or ``"job"``: what the rule looks at.
     input: str
     expression: Any
     source: str
@@ -188,6 +210,11 @@ class RuleSet:
     def uses_fleet(self) -> bool:
         """Whether a condition reads ``fleet`` (only then is it worked out); asked once per message."""
         return any(_USES_FLEET.search(rule.spec.when) for rule in self.rules)
+
+    @functools.cached_property
+    def uses_history(self) -> bool:
+        """Whether a condition reads ``history`` (only then is a message's history put in view)."""
+        return any(_USES_HISTORY.search(rule.spec.when) for rule in self.rules)
 
     @functools.cached_property
     def uses_peers(self) -> bool:
@@ -221,7 +248,12 @@ def _compile(expression: str) -> tuple[str, Any]:
         return "event", _ENV_EVENT.compile(expression)
     except RuntimeError:
         pass
-    raise ValueError("a condition looks at `result` or at `event`, not both")
+    try:
+        return "job", _ENV_JOB.compile(expression)
+    except RuntimeError:
+        pass
+    raise ValueError("a condition looks at `result` or at `event`, not both (a rule on jobs looks at `job`, "
+                     "and may look at `event`)")
 
 
 def _check_fields(expression: str, kind: str) -> None:
@@ -256,7 +288,7 @@ def _check_fields(expression: str, kind: str) -> None:
 def _field_known(path: str, kind: str) -> bool:
     """Whether ``{{ path }}`` names something a rule on ``kind`` sees (a map's keys are free)."""
     parts = path.split(".")
-    if parts[0] not in (kind, "node", "fleet"):
+    if parts[0] not in _SEES[kind]:
         return False
     declared = SCHEMAS[kind].get(".".join(parts[:2]))
     if len(parts) == 1:
@@ -278,7 +310,8 @@ def template_problem(template: str, kind: str) -> str:
         if not _PLACEHOLDER.fullmatch(template[start:end + 2]):
             return f"`{template[start:end + 2]}` is not a field placeholder like {{{{ node.name }}}}"
         if not _field_known(path, kind):
-            return f"unknown field `{path}` (a rule on {kind}s sees {kind}.*, node.*, fleet.*)"
+            sees = ", ".join(f"{root}.*" for root in _SEES[kind])
+            return f"unknown field `{path}` (a rule on {kind}s sees {sees})"
         at = end + 2
     return ""
 
@@ -362,6 +395,8 @@ def _parse_rule(node: yaml.Node, source: str) -> Rule:
     if not spec.name.strip():
         raise RuleError(f"{source}:{line}: rule: name must not be empty")
     try:
+        if problem := history.window_problem(spec.when):
+            raise ValueError(problem)
         kind, expression = _compile(spec.when)
         _check_fields(spec.when, kind)
     except ValueError as exc:
@@ -371,9 +406,11 @@ def _parse_rule(node: yaml.Node, source: str) -> Rule:
         at = _line(keys[key]) if key in keys else line
         return RuleError(f"{source}:{at}: {label}: {key}: {message}")
 
-    if kind == "event" and (spec.for_ or spec.keep_firing_for):
+    if kind != "result" and (spec.for_ or spec.keep_firing_for):
         raise fail("for" if spec.for_ else "keep_firing_for",
-                   "only rules on results can wait (events are instants: use count/within)")
+                   f"only rules on results can wait ({kind}s are instants: use count/within)")
+    if "suspect" in spec.actions and {"drain", "heal", "mark_failed"} & set(spec.actions):
+        raise fail("actions", "suspect keeps the node in service: not with drain, heal or mark_failed")
     if spec.count < 1:
         raise fail("count", "must be at least 1")
     if spec.count > 1 and not spec.within:

@@ -46,7 +46,7 @@ from vetd.controller.decisions import Decisions
 from vetd.controller.engine import Engine
 from vetd.controller.executor import Executor
 from vetd.controller.ingest import BrokerLink, NameBounds, decode, malformed
-from vetd.controller.model import NodeRow
+from vetd.controller.model import NodeHistory, NodeRow
 from vetd.controller.plugins import plugins
 from vetd.controller.requests import OperatorRequests
 from vetd.controller.rules import RuleSet, healing_steps, load_rules
@@ -85,7 +85,8 @@ class Controller:
         self.bounds = NameBounds(config.limits, self.counters, self.store.known_names())
         command_key = (read_key(config.command_key_file, f"{config.source}: command_key_file")
                        if config.command_key_file else b"")
-        self.engine = Engine(config, self.store.load_state(), self.counters,
+        history = NodeHistory(float(config.history.keep), config.history.per_kind)
+        self.engine = Engine(config, self.store.load_state(history), self.counters,
                              rules=functools.partial(load_rules, config.rules), steps=healing_steps(),
                              alerting=self.alerts.enabled, session=self.session, command_key=command_key)
         self.executor = Executor(self.store, self.counters, scheduler=self.backend, alerts=self.alerts,
@@ -183,12 +184,27 @@ class Controller:
         """Carry out what operators asked for through the CLI or HTTP."""
         self.executor.enqueue(self.requests.handle(time.time() if now is None else now))
 
-    def heal_tick(self, now: float | None = None) -> Decisions:
-        """Advance every healing ladder that waits on time (start, deadline, reboot)."""
+    def heal_tick(self, now: float | None = None, *, carry_out: bool = True) -> Decisions:
+        """Advance every healing ladder that waits on time (start, deadline, reboot); ``carry_out``
+        False only decides (``vetd rules test``)."""
         with self.store.transaction():
             decisions = self.engine.heal_tick(time.time() if now is None else now)
             self.store.apply(decisions.changes)
-        self.executor.enqueue(decisions)
+        if carry_out:
+            self.executor.enqueue(decisions)
+        return decisions
+
+    def job_tick(self, now: float | None = None) -> Decisions:
+        """Decide on jobs whose nodes had ``[jobs] settle`` to report their ends, close lost ones;
+        returns what was decided (for the executor)."""
+        now = time.time() if now is None else now
+        if not self.engine.jobs.due(now):
+            return Decisions()
+        with self.store.transaction():
+            decisions = self.engine.job_tick(now)
+            self.store.apply(decisions.changes)
+            self.counters.write(self.store)
+        self.counters.written()
         return decisions
 
     def agent_tick(self, now: float | None = None) -> Decisions:
@@ -198,12 +214,14 @@ class Controller:
         return self.process_messages(checks, now) if checks else Decisions()
 
     def prune(self, now: float | None = None) -> dict[str, int]:
-        """Delete history, audit and requests beyond ``[store] keep``: bounded work, one transaction."""
+        """Delete history, audit and requests beyond ``[store] keep``, and node history records
+        beyond ``[history] keep``: bounded work, one transaction."""
+        now = time.time() if now is None else now
         keep = float(self.config.store.keep)
-        if not keep:
-            return {}
         with self.store.transaction():
-            pruned = self.store.prune((time.time() if now is None else now) - keep, PRUNE_ROWS)
+            pruned = self.store.prune(now - keep, PRUNE_ROWS) if keep else {}
+            pruned["node_history"] = self.store.prune_node_history(now - float(self.config.history.keep),
+                                                                   PRUNE_ROWS)
         if any(pruned.values()):
             log.info("store_pruned", keep=self.config.store.keep, **pruned)
         return pruned
@@ -239,6 +257,7 @@ class Controller:
             try:
                 self.handle_requests()
                 self.heal_tick()
+                self.executor.enqueue(self.job_tick())
                 if (now := time.monotonic()) - agents_checked >= AGENT_CHECK_S:
                     agents_checked = now
                     self.executor.enqueue(self.agent_tick())

@@ -30,6 +30,10 @@ from vetd.controller.model import (
     Changes,
     FleetState,
     Healing,
+    HistoryRecord,
+    Job,
+    JobNode,
+    NodeHistory,
     NodeRow,
     PendingAction,
     RuleState,
@@ -204,6 +208,82 @@ CREATE TABLE IF NOT EXISTS pending_actions (
 """
 
 
+#: Jobs as the agents announce them, each node's part, and what the nodes showed while they ran
+#: (issue 17). Migration 4. ``run`` 0 is a job id's latest run; a requeued job's earlier runs are
+#: 1, 2… (the newest first).
+JOBS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    cluster TEXT NOT NULL,
+    id TEXT NOT NULL,
+    user TEXT NOT NULL DEFAULT '',
+    phase TEXT NOT NULL,
+    started REAL NOT NULL,
+    ended REAL,
+    state TEXT NOT NULL DEFAULT '',
+    exit_code INTEGER,
+    failed INTEGER NOT NULL DEFAULT 0,
+    updated REAL NOT NULL,
+    ending_since REAL,
+    opened REAL NOT NULL DEFAULT 0,
+    run INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (cluster, id, run)
+);
+CREATE INDEX IF NOT EXISTS jobs_started ON jobs (started);
+CREATE INDEX IF NOT EXISTS jobs_updated ON jobs (updated);
+CREATE INDEX IF NOT EXISTS jobs_open ON jobs (phase) WHERE phase IN ('running', 'ending');
+CREATE TABLE IF NOT EXISTS job_nodes (
+    cluster TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    node TEXT NOT NULL,
+    gpus TEXT NOT NULL DEFAULT '',
+    started REAL,
+    ended REAL,
+    state TEXT NOT NULL DEFAULT '',
+    exit_code INTEGER,
+    findings INTEGER NOT NULL DEFAULT 0,
+    codes TEXT NOT NULL DEFAULT '[]',
+    end_event INTEGER NOT NULL DEFAULT 0,
+    run INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (cluster, job_id, run, node)
+);
+CREATE INDEX IF NOT EXISTS job_nodes_node ON job_nodes (cluster, node);
+CREATE TABLE IF NOT EXISTS job_findings (
+    id INTEGER PRIMARY KEY,
+    cluster TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    node TEXT NOT NULL,
+    ts REAL NOT NULL,
+    kind TEXT NOT NULL,
+    name TEXT NOT NULL,
+    entity TEXT NOT NULL,
+    status TEXT NOT NULL,
+    codes TEXT NOT NULL,
+    message TEXT NOT NULL,
+    history_id INTEGER NOT NULL,
+    run INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS job_findings_job ON job_findings (cluster, job_id, run);
+"""
+
+
+#: What happened to each node (incidents, remediations, reboots, drains…) that rules count
+#: (``history.node.incidents("7d")``), and the boot id of each node's latest birth. Migration 5.
+HISTORY_SCHEMA = """
+CREATE TABLE IF NOT EXISTS node_history (
+    id INTEGER PRIMARY KEY,
+    cluster TEXT NOT NULL,
+    node TEXT NOT NULL,
+    ts REAL NOT NULL,
+    kind TEXT NOT NULL,
+    entity TEXT NOT NULL DEFAULT '',
+    tags TEXT NOT NULL DEFAULT '[]'
+);
+CREATE INDEX IF NOT EXISTS node_history_node ON node_history (cluster, node, ts);
+CREATE INDEX IF NOT EXISTS node_history_ts ON node_history (ts);
+ALTER TABLE nodes ADD COLUMN boot_id TEXT NOT NULL DEFAULT ''
+"""
+
+
 #: Ordered schema steps: entry ``i`` takes a database from version ``i`` to ``i + 1`` (``PRAGMA
 #: user_version``). Each runs in its own transaction on start; a change to the schema is one more
 #: entry at the end, never an edit of an entry already released.
@@ -217,6 +297,10 @@ MIGRATIONS: tuple[str, ...] = (
     """,
     # 3: drains and resumes the executor retries until the scheduler confirms them.
     PENDING_ACTIONS_SCHEMA,
+    # 4: jobs, their nodes and what those showed while the job ran.
+    JOBS_SCHEMA,
+    # 5: what happened to each node, for `history` in rules (issue 14), and its boot id.
+    HISTORY_SCHEMA,
 )
 #: The version this code writes and reads.
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -306,8 +390,9 @@ class Store:
 
     # -- the engine's model: loaded once, changed by apply -------------------
 
-    def load_state(self) -> FleetState:
-        """Everything the engine decides on, as committed."""
+    def load_state(self, history: NodeHistory | None = None) -> FleetState:
+        """Everything the engine decides on, as committed; ``history`` (empty, with its bounds)
+        gets each node's latest records."""
         db = self.db
         rule_states = {(r["rule"], r["cluster"], r["node"], r["subject"]): RuleState(r["phase"], r["since"],
                                                                                      r["cleared_at"])
@@ -321,7 +406,21 @@ class Store:
             "SELECT * FROM audit WHERE action='drain' AND actor='controller' ORDER BY id")]
         return FleetState(nodes=dict(self.nodes), rule_states=rule_states, rule_windows=rule_windows,
                           firing_alerts=self.firing_alerts(), healings={(h.cluster, h.node): h for h in healings},
-                          breakers=breakers, drains=drains, agents_late=self._agents_late())
+                          breakers=breakers, drains=drains, agents_late=self._agents_late(),
+                          jobs=self._open_jobs(),
+                          history=self._load_history(NodeHistory() if history is None else history))
+
+    def _load_history(self, history: NodeHistory) -> NodeHistory:
+        """Each node's latest ``history.per_kind`` records of each kind into ``history`` (which
+        drops those older than its ``keep`` before the node's newest)."""
+        rows = self.db.execute(
+            """SELECT * FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY cluster, node, kind
+                                                           ORDER BY ts DESC, id DESC) AS newest FROM node_history)
+               WHERE newest <= ? ORDER BY cluster, node, ts, id""", (history.per_kind,))
+        for r in rows:
+            history.add(HistoryRecord(r["cluster"], r["node"], r["ts"], r["kind"], r["entity"],
+                                      tuple(json.loads(r["tags"]))))
+        return history
 
     def _agents_late(self, node: tuple[str, str] | None = None) -> set[tuple[str, str]]:
         """Nodes the controller's own ``vetd_agent`` check last found offline too long (of ``node`` only)."""
@@ -339,6 +438,7 @@ class Store:
         ladder may also have been changed in place before it was noted: the caller names those nodes).
         """
         db = self.db
+        nodes = set(nodes)
         for key in {*changes.nodes, *nodes}:
             row = db.execute("SELECT * FROM nodes WHERE cluster=? AND name=?", key).fetchone()
             if row is None:
@@ -387,6 +487,13 @@ class Store:
                 state.breakers[partition] = Breaker(bool(r["open"]), r["since"], r["reason"])
         undone = {id(record) for record in changes.audit}
         state.drains[:] = [record for record in state.drains if id(record) not in undone]
+        # Jobs the failed work changed, and those with a part on its nodes (changed in place first).
+        touched = {*changes.jobs, *((c, j) for c, j, _ in changes.job_nodes)}
+        touched |= {key for key, job in state.jobs.items() if any((job.cluster, n) in nodes for n in job.nodes)}
+        for job_key in touched:
+            state.jobs.pop(job_key, None)
+            state.jobs.update(self._open_jobs(job_key))
+        state.history.drop(changes.history)
 
     def apply(self, changes: Changes) -> None:
         """Persist what the engine changed, inside the caller's transaction.
@@ -397,13 +504,14 @@ class Store:
         if changes.nodes:
             db.executemany(
                 """INSERT INTO nodes (cluster, name, state, state_since, reason, online, session,
-                       session_started, first_seen, last_seen, agent_version, labels)
-                   VALUES (?,?,?,?,?,?,?,?,?,?,?,?)
+                       session_started, first_seen, last_seen, agent_version, labels, boot_id)
+                   VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)
                    ON CONFLICT (cluster, name) DO UPDATE SET state=excluded.state,
                        state_since=excluded.state_since, reason=excluded.reason,
                        online=excluded.online, session=excluded.session,
                        session_started=excluded.session_started, last_seen=excluded.last_seen,
-                       agent_version=excluded.agent_version, labels=excluded.labels""",
+                       agent_version=excluded.agent_version, labels=excluded.labels,
+                       boot_id=excluded.boot_id""",
                 [_node_values(row) for row in changes.nodes.values()],
             )
             self.nodes.update(changes.nodes)
@@ -436,10 +544,60 @@ class Store:
                        [(p, int(b.open), b.since, b.reason) for p, b in changes.breakers.items()])
         db.executemany("INSERT OR REPLACE INTO agent_loss (cluster, node, dropped) VALUES (?,?,?)",
                        [(*key, json.dumps(dropped)) for key, dropped in changes.agent_loss.items()])
+        db.executemany("INSERT INTO node_history (cluster, node, ts, kind, entity, tags) VALUES (?,?,?,?,?,?)",
+                       [(r.cluster, r.node, r.ts, r.kind, r.entity, json.dumps(list(r.tags)))
+                        for r in changes.history])
         for record in changes.audit:
             record.id = self.audit(record.cluster, record.node, record.action, actor=record.actor,
                                    rule=record.rule, outcome=record.outcome, detail=record.detail,
                                    evidence=record.evidence, now=record.ts)
+        self._apply_jobs(changes)
+
+    # -- jobs ------------------------------------------------------------------
+
+    def _apply_jobs(self, changes: Changes) -> None:
+        db = self.db
+        for job in changes.jobs.values():
+            # A job id whose latest run in the store is another (closed) one: that run becomes run 1.
+            row = db.execute("SELECT opened FROM jobs WHERE cluster=? AND id=? AND run=0", (job.cluster, job.id))
+            if (found := row.fetchone()) is not None and found[0] != job.opened:
+                for table, column in (("jobs", "id"), ("job_nodes", "job_id"), ("job_findings", "job_id")):
+                    db.execute(f"UPDATE {table} SET run = -run - 1 WHERE cluster=? AND {column}=?",
+                               (job.cluster, job.id))
+                    db.execute(f"UPDATE {table} SET run = -run WHERE cluster=? AND {column}=? AND run < 0",
+                               (job.cluster, job.id))
+        db.executemany(
+            """INSERT INTO jobs (cluster, id, run, user, phase, started, ended, state, exit_code, failed, updated,
+                   ending_since, opened) VALUES (?,?,0,?,?,?,?,?,?,?,?,?,?)
+               ON CONFLICT (cluster, id, run) DO UPDATE SET user=excluded.user, phase=excluded.phase,
+                   started=excluded.started, ended=excluded.ended, state=excluded.state,
+                   exit_code=excluded.exit_code, failed=excluded.failed, updated=excluded.updated,
+                   ending_since=excluded.ending_since""",
+            [(j.cluster, j.id, j.user, j.phase, j.started, j.ended, j.state, j.exit_code, int(j.failed), j.updated,
+              j.ending_since, j.opened) for j in changes.jobs.values()])
+        db.executemany(
+            """INSERT OR REPLACE INTO job_nodes (cluster, job_id, node, run, gpus, started, ended, state, exit_code,
+                   findings, codes, end_event) VALUES (?,?,?,0,?,?,?,?,?,?,?,?)""",
+            [(*key, p.gpus, p.started, p.ended, p.state, p.exit_code, p.findings, _json(p.codes), p.end_event)
+             for key, p in changes.job_nodes.items()])
+        db.executemany(
+            """INSERT INTO job_findings (cluster, job_id, node, run, ts, kind, name, entity, status, codes, message,
+                   history_id) VALUES (?,?,?,0,?,?,?,?,?,?,?,?)""",
+            [(f.cluster, f.job_id, f.node, f.ts, f.kind, f.name, f.entity, f.status, _json(f.codes), f.message,
+              f.history_id) for f in changes.job_findings])
+
+    def _open_jobs(self, key: tuple[str, str] | None = None) -> dict[tuple[str, str], Job]:
+        """The open jobs (running, or waiting for their nodes' ends), or ``key`` if it is one."""
+        where = "WHERE j.run = 0 AND j.phase IN ('running', 'ending')" + (
+            "" if key is None else " AND j.cluster=? AND j.id=?")
+        params = key or ()
+        jobs = {(r["cluster"], r["id"]): _job_from_row(r)
+                for r in self.db.execute(f"SELECT j.* FROM jobs j {where}", params)}
+        if jobs:
+            for r in self.db.execute("SELECT n.* FROM job_nodes n JOIN jobs j ON j.cluster = n.cluster "
+                                     f"AND j.id = n.job_id AND j.run = n.run {where}", params):
+                jobs[(r["cluster"], r["job_id"])].nodes[r["node"]] = _job_node_from_row(r)
+        return jobs
 
     # -- nodes -------------------------------------------------------------
 
@@ -527,8 +685,8 @@ class Store:
         return known
 
     def prune(self, before: float, limit: int) -> dict[str, int]:
-        """Delete history, audit and request rows from before ``before``, at most ``limit`` of each
-        (the oldest), inside the caller's transaction; returns how many went, by table.
+        """Delete history, audit and request rows and closed jobs from before ``before``, at most
+        ``limit`` of each (the oldest), inside the caller's transaction; returns how many went, by table.
 
         Drains not yet carried out and pending requests stay whatever their age.
         """
@@ -540,7 +698,30 @@ class Store:
             "requests": "DELETE FROM requests WHERE id IN (SELECT id FROM requests WHERE ts < ? "
                         "AND status != 'pending' ORDER BY ts LIMIT ?)",
         }
-        return {table: self.db.execute(query, (before, limit)).rowcount for table, query in queries.items()}
+        pruned = {table: self.db.execute(query, (before, limit)).rowcount for table, query in queries.items()}
+        # Jobs closed before ``before`` (open ones belong to the engine), with their nodes and findings.
+        jobs = self.db.execute("SELECT cluster, id, run FROM jobs WHERE updated < ? AND phase IN ('done', 'lost') "
+                               "ORDER BY updated LIMIT ?", (before, limit)).fetchall()
+        for table, column in (("job_findings", "job_id"), ("job_nodes", "job_id"), ("jobs", "id")):
+            self.db.executemany(f"DELETE FROM {table} WHERE cluster=? AND {column}=? AND run=?",
+                                [tuple(r) for r in jobs])
+        pruned["jobs"] = len(jobs)
+        return pruned
+
+    def prune_node_history(self, before: float, limit: int) -> int:
+        """Delete at most ``limit`` of the oldest node history records from before ``before``
+        (``[history] keep``), inside the caller's transaction; returns how many went."""
+        return self.db.execute("DELETE FROM node_history WHERE id IN (SELECT id FROM node_history WHERE ts < ? "
+                               "ORDER BY ts LIMIT ?)", (before, limit)).rowcount
+
+    def node_history(self, cluster: str, node: str, limit: int = 50) -> list[dict[str, Any]]:
+        """A node's latest history records (what ``history`` in rules counts), newest first."""
+        try:
+            rows = self.db.execute("SELECT * FROM node_history WHERE cluster=? AND node=? ORDER BY ts DESC, id DESC "
+                                   "LIMIT ?", (cluster, node, limit)).fetchall()
+        except sqlite3.OperationalError:  # read-only, from a controller that never had the table
+            return []
+        return [{**dict(r), "tags": json.loads(r["tags"])} for r in rows]
 
     # -- audit and counters ------------------------------------------------
 
@@ -637,14 +818,15 @@ class Store:
 
     # -- operator requests and the circuit breaker ---------------------------
 
-    def submit(self, actor: str, action: str, nodes: Sequence[object] = (), reason: str = "") -> int:
-        """Queue an operator request for the running controller.
+    def submit(self, actor: str, action: str, nodes: Sequence[object] = (), reason: str = "",
+               now: float | None = None) -> int:
+        """Queue an operator request for the running controller (``now``: a replay's clock).
 
         ``nodes`` are ``(cluster, node)`` pairs, or partition names for a breaker reset.
         """
         cursor = self.db.execute(
             "INSERT INTO requests (ts, actor, action, nodes, reason) VALUES (?,?,?,?,?)",
-            (time.time(), actor, action, json.dumps(list(nodes)), reason),
+            (time.time() if now is None else now, actor, action, json.dumps(list(nodes)), reason),
         )
         return int(cursor.lastrowid or 0)
 
@@ -739,6 +921,81 @@ class Store:
         return {"received": row[0], "duplicates": row[1], "gaps": row[2],
                 "agent_dropped": json.loads(loss[0]) if loss else {}}
 
+    # -- jobs: the read side (vetd job, vetd jobs, the HTTP API) ---------------------
+
+    def jobs(self, cluster: str | None = None, *, node: str | None = None, failed: bool = False,
+             since: float | None = None, limit: int = 200) -> list[dict[str, Any]]:
+        """Job runs newest first (by start), each with its ``nodes`` (their parts): of ``node`` only,
+        failed ones only, those running or ended since ``since``; none in a database older than jobs."""
+        query = "SELECT * FROM jobs j WHERE (? IS NULL OR j.cluster = ?)"
+        params: list[Any] = [cluster, cluster]
+        if node is not None:
+            query += " AND EXISTS (SELECT 1 FROM job_nodes n WHERE n.cluster = j.cluster AND n.job_id = j.id " \
+                     "AND n.run = j.run AND n.node = ?)"
+            params.append(node)
+        if failed:
+            query += " AND j.failed = 1"
+        if since is not None:  # open ones, and closed ones that ended (or were lost) since
+            query += " AND (j.phase IN ('running', 'ending') OR coalesce(j.ended, j.updated) >= ?)"
+            params.append(since)
+        try:
+            rows = [dict(r) for r in self.db.execute(query + " ORDER BY j.started DESC, j.id, j.run LIMIT ?",
+                                                     (*params, limit))]
+        except sqlite3.OperationalError:  # read-only, from a controller that never had the table
+            return []
+        for row in rows:
+            row["failed"] = bool(row["failed"])
+            row["nodes"] = self.job_parts(row["cluster"], row["id"], row["run"])
+        return rows
+
+    def job(self, cluster: str | None, job_id: str, run: int = 0) -> dict[str, Any] | None:
+        """One run of a job (0: the latest) with its nodes' parts, its findings and how many runs the
+        job id has had (``runs``); None: unknown. Of any cluster when ``cluster`` is None."""
+        try:
+            row = self.db.execute("SELECT * FROM jobs WHERE (? IS NULL OR cluster = ?) AND id = ? AND run = ? "
+                                  "ORDER BY updated DESC", (cluster, cluster, job_id, run)).fetchone()
+        except sqlite3.OperationalError:
+            return None
+        if row is None:
+            return None
+        job = {**dict(row), "failed": bool(row["failed"])}
+        job["runs"] = self.db.execute("SELECT count(*) FROM jobs WHERE cluster = ? AND id = ?",
+                                      (job["cluster"], job_id)).fetchone()[0]
+        job["nodes"] = self.job_parts(job["cluster"], job_id, run)
+        job["findings"] = [_decoded(dict(r)) for r in self.db.execute(
+            "SELECT node, ts, kind, name, entity, status, codes, message, history_id FROM job_findings "
+            "WHERE cluster = ? AND job_id = ? AND run = ? ORDER BY ts, id", (job["cluster"], job_id, run))]
+        return job
+
+    def job_parts(self, cluster: str, job_id: str, run: int = 0) -> list[dict[str, Any]]:
+        return [{**dict(r), "codes": json.loads(r["codes"])} for r in self.db.execute(
+            "SELECT node, gpus, started, ended, state, exit_code, findings, codes FROM job_nodes "
+            "WHERE cluster = ? AND job_id = ? AND run = ? ORDER BY node", (cluster, job_id, run))]
+
+    def job_decisions(self, cluster: str, job_id: str, nodes: Sequence[str], since: float,
+                      until: float) -> list[dict[str, Any]]:
+        """Rules that fired on the job (their audit rows name it ``job:ID``) on ``nodes``, between
+        ``since`` and ``until`` (the controller's times the run was opened and last heard of)."""
+        rows = []
+        for node in nodes:
+            rows += self.db.execute("SELECT * FROM audit WHERE cluster = ? AND node = ? AND ts >= ? AND ts <= ? "
+                                    "AND detail = ?", (cluster, node, since, until, f"job:{job_id}")).fetchall()
+        return [{**dict(r), "evidence": json.loads(r["evidence"])} for r in sorted(rows, key=lambda r: r["id"])]
+
+    def job_parts_between(self, since: float, node: str | None = None) -> list[dict[str, Any]]:
+        """Every node's part in a job that started or ended since ``since`` (of ``node`` only), with
+        the job's user: what ``vetd export`` writes as ``job`` lines."""
+        try:
+            rows = self.db.execute(
+                "SELECT n.*, j.user FROM job_nodes n JOIN jobs j ON j.cluster = n.cluster AND j.id = n.job_id "
+                "AND j.run = n.run WHERE (n.started >= ? OR n.ended >= ?) AND (? IS NULL OR n.node = ?) "
+                "ORDER BY n.started",
+                (since, since, node, node))
+        except sqlite3.OperationalError:
+            return []
+        return [{**dict(r), "codes": json.loads(r["codes"])} for r in rows]
+
+
 _json_encoder = msgspec.json.Encoder()
 
 
@@ -759,7 +1016,7 @@ def _decoded(row: dict[str, Any]) -> dict[str, Any]:
 
 def _node_values(row: NodeRow) -> tuple[Any, ...]:
     return (row.cluster, row.name, row.state, row.state_since, row.reason, int(row.online), row.session,
-            row.session_started, row.first_seen, row.last_seen, row.agent_version, _json(row.labels))
+            row.session_started, row.first_seen, row.last_seen, row.agent_version, _json(row.labels), row.boot_id)
 
 
 def _audit_from_row(r: sqlite3.Row) -> Audit:
@@ -785,4 +1042,18 @@ def _node_from_row(r: sqlite3.Row) -> NodeRow:
         last_seen=r["last_seen"],
         agent_version=r["agent_version"],
         labels=json.loads(r["labels"]),
+        # A read-only look at an older database has no boot_id (a Row's `in` looks at values, not keys).
+        boot_id=r["boot_id"] if "boot_id" in r.keys() else "",  # noqa: SIM118
     )
+
+
+def _job_from_row(r: sqlite3.Row) -> Job:
+    return Job(cluster=r["cluster"], id=r["id"], started=r["started"], updated=r["updated"], user=r["user"],
+               phase=r["phase"], ended=r["ended"], state=r["state"], exit_code=r["exit_code"],
+               failed=bool(r["failed"]), ending_since=r["ending_since"], opened=r["opened"])
+
+
+def _job_node_from_row(r: sqlite3.Row) -> JobNode:
+    return JobNode(gpus=r["gpus"], started=r["started"], ended=r["ended"], state=r["state"],
+                   exit_code=r["exit_code"], findings=r["findings"], codes=json.loads(r["codes"]),
+                   end_event=r["end_event"])

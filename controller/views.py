@@ -1,4 +1,5 @@
-"""Read views of the fleet, the same for every reader: ``vetd nodes``, ``vetd node``, the HTTP API, ``vetd up``."""
+"""Read views of the fleet, the same for every reader: ``vetd nodes``, ``vetd node``, ``vetd jobs``,
+``vetd job``, the HTTP API, ``vetd up``."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 
 from vetd.controller.model import PendingAction
 from vetd.controller.store import Store
-from vetd.core.output import table
+from vetd.core.output import clean, table
 from vetd.core.protocol import BAD_STATUSES
 
 
@@ -76,3 +77,132 @@ def format_nodes(summaries: list[dict[str, Any]]) -> str:
         for s in summaries
     ]
     return table(headers, rows)
+
+
+# -- jobs: `vetd jobs`, `vetd job`, GET /api/v1/jobs -------------------------------
+
+
+def attribution(job: dict[str, Any]) -> dict[str, Any]:
+    """What a job's outcome points at, from what its nodes showed while it ran:
+
+    ``running``; ``ok`` (it did not fail); ``nodes`` (it failed, and these nodes showed something
+    while the others showed nothing, or its one node did: the failure is theirs); ``spread`` (it
+    failed and every one of its nodes showed something: the fabric, a file system, the application);
+    ``unexplained`` (it failed and no node showed anything). ``rules``: the nodes rules on the job
+    fired on (:func:`job_detail` fills it in).
+    """
+    parts = job["nodes"]
+    showed = [p["node"] for p in parts if p["findings"]]
+    if job["phase"] in ("running", "ending"):
+        kind, text = "running", "running" if job["phase"] == "running" else "ending (waiting for its nodes' ends)"
+    elif not job["failed"]:
+        kind, text = "ok", "did not fail"
+    elif showed and (len(showed) < len(parts) or len(parts) == 1):
+        only = "only " if len(parts) > 1 else ""
+        kind, text = "nodes", f"failed; {only}{_names(showed)} showed something while it ran: " + "; ".join(
+            f"{p['node']} {', '.join(p['codes'])}" for p in parts if p["findings"])
+    elif showed:
+        kind, text = "spread", f"failed; every node ({_names(showed)}) showed something: not one node's doing"
+    else:
+        kind, text = "unexplained", "failed; no node showed anything while it ran"
+    return {"kind": kind, "nodes": showed if kind == "nodes" else [], "rules": [], "text": text}
+
+
+def _names(nodes: list[str]) -> str:
+    from ClusterShell.NodeSet import NodeSet
+
+    return str(NodeSet.fromlist(nodes)) if nodes else "-"
+
+
+def job_summary(job: dict[str, Any]) -> dict[str, Any]:
+    """A job as ``vetd jobs --json`` shows it."""
+    ended = job["ended"]
+    return {
+        "cluster": job["cluster"],
+        "job": job["id"],
+        #: 0: the job id's latest run; 1, 2…: earlier ones (Slurm requeues a job under its id).
+        "run": job["run"],
+        "user": job["user"],
+        "phase": job["phase"],
+        "state": job["state"],
+        "exit_code": job["exit_code"],
+        "failed": job["failed"],
+        "started": job["started"],
+        "ended": ended,
+        "runtime_s": None if ended is None else round(ended - job["started"], 3),
+        "nodes": [p["node"] for p in job["nodes"]],
+        "findings": sum(p["findings"] for p in job["nodes"]),
+        "attribution": attribution(job),
+    }
+
+
+def job_summaries(store: Store, cluster: str | None, *, node: str | None = None, failed: bool = False,
+                  since: float | None = None, limit: int = 200) -> list[dict[str, Any]]:
+    return [job_summary(job) for job in store.jobs(cluster, node=node, failed=failed, since=since, limit=limit)]
+
+
+def job_detail(store: Store, cluster: str | None, job_id: str, run: int = 0) -> dict[str, Any] | None:
+    """A job's run as ``vetd job --json`` shows it (None: unknown): the summary, each node's part,
+    the findings, what rules decided on it, and how many runs the job id had."""
+    job = store.job(cluster, job_id, run)
+    if job is None:
+        return None
+    names = [p["node"] for p in job["nodes"]]
+    decisions = [{"ts": d["ts"], "node": d["node"], "rule": d["rule"]}
+                 for d in store.job_decisions(job["cluster"], job_id, names, job["opened"], job["updated"])]
+    summary = job_summary(job)
+    if decisions:  # rules that weigh this job with the node's other jobs (job-failures-on-node)
+        ruled = sorted({d["node"] for d in decisions})
+        summary["attribution"]["rules"] = ruled
+        summary["attribution"]["text"] += (f"; rules fired on {_names(ruled)} ("
+                                           f"{', '.join(sorted({d['rule'] for d in decisions}))})")
+    states = {n.name: n.state for n in store.node_rows() if n.cluster == job["cluster"] and n.name in names}
+    parts = [{**part, "node_state": states.get(part["node"], "")} for part in job["nodes"]]  # vetd's view now
+    return {**summary, "runs": job["runs"], "parts": parts, "found": job["findings"], "decisions": decisions}
+
+
+def _when(ts: float | None) -> str:
+    return "-" if ts is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def _outcome(job: dict[str, Any]) -> str:
+    if job["phase"] in ("running", "ending", "lost"):
+        return str(job["phase"])
+    code = "" if job["exit_code"] is None else f" exit {job['exit_code']}"
+    return f"{job['state'] or 'ended'}{code}"
+
+
+def format_jobs(summaries: list[dict[str, Any]]) -> str:
+    headers = ("JOB", "USER", "STARTED", "RUNTIME", "OUTCOME", "NODES", "POINTS AT")
+    rows = [(s["job"] + (f" (run -{s['run']})" if s["run"] else ""), s["user"] or "-", _when(s["started"]),
+             "-" if s["runtime_s"] is None else f"{s['runtime_s']:.0f}s", _outcome(s), _names(s["nodes"]),
+             {"nodes": _names(s["attribution"]["nodes"]), "ok": "-"}.get(s["attribution"]["kind"],
+                                                                         s["attribution"]["kind"]))
+            for s in summaries]
+    return table(headers, rows)
+
+
+def format_job(detail: dict[str, Any]) -> str:
+    run = "" if detail["runs"] < 2 else (
+        f", run {detail['runs'] - detail['run']} of {detail['runs']} (requeued under its id; --run N shows run -N)")
+    lines = [f"job {detail['job']} ({detail['cluster']}): {_outcome(detail)}"
+             + (" (failed)" if detail["failed"] else "")
+             + (f", user {detail['user']}" if detail["user"] else "") + run,
+             f"  started {_when(detail['started'])}, ended {_when(detail['ended'])}"
+             + ("" if detail["runtime_s"] is None else f", ran {detail['runtime_s']:.0f}s"),
+             f"  points at: {detail['attribution']['text']}", "  nodes:"]
+    lines += table(("    NODE", "NOW", "GPUS", "STARTED", "ENDED", "STATE", "FINDINGS", "SHOWED"), [
+        (f"    {p['node']}", p["node_state"] or "-", p["gpus"] or "-", _when(p["started"]),
+         _when(p["ended"]) if p["ended"] is not None else "never reported",
+         p["state"] or ("-" if p["exit_code"] is None else f"exit {p['exit_code']}"),
+         str(p["findings"]), ", ".join(p["codes"]) or "-") for p in detail["parts"]]).splitlines()
+    if detail["found"]:
+        lines.append("  findings:")
+        lines += [f"    {_when(f['ts'])} {f['node']} {f['kind']} {f['name']}"
+                  + ("" if f["entity"] == "node" else f"[{f['entity']}]") + f" {f['status']}"
+                  + (f" {','.join(f['codes'])}" if f["codes"] else "") + (f": {f['message']}" if f["message"] else "")
+                  for f in detail["found"]]
+    if detail["decisions"]:
+        lines.append("  rules:")
+        lines += [f"    {_when(d['ts'])} {d['node']} {d['rule']}" for d in detail["decisions"]]
+    return "\n".join(clean(line) for line in lines) + "\n"

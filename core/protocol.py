@@ -61,6 +61,7 @@ _FLOAT_MAX = sys.float_info.max
 
 Name = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
 Ident = Annotated[str, msgspec.Meta(pattern=_IDENT_PATTERN)]
+_ID = re.compile(_ID_PATTERN)
 Id = Annotated[str, msgspec.Meta(pattern=_ID_PATTERN)]
 #: Free text (messages, reasons): bounded, shown only through the output helper that strips escapes.
 Text = Annotated[str, msgspec.Meta(max_length=4096)]
@@ -75,7 +76,9 @@ Codes = Annotated[list[Ident], msgspec.Meta(max_length=64)]
 Metrics = Annotated[dict[Ident, Finite], msgspec.Meta(max_length=256)]
 Labels = Annotated[dict[Ident, ShortText], msgspec.Meta(max_length=64)]
 Args = Annotated[dict[Ident, ShortText], msgspec.Meta(max_length=32)]
-JobId = Annotated[str, msgspec.Meta(pattern=r"\A[A-Za-z0-9_.:+-]{0,64}\Z")]
+#: A job id (Slurm's ``1234``, ``1234_7`` of an array, ``1234+1`` of a het job); may be empty.
+JOB_ID_PATTERN: Final = r"\A[A-Za-z0-9_.:+-]{0,64}\Z"
+JobId = Annotated[str, msgspec.Meta(pattern=JOB_ID_PATTERN)]
 
 
 class ProtocolError(ValueError):
@@ -108,6 +111,9 @@ class State(Envelope, tag="state"):
     checks: Annotated[list[Ident], msgspec.Meta(max_length=1024)] = []
     #: Messages the agent had to drop (spool full), by kind, since its spool was made.
     dropped: Annotated[dict[Ident, Seq], msgspec.Meta(max_length=64)] = {}
+    #: The kernel's boot id (``/proc/sys/kernel/random/boot_id``): a new one is a reboot, a new
+    #: session with the same one an agent restart (the controller's ``history.node.reboots``).
+    boot_id: Id = ""
 
 
 class Result(Envelope, tag="result"):
@@ -135,6 +141,9 @@ class Event(Envelope, tag="event"):
     metrics: Metrics = {}
     message: Text = ""
     job_id: JobId | None = None
+    #: Structured details, free text by name (``job_start``: ``user``, ``gpus``; ``job_end``:
+    #: ``state``; see :mod:`vetd.core.jobs`). Added after version 1: an older peer skips it.
+    data: Annotated[dict[Ident, Text], msgspec.Meta(max_length=32)] = {}
 
 
 class Telemetry(Envelope, tag="telemetry"):
@@ -284,6 +293,11 @@ def decode(payload: bytes | bytearray | memoryview) -> Message:
 def valid_name(name: str) -> bool:
     """Whether ``name`` is usable as a cluster or node name (no trailing newline, no leading ``-``)."""
     return bool(_NAME.search(name))
+
+
+def valid_id(text: str) -> bool:
+    """Whether ``text`` fits a session, command or boot id (letters, digits, ``_.:-``; at most 128)."""
+    return bool(_ID.search(text))
 
 
 def channel_of(message: Message) -> str:

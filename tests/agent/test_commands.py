@@ -90,3 +90,25 @@ def test_a_plugin_adds_a_command_as_the_built_ins_do(tmp_path: Path, monkeypatch
     assert ask(runner, "ping") == Answer(True, "pong", {})
     unknown = Commands(lambda: CommandsSection(allow=["reflash"]), lambda: host, lambda: [], lambda _run, _profile: None)
     assert "no loaded plugin provides it" in ask(unknown, "reflash").message
+
+
+def test_diagnose_runs_the_full_profile_in_service_and_publishes_its_results(tmp_path: Path) -> None:
+    """A rule's ``diagnose`` action: the node runs ``full`` now (no drain first); its results go out
+    like any others, for the controller's rules; a site that does not allow it refuses it."""
+    (tmp_path / "s.yaml").write_text("gpus: 2\n")
+    (tmp_path / "agent.toml").write_text(f'[plugins.gpu_health]\nsource = "scenario"\nscenario = "{tmp_path / "s.yaml"}"\n')
+    config = load_agent_config(tmp_path / "agent.toml", environ={})
+    host = PluginHost(config)
+    checks = list(host.register_checks())
+    published: list[tuple[str, str]] = []
+    runner = Commands(lambda: config.commands, lambda: host, lambda: checks,
+                      lambda run, profile: published.append((run.check.name, profile)))
+    assert "diagnose" in config.commands.allow  # the shipped default
+    answer = ask(runner, "diagnose", profile="full")
+    assert {profile for _, profile in published} == {"full"}
+    assert {"gpu_health", "gpu_gemm", "host_memory"} <= {name for name, _ in published}
+    assert "gpu_idle" not in {name for name, _ in published}  # prolog only: a job may hold the GPUs
+    assert answer.data["profile"] == "full" and answer.data["checks"] == str(len(published))
+    refused = ask(Commands(lambda: CommandsSection(allow=["ping", "revet"]), lambda: host, lambda: checks,
+                           lambda _run, _profile: None), "diagnose", profile="full")
+    assert not refused.ok and "'diagnose' is not allowed" in refused.message

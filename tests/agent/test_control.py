@@ -115,7 +115,9 @@ def test_results_and_events_carry_the_running_job(steady_agent: tuple[str, Watch
     events = wait_for(lambda: [m for m in watcher.select(lambda m: isinstance(m, Event))
                                if m.name == "job_end"], 10, "the job_end event")
     assert events[0].job_id == "4242" and events[0].metrics["exit_code"] == 1.0
-    assert [e.job_id for e in watcher.select(lambda m: isinstance(m, Event) and m.name == "job_start")] == ["4242"]
+    assert (events[0].codes, events[0].data) == (["failed"], {"state": "failed"})  # the state, both ways
+    starts = watcher.select(lambda m: isinstance(m, Event) and m.name == "job_start")
+    assert [(e.job_id, e.data) for e in starts] == [("4242", {"user": "alice", "gpus": "0,1"})]
     # after the job, results carry no job id
     count = len(watcher.select(lambda m: isinstance(m, Result)))
     wait_for(lambda: len(watcher.select(lambda m: isinstance(m, Result))) > count + 2, 10, "later results")

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -20,6 +21,7 @@ BASE = {"cluster": "alps", "node": "nid001", "session": "s1", "seq": 1, "ts": 17
         Result(**BASE, check="host_env", status="fail", codes=["env_missing"], metrics={"env_bad": 1.0},
                message="unset: NCCL_NET", job_id="123"),
         Event(**BASE, name="xid", severity="critical", entity="gpu3", codes=["xid_79"]),
+        Event(**BASE, name="job_start", job_id="4242", data={"user": "alice", "gpus": "0-3"}),
         Telemetry(**BASE, source="host", metrics={"load1": 0.5}),
         Telemetry(**BASE, source="telemetry_gpu", entity="gpu3", metrics={"power_w": 410.5}, window_s=10.0,
                   samples=10, min={"power_w": 300.0}, max={"power_w": 690.0}, job_id="4242"),
@@ -68,6 +70,24 @@ def test_unknown_fields_from_a_newer_peer_are_skipped() -> None:
     newer = {**BASE, "kind": "result", "check": "c", "status": "pass", "gpu_serial": "X1", "v": 2}
     decoded = protocol.decode(msgspec.msgpack.encode(newer))
     assert isinstance(decoded, Result) and decoded.check == "c" and decoded.v == 2
+
+
+def test_event_data_is_skipped_by_an_older_peer_and_absent_from_one() -> None:
+    class OldEvent(msgspec.Struct, kw_only=True, tag_field="kind", tag="event"):  # Event before `data`
+        cluster: str
+        node: str
+        session: str
+        seq: int
+        ts: float
+        name: str
+        codes: list[str] = []
+        job_id: str | None = None
+
+    new = Event(**BASE, name="job_end", job_id="7", codes=["FAILED"], data={"state": "FAILED"})
+    old = msgspec.msgpack.decode(protocol.encode(new), type=OldEvent)
+    assert (old.name, old.job_id, old.codes) == ("job_end", "7", ["FAILED"])
+    from_old = protocol.decode(msgspec.msgpack.encode(old))
+    assert isinstance(from_old, Event) and from_old.data == {} and from_old.codes == ["FAILED"]
 
 
 @pytest.mark.parametrize(
@@ -226,3 +246,16 @@ def test_an_ack_round_trips_on_its_own_topic_only() -> None:
     for bad in (backwards, too_many):
         with pytest.raises(protocol.ProtocolError):
             protocol.decode_ack(topic, protocol.encode(bad))
+
+
+def test_a_birth_carries_the_kernel_boot_id_and_an_older_one_without_it_decodes(tmp_path: Path) -> None:
+    from vetd.agent.transport import Identity, boot_id
+
+    assert boot_id() == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    birth = Identity("alps", "nid001").state(True)
+    assert birth.boot_id == boot_id() and protocol.decode_from(protocol.topic_for(birth), protocol.encode(birth)) == birth
+    odd = tmp_path / "boot_id"
+    odd.write_text("not a plain id\n")
+    assert boot_id(str(odd)) == "" and boot_id(str(tmp_path / "absent")) == ""
+    older = msgspec.msgpack.encode({"kind": "state", "v": 1, **BASE, "seq": 0, "online": True})
+    assert protocol.decode_from("vetd/v1/alps/node/nid001/state", older).boot_id == ""  # type: ignore[union-attr]

@@ -19,7 +19,8 @@ from vetd.core.configfile import Duration
 from vetd.core.protocol import Result, State
 
 #: The engine and its parts, by module name under vetd.controller.
-ENGINE = ("engine", "model", "decisions", "rulestate", "fleet", "breaker", "lifecycle", "healing")
+ENGINE = ("engine", "model", "decisions", "rulestate", "fleet", "breaker", "lifecycle", "healing", "jobs",
+          "history", "diagnose")
 #: What no engine module may import, directly or through another vetd module.
 NEVER = ("vetd.controller.store", "sqlite3")
 #: What no engine module imports itself: network, processes, event loops, the executor's side.

@@ -127,6 +127,7 @@ def test_a_job_on_a_simulated_node_from_agent_to_report_figures_html_and_metrics
     document = report()
     job = document["job"]
     assert job["id"] == "4242" and job["nodes"] == ["nid001"] and job["gpus"] == 8  # type: ignore[index]
+    assert job["from"] == "jobs table and telemetry windows"  # type: ignore[index]  # job_start made the job
     assert job["score_kind"] == "gssr" and 0.2 < job["score"] < 0.9  # type: ignore[index,operator]
     gpus = {g["gpu"]: g for g in document["gpus"]}  # type: ignore[attr-defined]
     assert sorted(gpus) == list(range(8)) and all(set(g) >= {"node", "gpu", "score", "mean"} for g in gpus.values())

@@ -56,10 +56,21 @@ def test_a_condition_that_errors_at_runtime_is_neither_true_nor_false() -> None:
          r"bad\.yaml:3: rule 'typo': when: CEL error .*undeclared reference to 'resutl"),
         ("rules:\n  - name: both\n    when: result.status == 'fail' || event.name == 'x'\n",
          r"bad\.yaml:3: rule 'both': when: .*not both"),
+        ("rules:\n  - name: job-and-result\n    when: job.failed && result.status == 'fail'\n",
+         r"bad\.yaml:3: rule 'job-and-result': when: .*not both"),
+        ("rules:\n  - name: j\n    when: job.failed\n    for: 5m\n",
+         r"bad\.yaml:4: rule 'j': for: only rules on results can wait \(jobs are instants"),
+        ("rules:\n  - name: j\n    when: job.failed\n    actions: [suspect, drain]\n",
+         r"bad\.yaml:4: rule 'j': actions: suspect keeps the node in service"),
+        ("rules:\n  - name: j\n    when: job.faild\n",
+         r"bad\.yaml:3: rule 'j': when: unknown field `job.faild` at column 4 \(job has: codes, ended, exit_code"),
+        ("rules:\n  - name: j\n    when: job.failed\n    description: '{{ result.check }}'\n",
+         r"bad\.yaml:4: rule 'j': description: unknown field `result.check` \(a rule on jobs sees job\.\*, "
+         r"event\.\*, node\.\*, fleet\.\*\)"),
         ("rules:\n  - name: k\n    when: result.status == 'fail'\n    actoins: [drain]\n",
          r"bad\.yaml:4: rule 'k': actoins: .*unknown field"),
         ("rules:\n  - name: a\n    when: 'true'\n    actions: [reboot]\n",
-         r"bad\.yaml:4: rule 'a': actions: Invalid enum value 'reboot' \(expected one of: drain, alert, heal, mark_failed\)"),
+         r"bad\.yaml:4: rule 'a': actions: Invalid enum value 'reboot' \(expected one of: drain, alert, heal, mark_failed, suspect, diagnose\)"),
         ("rules:\n  - when: result.status == 'fail'\n", r"bad\.yaml:2: rule: name: .*missing required field"),
         ("rules:\n  - name: a\n    when: [\n", r"bad\.yaml:\d+: invalid YAML"),
         ("rule:\n  - name: a\n", r"bad\.yaml:1: rule: unknown key"),
@@ -70,6 +81,19 @@ def test_bad_rule_files_name_file_line_and_rule(tmp_path: Path, text: str, expec
     path.write_text(text)
     with pytest.raises(RuleError, match=expected):
         load_rules([path])
+
+
+def test_a_rule_that_reads_job_is_a_rule_on_jobs_and_sees_the_node_job_end() -> None:
+    [rule] = parse_rules("rules:\n  - name: j\n    when: job.failed && job.other_findings == 0 && "
+                         "event.name == 'job_end' && event.data.state == 'FAILED'\n    count: 3\n    within: 24h\n"
+                         "    actions: [suspect, alert]\n    annotations:\n      summary: '{{ job.user }} {{ event.message }}'\n",
+                         "f")
+    assert rule.input == "job" and rule.spec.actions == ["suspect", "alert"]
+    job = {"failed": True, "other_findings": 0}
+    assert evaluate_all([rule], {"job": job, "event": {"name": "job_end", "data": {"state": "FAILED"}},
+                                 "node": {}})[0][1] is True
+    [event_rule] = parse_rules("rules:\n  - name: e\n    when: event.data.user == 'alice'\n", "f")
+    assert event_rule.input == "event"
 
 
 def test_duplicate_names_across_files_are_rejected(tmp_path: Path) -> None:
