@@ -90,13 +90,21 @@ class Check:
 
 @dataclass(frozen=True)
 class TelemetrySource:
-    """A sampler: ``func`` returns ``{entity: {metric: value}}``."""
+    """A sampler: ``func`` returns ``{entity: {metric: value}}``.
+
+    ``func`` is called every ``interval`` (``None``: ``[agent] telemetry_interval``)
+    in a thread under ``timeout``. Without ``window`` each sample is published as
+    it is; with ``window`` (seconds) the agent folds the samples of each entity
+    into one message per window (mean, min and max of each metric, the sample
+    count), tagged with the job running on that entity (:mod:`vetd.agent.telemetry`).
+    """
 
     name: str
     func: Callable[[], Mapping[str, Mapping[str, float]]]
     interval: float | None = None
     timeout: float = 5.0
     plugin: str = ""
+    window: float | None = None
 
 
 class EventOutcome(msgspec.Struct, kw_only=True):

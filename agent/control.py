@@ -293,6 +293,23 @@ class NodeState:
         """The job running on the node, if exactly one is (a Result or Event carries one job id)."""
         return next(iter(self.jobs)) if len(self.jobs) == 1 else None
 
+    def job_on(self, entity: str) -> str | None:
+        """The job running on ``entity``, for telemetry windows.
+
+        A GPU (``gpu3``) belongs to the one job whose ``gpus`` (``SLURM_JOB_GPUS``: ``0,3``, ``0-3``)
+        list its index; if no job lists it, to the node's one job when that job named no GPUs
+        (an exclusive node, or GPUs given by UUID). Anything else, or two jobs claiming one GPU:
+        None. The node and its other entities belong to the node's one job (:meth:`job_id`).
+        """
+        if not (entity.startswith("gpu") and entity[3:].isdigit()):
+            return self.job_id()
+        index = int(entity[3:])
+        claiming = [job.id for job in self.jobs.values() if index in gpu_indices(job.gpus)]
+        if claiming:
+            return claiming[0] if len(claiming) == 1 else None
+        unlisted = [job.id for job in self.jobs.values() if not gpu_indices(job.gpus)]
+        return unlisted[0] if len(unlisted) == 1 and len(self.jobs) == 1 else None
+
     def record(self, run: CheckRun, profile: str, job_id: str | None) -> None:
         """A check's run replaces every verdict it gave before (an entity it no longer reports is gone)."""
         for key in [k for k in self.verdicts if k[0] == run.check.name]:
@@ -316,6 +333,18 @@ class NodeState:
         detail = f"{first.check}[{first.entity}] {first.status}" + (f": {first.message}" if first.message else "")
         more = f" (and {len(failing) - 1} more)" if len(failing) > 1 else ""
         return Service(state="unfit", reason=detail + more, failing=sorted(failing), controller=view)
+
+
+def gpu_indices(gpus: str) -> frozenset[int]:
+    """GPU indices a job's ``gpus`` names: ``0,3`` or Slurm's ``0-3,6``; UUIDs and junk name none."""
+    indices: set[int] = set()
+    for part in gpus.split(","):
+        first, _, last = part.strip().partition("-")
+        if first.isdigit() and (not last or last.isdigit()):
+            low, high = int(first), int(last or first)
+            if high - low < 1024:
+                indices.update(range(low, high + 1))
+    return frozenset(indices)
 
 
 def verdict(run: CheckRun, outcome: Outcome, profile: str, job_id: str | None) -> Verdict:

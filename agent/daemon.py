@@ -42,6 +42,7 @@ from vetd.agent.control import ControlHost, ControlServer, NodeState
 from vetd.agent.pluginhost import PluginError, PluginHost
 from vetd.agent.spool import Spool
 from vetd.agent.systemd import Notifier
+from vetd.agent.telemetry import Windows
 from vetd.agent.transport import Identity, Transport
 from vetd.core.configfile import ConfigError, read_key
 from vetd.core.logs import redact
@@ -453,24 +454,51 @@ class Agent:
                 return
 
     async def _telemetry_loop(self, source: TelemetrySource, interval: float) -> None:
-        while True:
-            started = time.monotonic()
-            try:
-                sample = await in_thread(source.func, source.timeout, name=f"vetd.telemetry.{source.name}")
-                now = time.time()
-                for entity, metrics in sample.items():
-                    self.transport.send(
-                        Telemetry(
-                            **self.identity.stamp(reliable=False, ts=now),
-                            source=source.name,
-                            entity=entity,
-                            metrics={k: float(v) for k, v in metrics.items() if math.isfinite(v)},
-                        )
-                    )
-            except Exception as exc:  # noqa: BLE001 - a failing sampler is logged, then retried
-                log.warning("telemetry_failed", source=source.name, error=f"{type(exc).__name__}: {exc}")
-            if await self._pause(self._next_delay(interval, started)):
-                return
+        windows = Windows(float(source.window), self.state.job_on) if source.window else None
+        try:
+            while True:
+                started = time.monotonic()
+                try:
+                    sample = await in_thread(source.func, source.timeout, name=f"vetd.telemetry.{source.name}")
+                    now = time.time()
+                    if windows is None:
+                        for entity, metrics in sample.items():
+                            self.transport.send(
+                                Telemetry(
+                                    **self.identity.stamp(reliable=False, ts=now),
+                                    source=source.name,
+                                    entity=entity,
+                                    metrics={k: float(v) for k, v in metrics.items() if math.isfinite(v)},
+                                )
+                            )
+                    else:
+                        if windows.due(now):
+                            self._send_windows(source, windows)
+                        windows.add(sample, now)
+                except Exception as exc:  # noqa: BLE001 - a failing sampler is logged, then retried
+                    log.warning("telemetry_failed", source=source.name, error=f"{type(exc).__name__}: {exc}")
+                if await self._pause(self._next_delay(interval, started)):
+                    return
+        finally:
+            if windows is not None:  # stopping or reloading: what the open window holds still goes
+                self._send_windows(source, windows)
+
+    def _send_windows(self, source: TelemetrySource, windows: Windows) -> None:
+        """Publish each entity's summary of the window that just closed (QoS 0, best effort)."""
+        for window in windows.close():
+            self.transport.send(
+                Telemetry(
+                    **self.identity.stamp(reliable=False, ts=window.started),
+                    source=source.name,
+                    entity=window.entity,
+                    metrics=window.mean,
+                    window_s=window.length,
+                    samples=window.samples,
+                    min=window.minimum,
+                    max=window.maximum,
+                    job_id=window.job_id,
+                )
+            )
 
     # -- commands ----------------------------------------------------------
 

@@ -44,6 +44,7 @@ BUILTIN_PLUGINS: tuple[tuple[str, str], ...] = (
     ("gpu_compute", "vetd.plugins.gpu_compute"),
     ("nccl", "vetd.plugins.nccl"),
     ("tcp_pairs", "vetd.plugins.tcp_pairs"),
+    ("telemetry", "vetd.plugins.telemetry"),
 )
 
 

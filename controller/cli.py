@@ -17,13 +17,14 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import TextIO
 
 from vetd.controller.config import ControllerConfig, load_controller_config
 from vetd.controller.store import Store
+from vetd.controller.telemetry import StoredWindow, TelemetryStore
 from vetd.controller.views import ago, format_nodes, node_summaries, pending_text
 from vetd.core.cli import EXIT_VETD, Parser, checked, duration, port, since
 from vetd.core.configfile import ConfigError
@@ -82,17 +83,27 @@ def vetd_cli_commands(subparsers: argparse._SubParsersAction) -> None:  # type: 
     jobs.add_argument("--json", action="store_true", help="a JSON array instead of a table")
     jobs.set_defaults(func=reading(lambda store, config, args: show_jobs(store, config, args, sys.stdout)))
 
-    job = sub.add_parser("job", help="show one job: its nodes, what they showed, what it points at",
-                         description="One job: user, start, end, exit state and code, each node's GPUs and "
-                         "part, the failed results, events and XIDs its nodes reported while it ran, the "
-                         "node(s) its outcome points at, and what rules decided on it.")
-    job.add_argument("job_id", metavar="JOBID", type=job_id)
+    # One parser for `vetd job JOBID` (issue 17) and `vetd job report JOBID` (issue 18): a job id is
+    # never the word `report` (Slurm's are numbers), and each form refuses the other's options.
+    job = sub.add_parser(
+        "job", help="show one job (its nodes, what they showed, what it points at); `job report JOBID`: "
+        "its telemetry report", usage="%(prog)s [-h] [--config CONFIG] [--json] {JOBID [--run N] | "
+        "report JOBID [--png DIR] [--html FILE]}",
+        description="`vetd job JOBID`: one job: user, start, end, exit state and code, each node's GPUs and "
+        "part, the failed results, events and XIDs its nodes reported while it ran, the node(s) its outcome "
+        "points at, and what rules decided on it. `vetd job report JOBID`: from the telemetry windows tagged "
+        "with the job, per GPU the mean and p95 of each metric, energy and time throttled; flags (idle GPU, "
+        "straggler, memory nearly full, throttling, XIDs and failed checks during the job) with their "
+        "evidence; the GSSR saturation score per GPU and for the job (a labelled proxy where GPUs have no "
+        "GPM); exit 1 when the job has no telemetry.")
+    job.add_argument("words", nargs="+", metavar="JOBID", help="a job id, or `report` and a job id")
     _controller_config_arg(job)
-    job.add_argument("--run", type=at_least(0), default=0, metavar="N",
+    job.add_argument("--run", type=at_least(0), default=None, metavar="N",
                      help="an earlier run of a job requeued under its id: 1 the one before the latest, …")
     job.add_argument("--json", action="store_true", help="JSON instead of text")
-    job.set_defaults(func=reading(lambda store, config, args: show_job(store, config, args.job_id, args.json,
-                                                                       sys.stdout, args.run)))
+    job.add_argument("--png", metavar="DIR", help="report: write the figures (and the plotted series as JSON) here")
+    job.add_argument("--html", metavar="FILE", help="report: write one self-contained HTML page")
+    job.set_defaults(func=lambda args: run_job(job, args))
 
     excluded = sub.add_parser("excluded", help="nodes vetd has excluded (for srun --exclude)",
                               description="Print the nodes vetd has excluded, folded as a hostlist "
@@ -183,9 +194,15 @@ def vetd_cli_commands(subparsers: argparse._SubParsersAction) -> None:  # type: 
 
     export = sub.add_parser("export", help="export the controller's history",
                             description="Write the controller's stored results and events as JSON lines, "
-                            "the format `vetd rules test --events` replays.")
+                            "the format `vetd rules test --events` replays; with --telemetry, telemetry "
+                            "windows: a job's in full (--job), else the nodes' downsampled history.")
     export.add_argument("--events", action="store_true",
                         help="results and events as JSON lines: what export writes (kept for old scripts)")
+    export.add_argument("--telemetry", action="store_true",
+                        help="telemetry windows instead: one line per window per GPU (and per node)")
+    export.add_argument("--job", metavar="JOBID", help="with --telemetry: every window of this job, in full")
+    export.add_argument("--format", choices=("jsonl", "csv"), default="jsonl",
+                        help="with --telemetry: JSON lines (default) or CSV (a column per metric, _min/_max beside)")
     export.add_argument("--node", help="only this node")
     export.add_argument("--since", metavar="WHEN", type=since,
                         help="only since then: a duration back (24h) or an ISO time (2026-12-01T08:00:00Z)")
@@ -304,12 +321,86 @@ def reading(view: Callable[[Store, ControllerConfig, argparse.Namespace], int]) 
     return run
 
 
-def run_export(store: Store, _config: ControllerConfig, args: argparse.Namespace) -> int:
+def telemetry_store(config: ControllerConfig) -> TelemetryStore:
+    """The telemetry database, read-only (``FileNotFoundError`` when the controller never made it)."""
+    from vetd.controller.telemetry import TelemetryStore, default_path
+
+    return TelemetryStore(config.telemetry.path or default_path(config.store.path), readonly=True)
+
+
+def run_export(store: Store, config: ControllerConfig, args: argparse.Namespace) -> int:
     from vetd.controller.replay import export_events
 
+    if args.telemetry:
+        return run_export_telemetry(config, args)
+    if args.job or args.format != "jsonl":
+        print("vetd: --job and --format go with --telemetry", file=sys.stderr)
+        return EXIT_VETD
     count = export_events(store, sys.stdout, args.node, args.since or 0.0)
     print(f"vetd: exported {count} lines", file=sys.stderr)
     return 0
+
+
+def run_export_telemetry(config: ControllerConfig, args: argparse.Namespace) -> int:
+    from vetd.controller.telemetryexport import export_windows
+
+    try:
+        telemetry = telemetry_store(config)
+    except FileNotFoundError as exc:
+        print(f"vetd: {exc} (has the controller run with this config, [telemetry] enabled?)", file=sys.stderr)
+        return EXIT_VETD
+    start = args.since if args.since is not None else time.time() - 86400.0
+
+    def windows() -> Iterable[StoredWindow]:  # read twice for CSV: its columns, then its rows
+        if args.job:
+            return telemetry.job_windows(args.job, config.cluster)
+        return telemetry.node_windows(start, time.time() + 86400.0, args.node, config.cluster)
+
+    try:
+        count = export_windows(windows, sys.stdout, args.format, node=args.node)
+    finally:
+        telemetry.close()
+    if not count and args.job:
+        print(f"vetd: no telemetry of job {clean(args.job)!r} in {telemetry.path}", file=sys.stderr)
+        return 1
+    print(f"vetd: exported {count} windows", file=sys.stderr)
+    return 0
+
+
+def run_job(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """``vetd job JOBID`` or ``vetd job report JOBID``; a bad word or option is one line, exit 2."""
+    words = args.words
+    report = words[0] == "report" and len(words) == 2
+    if words == ["report"]:
+        parser.error("`vetd job report` needs a JOBID")
+    if len(words) != 1 and not report:
+        parser.error(f"expected JOBID or `report JOBID`, got {' '.join(map(repr, words))}")
+    try:
+        args.job_id = job_id(words[-1])
+    except argparse.ArgumentTypeError as exc:
+        parser.error(f"argument JOBID: {exc}")
+    if report and args.run is not None:
+        parser.error("--run goes with `vetd job JOBID`; a report is of the job's telemetry, every run")
+    if not report and (args.png or args.html):
+        parser.error("--png and --html go with `vetd job report JOBID`")
+    if report:
+        return reading(run_job_report)(args)
+    return reading(lambda store, config, args: show_job(store, config, args.job_id, args.json, sys.stdout,
+                                                        args.run or 0))(args)
+
+
+def run_job_report(store: Store, config: ControllerConfig, args: argparse.Namespace) -> int:
+    from vetd.controller.jobreport import run_report
+
+    try:
+        telemetry = telemetry_store(config)
+    except FileNotFoundError as exc:
+        print(f"vetd: {exc} (has the controller run with this config, [telemetry] enabled?)", file=sys.stderr)
+        return EXIT_VETD
+    try:
+        return run_report(store, telemetry, config, args)
+    finally:
+        telemetry.close()
 
 
 REQUEST_WAIT_S = 30.0

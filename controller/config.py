@@ -188,6 +188,46 @@ class HttpSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     request_timeout: Duration = Duration(10.0)
 
 
+class TelemetrySection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The agents' telemetry windows (``[plugins.telemetry]``), kept in a database of their own:
+    every window of a job in full, every node's history downsampled."""
+
+    #: Keep telemetry (false: windows are counted and dropped; /metrics shows no GPU telemetry).
+    enabled: bool = True
+    #: The telemetry database (SQLite, WAL); empty: beside [store] path, ``NAME.telemetry.db``.
+    path: str = ""
+    #: Each node's history, downsampled to node_resolution, is kept this long.
+    keep_nodes: Duration = Duration(7 * 86400.0)
+    #: Windows of a job (tagged with its id) are kept in full this long.
+    keep_jobs: Duration = Duration(90 * 86400.0)
+    #: The step of the downsampled node history (a multiple of the agents' window).
+    node_resolution: Duration = Duration(300.0)
+    #: A node bucket is rolled up this long after it ends; windows arriving later than that stay
+    #: only if they belong to a job.
+    late: Duration = Duration(60.0)
+    #: /metrics shows an entity's latest window for this long after it arrived.
+    current_for: Duration = Duration(60.0)
+
+
+Percent = Annotated[float, msgspec.Meta(ge=0.0, le=100.0)]
+
+
+class ReportSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """What ``vetd job report`` flags; every flag shows the figures it was raised on. A GPU's
+    activity is its SM activity where it has GPM, else its NVML utilisation."""
+
+    #: A GPU whose mean activity over the job is below this percent is idle.
+    idle_pct: Percent = 5.0
+    #: A GPU (a node) whose activity is below this share of its peers' median…
+    straggler_fraction: Fraction = 0.8
+    #: …in at least this share of the job's windows is a straggler.
+    straggler_windows: Fraction = 0.5
+    #: Device memory used at or above this percent is nearly full.
+    memory_full_pct: Percent = 95.0
+    #: Thermal or HW slowdown for at least this share of the job's time is flagged.
+    throttle_share: Fraction = 0.1
+
+
 class ControllerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: The MQTT broker (env VETD_BROKER overrides): ``mqtts://`` (TLS, 8883, as the shipped
     #: Mosquitto config listens) or ``mqtt://`` (plain, 1883).
@@ -221,6 +261,8 @@ class ControllerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     limits: LimitsSection = msgspec.field(default_factory=LimitsSection)
     http: HttpSection = msgspec.field(default_factory=HttpSection)
     jobs: JobsSection = msgspec.field(default_factory=JobsSection)
+    telemetry: TelemetrySection = msgspec.field(default_factory=TelemetrySection)
+    report: ReportSection = msgspec.field(default_factory=ReportSection)
     #: Static node labels by hostlist: ``"nid[0001-2688]" = {partition = "normal", gpu = "GH200"}``;
     #: they override what agents report.
     labels: dict[str, dict[str, str]] = {}
@@ -283,6 +325,8 @@ def load_controller_config(path: Path | str, environ: dict[str, str] | None = No
     if not config.history.keep > 0:
         raise ConfigError(f"{where(path, text, 'history.keep')}: must be more than 0 (the longest window "
                           "a rule's history may count in)")
+    if not config.telemetry.node_resolution >= 1.0:
+        raise ConfigError(f"{where(path, text, 'telemetry.node_resolution')}: must be at least 1s")
     if env.get("VETD_ALLOW_UNSIGNED_COMMANDS") == "1":
         config = msgspec.structs.replace(config, allow_unsigned_commands=True)
     return msgspec.structs.replace(
@@ -290,5 +334,7 @@ def load_controller_config(path: Path | str, environ: dict[str, str] | None = No
         broker=broker,
         rules=[str(base / rule) for rule in config.rules],
         store=msgspec.structs.replace(config.store, path=str(base / config.store.path)),
+        telemetry=msgspec.structs.replace(config.telemetry, path=str(base / config.telemetry.path)) if
+        config.telemetry.path else config.telemetry,
         source=str(path),
     )

@@ -52,6 +52,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from vetd.controller.config import HttpSection
 from vetd.controller.counters import RULE_ERRORS
 from vetd.controller.store import Store
+from vetd.controller.telemetry import GPU_METRICS, HOST_METRICS, Current
 from vetd.controller.views import job_detail, job_summaries
 from vetd.core.cli import since
 from vetd.core.protocol import valid_name
@@ -108,6 +109,42 @@ class FleetCollector(Collector):
         )
 
 
+class TelemetryCollector(Collector):
+    """Each GPU's and node's latest telemetry window (its means), as gauges with labels ``node``,
+    ``gpu`` (the index) and ``job`` (empty when none): ``vetd_gpu_power_w{node="nid001",gpu="3",job="4242"}``,
+    ``vetd_node_cpu_pct{node=…,job=…}``. Only the metrics the telemetry plugin defines are exported, and
+    only windows that arrived within ``[telemetry] current_for``: a GPU that stops reporting leaves."""
+
+    def __init__(self, current: Callable[[], list[Current]]) -> None:
+        self.current = current
+
+    def describe(self) -> Iterable[Metric]:
+        return list(self._families().values())
+
+    def collect(self) -> Iterable[Metric]:
+        families = self._families()
+        for window in self.current():
+            gpu = window.entity.removeprefix("gpu")
+            if window.entity.startswith("gpu") and gpu.isdigit():
+                prefix, labels, known = "vetd_gpu_", [window.node, gpu, window.job or ""], GPU_METRICS
+            elif window.entity == "node":
+                prefix, labels, known = "vetd_node_", [window.node, window.job or ""], HOST_METRICS
+            else:
+                continue
+            for metric, value in window.mean.items():
+                if metric in known:
+                    families[prefix + metric].add_metric(labels, value)
+        return list(families.values())
+
+    @staticmethod
+    def _families() -> dict[str, GaugeMetricFamily]:
+        gpus = {f"vetd_gpu_{name}": GaugeMetricFamily(f"vetd_gpu_{name}", text, labels=["node", "gpu", "job"])
+                for name, text in GPU_METRICS.items()}
+        hosts = {f"vetd_node_{name}": GaugeMetricFamily(f"vetd_node_{name}", text, labels=["node", "job"])
+                 for name, text in HOST_METRICS.items()}
+        return gpus | hosts
+
+
 class BodyTooLarge(Exception):
     """The request body is over ``[http] max_body_kib``."""
 
@@ -120,11 +157,13 @@ class HttpApi:
     """The endpoints as a Starlette app, and :meth:`serve` to run it under uvicorn."""
 
     def __init__(self, store: Store, nodes: Callable[[], list[dict[str, Any]]], token: str, cluster: str,
-                 settings: HttpSection) -> None:
+                 settings: HttpSection, telemetry: Callable[[], list[Current]] | None = None) -> None:
         self.store, self.nodes, self.token, self.cluster = store, nodes, token, cluster
         self.settings = settings
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(FleetCollector(store))
+        if telemetry is not None:
+            self.registry.register(TelemetryCollector(telemetry))
         ProcessCollector(registry=self.registry)
         # Every handler is a coroutine: Starlette runs plain functions in a thread
         # pool, and the store's SQLite connection belongs to the loop's thread.

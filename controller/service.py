@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -54,6 +55,7 @@ from vetd.controller.plugins import plugins
 from vetd.controller.requests import OperatorRequests
 from vetd.controller.rules import RuleSet, healing_steps, load_rules
 from vetd.controller.store import Store, StoreUnavailable, unavailable
+from vetd.controller.telemetry import Current, TelemetryStore, default_path
 from vetd.core.configfile import ConfigError, read_key
 from vetd.core.protocol import Message, State, channel_of
 from vetd.core.signals import handle, release
@@ -105,6 +107,9 @@ class Controller:
         #: While batches fail to commit (a full disk): since when (monotonic) and how many tries.
         self._store_failed_at = 0.0
         self._store_tries = 0
+        #: The agents' telemetry windows (issue 18), in a database of their own; None: ``[telemetry] enabled = false``.
+        self.telemetry = TelemetryStore(config.telemetry.path or default_path(str(self.store.path)),
+                                        counters=self.counters) if config.telemetry.enabled else None
 
     @property
     def rules(self) -> RuleSet:
@@ -121,7 +126,20 @@ class Controller:
         now = time.time() if now is None else now
         checkpoint = self.engine.checkpoint()  # before decoding: its counts are undone too
         messages = self.bounds.admit(decode(batch, self.counters, self.config.cluster))
-        return self._commit(messages, now, checkpoint)
+        decisions = self._commit(messages, now, checkpoint)
+        self.store_telemetry(messages, now)  # only once the batch is committed (else it comes again)
+        return decisions
+
+    def store_telemetry(self, messages: Sequence[Message], now: float) -> None:
+        """The batch's telemetry windows into the telemetry database, after (and apart from) its
+        decisions: telemetry is best effort, and a failure to keep it never holds up the rest."""
+        if self.telemetry is None:
+            return
+        try:
+            self.telemetry.add(messages, now)
+        except sqlite3.Error as exc:
+            self.counters.count("telemetry_failed")
+            log.error("telemetry_store_failed", error=str(exc), path=str(self.telemetry.path))
 
     def process_messages(self, messages: Sequence[Message], now: float) -> Decisions:
         """Decoded messages (of this cluster, within bounds) in one transaction."""
@@ -265,6 +283,18 @@ class Controller:
         self.notices.decided(decisions)
         return decisions
 
+    def telemetry_tick(self, now: float | None = None) -> dict[str, int]:
+        """Roll the telemetry windows up into the node history and delete what is past its keep."""
+        if self.telemetry is None:
+            return {}
+        section = self.config.telemetry
+        done = self.telemetry.tick(time.time() if now is None else now, keep_nodes=float(section.keep_nodes),
+                                   keep_jobs=float(section.keep_jobs), resolution=float(section.node_resolution),
+                                   late=float(section.late))
+        if any(done.values()):
+            log.info("telemetry_pruned", **done)
+        return done
+
     def fleet_of(self, node: NodeRow) -> dict[str, Any]:
         return self.engine.fleet.of(node)
 
@@ -318,6 +348,7 @@ class Controller:
                 if now - pruned >= PRUNE_S:
                     pruned = now
                     self.prune()
+                    self.telemetry_tick()
             except Exception as exc:
                 if unavailable(exc):  # a full disk: ingest logs it; this tries again next round
                     log.debug("housekeeping_store_unavailable", error=str(exc))
@@ -335,8 +366,13 @@ class Controller:
             if self.config.http.token_file else ""
         host, _, port = self.config.http.listen.rpartition(":")
         api = HttpApi(self.store, lambda: node_summaries(self.store), token, self.config.cluster,
-                      self.config.http)
+                      self.config.http, telemetry=self._current_telemetry)
         return group.create_task(api.serve(host.strip("[]"), int(port)), name="vetd.controller.http")
+
+    def _current_telemetry(self) -> list[Current]:
+        if self.telemetry is None:
+            return []
+        return self.telemetry.current(time.time(), float(self.config.telemetry.current_for))
 
     async def run(self, *, signals: bool = True) -> int:
         """Run until ``stop`` is set (by SIGTERM/SIGINT when ``signals``)."""
@@ -384,5 +420,7 @@ class Controller:
             if signals:
                 release(loop)
             self.store.close()
+            if self.telemetry is not None:
+                self.telemetry.close()
         log.info("controller_stopped", **dict(self.counters))
         return 0

@@ -155,11 +155,26 @@ class Event(Envelope, tag="event"):
 
 
 class Telemetry(Envelope, tag="telemetry"):
-    """A sample from one telemetry source."""
+    """A sample, or a window of samples, from one telemetry source about one entity.
+
+    A source sampled without a window sends each sample as ``metrics``. A
+    windowed source (``TelemetrySource(window=...)``) sends one message per
+    window: ``metrics`` holds each metric's mean over the window (what an older
+    reader of ``metrics`` takes for a sample), ``min`` and ``max`` its extremes,
+    ``samples`` how many samples it folds and ``window_s`` its length, ``ts``
+    being when it started; ``job_id`` the job running on that entity then (a
+    GPU's job, or the node's one job), absent when none or several.
+    """
 
     source: Ident
     entity: Ident = "node"
     metrics: Metrics = {}
+    #: Length of the window (0: a single sample).
+    window_s: Seconds = 0.0
+    samples: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 0
+    min: Metrics = {}
+    max: Metrics = {}
+    job_id: JobId | None = None
 
 
 class Command(Envelope, tag="cmd"):

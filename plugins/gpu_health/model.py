@@ -99,6 +99,32 @@ class GpuSnapshot(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     utilization_pct: float | None = None
     persistence_mode: bool | None = None
     processes: list[GpuProcess] | None = None
+    # What the telemetry plugin samples (plugins/telemetry). A scenario sets the rates; the
+    # counters are what the driver accumulates (a scenario integrates them from the rates).
+    utilization_memory_pct: float | None = None
+    #: Energy since the driver loaded, mJ (``nvmlDeviceGetTotalEnergyConsumption``).
+    energy_mj: float | None = None
+    pcie_tx_mib_s: float | None = None
+    pcie_rx_mib_s: float | None = None
+    #: PCIe bytes since the driver loaded (NVML fields 197/198).
+    pcie_tx_bytes: int | None = None
+    pcie_rx_bytes: int | None = None
+    #: NVLink data over all links.
+    nvlink_tx_mib_s: float | None = None
+    nvlink_rx_mib_s: float | None = None
+    #: NVLink data since the driver loaded, KiB, all links (NVML fields 138/139 read per link).
+    nvlink_tx_kib: int | None = None
+    nvlink_rx_kib: int | None = None
+    #: GPU performance metrics (GPM, Hopper and later): whether the GPU has them, and the
+    #: activities they measure, as DCGM's profiling fields 1002-1012 name them.
+    gpm_supported: bool | None = None
+    sm_active_pct: float | None = None
+    sm_occupancy_pct: float | None = None
+    tensor_active_pct: float | None = None
+    dram_active_pct: float | None = None
+    fp64_active_pct: float | None = None
+    fp32_active_pct: float | None = None
+    fp16_active_pct: float | None = None
     #: MIG mode (current). On, the per-GPU handle reports no volatile ECC, no
     #: remapped rows and no processes (NVML: NOT_SUPPORTED): those checks cannot run.
     mig_enabled: bool | None = None
@@ -131,6 +157,14 @@ class GpuSnapshot(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     @property
     def retired_pages(self) -> int | None:
         return _total(self.retired_pages_sbe, self.retired_pages_dbe)
+
+
+#: Fields only the telemetry plugin reads (through NVML and GPM); ``gpu_health``'s NVML source
+#: leaves them None: no check judges them, and reading them would cost every snapshot.
+TELEMETRY_FIELDS = ("utilization_memory_pct", "energy_mj", "pcie_tx_mib_s", "pcie_rx_mib_s", "pcie_tx_bytes",
+                    "pcie_rx_bytes", "nvlink_tx_mib_s", "nvlink_rx_mib_s", "nvlink_tx_kib", "nvlink_rx_kib",
+                    "gpm_supported", "sm_active_pct", "sm_occupancy_pct", "tensor_active_pct", "dram_active_pct",
+                    "fp64_active_pct", "fp32_active_pct", "fp16_active_pct")
 
 
 class NodeSnapshot(msgspec.Struct, kw_only=True):

@@ -88,6 +88,10 @@ class _Lost(Exception):
     """NVML_ERROR_GPU_IS_LOST: the GPU fell off the bus or is otherwise inaccessible."""
 
 
+#: What :meth:`NvmlSource.reader`'s calls raise for a GPU that is lost (the public name).
+GpuLost = _Lost
+
+
 class _Reader:
     """NVML calls for one GPU: "not supported" becomes None, other failures are kept.
 
@@ -190,6 +194,8 @@ class NvmlSource:
         self._parked = threading.Event()
         #: index → PCI bus id as the event watcher registered it (a GPU lost later is still named).
         self._bus_of: dict[int, str] = {}
+        #: Counts NVML (re)initialisations: handles and GPM samples taken before a change are void.
+        self.generation = 0
 
     def _init(self) -> None:
         n = self.nvml
@@ -234,6 +240,7 @@ class NvmlSource:
             try:
                 if shut:
                     self._fixed.clear()  # a reset applies a pending MIG mode
+                    self.generation += 1
                     self._init()
             finally:
                 with self._use:
@@ -253,6 +260,19 @@ class NvmlSource:
             with self._use:
                 self._busy -= 1
                 self._use.notify_all()
+
+    @contextmanager
+    def session(self) -> Iterator[Any]:
+        """pynvml, for another reader of the same driver (the telemetry plugin): NVML stays open
+        while the block runs, and the block cannot start while NVML is released for a GPU reset
+        (:class:`NvmlReleased`), so a reset waits for it as it waits for a snapshot."""
+        with self._using():
+            yield self.nvml
+
+    def reader(self) -> _Reader:
+        """A reader of NVML calls as this source judges them: "not supported" is None, GPU_IS_LOST
+        raises, other failures are kept in its ``errors``."""
+        return self._reader()
 
     def _reader(self) -> _Reader:
         return _Reader(self.nvml, self._not_reported)

@@ -81,6 +81,13 @@ from vetd.plugins.gpu_health.sources import Source
 #: Handles are opaque pointers; ours are these addresses plus the GPU index.
 _HANDLE_BASE = 0x5EED0000
 _EVENT_SET_BASE = 0x5E700000
+_GPM_SAMPLE_BASE = 0x6A700000
+#: GPM metrics the simulated GPU measures, by pynvml's ``NVML_GPM_METRIC_<name>`` → the GpuSnapshot field.
+_GPM_METRICS = {"GRAPHICS_UTIL": "utilization_pct", "SM_UTIL": "sm_active_pct", "SM_OCCUPANCY": "sm_occupancy_pct",
+                "ANY_TENSOR_UTIL": "tensor_active_pct", "DRAM_BW_UTIL": "dram_active_pct",
+                "FP64_UTIL": "fp64_active_pct", "FP32_UTIL": "fp32_active_pct", "FP16_UTIL": "fp16_active_pct",
+                "PCIE_TX_PER_SEC": "pcie_tx_mib_s", "PCIE_RX_PER_SEC": "pcie_rx_mib_s",
+                "NVLINK_TOTAL_TX_PER_SEC": "nvlink_tx_mib_s", "NVLINK_TOTAL_RX_PER_SEC": "nvlink_rx_mib_s"}
 #: Snapshots are re-read at most this often (a scenario's time moves on).
 REFRESH_S = 0.05
 
@@ -198,6 +205,11 @@ class SimulatedNvml:
         #: nvmlInit calls not yet matched by nvmlShutdown (the driver counts them too).
         self.inits = 0
         self.calls = 0
+        #: GPM samples by number: (GPU index, {metric id: value}), None until taken.
+        self._gpm_samples: dict[int, tuple[int, dict[int, float | None]] | None] = {}
+        self._next_sample = 0
+        self._gpm = {getattr(nvml, f"NVML_GPM_METRIC_{name}"): field for name, field in _GPM_METRICS.items()
+                     if hasattr(nvml, f"NVML_GPM_METRIC_{name}")}
 
     @classmethod
     def of(cls, source: Source) -> SimulatedNvml:
@@ -425,6 +437,11 @@ class SimulatedNvml:
                                                    else int(gpu.drain_and_reset_recommended)),
             "NVML_FI_DEV_GET_GPU_RECOVERY_ACTION": (unsigned, recovery),
         }
+        by_name["NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION"] = (
+            n.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG, None if gpu.energy_mj is None else round(gpu.energy_mj))
+        for name, counter in (("NVML_FI_DEV_PCIE_COUNT_TX_BYTES", gpu.pcie_tx_bytes),
+                              ("NVML_FI_DEV_PCIE_COUNT_RX_BYTES", gpu.pcie_rx_bytes)):
+            by_name[name] = (n.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG, counter)
         tlimit = self._tlimit_c(gpu)
         for name, threshold in (("NVML_FI_DEV_TEMPERATURE_SLOWDOWN_TLIMIT", gpu.temp_slowdown_c),
                                 ("NVML_FI_DEV_TEMPERATURE_SHUTDOWN_TLIMIT", gpu.temp_shutdown_c)):
@@ -434,6 +451,9 @@ class SimulatedNvml:
         per_link = {getattr(n, name): kind for name, kind in _NVLINK_FIELDS.items() if hasattr(n, name)}
         injected = self._field_errors(handle)
         links = None if gpu.nvlinks is None else {link.link: link for link in gpu.nvlinks}
+        throughput = {getattr(n, name): kind for name, kind in (("NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX", "tx"),
+                                                                ("NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX", "rx"))
+                      if hasattr(n, name)}
         for i in range(_int(count)):
             entry = values[i]
             field, scope = int(entry.fieldId), int(entry.scopeId)
@@ -443,6 +463,8 @@ class SimulatedNvml:
                     raise _Fail(injected[field])
                 if field in per_link:
                     value_type, value = self._link_field(links, per_link[field], scope)
+                elif field in throughput:
+                    value_type, value = self._link_throughput(gpu, links, throughput[field], scope)
                 else:
                     value_type, value = answers.get(field, (unsigned, None))
                     _need(value)
@@ -474,6 +496,18 @@ class SimulatedNvml:
             raise _Fail("NOT_SUPPORTED")  # as nvmlDeviceGetNvLinkErrorCounter(DL_CRC_DATA) answers
         counter = {"replay": state.replay_errors, "recovery": state.recovery_errors, "crc_flit": state.crc_errors}
         return self.n.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG, int(_need(counter[kind]))
+
+    def _link_throughput(self, gpu: GpuSnapshot, links: dict[int, NvLink] | None, kind: str,
+                         link: int) -> tuple[int, int]:
+        """A link's share (KiB) of the GPU's NVLink data counter: the total split evenly over the
+        links that are up, the remainder on the first (the per-link fields sum to the total)."""
+        total = _need(gpu.nvlink_tx_kib if kind == "tx" else gpu.nvlink_rx_kib)
+        state = _need(links).get(link)
+        if state is None:
+            raise _Fail("INVALID_ARGUMENT" if link > max(links or [-1]) else "NOT_SUPPORTED")
+        up = sorted(number for number, each in (links or {}).items() if each.up)
+        share = 0 if link not in up else total // len(up) + (total % len(up) if link == up[0] else 0)
+        return self.n.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG, share
 
     @staticmethod
     def _tlimit_c(gpu: GpuSnapshot) -> float | None:
@@ -549,7 +583,69 @@ class SimulatedNvml:
         memory.free = memory.total - memory.used - memory.reserved
 
     def _c_nvmlDeviceGetUtilizationRates(self, handle: Any, ref: Any) -> None:
-        _out(ref).gpu = round(_need(self._gpu(handle).utilization_pct))
+        gpu = self._gpu(handle)
+        _out(ref).gpu = round(_need(gpu.utilization_pct))
+        _out(ref).memory = round(gpu.utilization_memory_pct or 0.0)
+
+    def _c_nvmlDeviceGetTotalEnergyConsumption(self, handle: Any, ref: Any) -> None:
+        _out(ref).value = round(_need(self._gpu(handle).energy_mj))
+
+    def _c_nvmlDeviceGetPcieThroughput(self, handle: Any, counter: Any, ref: Any) -> None:
+        """KB/s over the driver's last 20 ms, as the driver answers it."""
+        gpu = self._gpu(handle)
+        rates = {self.n.NVML_PCIE_UTIL_TX_BYTES: gpu.pcie_tx_mib_s, self.n.NVML_PCIE_UTIL_RX_BYTES: gpu.pcie_rx_mib_s}
+        if _int(counter) not in rates:
+            raise _Fail("INVALID_ARGUMENT")
+        _out(ref).value = round(_need(rates[_int(counter)]) * 1024)
+
+    # -- GPU performance metrics (GPM) ---------------------------------------------
+
+    def _c_nvmlGpmQueryDeviceSupport(self, handle: Any, ref: Any) -> None:
+        support = _out(ref)
+        if support.version != self.n.NVML_GPM_SUPPORT_VERSION:
+            raise _Fail("ARGUMENT_VERSION_MISMATCH")
+        support.isSupportedDevice = int(bool(self._gpu(handle).gpm_supported))
+
+    def _c_nvmlGpmSampleAlloc(self, ref: Any) -> None:
+        with self._lock:
+            self._next_sample += 1
+            number = self._next_sample
+            self._gpm_samples[number] = None
+        _set_pointer(ref, _GPM_SAMPLE_BASE + number)
+
+    def _c_nvmlGpmSampleFree(self, sample: Any) -> None:
+        with self._lock:
+            if self._gpm_samples.pop(_address(sample) - _GPM_SAMPLE_BASE, False) is False:
+                raise _Fail("INVALID_ARGUMENT")
+
+    def _c_nvmlGpmSampleGet(self, handle: Any, sample: Any) -> None:
+        """What the GPU's activity is at this moment, kept in the sample (a real GPU keeps counters)."""
+        gpu = self._gpu(handle)
+        number = _address(sample) - _GPM_SAMPLE_BASE
+        if number not in self._gpm_samples:
+            raise _Fail("INVALID_ARGUMENT")
+        if not gpu.gpm_supported:
+            raise _Fail("NOT_SUPPORTED")
+        self._gpm_samples[number] = (gpu.index, {metric: getattr(gpu, name) for metric, name in self._gpm.items()})
+
+    def _c_nvmlGpmMetricsGet(self, ref: Any) -> None:
+        """Each metric between two samples of one GPU: the mean of the activity at the two moments
+        (a real GPU measures the whole interval; a scenario's activity changes in steps)."""
+        request = _out(ref)
+        if request.version != self.n.NVML_GPM_METRICS_GET_VERSION:
+            raise _Fail("ARGUMENT_VERSION_MISMATCH")
+        first = self._gpm_samples.get(_address(request.sample1) - _GPM_SAMPLE_BASE)
+        second = self._gpm_samples.get(_address(request.sample2) - _GPM_SAMPLE_BASE)
+        if first is None or second is None or first[0] != second[0]:
+            raise _Fail("INVALID_ARGUMENT")
+        for i in range(_int(request.numMetrics)):
+            metric = request.metrics[i]
+            before, after = first[1].get(int(metric.metricId)), second[1].get(int(metric.metricId))
+            if before is None or after is None:
+                metric.nvmlReturn = self.n.NVML_ERROR_NOT_SUPPORTED
+                continue
+            metric.nvmlReturn = self.n.NVML_SUCCESS
+            metric.value = (before + after) / 2
 
     def _c_nvmlDeviceGetPersistenceMode(self, handle: Any, ref: Any) -> None:
         _out(ref).value = int(_need(self._gpu(handle).persistence_mode))

@@ -13,6 +13,9 @@ Scenario format (YAML)::
     devices: /tmp/node1-dev          # the simulated /dev: `vetd nvml-sim reset` refuses while NVML is held
     expected_gpus: 8                 # what sysfs would list (default: gpus)
     base: {name: NVIDIA H100 80GB HBM3, temp_c: 28}   # overrides for every GPU
+    workload:                        # what the GPUs are busy with (plugins/gpu_health/workload.py)
+      - {profile: training}
+      - {gpus: [3], profile: training, scale: 0.55}
     timeline:
       - {at: 2s, gpu: 3, set: {ecc_volatile_dram_uncorrectable: 2}}
       - {at: 2s, gpu: 3, xid: 48, message: "DBE (Double Bit Error) ECC Error"}
@@ -26,7 +29,10 @@ Scenario format (YAML)::
       - {at: 0s, gpu: 1, set: {no_permission: true}}   # counted, but denied to this agent (cgroups)
       - {at: 0s, gpu: 0, set: {mig_enabled: true}}     # no volatile ECC, remapped rows, processes per GPU
 
-``set`` keys are :class:`~vetd.plugins.gpu_health.model.GpuSnapshot` field names;
+``set`` keys are :class:`~vetd.plugins.gpu_health.model.GpuSnapshot` field names
+(``workload`` entries apply after ``base`` and before timeline steps; the
+energy, PCIe and NVLink counters are integrated from the power and rates in
+force at each snapshot);
 ``event`` names are :data:`~vetd.plugins.gpu_health.model.GPU_EVENTS` keys (a
 ``recovery_action`` event reports the GPU's ``recovery_action`` of that moment,
 so set it in the same step).
@@ -52,6 +58,7 @@ from vetd.agent.api import Duration, SourceUnavailable, dec_hook
 from vetd.plugins.gpu_health.capture import CaptureError, load_capture
 from vetd.plugins.gpu_health.model import GPU_EVENTS, DriverEvent, GpuSnapshot, NodeSnapshot, NvLink
 from vetd.plugins.gpu_health.sources import OnEvent
+from vetd.plugins.gpu_health.workload import Workload, apply_workloads
 
 
 class CaptureSource:
@@ -106,6 +113,8 @@ class Scenario(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: ``vetd nvml-sim reset`` refuses then). Default: one per scenario file in the temp folder.
     devices: str = ""
     base: dict[str, Any] = {}
+    #: What the GPUs are busy with over time (:mod:`~vetd.plugins.gpu_health.workload`).
+    workload: list[Workload] = []
     timeline: list[Step] = []
 
 
@@ -132,6 +141,9 @@ def healthy_gpu(index: int) -> GpuSnapshot:
         power_w=70.0, power_limit_w=700.0,
         memory_used_mib=0.0, memory_total_mib=81559.0, utilization_pct=0.0,
         persistence_mode=True, processes=[], mig_enabled=False,
+        utilization_memory_pct=0.0, pcie_tx_mib_s=0.0, pcie_rx_mib_s=0.0, nvlink_tx_mib_s=0.0, nvlink_rx_mib_s=0.0,
+        gpm_supported=True, sm_active_pct=0.0, sm_occupancy_pct=0.0, tensor_active_pct=0.0, dram_active_pct=0.0,
+        fp64_active_pct=0.0, fp32_active_pct=0.0, fp16_active_pct=0.0,
     )
 
 
@@ -175,6 +187,12 @@ def load_scenario(path: str) -> Scenario:
     unknown = set(scenario.base) - fields
     if unknown:
         raise ScenarioError(f"{path}: base: unknown GPU field(s) {', '.join(sorted(unknown))}")
+    for n, workload in enumerate(scenario.workload):
+        unknown = set(workload.set) - fields
+        if unknown:
+            raise ScenarioError(f"{path}: workload[{n}].set: unknown GPU field(s) {', '.join(sorted(unknown))}")
+        if workload.period is not None and not (workload.period > 0 and 0.0 <= workload.duty <= 1.0):
+            raise ScenarioError(f"{path}: workload[{n}]: period must be more than 0 and duty from 0 to 1")
     return scenario
 
 
@@ -193,6 +211,10 @@ class ScenarioSource:
         #: Fixed scenario time (``vetd check``); None: the live clock.
         self.at = at
         self._hung = threading.Event()
+        #: The driver's counters (energy, PCIe and NVLink bytes) per GPU, integrated up to ``_counted``.
+        self._counters: dict[int, dict[str, float]] = {}
+        self._counted = 0.0
+        self._counting = threading.Lock()
 
     def elapsed(self) -> float:
         return self.at if self.at is not None else time.monotonic() - self.started
@@ -218,6 +240,8 @@ class ScenarioSource:
         gpus: dict[int, GpuSnapshot] = {}
         for index in range(self.scenario.gpus):
             gpus[index] = _apply(healthy_gpu(index), self.scenario.base)
+            if self.scenario.workload and (busy := apply_workloads(self.scenario.workload, index, now)):
+                gpus[index] = _apply(gpus[index], busy)
         for step in steps:
             if step.gpu is None or step.gpu not in gpus:
                 continue
@@ -230,11 +254,12 @@ class ScenarioSource:
                 links = [msgspec.structs.replace(link, up=False) if link.link in step.nvlink_down else link
                          for link in gpus[step.gpu].nvlinks or []]
                 gpus[step.gpu] = msgspec.structs.replace(gpus[step.gpu], nvlinks=links)
+        counters = self._count(gpus, now)
         for index, gpu in gpus.items():
             if gpu.no_permission:  # nothing about it can be read, as through NVML
                 gpus[index] = GpuSnapshot(index=index, no_permission=True)
             else:
-                gpus[index] = driver_fields(self.scenario.driver, gpu)
+                gpus[index] = driver_fields(self.scenario.driver, _apply(gpu, counters.get(index, {})))
         return NodeSnapshot(
             source=self.name,
             taken=self.started_wall + now,
@@ -243,6 +268,24 @@ class ScenarioSource:
             cuda_version=self.scenario.cuda,
             attached_gpus=len(gpus),
         )
+
+    def _count(self, gpus: dict[int, GpuSnapshot], now: float) -> dict[int, dict[str, Any]]:
+        """The driver's counters at ``now``: each grows by the power and rates in force now times the
+        time since the last snapshot (a scenario time that moves back starts them again from 0)."""
+        with self._counting:
+            if now < self._counted:
+                self._counters, self._counted = {}, 0.0
+            elapsed, self._counted = now - self._counted, now
+            values: dict[int, dict[str, Any]] = {}
+            for index, gpu in gpus.items():
+                held = self._counters.setdefault(index, dict.fromkeys(_COUNTERS, 0.0))
+                for counter, (rate, scale) in _COUNTERS.items():
+                    per_second = getattr(gpu, rate)
+                    if per_second is not None:
+                        held[counter] += per_second * scale * elapsed
+                values[index] = {counter: (value if counter == "energy_mj" else int(value))
+                                 for counter, value in held.items() if getattr(gpu, _COUNTERS[counter][0]) is not None}
+            return values
 
     def slots(self) -> dict[int, str]:
         """Every GPU of the scenario, index → PCI bus id, vanished ones included."""
@@ -282,6 +325,15 @@ class ScenarioSource:
         gpu = next((g for g in self.snapshot().gpus if g.index == index), None)
         return (gpu.recovery_action if gpu else None) or "unreadable: not supported"
 
+
+#: Driver counter → (the rate it grows by, units of counter per unit of rate per second).
+_COUNTERS = {
+    "energy_mj": ("power_w", 1000.0),
+    "pcie_tx_bytes": ("pcie_tx_mib_s", 2.0**20),
+    "pcie_rx_bytes": ("pcie_rx_mib_s", 2.0**20),
+    "nvlink_tx_kib": ("nvlink_tx_mib_s", 1024.0),
+    "nvlink_rx_kib": ("nvlink_rx_mib_s", 1024.0),
+}
 
 #: Per device handle under MIG, NVML answers NOT_SUPPORTED for these.
 MIG_UNREPORTED = ("ecc_volatile_sram_correctable", "ecc_volatile_sram_uncorrectable",

@@ -23,6 +23,8 @@ BASE = {"cluster": "alps", "node": "nid001", "session": "s1", "seq": 1, "ts": 17
         Event(**BASE, name="xid", severity="critical", entity="gpu3", codes=["xid_79"]),
         Event(**BASE, name="job_start", job_id="4242", data={"user": "alice", "gpus": "0-3"}),
         Telemetry(**BASE, source="host", metrics={"load1": 0.5}),
+        Telemetry(**BASE, source="telemetry_gpu", entity="gpu3", metrics={"power_w": 410.5}, window_s=10.0,
+                  samples=10, min={"power_w": 300.0}, max={"power_w": 690.0}, job_id="4242"),
         Command(**BASE, id="c1", action="ping", expires=2e9),
         Reply(**BASE, id="c1", ok=True, message="pong"),
     ],
@@ -31,6 +33,37 @@ def test_every_message_kind_round_trips_on_its_topic(message: protocol.Message) 
     topic = protocol.topic_for(message)
     assert topic == f"vetd/v1/alps/node/nid001/{protocol.channel_of(message)}"
     assert protocol.decode_from(topic, protocol.encode(message)) == message
+
+
+def test_a_telemetry_window_reads_as_a_sample_to_an_older_peer_and_a_sample_as_a_window_to_a_newer() -> None:
+    """Issue 18 extended Telemetry with window fields: both directions still decode."""
+
+    class OldTelemetry(msgspec.Struct, tag="telemetry", tag_field="kind"):  # the protocol before issue 18
+        cluster: str
+        node: str
+        session: str
+        seq: int
+        ts: float
+        source: str
+        entity: str = "node"
+        metrics: dict[str, float] = {}
+
+    window = Telemetry(**BASE, source="telemetry_gpu", entity="gpu0", metrics={"utilization_pct": 50.0},
+                       window_s=10.0, samples=10, min={"utilization_pct": 0.0}, max={"utilization_pct": 100.0},
+                       job_id="77")
+    old = msgspec.msgpack.decode(protocol.encode(window), type=OldTelemetry)
+    assert old.metrics == {"utilization_pct": 50.0} and old.entity == "gpu0"
+    sample = protocol.decode(msgspec.msgpack.encode(OldTelemetry(**BASE, source="host", metrics={"load1": 1.0})))
+    assert isinstance(sample, Telemetry)
+    assert (sample.window_s, sample.samples, sample.min, sample.max, sample.job_id) == (0.0, 0, {}, {}, None)
+
+
+@pytest.mark.parametrize("fields", [{"window_s": -1.0}, {"samples": -1}, {"min": {"x": float("nan")}},
+                                    {"max": {"x": "high"}}, {"job_id": "a b"}])
+def test_a_bad_telemetry_window_is_malformed(fields: dict[str, object]) -> None:
+    payload = msgspec.msgpack.encode({**BASE, "kind": "telemetry", "source": "t", **fields})
+    with pytest.raises(ProtocolError):
+        protocol.decode(payload)
 
 
 def test_unknown_fields_from_a_newer_peer_are_skipped() -> None:

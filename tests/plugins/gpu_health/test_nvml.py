@@ -23,7 +23,7 @@ from tests.support.wait import wait_for
 from vetd.agent.checks import SourceUnavailable
 from vetd.plugins.gpu_health.config import GpuHealthConfig
 from vetd.plugins.gpu_health.evaluate import Evaluator
-from vetd.plugins.gpu_health.model import DriverEvent, GpuSnapshot
+from vetd.plugins.gpu_health.model import TELEMETRY_FIELDS, DriverEvent, GpuSnapshot
 from vetd.plugins.gpu_health.nvml import NvmlSource
 from vetd.plugins.gpu_health.nvmlsim import REFRESH_S, SimulatedNvml, install
 from vetd.plugins.gpu_health.replay import CaptureSource, ScenarioSource
@@ -42,7 +42,8 @@ def through_nvml(source: CaptureSource | ScenarioSource) -> NvmlSource:
 
 
 def comparable(gpu: GpuSnapshot) -> dict[str, object]:
-    fields = msgspec.structs.asdict(gpu)
+    """What gpu_health reads: the telemetry plugin's fields (TELEMETRY_FIELDS) it leaves to that plugin."""
+    fields = {k: v for k, v in msgspec.structs.asdict(gpu).items() if k not in TELEMETRY_FIELDS}
     processes = fields.pop("processes")
     fields["pids"] = None if processes is None else sorted(p.pid for p in processes if "C" in p.type)
     return fields
