@@ -52,6 +52,9 @@ Pair = tuple[int, int]
 SLOW_FRACTION = 0.5
 #: Rounds of ``vetd vet`` unless told otherwise: two partners on the ring and one across it.
 DEFAULT_ROUNDS = 3
+#: The check name of a node's verdict as a result (``vetd vet`` in a job, through the node's
+#: agent; a controller campaign, stored by the controller).
+CHECK = "fabric_pairs"
 
 
 def _shift_order(m: int) -> list[int]:
@@ -294,3 +297,21 @@ def localise(nodes: Sequence[str], measurements: Iterable[Measurement], *, absen
                                     slow_links=slow_links))
     return Localisation(nodes=verdicts, links=links, reference_gbps=round(reference, 4),
                         threshold_gbps=round(threshold, 4))
+
+
+def result_status(verdict: NodeVerdict) -> str:
+    """The status of a node's verdict as a ``fabric_pairs`` result, for the rules.
+
+    ``fail``: slow with every partner while one of them was fast with someone else (the node is
+    to blame); ``warn``: a slow link (both ends good), or slow with every partner none of whom was
+    fast elsewhere (``unlocalised``: never measured against a good node, so not blamed: with two
+    nodes both would be); ``skip``: no pair measured, or the node-local checks failed (those are
+    the agent's own checks to report); ``pass`` otherwise. An absent node has no result.
+    """
+    if verdict.verdict == "bad":
+        if "local_checks" in verdict.codes:
+            return "skip"
+        return "warn" if "unlocalised" in verdict.codes else "fail"
+    if {"pairs_skipped", "no_pairs"} & set(verdict.codes):
+        return "skip"
+    return "warn" if verdict.slow_links else "pass"
