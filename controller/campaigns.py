@@ -337,7 +337,7 @@ class Campaigns:
                 return
             vetted = self.controller.store.latest_times(self.cluster, CHECK)
             chosen.sort(key=lambda name: vetted.get(name, 0.0))
-            await self.vet(Ask.of(self.config, chosen[:self.config.max_nodes], "schedule"))
+            await self.vet(Ask.of(self.config, chosen[:self.config.max_nodes], "schedule"), skipped)
         except Exception as exc:  # the next interval tries again
             log.exception("scheduled_campaign_failed", error=f"{type(exc).__name__}: {exc}")
 
@@ -379,12 +379,14 @@ class Campaigns:
                 held[name] = f"not idle in the scheduler ({state})"
         return held
 
-    async def vet(self, ask: Ask) -> dict[str, Any]:
+    async def vet(self, ask: Ask, skipped_before: Mapping[str, str] | None = None) -> dict[str, Any]:
         """Run one campaign on the idle nodes of ``ask``; store a result for each node that took part;
-        the report (what ``vetd vet NODES --json`` prints and the campaigns table keeps)."""
+        the report (what ``vetd vet NODES --json`` prints and the campaigns table keeps).
+        ``skipped_before``: nodes a scheduled campaign left out already, and why (in the report too)."""
         campaign = uuid.uuid4().hex[:12]
         started = time.time()
         chosen, skipped = await self.choose(ask.nodes)
+        skipped = {**(skipped_before or {}), **skipped}
         log.info("campaign_started", campaign=campaign, trigger=ask.trigger, nodes=len(chosen), skipped=len(skipped),
                  test=ask.test)
         outcome: Outcome | None = None

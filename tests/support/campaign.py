@@ -72,7 +72,7 @@ class Fleet:
                  "every node's agent online at the controller")
         return self
 
-    def start_agent(self, node: str) -> VetdProcess:
+    def start_agent(self, node: str, allow: tuple[str, ...] = ("ping", "vet")) -> VetdProcess:
         assert self.broker is not None
         key = self.workdir / f"{node}.key"
         key.write_bytes(node_key(MASTER_KEY, self.cluster, node) + b"\n")
@@ -80,7 +80,7 @@ class Fleet:
         config = self.workdir / f"{node}.toml"
         config.write_text('[agent]\ndisable_plugins = ["host", "gpu_health", "gpu_compute"]\n'
                           '[plugins.tcp_pairs]\nstreams = 2\n'
-                          f'[commands]\nallow = ["ping", "vet"]\nkey_file = "{key}"\n{self.agent_extra}')
+                          f'[commands]\nallow = {json.dumps(list(allow))}\nkey_file = "{key}"\n{self.agent_extra}')
         agent = VetdProcess(["agent", "--config", str(config)], self.workdir / f"{node}.log",
                             vetd_env(VETD_BROKER=f"mqtt://{self.nodes.host_ip}:{self.broker.port}",
                                      VETD_CLUSTER=self.cluster, VETD_NODE=node, VETD_ALLOW_UNSIGNED_COMMANDS="0",
