@@ -322,10 +322,11 @@ class Coordinator:
             for index, pairs in enumerate(confirm, len(plan_rounds)):
                 samples += await self._round(pairing, plan, index, pairs)
             extra = len(confirm)
+            candidates: set[frozenset[str]] | None = {frozenset((link.a, link.b)) for link in first.links}
         else:
-            extra = 0
+            extra, candidates = 0, None
         rounds_s = time.monotonic() - began
-        result = self._localise(members, absent, excluded, samples)
+        result = self._localise(members, absent, excluded, samples, candidates)
         if skipped:
             for verdict in result.nodes:
                 if verdict.verdict == "good":
@@ -357,10 +358,11 @@ class Coordinator:
         return [s for report in reports.values() if report.round == index for s in report.samples]
 
     def _localise(self, members: Sequence[_Member], absent: Mapping[str, str], excluded: Mapping[str, str],
-                  samples: Sequence[Measurement]) -> Localisation:
+                  samples: Sequence[Measurement], candidates: set[frozenset[str]] | None = None) -> Localisation:
         gone = {**absent, **{m.node: m.left for m in members if m.left}}
         return localise(list(self.nodes), samples, absent=gone, excluded=excluded,
-                        slow_fraction=self.settings.slow_fraction, min_gbps=self.settings.min_gbps)
+                        slow_fraction=self.settings.slow_fraction, min_gbps=self.settings.min_gbps,
+                        links_among=candidates)
 
     def _choose(self, members: Sequence[_Member]) -> tuple[str, str]:
         """The test to run and, when it cannot run, why (``""``: it can)."""

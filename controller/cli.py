@@ -426,7 +426,7 @@ def run_campaign(args: argparse.Namespace) -> int:
     report = request
     if args.json:
         for row in report["nodes"]:
-            print(json.dumps(row))
+            print(json.dumps({**row, "campaign": report["campaign"]}))
     else:
         sys.stdout.write(campaign_text(report))
     from vetd.agent.vet import write_list

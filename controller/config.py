@@ -308,6 +308,11 @@ def load_controller_config(path: Path | str, environ: dict[str, str] | None = No
                           "name (auto, tcp_pairs, nccl_pairs, a plugin's)")
     if not config.campaigns.seconds > 0:
         raise ConfigError(f"{where(path, text, 'campaigns.seconds')}: must be more than 0")
+    if config.campaigns.max_nodes < config.campaigns.min_nodes:
+        raise ConfigError(f"{where(path, text, 'campaigns.max_nodes')}: max_nodes ({config.campaigns.max_nodes}) "
+                          f"must be at least min_nodes ({config.campaigns.min_nodes})")
+    if not config.campaigns.deadline > 0:
+        raise ConfigError(f"{where(path, text, 'campaigns.deadline')}: must be more than 0")
     if config.http.listen:
         host, _, port = config.http.listen.rpartition(":")
         if not host or not port.isdigit():

@@ -62,13 +62,10 @@ def fabric_results(fleet: Fleet, node: str, campaign: str) -> list[dict[str, Any
     return [r for r in results if r["check_name"] == "fabric_pairs" and f"campaign {campaign}:" in r["message"]]
 
 
-def campaign_of(rows: dict[str, dict[str, Any]], fleet: Fleet) -> str:
-    """The id of the campaign that made ``rows``: the latest in the controller's store."""
-    db = sqlite3.connect(f"file:{fleet.workdir / 'state' / 'controller.db'}?mode=ro", uri=True)
-    try:
-        return str(db.execute("SELECT id FROM campaigns ORDER BY started DESC LIMIT 1").fetchone()[0])
-    finally:
-        db.close()
+def campaign_of(rows: dict[str, dict[str, Any]]) -> str:
+    """The id of the campaign that made ``rows`` (every row names it), as its results' messages do."""
+    [campaign] = {row["campaign"] for row in rows.values()}
+    return str(campaign)
 
 
 def test_a_throttled_node_is_named_and_the_default_rule_drains_it(clean: Fleet) -> None:
@@ -80,7 +77,7 @@ def test_a_throttled_node_is_named_and_the_default_rule_drains_it(clean: Fleet) 
                                                           "nid004": "good", "nid005": "good"}, done.stdout
     assert "slow with every partner" in rows["nid003"]["reason"] and rows["nid003"]["codes"] == ["slow_all_pairs"]
     assert all(r["metrics"]["pairs"] >= 2 and not r["slow_links"] for r in rows.values())  # 5 nodes: 2 or 3 partners
-    campaign = campaign_of(rows, fleet)
+    campaign = campaign_of(rows)
     # one result per node, stored like any other, and the rule drained the slow one (and only it)
     [bad] = wait_for(lambda: fabric_results(fleet, "nid003", campaign), 20, "nid003's fabric_pairs result")
     assert bad["status"] == "fail" and bad["metrics"]["pair_gbps_median"] < 0.01
@@ -106,7 +103,7 @@ def test_a_throttled_link_is_named_and_drains_nobody(clean: Fleet) -> None:
     assert done.returncode == 0, done.stderr
     assert all(r["verdict"] == "good" for r in rows.values()), done.stdout
     assert rows["nid001"]["slow_links"] == ["nid002"] and rows["nid002"]["slow_links"] == ["nid001"]
-    campaign = campaign_of(rows, fleet)
+    campaign = campaign_of(rows)
     [one] = wait_for(lambda: fabric_results(fleet, "nid001", campaign), 20, "nid001's fabric_pairs result")
     assert one["status"] == "warn" and one["codes"] == ["slow_link"]
     assert all(n["state"] == "healthy" for n in fleet.node_states())
@@ -145,7 +142,7 @@ def test_a_node_with_a_job_or_excluded_is_skipped(clean: Fleet) -> None:
         assert rows["nid005"]["verdict"] == "skipped" and "out of service in vetd (excluded)" in rows["nid005"]["reason"]
         assert {n for n, r in rows.items() if r["verdict"] == "good"} == {"nid001", "nid003", "nid004"}
         assert all(r["metrics"]["pairs"] == 2 for n, r in rows.items() if r["verdict"] == "good")
-        campaign = campaign_of(rows, fleet)
+        campaign = campaign_of(rows)
         wait_for(lambda: fabric_results(fleet, "nid001", campaign), 20, "nid001's result")
         assert not fabric_results(fleet, "nid002", campaign) and not fabric_results(fleet, "nid005", campaign)
     finally:
@@ -164,7 +161,7 @@ def test_an_agent_that_does_not_answer_is_absent_and_blames_no_one(clean: Fleet)
     assert rows["nid004"]["verdict"] == "absent" and "never arrived within the 3s deadline" in rows["nid004"]["reason"]
     assert "agent" in rows["nid004"]["reason"]
     assert all(r["verdict"] == "good" and "nid004" not in r["reason"] for n, r in rows.items() if n != "nid004")
-    campaign = campaign_of(rows, fleet)
+    campaign = campaign_of(rows)
     wait_for(lambda: fabric_results(fleet, "nid001", campaign), 20, "nid001's result")
     assert not fabric_results(fleet, "nid004", campaign)
     assert all(n["state"] == "healthy" for n in fleet.node_states())
