@@ -92,15 +92,23 @@ def vetd_cli_commands(subparsers: argparse._SubParsersAction) -> None:  # type: 
         _agent_config_arg(parser)
         parser.set_defaults(func=_slurm)
 
-    vet = sub.add_parser("vet", help="vet a job's nodes: node-local checks, then bandwidth between them in pairs",
+    vet = sub.add_parser("vet", help="vet nodes across the network: in a job step, or NODES from the controller host",
                          description="Inside a job step, one task per node (srun --ntasks-per-node=1 vetd vet): "
                          "every task runs the node-local checks (--protocol, else the prolog profile), then the "
                          "tasks meet (rank 0 serves the rendezvous; the Slurm environment says who is where) and "
                          "measure bandwidth between nodes in rounds of pairs. A node slow with every partner is "
                          "bad; a slow pair of good nodes is a bad link, named as such; a task that never arrives "
                          "is absent. Rank 0 prints the verdicts. Exit 0: at least --need nodes are good; 1: fewer; "
-                         "2: vetd could not run.")
-    _agent_config_arg(vet)
+                         "2: vetd could not run. With NODES, on the controller host: a campaign, the running "
+                         "controller measures the idle ones among NODES through their agents (signed `vet` "
+                         "commands; [campaigns] in its config) and stores one fabric_pairs result per node for "
+                         "the rules; nodes with a job or out of service are skipped. Exit 0: no node bad (and at "
+                         "least --need good); 1: a node bad; 2: nothing could be measured.")
+    vet.add_argument("nodes", nargs="?", metavar="NODES",
+                     help="a campaign from the controller host on these nodes (a hostlist, nid[001-016]); "
+                     "--config is then the controller's")
+    vet.add_argument("--config", help=f"agent TOML config (default $VETD_CONFIG or {DEFAULT_AGENT_CONFIG}); with "
+                     "NODES the controller's (default $VETD_CONTROLLER_CONFIG or /etc/vetd/controller.toml)")
     vet.add_argument("--protocol", metavar="FILE.yaml",
                      help="node-local checks of a vetting protocol (as vetd check --protocol); default: the "
                      "prolog profile")
@@ -111,16 +119,18 @@ def vetd_cli_commands(subparsers: argparse._SubParsersAction) -> None:  # type: 
                      "nodes are in neither file")
     vet.add_argument("--json", action="store_true",
                      help="one JSON object per node per line: node, verdict (good, bad, absent), reason, metrics")
-    vet.add_argument("--test", default="auto", metavar="NAME",
+    # Not given: a job takes the defaults below, a campaign its controller's [campaigns] values.
+    vet.add_argument("--test", default=argparse.SUPPRESS, metavar="NAME",
                      help="pair test: auto (NCCL where every node has GPUs and NCCL, else TCP), tcp_pairs, "
-                     "nccl_pairs")
-    vet.add_argument("--deadline", type=duration, default=60.0, metavar="DURATION",
-                     help="a task that has not reached rank 0 this long after rank 0 started is absent (default 60s)")
-    vet.add_argument("--rounds", type=_rounds, default=3, metavar="N|all",
+                     "nccl_pairs (default auto)")
+    vet.add_argument("--deadline", type=duration, default=argparse.SUPPRESS, metavar="DURATION",
+                     help="a task that has not reached rank 0 this long after rank 0 started is absent (default "
+                     "60s); in a campaign, an agent that has not joined")
+    vet.add_argument("--rounds", type=_rounds, default=argparse.SUPPRESS, metavar="N|all",
                      help="rounds of pairs (default 3: two partners on the ring, one across it); all: every pair")
-    vet.add_argument("--slow-fraction", type=_fraction, default=0.5, metavar="F",
+    vet.add_argument("--slow-fraction", type=_fraction, default=argparse.SUPPRESS, metavar="F",
                      help="a pair below F times the median of all pairs is slow (default 0.5)")
-    vet.add_argument("--min-gbps", type=float, default=0.0, metavar="GB/S",
+    vet.add_argument("--min-gbps", type=float, default=argparse.SUPPRESS, metavar="GB/S",
                      help="a pair below this (decimal GB/s) is slow too (default: none)")
     vet.add_argument("--port", type=port, metavar="PORT",
                      help="TCP port of rank 0's rendezvous (default: 18000 + a number from the job and step ids)")
@@ -211,6 +221,10 @@ def _vet(args: argparse.Namespace) -> int:
     from vetd.agent.pluginhost import PluginError
     from vetd.core.configfile import ConfigError
 
+    if args.nodes is not None:
+        from vetd.controller.cli import run_campaign
+
+        return run_campaign(args)
     try:
         return vet.main(args)
     except vet.VetError as exc:

@@ -10,6 +10,10 @@ logged. The agent itself answers two:
   ``diagnose`` action while the node is in service (not drained): its own
   entry in ``[commands] allow``, so a site can allow re-vetting after healing
   and not runs on a node that may hold a job. The results go to the rules.
+* ``vet`` (``campaign``, ``step``, a body): a step of a campaign the
+  controller runs on idle nodes, bandwidth between them in pairs
+  (:mod:`vetd.agent.campaign`); not allowed by default, since it sends
+  traffic to the peers the controller names.
 
 Every other action is an :class:`AgentCommand` a plugin registers through
 ``vetd_register_commands``, built-ins as third parties: ``gpu_reset`` comes
@@ -37,6 +41,7 @@ from vetd.core import proc
 from vetd.core.protocol import BAD_STATUSES, Command
 
 if TYPE_CHECKING:
+    from vetd.agent.campaign import CampaignMember
     from vetd.agent.pluginhost import PluginHost
 
 log = structlog.get_logger("vetd.commands")
@@ -49,6 +54,8 @@ class Answer:
     ok: bool
     message: str
     data: dict[str, str]
+    #: A structured answer (a campaign's pair-round message, :mod:`vetd.agent.campaign`).
+    body: bytes = b""
 
 
 def fill(template: Sequence[str], **values: str) -> list[str]:
@@ -93,7 +100,7 @@ class AgentCommand:
 
 
 #: Actions the agent answers itself; a plugin cannot register these names.
-CORE_ACTIONS = ("ping", "revet", "diagnose")
+CORE_ACTIONS = ("ping", "revet", "diagnose", "vet")
 
 
 class CommandRegistry(_Registry[AgentCommand]):
@@ -114,8 +121,11 @@ class Commands:
         plugins: Callable[[], PluginHost],
         checks: Callable[[], Sequence[Check]],
         publish: Callable[[CheckRun, str], None],
+        campaigns: CampaignMember | None = None,
     ) -> None:
         self.config, self.plugins, self.checks, self.publish = config, plugins, checks, publish
+        #: This node's part in the controller's campaigns (``vet``).
+        self.campaigns = campaigns
         self.runner = CheckRunner()
 
     async def handle(self, command: Command) -> Answer:
@@ -134,6 +144,10 @@ class Commands:
             return await self.revet(command.args.get("profile", "prolog"))
         if command.action == "diagnose":
             return await self.revet(command.args.get("profile", "full"))
+        if command.action == "vet":
+            if self.campaigns is None:
+                return Answer(False, "refused: this agent takes part in no campaign", {})
+            return await self.campaigns.handle(command)
         plugins = self.plugins()
         handler = plugins.commands().get(command.action)
         if handler is None:

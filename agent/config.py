@@ -95,7 +95,8 @@ class CommandsSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     #: Actions allowed: ``ping``, ``revet`` (re-vetting of a drained node), ``diagnose`` (a profile run
     #: on a node in service, asked by a rule; GPUs with compute processes are left alone); add
-    #: ``gpu_reset`` and ``restart_service`` to let vetd heal.
+    #: ``gpu_reset`` and ``restart_service`` to let vetd heal, and ``vet`` to take part in the
+    #: controller's campaigns (bandwidth to the peers it names, on an idle node; never during a job).
     allow: list[str] = msgspec.field(default_factory=lambda: ["ping", "revet", "diagnose"])
     #: Services ``restart_service`` may restart.
     services: list[str] = []

@@ -20,10 +20,13 @@ import sqlite3
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import structlog
 
+from vetd.agent.campaign import CampaignMember
 from vetd.agent.checks import (
     Check,
     CheckRun,
@@ -132,15 +135,21 @@ class Agent:
                              if config.commands.key_file else b"")
         self._warned_unsigned = False
         self._answered: OrderedDict[str, Answer] = OrderedDict()
+        #: Latest verdicts, running jobs and containers: what the control socket reports.
+        self.state = NodeState()
         self.commands = Commands(
             config=lambda: self.config.commands,
             plugins=lambda: self.schedule.plugins,
             checks=lambda: list(self.schedule.checks),
             publish=lambda run, profile: self.emit_result(run.check, run.outcomes, run.started,
                                                           run.duration_s, profile),
+            campaigns=CampaignMember(
+                node=lambda: self.identity.node,
+                tests=lambda: {test.name: test for test in self.schedule.plugins.register_pair_tests()},
+                jobs=lambda: list(self.state.jobs),
+                spawn=self._spawn,
+            ),
         )
-        #: Latest verdicts, running jobs and containers: what the control socket reports.
-        self.state = NodeState()
         self.control = ControlServer(ControlHost(
             config=lambda: self.config,
             checks=lambda: list(self.schedule.checks),
@@ -519,6 +528,16 @@ class Agent:
         self._command_tasks.add(task)
         task.add_done_callback(self._command_tasks.discard)
 
+    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        """A task of a command that outlives it (a campaign's member), cancelled at shutdown as commands are."""
+        if self._group is None:
+            work.close()
+            raise RuntimeError("the agent is not running")
+        task = self._group.create_task(work, name=name)
+        self._command_tasks.add(task)
+        task.add_done_callback(self._command_tasks.discard)
+        return task
+
     def _refusal(self, command: Command) -> str | None:
         """Signature, expiry and replay checks; None when the command may run."""
         if self._command_key:
@@ -556,6 +575,7 @@ class Agent:
                 ok=answer.ok,
                 message=clip(answer.message),
                 data=answer.data,
+                body=answer.body,
             )
         )
 

@@ -194,6 +194,8 @@ class Settings:
     min_gbps: float = 0.0
     #: Good nodes needed for exit status 0 (None: every rank).
     need: int | None = None
+    #: What a member is, in the reasons of absent nodes: a job's ``task``, a campaign's ``agent``.
+    member: str = "task"
 
 
 @dataclass
@@ -236,11 +238,23 @@ class Coordinator:
     _closed: bool = False
     _all_joined: asyncio.Event = field(default_factory=asyncio.Event)
     _started: float = field(default_factory=time.monotonic)
+    #: Node → why it will not join (:meth:`turned_away`).
+    _away: dict[str, str] = field(default_factory=dict)
 
-    async def add(self, channel: Channel) -> None:
-        """A new member's channel: its :class:`Join` is read here (or it is turned away)."""
+    def turned_away(self, node: str, why: str) -> None:
+        """``node`` will not join (a campaign's agent refused it): absent with ``why`` now, not at the deadline."""
+        if node in self.nodes and node not in self._members:
+            self._away[node] = why
+            self._joined_or_away()
+
+    def _joined_or_away(self) -> None:
+        if len(self._members) + len(set(self._away) - set(self._members)) >= len(self.nodes):
+            self._all_joined.set()
+
+    async def add(self, channel: Channel, wait: float = JOIN_WAIT_S) -> None:
+        """A new member's channel: its :class:`Join` is read here, within ``wait`` (or it is turned away)."""
         try:
-            join = await channel.recv(JOIN_WAIT_S)
+            join = await channel.recv(wait)
         except RendezvousLost:
             await channel.close()
             return
@@ -264,8 +278,7 @@ class Coordinator:
             return
         self._members[join.node] = _Member(join.rank, join.node, join, channel)
         log.debug("vet_joined", rank=join.rank, node=join.node, joined=len(self._members), of=len(self.nodes))
-        if len(self._members) == len(self.nodes):
-            self._all_joined.set()
+        self._joined_or_away()
 
     async def run(self) -> Outcome:
         remaining = self.settings.deadline - (time.monotonic() - self._started)
@@ -273,7 +286,8 @@ class Coordinator:
             async with asyncio.timeout(max(0.0, remaining)):
                 await self._all_joined.wait()
         self._closed = True
-        absent = {node: f"its task never arrived within the {self.settings.deadline:g}s deadline"
+        absent = {node: self._away.get(node)
+                  or f"its {self.settings.member} never arrived within the {self.settings.deadline:g}s deadline"
                   for node in self.nodes if node not in self._members}
         members = [self._members[node] for node in self.nodes if node in self._members]
         excluded = {m.node: f"node-local checks: {m.join.local_bad}" for m in members if m.join.local_bad}
@@ -308,10 +322,11 @@ class Coordinator:
             for index, pairs in enumerate(confirm, len(plan_rounds)):
                 samples += await self._round(pairing, plan, index, pairs)
             extra = len(confirm)
+            candidates: set[frozenset[str]] | None = {frozenset((link.a, link.b)) for link in first.links}
         else:
-            extra = 0
+            extra, candidates = 0, None
         rounds_s = time.monotonic() - began
-        result = self._localise(members, absent, excluded, samples)
+        result = self._localise(members, absent, excluded, samples, candidates)
         if skipped:
             for verdict in result.nodes:
                 if verdict.verdict == "good":
@@ -343,10 +358,11 @@ class Coordinator:
         return [s for report in reports.values() if report.round == index for s in report.samples]
 
     def _localise(self, members: Sequence[_Member], absent: Mapping[str, str], excluded: Mapping[str, str],
-                  samples: Sequence[Measurement]) -> Localisation:
+                  samples: Sequence[Measurement], candidates: set[frozenset[str]] | None = None) -> Localisation:
         gone = {**absent, **{m.node: m.left for m in members if m.left}}
         return localise(list(self.nodes), samples, absent=gone, excluded=excluded,
-                        slow_fraction=self.settings.slow_fraction, min_gbps=self.settings.min_gbps)
+                        slow_fraction=self.settings.slow_fraction, min_gbps=self.settings.min_gbps,
+                        links_among=candidates)
 
     def _choose(self, members: Sequence[_Member]) -> tuple[str, str]:
         """The test to run and, when it cannot run, why (``""``: it can)."""
@@ -377,7 +393,7 @@ class Coordinator:
             try:
                 await send(member)
             except RendezvousLost as exc:
-                self._leave(member, f"its task left ({exc})")
+                self._leave(member, f"its {self.settings.member} left ({exc})")
 
         await asyncio.gather(*(one(m) for m in members))
 
@@ -390,12 +406,13 @@ class Coordinator:
             try:
                 message = await member.channel.recv(timeout)
             except RendezvousLost as exc:
-                self._leave(member, f"its task left during {during} ({exc.args[0].split(': ', 1)[-1]})")
+                self._leave(member, f"its {self.settings.member} left during {during} "
+                                    f"({exc.args[0].split(': ', 1)[-1]})")
                 return
             if isinstance(message, kind):
                 answers[member] = message
             else:
-                self._leave(member, f"its task answered {type(message).__name__} during {during}")
+                self._leave(member, f"its {self.settings.member} answered {type(message).__name__} during {during}")
 
         await asyncio.gather(*(one(m) for m in members if not m.left))
         return answers

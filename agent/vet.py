@@ -55,10 +55,11 @@ from vetd.agent.fabric import (
     serve,
 )
 from vetd.agent.pairtests import PairTest
+from vetd.core import pairs
 from vetd.core.cli import EXIT_FAILED, EXIT_VETD
 from vetd.core.configfile import ConfigError
 from vetd.core.output import table
-from vetd.core.pairs import NodeVerdict
+from vetd.core.pairs import DEFAULT_ROUNDS, SLOW_FRACTION, NodeVerdict
 
 if TYPE_CHECKING:
     from vetd.agent.checks import Check
@@ -70,6 +71,11 @@ JOB_ID = re.compile(r"\A[A-Za-z0-9_.:+-]{1,64}\Z")
 #: Rendezvous ports derived from the job: ``PORT_BASE + (job × 16 + step) mod PORT_SPAN``,
 #: below Linux's ephemeral range (32768–60999).
 PORT_BASE, PORT_SPAN = 18000, 10000
+
+
+#: What a job's ``vetd vet`` measures with unless told (a campaign's come from ``[campaigns]``).
+JOB_DEFAULTS: dict[str, object] = {"test": "auto", "deadline": 60.0, "rounds": DEFAULT_ROUNDS,
+                                   "slow_fraction": SLOW_FRACTION, "min_gbps": 0.0}
 
 
 class VetError(ConfigError):
@@ -152,6 +158,9 @@ def main(args: argparse.Namespace) -> int:
     from vetd.agent.config import load_agent_config
     from vetd.agent.pluginhost import PluginHost
 
+    for name, default in JOB_DEFAULTS.items():
+        if not hasattr(args, name):
+            setattr(args, name, default)
     step = Step.from_env(os.environ)
     if args.need is not None and not 0 <= args.need <= len(step.nodes):
         raise VetError(f"--need {args.need}: the step has {len(step.nodes)} nodes")
@@ -252,7 +261,7 @@ async def _member(step: Step, port: int, settings: Settings, host: PluginHost, t
 
 
 #: The check name of ``vetd vet``'s verdict on a node, as the agent publishes it (a campaign's too).
-CHECK = "fabric_pairs"
+CHECK = pairs.CHECK
 
 
 def report_to_agent(step: Step, verdict: NodeVerdict, duration: float) -> bool:
@@ -263,12 +272,7 @@ def report_to_agent(step: Step, verdict: NodeVerdict, duration: float) -> bool:
     settings = local_settings()
     if not settings.socket_path or not Path(settings.socket_path).exists():
         return False
-    if verdict.verdict == "bad":
-        status = "skip" if "local_checks" in verdict.codes else "fail"
-    elif {"pairs_skipped", "no_pairs"} & set(verdict.codes):
-        status = "skip"
-    else:
-        status = "warn" if verdict.slow_links else "pass"
+    status = pairs.result_status(verdict)
     request = {"op": "report", "check": CHECK, "job_id": step.job_id if JOB_ID.match(step.job_id) else "",
                "duration_s": round(duration, 3),
                "results": [{"status": status, "codes": verdict.codes[:32], "message": verdict.reason[:4000],
@@ -310,10 +314,13 @@ def report(outcome: Outcome, as_json: bool, out: TextIO) -> None:
 
 def write_lists(outcome: Outcome, good_file: str | None, bad_file: str | None) -> None:
     """Folded hostlists (``nid[001-004,007]``) for ``srun --nodelist`` / ``--exclude``; empty when none."""
+    for path, verdict in ((good_file, "good"), (bad_file, "bad")):
+        write_list(path, [v.node for v in outcome.localisation.nodes if v.verdict == verdict])
+
+
+def write_list(path: str | None, nodes: Sequence[str]) -> None:
+    """``nodes`` as a folded hostlist in ``path`` (nothing when there is no path; empty when no node)."""
     from ClusterShell.NodeSet import NodeSet
 
-    for path, verdict in ((good_file, "good"), (bad_file, "bad")):
-        if not path:
-            continue
-        chosen = [v.node for v in outcome.localisation.nodes if v.verdict == verdict]
-        Path(path).write_text(f"{NodeSet.fromlist(chosen)}\n" if chosen else "")
+    if path:
+        Path(path).write_text(f"{NodeSet.fromlist(list(nodes))}\n" if nodes else "")

@@ -25,7 +25,7 @@ import os
 import re
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -79,6 +79,23 @@ class SchedulerBackend(Protocol):
     async def resume(self, node: str) -> ActionOutcome: ...
 
     async def reboot(self, node: str, reason: str) -> ActionOutcome: ...
+
+
+#: The Slurm states (``scontrol show node``'s ``State``: the base state and its flags joined with
+#: ``+``) in which a campaign may measure a node: nothing allocated, nothing completing, not
+#: draining, down, reserved, powered down or failing to answer (``*``).
+IDLE_STATES = frozenset({"IDLE", "IDLE+CLOUD"})
+
+
+async def idle_states(backend: SchedulerBackend, nodes: Sequence[str]) -> dict[str, str] | None:
+    """Node → ``""`` when the scheduler has it idle, else what it has it as (``ALLOCATED``, ``IDLE+DRAIN``,
+    ``unknown to Slurm``); None when the backend cannot tell (``none``: no scheduler; a plugin's backend
+    without an ``idle`` method). Raises :class:`SlurmError` when the scheduler cannot be asked."""
+    idle = getattr(backend, "idle", None)
+    if idle is None:
+        return None
+    states: dict[str, str] = await idle(nodes)
+    return states
 
 
 class AlertBackend(Protocol):
@@ -138,14 +155,16 @@ class Slurm:
 
     async def show(self, node: str) -> dict[str, str]:
         """``scontrol show node -o`` parsed into fields (State, Reason…)."""
-        text = (await self._run("show", "node", node, options=("-o",))).strip()
-        # Reason comes last and may hold spaces and '=': take it whole, minus
-        # the " [user@time]" Slurm appends.
-        head, _, reason = text.partition(" Reason=")
-        fields = dict(part.split("=", 1) for part in head.split() if "=" in part)
-        if reason:
-            fields["Reason"] = re.sub(r"\s*\[[^\]]*@[^\]]*\]$", "", reason)
-        return fields
+        return _node_fields((await self._run("show", "node", node, options=("-o",))).strip())
+
+    async def idle(self, nodes: Sequence[str]) -> dict[str, str]:
+        """Node → ``""`` when Slurm has it idle (:data:`IDLE_STATES`), else its state (a campaign
+        measures only idle nodes). One ``scontrol -o show node`` for every node Slurm has."""
+        text = await self._run("show", "node", options=("-o",))
+        states = {fields.get("NodeName", ""): fields.get("State", "")
+                  for fields in map(_node_fields, text.splitlines()) if fields}
+        return {node: ("" if states.get(node) in IDLE_STATES else states.get(node) or "unknown to Slurm")
+                for node in nodes}
 
     async def drain(self, node: str, reason: str) -> ActionOutcome:
         """Drain ``node`` and read it back: ``done`` only once Slurm shows it DRAIN (or DRAINING, DRAINED)."""
@@ -209,6 +228,16 @@ class Slurm:
         except SlurmError as exc:
             return ActionOutcome(False, "failed", f"scontrol reboot: {exc}")
         return ActionOutcome(True, "done", "reboot requested (ASAP, next state DOWN)")
+
+
+def _node_fields(line: str) -> dict[str, str]:
+    """One node's line of ``scontrol -o show node`` as fields. Reason comes last and may hold spaces
+    and '=': taken whole, minus the " [user@time]" Slurm appends."""
+    head, _, reason = line.strip().partition(" Reason=")
+    fields = dict(part.split("=", 1) for part in head.split() if "=" in part)
+    if reason:
+        fields["Reason"] = re.sub(r"\s*\[[^\]]*@[^\]]*\]$", "", reason)
+    return fields
 
 
 def _not_a_node(node: str) -> ActionOutcome:

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from importlib import resources
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from vetd.controller.config import ControllerConfig, load_controller_config
 from vetd.controller.store import Store
@@ -467,6 +467,113 @@ def run_operator_request(args: argparse.Namespace) -> int:
         return 1
     finally:
         store.close()
+
+
+def run_campaign(args: argparse.Namespace) -> int:
+    """``vetd vet NODES --config C``: the running controller runs a campaign on the idle ones among NODES;
+    print its verdicts (as ``vetd vet`` in a job does) and write the good and bad node lists."""
+    from ClusterShell.NodeSet import NodeSet
+
+    for option, given in (("--protocol", args.protocol), ("--port", args.port)):
+        if given is not None:
+            print(f"vetd: vet: {option} is for a job's vetd vet; a campaign (NODES) measures pairs only, through "
+                  "the agents", file=sys.stderr)
+            return EXIT_VETD
+    try:
+        names = list(NodeSet(args.nodes))
+    except Exception as exc:  # noqa: BLE001 - ClusterShell raises several parse errors
+        print(f"vetd: {args.nodes!r} is not a hostlist: {exc}", file=sys.stderr)
+        return EXIT_VETD
+    from vetd.core.protocol import valid_name
+
+    if bad := [name for name in names if not valid_name(name)]:
+        print(f"vetd: {clean(bad[0])!r} is not a node name", file=sys.stderr)
+        return EXIT_VETD
+    if args.need is not None and not 0 <= args.need <= len(names):
+        print(f"vetd: vet: --need {args.need}: NODES has {len(names)} nodes", file=sys.stderr)
+        return EXIT_VETD
+    params: dict[str, object] = {}
+    if hasattr(args, "test"):
+        params["test"] = args.test
+    if hasattr(args, "rounds"):
+        params["rounds"] = args.rounds or 0  # 0: every pair
+    for key in ("deadline", "slow_fraction", "min_gbps"):
+        if hasattr(args, key):
+            params[key] = float(getattr(args, key))
+    config = load_controller_config(controller_config_path(args.config))
+    store = Store(config.store.path)
+    try:
+        targets, problems = store.resolve_nodes(names, config.cluster)
+        if problems:
+            print(f"vetd: {problems[0]}; set `cluster` in {config.source}", file=sys.stderr)
+            return EXIT_VETD
+        request_id = store.submit(_actor(), "vet", targets, params=params)
+        request = _campaign_answer(store, request_id)
+    finally:
+        store.close()
+    if isinstance(request, str):
+        print(f"vetd: vet: {request}", file=sys.stderr)
+        return EXIT_VETD
+    report = request
+    if args.json:
+        for row in report["nodes"]:
+            print(json.dumps({**row, "campaign": report["campaign"]}))
+    else:
+        sys.stdout.write(campaign_text(report))
+    from vetd.agent.vet import write_list
+
+    write_list(args.good_file, report["good"])
+    write_list(args.bad_file, report["bad"])
+    measured = len(report["nodes"]) - len(report["skipped"])
+    if not measured:
+        return EXIT_VETD
+    if report["bad"] or (args.need is not None and len(report["good"]) < args.need):
+        return 1
+    return 0
+
+
+def _campaign_answer(store: Store, request_id: int) -> dict[str, Any] | str:
+    """The report of a campaign request once the controller carried it out, or why there is none."""
+    taken_by = time.monotonic() + REQUEST_WAIT_S
+    done_by = float("inf")
+    while time.monotonic() < min(taken_by, done_by):
+        request = store.request(request_id)
+        status = request["status"] if request else "gone"
+        result = json.loads(request["result"]) if request and request["result"] else None
+        if status == "running" and done_by == float("inf"):
+            expected = float(result.get("expected_s", 600.0)) if isinstance(result, dict) else 600.0
+            taken_by, done_by = float("inf"), time.monotonic() + expected + REQUEST_WAIT_S
+        elif status == "done" and isinstance(result, dict):
+            return result
+        elif status not in ("pending", "running"):
+            return f"the controller's campaign {status}: {result}"
+        time.sleep(0.2)
+    if done_by != float("inf"):
+        return f"the controller took request {request_id} but has not finished it in time"
+    return (f"the controller has not taken request {request_id} within {REQUEST_WAIT_S:g}s (is `vetd controller` "
+            "running with this config?); it expires unapplied")
+
+
+def campaign_text(report: Mapping[str, Any]) -> str:
+    """A campaign's report as ``vetd vet`` prints a job's: the run, a table (node, verdict, why), the links."""
+    nodes = report["nodes"]
+    measured = [r for r in nodes if r["verdict"] != "skipped"]
+    head = f"campaign {report['campaign']}: "
+    if not measured:
+        head += f"{len(nodes)} nodes, none idle to measure\n"
+    elif report["pairs_skipped"]:
+        head += f"{len(measured)} nodes; pairs not measured: {report['pairs_skipped']}\n"
+    else:
+        again = f" (+{report['confirm_rounds']} measuring slow links again)" if report["confirm_rounds"] else ""
+        head += (f"{len(measured)} nodes, {report['test']}, {report['rounds']} round"
+                 f"{'s' * (report['rounds'] != 1)}{again} in {report['rounds_s']:.1f}s; median "
+                 f"{report['reference_gbps']:.3g} GB/s, slow below {report['threshold_gbps']:.3g} GB/s\n")
+    rows = [(r["node"], r["verdict"].upper(), r["reason"] + (f" ({r['not_judged']})" if r.get("not_judged") else ""))
+            for r in nodes]
+    text = head + table(("NODE", "VERDICT", "WHY"), rows)
+    text += "".join(f"bad link {k['a']} <-> {k['b']}: {k['reason']}\n" for k in report["links"])
+    counts = ", ".join(f"{len(report[v])} {v}" for v in ("bad", "absent", "skipped") if report[v])
+    return text + f"{len(report['good'])} of {len(nodes)} nodes good{'; ' + counts if counts else ''}\n"
 
 
 def _when(ts: float) -> str:

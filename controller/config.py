@@ -7,6 +7,7 @@ folder. ``VETD_BROKER`` overrides ``broker``.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -155,6 +156,38 @@ class JobsSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_open: Annotated[int, msgspec.Meta(ge=1, le=10_000_000)] = 100_000
 
 
+class CampaignsSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Campaigns: the controller measures bandwidth between idle nodes in pairs, as ``vetd vet`` does
+    in a job, through signed ``vet`` commands to their agents (whose ``[commands] allow`` must list
+    ``vet``), and stores one ``fabric_pairs`` result per node for the rules. ``vetd vet NODES`` runs
+    one now; ``interval`` runs them on their own. A node with a job (Slurm not idle, or a job its
+    agent announced and has not ended) or out of service in vetd is never in a campaign."""
+
+    #: How often a campaign runs on its own, on the idle nodes of ``nodes``; 0: only when an
+    #: operator asks (``vetd vet NODES``).
+    interval: Duration = Duration(0.0)
+    #: The nodes scheduled campaigns vet, a hostlist (``nid[001-128]``); empty: every node vetd knows.
+    nodes: str = ""
+    #: Most nodes in one scheduled campaign: those a campaign vetted longest ago come first.
+    max_nodes: Annotated[int, msgspec.Meta(ge=2, le=1024)] = 64
+    #: Fewest idle nodes a scheduled campaign runs on (otherwise it waits for the next interval). A
+    #: node is only blamed when a partner of its was fast with someone else: 3 at least.
+    min_nodes: Annotated[int, msgspec.Meta(ge=3, le=1024)] = 4
+    #: The pair test: ``auto`` (``nccl_pairs`` where every node can run it, else ``tcp_pairs``),
+    #: ``tcp_pairs``, ``nccl_pairs``, or one a plugin on the nodes provides.
+    test: str = "auto"
+    #: How long each direction of each pair is measured (a round lasts about this long).
+    seconds: Duration = Duration(3.0)
+    #: Rounds of pairs: 3 gives every node two ring neighbours and a node across the ring as partners.
+    rounds: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 3
+    #: The barrier: an agent that has not joined this long after the campaign started is absent.
+    deadline: Duration = Duration(30.0)
+    #: A pair below this share of the campaign's median is slow.
+    slow_fraction: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 0.5
+    #: A pair below this (decimal GB/s) is slow too; 0: no floor.
+    min_gbps: Annotated[float, msgspec.Meta(ge=0.0)] = 0.0
+
+
 class HttpSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """The API and ``/metrics`` (uvicorn + Starlette). The limits bound what one
     client, however hostile, can take from the controller: memory for a request,
@@ -263,11 +296,15 @@ class ControllerConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     jobs: JobsSection = msgspec.field(default_factory=JobsSection)
     telemetry: TelemetrySection = msgspec.field(default_factory=TelemetrySection)
     report: ReportSection = msgspec.field(default_factory=ReportSection)
+    campaigns: CampaignsSection = msgspec.field(default_factory=CampaignsSection)
     #: Static node labels by hostlist: ``"nid[0001-2688]" = {partition = "normal", gpu = "GH200"}``;
     #: they override what agents report.
     labels: dict[str, dict[str, str]] = {}
     #: Where this config came from (for error messages), not a TOML key.
     source: str = "<defaults>"
+
+
+_TEST_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 
 
 def controller_sample() -> str:
@@ -303,6 +340,21 @@ def load_controller_config(path: Path | str, environ: dict[str, str] | None = No
             NodeSet(hostlist)
         except NodeSetException as exc:
             raise ConfigError(f"{where(path, text, 'labels')}: {hostlist!r} is not a hostlist: {exc}") from exc
+    try:
+        NodeSet(config.campaigns.nodes)
+    except NodeSetException as exc:
+        raise ConfigError(f"{where(path, text, 'campaigns.nodes')}: {config.campaigns.nodes!r} is not a hostlist: "
+                          f"{exc}") from exc
+    if not _TEST_NAME.match(config.campaigns.test):
+        raise ConfigError(f"{where(path, text, 'campaigns.test')}: {config.campaigns.test!r} is not a pair test "
+                          "name (auto, tcp_pairs, nccl_pairs, a plugin's)")
+    if not config.campaigns.seconds > 0:
+        raise ConfigError(f"{where(path, text, 'campaigns.seconds')}: must be more than 0")
+    if config.campaigns.max_nodes < config.campaigns.min_nodes:
+        raise ConfigError(f"{where(path, text, 'campaigns.max_nodes')}: max_nodes ({config.campaigns.max_nodes}) "
+                          f"must be at least min_nodes ({config.campaigns.min_nodes})")
+    if not config.campaigns.deadline > 0:
+        raise ConfigError(f"{where(path, text, 'campaigns.deadline')}: must be more than 0")
     if config.http.listen:
         host, _, port = config.http.listen.rpartition(":")
         if not host or not port.isdigit():

@@ -21,11 +21,13 @@ from vetd.core.protocol import Command, Event, Reply, Result, node_key, sign_com
 
 
 def signed_command(node: NodeRow, action: str, args: dict[str, str], now: float, *, session: str,
-                   master_key: bytes, expires_in: float) -> Command:
+                   master_key: bytes, expires_in: float, command_id: str = "", body: bytes = b"") -> Command:
     """A command to ``node`` from this controller run (``session``), signed with the node's key
-    derived from ``master_key`` (unsigned without one), refused by the agent after ``expires_in``."""
+    derived from ``master_key`` (unsigned without one), refused by the agent after ``expires_in``;
+    ``command_id`` (default: a new one) and ``body`` for a campaign's steps."""
     command = Command(cluster=node.cluster, node=node.name, session=session, seq=0, ts=now,
-                      id=uuid.uuid4().hex, action=action, args=args, expires=now + expires_in)
+                      id=command_id or uuid.uuid4().hex, action=action, args=args, expires=now + expires_in,
+                      body=body)
     key = node_key(master_key, node.cluster, node.name) if master_key else b""
     return sign_command(command, key) if key else command
 

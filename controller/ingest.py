@@ -253,7 +253,9 @@ class BrokerLink:
         except aiomqtt.MqttError as exc:
             log.warning("command_not_sent", node=command.node, action=command.action, reason=str(exc))
             return
-        log.info("command_sent", node=command.node, action=command.action, id=command.id)
+        # a campaign sends each node a command per step: those only at debug
+        (log.debug if command.action == "vet" else log.info)("command_sent", node=command.node,
+                                                             action=command.action, id=command.id)
 
 
 async def _handed_over(on_batch: Callable[[Batch], bool], batch: Batch) -> None:

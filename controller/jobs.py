@@ -98,6 +98,10 @@ class Jobs:
                     self._ending.add((job.cluster, job.id))
         return self._running
 
+    def running_on(self, cluster: str, node: str) -> set[str]:
+        """The ids of the open jobs running on ``node`` (started there, their end not reported)."""
+        return set(self._index().get((cluster, node), ()))
+
     # -- what arrives ---------------------------------------------------------
 
     def observe(self, message: Result | Event, history_id: int, now: float) -> Job | None:

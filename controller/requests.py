@@ -39,6 +39,8 @@ class OperatorRequests:
             if now - request["ts"] > REQUEST_TTL_S:
                 self.store.finish_request(request["id"], "expired", "the controller was not running in time")
                 continue
+            if request["action"] == "vet":
+                continue  # a campaign: the campaigns' runner takes it (vetd.controller.campaigns)
             with self.store.transaction():
                 decided, status, results = self._apply(request, f"operator:{request['actor']}", now)
                 self.store.apply(decided.changes)

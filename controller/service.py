@@ -20,7 +20,10 @@ Along the data flow:
   :mod:`~vetd.controller.cli` and :mod:`~vetd.controller.http`;
 * :mod:`~vetd.controller.notices`: after each commit, a retained notice to each
   node whose service state changed (in service, excluded, drained), read by
-  its agent.
+  its agent;
+* :mod:`~vetd.controller.campaigns`: bandwidth between idle nodes in pairs,
+  through signed commands to their agents (their replies are taken out of
+  ingest's batches), the verdicts stored through ingest as results.
 
 Decisions are audited when taken and carried out afterwards, so a slow
 ``scontrol`` or a dead Alertmanager never holds up ingest, and a drain or
@@ -43,6 +46,7 @@ import structlog
 
 from vetd.controller.acks import Acks
 from vetd.controller.actions import ActionOutcome, AlertBackend, CommandBackend, SchedulerBackend
+from vetd.controller.campaigns import Campaigns
 from vetd.controller.config import ControllerConfig
 from vetd.controller.counters import Counters
 from vetd.controller.decisions import Action, Decisions
@@ -87,8 +91,9 @@ class Controller:
         self.alerts = alerts or plugins().alert_sinks(config)
         self.link = BrokerLink(config, self.counters)
         self.bounds = NameBounds(config.limits, self.counters, self.store.known_names())
-        command_key = (read_key(config.command_key_file, f"{config.source}: command_key_file")
-                       if config.command_key_file else b"")
+        #: The master key commands are signed with (each node's key derived from it); empty: unsigned.
+        self.command_key = command_key = (read_key(config.command_key_file, f"{config.source}: command_key_file")
+                                          if config.command_key_file else b"")
         history = NodeHistory(float(config.history.keep), config.history.per_kind)
         self.engine = Engine(config, self.store.load_state(history), self.counters,
                              rules=functools.partial(load_rules, config.rules), steps=healing_steps(),
@@ -102,6 +107,8 @@ class Controller:
         self.requests = OperatorRequests(self.engine, self.store)
         #: Acknowledgements to agents of what each batch committed (issue 13: end-to-end delivery).
         self.acks = Acks(self.session)
+        #: Bandwidth between idle nodes in pairs, through their agents (issue 19).
+        self.campaigns = Campaigns(self)
         self.connected = self.link.connected
         self.stop = asyncio.Event()
         #: While batches fail to commit (a full disk): since when (monotonic) and how many tries.
@@ -126,6 +133,7 @@ class Controller:
         now = time.time() if now is None else now
         checkpoint = self.engine.checkpoint()  # before decoding: its counts are undone too
         messages = self.bounds.admit(decode(batch, self.counters, self.config.cluster))
+        messages = self.campaigns.take_replies(messages)  # a campaign's own replies go to it
         decisions = self._commit(messages, now, checkpoint)
         self.store_telemetry(messages, now)  # only once the batch is committed (else it comes again)
         return decisions
@@ -404,6 +412,7 @@ class Controller:
                     group.create_task(self.executor.resend(float(self.config.alerts.resend_interval),
                                                            self._firing_alerts),
                                       name="vetd.controller.alerts.resend"),
+                    group.create_task(self.campaigns.run(), name="vetd.controller.campaigns"),
                 ]
                 if (http := self._http(group)) is not None:
                     tasks.append(http)

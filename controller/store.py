@@ -289,6 +289,22 @@ ALTER TABLE nodes ADD COLUMN boot_id TEXT NOT NULL DEFAULT ''
 """
 
 
+CAMPAIGNS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS campaigns (
+    id TEXT PRIMARY KEY,
+    cluster TEXT NOT NULL,
+    started REAL NOT NULL,
+    ended REAL NOT NULL,
+    trigger TEXT NOT NULL,
+    test TEXT NOT NULL DEFAULT '',
+    nodes TEXT NOT NULL DEFAULT '[]',
+    summary TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS campaigns_started ON campaigns (started);
+ALTER TABLE requests ADD COLUMN params TEXT NOT NULL DEFAULT '{}'
+"""
+
+
 #: Ordered schema steps: entry ``i`` takes a database from version ``i`` to ``i + 1`` (``PRAGMA
 #: user_version``). Each runs in its own transaction on start; a change to the schema is one more
 #: entry at the end, never an edit of an entry already released.
@@ -306,6 +322,8 @@ MIGRATIONS: tuple[str, ...] = (
     JOBS_SCHEMA,
     # 5: what happened to each node, for `history` in rules (issue 14), and its boot id.
     HISTORY_SCHEMA,
+    # 6: campaigns across nodes (issue 19), and what an operator request asks beyond nodes and reason.
+    CAMPAIGNS_SCHEMA,
 )
 #: The version this code writes and reads.
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -726,6 +744,8 @@ class Store:
                      "ORDER BY ts LIMIT ?)",
             "requests": "DELETE FROM requests WHERE id IN (SELECT id FROM requests WHERE ts < ? "
                         "AND status != 'pending' ORDER BY ts LIMIT ?)",
+            "campaigns": "DELETE FROM campaigns WHERE id IN (SELECT id FROM campaigns WHERE started < ? "
+                         "ORDER BY started LIMIT ?)",
         }
         pruned = {table: self.db.execute(query, (before, limit)).rowcount for table, query in queries.items()}
         # Jobs closed before ``before`` (open ones belong to the engine), with their nodes and findings.
@@ -848,26 +868,69 @@ class Store:
     # -- operator requests and the circuit breaker ---------------------------
 
     def submit(self, actor: str, action: str, nodes: Sequence[object] = (), reason: str = "",
-               now: float | None = None) -> int:
+               now: float | None = None, params: Mapping[str, Any] | None = None) -> int:
         """Queue an operator request for the running controller (``now``: a replay's clock).
 
-        ``nodes`` are ``(cluster, node)`` pairs, or partition names for a breaker reset.
+        ``nodes`` are ``(cluster, node)`` pairs, or partition names for a breaker reset; ``params``
+        what else it asks (a campaign's test and rounds).
         """
         cursor = self.db.execute(
-            "INSERT INTO requests (ts, actor, action, nodes, reason) VALUES (?,?,?,?,?)",
-            (time.time() if now is None else now, actor, action, json.dumps(list(nodes)), reason),
+            "INSERT INTO requests (ts, actor, action, nodes, reason, params) VALUES (?,?,?,?,?,?)",
+            (time.time() if now is None else now, actor, action, json.dumps(list(nodes)), reason,
+             json.dumps(dict(params or {}))),
         )
         return int(cursor.lastrowid or 0)
 
     def request(self, request_id: int) -> dict[str, Any] | None:
         row = self.db.execute("SELECT * FROM requests WHERE id=?", (request_id,)).fetchone()
-        return None if row is None else {**dict(row), "nodes": json.loads(row["nodes"])}
+        return None if row is None else _request(row)
 
-    def pending_requests(self) -> list[dict[str, Any]]:
-        rows = self.db.execute("SELECT * FROM requests WHERE status='pending' ORDER BY id").fetchall()
-        return [{**dict(r), "nodes": json.loads(r["nodes"])} for r in rows]
+    def pending_requests(self, action: str | None = None) -> list[dict[str, Any]]:
+        """Requests not yet taken, oldest first; ``action``: only those (a campaign's ``vet``)."""
+        if action is None:
+            rows = self.db.execute("SELECT * FROM requests WHERE status='pending' ORDER BY id").fetchall()
+        else:
+            rows = self.db.execute("SELECT * FROM requests WHERE status='pending' AND action=? ORDER BY id",
+                                   (action,)).fetchall()
+        return [_request(r) for r in rows]
+
+    def take_request(self, request_id: int, result: Any) -> None:
+        """A request the controller is carrying out (a campaign: seconds): ``running`` until finished."""
+        self.db.execute("UPDATE requests SET status='running', result=? WHERE id=? AND status='pending'",
+                        (json.dumps(result), request_id))
+
+    def abandon_requests(self, why: str) -> int:
+        """Requests left ``running`` by a controller that stopped: failed, saying ``why``."""
+        return self.db.execute("UPDATE requests SET status='failed', result=? WHERE status='running'",
+                               (json.dumps(why),)).rowcount
+
+    # -- campaigns across nodes (issue 19) --------------------------------------
+
+    def save_campaign(self, campaign_id: str, cluster: str, started: float, ended: float, trigger: str,
+                      test: str, nodes: Sequence[str], summary: Mapping[str, Any]) -> None:
+        self.db.execute("INSERT OR REPLACE INTO campaigns (id, cluster, started, ended, trigger, test, nodes, summary) "
+                        "VALUES (?,?,?,?,?,?,?,?)", (campaign_id, cluster, started, ended, trigger, test,
+                                                     json.dumps(list(nodes)), json.dumps(dict(summary))))
+
+    def last_campaign(self, cluster: str, trigger: str) -> float:
+        """When the latest campaign started by ``trigger`` (``schedule``) started; 0 when none did."""
+        row = self.db.execute("SELECT max(started) FROM campaigns WHERE cluster=? AND trigger=?",
+                              (cluster, trigger)).fetchone()
+        return float(row[0] or 0.0)
+
+    def campaigns(self, cluster: str, limit: int = 20) -> list[dict[str, Any]]:
+        """The latest campaigns, newest first."""
+        rows = self.db.execute("SELECT * FROM campaigns WHERE cluster=? ORDER BY started DESC LIMIT ?",
+                               (cluster, limit)).fetchall()
+        return [{**dict(r), "nodes": json.loads(r["nodes"]), "summary": json.loads(r["summary"])} for r in rows]
+
+    def latest_times(self, cluster: str, check: str) -> dict[str, float]:
+        """Node → the time of its latest result of ``check`` (when a campaign last vetted it)."""
+        rows = self.db.execute("SELECT node, ts FROM latest WHERE cluster=? AND check_name=?", (cluster, check))
+        return {str(r[0]): float(r[1]) for r in rows}
 
     def finish_request(self, request_id: int, status: str, result: Any) -> None:
+        """The request's outcome: ``done`` (its answer), ``failed`` or ``expired`` (why)."""
         self.db.execute("UPDATE requests SET status=?, result=? WHERE id=?",
                         (status, json.dumps(result), request_id))
 
@@ -1086,3 +1149,10 @@ def _job_node_from_row(r: sqlite3.Row) -> JobNode:
     return JobNode(gpus=r["gpus"], started=r["started"], ended=r["ended"], state=r["state"],
                    exit_code=r["exit_code"], findings=r["findings"], codes=json.loads(r["codes"]),
                    end_event=r["end_event"])
+
+
+def _request(row: sqlite3.Row) -> dict[str, Any]:
+    """An operator request's row, its JSON columns read (``params``: none in a read-only older database)."""
+    request = {**dict(row), "nodes": json.loads(row["nodes"])}
+    request["params"] = json.loads(request.get("params") or "{}")
+    return request

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Literal
 
 import msgspec
@@ -52,6 +52,9 @@ Pair = tuple[int, int]
 SLOW_FRACTION = 0.5
 #: Rounds of ``vetd vet`` unless told otherwise: two partners on the ring and one across it.
 DEFAULT_ROUNDS = 3
+#: The check name of a node's verdict as a result (``vetd vet`` in a job, through the node's
+#: agent; a controller campaign, stored by the controller).
+CHECK = "fabric_pairs"
 
 
 def _shift_order(m: int) -> list[int]:
@@ -194,12 +197,15 @@ def _fmt(gbps: float | None) -> str:
 
 def localise(nodes: Sequence[str], measurements: Iterable[Measurement], *, absent: Mapping[str, str] = {},
              excluded: Mapping[str, str] = {}, slow_fraction: float = SLOW_FRACTION,
-             min_gbps: float = 0.0) -> Localisation:
+             min_gbps: float = 0.0, links_among: Collection[frozenset[str]] | None = None) -> Localisation:
     """Verdicts for ``nodes`` from the pair measurements (module docstring).
 
     ``absent``: node → why it is absent (never arrived, left); its pairs are
     ignored. ``excluded``: node → why it is bad without pairs (its node-local
-    checks failed); it took no part in them.
+    checks failed); it took no part in them. ``links_among``: only these pairs
+    may be named slow links (those measured again to confirm): measuring again
+    moves the median, and a pair that only crossed the threshold because of
+    that was never confirmed.
     """
     gone = set(absent) | set(excluded)
     kept = [m for m in measurements if m.src not in gone and m.dst not in gone]
@@ -229,6 +235,9 @@ def localise(nodes: Sequence[str], measurements: Iterable[Measurement], *, absen
     def slow(key: frozenset[str]) -> bool:
         value = pair_gbps[key]
         return value is None or value < threshold
+
+    def slow_link(key: frozenset[str]) -> bool:
+        return slow(key) and (links_among is None or key in links_among)
 
     mine: dict[str, list[tuple[str, frozenset[str]]]] = {node: [] for node in nodes}
     for key in pair_gbps:
@@ -274,9 +283,9 @@ def localise(nodes: Sequence[str], measurements: Iterable[Measurement], *, absen
                 codes = ["slow_all_pairs", "unlocalised"]
             verdicts.append(NodeVerdict(node=node, verdict="bad", reason=reason, codes=codes, metrics=metrics))
             continue
-        slow_links = [peer for peer, key in pairs if slow(key) and peer not in bad]
+        slow_links = [peer for peer, key in pairs if slow_link(key) and peer not in bad]
         for peer, key in pairs:
-            if slow(key) and peer not in bad and node < peer:
+            if slow_link(key) and peer not in bad and node < peer:
                 times = len(rounds_of[key])
                 why = pair_error[key] or f"{_fmt(pair_gbps[key])} < {threshold:.3g} GB/s"
                 if times > 1:
@@ -294,3 +303,21 @@ def localise(nodes: Sequence[str], measurements: Iterable[Measurement], *, absen
                                     slow_links=slow_links))
     return Localisation(nodes=verdicts, links=links, reference_gbps=round(reference, 4),
                         threshold_gbps=round(threshold, 4))
+
+
+def result_status(verdict: NodeVerdict) -> str:
+    """The status of a node's verdict as a ``fabric_pairs`` result, for the rules.
+
+    ``fail``: slow with every partner while one of them was fast with someone else (the node is
+    to blame); ``warn``: a slow link (both ends good), or slow with every partner none of whom was
+    fast elsewhere (``unlocalised``: never measured against a good node, so not blamed: with two
+    nodes both would be); ``skip``: no pair measured, or the node-local checks failed (those are
+    the agent's own checks to report); ``pass`` otherwise. An absent node has no result.
+    """
+    if verdict.verdict == "bad":
+        if "local_checks" in verdict.codes:
+            return "skip"
+        return "warn" if "unlocalised" in verdict.codes else "fail"
+    if {"pairs_skipped", "no_pairs"} & set(verdict.codes):
+        return "skip"
+    return "warn" if verdict.slow_links else "pass"

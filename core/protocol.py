@@ -87,6 +87,9 @@ Args = Annotated[dict[Ident, ShortText], msgspec.Meta(max_length=32)]
 #: A job id (Slurm's ``1234``, ``1234_7`` of an array, ``1234+1`` of a het job); may be empty.
 JOB_ID_PATTERN: Final = r"\A[A-Za-z0-9_.:+-]{0,64}\Z"
 JobId = Annotated[str, msgspec.Meta(pattern=JOB_ID_PATTERN)]
+#: Most bytes a command's or reply's ``body`` holds (a campaign's pair-round message).
+MAX_BODY_BYTES: Final = 128 * 1024
+Body = Annotated[bytes, msgspec.Meta(max_length=MAX_BODY_BYTES)]
 
 
 class ProtocolError(ValueError):
@@ -187,6 +190,9 @@ class Command(Envelope, tag="cmd"):
     expires: Seconds = 0.0
     #: HMAC-SHA256 over :func:`command_digest_input`, hex; empty: unsigned.
     signature: Annotated[str, msgspec.Meta(pattern=r"\A[0-9a-f]{0,128}\Z")] = ""
+    #: A structured request too large or rich for ``args`` (MessagePack; a campaign's pair-round
+    #: message, :mod:`vetd.agent.campaign`), covered by the signature. Added after version 1.
+    body: Body = b""
 
 
 class Reply(Envelope, tag="reply"):
@@ -196,6 +202,8 @@ class Reply(Envelope, tag="reply"):
     ok: bool
     message: Text = ""
     data: Annotated[dict[Ident, Text], msgspec.Meta(max_length=32)] = {}
+    #: A structured answer (MessagePack; a campaign's pair-round message). Added after version 1.
+    body: Body = b""
 
 
 Message = State | Result | Event | Telemetry | Command | Reply
@@ -277,9 +285,13 @@ MAX_COMMAND_VALIDITY_S: Final = 86400.0
 
 
 def command_digest_input(command: Command) -> bytes:
-    """What a command's signature covers: target, identity, action, arguments, expiry."""
-    return _encoder.encode([command.cluster, command.node, command.id, command.action,
-                            sorted(command.args.items()), command.expires])
+    """What a command's signature covers: target, identity, action, arguments, expiry, and the
+    body when there is one (a command without one is signed as before the body existed)."""
+    fields: list[object] = [command.cluster, command.node, command.id, command.action,
+                            sorted(command.args.items()), command.expires]
+    if command.body:
+        fields.append(command.body)
+    return _encoder.encode(fields)
 
 
 def node_key(master: bytes, cluster: str, node: str) -> bytes:

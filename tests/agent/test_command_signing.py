@@ -31,6 +31,14 @@ def test_signatures_cover_target_action_args_and_expiry() -> None:
     for tampered in ({"args": {"gpu": "4"}}, {"node": "nid002"}, {"action": "gpu_reset"}, {"expires": now + 999}):
         assert verify_command(msgspec.structs.replace(signed, **tampered), KEY, now) == "bad signature"
     assert verify_command(sign_command(command(expires=now - 1), KEY), KEY, now) == "expired"
+    # a body (a campaign's step) is signed too; a command without one is signed as before bodies existed
+    with_body = sign_command(command(action="vet", body=b"\x81\xa4kind\xa4plan"), KEY)
+    assert verify_command(with_body, KEY, now) is None
+    assert verify_command(msgspec.structs.replace(with_body, body=b"\x81\xa4kind\xa2go"), KEY, now) == "bad signature"
+    assert verify_command(msgspec.structs.replace(with_body, body=b""), KEY, now) == "bad signature"
+    plain = command(args={"gpu": "3"})
+    assert protocol.command_digest_input(plain) == msgspec.msgpack.encode(
+        [plain.cluster, plain.node, plain.id, plain.action, sorted(plain.args.items()), plain.expires])
     assert verify_command(sign_command(command(expires=now + 7 * 86400), KEY), KEY, now) == "valid for too long"
 
 

@@ -46,15 +46,18 @@ def run_vetd(*args: str, env: dict[str, str] | None = None, timeout: float = 60)
 class VetdProcess:
     """``vetd agent`` or ``vetd controller`` running in the background, logging to a file."""
 
-    def __init__(self, args: Sequence[str], log: Path, env: dict[str, str], nofile: int = 0) -> None:
+    def __init__(self, args: Sequence[str], log: Path, env: dict[str, str], nofile: int = 0,
+                 prefix: Sequence[str] = ()) -> None:
         self.args, self.log_path, self.env = list(args), log, env
         #: The process's ``ulimit -n`` when set (through the shell: ``preexec_fn`` is unsafe with threads).
         self.nofile = nofile
+        #: Runs vetd through this (``ip netns exec NAME``: a node in its network namespace).
+        self.prefix = list(prefix)
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> VetdProcess:
         log = self.log_path.open("ab")
-        argv = vetd_argv(*self.args)
+        argv = [*self.prefix, *vetd_argv(*self.args)]
         if self.nofile:
             argv = ["/bin/sh", "-c", f'ulimit -n {self.nofile} && exec "$@"', "sh", *argv]
         self.process = subprocess.Popen(argv, stdout=log, stderr=log, env=self.env)

@@ -45,11 +45,13 @@ def _which(program: str) -> str:
 
 @dataclass
 class Mosquitto:
-    """A Mosquitto broker of our own on 127.0.0.1."""
+    """A Mosquitto broker of our own on 127.0.0.1 (and on ``also``: a bridge's address, for nodes in
+    network namespaces)."""
 
     workdir: Path
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
+    also: tuple[str, ...] = ()
 
     @property
     def url(self) -> str:
@@ -59,7 +61,7 @@ class Mosquitto:
         self.workdir.mkdir(parents=True, exist_ok=True)
         conf = self.workdir / "mosquitto.conf"
         conf.write_text(
-            f"listener {self.port} 127.0.0.1\n"
+            "".join(f"listener {self.port} {host}\n" for host in ("127.0.0.1", *self.also))
             # As root, mosquitto drops to user "mosquitto", which cannot write
             # the persistence file in our temp dir: sessions would not survive a restart.
             + ("user root\n" if os.geteuid() == 0 else "")
