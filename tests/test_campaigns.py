@@ -206,8 +206,9 @@ def test_scheduled_campaigns_under_slurm_skip_a_busy_node_and_drain_the_slow_one
     try:
         slurm = SlurmOnNodes(nodes, tmp_path / "slurm").start()
         env = slurm.env
-        job = subprocess.run(["sbatch", "--parsable", "-w", "nid002", "-N", "1", "--wrap", "sleep 600"], env=env,
-                             capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+        job = subprocess.run(["sbatch", "--parsable", "-w", "nid002", "-N", "1", "-o", str(tmp_path / "job.out"),
+                              "--wrap", "sleep 600"], env=env, cwd=tmp_path, capture_output=True, text=True, check=True,
+                             timeout=30).stdout.strip()
         wait_for(lambda: slurm.states().get("nid002") == "alloc", 30, "nid002 allocated to the job")
         nodes.throttle("nid003", "16mbit")
         fleet = Fleet(nodes, tmp_path / "fleet", scheduler='backend = "slurm"\n', env={"SLURM_CONF": str(slurm.conf)},
