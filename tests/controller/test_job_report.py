@@ -109,10 +109,14 @@ def test_a_job_on_a_simulated_node_from_agent_to_report_figures_html_and_metrics
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
                 return response.read().decode()
 
-        wait_for(lambda: 'vetd_gpu_sm_active_pct{gpu="3",job="4242",node="nid001"}' in metrics(), 20,
-                 "GPU telemetry with its job on /metrics")
-        scrape = metrics()
-        assert 'vetd_node_cpu_pct{job="4242",node="nid001"}' in scrape
+        # the GPUs' windows and the host's are messages of their own: they may arrive in separate batches
+        def both() -> str | None:
+            text = metrics()
+            wanted = ('vetd_gpu_sm_active_pct{gpu="3",job="4242",node="nid001"}',
+                      'vetd_node_cpu_pct{job="4242",node="nid001"}')
+            return text if all(line in text for line in wanted) else None
+
+        scrape = wait_for(both, 20, "GPU and host telemetry with the job on /metrics")
         assert 'vetd_gpu_power_w{gpu="6",job="4242",node="nid001"} 75.0' in scrape
 
         def report() -> dict[str, object]:
