@@ -346,8 +346,9 @@ def test_jobs_announced_by_real_agents_point_at_the_node_that_showed_something(
         wait_for(lambda: '"http_listening"' in controller_proc.output, 10, "http up")
         for node, gpus in (("nid001", "0,1"), ("nid002", "2,3")):
             assert ask(sockets[node], {"op": "job_start", "job_id": "5001", "user": "alice", "gpus": gpus}, 5)["ok"]
-        wait_for(lambda: detail().get("parts") and detail()["parts"][1]["findings"] >= 2, 20,
-                 "nid002's failing check seen during the job")
+        # by name: until nid002's job_start is in, the job has nid001's part alone
+        wait_for(lambda: next((p["findings"] for p in detail().get("parts", []) if p["node"] == "nid002"), 0) >= 2,
+                 20, "nid002's failing check seen during the job")
         for node in sockets:
             assert ask(sockets[node], {"op": "job_end", "job_id": "5001", "exit_code": 1, "state": "FAILED"}, 5)["ok"]
         done = wait_for(lambda: detail().get("phase") == "done" and detail(), 20, "the job decided")
