@@ -38,7 +38,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.record import verify, write_results
+from bench.record import no_gpu_driver, verify, write_results
 from tests.support.procs import VetdProcess, Watcher, vetd_env
 from tests.support.services import Mosquitto
 from tests.support.wait import wait_for
@@ -131,18 +131,6 @@ def _median(values: list[float]) -> float | None:
 CAPTURE = Path(__file__).resolve().parents[1] / "tests" / "data" / "nvidia-smi" / "h200.xml"
 
 
-def no_driver() -> str:
-    """Why the real driver cannot be read here; empty when it can."""
-    try:
-        import pynvml
-    except ImportError:
-        return "nvidia-ml-py is not installed (pip install 'vetd[gpu]')"
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError as exc:
-        return f"no NVIDIA driver here: nvmlInit: {exc}"
-    pynvml.nvmlShutdown()
-    return ""
 
 
 def no_stress(source: str) -> str:
@@ -175,7 +163,7 @@ def main() -> int:
     samples: list[dict[str, Any]] = []
     phases: list[tuple[str, float, float]] = []
     stress_out = ""
-    driver_missing = "" if args.scenario else no_driver()
+    driver_missing = "" if args.scenario else no_gpu_driver()
     if args.scenario:
         source, table = f"scenario {args.scenario.name}", (
             f'[plugins.gpu_health]\nsource = "scenario"\nscenario = "{args.scenario.resolve()}"\nthrough_nvml = true\n')

@@ -26,6 +26,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.record import verify, write_results
+from bench.telemetry_store import GPU_KEYS
 from vetd.controller.config import ControllerConfig, StoreSection, TelemetrySection
 from vetd.controller.jobreport import run_report
 from vetd.controller.store import Store
@@ -34,13 +35,6 @@ from vetd.core.protocol import Telemetry
 from vetd.plugins.gpu_health.workload import Workload, apply_workloads
 
 WINDOW = 10.0
-METRICS = {"utilization_pct": "utilization_pct", "utilization_memory_pct": "memory_util_pct",
-           "sm_active_pct": "sm_active_pct", "sm_occupancy_pct": "sm_occupancy_pct",
-           "tensor_active_pct": "tensor_active_pct", "dram_active_pct": "dram_active_pct",
-           "fp64_active_pct": "fp64_active_pct", "fp32_active_pct": "fp32_active_pct",
-           "fp16_active_pct": "fp16_active_pct", "pcie_tx_mib_s": "pcie_tx_mib_s", "pcie_rx_mib_s": "pcie_rx_mib_s",
-           "nvlink_tx_mib_s": "nvlink_tx_mib_s", "nvlink_rx_mib_s": "nvlink_rx_mib_s", "power_w": "power_w",
-           "clock_sm_mhz": "clock_sm_mhz"}
 
 
 def fill(telemetry: TelemetryStore, nodes: int, hours: float, start: float) -> int:
@@ -56,7 +50,7 @@ def fill(telemetry: TelemetryStore, nodes: int, hours: float, start: float) -> i
         for n in range(nodes):
             for gpu in range(8):
                 values = apply_workloads(straggler if n == 0 else plain, gpu, ts - start)
-                mean = {name: float(values[key]) for key, name in METRICS.items() if key in values}
+                mean = {name: float(values[key]) for key, name in GPU_KEYS.items() if key in values}
                 mean["memory_used_mib"] = float(values.get("memory_used_mib", 0.0))
                 mean["memory_used_pct"] = 100 * mean["memory_used_mib"] / 81559.0
                 mean |= {"temp_c": float(values.get("temp_c", 30.0)), "clock_memory_mhz": 2619.0,

@@ -29,7 +29,7 @@ import msgspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.record import verify, write_results
+from bench.record import no_gpu_driver, verify, write_results
 from vetd.plugins.gpu_health.nvml import NvmlSource
 from vetd.plugins.gpu_health.nvmltrace import Survey, differences, survey
 
@@ -38,19 +38,6 @@ CAPTURE = DATA / "nvidia-smi" / "h200.xml"
 RECORDED = DATA / "nvml" / "h200.calls.json"
 
 
-def no_driver() -> str:
-    """Why the real driver cannot be surveyed here; empty when it can."""
-    try:
-        import pynvml
-    except ImportError:
-        return "nvidia-ml-py is not installed (pip install 'vetd[gpu]')"
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError as exc:
-        return f"no NVIDIA driver here: nvmlInit: {exc}"
-    count = pynvml.nvmlDeviceGetCount()
-    pynvml.nvmlShutdown()
-    return "" if count else "the driver lists no GPU"
 
 
 def report(result: Survey) -> None:
@@ -119,7 +106,7 @@ def main() -> int:
     figures: dict[str, Any] = {}
     if args.simulate:
         figures["driver"] = {"status": "skip", "why": "--simulate: the simulated library alone"}
-    elif why := no_driver():
+    elif why := no_gpu_driver():
         figures["driver"] = {"status": "skip", "why": why}
         print(f"driver: skip ({why})")
     else:

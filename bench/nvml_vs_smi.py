@@ -25,7 +25,6 @@ Exit status: 0 when the stable fields agree, 1 otherwise.
 from __future__ import annotations
 
 import argparse
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -35,7 +34,7 @@ import msgspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.record import verify, write_results
+from bench.record import no_gpu_driver, verify, write_results
 from vetd.plugins.gpu_health.capture import parse_capture
 from vetd.plugins.gpu_health.model import GpuSnapshot, NodeSnapshot
 from vetd.plugins.gpu_health.nvml import NvmlSource
@@ -92,20 +91,6 @@ def side_by_side(nvml: NodeSnapshot, smi: NodeSnapshot, what: str) -> dict[str, 
             "reported_by_one_reader_only": only_one}
 
 
-def no_driver() -> str:
-    """Why NVML and nvidia-smi cannot be read live here; empty when they can."""
-    if shutil.which("nvidia-smi") is None:
-        return "no nvidia-smi here (no NVIDIA driver)"
-    try:
-        import pynvml
-    except ImportError:
-        return "nvidia-ml-py is not installed (pip install 'vetd[gpu]')"
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError as exc:
-        return f"no NVIDIA driver here: nvmlInit: {exc}"
-    pynvml.nvmlShutdown()
-    return ""
 
 
 def main() -> int:
@@ -119,7 +104,7 @@ def main() -> int:
     figures: dict[str, Any] = {}
     if args.simulate:
         figures["driver"] = {"status": "skip", "why": "--simulate: the simulated library alone"}
-    elif why := no_driver():
+    elif why := no_gpu_driver(nvidia_smi=True):
         figures["driver"] = {"status": "skip", "why": why}
         print(f"driver: skip ({why})")
     else:

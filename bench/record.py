@@ -76,3 +76,23 @@ def write_results(name: str, figures: dict[str, Any], **parameters: Any) -> Path
               "parameters": parameters, "figures": figures, "machine": machine()}
     path.write_text(json.dumps(record, indent=1, sort_keys=False) + "\n")
     return path
+
+
+def no_gpu_driver(*, nvidia_smi: bool = False) -> str:
+    """Why a GPU bench cannot read the real driver here (NVML, and ``nvidia-smi`` when asked); empty when it can."""
+    import shutil
+    if nvidia_smi and shutil.which("nvidia-smi") is None:
+        return "no nvidia-smi here (no NVIDIA driver)"
+    try:
+        import pynvml
+    except ImportError:
+        return "nvidia-ml-py is not installed (pip install 'vetd[gpu]')"
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as exc:
+        return f"no NVIDIA driver here: nvmlInit: {exc}"
+    try:
+        count = pynvml.nvmlDeviceGetCount()
+    finally:
+        pynvml.nvmlShutdown()
+    return "" if count else "the driver lists no GPU"

@@ -33,6 +33,7 @@ DAY = 86400
 WINDOW = 10.0
 WORKLOAD = [Workload(profile="training"), Workload(gpus=[3], profile="training", scale=0.55),
             Workload(gpus=[6], profile="idle")]
+#: Simulated snapshot key -> telemetry metric name (the agent's GPU sampler names); bench/job_report.py uses it too.
 GPU_KEYS = {"utilization_pct": "utilization_pct", "utilization_memory_pct": "memory_util_pct",
             "sm_active_pct": "sm_active_pct", "sm_occupancy_pct": "sm_occupancy_pct",
             "tensor_active_pct": "tensor_active_pct", "dram_active_pct": "dram_active_pct",
