@@ -108,6 +108,17 @@ def ours(gpu: GpuSnapshot, only: Collection[str] | None) -> bool:
     return only is None or str(gpu.index) in only or bool(gpu.uuid) and gpu.uuid in only
 
 
+def not_judged(gpu: GpuSnapshot, only: Collection[str] | None) -> Outcome | None:
+    """The outcome of a GPU that is not judged on its readings (another job's, lost, no permission); None otherwise."""
+    if not ours(gpu, only):
+        return not_this_job(gpu)
+    if gpu.lost:
+        return lost(gpu)
+    if gpu.no_permission:
+        return denied(gpu)
+    return None
+
+
 def not_this_job(gpu: GpuSnapshot) -> Outcome:
     return Outcome(status="skip", entity=gpu.entity, codes=["not_this_job"],
                    message=f"{_describe(gpu)} (index {gpu.index}) is not one of this job's GPUs; not judged")
@@ -227,14 +238,8 @@ class Evaluator:
         UUID), the other GPUs are ``skip`` with ``not_this_job``."""
         outcomes = [self.count(snapshot, expected, self._driver_changed(snapshot))]
         for gpu in snapshot.gpus:
-            if not ours(gpu, only):
-                outcomes.append(not_this_job(gpu))
-                continue
-            if gpu.lost:
-                outcomes.append(lost(gpu))
-                continue
-            if gpu.no_permission:
-                outcomes.append(denied(gpu))
+            if (unjudged := not_judged(gpu, only)) is not None:
+                outcomes.append(unjudged)
                 continue
             key = gpu.uuid or gpu.pci_bus_id or gpu.entity
             previous = self._previous.get(key)
@@ -423,14 +428,8 @@ class Evaluator:
         judged (the GPU is still warm from the job)."""
         outcomes = []
         for gpu in snapshot.gpus:
-            if not ours(gpu, only):
-                outcomes.append(not_this_job(gpu))
-                continue
-            if gpu.lost:
-                outcomes.append(lost(gpu))
-                continue
-            if gpu.no_permission:
-                outcomes.append(denied(gpu))
+            if (unjudged := not_judged(gpu, only)) is not None:
+                outcomes.append(unjudged)
                 continue
             findings = [] if after_job else self._idle_temp(gpu)
             if gpu.memory_used_mib is not None and gpu.memory_total_mib:
