@@ -7,6 +7,8 @@
 * ``GET /api/v1/nodes``: what ``vetd nodes --json`` prints.
 * ``GET /api/v1/jobs`` (``?node=N&failed=1&since=24h&limit=200``) and
   ``GET /api/v1/jobs/ID`` (``?run=N``): what ``vetd jobs --json`` and ``vetd job ID --json`` print.
+* ``GET /api/v1/campaigns`` (``?since=24h&limit=200``) and ``GET /api/v1/campaigns/ID``: what
+  ``vetd campaigns --json`` and ``vetd campaigns show ID --json`` print.
 * ``POST /api/v1/drain`` ``{"nodes": "nid[001-004]", "reason": "…"}`` and
   ``POST /api/v1/resume`` ``{"nodes": "…"}``: need ``Authorization: Bearer
   <token>`` with the token from ``[http] token_file``; without a token file,
@@ -53,7 +55,7 @@ from vetd.controller.config import HttpSection
 from vetd.controller.counters import RULE_ERRORS
 from vetd.controller.store import Store
 from vetd.controller.telemetry import GPU_METRICS, HOST_METRICS, Current
-from vetd.controller.views import job_detail, job_summaries
+from vetd.controller.views import campaign_detail, campaign_summaries, job_detail, job_summaries
 from vetd.core.cli import since
 from vetd.core.protocol import valid_name
 
@@ -174,6 +176,8 @@ class HttpApi:
                 Route("/api/v1/nodes", self._nodes, methods=["GET"]),
                 Route("/api/v1/jobs", self._jobs, methods=["GET"]),
                 Route("/api/v1/jobs/{job_id}", self._job, methods=["GET"]),
+                Route("/api/v1/campaigns", self._campaigns, methods=["GET"]),
+                Route("/api/v1/campaigns/{campaign_id}", self._campaign, methods=["GET"]),
                 Route("/api/v1/drain", self._change, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
                 Route("/api/v1/resume", self._change, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
             ],
@@ -257,6 +261,26 @@ class HttpApi:
             return _json(400, {"error": "the one parameter is run, a number (1: the run before the latest)"})
         detail = job_detail(self.store, self.cluster, request.path_params["job_id"], int(run))
         return _json(404, {"error": "no such job"}) if detail is None else _json(200, detail)
+
+    async def _campaigns(self, request: Request) -> Response:
+        query = request.query_params
+        unknown = sorted(set(query) - {"since", "limit"})
+        if unknown:
+            return _json(400, {"error": f"unknown parameter {unknown[0]!r} (since, limit)"})
+        try:
+            when = since(query["since"]) if "since" in query else None
+            limit = int(query.get("limit", "200"))
+            if not 1 <= limit <= 10_000:
+                raise ValueError("limit: 1 to 10000")
+        except (ValueError, ArgumentTypeError) as exc:
+            return _json(400, {"error": str(exc)})
+        return _json(200, campaign_summaries(self.store, self.cluster, since=when, limit=limit))
+
+    async def _campaign(self, request: Request) -> Response:
+        if request.query_params:
+            return _json(400, {"error": "no parameters"})
+        detail = campaign_detail(self.store, self.cluster, request.path_params["campaign_id"])
+        return _json(404, {"error": "no such campaign"}) if detail is None else _json(200, detail)
 
     async def _change(self, request: Request) -> Response:
         action = request.url.path.rsplit("/", 1)[1]
