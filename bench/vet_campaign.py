@@ -35,6 +35,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,20 @@ def medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
                for key in ("rounds_s", "campaign_s", "wall_s")}}
 
 
+def throttled(fleet: Fleet, throttle: Callable[[], None], node: str,
+              runs: list[dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], set[str], list[str]]:
+    """One campaign with ``throttle`` applied (on ``node``, lifted after): the verdicts, the nodes named
+    (not good) and the links named; its timing appended to ``runs``."""
+    throttle()
+    try:
+        rows, summary, wall = run(fleet)
+    finally:
+        fleet.nodes.unthrottle(node)
+    runs.append(timing(summary, wall))
+    named = {n for n, r in rows.items() if r["verdict"] != "good"}
+    return rows, named, [f"{k['a']}-{k['b']}" for k in summary["links"]]
+
+
 def size(count: int, trials: int, seconds: float, rate: str, work: Path, rng: random.Random) -> dict[str, Any]:
     nodes = NetNodes(count).start()
     fleet = None
@@ -111,14 +126,7 @@ def size(count: int, trials: int, seconds: float, rate: str, work: Path, rng: ra
         node_runs, node_found = [], 0
         for _ in range(trials):
             bad = rng.choice(nodes.names)
-            nodes.throttle(bad, rate)
-            try:
-                rows, summary, wall = run(fleet)
-            finally:
-                nodes.unthrottle(bad)
-            node_runs.append(timing(summary, wall))
-            named = {n for n, r in rows.items() if r["verdict"] != "good"}
-            links = [f"{k['a']}-{k['b']}" for k in summary["links"]]
+            rows, named, links = throttled(fleet, lambda bad=bad: nodes.throttle(bad, rate), bad, node_runs)
             if named == {bad} and rows[bad]["verdict"] == "bad" and not links:
                 wait_for(lambda bad=bad: {n["node"]: n["state"] for n in fleet.node_states()}.get(bad) == "excluded",
                          30, f"{bad} drained by fabric-slow-node")
@@ -134,14 +142,8 @@ def size(count: int, trials: int, seconds: float, rate: str, work: Path, rng: ra
         for _ in range(trials):
             a, b = rng.choice(pairs)
             first, second = nodes.names[a], nodes.names[b]
-            nodes.throttle_link(first, second, rate)
-            try:
-                rows, summary, wall = run(fleet)
-            finally:
-                nodes.unthrottle(first)
-            link_runs.append(timing(summary, wall))
-            named = {n for n, r in rows.items() if r["verdict"] != "good"}
-            links = [f"{k['a']}-{k['b']}" for k in summary["links"]]
+            rows, named, links = throttled(fleet, lambda first=first, second=second: nodes.throttle_link(
+                first, second, rate), first, link_runs)
             if not named and links == [f"{min(first, second)}-{max(first, second)}"]:
                 link_found += 1
             else:

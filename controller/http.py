@@ -32,7 +32,7 @@ import json
 import logging
 import socket
 from argparse import ArgumentTypeError
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import h11
@@ -151,6 +151,16 @@ class BodyTooLarge(Exception):
     """The request body is over ``[http] max_body_kib``."""
 
 
+def _since_and_limit(query: Mapping[str, str]) -> tuple[float | None, int]:
+    """A listing's ``since`` (a duration back or an ISO time) and ``limit`` (1 to 10,000; 200);
+    ``ValueError`` or ``ArgumentTypeError`` says which is wrong."""
+    when = since(query["since"]) if "since" in query else None
+    limit = int(query.get("limit", "200"))
+    if not 1 <= limit <= 10_000:
+        raise ValueError("limit: 1 to 10000")
+    return when, limit
+
+
 def _json(status: int, value: object, *, close: bool = False) -> JSONResponse:
     return JSONResponse(value, status, headers={"Connection": "close"} if close else None)
 
@@ -247,10 +257,7 @@ class HttpApi:
             failed = {"": False, "0": False, "false": False, "1": True, "true": True}.get(query.get("failed", ""))
             if failed is None:
                 raise ValueError("failed: 1, true, 0 or false")
-            when = since(query["since"]) if "since" in query else None
-            limit = int(query.get("limit", "200"))
-            if not 1 <= limit <= 10_000:
-                raise ValueError("limit: 1 to 10000")
+            when, limit = _since_and_limit(query)
         except (ValueError, ArgumentTypeError) as exc:
             return _json(400, {"error": str(exc)})
         return _json(200, job_summaries(self.store, self.cluster, node=node, failed=failed, since=when, limit=limit))
@@ -268,10 +275,7 @@ class HttpApi:
         if unknown:
             return _json(400, {"error": f"unknown parameter {unknown[0]!r} (since, limit)"})
         try:
-            when = since(query["since"]) if "since" in query else None
-            limit = int(query.get("limit", "200"))
-            if not 1 <= limit <= 10_000:
-                raise ValueError("limit: 1 to 10000")
+            when, limit = _since_and_limit(query)
         except (ValueError, ArgumentTypeError) as exc:
             return _json(400, {"error": str(exc)})
         return _json(200, campaign_summaries(self.store, self.cluster, since=when, limit=limit))
