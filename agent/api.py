@@ -25,7 +25,7 @@ from vetd.agent.checks import (
     current_profile,
 )
 from vetd.agent.commands import AgentCommand, Answer, CommandContext, CommandRegistry, fill
-from vetd.agent.pairtests import PairEndpoint, PairSample, PairTest, PairTestRegistry, Peer
+from vetd.agent.pairtests import PairEndpoint, PairSample, PairServer, PairTest, PairTestRegistry, Peer
 from vetd.core.configfile import Duration, dec_hook
 from vetd.core.hookspecs import hookimpl
 from vetd.core.mqtt import Backoff
@@ -50,6 +50,7 @@ __all__ = [
     "Outcome",
     "PairEndpoint",
     "PairSample",
+    "PairServer",
     "PairTest",
     "PairTestRegistry",
     "Peer",

@@ -12,10 +12,18 @@ starts whatever serves the peers (a listening socket) and says, in
 pair call ``measure`` at the same time, each for its own direction: what it
 sends to the peer, as the peer received it. The methods block; vetd calls them
 in threads, under deadlines (``seconds + overhead_s``).
+
+An endpoint whose peers connect to it (the TCP probe's streams, NCCL's unique id
+hand-over) is a :class:`PairServer`: the listening socket, its accept thread,
+``announce()`` of its port and ``close()`` are the same for every test, and
+the test only says how to serve one peer's connection (``serve_peer``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -89,3 +97,63 @@ class PairTest:
 
 class PairTestRegistry(_Registry[PairTest]):
     """Where plugins add their pair tests (``registry.add(PairTest(...))``)."""
+
+
+class PairServer:
+    """The listening side of a :class:`PairEndpoint`: a socket on every address (IPv6 and IPv4) on
+    ``port`` (0: any free one), whose connections are each served by :meth:`serve_peer` in a thread
+    of their own, at most ``max_connections`` at once (one more is closed as soon as it is accepted:
+    a scan or a stuck peer cannot take every thread). ``announce()`` gives peers the port.
+
+    A pair test subclasses it, implements :meth:`serve_peer` and ``measure``.
+    """
+
+    #: The thread names' tag: ``vetd[NAME].accept``, ``vetd[NAME].serve``.
+    name = "pair_test"
+
+    def __init__(self, port: int = 0, max_connections: int = 256, backlog: int = 128) -> None:
+        if socket.has_dualstack_ipv6():
+            self._server = socket.create_server(("", port), family=socket.AF_INET6, dualstack_ipv6=True,
+                                                backlog=backlog)
+        else:
+            self._server = socket.create_server(("", port), backlog=backlog)
+        self.port = int(self._server.getsockname()[1])
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._accept, name=f"vetd[{self.name}].accept", daemon=True)
+        self._thread.start()
+
+    def serve_peer(self, conn: socket.socket) -> None:
+        """Serve one peer's connection (closed when this returns; an ``OSError`` ends it quietly)."""
+        raise NotImplementedError
+
+    def announce(self) -> dict[str, Any]:
+        return {"port": self.port}
+
+    def close(self) -> None:
+        """Stop accepting (connections being served finish on their own, within their timeouts)."""
+        self._closed.set()
+        with contextlib.suppress(OSError):
+            self._server.shutdown(socket.SHUT_RDWR)
+        self._server.close()
+        self._thread.join(timeout=5)
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                conn, _ = self._server.accept()
+            except OSError:
+                return
+            if not self._slots.acquire(blocking=False):
+                conn.close()
+                continue
+            threading.Thread(target=self._serve, args=(conn,), name=f"vetd[{self.name}].serve", daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            with conn:
+                self.serve_peer(conn)
+        except OSError:
+            pass
+        finally:
+            self._slots.release()

@@ -58,7 +58,7 @@ from vetd.controller.config import CampaignsSection
 from vetd.controller.healing import signed_command
 from vetd.controller.model import NodeRow
 from vetd.controller.requests import REQUEST_TTL_S
-from vetd.controller.store import StoreUnavailable, unavailable
+from vetd.controller.store import Store, StoreUnavailable, unavailable
 from vetd.core.pairs import CHECK, result_status
 from vetd.core.protocol import Message, Reply, Result
 
@@ -276,6 +276,8 @@ class Campaigns:
         store = self.controller.store
         if abandoned := store.abandon_requests("the controller stopped while the campaign ran"):
             log.warning("campaign_requests_abandoned", count=abandoned)
+        if abandoned := store.abandon_campaigns("the controller stopped while the campaign ran", time.time()):
+            log.warning("campaigns_abandoned", count=abandoned)
         if self.config.interval:
             last = store.last_campaign(self.cluster, "schedule")
             self._next_scheduled = (last or time.time()) + float(self.config.interval)
@@ -385,22 +387,32 @@ class Campaigns:
         ``skipped_before``: nodes a scheduled campaign left out already, and why (in the report too)."""
         campaign = uuid.uuid4().hex[:12]
         started = time.time()
-        chosen, skipped = await self.choose(ask.nodes)
-        skipped = {**(skipped_before or {}), **skipped}
-        log.info("campaign_started", campaign=campaign, trigger=ask.trigger, nodes=len(chosen), skipped=len(skipped),
-                 test=ask.test)
-        outcome: Outcome | None = None
-        for name in chosen:
-            self.busy[name] = campaign
+        self._store(campaign, lambda store: store.start_campaign(campaign, self.cluster, started, ask.trigger,
+                                                                 ask.test, ask.nodes))
         try:
-            if chosen:
-                outcome = await self._rounds(campaign, chosen, ask)
-        finally:
+            chosen, skipped = await self.choose(ask.nodes)
+            skipped = {**(skipped_before or {}), **skipped}
+            log.info("campaign_started", campaign=campaign, trigger=ask.trigger, nodes=len(chosen),
+                     skipped=len(skipped), test=ask.test)
+            outcome: Outcome | None = None
             for name in chosen:
-                self.busy.pop(name, None)
-        # a job that started meanwhile (the scheduler does not wait for us) makes the node's figures its traffic
-        took_part = [v.node for v in outcome.localisation.nodes if v.verdict != "absent"] if outcome else []
-        not_judged = await self._held(took_part)
+                self.busy[name] = campaign
+            try:
+                if chosen:
+                    outcome = await self._rounds(campaign, chosen, ask)
+            finally:
+                for name in chosen:
+                    self.busy.pop(name, None)
+            # a job that started meanwhile (the scheduler does not wait for us) makes the node's figures its traffic
+            took_part = [v.node for v in outcome.localisation.nodes if v.verdict != "absent"] if outcome else []
+            not_judged = await self._held(took_part)
+        except BaseException as exc:  # cancelled too: `vetd campaigns` must not show it running for ever
+            error = f"{type(exc).__name__}: {exc}" if isinstance(exc, Exception) else "cancelled"
+            try:
+                self._store(campaign, lambda store: store.fail_campaign(campaign, time.time(), error))
+            except Exception as lost:  # noqa: BLE001 - a store closed at shutdown: the next start abandons it
+                log.error("campaign_not_stored", campaign=campaign, error=str(lost))
+            raise
         report = self._report(campaign, ask, outcome, skipped, not_judged, time.time() - started)
         self._record(campaign, ask, outcome, not_judged, started, report)
         log.info("campaign_done", campaign=campaign, trigger=ask.trigger, good=len(report["good"]),
@@ -499,13 +511,22 @@ class Campaigns:
                         controller.store.audit(self.cluster, row["node"], "campaign", actor=ask.trigger,
                                                outcome=row["verdict"], detail=f"{campaign}: {row['reason']}"[:2000],
                                                now=now)
-                summary = {k: report[k] for k in ("test", "rounds", "confirm_rounds", "rounds_s", "total_s",
-                                                  "reference_gbps", "threshold_gbps", "links", "good", "bad",
-                                                  "absent", "skipped")}
+                summary = {k: report[k] for k in ("test", "pairs_skipped", "rounds", "confirm_rounds", "rounds_s",
+                                                  "total_s", "reference_gbps", "threshold_gbps", "links", "good",
+                                                  "bad", "absent", "skipped")}
                 controller.store.save_campaign(campaign, self.cluster, started, now, ask.trigger, report["test"],
-                                               [r["node"] for r in report["nodes"]], summary)
+                                               [r["node"] for r in report["nodes"]], summary, report["nodes"])
         except StoreUnavailable as exc:
             log.error("campaign_not_stored", campaign=campaign, error=str(exc))
+        except Exception as exc:
+            if not unavailable(exc):
+                raise
+            log.error("campaign_not_stored", campaign=campaign, error=str(exc))
+
+    def _store(self, campaign: str, write: Callable[[Store], None]) -> None:
+        """A write of the campaign's row; a database that cannot take it is logged, the campaign goes on."""
+        try:
+            write(self.controller.store)
         except Exception as exc:
             if not unavailable(exc):
                 raise

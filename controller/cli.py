@@ -1,5 +1,5 @@
-"""The controller's ``vetd`` commands: controller, nodes, node, jobs, job, excluded, drain, resume,
-breaker, silence, rules, export, up.
+"""The controller's ``vetd`` commands: controller, nodes, node, jobs, job, campaigns, excluded, drain,
+resume, breaker, silence, rules, export, up.
 
 Registered on the root command (:mod:`vetd.core.cli`) through ``vetd_cli_commands``.
 This module imports only what every install has; a command that needs the
@@ -25,7 +25,7 @@ from typing import Any, TextIO
 from vetd.controller.config import ControllerConfig, load_controller_config
 from vetd.controller.store import Store
 from vetd.controller.telemetry import StoredWindow, TelemetryStore
-from vetd.controller.views import ago, format_nodes, node_summaries, pending_text
+from vetd.controller.views import ago, format_nodes, format_report, node_summaries, pending_text
 from vetd.core.cli import EXIT_VETD, Parser, checked, duration, port, since
 from vetd.core.configfile import ConfigError
 from vetd.core.hookspecs import hookimpl
@@ -82,6 +82,22 @@ def vetd_cli_commands(subparsers: argparse._SubParsersAction) -> None:  # type: 
     jobs.add_argument("--limit", type=at_least(1), default=200, help="at most this many, newest first (200)")
     jobs.add_argument("--json", action="store_true", help="a JSON array instead of a table")
     jobs.set_defaults(func=reading(lambda store, config, args: show_jobs(store, config, args, sys.stdout)))
+
+    # `vetd campaigns` lists, `vetd campaigns show ID` shows one: one parser, as `vetd job` (below).
+    campaigns = sub.add_parser(
+        "campaigns", help="list the controller's campaigns; `campaigns show ID`: one, node by node",
+        usage="%(prog)s [-h] [--config CONFIG] [--json] {[--since WHEN] [--limit N] | show ID}",
+        description="`vetd campaigns`: the campaigns the controller ran (`vetd vet NODES`, [campaigns] "
+        "interval), newest first: id, start, who asked, state (running, done, failed), pair test, nodes, "
+        "how many were good, bad, absent and skipped, the bad nodes and links found. `vetd campaigns show "
+        "ID`: one campaign, each node's verdict, why, and the median bandwidth of its pairs.")
+    campaigns.add_argument("words", nargs="*", metavar="show ID", help="`show` and a campaign id")
+    _controller_config_arg(campaigns)
+    campaigns.add_argument("--since", metavar="WHEN", type=since,
+                           help="only campaigns running or ended since then: a duration back (24h) or an ISO time")
+    campaigns.add_argument("--limit", type=at_least(1), default=None, help="at most this many, newest first (200)")
+    campaigns.add_argument("--json", action="store_true", help="JSON instead of a table")
+    campaigns.set_defaults(func=lambda args: run_campaigns(campaigns, args))
 
     # One parser for `vetd job JOBID` (issue 17) and `vetd job report JOBID` (issue 18): a job id is
     # never the word `report` (Slurm's are numbers), and each form refuses the other's options.
@@ -389,6 +405,26 @@ def run_job(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                                                         args.run or 0))(args)
 
 
+#: A campaign's id as the controller makes them (12 hex digits), or any other word of letters and digits.
+CAMPAIGN_ID = re.compile(r"[A-Za-z0-9]{1,64}")
+
+
+def run_campaigns(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """``vetd campaigns`` or ``vetd campaigns show ID``; a bad word or option is one line, exit 2."""
+    words = args.words
+    if not words:
+        return reading(lambda store, config, args: show_campaigns(store, config, args, sys.stdout))(args)
+    if words[0] != "show":
+        parser.error(f"expected `show ID` or nothing, got {' '.join(map(repr, words))}")
+    if len(words) != 2:
+        parser.error("`vetd campaigns show` takes one campaign ID")
+    if not CAMPAIGN_ID.fullmatch(words[1]):
+        parser.error(f"argument ID: {clean(words[1])[:64]!r} is not a campaign id (letters and digits)")
+    if args.since is not None or args.limit is not None:
+        parser.error("--since and --limit go with `vetd campaigns`, not with `show ID`")
+    return reading(lambda store, config, args: show_campaign(store, config, words[1], args.json, sys.stdout))(args)
+
+
 def run_job_report(store: Store, config: ControllerConfig, args: argparse.Namespace) -> int:
     from vetd.controller.jobreport import run_report
 
@@ -519,7 +555,7 @@ def run_campaign(args: argparse.Namespace) -> int:
         for row in report["nodes"]:
             print(json.dumps({**row, "campaign": report["campaign"]}))
     else:
-        sys.stdout.write(campaign_text(report))
+        sys.stdout.write(format_report(report))
     from vetd.agent.vet import write_list
 
     write_list(args.good_file, report["good"])
@@ -552,28 +588,6 @@ def _campaign_answer(store: Store, request_id: int) -> dict[str, Any] | str:
         return f"the controller took request {request_id} but has not finished it in time"
     return (f"the controller has not taken request {request_id} within {REQUEST_WAIT_S:g}s (is `vetd controller` "
             "running with this config?); it expires unapplied")
-
-
-def campaign_text(report: Mapping[str, Any]) -> str:
-    """A campaign's report as ``vetd vet`` prints a job's: the run, a table (node, verdict, why), the links."""
-    nodes = report["nodes"]
-    measured = [r for r in nodes if r["verdict"] != "skipped"]
-    head = f"campaign {report['campaign']}: "
-    if not measured:
-        head += f"{len(nodes)} nodes, none idle to measure\n"
-    elif report["pairs_skipped"]:
-        head += f"{len(measured)} nodes; pairs not measured: {report['pairs_skipped']}\n"
-    else:
-        again = f" (+{report['confirm_rounds']} measuring slow links again)" if report["confirm_rounds"] else ""
-        head += (f"{len(measured)} nodes, {report['test']}, {report['rounds']} round"
-                 f"{'s' * (report['rounds'] != 1)}{again} in {report['rounds_s']:.1f}s; median "
-                 f"{report['reference_gbps']:.3g} GB/s, slow below {report['threshold_gbps']:.3g} GB/s\n")
-    rows = [(r["node"], r["verdict"].upper(), r["reason"] + (f" ({r['not_judged']})" if r.get("not_judged") else ""))
-            for r in nodes]
-    text = head + table(("NODE", "VERDICT", "WHY"), rows)
-    text += "".join(f"bad link {k['a']} <-> {k['b']}: {k['reason']}\n" for k in report["links"])
-    counts = ", ".join(f"{len(report[v])} {v}" for v in ("bad", "absent", "skipped") if report[v])
-    return text + f"{len(report['good'])} of {len(nodes)} nodes good{'; ' + counts if counts else ''}\n"
 
 
 def _when(ts: float) -> str:
@@ -717,6 +731,30 @@ def show_jobs(store: Store, config: ControllerConfig, args: argparse.Namespace, 
         out.write(json.dumps(summaries, indent=2) + "\n")
     else:
         out.write(format_jobs(summaries) if summaries else "no jobs\n")
+    return 0
+
+
+def show_campaigns(store: Store, config: ControllerConfig, args: argparse.Namespace, out: TextIO) -> int:
+    from vetd.controller.views import campaign_summaries, format_campaigns
+
+    summaries = campaign_summaries(store, config.cluster, since=args.since,
+                                   limit=200 if args.limit is None else args.limit)
+    if args.json:
+        out.write(json.dumps(summaries, indent=2) + "\n")
+    else:
+        out.write(format_campaigns(summaries) if summaries else "no campaigns\n")
+    return 0
+
+
+def show_campaign(store: Store, config: ControllerConfig, campaign: str, as_json: bool, out: TextIO) -> int:
+    from vetd.controller.views import campaign_detail, format_campaign
+
+    detail = campaign_detail(store, config.cluster, campaign)
+    if detail is None:
+        print(f"vetd: no campaign {campaign!r} in {store.path}" + (f" (cluster {config.cluster})" if config.cluster
+                                                                    else ""), file=sys.stderr)
+        return 1
+    out.write(json.dumps(detail, indent=2) + "\n" if as_json else format_campaign(detail))
     return 0
 
 

@@ -7,6 +7,8 @@
 * ``GET /api/v1/nodes``: what ``vetd nodes --json`` prints.
 * ``GET /api/v1/jobs`` (``?node=N&failed=1&since=24h&limit=200``) and
   ``GET /api/v1/jobs/ID`` (``?run=N``): what ``vetd jobs --json`` and ``vetd job ID --json`` print.
+* ``GET /api/v1/campaigns`` (``?since=24h&limit=200``) and ``GET /api/v1/campaigns/ID``: what
+  ``vetd campaigns --json`` and ``vetd campaigns show ID --json`` print.
 * ``POST /api/v1/drain`` ``{"nodes": "nid[001-004]", "reason": "…"}`` and
   ``POST /api/v1/resume`` ``{"nodes": "…"}``: need ``Authorization: Bearer
   <token>`` with the token from ``[http] token_file``; without a token file,
@@ -30,7 +32,7 @@ import json
 import logging
 import socket
 from argparse import ArgumentTypeError
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import h11
@@ -53,7 +55,7 @@ from vetd.controller.config import HttpSection
 from vetd.controller.counters import RULE_ERRORS
 from vetd.controller.store import Store
 from vetd.controller.telemetry import GPU_METRICS, HOST_METRICS, Current
-from vetd.controller.views import job_detail, job_summaries
+from vetd.controller.views import campaign_detail, campaign_summaries, job_detail, job_summaries
 from vetd.core.cli import since
 from vetd.core.protocol import valid_name
 
@@ -149,6 +151,16 @@ class BodyTooLarge(Exception):
     """The request body is over ``[http] max_body_kib``."""
 
 
+def _since_and_limit(query: Mapping[str, str]) -> tuple[float | None, int]:
+    """A listing's ``since`` (a duration back or an ISO time) and ``limit`` (1 to 10,000; 200);
+    ``ValueError`` or ``ArgumentTypeError`` says which is wrong."""
+    when = since(query["since"]) if "since" in query else None
+    limit = int(query.get("limit", "200"))
+    if not 1 <= limit <= 10_000:
+        raise ValueError("limit: 1 to 10000")
+    return when, limit
+
+
 def _json(status: int, value: object, *, close: bool = False) -> JSONResponse:
     return JSONResponse(value, status, headers={"Connection": "close"} if close else None)
 
@@ -174,6 +186,8 @@ class HttpApi:
                 Route("/api/v1/nodes", self._nodes, methods=["GET"]),
                 Route("/api/v1/jobs", self._jobs, methods=["GET"]),
                 Route("/api/v1/jobs/{job_id}", self._job, methods=["GET"]),
+                Route("/api/v1/campaigns", self._campaigns, methods=["GET"]),
+                Route("/api/v1/campaigns/{campaign_id}", self._campaign, methods=["GET"]),
                 Route("/api/v1/drain", self._change, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
                 Route("/api/v1/resume", self._change, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
             ],
@@ -243,10 +257,7 @@ class HttpApi:
             failed = {"": False, "0": False, "false": False, "1": True, "true": True}.get(query.get("failed", ""))
             if failed is None:
                 raise ValueError("failed: 1, true, 0 or false")
-            when = since(query["since"]) if "since" in query else None
-            limit = int(query.get("limit", "200"))
-            if not 1 <= limit <= 10_000:
-                raise ValueError("limit: 1 to 10000")
+            when, limit = _since_and_limit(query)
         except (ValueError, ArgumentTypeError) as exc:
             return _json(400, {"error": str(exc)})
         return _json(200, job_summaries(self.store, self.cluster, node=node, failed=failed, since=when, limit=limit))
@@ -257,6 +268,23 @@ class HttpApi:
             return _json(400, {"error": "the one parameter is run, a number (1: the run before the latest)"})
         detail = job_detail(self.store, self.cluster, request.path_params["job_id"], int(run))
         return _json(404, {"error": "no such job"}) if detail is None else _json(200, detail)
+
+    async def _campaigns(self, request: Request) -> Response:
+        query = request.query_params
+        unknown = sorted(set(query) - {"since", "limit"})
+        if unknown:
+            return _json(400, {"error": f"unknown parameter {unknown[0]!r} (since, limit)"})
+        try:
+            when, limit = _since_and_limit(query)
+        except (ValueError, ArgumentTypeError) as exc:
+            return _json(400, {"error": str(exc)})
+        return _json(200, campaign_summaries(self.store, self.cluster, since=when, limit=limit))
+
+    async def _campaign(self, request: Request) -> Response:
+        if request.query_params:
+            return _json(400, {"error": "no parameters"})
+        detail = campaign_detail(self.store, self.cluster, request.path_params["campaign_id"])
+        return _json(404, {"error": "no such campaign"}) if detail is None else _json(200, detail)
 
     async def _change(self, request: Request) -> Response:
         action = request.url.path.rsplit("/", 1)[1]

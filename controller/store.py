@@ -305,6 +305,22 @@ ALTER TABLE requests ADD COLUMN params TEXT NOT NULL DEFAULT '{}'
 """
 
 
+#: A campaign is stored when it starts (``running``) and again when it ends (``done``, or ``failed``
+#: with why), with every node's verdict (the rows of its report). Campaigns stored before only ever
+#: stored finished ones; their verdicts come back from the audit trail (action ``campaign``, detail
+#: ``ID: reason``) where retention kept it.
+CAMPAIGN_VERDICTS_SCHEMA = """
+ALTER TABLE campaigns ADD COLUMN state TEXT NOT NULL DEFAULT 'done';
+ALTER TABLE campaigns ADD COLUMN error TEXT NOT NULL DEFAULT '';
+ALTER TABLE campaigns ADD COLUMN verdicts TEXT NOT NULL DEFAULT '[]';
+UPDATE campaigns SET verdicts = coalesce((
+    SELECT json_group_array(json_object('node', a.node, 'verdict', a.outcome,
+                                        'reason', substr(a.detail, length(campaigns.id) + 3)))
+    FROM audit a WHERE a.action = 'campaign' AND a.cluster = campaigns.cluster
+                   AND substr(a.detail, 1, length(campaigns.id) + 1) = campaigns.id || ':'), '[]')
+"""
+
+
 #: Ordered schema steps: entry ``i`` takes a database from version ``i`` to ``i + 1`` (``PRAGMA
 #: user_version``). Each runs in its own transaction on start; a change to the schema is one more
 #: entry at the end, never an edit of an entry already released.
@@ -324,6 +340,8 @@ MIGRATIONS: tuple[str, ...] = (
     HISTORY_SCHEMA,
     # 6: campaigns across nodes (issue 19), and what an operator request asks beyond nodes and reason.
     CAMPAIGNS_SCHEMA,
+    # 7: a campaign's state while it runs (or why it failed), and each node's verdict (vetd campaigns).
+    CAMPAIGN_VERDICTS_SCHEMA,
 )
 #: The version this code writes and reads.
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -745,7 +763,7 @@ class Store:
             "requests": "DELETE FROM requests WHERE id IN (SELECT id FROM requests WHERE ts < ? "
                         "AND status != 'pending' ORDER BY ts LIMIT ?)",
             "campaigns": "DELETE FROM campaigns WHERE id IN (SELECT id FROM campaigns WHERE started < ? "
-                         "ORDER BY started LIMIT ?)",
+                         "AND state != 'running' ORDER BY started LIMIT ?)",
         }
         pruned = {table: self.db.execute(query, (before, limit)).rowcount for table, query in queries.items()}
         # Jobs closed before ``before`` (open ones belong to the engine), with their nodes and findings.
@@ -906,11 +924,32 @@ class Store:
 
     # -- campaigns across nodes (issue 19) --------------------------------------
 
+    def start_campaign(self, campaign_id: str, cluster: str, started: float, trigger: str, test: str,
+                       nodes: Sequence[str]) -> None:
+        """A campaign that starts: ``running`` (the nodes asked for) until :meth:`save_campaign` or
+        :meth:`fail_campaign`."""
+        self.db.execute("INSERT OR REPLACE INTO campaigns (id, cluster, started, ended, trigger, test, nodes, state) "
+                        "VALUES (?,?,?,?,?,?,?, 'running')", (campaign_id, cluster, started, started, trigger, test,
+                                                              json.dumps(list(nodes))))
+
     def save_campaign(self, campaign_id: str, cluster: str, started: float, ended: float, trigger: str,
-                      test: str, nodes: Sequence[str], summary: Mapping[str, Any]) -> None:
-        self.db.execute("INSERT OR REPLACE INTO campaigns (id, cluster, started, ended, trigger, test, nodes, summary) "
-                        "VALUES (?,?,?,?,?,?,?,?)", (campaign_id, cluster, started, ended, trigger, test,
-                                                     json.dumps(list(nodes)), json.dumps(dict(summary))))
+                      test: str, nodes: Sequence[str], summary: Mapping[str, Any],
+                      verdicts: Sequence[Mapping[str, Any]] = ()) -> None:
+        """A campaign that ended with its verdicts: ``done``."""
+        self.db.execute("INSERT OR REPLACE INTO campaigns (id, cluster, started, ended, trigger, test, nodes, summary, "
+                        "state, verdicts) VALUES (?,?,?,?,?,?,?,?, 'done', ?)",
+                        (campaign_id, cluster, started, ended, trigger, test, json.dumps(list(nodes)),
+                         json.dumps(dict(summary)), json.dumps([dict(v) for v in verdicts])))
+
+    def fail_campaign(self, campaign_id: str, ended: float, error: str) -> None:
+        """A campaign that broke before its verdicts (stored as far as it got)."""
+        self.db.execute("UPDATE campaigns SET state='failed', ended=?, error=? WHERE id=? AND state='running'",
+                        (ended, error, campaign_id))
+
+    def abandon_campaigns(self, why: str, now: float) -> int:
+        """Campaigns left ``running`` by a controller that stopped: failed, saying ``why``."""
+        return self.db.execute("UPDATE campaigns SET state='failed', ended=?, error=? WHERE state='running'",
+                               (now, why)).rowcount
 
     def last_campaign(self, cluster: str, trigger: str) -> float:
         """When the latest campaign started by ``trigger`` (``schedule``) started; 0 when none did."""
@@ -918,11 +957,29 @@ class Store:
                               (cluster, trigger)).fetchone()
         return float(row[0] or 0.0)
 
-    def campaigns(self, cluster: str, limit: int = 20) -> list[dict[str, Any]]:
-        """The latest campaigns, newest first."""
-        rows = self.db.execute("SELECT * FROM campaigns WHERE cluster=? ORDER BY started DESC LIMIT ?",
-                               (cluster, limit)).fetchall()
-        return [{**dict(r), "nodes": json.loads(r["nodes"]), "summary": json.loads(r["summary"])} for r in rows]
+    def campaigns(self, cluster: str | None = None, *, since: float | None = None,
+                  limit: int = 200) -> list[dict[str, Any]]:
+        """Campaigns newest first (by start), without their verdicts: those running or ended since
+        ``since``; none in a database older than campaigns."""
+        query = "SELECT * FROM campaigns WHERE (? IS NULL OR cluster = ?)"
+        params: list[Any] = [cluster, cluster]
+        if since is not None:
+            query += " AND (state = 'running' OR ended >= ?)"
+            params.append(since)
+        try:
+            rows = self.db.execute(query + " ORDER BY started DESC, id LIMIT ?", (*params, limit)).fetchall()
+        except sqlite3.OperationalError:  # read-only, from a controller that never had the table
+            return []
+        return [_campaign(r, verdicts=False) for r in rows]
+
+    def campaign(self, cluster: str | None, campaign_id: str) -> dict[str, Any] | None:
+        """One campaign with its nodes' verdicts (None: unknown), of any cluster when ``cluster`` is None."""
+        try:
+            row = self.db.execute("SELECT * FROM campaigns WHERE (? IS NULL OR cluster = ?) AND id = ?",
+                                  (cluster, cluster, campaign_id)).fetchone()
+        except sqlite3.OperationalError:
+            return None
+        return None if row is None else _campaign(row, verdicts=True)
 
     def latest_times(self, cluster: str, check: str) -> dict[str, float]:
         """Node → the time of its latest result of ``check`` (when a campaign last vetted it)."""
@@ -1156,3 +1213,14 @@ def _request(row: sqlite3.Row) -> dict[str, Any]:
     request = {**dict(row), "nodes": json.loads(row["nodes"])}
     request["params"] = json.loads(request.get("params") or "{}")
     return request
+
+
+def _campaign(row: sqlite3.Row, *, verdicts: bool) -> dict[str, Any]:
+    """A campaign row decoded; a database not yet migrated to 7 (read-only) has every campaign ``done``."""
+    found = dict(row)
+    campaign = {**found, "state": found.get("state", "done"), "error": found.get("error", ""),
+                "nodes": json.loads(found["nodes"]), "summary": json.loads(found["summary"])}
+    campaign.pop("verdicts", None)
+    if verdicts:
+        campaign["verdicts"] = json.loads(found.get("verdicts", "[]"))
+    return campaign

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from vetd.controller.model import PendingAction
@@ -206,3 +207,122 @@ def format_job(detail: dict[str, Any]) -> str:
         lines.append("  rules:")
         lines += [f"    {_when(d['ts'])} {d['node']} {d['rule']}" for d in detail["decisions"]]
     return "\n".join(clean(line) for line in lines) + "\n"
+
+
+# -- campaigns: `vetd vet NODES`, `vetd campaigns`, GET /api/v1/campaigns -----------------------
+
+VERDICTS = ("good", "bad", "absent", "skipped")
+
+
+def campaign_summary(row: dict[str, Any]) -> dict[str, Any]:
+    """A stored campaign as ``vetd campaigns --json`` shows it: who asked, when, its nodes (and as a
+    folded hostlist), its state, the nodes of each verdict, the links named and the figures of its run."""
+    summary, running = row["summary"], row["state"] == "running"
+    return {
+        "campaign": row["id"],
+        "cluster": row["cluster"],
+        "state": row["state"],
+        "error": row["error"],
+        "trigger": row["trigger"],
+        "test": summary.get("test") or row["test"],
+        "started": row["started"],
+        "ended": None if running else row["ended"],
+        "took_s": None if running else round(row["ended"] - row["started"], 3),
+        "nodes": row["nodes"],
+        "hostlist": _names(row["nodes"]),
+        **{verdict: summary.get(verdict, []) for verdict in VERDICTS},
+        "links": summary.get("links", []),
+        **{key: summary.get(key) for key in ("pairs_skipped", "rounds", "confirm_rounds", "rounds_s",
+                                             "reference_gbps", "threshold_gbps")},
+    }
+
+
+def campaign_summaries(store: Store, cluster: str | None, *, since: float | None = None,
+                       limit: int = 200) -> list[dict[str, Any]]:
+    return [campaign_summary(row) for row in store.campaigns(cluster or None, since=since, limit=limit)]
+
+
+def campaign_detail(store: Store, cluster: str | None, campaign_id: str) -> dict[str, Any] | None:
+    """A campaign as ``vetd campaigns show ID --json`` shows it (None: unknown): the summary and, per
+    node, its verdict, why, its pairs' median bandwidth (decimal GB/s; None: no pair measured), codes,
+    metrics and slow links. A campaign stored before verdicts were (schema 6) has what its audit
+    trail kept: verdict and reason."""
+    row = store.campaign(cluster or None, campaign_id)
+    if row is None:
+        return None
+    detail = campaign_summary(row)
+    stored = {v["node"]: v for v in row["verdicts"]}
+    of = {node: verdict for verdict in VERDICTS for node in detail[verdict]}
+    verdicts = []
+    for node in row["nodes"]:
+        found = stored.get(node, {})
+        metrics = found.get("metrics", {})
+        verdicts.append({"node": node, "verdict": found.get("verdict") or of.get(node, "-"),
+                         "reason": found.get("reason", ""), "median_gbps": metrics.get("pair_gbps_median"),
+                         "codes": found.get("codes", []), "metrics": metrics,
+                         "slow_links": found.get("slow_links", []),
+                         **({"not_judged": found["not_judged"]} if found.get("not_judged") else {})})
+    return {**detail, "verdicts": verdicts}
+
+
+def _counts(c: dict[str, Any]) -> str:
+    return ", ".join(f"{len(c[v])} {v}" for v in VERDICTS if c[v]) or "-"
+
+
+def _found(c: dict[str, Any]) -> str:
+    if c["state"] == "failed":
+        return f"failed: {c['error']}"
+    found = ([f"bad {_names(c['bad'])}"] if c["bad"] else []) + [f"link {k['a']}-{k['b']}" for k in c["links"]]
+    return "; ".join(found) or "-"
+
+
+def format_campaigns(summaries: list[dict[str, Any]]) -> str:
+    headers = ("CAMPAIGN", "STARTED", "BY", "STATE", "TEST", "NODES", "VERDICTS", "FOUND")
+    rows = [(c["campaign"], _when(c["started"]), c["trigger"], c["state"], c["test"], c["hostlist"],
+             "-" if c["state"] == "running" else _counts(c), "-" if c["state"] == "running" else _found(c))
+            for c in summaries]
+    return table(headers, rows)
+
+
+def format_report(report: Mapping[str, Any], *, median: bool = False, title: str | None = None) -> str:
+    """A campaign's verdicts as ``vetd vet`` prints a job's: the run (after ``title``, by default
+    ``campaign ID: ``), a table (node, verdict, why; with ``median``, each node's median bandwidth
+    too), the bad links, how many are good."""
+    nodes = report["nodes"]
+    measured = [r for r in nodes if r["verdict"] != "skipped"]
+    head = f"campaign {report['campaign']}: " if title is None else title
+    if not measured:
+        head += f"{len(nodes)} nodes, none idle to measure"
+    elif report["pairs_skipped"]:
+        head += f"{len(measured)} nodes; pairs not measured: {report['pairs_skipped']}"
+    else:
+        again = f" (+{report['confirm_rounds']} measuring slow links again)" if report["confirm_rounds"] else ""
+        head += (f"{len(measured)} nodes, {report['test']}, {report['rounds']} round"
+                 f"{'s' * (report['rounds'] != 1)}{again} in {report['rounds_s']:.1f}s; median "
+                 f"{report['reference_gbps']:.3g} GB/s, slow below {report['threshold_gbps']:.3g} GB/s")
+    head = clean(head) + "\n"  # a plugin's reason why pairs were skipped is the nodes' text
+
+    def why(r: Mapping[str, Any]) -> str:
+        return str(r["reason"]) + (f" ({r['not_judged']})" if r.get("not_judged") else "")
+
+    if median:
+        text = head + table(("NODE", "VERDICT", "MEDIAN GB/S", "WHY"), [
+            (r["node"], r["verdict"].upper(), "-" if r.get("median_gbps") is None else f"{r['median_gbps']:.3g}",
+             why(r)) for r in nodes])
+    else:
+        text = head + table(("NODE", "VERDICT", "WHY"), [(r["node"], r["verdict"].upper(), why(r)) for r in nodes])
+    text += "".join(f"bad link {k['a']} <-> {k['b']}: {k['reason']}\n" for k in report["links"])
+    counts = ", ".join(f"{len(report[v])} {v}" for v in ("bad", "absent", "skipped") if report[v])
+    return text + f"{len(report['good'])} of {len(nodes)} nodes good{'; ' + counts if counts else ''}\n"
+
+
+def format_campaign(detail: dict[str, Any]) -> str:
+    """``vetd campaigns show ID``: who asked and when, then (once it ended) the report with medians."""
+    line = (f"campaign {detail['campaign']} ({detail['cluster']}): {detail['state']}, asked by {detail['trigger']}, "
+            f"started {_when(detail['started'])}")
+    if detail["state"] == "running":
+        return clean(f"{line}, running on {detail['hostlist']} ({detail['test']})") + "\n"
+    line += f", took {detail['took_s']:.1f}s"
+    if detail["state"] == "failed":
+        return clean(f"{line}\n  failed: {detail['error']} ({detail['hostlist']})", keep_newlines=True) + "\n"
+    return clean(line) + "\n" + format_report({**detail, "nodes": detail["verdicts"]}, median=True, title="  ")

@@ -21,10 +21,12 @@ from typing import Any
 
 import pytest
 
+from tests.controller.test_http import call
 from tests.support import netns
 from tests.support.campaign import Fleet
 from tests.support.netns import NetNodes, SlurmOnNodes
-from tests.support.services import missing
+from tests.support.procs import vetd_argv, vetd_env
+from tests.support.services import free_port, missing
 from tests.support.wait import wait_for
 from vetd.agent.controlclient import ask
 
@@ -36,7 +38,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     nodes = NetNodes(5).start()
     built = None
     try:
-        built = Fleet(nodes, tmp_path_factory.mktemp("fleet")).start()
+        built = Fleet(nodes, tmp_path_factory.mktemp("fleet"), http_port=free_port()).start()
         yield built
     finally:
         if built is not None:
@@ -192,6 +194,92 @@ def test_an_agent_that_refuses_is_absent_at_once(clean: Fleet) -> None:
         wait_for(lambda: not {n["node"]: n["online"] for n in fleet.node_states()}["nid002"], 20, "nid002 gone")
         fleet.start_agent("nid002")
         wait_for(lambda: {n["node"]: n["online"] for n in fleet.node_states()}["nid002"], 20, "nid002 back")
+
+
+def campaigns(fleet: Fleet, *args: str) -> list[dict[str, Any]]:
+    done = fleet.vetd("campaigns", "--json", *args, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return list(json.loads(done.stdout))
+
+
+def test_operators_list_campaigns_and_see_one_node_by_node_after_a_restart(clean: Fleet) -> None:
+    fleet = clean
+    fleet.nodes.throttle("nid005", "16mbit")
+    done, rows = fleet.vet("--test", "tcp_pairs")
+    assert done.returncode == 1 and rows["nid005"]["verdict"] == "bad", done.stdout
+    campaign = campaign_of(rows)
+    listed = campaigns(fleet)
+    assert listed[0]["campaign"] == campaign  # newest first
+    mine = listed[0]
+    assert (mine["state"], mine["test"], mine["hostlist"], mine["bad"], mine["links"], mine["absent"]) == (
+        "done", "tcp_pairs", "nid[001-005]", ["nid005"], [], [])
+    assert sorted(mine["good"]) == ["nid001", "nid002", "nid003", "nid004"] and mine["rounds"] == 3
+    assert mine["trigger"].startswith("operator:") and mine["ended"] >= mine["started"]
+    table = fleet.vetd("campaigns").stdout.splitlines()
+    assert table[0].split() == ["CAMPAIGN", "STARTED", "BY", "STATE", "TEST", "NODES", "VERDICTS", "FOUND"]
+    [line] = [line for line in table if line.startswith(campaign)]
+    assert " ".join(line.split()).endswith("done tcp_pairs nid[001-005] 4 good, 1 bad bad nid005"), line
+    # node by node: verdict, median bandwidth, why, as `vetd vet` measured them
+    detail = json.loads(fleet.vetd("campaigns", "show", campaign, "--json").stdout)
+    assert [(v["node"], v["verdict"], v["median_gbps"], v["reason"]) for v in detail["verdicts"]] == [
+        (n, r["verdict"], r["metrics"]["pair_gbps_median"], r["reason"]) for n, r in sorted(rows.items())]
+    shown = fleet.vetd("campaigns", "show", campaign).stdout.splitlines()
+    assert shown[0].startswith(f"campaign {campaign} ({fleet.cluster}): done, asked by operator:"), shown
+    assert shown[2].split() == ["NODE", "VERDICT", "MEDIAN", "GB/S", "WHY"]
+    cells = {line.split()[0]: line.split()[1:3] for line in shown[3:8]}
+    assert cells == {n: [r["verdict"].upper(), f"{r['metrics']['pair_gbps_median']:.3g}"] for n, r in rows.items()}
+    assert float(cells["nid005"][1]) < float(cells["nid001"][1]) / 4
+    assert shown[-1] == "4 of 5 nodes good; 1 bad"
+    # the HTTP API serves the same
+    base = f"http://127.0.0.1:{fleet.http_port}/api/v1/campaigns"
+    status, body = call(f"{base}?since=1h")
+    assert status == 200 and json.loads(body) == campaigns(fleet, "--since", "1h")
+    status, body = call(f"{base}/{campaign}")
+    assert status == 200 and json.loads(body) == detail
+    assert call(f"{base}/0000deadbeef")[0] == 404 and call(f"{base}?since=whenever")[0] == 400
+    assert call(f"{base}?node=nid001")[0] == 400 and call(f"{base}?limit=0")[0] == 400
+    # mistakes are one line
+    missing_one = fleet.vetd("campaigns", "show", "0000deadbeef")
+    assert missing_one.returncode == 1 and len(missing_one.stderr.strip().splitlines()) == 1
+    for bad in (("show",), ("list",), ("--since", "whenever"), ("show", campaign, "--limit", "3")):
+        wrong = fleet.vetd("campaigns", *bad)
+        assert wrong.returncode == 2 and len(wrong.stderr.strip().splitlines()) == 1, (bad, wrong.stderr)
+    # a controller restart keeps them
+    assert fleet.controller is not None and fleet.controller.stop() == 0
+    fleet.start_controller()
+    assert [c for c in campaigns(fleet) if c["campaign"] == campaign] == [mine]
+    assert json.loads(fleet.vetd("campaigns", "show", campaign, "--json").stdout) == detail
+
+
+def test_a_campaign_the_controller_died_in_is_failed_after_it_restarts(clean: Fleet) -> None:
+    fleet = clean
+    stopped = fleet.agents["nid004"]
+    stopped.signal(signal.SIGSTOP)  # the barrier waits for it: the campaign runs for the deadline
+    asking = subprocess.Popen(vetd_argv("vet", fleet.hostlist, "--json", "--test", "tcp_pairs", "--deadline", "15s",
+                                        "--config", str(fleet.config)), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=vetd_env())
+    try:
+        [running] = wait_for(lambda: [c for c in campaigns(fleet) if c["state"] == "running"], 15,
+                             "the campaign running")
+        [line] = [line for line in fleet.vetd("campaigns").stdout.splitlines() if line.startswith(running["campaign"])]
+        assert " ".join(line.split()).endswith("running tcp_pairs nid[001-005] - -"), line
+        assert fleet.controller is not None
+        fleet.controller.kill()
+        fleet.start_controller()
+    finally:
+        stopped.signal(signal.SIGCONT)
+    _, err = asking.communicate(timeout=120)
+    assert asking.returncode == 2 and "the controller stopped while the campaign ran" in err, err
+    [failed] = [c for c in campaigns(fleet) if c["campaign"] == running["campaign"]]
+    assert (failed["state"], failed["error"]) == ("failed", "the controller stopped while the campaign ran")
+    shown = fleet.vetd("campaigns", "show", running["campaign"]).stdout
+    assert "failed: the controller stopped while the campaign ran (nid[001-005])" in shown, shown
+    # the agents give up on the lost campaign on their own; then the next one measures every node
+    def all_good() -> bool:
+        done, rows = fleet.vet("--test", "tcp_pairs", "--deadline", "10s")
+        return done.returncode == 0 and all(r["verdict"] == "good" for r in rows.values())
+
+    wait_for(all_good, 90, "a campaign with every node good after the agents gave up the lost one")
 
 
 @pytest.mark.slurm

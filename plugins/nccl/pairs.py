@@ -17,7 +17,6 @@ or ``array_backend = "numpy"``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import socket
@@ -25,9 +24,8 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any
 
-from vetd.agent.api import PairSample, Peer
+from vetd.agent.api import PairSample, PairServer, Peer
 from vetd.plugins.nccl.config import NcclConfig
 
 #: The unique id of a pair, sent by the lead: ``key`` (a line), then the id in hex (a line).
@@ -50,44 +48,28 @@ def unavailable(config: NcclConfig) -> str:
     return ""
 
 
-class NcclPairEndpoint:
-    """Receives unique ids from leads on a side-channel port; runs one worker per measurement."""
+class NcclPairEndpoint(PairServer):
+    """Receives unique ids from leads on a side-channel port (:class:`~vetd.agent.api.PairServer`);
+    runs one worker per measurement."""
+
+    name = "nccl_pairs"
 
     def __init__(self, config: NcclConfig) -> None:
         self.config = config
-        self._server = socket.create_server(("", 0), backlog=64)
-        self.port = int(self._server.getsockname()[1])
         self._ids: dict[str, str] = {}
         self._arrived = threading.Condition()
-        self._closed = threading.Event()
-        self._thread = threading.Thread(target=self._accept, name="vetd[nccl_pairs].ids", daemon=True)
-        self._thread.start()
+        super().__init__(0, max_connections=64, backlog=64)
 
-    def announce(self) -> dict[str, Any]:
-        return {"port": self.port}
-
-    def close(self) -> None:
-        self._closed.set()
-        with contextlib.suppress(OSError):
-            self._server.shutdown(socket.SHUT_RDWR)
-        self._server.close()
-
-    def _accept(self) -> None:
-        while not self._closed.is_set():
-            try:
-                conn, _ = self._server.accept()
-            except OSError:
-                return
-            with conn:
-                conn.settimeout(5.0)
-                try:
-                    lines = conn.makefile("r", encoding="ascii").read(4096).split("\n")
-                except (OSError, UnicodeDecodeError):
-                    continue
-            if len(lines) >= 2 and lines[0] and lines[1]:
-                with self._arrived:
-                    self._ids[lines[0]] = lines[1]
-                    self._arrived.notify_all()
+    def serve_peer(self, conn: socket.socket) -> None:
+        conn.settimeout(5.0)
+        try:
+            lines = conn.makefile("r", encoding="ascii").read(4096).split("\n")
+        except UnicodeDecodeError:
+            return
+        if len(lines) >= 2 and lines[0] and lines[1]:
+            with self._arrived:
+                self._ids[lines[0]] = lines[1]
+                self._arrived.notify_all()
 
     def _worker(self, rank: int, uid: str, seconds: float) -> subprocess.Popen[str]:
         argv = [sys.executable, "-m", os.environ.get(WORKER_ENV) or WORKER_MODULE, "--rank", str(rank), "--uid", uid,

@@ -18,15 +18,12 @@ data at the rate of the kernel's copies.
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import struct
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
-from vetd.agent.api import PairSample, Peer
+from vetd.agent.api import PairSample, PairServer, Peer
 from vetd.plugins.tcp_pairs.config import TcpPairsConfig
 
 MAGIC = b"vetdTCP1"
@@ -37,75 +34,40 @@ MAX_CONNECTIONS = 256
 IDLE_S = 30.0
 
 
-class TcpEndpoint:
-    """Listens for peers' streams (every address, IPv6 and IPv4) and measures ours to them."""
+class TcpEndpoint(PairServer):
+    """Listens for peers' streams (:class:`~vetd.agent.api.PairServer`) and measures ours to them."""
+
+    name = "tcp_pairs"
 
     def __init__(self, config: TcpPairsConfig) -> None:
         self.config = config
-        if socket.has_dualstack_ipv6():
-            self._server = socket.create_server(("", config.port), family=socket.AF_INET6, dualstack_ipv6=True,
-                                                backlog=128)
-        else:
-            self._server = socket.create_server(("", config.port), backlog=128)
-        self.port = int(self._server.getsockname()[1])
-        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
-        self._closed = threading.Event()
-        self._thread = threading.Thread(target=self._accept, name="vetd[tcp_pairs].accept", daemon=True)
-        self._thread.start()
-
-    def announce(self) -> dict[str, Any]:
-        return {"port": self.port}
-
-    def close(self) -> None:
-        self._closed.set()
-        with contextlib.suppress(OSError):
-            self._server.shutdown(socket.SHUT_RDWR)
-        self._server.close()
-        self._thread.join(timeout=5)
+        super().__init__(config.port, max_connections=MAX_CONNECTIONS)
 
     # -- receiving -------------------------------------------------------------------
 
-    def _accept(self) -> None:
-        while not self._closed.is_set():
-            try:
-                conn, _ = self._server.accept()
-            except OSError:
+    def serve_peer(self, conn: socket.socket) -> None:
+        conn.settimeout(IDLE_S)
+        header = b""
+        while len(header) < len(MAGIC):
+            chunk = conn.recv(len(MAGIC) - len(header))
+            if not chunk:
                 return
-            if not self._slots.acquire(blocking=False):
-                conn.close()
-                continue
-            threading.Thread(target=self._receive, args=(conn,), name="vetd[tcp_pairs].receive",
-                             daemon=True).start()
-
-    def _receive(self, conn: socket.socket) -> None:
-        try:
-            with conn:
-                conn.settimeout(IDLE_S)
-                header = b""
-                while len(header) < len(MAGIC):
-                    chunk = conn.recv(len(MAGIC) - len(header))
-                    if not chunk:
-                        return
-                    header += chunk
-                if header != MAGIC:
-                    return
-                buffer = bytearray(max(self.config.write_kib, 256) << 10)
-                view = memoryview(buffer)
-                received, first, last = 0, 0, 0
-                while True:
-                    n = conn.recv_into(view)
-                    if n == 0:
-                        break
-                    now = time.monotonic_ns()
-                    if not received:
-                        first = now
-                    received += n
-                    last = now
-                conn.sendall(ANSWER.pack(received, first, last))
-        except OSError:
-            pass
-        finally:
-            self._slots.release()
+            header += chunk
+        if header != MAGIC:
+            return
+        buffer = bytearray(max(self.config.write_kib, 256) << 10)
+        view = memoryview(buffer)
+        received, first, last = 0, 0, 0
+        while True:
+            n = conn.recv_into(view)
+            if n == 0:
+                break
+            now = time.monotonic_ns()
+            if not received:
+                first = now
+            received += n
+            last = now
+        conn.sendall(ANSWER.pack(received, first, last))
 
     # -- sending ---------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ addresses). The whole thing with real networks, agents and a controller: ``tests
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -254,3 +255,73 @@ def test_campaign_options_that_belong_to_a_job_are_one_line_exit_2(tmp_path: Pat
     assert done.returncode == 2 and "is not a hostlist" in done.stderr and "Traceback" not in done.stderr
     done = run_vetd("vet", "nid[001-004]", "--config", str(config), "--need", "5")
     assert done.returncode == 2 and "--need 5: NODES has 4 nodes" in done.stderr
+
+
+def test_campaigns_stored_before_verdicts_and_one_a_stopped_controller_left_are_listed(tmp_path: Path) -> None:
+    """A database of schema 6 (campaigns without their verdicts): `vetd campaigns` reads it as it is,
+    the migration brings each node's verdict back from the audit trail; a campaign left running by a
+    controller that stopped is failed, with why, when the next one starts."""
+    import sqlite3
+
+    from vetd.controller.config import ControllerConfig, StoreSection
+    from vetd.controller.service import Controller
+    from vetd.controller.store import MIGRATIONS, Store
+
+    path = tmp_path / "c.db"
+    db = sqlite3.connect(path)
+    for step in MIGRATIONS[:6]:
+        db.executescript(step)
+    db.execute("PRAGMA user_version = 6")
+    summary = {"test": "tcp_pairs", "rounds": 3, "confirm_rounds": 0, "rounds_s": 6.3, "total_s": 6.5,
+               "reference_gbps": 0.6, "threshold_gbps": 0.3, "links": [], "good": ["nid001", "nid002"],
+               "bad": ["nid003"], "absent": [], "skipped": ["nid004"]}
+    db.execute("INSERT INTO campaigns (id, cluster, started, ended, trigger, test, nodes, summary) VALUES "
+               "('c0ffee000001', 'alps', 1000.0, 1006.5, 'schedule', 'tcp_pairs', ?, ?)",
+               (json.dumps(["nid001", "nid002", "nid003", "nid004"]), json.dumps(summary)))
+    for node, verdict, reason in (("nid001", "good", "2 pairs: nid002 0.61 GB/s, nid003 0.002 GB/s"),
+                                  ("nid003", "bad", "slow with every partner (nid001 0.002 GB/s)")):
+        db.execute("INSERT INTO audit (ts, cluster, node, actor, action, outcome, detail) VALUES "
+                   "(1006.5, 'alps', ?, 'schedule', 'campaign', ?, ?)", (node, verdict, f"c0ffee000001: {reason}"))
+    db.commit()
+    db.close()
+    config = tmp_path / "controller.toml"
+    config.write_text('cluster = "alps"\n[store]\npath = "c.db"\n')
+
+    def show(*args: str) -> dict[str, object]:
+        done = run_vetd("campaigns", "show", "c0ffee000001", "--config", str(config), "--json", *args)
+        assert done.returncode == 0, done.stderr
+        return dict(json.loads(done.stdout))
+
+    # before the controller migrated it: the verdicts of the summary, no reasons
+    before = show()
+    assert (before["state"], before["bad"], before["hostlist"]) == ("done", ["nid003"], "nid[001-004]")
+    assert [(v["node"], v["verdict"], v["reason"]) for v in before["verdicts"]] == [  # type: ignore[attr-defined]
+        ("nid001", "good", ""), ("nid002", "good", ""), ("nid003", "bad", ""), ("nid004", "skipped", "")]
+    Store(path).close()
+    after = show()
+    assert [(v["node"], v["verdict"], v["reason"], v["median_gbps"]) for v in after["verdicts"]] == [  # type: ignore[attr-defined]
+        ("nid001", "good", "2 pairs: nid002 0.61 GB/s, nid003 0.002 GB/s", None), ("nid002", "good", "", None),
+        ("nid003", "bad", "slow with every partner (nid001 0.002 GB/s)", None), ("nid004", "skipped", "", None)]
+    text = run_vetd("campaigns", "show", "c0ffee000001", "--config", str(config)).stdout.splitlines()
+    assert text[1] == "  3 nodes, tcp_pairs, 3 rounds in 6.3s; median 0.6 GB/s, slow below 0.3 GB/s"
+    assert text[5].split() == ["nid003", "BAD", "-", "slow", "with", "every", "partner", "(nid001", "0.002", "GB/s)"]
+
+    # a controller stopped mid-campaign left it running; the next start fails it
+    store = Store(path)
+    store.start_campaign("c0ffee000002", "alps", 2000.0, "operator:ann", "auto", ["nid001", "nid002"])
+    store.close()
+    assert run_vetd("campaigns", "--config", str(config)).stdout.splitlines()[1].split()[3:] == [
+        "operator:ann", "running", "auto", "nid[001-002]", "-", "-"]
+    controller = Controller(ControllerConfig(cluster="alps", store=StoreSection(path=str(path))))
+
+    async def start() -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(controller.campaigns.run(), 1.0)
+
+    asyncio.run(start())
+    controller.store.close()
+    listed = json.loads(run_vetd("campaigns", "--config", str(config), "--json").stdout)
+    assert [(c["campaign"], c["state"], c["error"]) for c in listed] == [
+        ("c0ffee000002", "failed", "the controller stopped while the campaign ran"), ("c0ffee000001", "done", "")]
+    recent = json.loads(run_vetd("campaigns", "--config", str(config), "--json", "--since", "1h").stdout)
+    assert [c["campaign"] for c in recent] == ["c0ffee000002"]  # failed just now; the other ended in 1970

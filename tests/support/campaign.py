@@ -40,6 +40,8 @@ class Fleet:
     env: dict[str, str] = field(default_factory=dict)
     #: Lines of the agents' config beyond what every one has.
     agent_extra: str = ""
+    #: The controller's HTTP API on 127.0.0.1 at this port (0: off).
+    http_port: int = 0
     cluster: str = field(default_factory=lambda: f"c{uuid.uuid4().hex[:10]}")
     broker: Mosquitto | None = None
     agents: dict[str, VetdProcess] = field(default_factory=dict)
@@ -61,16 +63,26 @@ class Fleet:
         self.broker = Mosquitto(self.workdir / "mosquitto", also=(self.nodes.host_ip,)).start()
         for node in self.nodes.names:
             self.start_agent(node)
+        listen = f"127.0.0.1:{self.http_port}" if self.http_port else ""
         self.config.write_text(
             f'cluster = "{self.cluster}"\nclient_id = "vetd-controller-{self.cluster}"\nrules = ["{RULES}"]\n'
-            f'command_key_file = "{key}"\n[store]\npath = "state/controller.db"\n[http]\nlisten = ""\n'
+            f'command_key_file = "{key}"\n[store]\npath = "state/controller.db"\n[http]\nlisten = "{listen}"\n'
             f"[scheduler]\n{self.scheduler}[campaigns]\n{self.campaigns}")
-        self.controller = VetdProcess(["controller", "--config", str(self.config)], self.workdir / "controller.log",
-                                      vetd_env(VETD_BROKER=self.broker.url, VETD_ALLOW_UNSIGNED_COMMANDS="0",
-                                               **self.env)).start()
+        self.start_controller()
+        return self
+
+    def start_controller(self) -> VetdProcess:
+        """The controller (again, after a stop or a kill), once every node's agent is online at it."""
+        assert self.broker is not None
+        log = self.workdir / "controller.log"
+        before = log.stat().st_size if log.exists() else 0  # one log for every run: this run's lines are after
+        self.controller = controller = VetdProcess(
+            ["controller", "--config", str(self.config)], log,
+            vetd_env(VETD_BROKER=self.broker.url, VETD_ALLOW_UNSIGNED_COMMANDS="0", **self.env)).start()
+        wait_for(lambda: '"broker_connected"' in controller.output[before:], 60, "the controller on the broker")
         wait_for(lambda: {n["node"] for n in self.node_states() if n["online"]} >= set(self.nodes.names), 60,
                  "every node's agent online at the controller")
-        return self
+        return self.controller
 
     def start_agent(self, node: str, allow: tuple[str, ...] = ("ping", "vet")) -> VetdProcess:
         assert self.broker is not None
