@@ -37,15 +37,15 @@ import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-import msgspec
-
-from vetd.agent.api import AgentCommand, Answer, Check, EventSource, Outcome, TelemetrySource, fill, hookimpl
-from vetd.plugins.gpu_health.config import GpuHealthConfig
-from vetd.plugins.gpu_health.runtime import HEALTH_PROFILES, IDLE_PROFILES, GpuRuntime
-from vetd.plugins.gpu_health.sources import nvidia_gpus_in_sysfs
+# Only ``hookimpl`` at import: ``vetd`` imports this module for its commands (vetd xid, vetd nvml-sim)
+# on every start, `vetd slurm prolog` included; the checks' machinery comes with the hooks that use it.
+from vetd.agent.api import hookimpl
 
 if TYPE_CHECKING:
+    import msgspec
+
     from vetd.agent.api import (
+        Answer,
         CheckRegistry,
         CommandContext,
         CommandRegistry,
@@ -53,12 +53,16 @@ if TYPE_CHECKING:
         PluginConfigs,
         TelemetryRegistry,
     )
+    from vetd.plugins.gpu_health.runtime import GpuRuntime
 
 _runtimes: weakref.WeakKeyDictionary[PluginConfigs, GpuRuntime] = weakref.WeakKeyDictionary()
 
 
 def runtime_for(configs: PluginConfigs) -> GpuRuntime:
     """The runtime of one config load, shared by this plugin's hooks."""
+    from vetd.plugins.gpu_health.config import GpuHealthConfig
+    from vetd.plugins.gpu_health.runtime import GpuRuntime
+
     runtime = _runtimes.get(configs)
     if runtime is None:
         runtime = _runtimes[configs] = GpuRuntime(configs.typed("gpu_health", GpuHealthConfig))
@@ -67,11 +71,16 @@ def runtime_for(configs: PluginConfigs) -> GpuRuntime:
 
 @hookimpl
 def vetd_config_tables() -> Mapping[str, type[msgspec.Struct]]:
+    from vetd.plugins.gpu_health.config import GpuHealthConfig
+
     return {"gpu_health": GpuHealthConfig}
 
 
 @hookimpl
 def vetd_register_checks(registry: CheckRegistry, configs: PluginConfigs) -> None:
+    from vetd.agent.api import Check
+    from vetd.plugins.gpu_health.runtime import HEALTH_PROFILES, IDLE_PROFILES
+
     runtime = runtime_for(configs)
     timeout = float(runtime.config.check_timeout)
     registry.add(Check("gpu_health", runtime.health, timeout, profiles=HEALTH_PROFILES,
@@ -82,6 +91,9 @@ def vetd_register_checks(registry: CheckRegistry, configs: PluginConfigs) -> Non
 
 @hookimpl
 def vetd_register_telemetry(registry: TelemetryRegistry, configs: PluginConfigs) -> None:
+    from vetd.agent.api import TelemetrySource
+    from vetd.plugins.gpu_health.sources import nvidia_gpus_in_sysfs
+
     runtime = runtime_for(configs)
     if runtime.config.telemetry and (runtime.config.source != "nvml" or nvidia_gpus_in_sysfs() > 0):
         registry.add(TelemetrySource("gpu", runtime.telemetry, timeout=float(runtime.config.driver_timeout)))
@@ -89,6 +101,8 @@ def vetd_register_telemetry(registry: TelemetryRegistry, configs: PluginConfigs)
 
 @hookimpl
 def vetd_register_event_sources(registry: EventSourceRegistry, configs: PluginConfigs) -> None:
+    from vetd.agent.api import EventSource
+
     runtime = runtime_for(configs)
     # After a warning or critical event, gpu_health runs at once: which GPU is
     # lost or needs a reset is known seconds after the XID, not an interval later.
@@ -100,6 +114,8 @@ def vetd_register_event_sources(registry: EventSourceRegistry, configs: PluginCo
 
 @hookimpl
 def vetd_register_commands(registry: CommandRegistry, configs: PluginConfigs) -> None:
+    from vetd.agent.api import AgentCommand
+
     runtime = runtime_for(configs)
 
     async def gpu_reset(args: Mapping[str, str], context: CommandContext) -> Answer:
@@ -116,6 +132,8 @@ async def reset_gpu(args: Mapping[str, str], context: CommandContext, runtime: G
     included: NVML is released (event set freed, ``nvmlShutdown``) while the
     command runs, and opened again after it.
     """
+    from vetd.agent.api import Answer, fill
+
     gpu = args.get("gpu", "all")
     if gpu == "all":
         argv = list(context.config.gpu_reset_all)
@@ -133,6 +151,8 @@ async def reset_gpu(args: Mapping[str, str], context: CommandContext, runtime: G
 @hookimpl
 def vetd_command_veto(action: str, args: Mapping[str, str], configs: PluginConfigs) -> str | None:
     """No GPU reset while compute processes are on the GPU (their work would be lost)."""
+    from vetd.agent.api import Outcome
+
     if action != "gpu_reset":
         return None
     snapshot = runtime_for(configs).snapshot()
@@ -150,6 +170,8 @@ def vetd_command_veto(action: str, args: Mapping[str, str], configs: PluginConfi
 
 @hookimpl
 def vetd_node_labels(configs: PluginConfigs) -> Mapping[str, str]:
+    from vetd.agent.api import Outcome
+
     runtime = runtime_for(configs)
     snapshot = runtime.snapshot()
     if isinstance(snapshot, Outcome) or not snapshot.gpus:
