@@ -21,7 +21,9 @@ published as ``gpu_event`` with a severity from ``event_severity``. A warning
 or critical event runs ``gpu_health`` at once.
 
 Command line: ``vetd xid FILE|-`` decodes a kernel log offline
-(:mod:`~vetd.plugins.gpu_health.kernlog`).
+(:mod:`~vetd.plugins.gpu_health.kernlog`); ``vetd nvml-sim reset|dcgm-exporter
+SCENARIO`` are a simulated node's stand-ins for ``nvidia-smi -r`` and NVIDIA's
+dcgm-exporter (:mod:`~vetd.plugins.gpu_health.dcgmsim`).
 
 State comes from NVML (``source = "nvml"``), an ``nvidia-smi -q -x`` capture
 (``source = "capture"``) or a scenario (``source = "scenario"``); see
@@ -209,6 +211,37 @@ def vetd_cli_commands(subparsers: argparse._SubParsersAction) -> None:  # type: 
     reset.add_argument("scenario", metavar="SCENARIO", help="the scenario YAML the agent serves")
     reset.add_argument("-i", "--id", dest="gpu", default="all", help="GPU index (default: every GPU)")
     reset.set_defaults(func=_nvml_sim_reset)
+    exporter = actions.add_parser(
+        "dcgm-exporter", help="dcgm-exporter's /metrics for the scenario's GPUs",
+        description="Serve the scenario's GPUs as NVIDIA's dcgm-exporter does (Prometheus text on "
+        "http://HOST:PORT/metrics: DCGM profiling fields 1002-1012 as ratios and bytes/s, labelled by GPU "
+        "and UUID), for [plugins.telemetry] profiling = \"dcgm\" or \"auto\" with dcgm_url pointing here. "
+        "Runs until SIGTERM or Ctrl-C; prints the URL once listening.")
+    exporter.add_argument("scenario", metavar="SCENARIO", help="the scenario YAML (the agent's, for the same GPUs)")
+    exporter.add_argument("--listen", metavar="HOST:PORT", type=_listen, default=("127.0.0.1", 9400),
+                          help="address to serve on (default 127.0.0.1:9400, dcgm-exporter's port; port 0: any "
+                          "free one)")
+    exporter.add_argument("--fields", choices=("profiling", "default"), default="profiling",
+                          help="profiling: every profiling field (SM activity and occupancy included); default: "
+                          "those dcgm-exporter's shipped dcp-metrics-included.csv enables (no SM activity or "
+                          "occupancy)")
+    exporter.add_argument("--hostname", default="", help="the Hostname label (default: this host's name)")
+    exporter.set_defaults(func=_nvml_sim_exporter)
+
+
+def _listen(value: str) -> tuple[str, int]:
+    """An argparse type: ``HOST:PORT`` (or ``:PORT``, ``PORT``), the port 0 to 65535."""
+    host, _, port = value.rpartition(":")
+    if not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT with a port from 0 to 65535, got {value!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _nvml_sim_exporter(args: argparse.Namespace) -> int:
+    from vetd.plugins.gpu_health.dcgmsim import serve
+
+    host, port = args.listen
+    return serve(args.scenario, host, port, args.fields, args.hostname)
 
 
 def _nvml_sim_reset(args: argparse.Namespace) -> int:
