@@ -65,15 +65,17 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    """A public name imported on first use, then kept here (the next use is a plain attribute)."""
-    try:
-        module, attribute = _LAZY[name]
-    except KeyError:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-    value = getattr(importlib.import_module(module), attribute)
-    globals()[name] = value
-    return value
+if not TYPE_CHECKING:  # mypy reads the imports above, and still reports a name this module lacks
+
+    def __getattr__(name: str) -> Any:
+        """A public name imported on first use, then kept here (the next use is a plain attribute)."""
+        try:
+            module, attribute = _LAZY[name]
+        except KeyError:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+        value = getattr(importlib.import_module(module), attribute)
+        globals()[name] = value
+        return value
 
 
 def __dir__() -> list[str]:
