@@ -90,7 +90,7 @@ def vetd_cli_commands(subparsers: argparse._SubParsersAction) -> None:  # type: 
                                    + (", SLURM_JOB_EXIT_CODE2 / SLURM_JOB_EXIT_CODE, SLURM_JOB_DERIVED_EC"
                                       if stage == "epilog" else "") + ".")
         _agent_config_arg(parser)
-        parser.set_defaults(func=_slurm)
+        parser.set_defaults(func=_slurm, setup_logs=False)  # it logs to syslog (log_local), not structlog
 
     vet = sub.add_parser("vet", help="vet nodes across the network: in a job step, or NODES from the controller host",
                          description="Inside a job step, one task per node (srun --ntasks-per-node=1 vetd vet): "
@@ -149,7 +149,10 @@ def vetd_cli_commands(subparsers: argparse._SubParsersAction) -> None:  # type: 
 
 @hookimpl
 def vetd_config_samples() -> Mapping[str, Callable[[], str]]:
-    from vetd.agent.configsample import agent_sample
+    def agent_sample() -> str:  # the plugins' config structs are imported when the sample is asked for
+        from vetd.agent.configsample import agent_sample
+
+        return agent_sample()
 
     return {"agent": agent_sample}
 

@@ -10,8 +10,6 @@ names the extra when it is missing.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import getpass
 import json
 import os
 import re
@@ -20,16 +18,20 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from vetd.controller.config import ControllerConfig, load_controller_config
-from vetd.controller.store import Store
-from vetd.controller.telemetry import StoredWindow, TelemetryStore
-from vetd.controller.views import ago, format_nodes, format_report, node_summaries, pending_text
 from vetd.core.cli import EXIT_VETD, Parser, checked, duration, port, since
 from vetd.core.configfile import ConfigError
 from vetd.core.hookspecs import hookimpl
 from vetd.core.output import clean, table
+
+if TYPE_CHECKING:
+    # Imported where a command runs, not here: every `vetd` (`vetd slurm prolog` on each node before each
+    # job, `vetd --help`) registers these commands, and the store, its model and the telemetry database
+    # cost more to import than the rest of the start-up (tests/test_cli.py holds the line).
+    from vetd.controller.config import ControllerConfig
+    from vetd.controller.store import Store
+    from vetd.controller.telemetry import StoredWindow, TelemetryStore
 
 DEFAULT_CONTROLLER_CONFIG = "/etc/vetd/controller.toml"
 
@@ -43,6 +45,8 @@ def _controller_config_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace) -> ControllerConfig:
+    from vetd.controller.config import load_controller_config
+
     return load_controller_config(controller_config_path(getattr(args, "config", None)))
 
 
@@ -254,7 +258,10 @@ def vetd_cli_commands(subparsers: argparse._SubParsersAction) -> None:  # type: 
 
 @hookimpl
 def vetd_config_samples() -> Mapping[str, Callable[[], str]]:
-    from vetd.controller.config import controller_sample
+    def controller_sample() -> str:  # the config structs are imported when the sample is asked for
+        from vetd.controller.config import controller_sample
+
+        return controller_sample()
 
     return {"controller": controller_sample}
 
@@ -310,6 +317,8 @@ def run_keys_derive(args: argparse.Namespace) -> int:
 
 
 def run_controller(args: argparse.Namespace) -> int:
+    import asyncio
+
     from vetd.controller.service import Controller
 
     return asyncio.run(Controller(_config(args)).run())
@@ -324,6 +333,8 @@ def run_up(args: argparse.Namespace) -> int:
 def reading(view: Callable[[Store, ControllerConfig, argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """A command that reads the controller's database (read-only) and prints a view of it."""
     def run(args: argparse.Namespace) -> int:
+        from vetd.controller.store import Store
+
         config = _config(args)
         try:
             store = Store(config.store.path, readonly=True)
@@ -443,12 +454,16 @@ REQUEST_WAIT_S = 30.0
 
 
 def _actor() -> str:
+    import getpass
+
     return os.environ.get("SUDO_USER") or os.environ.get("USER") or getpass.getuser()
 
 
 def run_operator_request(args: argparse.Namespace) -> int:
     """Hand a drain, resume or breaker reset to the running controller and wait for it."""
     from ClusterShell.NodeSet import NodeSet
+
+    from vetd.controller.store import Store
 
     config = _config(args)
     store = Store(config.store.path)
@@ -536,6 +551,9 @@ def run_campaign(args: argparse.Namespace) -> int:
     for key in ("deadline", "slow_fraction", "min_gbps"):
         if hasattr(args, key):
             params[key] = float(getattr(args, key))
+    from vetd.controller.config import load_controller_config
+    from vetd.controller.store import Store
+
     config = load_controller_config(controller_config_path(args.config))
     store = Store(config.store.path)
     try:
@@ -555,6 +573,8 @@ def run_campaign(args: argparse.Namespace) -> int:
         for row in report["nodes"]:
             print(json.dumps({**row, "campaign": report["campaign"]}))
     else:
+        from vetd.controller.views import format_report
+
         sys.stdout.write(format_report(report))
     from vetd.agent.vet import write_list
 
@@ -596,6 +616,7 @@ def _when(ts: float) -> str:
 
 def run_silence(args: argparse.Namespace) -> int:
     from vetd.controller.silences import parse_matcher
+    from vetd.controller.store import Store
 
     config = _config(args)
     store = Store(config.store.path)
@@ -635,6 +656,7 @@ def run_silence(args: argparse.Namespace) -> int:
 def run_rules_test(args: argparse.Namespace) -> int:
     import logging
 
+    from vetd.controller.config import load_controller_config
     from vetd.controller.replay import print_decisions, read_events, replay
 
     logging.getLogger("vetd").setLevel(logging.WARNING)  # the decisions are the output
@@ -674,6 +696,8 @@ def run_rules_check(files: list[str]) -> int:
 
 
 def show_nodes(store: Store, as_json: bool, out: TextIO) -> int:
+    from vetd.controller.views import format_nodes, node_summaries
+
     summaries = node_summaries(store)
     if as_json:
         out.write(json.dumps(summaries, indent=2) + "\n")
@@ -683,6 +707,8 @@ def show_nodes(store: Store, as_json: bool, out: TextIO) -> int:
 
 
 def show_node(store: Store, config: ControllerConfig, name: str, as_json: bool, out: TextIO) -> int:
+    from vetd.controller.views import ago, node_summaries, pending_text
+
     matches = [s for s in node_summaries(store) if s["node"] == name
                and (not config.cluster or s["cluster"] == config.cluster)]
     if not matches:

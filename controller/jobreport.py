@@ -18,12 +18,18 @@ performance model of Ferrari et al.), per window::
 
 with σ the logistic function, A the SM activity, F the FP64+FP32+FP16+tensor
 activity (capped at 1), O the SM occupancy, each a fraction of 1 (GPM's
-percentages / 100, the quantities of DCGM's fields 1002-1008), α 24.02, β 3.09,
+percentages / 100, DCGM's fields 1002-1008), α 24.02, β 3.09,
 γ 2.05, λ 11.45. A GPU's score is the time-weighted mean of its windows'
 scores; the job's, the time-weighted mean over its GPUs with GPM. A GPU
 without GPM (before Hopper, or GPM off) has no score: its NVML utilisation
 (the share of time any kernel ran, which says nothing of how much of the GPU
 it used) is shown as ``score_proxy``, labelled as a proxy, never as the score.
+
+**Where the profiling metrics came from** (``profiling`` per GPU and for the
+job): ``gpm``, ``dcgm`` (the node's dcgm-exporter: its windows carry the mark
+``profiling_dcgm``), both over the job (``dcgm+gpm``: ``[plugins.telemetry]
+profiling = "auto"`` moved the GPU between them), or none; with the windows of
+each and those whose dcgm-exporter reading failed (``profiling_dcgm_failed``).
 """
 
 from __future__ import annotations
@@ -50,9 +56,13 @@ ALPHA, BETA, GAMMA, LAMBDA = 24.02, 3.09, 2.05, 11.45
 FORMULA = "S = 4[σ(αA)−0.5]·[σ(βF+γO·e^(−λF))−0.5]"
 SCORE_SOURCE = ("GSSR, the GPU saturation scorer of CSCS (Schuppli et al., 'Evolving HPC services to enable ML "
                 "workloads on HPE Cray EX', CUG'25), after the performance model of Ferrari et al.; A = SM "
-                "activity, F = FP64+FP32+FP16+tensor activity (at most 1), O = SM occupancy, as fractions (GPM)")
-PROXY_SOURCE = ("proxy: NVML utilisation (share of time any kernel ran), for GPUs without GPM; "
-                "not the saturation score")
+                "activity, F = FP64+FP32+FP16+tensor activity (at most 1), O = SM occupancy, as fractions "
+                "(GPM or DCGM)")
+PROXY_SOURCE = ("proxy: NVML utilisation (share of time any kernel ran), for GPUs without profiling metrics "
+                "(GPM or DCGM); not the saturation score")
+#: The telemetry plugin's marks of where a window's profiling metrics came from (not metrics to summarise).
+DCGM_MARK, DCGM_FAILED = "profiling_dcgm", "profiling_dcgm_failed"
+PROFILING_NAMES = {"gpm": "GPM", "dcgm": "dcgm-exporter", "dcgm+gpm": "dcgm-exporter and GPM"}
 FP_METRICS = ("tensor_active_pct", "fp64_active_pct", "fp32_active_pct", "fp16_active_pct")
 #: Columns of the text table: (title, metric, what of it).
 COLUMNS = (("UTIL%", "utilization_pct", "mean"), ("SM%", "sm_active_pct", "mean"),
@@ -149,6 +159,14 @@ class GpuReport:
     score_proxy: float | None = None
     #: (window start, score or proxy) for the score plot.
     scores: list[tuple[float, float]] = field(default_factory=list)
+    #: Windows whose profiling metrics came from each source (``gpm``, ``dcgm``), and those whose
+    #: dcgm-exporter reading failed (``dcgm_failed``).
+    profiling_windows: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def profiling(self) -> str | None:
+        """``gpm``, ``dcgm``, ``dcgm+gpm`` or None: where its profiling metrics came from."""
+        return "+".join(sorted(k for k in ("dcgm", "gpm") if self.profiling_windows.get(k))) or None
 
     @property
     def node(self) -> str:
@@ -180,6 +198,12 @@ class Report:
     energy_j: float | None
 
     @property
+    def profiling(self) -> str | None:
+        """Where the job's profiling metrics came from (its GPUs' sources, joined)."""
+        sources = {part for g in self.gpus if g.profiling for part in g.profiling.split("+")}
+        return "+".join(sorted(sources)) or None
+
+    @property
     def score_kind(self) -> str:
         if self.score is not None:
             return "gssr" if all(g.score is not None for g in self.gpus) else "gssr_partial"
@@ -192,12 +216,13 @@ class Report:
                     "start": span.start, "end": span.end, "duration_s": span.end - span.start,
                     "score": _round(self.score), "score_kind": self.score_kind,
                     "score_proxy": _round(self.score_proxy), "energy_j": _round(self.energy_j, 1),
-                    "from": span.source},
+                    "from": span.source, "profiling": self.profiling},
             "gpus": [{"node": g.node, "gpu": g.gpu, "entity": g.entity, "score": _round(g.score),
                       "score_kind": "gssr" if g.score is not None else "proxy",
                       "score_proxy": _round(g.score_proxy), "mean": _rounded(g.mean), "p95": _rounded(g.p95),
                       "energy_j": _round(g.energy_j, 1), "energy_from": g.energy_from,
-                      "throttled_s": _rounded(g.throttled_s), "seconds": g.seconds, "windows": len(g.series.ts)}
+                      "throttled_s": _rounded(g.throttled_s), "seconds": g.seconds, "windows": len(g.series.ts),
+                      "profiling": g.profiling, "profiling_windows": g.profiling_windows}
                      for g in self.gpus],
             "flags": self.flags,
             "score": {"formula": FORMULA, "parameters": {"alpha": ALPHA, "beta": BETA, "gamma": GAMMA,
@@ -240,12 +265,15 @@ def summarize(gpu: GpuReport) -> None:
     series = gpu.series
     lengths = series.length
     for metric, column in series.mean.items():
+        if metric in (DCGM_MARK, DCGM_FAILED):
+            continue
         values, weights = _present(column, lengths)
         seconds = math.fsum(weights)
         if values and seconds > 0:
             gpu.mean[metric] = _weighted(values, weights) / seconds
             gpu.p95[metric] = percentile(values, 0.95)
     gpu.seconds = math.fsum(lengths)
+    gpu.profiling_windows = profiling_windows(series)
     gpu.throttled_s = {kind: _weighted(*_present(series.mean[f"throttle_{kind}_pct"], lengths)) / 100.0
                        for kind in ("power", "thermal", "hw") if f"throttle_{kind}_pct" in gpu.mean}
     counter = series.mean.get("energy_j")
@@ -273,6 +301,18 @@ def summarize(gpu: GpuReport) -> None:
         gpu.score_proxy = gpu.mean["utilization_pct"] / 100.0
         gpu.scores = [(series.ts[i], value / 100.0) for i, value in enumerate(series.mean["utilization_pct"])
                       if not math.isnan(value)]
+
+
+def profiling_windows(series: Series) -> dict[str, int]:
+    """Windows whose profiling metrics are dcgm-exporter's (marked), GPM's (SM activity without the mark),
+    and those whose dcgm-exporter reading failed."""
+    nothing = [NAN] * len(series.ts)
+    marked, failed = series.mean.get(DCGM_MARK, nothing), series.mean.get(DCGM_FAILED, nothing)
+    active = series.mean.get("sm_active_pct", nothing)
+    counts = {"dcgm": sum(1 for mark in marked if mark == mark),  # NaN != NaN: the window lacks it
+              "gpm": sum(1 for value, mark in zip(active, marked, strict=True) if value == value and mark != mark),
+              "dcgm_failed": sum(1 for mark in failed if mark == mark)}
+    return {kind: count for kind, count in counts.items() if count}
 
 
 def build(job: str, series: Sequence[Series], history: Iterable[dict[str, Any]] | None,
@@ -457,10 +497,14 @@ def text(report: Report) -> str:
              f"{', '.join(clean(n) for n in span.nodes[:8])}{' …' if len(span.nodes) > 8 else ''}",
              f"  {_when(span.start)} to {_when(span.end)} ({_duration(span.end - span.start)}), from its {span.source}"]
     if report.score is not None:
-        partial = " (GPUs with GPM only)" if report.score_kind == "gssr_partial" else ""
+        partial = " (GPUs with profiling metrics only)" if report.score_kind == "gssr_partial" else ""
         lines.append(f"  saturation score (GSSR) {report.score:.2f}{partial}: {FORMULA}")
     elif report.score_proxy is not None:
-        lines.append(f"  saturation score: none (no GPM); {PROXY_SOURCE}: {report.score_proxy:.2f}")
+        lines.append(f"  saturation score: none (no profiling metrics: GPM or DCGM); {PROXY_SOURCE}: {report.score_proxy:.2f}")
+    if report.profiling is not None:
+        failed = sum(g.profiling_windows.get("dcgm_failed", 0) for g in report.gpus)
+        lines.append(f"  profiling metrics (SM, tensor, DRAM, FP) from {PROFILING_NAMES.get(report.profiling, report.profiling)}"
+                     + (f"; dcgm-exporter gave nothing in {failed} GPU windows" if failed else ""))
     if report.energy_j is not None:
         lines.append(f"  energy {report.energy_j / 3.6e6:.2f} kWh")
     rows = []

@@ -141,10 +141,14 @@ def _commands() -> pluggy.PluginManager:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from vetd.core import logs
     from vetd.core.configfile import ConfigError
 
-    logs.setup(args.log_level)
+    # A command that logs elsewhere sets ``setup_logs=False`` (vetd slurm: syslog, before every job) and
+    # does without structlog's import.
+    if getattr(args, "setup_logs", True):
+        from vetd.core import logs
+
+        logs.setup(args.log_level)
     run: Callable[[argparse.Namespace], int] = args.func
     try:
         return run(args)

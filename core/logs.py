@@ -10,9 +10,10 @@ import logging
 import re
 import sys
 from collections.abc import MutableMapping
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-import structlog
+if TYPE_CHECKING:
+    import structlog
 
 #: ``scheme://user:password@`` in any text: the password is never written to a log.
 _URL_PASSWORD = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]*):[^\s@/]*@")
@@ -33,6 +34,8 @@ def redact_credentials(_logger: Any, _method: str, event: MutableMapping[str, An
 
 def setup(level: str = "info", *, json: bool | None = None, stream: TextIO | None = None) -> None:
     """Configure structlog and stdlib logging (idempotent)."""
+    import structlog  # here, not at the top: redact() is imported by commands that never log
+
     out = stream or sys.stderr
     as_json = not out.isatty() if json is None else json
     shared: list[structlog.types.Processor] = [

@@ -6,7 +6,6 @@ controller's ``ingest``); what they share lives here.
 
 from __future__ import annotations
 
-import asyncio
 import random
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
@@ -15,13 +14,13 @@ from typing import Any, NoReturn
 from urllib.parse import unquote, urlsplit
 
 import msgspec
-import structlog
 
 from vetd.core.configfile import ConfigError
 from vetd.core.files import check_private
 from vetd.core.logs import redact
 
-log = structlog.get_logger("vetd.mqtt")
+# asyncio and structlog are imported by connect_forever, not here: the agent's config (and with it
+# `vetd slurm prolog`, before every job) needs this module's broker types only.
 
 
 class BrokerAddress(msgspec.Struct, frozen=True):
@@ -132,8 +131,12 @@ async def connect_forever(
     gives the fields of the ``broker_unavailable`` log line; ``lost()`` runs
     each time a connection ends.
     """
-    import aiomqtt
+    import asyncio
 
+    import aiomqtt
+    import structlog
+
+    log = structlog.get_logger("vetd.mqtt")
     backoff = Backoff()
     while True:
         failed: BaseException | None = None

@@ -21,7 +21,9 @@ published as ``gpu_event`` with a severity from ``event_severity``. A warning
 or critical event runs ``gpu_health`` at once.
 
 Command line: ``vetd xid FILE|-`` decodes a kernel log offline
-(:mod:`~vetd.plugins.gpu_health.kernlog`).
+(:mod:`~vetd.plugins.gpu_health.kernlog`); ``vetd nvml-sim reset|dcgm-exporter
+SCENARIO`` are a simulated node's stand-ins for ``nvidia-smi -r`` and NVIDIA's
+dcgm-exporter (:mod:`~vetd.plugins.gpu_health.dcgmsim`).
 
 State comes from NVML (``source = "nvml"``), an ``nvidia-smi -q -x`` capture
 (``source = "capture"``) or a scenario (``source = "scenario"``); see
@@ -37,15 +39,15 @@ import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-import msgspec
-
-from vetd.agent.api import AgentCommand, Answer, Check, EventSource, Outcome, TelemetrySource, fill, hookimpl
-from vetd.plugins.gpu_health.config import GpuHealthConfig
-from vetd.plugins.gpu_health.runtime import HEALTH_PROFILES, IDLE_PROFILES, GpuRuntime
-from vetd.plugins.gpu_health.sources import nvidia_gpus_in_sysfs
+# Only ``hookimpl`` at import: ``vetd`` imports this module for its commands (vetd xid, vetd nvml-sim)
+# on every start, `vetd slurm prolog` included; the checks' machinery comes with the hooks that use it.
+from vetd.agent.api import hookimpl
 
 if TYPE_CHECKING:
+    import msgspec
+
     from vetd.agent.api import (
+        Answer,
         CheckRegistry,
         CommandContext,
         CommandRegistry,
@@ -53,12 +55,16 @@ if TYPE_CHECKING:
         PluginConfigs,
         TelemetryRegistry,
     )
+    from vetd.plugins.gpu_health.runtime import GpuRuntime
 
 _runtimes: weakref.WeakKeyDictionary[PluginConfigs, GpuRuntime] = weakref.WeakKeyDictionary()
 
 
 def runtime_for(configs: PluginConfigs) -> GpuRuntime:
     """The runtime of one config load, shared by this plugin's hooks."""
+    from vetd.plugins.gpu_health.config import GpuHealthConfig
+    from vetd.plugins.gpu_health.runtime import GpuRuntime
+
     runtime = _runtimes.get(configs)
     if runtime is None:
         runtime = _runtimes[configs] = GpuRuntime(configs.typed("gpu_health", GpuHealthConfig))
@@ -67,11 +73,16 @@ def runtime_for(configs: PluginConfigs) -> GpuRuntime:
 
 @hookimpl
 def vetd_config_tables() -> Mapping[str, type[msgspec.Struct]]:
+    from vetd.plugins.gpu_health.config import GpuHealthConfig
+
     return {"gpu_health": GpuHealthConfig}
 
 
 @hookimpl
 def vetd_register_checks(registry: CheckRegistry, configs: PluginConfigs) -> None:
+    from vetd.agent.api import Check
+    from vetd.plugins.gpu_health.runtime import HEALTH_PROFILES, IDLE_PROFILES
+
     runtime = runtime_for(configs)
     timeout = float(runtime.config.check_timeout)
     registry.add(Check("gpu_health", runtime.health, timeout, profiles=HEALTH_PROFILES,
@@ -82,6 +93,9 @@ def vetd_register_checks(registry: CheckRegistry, configs: PluginConfigs) -> Non
 
 @hookimpl
 def vetd_register_telemetry(registry: TelemetryRegistry, configs: PluginConfigs) -> None:
+    from vetd.agent.api import TelemetrySource
+    from vetd.plugins.gpu_health.sources import nvidia_gpus_in_sysfs
+
     runtime = runtime_for(configs)
     if runtime.config.telemetry and (runtime.config.source != "nvml" or nvidia_gpus_in_sysfs() > 0):
         registry.add(TelemetrySource("gpu", runtime.telemetry, timeout=float(runtime.config.driver_timeout)))
@@ -89,6 +103,8 @@ def vetd_register_telemetry(registry: TelemetryRegistry, configs: PluginConfigs)
 
 @hookimpl
 def vetd_register_event_sources(registry: EventSourceRegistry, configs: PluginConfigs) -> None:
+    from vetd.agent.api import EventSource
+
     runtime = runtime_for(configs)
     # After a warning or critical event, gpu_health runs at once: which GPU is
     # lost or needs a reset is known seconds after the XID, not an interval later.
@@ -100,6 +116,8 @@ def vetd_register_event_sources(registry: EventSourceRegistry, configs: PluginCo
 
 @hookimpl
 def vetd_register_commands(registry: CommandRegistry, configs: PluginConfigs) -> None:
+    from vetd.agent.api import AgentCommand
+
     runtime = runtime_for(configs)
 
     async def gpu_reset(args: Mapping[str, str], context: CommandContext) -> Answer:
@@ -116,6 +134,8 @@ async def reset_gpu(args: Mapping[str, str], context: CommandContext, runtime: G
     included: NVML is released (event set freed, ``nvmlShutdown``) while the
     command runs, and opened again after it.
     """
+    from vetd.agent.api import Answer, fill
+
     gpu = args.get("gpu", "all")
     if gpu == "all":
         argv = list(context.config.gpu_reset_all)
@@ -133,6 +153,8 @@ async def reset_gpu(args: Mapping[str, str], context: CommandContext, runtime: G
 @hookimpl
 def vetd_command_veto(action: str, args: Mapping[str, str], configs: PluginConfigs) -> str | None:
     """No GPU reset while compute processes are on the GPU (their work would be lost)."""
+    from vetd.agent.api import Outcome
+
     if action != "gpu_reset":
         return None
     snapshot = runtime_for(configs).snapshot()
@@ -150,6 +172,8 @@ def vetd_command_veto(action: str, args: Mapping[str, str], configs: PluginConfi
 
 @hookimpl
 def vetd_node_labels(configs: PluginConfigs) -> Mapping[str, str]:
+    from vetd.agent.api import Outcome
+
     runtime = runtime_for(configs)
     snapshot = runtime.snapshot()
     if isinstance(snapshot, Outcome) or not snapshot.gpus:
@@ -187,6 +211,37 @@ def vetd_cli_commands(subparsers: argparse._SubParsersAction) -> None:  # type: 
     reset.add_argument("scenario", metavar="SCENARIO", help="the scenario YAML the agent serves")
     reset.add_argument("-i", "--id", dest="gpu", default="all", help="GPU index (default: every GPU)")
     reset.set_defaults(func=_nvml_sim_reset)
+    exporter = actions.add_parser(
+        "dcgm-exporter", help="dcgm-exporter's /metrics for the scenario's GPUs",
+        description="Serve the scenario's GPUs as NVIDIA's dcgm-exporter does (Prometheus text on "
+        "http://HOST:PORT/metrics: DCGM profiling fields 1002-1012 as ratios and bytes/s, labelled by GPU "
+        "and UUID), for [plugins.telemetry] profiling = \"dcgm\" or \"auto\" with dcgm_url pointing here. "
+        "Runs until SIGTERM or Ctrl-C; prints the URL once listening.")
+    exporter.add_argument("scenario", metavar="SCENARIO", help="the scenario YAML (the agent's, for the same GPUs)")
+    exporter.add_argument("--listen", metavar="HOST:PORT", type=_listen, default=("127.0.0.1", 9400),
+                          help="address to serve on (default 127.0.0.1:9400, dcgm-exporter's port; port 0: any "
+                          "free one)")
+    exporter.add_argument("--fields", choices=("profiling", "default"), default="profiling",
+                          help="profiling: every profiling field (SM activity and occupancy included); default: "
+                          "those dcgm-exporter's shipped dcp-metrics-included.csv enables (no SM activity or "
+                          "occupancy)")
+    exporter.add_argument("--hostname", default="", help="the Hostname label (default: this host's name)")
+    exporter.set_defaults(func=_nvml_sim_exporter)
+
+
+def _listen(value: str) -> tuple[str, int]:
+    """An argparse type: ``HOST:PORT`` (or ``:PORT``, ``PORT``), the port 0 to 65535."""
+    host, _, port = value.rpartition(":")
+    if not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT with a port from 0 to 65535, got {value!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _nvml_sim_exporter(args: argparse.Namespace) -> int:
+    from vetd.plugins.gpu_health.dcgmsim import serve
+
+    host, port = args.listen
+    return serve(args.scenario, host, port, args.fields, args.hostname)
 
 
 def _nvml_sim_reset(args: argparse.Namespace) -> int:

@@ -4,8 +4,9 @@ Telemetry sources (``[plugins.telemetry]``):
 
 * ``telemetry_gpu``: per GPU (``gpu0``…), NVML utilisation, memory, clocks,
   power, energy, temperature, throttle reasons, PCIe and NVLink throughput,
-  and GPM (SM activity and occupancy, tensor, DRAM, FP64/32/16 activity)
-  where the GPU has it (:mod:`~vetd.plugins.telemetry.gpu`);
+  and the profiling metrics (SM activity and occupancy, tensor, DRAM, FP64/32/16
+  activity) from GPM where the GPU has it or from the node's dcgm-exporter
+  (``profiling``: :mod:`~vetd.plugins.telemetry.gpu`, :mod:`~vetd.plugins.telemetry.dcgm`);
 * ``telemetry_host``: the node's CPU, memory, load, disk and network I/O
   (:mod:`~vetd.plugins.telemetry.host`).
 
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
 
 #: Deadline of one GPU sample when [plugins.gpu_health] does not set one (its driver_timeout).
 GPU_SAMPLE_TIMEOUT_S = 5.0
+#: Longest wait for dcgm-exporter's page (at most half the sample's deadline); it answers from memory in ms.
+DCGM_TIMEOUT_S = 2.0
 
 
 @hookimpl
@@ -56,8 +59,10 @@ def vetd_register_telemetry(registry: TelemetryRegistry, configs: PluginConfigs)
         from vetd.plugins.telemetry.gpu import GpuSampler
 
         timeout = float(getattr(configs.get("gpu_health"), "driver_timeout", GPU_SAMPLE_TIMEOUT_S))
-        registry.add(TelemetrySource("telemetry_gpu", GpuSampler(nvml_source(configs), gpm=config.gpm).sample,
-                                     interval=interval, timeout=timeout, window=window))
+        sampler = GpuSampler(nvml_source(configs), profiling=config.profiling, dcgm_url=config.dcgm_url,
+                             dcgm_timeout=min(DCGM_TIMEOUT_S, timeout / 2), interval=interval, window=window)
+        registry.add(TelemetrySource("telemetry_gpu", sampler.sample, interval=interval, timeout=timeout,
+                                     window=window))
 
 
 def _has_gpus(configs: PluginConfigs) -> bool:

@@ -1,4 +1,4 @@
-"""GPU samples through NVML and, where the GPU has it, GPM (GPU Performance Metrics).
+"""GPU samples through NVML and, where the GPU has it, GPM (GPU Performance Metrics) or dcgm-exporter.
 
 Per GPU and sample, a dozen NVML calls: utilisation (SM and memory), memory
 used, SM and memory clocks, power, temperature, the clock event (throttle)
@@ -9,6 +9,17 @@ adds SM activity and occupancy, tensor, DRAM and FP64/32/16 activity, and
 exact PCIe and NVLink throughput, as DCGM's profiling fields 1002-1012 give
 them. A value the GPU does not report is left out, never sent as 0.
 
+Those profiling metrics come from one source per GPU and window (``profiling``):
+``gpm``; ``dcgm``, the node's dcgm-exporter (:mod:`~vetd.plugins.telemetry.dcgm`),
+read once per window at its last sample (its values stand for the window: DCGM
+averages over its own collection interval), matched to the GPU by UUID, the
+window's sample marked ``profiling_dcgm`` = 1 (``profiling_dcgm_failed`` = 1
+when the exporter gave nothing for the GPU: no profiling metrics that window);
+``auto``, dcgm-exporter for a GPU while its last reading had the GPU's SM
+activity and occupancy, else GPM where the GPU has it. A GPU moving from GPM to
+dcgm-exporter takes DCGM's values from the next window on, so no window mixes
+the two; ``off``, neither. The exporter is read outside the NVML session.
+
 The driver is :mod:`vetd.plugins.gpu_health`'s :class:`~vetd.plugins.gpu_health.nvml.NvmlSource`
 (live, or a scenario served by the simulated library): every sample runs in
 its :meth:`~vetd.plugins.gpu_health.nvml.NvmlSource.session`, so a GPU reset
@@ -18,6 +29,7 @@ one, handles and GPM samples are taken afresh.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -27,6 +39,8 @@ import structlog
 
 from vetd.agent.api import SourceUnavailable
 from vetd.plugins.gpu_health.nvml import GpuLost, NvmlReleased, NvmlSource, field_value
+from vetd.plugins.telemetry.config import DEFAULT_DCGM_URL
+from vetd.plugins.telemetry.dcgm import RATE_METRICS, SCORE_METRICS, Exporter, ExporterError
 
 log = structlog.get_logger("vetd.telemetry")
 
@@ -57,6 +71,10 @@ COUNTER_FIELDS = {
     "pcie_rx_bytes": "NVML_FI_DEV_PCIE_COUNT_RX_BYTES",
 }
 NVLINK_FIELDS = {"tx": "NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX", "rx": "NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX"}
+#: A sample's profiling metrics are dcgm-exporter's (1); the exporter gave nothing for the GPU (1).
+DCGM_MARK, DCGM_FAILED = "profiling_dcgm", "profiling_dcgm_failed"
+#: One exporter reading: {GPU UUID: {metric: value}}, empty when it failed.
+Scraped = dict[str, dict[str, float]]
 
 
 class _Gpu:
@@ -72,14 +90,28 @@ class _Gpu:
         #: Two GPM sample buffers, and whether the first holds a sample yet.
         self.gpm_samples: list[Any] = []
         self.gpm_ready = False
+        #: NVML's UUID (read once, to find the GPU in dcgm-exporter's page).
+        self.uuid: str | None = None
+        #: Where its profiling metrics come from now: "dcgm", "gpm", or None (neither; undecided before
+        #: the first exporter reading).
+        self.profiling: str | None = None
 
 
 class GpuSampler:
     """Samples every GPU of one NVML source; ``sample()`` is a telemetry source's ``func``."""
 
-    def __init__(self, source: Callable[[], NvmlSource], *, gpm: bool = True) -> None:
+    def __init__(self, source: Callable[[], NvmlSource], *, profiling: str = "gpm", dcgm_url: str = DEFAULT_DCGM_URL,
+                 dcgm_timeout: float = 2.0, interval: float = 1.0, window: float | None = None) -> None:
+        """``profiling``: ``[plugins.telemetry] profiling`` (see the module's docstring); ``interval`` and
+        ``window``: the source's, for reading dcgm-exporter at each window's last sample (no window: every
+        sample)."""
         self._open = source
-        self.gpm = gpm
+        self.profiling = profiling
+        self.interval, self.window = interval, window
+        #: dcgm-exporter, read in "dcgm" and "auto".
+        self.dcgm = (Exporter(dcgm_url, dcgm_timeout, expected=profiling == "dcgm")
+                     if profiling in ("dcgm", "auto") else None)
+        self._window_read: int | None = None
         self._lock = threading.Lock()
         self._gpus: dict[int, _Gpu] = {}
         self._generation = -1
@@ -95,15 +127,31 @@ class GpuSampler:
             log.debug("gpu_telemetry_unavailable", reason=str(exc))
             return {}
         with self._lock:
+            scraped = self._scrape(time.time())  # before the NVML session: a reset does not wait for HTTP
             try:
                 with source.session() as nvml:
                     if source.generation != self._generation:  # NVML was shut down and opened again
                         self._gpus, self._generation = {}, source.generation
-                    return self._sample(source, nvml)
+                    return self._sample(source, nvml, scraped)
             except NvmlReleased:
                 return {}
 
-    def _sample(self, source: NvmlSource, n: Any) -> dict[str, dict[str, float]]:
+    def _scrape(self, now: float) -> Scraped | None:
+        """dcgm-exporter's reading when one is due (the first sample, then each window's last), else None."""
+        if self.dcgm is None:
+            return None
+        if self.window is not None:
+            window = math.floor(now / self.window)
+            last = now + 1.5 * self.interval >= (window + 1) * self.window  # no later sample in this window
+            if self._window_read is not None and (window == self._window_read or not last):
+                return None
+            self._window_read = window
+        try:
+            return self.dcgm.scrape()
+        except ExporterError:  # counted and logged by the exporter
+            return {}
+
+    def _sample(self, source: NvmlSource, n: Any, scraped: Scraped | None = None) -> dict[str, dict[str, float]]:
         sample: dict[str, dict[str, float]] = {}
         self.last_gpm = {}
         for index in range(n.nvmlDeviceGetCount()):
@@ -111,7 +159,7 @@ class GpuSampler:
             try:
                 if gpu is None:
                     gpu = self._gpus[index] = _Gpu(n.nvmlDeviceGetHandleByIndex(index))
-                values = self._gpu(source, n, index, gpu)
+                values = self._gpu(source, n, index, gpu, scraped)
             except (GpuLost, n.NVMLError):  # lost or not ours to read: gpu_health says which
                 self._gpus.pop(index, None)
                 continue
@@ -119,7 +167,7 @@ class GpuSampler:
                 sample[f"gpu{index}"] = values
         return sample
 
-    def _gpu(self, source: NvmlSource, n: Any, index: int, gpu: _Gpu) -> dict[str, float]:
+    def _gpu(self, source: NvmlSource, n: Any, index: int, gpu: _Gpu, scraped: Scraped | None) -> dict[str, float]:
         get = source.reader()
         handle = gpu.handle
         values: dict[str, float | None] = {}
@@ -142,9 +190,41 @@ class GpuSampler:
                 values[name] = 100.0 if int(reasons) & bits else 0.0
         now = time.monotonic()
         values.update(self._counters(n, get, handle, gpu, now))
-        if self.gpm:
+        if self.profiling == "gpm":
             values.update(self._gpm(n, get, index, gpu))
+        elif self.profiling in ("dcgm", "auto"):
+            for metric, value in self._profiling(n, get, index, gpu, scraped).items():
+                if metric not in RATE_METRICS or values.get(metric) is None:  # NVML's byte counters first
+                    values[metric] = value
         return {key: value for key, value in values.items() if value is not None}
+
+    def _profiling(self, n: Any, get: Any, index: int, gpu: _Gpu, scraped: Scraped | None) -> dict[str, float | None]:
+        """This sample's profiling metrics in "dcgm" and "auto": dcgm-exporter's when it was read now and
+        serves the GPU, GPM's while "auto" has the GPU on GPM (module docstring)."""
+        values: dict[str, float | None] = {}
+        if scraped is not None:
+            if gpu.uuid is None:
+                gpu.uuid = str(get(n.nvmlDeviceGetUUID, gpu.handle) or "")
+            served = scraped.get(gpu.uuid, {}) if gpu.uuid else {}
+            if self.profiling == "dcgm":
+                use = bool(served)
+            else:
+                use = all(metric in served for metric in SCORE_METRICS)
+            before = gpu.profiling
+            after = "dcgm" if use else "gpm" if self.profiling == "auto" and self._gpm_supported(n, get, gpu) else None
+            if use and before != "gpm":  # a window that had GPM's values takes none of DCGM's
+                values.update(served)
+                values[DCGM_MARK] = 1.0
+            elif not use and (self.profiling == "dcgm" or before == "dcgm"):
+                values[DCGM_FAILED] = 1.0
+            if after != before:
+                log.info("profiling_source", gpu=index, source=after or "none", was=before or "none",
+                         exporter=self.dcgm.url if self.dcgm else None)
+                gpu.gpm_ready = False  # GPM starts again from a fresh sample, not from before the change
+            gpu.profiling = after
+        if gpu.profiling == "gpm":
+            values.update(self._gpm(n, get, index, gpu))
+        return values
 
     def _memory(self, n: Any, get: Any, handle: Any) -> Any:
         """``nvmlMemory_v2`` (the driver's reservation not counted as used, as nvidia-smi shows it), v1 where
@@ -200,15 +280,19 @@ class GpuSampler:
         gpu.counters, gpu.taken = read, now
         return values
 
-    def _gpm(self, n: Any, get: Any, index: int, gpu: _Gpu) -> dict[str, float | None]:
-        """GPM metrics between the previous sample and this one (none at the first sample)."""
+    def _gpm_supported(self, n: Any, get: Any, gpu: _Gpu) -> bool:
+        """Whether the GPU has GPM (asked once; its two sample buffers allocated then)."""
         if gpu.gpm is None:
             support = get(n.nvmlGpmQueryDeviceSupport, gpu.handle) if hasattr(n, "nvmlGpmQueryDeviceSupport") \
                 else None
             gpu.gpm = bool(support is not None and support.isSupportedDevice)
             if gpu.gpm:
                 gpu.gpm_samples = [n.nvmlGpmSampleAlloc(), n.nvmlGpmSampleAlloc()]
-        if not gpu.gpm:
+        return gpu.gpm
+
+    def _gpm(self, n: Any, get: Any, index: int, gpu: _Gpu) -> dict[str, float | None]:
+        """GPM metrics between the previous sample and this one (none at the first sample)."""
+        if not self._gpm_supported(n, get, gpu):
             return {}
         previous, current = gpu.gpm_samples
         if get(n.nvmlGpmSampleGet, gpu.handle, current) is None:

@@ -55,7 +55,7 @@ def test_without_gpm_the_report_shows_a_labelled_proxy_never_a_score() -> None:
     assert {g["score_kind"] for g in document["gpus"]} == {"proxy"} and document["gpus"][0]["score"] is None
     assert "not the saturation score" in document["score"]["proxy"]
     printed = text(report)
-    assert "saturation score: none (no GPM)" in printed and "0.90*" in printed and "not the saturation score" in printed
+    assert "saturation score: none (no profiling metrics: GPM or DCGM)" in printed and "0.90*" in printed and "not the saturation score" in printed
     # energy from the driver's counter: 5 windows of 4000 J, plus the last window's 3600 J
     assert document["gpus"][0]["energy_j"] == pytest.approx(5 * 4000 + 3600) and \
         document["gpus"][0]["energy_from"] == "energy counter"

@@ -29,7 +29,7 @@ def sampler(tmp_path: Path, scenario: str, through_nvml: bool = True, gpm: bool 
     path.write_text(scenario)
     configs = PluginConfigs({"gpu_health": GpuHealthConfig(source="scenario", scenario=str(path),
                                                            through_nvml=through_nvml)})
-    return GpuSampler(nvml_source(configs), gpm=gpm)
+    return GpuSampler(nvml_source(configs), profiling="gpm" if gpm else "off")
 
 
 @pytest.mark.parametrize("through_nvml", [True, False])
