@@ -7,7 +7,7 @@ Two figures, like the seed's (CSCS's GPU saturation scorer, its Fig. 1 and 2):
   per GPU, over the job's time;
 * ``score.png``: the saturation score of each GPU per window (thin) and of the
   job (the mean over its GPUs, bold); a proxy, and labelled so, where the GPUs
-  have no GPM.
+  have no profiling metrics (neither GPM nor DCGM).
 
 Beside each PNG, ``NAME.json`` holds exactly the series plotted (window start,
 x, y per GPU per panel), so a test, or a person, can hold a figure to the
@@ -151,7 +151,7 @@ def figures(report: Report) -> list[Figure]:
                  "x": [round((t - report.span.start) / unit, 5) for t, _ in aggregate_points],
                  "y": [y for _, y in aggregate_points]}
     score_kind = "proxy" if proxy else "gssr"
-    title = (f"job {report.span.job}: NVML utilisation as a PROXY (no GPM): not the saturation score" if proxy
+    title = (f"job {report.span.job}: NVML utilisation as a PROXY (no profiling metrics): not the saturation score" if proxy
              else f"job {report.span.job}: GPU saturation score (GSSR) {report.score:.2f}")
     score_data = {"job": report.span.job, "x": xlabel, "kind": score_kind, "formula": FORMULA,
                   "source": PROXY_SOURCE if proxy else SCORE_SOURCE, "series": per_gpu, "aggregate": aggregate}
@@ -198,9 +198,9 @@ def write_html(report: Report, figures: list[Figure], path: str) -> None:
     e = html.escape
     span = report.span
     if report.score is not None:
-        score = f"<b>{report.score:.2f}</b> (GSSR{', GPUs with GPM only' if report.score_kind == 'gssr_partial' else ''})"
+        score = f"<b>{report.score:.2f}</b> (GSSR{', GPUs with profiling metrics only' if report.score_kind == 'gssr_partial' else ''})"
     elif report.score_proxy is not None:
-        score = f"none: no GPM. <i>{e(PROXY_SOURCE)}</i>: {report.score_proxy:.2f}"
+        score = f"none: no profiling metrics (GPM or DCGM). <i>{e(PROXY_SOURCE)}</i>: {report.score_proxy:.2f}"
     else:
         score = "none"
     rows = []
