@@ -32,6 +32,9 @@ class TelemetryConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: SM activity and occupancy of, GPM for the others where they have it; "off": neither (NVML's
     #: counters only). Never both for one GPU in one window.
     profiling: Literal["auto", "gpm", "dcgm", "off"] = "auto"
+    #: Replaced by profiling, still read so an older agent.toml loads: true is profiling = "gpm",
+    #: false is "off"; refused beside a profiling other than "auto".
+    gpm: bool | None = None
     #: dcgm-exporter's Prometheus endpoint on this node (profiling = "dcgm" or "auto").
     dcgm_url: str = DEFAULT_DCGM_URL
     #: Sample the host (psutil): CPU, memory, disk and network I/O.
@@ -44,6 +47,11 @@ class TelemetryConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError(f"interval = {self.interval:g}s: must be at least {MIN_INTERVAL_S:g}s")
         if not float(self.interval) <= float(self.window) <= 3600.0:
             raise ValueError(f"window = {self.window:g}s: must be from interval ({self.interval:g}s) to 1h")
+        if self.gpm is not None:
+            if self.profiling != "auto":
+                raise ValueError(f'gpm and profiling = "{self.profiling}" both set: gpm was replaced by profiling, '
+                                 "keep profiling alone")
+            self.profiling = "gpm" if self.gpm else "off"
         url = urlsplit(self.dcgm_url)
         if url.scheme not in ("http", "https") or not url.hostname:
             raise ValueError(f"dcgm_url = {self.dcgm_url!r}: must be an http:// or https:// URL with a host "

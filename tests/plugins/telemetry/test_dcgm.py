@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 from structlog.testing import capture_logs
 
@@ -22,11 +23,13 @@ from vetd.agent.controlclient import ask
 from vetd.controller.config import ReportSection
 from vetd.controller.jobreport import build, gssr, text
 from vetd.controller.telemetry import TelemetryStore
+from vetd.core.configfile import dec_hook
 from vetd.core.protocol import Telemetry
 from vetd.plugins.gpu_health.config import GpuHealthConfig
 from vetd.plugins.gpu_health.dcgmsim import PROFILING_FIELDS, SimulatedExporter
 from vetd.plugins.gpu_health.workload import PROFILES
 from vetd.plugins.telemetry import nvml_source
+from vetd.plugins.telemetry.config import TelemetryConfig
 from vetd.plugins.telemetry.dcgm import FIELDS, MIB, parse
 from vetd.plugins.telemetry.gpu import DCGM_FAILED, DCGM_MARK, GpuSampler
 
@@ -235,6 +238,23 @@ def test_a_bad_dcgm_url_stops_the_agent_with_file_line_and_key(tmp_path: Path) -
     assert done.stderr.strip().splitlines() == [
         f"vetd: config error: {config}:3: plugins.telemetry: dcgm_url = 'localhost:9400': must be an http:// or "
         "https:// URL with a host (dcgm-exporter's is http://localhost:9400/metrics)"]
+
+
+@pytest.mark.parametrize(("gpm", "profiling"), [("true", "gpm"), ("false", "off")])
+def test_an_older_agent_toml_with_gpm_still_loads_as_the_profiling_it_meant(gpm: str, profiling: str) -> None:
+    """`gpm` came before `profiling`: a config copied from the older sample must not stop the agent."""
+    config = msgspec.toml.decode(f"gpm = {gpm}\n", type=TelemetryConfig, dec_hook=dec_hook)
+    assert config.profiling == profiling
+
+
+def test_gpm_beside_another_profiling_is_refused_with_file_line_and_key(tmp_path: Path) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text('[agent]\ncluster = "c"\n[plugins.telemetry]\nprofiling = "dcgm"\ngpm = true\n')
+    done = run_vetd("plugins", "--config", str(config))
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f'vetd: config error: {config}:3: plugins.telemetry: gpm and profiling = "dcgm" both set: gpm was '
+        "replaced by profiling, keep profiling alone"]
 
 
 def test_an_agent_s_windows_carry_dcgm_s_values_through_to_the_job_report(
