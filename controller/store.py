@@ -308,16 +308,21 @@ ALTER TABLE requests ADD COLUMN params TEXT NOT NULL DEFAULT '{}'
 #: A campaign is stored when it starts (``running``) and again when it ends (``done``, or ``failed``
 #: with why), with every node's verdict (the rows of its report). Campaigns stored before only ever
 #: stored finished ones; their verdicts come back from the audit trail (action ``campaign``, detail
-#: ``ID: reason``) where retention kept it.
+#: ``ID: reason``) where retention kept it: one pass over the audit trail into a temporary table
+#: indexed by campaign (a subquery per campaign scanned the whole trail for each, at controller start).
 CAMPAIGN_VERDICTS_SCHEMA = """
 ALTER TABLE campaigns ADD COLUMN state TEXT NOT NULL DEFAULT 'done';
 ALTER TABLE campaigns ADD COLUMN error TEXT NOT NULL DEFAULT '';
 ALTER TABLE campaigns ADD COLUMN verdicts TEXT NOT NULL DEFAULT '[]';
+CREATE TEMP TABLE campaign_audit AS
+    SELECT substr(detail, 1, instr(detail, ': ') - 1) AS campaign, cluster, node, outcome,
+           substr(detail, instr(detail, ': ') + 2) AS reason
+    FROM audit WHERE action = 'campaign' AND instr(detail, ': ') > 0 ORDER BY id;
+CREATE INDEX temp.campaign_audit_id ON campaign_audit (campaign, cluster);
 UPDATE campaigns SET verdicts = coalesce((
-    SELECT json_group_array(json_object('node', a.node, 'verdict', a.outcome,
-                                        'reason', substr(a.detail, length(campaigns.id) + 3)))
-    FROM audit a WHERE a.action = 'campaign' AND a.cluster = campaigns.cluster
-                   AND substr(a.detail, 1, length(campaigns.id) + 1) = campaigns.id || ':'), '[]')
+    SELECT json_group_array(json_object('node', a.node, 'verdict', a.outcome, 'reason', a.reason))
+    FROM campaign_audit a WHERE a.campaign = campaigns.id AND a.cluster = campaigns.cluster), '[]');
+DROP TABLE temp.campaign_audit
 """
 
 
