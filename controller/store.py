@@ -969,7 +969,9 @@ class Store:
         query = "SELECT * FROM campaigns WHERE (? IS NULL OR cluster = ?)"
         params: list[Any] = [cluster, cluster]
         if since is not None:
-            query += " AND (state = 'running' OR ended >= ?)"
+            # before schema 7 (read-only, beside an older controller) there is no state: all are done
+            state = self.db.execute("SELECT 1 FROM pragma_table_info('campaigns') WHERE name = 'state'").fetchone()
+            query += " AND (state = 'running' OR ended >= ?)" if state else " AND ended >= ?"
             params.append(since)
         try:
             rows = self.db.execute(query + " ORDER BY started DESC, id LIMIT ?", (*params, limit)).fetchall()

@@ -297,6 +297,11 @@ def test_campaigns_stored_before_verdicts_and_one_a_stopped_controller_left_are_
     assert (before["state"], before["bad"], before["hostlist"]) == ("done", ["nid003"], "nid[001-004]")
     assert [(v["node"], v["verdict"], v["reason"]) for v in before["verdicts"]] == [  # type: ignore[attr-defined]
         ("nid001", "good", ""), ("nid002", "good", ""), ("nid003", "bad", ""), ("nid004", "skipped", "")]
+    # `--since` on that database (no state column yet): ended after it, so listed; ended before it, not
+    for when, listed in (("1970-01-01T00:16:00Z", ["c0ffee000001"]), ("1970-01-01T00:17:00Z", [])):
+        done = run_vetd("campaigns", "--config", str(config), "--json", "--since", when)
+        assert done.returncode == 0, done.stderr
+        assert [c["campaign"] for c in json.loads(done.stdout)] == listed
     Store(path).close()
     after = show()
     assert [(v["node"], v["verdict"], v["reason"], v["median_gbps"]) for v in after["verdicts"]] == [  # type: ignore[attr-defined]
