@@ -406,6 +406,8 @@ class Campaigns:
             # a job that started meanwhile (the scheduler does not wait for us) makes the node's figures its traffic
             took_part = [v.node for v in outcome.localisation.nodes if v.verdict != "absent"] if outcome else []
             not_judged = await self._held(took_part)
+            report = self._report(campaign, ask, outcome, skipped, not_judged, time.time() - started)
+            self._record(campaign, ask, outcome, not_judged, started, report)
         except BaseException as exc:  # cancelled too: `vetd campaigns` must not show it running for ever
             error = f"{type(exc).__name__}: {exc}" if isinstance(exc, Exception) else "cancelled"
             try:
@@ -413,8 +415,6 @@ class Campaigns:
             except Exception as lost:  # noqa: BLE001 - a store closed at shutdown: the next start abandons it
                 log.error("campaign_not_stored", campaign=campaign, error=str(lost))
             raise
-        report = self._report(campaign, ask, outcome, skipped, not_judged, time.time() - started)
-        self._record(campaign, ask, outcome, not_judged, started, report)
         log.info("campaign_done", campaign=campaign, trigger=ask.trigger, good=len(report["good"]),
                  bad=report["bad"], absent=report["absent"], links=[f"{k['a']}-{k['b']}" for k in report["links"]],
                  seconds=report["total_s"])
