@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections import Counter
 
 import structlog
@@ -135,9 +136,18 @@ class Exporter:
         if self._opener is None:  # no proxy: http_proxy in the agent's environment is not for this node's port
             self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         opener: urllib.request.OpenerDirector = self._opener  # type: ignore[assignment]
+        # ``timeout`` bounds the whole reading: urllib's bounds each connect or recv, so a page that
+        # trickles in would hold the sampler for ever; each of those gets half, the reading stops at the end
+        deadline = time.monotonic() + self.timeout
+        body = bytearray()
         try:
-            with opener.open(self.url, timeout=self.timeout) as response:
-                body = response.read(MAX_BYTES + 1)
+            with opener.open(self.url, timeout=self.timeout / 2) as response:
+                while len(body) <= MAX_BYTES:
+                    if time.monotonic() > deadline:
+                        raise ExporterError("unreachable", f"timed out: no whole page within {self.timeout:g}s")
+                    if not (chunk := response.read1(65536)):
+                        break
+                    body += chunk
         except urllib.error.HTTPError as exc:
             raise ExporterError("http_status", f"HTTP {exc.code} {exc.reason}") from exc
         except (urllib.error.URLError, OSError, ValueError) as exc:  # refused, timed out, no such host
@@ -146,7 +156,7 @@ class Exporter:
         if len(body) > MAX_BYTES:
             raise ExporterError("too_large", f"more than {MAX_BYTES} bytes")
         try:
-            return str(body.decode("utf-8"))
+            return body.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise ExporterError("malformed", f"not UTF-8 text: {exc}") from exc
 

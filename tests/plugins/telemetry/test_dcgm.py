@@ -186,6 +186,14 @@ class Nonsense(http.server.BaseHTTPRequestHandler):
     """Something on the exporter's port that does not speak Prometheus."""
 
     def do_GET(self) -> None:  # http.server's name
+        if self.path.startswith("/trickle"):  # a page that comes a line every 0.1 s, for 10 s
+            self.send_response(200)
+            self.end_headers()
+            for i in range(100):
+                self.wfile.write(f"# HELP line {i}\n".encode())
+                self.wfile.flush()
+                time.sleep(0.1)
+            return
         body = b"<html><body>It works!</body></html>\n"
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
@@ -205,18 +213,22 @@ def nonsense() -> Iterator[str]:
     server.server_close()
 
 
-@pytest.mark.parametrize("broken", ["unreachable", "malformed", "hung"])
+@pytest.mark.parametrize("broken", ["unreachable", "malformed", "hung", "trickling"])
 def test_a_broken_exporter_is_counted_logged_once_and_the_window_has_no_profiling_metrics(
         tmp_path: Path, nonsense: str, broken: str) -> None:
     hung = None
     if broken == "hung":  # a host engine that stopped answering: the request waits for dcgm_timeout
         hung = SimulatedExporter(write(tmp_path / "hung.yaml", "gpus: 2\ntimeline:\n  - {at: 0s, hang: true}\n"))
         hung.start()
-    url = {"unreachable": closed_url(), "malformed": nonsense, "hung": hung.url if hung else ""}[broken]
+    url = {"unreachable": closed_url(), "malformed": nonsense, "hung": hung.url if hung else "",
+           "trickling": nonsense.replace("/metrics", "/trickle")}[broken]
     gpus = sampler(tmp_path, "dcgm", url, dcgm_timeout=0.5)
     try:
         with capture_logs() as logs:
+            began = time.monotonic()
             samples = [gpus.sample() for _ in range(3)]
+            # dcgm_timeout bounds the whole reading, not each recv: a trickle would take 10 s a sample
+            assert time.monotonic() - began < 3 * 2.0
     finally:
         if hung:
             hung.close()
