@@ -131,8 +131,6 @@ def _median(values: list[float]) -> float | None:
 CAPTURE = Path(__file__).resolve().parents[1] / "tests" / "data" / "nvidia-smi" / "h200.xml"
 
 
-
-
 def no_stress(source: str) -> str:
     """Why the GEMM stress cannot run here; empty when it can."""
     if source != "nvml":

@@ -38,8 +38,6 @@ CAPTURE = DATA / "nvidia-smi" / "h200.xml"
 RECORDED = DATA / "nvml" / "h200.calls.json"
 
 
-
-
 def report(result: Survey) -> None:
     print(f"{result.library}: driver {result.driver_version}, NVML {result.nvml_version}, "
           f"nvidia-ml-py {result.pynvml_version}, {result.gpus} GPU(s) {sorted(set(result.gpu_names))}")

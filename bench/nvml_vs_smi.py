@@ -91,8 +91,6 @@ def side_by_side(nvml: NodeSnapshot, smi: NodeSnapshot, what: str) -> dict[str, 
             "reported_by_one_reader_only": only_one}
 
 
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--capture", type=Path, default=CAPTURE,

@@ -50,6 +50,7 @@ from vetd.controller.config import ControllerConfig, ReportSection
 from vetd.controller.store import Store
 from vetd.controller.telemetry import Series, TelemetryStore
 from vetd.core.output import clean, table
+from vetd.core.protocol import DCGM_FAILED, DCGM_MARK
 
 #: GSSR's parameters (the formula is in this module's docstring and the README).
 ALPHA, BETA, GAMMA, LAMBDA = 24.02, 3.09, 2.05, 11.45
@@ -60,8 +61,6 @@ SCORE_SOURCE = ("GSSR, the GPU saturation scorer of CSCS (Schuppli et al., 'Evol
                 "(GPM or DCGM)")
 PROXY_SOURCE = ("proxy: NVML utilisation (share of time any kernel ran), for GPUs without profiling metrics "
                 "(GPM or DCGM); not the saturation score")
-#: The telemetry plugin's marks of where a window's profiling metrics came from (not metrics to summarise).
-DCGM_MARK, DCGM_FAILED = "profiling_dcgm", "profiling_dcgm_failed"
 PROFILING_NAMES = {"gpm": "GPM", "dcgm": "dcgm-exporter", "dcgm+gpm": "dcgm-exporter and GPM"}
 FP_METRICS = ("tensor_active_pct", "fp64_active_pct", "fp32_active_pct", "fp16_active_pct")
 #: Columns of the text table: (title, metric, what of it).

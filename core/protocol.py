@@ -180,6 +180,12 @@ class Telemetry(Envelope, tag="telemetry"):
     job_id: JobId | None = None
 
 
+#: Marks among a GPU window's ``metrics`` (1 when set; not metrics to summarise): its profiling metrics
+#: are dcgm-exporter's, and the exporter gave nothing for the GPU (so it has none). Written by the
+#: telemetry plugin, read by ``vetd job report``.
+DCGM_MARK, DCGM_FAILED = "profiling_dcgm", "profiling_dcgm_failed"
+
+
 class Command(Envelope, tag="cmd"):
     """Controller → agent request; ``node`` is the target node."""
 

@@ -35,28 +35,28 @@ import threading
 from typing import Any, Literal
 
 from vetd.plugins.gpu_health.model import GpuSnapshot, NodeSnapshot
+from vetd.plugins.telemetry.dcgm import FIELDS
 
-MIB = 2.0**20
-#: DCGM field → (help text as dcgm-exporter's CSVs word it, GpuSnapshot field, factor to DCGM's unit).
+#: dcgm-exporter's help text of each profiling field, as its CSVs word it.
+HELP: dict[str, str] = {
+    "DCGM_FI_PROF_GR_ENGINE_ACTIVE": "Ratio of time the graphics engine is active.",
+    "DCGM_FI_PROF_SM_ACTIVE": "The ratio of cycles an SM has at least 1 warp assigned.",
+    "DCGM_FI_PROF_SM_OCCUPANCY": "The ratio of number of warps resident on an SM.",
+    "DCGM_FI_PROF_PIPE_TENSOR_ACTIVE": "Ratio of cycles the tensor (HMMA) pipe is active.",
+    "DCGM_FI_PROF_DRAM_ACTIVE": "Ratio of cycles the device memory interface is active sending or receiving data.",
+    "DCGM_FI_PROF_PIPE_FP64_ACTIVE": "Ratio of cycles the fp64 pipes are active.",
+    "DCGM_FI_PROF_PIPE_FP32_ACTIVE": "Ratio of cycles the fp32 pipes are active.",
+    "DCGM_FI_PROF_PIPE_FP16_ACTIVE": "Ratio of cycles the fp16 pipes are active.",
+    "DCGM_FI_PROF_PCIE_TX_BYTES": "The rate of data transmitted over the PCIe bus - including both protocol headers and data payloads - in bytes per second.",
+    "DCGM_FI_PROF_PCIE_RX_BYTES": "The rate of data received over the PCIe bus - including both protocol headers and data payloads - in bytes per second.",
+    "DCGM_FI_PROF_NVLINK_TX_BYTES": "The rate of data transmitted over NVLink, not including protocol headers, in bytes per second.",
+    "DCGM_FI_PROF_NVLINK_RX_BYTES": "The rate of data received over NVLink, not including protocol headers, in bytes per second.",
+}
+#: DCGM field → (help text, GpuSnapshot field, factor to DCGM's unit): the telemetry plugin's table read
+#: backwards (one place for the fields and units), and the graphics engine, which it does not read.
 PROFILING_FIELDS: dict[str, tuple[str, str, float]] = {
-    "DCGM_FI_PROF_GR_ENGINE_ACTIVE": ("Ratio of time the graphics engine is active.", "utilization_pct", 0.01),
-    "DCGM_FI_PROF_SM_ACTIVE": ("The ratio of cycles an SM has at least 1 warp assigned.", "sm_active_pct", 0.01),
-    "DCGM_FI_PROF_SM_OCCUPANCY": ("The ratio of number of warps resident on an SM.", "sm_occupancy_pct", 0.01),
-    "DCGM_FI_PROF_PIPE_TENSOR_ACTIVE": ("Ratio of cycles the tensor (HMMA) pipe is active.", "tensor_active_pct",
-                                        0.01),
-    "DCGM_FI_PROF_DRAM_ACTIVE": ("Ratio of cycles the device memory interface is active sending or receiving "
-                                 "data.", "dram_active_pct", 0.01),
-    "DCGM_FI_PROF_PIPE_FP64_ACTIVE": ("Ratio of cycles the fp64 pipes are active.", "fp64_active_pct", 0.01),
-    "DCGM_FI_PROF_PIPE_FP32_ACTIVE": ("Ratio of cycles the fp32 pipes are active.", "fp32_active_pct", 0.01),
-    "DCGM_FI_PROF_PIPE_FP16_ACTIVE": ("Ratio of cycles the fp16 pipes are active.", "fp16_active_pct", 0.01),
-    "DCGM_FI_PROF_PCIE_TX_BYTES": ("The rate of data transmitted over the PCIe bus - including both protocol "
-                                   "headers and data payloads - in bytes per second.", "pcie_tx_mib_s", MIB),
-    "DCGM_FI_PROF_PCIE_RX_BYTES": ("The rate of data received over the PCIe bus - including both protocol "
-                                   "headers and data payloads - in bytes per second.", "pcie_rx_mib_s", MIB),
-    "DCGM_FI_PROF_NVLINK_TX_BYTES": ("The rate of data transmitted over NVLink, not including protocol headers, "
-                                     "in bytes per second.", "nvlink_tx_mib_s", MIB),
-    "DCGM_FI_PROF_NVLINK_RX_BYTES": ("The rate of data received over NVLink, not including protocol headers, "
-                                     "in bytes per second.", "nvlink_rx_mib_s", MIB),
+    "DCGM_FI_PROF_GR_ENGINE_ACTIVE": (HELP["DCGM_FI_PROF_GR_ENGINE_ACTIVE"], "utilization_pct", 0.01),
+    **{field: (HELP[field], metric, 1.0 / factor) for field, (metric, factor) in FIELDS.items()},
 }
 DEVICE_FIELDS: dict[str, tuple[str, str, float]] = {
     "DCGM_FI_DEV_SM_CLOCK": ("SM clock frequency (in MHz).", "clock_sm_mhz", 1.0),

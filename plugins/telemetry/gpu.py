@@ -38,6 +38,7 @@ from typing import Any
 import structlog
 
 from vetd.agent.api import SourceUnavailable
+from vetd.core.protocol import DCGM_FAILED, DCGM_MARK
 from vetd.plugins.gpu_health.nvml import GpuLost, NvmlReleased, NvmlSource, field_value
 from vetd.plugins.telemetry.config import DEFAULT_DCGM_URL
 from vetd.plugins.telemetry.dcgm import RATE_METRICS, SCORE_METRICS, Exporter, ExporterError
@@ -71,8 +72,6 @@ COUNTER_FIELDS = {
     "pcie_rx_bytes": "NVML_FI_DEV_PCIE_COUNT_RX_BYTES",
 }
 NVLINK_FIELDS = {"tx": "NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX", "rx": "NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX"}
-#: A sample's profiling metrics are dcgm-exporter's (1); the exporter gave nothing for the GPU (1).
-DCGM_MARK, DCGM_FAILED = "profiling_dcgm", "profiling_dcgm_failed"
 #: One exporter reading: {GPU UUID: {metric: value}}, empty when it failed.
 Scraped = dict[str, dict[str, float]]
 
