@@ -1,7 +1,7 @@
 """Agent memory and CPU: RSS after start and after N minutes, CPU per cycle.
 
-A cycle is one round of every periodic check at the 1 s interval (and one
-telemetry sample); the cycles are counted, not assumed: the ``host_memory``
+A cycle is one round of every periodic check at the 1 s interval (and the
+telemetry plugin's samples, 1 s, windows of 10 s); the cycles are counted, not assumed: the ``host_memory``
 results the broker saw in the window. CPU per cycle = the agent's user+system
 CPU over the window divided by those cycles. Checked first: each host check
 ran as often as host_memory, and the agent kept close to its 1 s interval.
@@ -77,7 +77,7 @@ def main() -> None:
     print(f"agent RSS after {args.minutes:g} min:        {rss_end / 2**20:.1f} MiB")
     print(f"agent CPU over the window:    {cpu:.2f} s in {elapsed:.0f} s ({100 * cpu / elapsed:.2f} % of a core)")
     print(f"cycles counted:               {cycles} in {elapsed:.0f} s")
-    print(f"agent CPU per cycle:          {1000 * cpu / cycles:.2f} ms (5 host checks + 1 telemetry sample)")
+    print(f"agent CPU per cycle:          {1000 * cpu / cycles:.2f} ms (5 host checks + the telemetry plugin's samples)")
     print(f"messages seen on the broker:  {messages}; figures in {path}")
 
 

@@ -168,9 +168,9 @@ def main() -> int:
     elif driver_missing:
         print(f"driver: skip ({driver_missing}); the agent reads {CAPTURE.name} through the simulated library")
         source, table = f"capture {CAPTURE.name} (simulated library)", (
-            f'[plugins.gpu_health]\nsource = "capture"\ncapture = "{CAPTURE}"\nthrough_nvml = true\n')
-    else:
-        source, table = "nvml", ""
+            f'[plugins.gpu_health]\nsource = "capture"\ncapture = "{CAPTURE}"\nthrough_nvml = true\ntelemetry = true\n')
+    else:  # the `gpu` single samples are what it compares with nvidia-smi (off by default)
+        source, table = "nvml", "[plugins.gpu_health]\ntelemetry = true\n"
     stress_skipped = no_stress(source)
     if stress_skipped:
         print(f"stress: skip ({stress_skipped})")

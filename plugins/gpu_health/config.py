@@ -128,8 +128,10 @@ class GpuHealthConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     kmsg: bool = True
     #: On start, report kernel-log XIDs this recent (an XID during an agent restart).
     kmsg_lookback: Duration = Duration(600.0)
-    #: Telemetry from the GPUs (temperature, power, utilisation) at the agent's interval.
-    telemetry: bool = True
+    #: A single sample from each GPU (temperature, power, utilisation) every ``[agent]
+    #: telemetry_interval``, for MQTT subscribers of their own: the controller keeps only the
+    #: telemetry plugin's windows ([plugins.telemetry], the same and more), so this is off.
+    telemetry: bool = False
 
     def xid_verdict(self, xid: int, detail: str = "") -> Verdict:
         """The catalog's verdict on an XID with this site's severity over it."""

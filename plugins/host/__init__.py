@@ -76,8 +76,9 @@ def vetd_register_checks(registry: CheckRegistry, configs: PluginConfigs) -> Non
 
 
 @hookimpl
-def vetd_register_telemetry(registry: TelemetryRegistry) -> None:
-    registry.add(TelemetrySource("host", sample_host))
+def vetd_register_telemetry(registry: TelemetryRegistry, configs: PluginConfigs) -> None:
+    if configs.typed("host", HostConfig).telemetry:
+        registry.add(TelemetrySource("host", sample_host))
 
 
 @hookimpl

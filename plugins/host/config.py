@@ -21,6 +21,10 @@ class HostConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     #: this is true: a running job may use the memory, and draining its node for it kills the job.
     #: ``prolog`` and ``full`` (no job running) still fail.
     memory_fail_in_periodic: bool = False
+    #: A single sample of the host (CPU, memory, load, network) every ``[agent] telemetry_interval``,
+    #: for MQTT subscribers of their own: the controller keeps only the telemetry plugin's windows
+    #: ([plugins.telemetry], the same and more), so this is off.
+    telemetry: bool = False
     #: Paths whose file systems must keep free space.
     disk_paths: list[str] = msgspec.field(default_factory=lambda: ["/", "/tmp"])
     #: Free space below this share of a file system: warn / fail (``disk_low``).

@@ -124,3 +124,21 @@ def test_the_agent_publishes_windows_tagged_with_the_job_on_each_gpu(
     finally:
         agent.stop(timeout=10)
         watcher.close()
+
+
+@pytest.mark.parametrize("older", [False, True])
+def test_the_older_single_sample_sources_are_off_unless_asked_for(tmp_path: Path, older: bool) -> None:
+    """The controller keeps only windows: by default the agent sends the telemetry plugin's and not
+    also a single sample per GPU and per node every telemetry_interval, which it would drop."""
+    from vetd.agent.config import load_agent_config
+    from vetd.agent.pluginhost import PluginHost
+
+    scenario = tmp_path / "node.yaml"
+    scenario.write_text("gpus: 2\n")
+    extra = "telemetry = true\n" if older else ""
+    (tmp_path / "agent.toml").write_text(
+        f'[plugins.gpu_health]\nsource = "scenario"\nscenario = "{scenario}"\nkmsg = false\n{extra}'
+        f"[plugins.host]\n{extra}")
+    names = PluginHost(load_agent_config(tmp_path / "agent.toml", environ={})).register_telemetry().names()
+    assert sorted(names) == (["gpu", "host", "telemetry_gpu", "telemetry_host"] if older
+                             else ["telemetry_gpu", "telemetry_host"])
