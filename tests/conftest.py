@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import fuzz
 from tests.support.procs import TEST_PLUGINS
 from tests.support.services import Alertmanager, Mosquitto, SecureMosquitto, Slurm, missing
 
@@ -59,6 +60,13 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 def pytest_collectreport(report: pytest.CollectReport) -> None:
     _note_skip(report)
+
+
+def pytest_configure() -> None:
+    try:
+        fuzz.load()  # the property tests' depth: HYPOTHESIS_PROFILE (tests/support/fuzz.py)
+    except ValueError as exc:
+        raise pytest.UsageError(str(exc)) from None
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
