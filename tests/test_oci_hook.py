@@ -50,6 +50,7 @@ def agent_config(tmp_path: Path, checks: str) -> Path:
     config = tmp_path / "agent.toml"
     config.write_text(f"""\
 [agent]
+shutdown_grace = "1s"
 load_plugins = ["vetd_testplugin"]
 disable_plugins = ["host"]
 control_socket = "{tmp_path}/agent.sock"

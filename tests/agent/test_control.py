@@ -19,7 +19,7 @@ from tests.support.wait import wait_for
 from vetd.agent.controlclient import ControlError, ask
 from vetd.core.protocol import Event, Result
 
-TESTPLUGIN = '[agent]\nload_plugins = ["vetd_testplugin"]\ndisable_plugins = ["host"]\n'
+TESTPLUGIN = '[agent]\nshutdown_grace = "1s"\nload_plugins = ["vetd_testplugin"]\ndisable_plugins = ["host", "gpu_health"]\n'
 
 
 def start_agent(tmp_path: Path, broker: Mosquitto, cluster: str, config: str) -> tuple[VetdProcess, str]:
