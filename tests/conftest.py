@@ -2,6 +2,12 @@
 
 Also two rules for the whole run: a test that skips for a reason not on
 ALLOWED_SKIPS fails the run, and tests marked ``slow`` get a longer timeout.
+
+The suite runs in several processes (scripts/test: pytest-xdist, ``--dist loadgroup``), each with
+its own session fixtures, temp folder, free ports and cluster names. Two groups keep tests apart:
+``xdist_group("netns")`` (namespaced nodes whose throughput tests measure) and
+``xdist_group("timing")`` (tests that bound a duration): a group's tests run one at a time, in one
+process. The property tests' depth is a profile (tests/support/fuzz.py).
 """
 
 from __future__ import annotations

@@ -140,6 +140,7 @@ def test_a_container_starts_when_vetd_is_down(tmp_path: Path) -> None:
     assert done.stdout.strip() == "hello from the container"
 
 
+@pytest.mark.xdist_group("timing")  # bounds a duration: beside no other such test (tests/conftest.py)
 def test_hook_wall_time_on_a_healthy_node(node: tuple[Path, Watcher]) -> None:
     """The runtime waits for the hook before every container: median of 20 runs (target 100 ms)."""
     config, _ = node

@@ -63,8 +63,9 @@ def test_the_controller_unit_leaves_room_beyond_the_http_connections() -> None:
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The wheel ``pip install .`` would build and install."""
     out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(out), str(ROOT)], check=True, capture_output=True)
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(out), str(ROOT)], check=False, capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
     return next(out.glob("vetd-*.whl"))
 
 
