@@ -19,7 +19,7 @@ from vetd.core.protocol import Event, Result, State
 def start(tmp_path: Path, broker: Mosquitto, cluster: str, scenario: str, extra: str = "", **env: str) -> VetdProcess:
     (tmp_path / "scenario.yaml").write_text(scenario)
     config = tmp_path / "agent.toml"
-    config.write_text(f'[agent]\nshutdown_grace = "1s"\ninterval = "300ms"\n[plugins.gpu_health]\nsource = "scenario"\n'
+    config.write_text(f'[agent]\ninterval = "300ms"\n[plugins.gpu_health]\nsource = "scenario"\n'
                       f'scenario = "{tmp_path / "scenario.yaml"}"\n{extra}')
     return VetdProcess(["agent", "--config", str(config)], tmp_path / "agent.log",
                        vetd_env(VETD_BROKER=broker.url, VETD_CLUSTER=cluster, VETD_NODE="nid001", **env)).start()
@@ -93,7 +93,7 @@ timeline:
   - {at: 6.3s, gpu: 0, xid: 13}
 """)
     config = tmp_path / "agent.toml"
-    config.write_text(f'[agent]\nshutdown_grace = "1s"\ninterval = "1h"\n[plugins.gpu_health]\nsource = "scenario"\n'
+    config.write_text(f'[agent]\ninterval = "1h"\n[plugins.gpu_health]\nsource = "scenario"\n'
                       f'scenario = "{tmp_path / "scenario.yaml"}"\n')
     agent = VetdProcess(["agent", "--config", str(config)], tmp_path / "agent.log",
                         vetd_env(VETD_BROKER=mosquitto.url, VETD_CLUSTER=cluster_name, VETD_NODE="nid001")).start()
