@@ -20,6 +20,9 @@ from vetd.controller.config import BreakerSection, HttpSection, load_controller_
 from vetd.plugins.gpu_health.config import GpuHealthConfig
 from vetd.plugins.host.config import HostConfig
 
+# The wheel is built in the source tree (build/, vetd.egg-info): by one worker, once (tests/conftest.py).
+pytestmark = pytest.mark.xdist_group("wheel")
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
