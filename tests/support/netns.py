@@ -48,12 +48,18 @@ def _ip(*args: str) -> None:
         raise RuntimeError(f"ip {' '.join(args)}: {done.stderr.strip()}")
 
 
-#: The niceness of what runs on a namespaced node (agents, ``vetd vet`` tasks, probes, iperf3,
-#: slurmd and its jobs). Throughput between nodes is measured in these processes, on the CPUs
-#: the rest of the suite shares (several xdist workers on 2 cores): a good pair whose 0.5 s
-#: measurement was starved read 0.035 GB/s, below a campaign's slow threshold. A node has its
-#: CPUs to itself on a cluster; here it gets the first claim on them.
-NODE_NICE = -10
+def node_nice() -> list[str]:
+    """The prefix that runs a command at niceness 0, whatever this process's.
+
+    What runs on a namespaced node (agents, ``vetd vet`` tasks, probes, iperf3, slurmd and its jobs)
+    measures throughput between nodes, on the CPUs the rest of the suite shares: under parallel
+    workers a good pair's 0.5 s measurement was once starved to 0.035 GB/s, below a campaign's
+    slow threshold. The workers run at :data:`tests.conftest.WORKER_NICE`; the nodes come back to 0,
+    as a real node has its CPUs to itself. (Not below 0: at -10 the nodes outranked the kernel's
+    softirq threads that move their packets, and a throttled node's figures changed.)
+    """
+    current = os.getpriority(os.PRIO_PROCESS, 0)
+    return ["nice", "-n", str(-current)] if current > 0 else []
 
 #: How many distinct tags (and subnets, one for each) there are: 10.192.0.0/24 to 10.255.255.0/24.
 TAGS = 1 << 14
@@ -132,8 +138,8 @@ class NetNodes:
         return self
 
     def argv(self, node: str, argv: list[str]) -> list[str]:
-        """``argv`` run in ``node``'s namespace (its /etc/hosts too), at :data:`NODE_NICE`."""
-        return ["ip", "netns", "exec", self.namespace(node), "nice", "-n", str(NODE_NICE), *argv]
+        """``argv`` run in ``node``'s namespace (its /etc/hosts too), at niceness 0 (:func:`node_nice`)."""
+        return ["ip", "netns", "exec", self.namespace(node), *node_nice(), *argv]
 
     def run(self, node: str, *argv: str) -> str:
         done = subprocess.run(self.argv(node, list(argv)), capture_output=True, text=True, check=False, timeout=60)
@@ -302,7 +308,7 @@ class SlurmOnNodes:
             ns = self.nodes.namespace(node)
             self._spawn(["nsenter", f"--net=/run/netns/{ns}", "unshare", "--mount", "--propagation", "private",
                          "sh", "-c", f"mount --bind {NETNS_ETC / ns / 'hosts'} /etc/hosts && "
-                         f"exec nice -n {NODE_NICE} {_which('slurmd')} -D -N {node} -f {self.conf}"])
+                         f"exec {' '.join(node_nice())} {_which('slurmd')} -D -N {node} -f {self.conf}"])
         wait_for(lambda: (s := self.states()) and set(s.values()) == {"idle"}, 60, "the slurmds to register, idle")
         return self
 
