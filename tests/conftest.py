@@ -2,10 +2,18 @@
 
 Also two rules for the whole run: a test that skips for a reason not on
 ALLOWED_SKIPS fails the run, and tests marked ``slow`` get a longer timeout.
+
+The suite runs in several processes (scripts/test: pytest-xdist, ``--dist loadgroup``), each with
+its own session fixtures, temp folder, free ports and cluster names. Two groups keep tests apart:
+``xdist_group("netns")`` (namespaced nodes whose throughput tests measure) and
+``xdist_group("timing")`` (tests that bound a duration): a group's tests run one at a time, in one
+process. Workers run at niceness WORKER_NICE, namespaced nodes at 0. The property tests' depth is a
+profile (tests/support/fuzz.py).
 """
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import uuid
@@ -14,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import fuzz
 from tests.support.procs import TEST_PLUGINS
 from tests.support.services import Alertmanager, Mosquitto, SecureMosquitto, Slurm, missing
 
@@ -59,6 +68,20 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 def pytest_collectreport(report: pytest.CollectReport) -> None:
     _note_skip(report)
+
+
+#: The niceness of each xdist worker (and what it starts): namespaced nodes, which measure
+#: throughput, run at 0 (tests/support/netns.py node_nice) and so come first on the shared CPUs.
+WORKER_NICE = 5
+
+
+def pytest_configure() -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER") and os.getpriority(os.PRIO_PROCESS, 0) < WORKER_NICE:
+        os.setpriority(os.PRIO_PROCESS, 0, WORKER_NICE)
+    try:
+        fuzz.load()  # the property tests' depth: HYPOTHESIS_PROFILE (tests/support/fuzz.py)
+    except ValueError as exc:
+        raise pytest.UsageError(str(exc)) from None
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -30,7 +30,8 @@ from tests.support.services import free_port, missing
 from tests.support.wait import wait_for
 from vetd.agent.controlclient import ask
 
-pytestmark = pytest.mark.skipif(bool(netns.unavailable()), reason=netns.unavailable() or "-")
+pytestmark = [pytest.mark.skipif(bool(netns.unavailable()), reason=netns.unavailable() or "-"),
+              pytest.mark.xdist_group("netns")]  # tests/conftest.py: one netns test at a time
 
 
 @pytest.fixture(scope="module")

@@ -50,6 +50,7 @@ def agent_config(tmp_path: Path, checks: str) -> Path:
     config = tmp_path / "agent.toml"
     config.write_text(f"""\
 [agent]
+shutdown_grace = "1s"
 load_plugins = ["vetd_testplugin"]
 disable_plugins = ["host"]
 control_socket = "{tmp_path}/agent.sock"
@@ -139,6 +140,7 @@ def test_a_container_starts_when_vetd_is_down(tmp_path: Path) -> None:
     assert done.stdout.strip() == "hello from the container"
 
 
+@pytest.mark.xdist_group("timing")  # bounds a duration: beside no other such test (tests/conftest.py)
 def test_hook_wall_time_on_a_healthy_node(node: tuple[Path, Watcher]) -> None:
     """The runtime waits for the hook before every container: median of 20 runs (target 100 ms)."""
     config, _ = node

@@ -20,6 +20,9 @@ from vetd.controller.config import BreakerSection, HttpSection, load_controller_
 from vetd.plugins.gpu_health.config import GpuHealthConfig
 from vetd.plugins.host.config import HostConfig
 
+# The wheel is built in the source tree (build/, vetd.egg-info): by one worker, once (tests/conftest.py).
+pytestmark = pytest.mark.xdist_group("wheel")
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -63,8 +66,9 @@ def test_the_controller_unit_leaves_room_beyond_the_http_connections() -> None:
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The wheel ``pip install .`` would build and install."""
     out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(out), str(ROOT)], check=True, capture_output=True)
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(out), str(ROOT)], check=False, capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
     return next(out.glob("vetd-*.whl"))
 
 

@@ -14,7 +14,7 @@ from vetd.agent.controlclient import ask
 from vetd.core import protocol
 from vetd.core.protocol import ServiceNotice
 
-AGENT = '[agent]\nload_plugins = ["vetd_testplugin"]\ndisable_plugins = ["host"]\n' \
+AGENT = '[agent]\nshutdown_grace = "1s"\nload_plugins = ["vetd_testplugin"]\ndisable_plugins = ["host"]\n' \
         '[plugins.testplugin]\ninterval = "300ms"\nonly = ["steady"]\n'
 
 

@@ -49,7 +49,7 @@ def test_the_agent_refuses_unsigned_forged_expired_and_replayed_commands(
     key_file.write_bytes(KEY + b"\n")
     key_file.chmod(0o600)
     config = tmp_path / "agent.toml"
-    config.write_text(f'[agent]\ninterval = "1h"\n[commands]\nkey_file = "{key_file}"\n')
+    config.write_text(f'[agent]\nshutdown_grace = "1s"\ninterval = "1h"\n[commands]\nkey_file = "{key_file}"\n')
     env = vetd_env(VETD_BROKER=mosquitto.url, VETD_CLUSTER=cluster_name, VETD_NODE="nid001",
                    VETD_STATE_DIR=str(tmp_path / "state"))
     watcher = Watcher(mosquitto.port, f"vetd/v1/{cluster_name}/node/nid001/reply")

@@ -19,7 +19,7 @@ from tests.support.wait import wait_for
 from vetd.agent.controlclient import ControlError, ask
 from vetd.core.protocol import Event, Result
 
-TESTPLUGIN = '[agent]\nload_plugins = ["vetd_testplugin"]\ndisable_plugins = ["host"]\n'
+TESTPLUGIN = '[agent]\nshutdown_grace = "1s"\nload_plugins = ["vetd_testplugin"]\ndisable_plugins = ["host", "gpu_health"]\n'
 
 
 def start_agent(tmp_path: Path, broker: Mosquitto, cluster: str, config: str) -> tuple[VetdProcess, str]:
@@ -90,6 +90,7 @@ def test_bad_requests_get_a_clear_error_and_the_connection_lives_on(steady_agent
         assert b'"ok":false' in lines.readline() and b'"ok":true' in lines.readline()
 
 
+@pytest.mark.xdist_group("timing")  # bounds a duration: beside no other such test (tests/conftest.py)
 def test_a_slow_check_does_not_hold_up_other_clients(steady_agent: tuple[str, Watcher]) -> None:
     sock, _ = steady_agent
     slow: dict[str, Any] = {}
@@ -136,6 +137,7 @@ def test_a_failing_check_makes_the_node_unfit(tmp_path: Path, mosquitto: Mosquit
         assert proc.stop() == 0
 
 
+@pytest.mark.xdist_group("timing")  # bounds a duration: beside no other such test (tests/conftest.py)
 def test_the_client_says_when_no_agent_answers(tmp_path: Path) -> None:
     with pytest.raises(ControlError, match="is `vetd agent` running"):
         ask(str(tmp_path / "none.sock"), {"op": "status"}, 1)

@@ -73,7 +73,7 @@ def test_raising_and_hanging_checks_are_results_and_others_keep_their_schedule(
 ) -> None:
     watcher = Watcher(mosquitto.port, f"vetd/v1/{cluster_name}/#")
     proc = agent(tmp_path, mosquitto, cluster_name,
-                 '[agent]\nload_plugins = ["vetd_testplugin"]\ndisable_plugins = ["host"]\njitter = 0.0\n'
+                 '[agent]\nshutdown_grace = "1s"\nload_plugins = ["vetd_testplugin"]\ndisable_plugins = ["host"]\njitter = 0.0\n'
                  '[plugins.testplugin]\ninterval = "200ms"\nhang_timeout = "300ms"\n').start()
     try:
         wait_for(lambda: len(results(watcher, "hangs")) >= 3 and len(results(watcher, "steady")) >= 8, 20,
@@ -99,7 +99,7 @@ def test_agent_reconnects_after_a_broker_restart_and_loses_nothing(
     # One watcher with a session the broker keeps across its restart: every result
     # the agent made, before, during and after the outage, must reach it.
     watcher = Watcher(own_mosquitto.port, f"vetd/v1/{cluster_name}/node/+/result", session=f"w-{cluster_name}")
-    proc = agent(tmp_path, own_mosquitto, cluster_name, '[agent]\ninterval = "200ms"\n').start()
+    proc = agent(tmp_path, own_mosquitto, cluster_name, '[agent]\nshutdown_grace = "1s"\ninterval = "200ms"\n').start()
     try:
         wait_for(lambda: len(results(watcher)) >= 5, 15, "results before the restart")
         own_mosquitto.stop()
@@ -123,12 +123,12 @@ def test_agent_reconnects_after_a_broker_restart_and_loses_nothing(
 
 def test_sighup_reloads_the_config(tmp_path: Path, mosquitto: Mosquitto, cluster_name: str) -> None:
     watcher = Watcher(mosquitto.port, f"vetd/v1/{cluster_name}/#")
-    proc = agent(tmp_path, mosquitto, cluster_name, '[agent]\ninterval = "200ms"\n').start()
+    proc = agent(tmp_path, mosquitto, cluster_name, '[agent]\nshutdown_grace = "1s"\ninterval = "200ms"\n').start()
     try:
         wait_for(lambda: results(watcher, "host_paths"), 15, "host_paths result")
         assert all(r.status == "pass" for r in results(watcher, "host_paths"))
         config = tmp_path / "agent-nid001.toml"
-        config.write_text('[agent]\ninterval = "200ms"\n[plugins.host]\nrequired_paths = ["/no/such/lustre"]\n')
+        config.write_text('[agent]\nshutdown_grace = "1s"\ninterval = "200ms"\n[plugins.host]\nrequired_paths = ["/no/such/lustre"]\n')
         proc.signal(signal.SIGHUP)
         wait_for(lambda: any(r.status == "fail" for r in results(watcher, "host_paths")), 15, "reloaded check")
         config.write_text("[agent]\nnot_a_key = 1\n")
@@ -146,7 +146,7 @@ def test_systemd_ready_and_watchdog(tmp_path: Path, mosquitto: Mosquitto, cluste
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind(address)
         sock.settimeout(0.2)
-        proc = agent(tmp_path, mosquitto, cluster_name, "", NOTIFY_SOCKET=address, WATCHDOG_USEC="400000").start()
+        proc = agent(tmp_path, mosquitto, cluster_name, '[agent]\nshutdown_grace = "1s"\n', NOTIFY_SOCKET=address, WATCHDOG_USEC="400000").start()
         seen: list[str] = []
 
         def receive() -> list[str]:
@@ -184,7 +184,7 @@ def test_the_watchdog_goes_quiet_while_the_event_loop_is_blocked(
         listener.start()
         watcher = Watcher(mosquitto.port, f"vetd/v1/{cluster_name}/#")
         proc = agent(tmp_path, mosquitto, cluster_name,
-                     '[agent]\nload_plugins = ["vetd_testplugin"]\ndisable_plugins = ["host", "gpu_health"]\n'
+                     '[agent]\nshutdown_grace = "1s"\nload_plugins = ["vetd_testplugin"]\ndisable_plugins = ["host", "gpu_health"]\n'
                      '[plugins.testplugin]\nonly = ["steady"]\n[commands]\nallow = ["block_loop"]\n',
                      NOTIFY_SOCKET=address, WATCHDOG_USEC="400000")  # a ping every 0.2 s
         try:

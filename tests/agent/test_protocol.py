@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.support.fuzz import examples
 from vetd.core import protocol
 from vetd.core.protocol import Command, Event, ProtocolError, Reply, Result, State, Telemetry
 
@@ -122,7 +123,7 @@ def test_a_message_that_disagrees_with_its_topic_is_rejected() -> None:
         protocol.decode_from("vetd/v1/alps/nid001/result", payload)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(60))
 @given(st.binary(max_size=2048))
 def test_arbitrary_bytes_never_escape_as_another_exception(payload: bytes) -> None:
     with contextlib.suppress(ProtocolError):
@@ -210,7 +211,7 @@ _fields = st.sampled_from(sorted({f for kind in (State, Result, Event, Telemetry
                                   for f in kind.__struct_fields__}))
 
 
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=examples(200))
 @given(kind=st.sampled_from(protocol.CHANNELS), cluster=_names, node=_names,
        seq=st.one_of(st.integers(min_value=-1, max_value=2**64 - 1), st.sampled_from([2**63 - 1, 2**63])),
        ts=st.floats(allow_nan=True, allow_infinity=True),

@@ -128,6 +128,7 @@ def test_the_controllers_exclusion_fails_the_prolog_and_its_breaker_holds_back_a
     assert "circuit breaker of this node's partition is open" in err and "the job runs" in err
 
 
+@pytest.mark.xdist_group("timing")  # bounds a duration: beside no other such test (tests/conftest.py)
 @pytest.mark.parametrize("node", ['[slurm]\nprolog_deadline = "2s"\n[profiles]\nprolog = ["hangs", "raises"]\n'
                                   '[plugins.testplugin]\nonly = ["hangs", "raises"]\nhang_timeout = "60s"\n'],
                          indirect=True)

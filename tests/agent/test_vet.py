@@ -25,7 +25,8 @@ from tests.support.wait import wait_for
 from vetd.agent.controlclient import ask
 from vetd.core.protocol import Result
 
-pytestmark = pytest.mark.skipif(bool(netns.unavailable()), reason=netns.unavailable() or "-")
+pytestmark = [pytest.mark.skipif(bool(netns.unavailable()), reason=netns.unavailable() or "-"),
+              pytest.mark.xdist_group("netns")]  # tests/conftest.py: one netns test at a time
 
 PROTOCOL = "name: host memory only\nchecks:\n  - host_memory\n"
 CONFIG = '[plugins.tcp_pairs]\nseconds = "{seconds}"\nstreams = 2\n'
@@ -216,7 +217,7 @@ def test_the_verdict_goes_to_the_nodes_agent_tagged_with_the_job(net: NetNodes, 
                                                                   mosquitto: Mosquitto, cluster_name: str) -> None:
     sock = str(tmp_path / "agent.sock")
     watcher = Watcher(mosquitto.port, f"vetd/v1/{cluster_name}/#")
-    (tmp_path / "node.toml").write_text('[agent]\ndisable_plugins = ["gpu_health", "gpu_compute", "nccl"]\n')
+    (tmp_path / "node.toml").write_text('[agent]\nshutdown_grace = "1s"\ndisable_plugins = ["gpu_health", "gpu_compute", "nccl"]\n')
     agent = VetdProcess(["agent", "--config", str(tmp_path / "node.toml")], tmp_path / "agent.log",
                         vetd_env(VETD_BROKER=mosquitto.url, VETD_CLUSTER=cluster_name, VETD_NODE="nid001",
                                  VETD_CONTROL_SOCKET=sock)).start()

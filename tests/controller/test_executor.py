@@ -168,6 +168,7 @@ def blackhole() -> Iterator[Blackhole]:
     server.close()
 
 
+@pytest.mark.xdist_group("timing")  # bounds a duration: beside no other such test (tests/conftest.py)
 def test_an_scontrol_that_hangs_is_a_failed_attempt_and_holds_up_no_other_drain(
     tmp_path: Path, mosquitto: Mosquitto, slurm: Slurm, cluster_name: str
 ) -> None:
@@ -253,6 +254,7 @@ def test_a_reboot_that_slurm_refuses_or_never_answers_fails_its_healing_step(
         slurm.resume("nid004")
 
 
+@pytest.mark.xdist_group("timing")  # bounds a duration: beside no other such test (tests/conftest.py)
 def test_alerts_to_an_alertmanager_that_never_answers_do_not_delay_a_drain(
     tmp_path: Path, mosquitto: Mosquitto, slurm: Slurm, cluster_name: str, blackhole: Blackhole
 ) -> None:

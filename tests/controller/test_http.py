@@ -153,6 +153,7 @@ def test_an_endless_header_is_cut_off_and_memory_stays_bounded(
         controller.stop()
 
 
+@pytest.mark.xdist_group("timing")  # bounds a duration: beside no other such test (tests/conftest.py)
 def test_a_trickled_header_is_timed_out(tmp_path: Path, mosquitto: Mosquitto, cluster_name: str) -> None:
     port, controller = http_controller(tmp_path, mosquitto, cluster_name, more_http='header_timeout = "1s"\n')
     try:
@@ -171,6 +172,7 @@ def test_a_trickled_header_is_timed_out(tmp_path: Path, mosquitto: Mosquitto, cl
         controller.stop()
 
 
+@pytest.mark.xdist_group("timing")  # bounds a duration: beside no other such test (tests/conftest.py)
 def test_answers_on_a_kept_alive_connection_do_not_wait_for_acks(
     tmp_path: Path, mosquitto: Mosquitto, cluster_name: str
 ) -> None:

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.support.fuzz import examples
 from tests.support.procs import VetdProcess, publish_raw, vetd_env
 from tests.support.services import Mosquitto
 from tests.support.wait import wait_for
@@ -104,7 +105,7 @@ wire_messages = st.one_of(
 )
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(60), suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(wire_messages, min_size=1, max_size=6))
 def test_any_message_that_decodes_is_processed_without_raising(batch: list[Any]) -> None:
     """Engine and store take whatever the protocol's bounds let through (none is left out as failed)."""

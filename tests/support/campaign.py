@@ -97,7 +97,7 @@ class Fleet:
                             vetd_env(VETD_BROKER=f"mqtt://{self.nodes.host_ip}:{self.broker.port}",
                                      VETD_CLUSTER=self.cluster, VETD_NODE=node, VETD_ALLOW_UNSIGNED_COMMANDS="0",
                                      VETD_CONTROL_SOCKET=self.socket(node)),
-                            prefix=["ip", "netns", "exec", self.nodes.namespace(node)]).start()
+                            prefix=self.nodes.argv(node, [])).start()
         self.agents[node] = agent
         return agent
 

@@ -6,6 +6,7 @@ import glob
 import json
 import shutil
 import subprocess
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,8 @@ def bundle(root: Path, args: list[str], hooks: dict[str, Any], annotations: dict
     config["process"].update(terminal=False, args=args)
     config["root"]["readonly"] = True
     config["linux"]["namespaces"] = [ns for ns in config["linux"]["namespaces"] if ns["type"] != "network"]
-    config["linux"]["cgroupsPath"] = f"/vetd-test-{root.name}"
+    # its own cgroup even beside another worker's container of the same bundle name
+    config["linux"]["cgroupsPath"] = f"/vetd-test-{root.name}-{uuid.uuid4().hex[:8]}"
     config["hooks"] = hooks
     config["annotations"] = annotations
     (root / "config.json").write_text(json.dumps(config, indent=1))

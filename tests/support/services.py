@@ -13,9 +13,11 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,6 +99,72 @@ class Mosquitto:
         self.process.send_signal(signal.SIGCONT)
 
 
+def munged(workdir: Path) -> tuple[list[str], Path]:
+    """A new munge key in ``workdir/munge`` and the command line of a munged using it; returns that and
+    the socket it will listen on (``AuthInfo=socket=…`` in slurm.conf)."""
+    d = workdir / "munge"
+    d.mkdir(parents=True, exist_ok=True)
+    d.chmod(0o711)
+    key = d / "munge.key"
+    key.write_bytes(secrets.token_bytes(1024))
+    key.chmod(0o400)
+    sock = d / "munge.sock"
+    return [_which("munged"), "--force", "--foreground", f"--key-file={key}", f"--socket={sock}",
+            f"--pid-file={d}/munged.pid", f"--log-file={d}/munged.log", f"--seed-file={d}/seed"], sock
+
+
+def slurmd_spool(nodes: Iterable[str]) -> Path:
+    """A new folder for the slurmds' spools, one sub-folder per node, at a short path of its own.
+
+    slurmstepd listens on a Unix socket in its node's spool (``nid002_1.4294967291``), and a socket's
+    path has at most 107 bytes: under pytest's temp folder (with xdist, ``…/popen-gw3/test_…/``) it
+    would not fit. The caller removes it (:func:`shutil.rmtree`) when its cluster stops."""
+    spool = Path(tempfile.mkdtemp(prefix="vetd-slurmd-"))
+    for node in nodes:
+        (spool / node).mkdir()
+    return spool
+
+
+def slurm_conf(workdir: Path, *, spool: Path, ctld_addr: str, ctld_port: int, auth_info: str, node_lines: str,
+               extra: str = "") -> str:
+    """The slurm.conf of a test cluster whose state, pid and log files are all in ``workdir`` and the
+    slurmds' spools in ``spool`` (:func:`slurmd_spool`): slurmctld at ``ctld_addr:ctld_port``,
+    ``node_lines`` (``NodeName=…`` lines), ``extra`` lines (``Prolog=``…) before them, every node in
+    one default partition. The cluster's name is its own (``vetd`` and random hex), as several
+    clusters run at once (xdist workers, other runs)."""
+    d = workdir
+    return f"""\
+ClusterName=vetd{secrets.token_hex(4)}
+SlurmctldHost={socket.gethostname().split('.')[0]}({ctld_addr})
+SlurmctldPort={ctld_port}
+SlurmdPort={free_port()}
+AuthType=auth/munge
+AuthInfo={auth_info}
+CredType=cred/munge
+SlurmUser=root
+SlurmdUser=root
+StateSaveLocation={d}/state
+SlurmdSpoolDir={spool}/%n
+SlurmctldPidFile={d}/slurmctld.pid
+SlurmdPidFile={d}/slurmd-%n.pid
+SlurmctldLogFile={d}/slurmctld.log
+SlurmdLogFile={d}/slurmd-%n.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SwitchType=switch/none
+MpiDefault=none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+SchedulerType=sched/builtin
+SelectType=select/linear
+ReturnToService=2
+RebootProgram=/bin/true
+SlurmctldTimeout=10
+SlurmdTimeout=300
+{extra}{node_lines}PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+"""
+
+
 @dataclass
 class Slurm:
     """munged + slurmctld + one slurmd answering for nid[001-004]; or, with ``daemons``, one slurmd per
@@ -114,6 +182,8 @@ class Slurm:
     extra: str = ""
     #: AuthInfo cred_expire: also how long a requeued job waits before it may start again (Slurm: 120 s).
     cred_expire: int = 0
+    #: The slurmds' spools (:func:`slurmd_spool`), while the cluster runs.
+    spool: Path | None = None
 
     @property
     def conf(self) -> Path:
@@ -125,54 +195,20 @@ class Slurm:
 
     def start(self) -> Slurm:
         d = self.workdir
-        for sub in ("state", "munge", *(f"spool/{name}" for name in self.daemons or ("nid001",))):
-            (d / sub).mkdir(parents=True, exist_ok=True)
-        (d / "munge").chmod(0o711)
-        key = d / "munge" / "munge.key"
-        key.write_bytes(secrets.token_bytes(1024))
-        key.chmod(0o400)
-        socket_path = d / "munge" / "munge.sock"
-        self._spawn("munged", [_which("munged"), "--force", "--foreground", f"--key-file={key}",
-                    f"--socket={socket_path}", f"--pid-file={d}/munge/munged.pid",
-                    f"--log-file={d}/munge/munged.log", f"--seed-file={d}/munge/seed"])
+        (d / "state").mkdir(parents=True, exist_ok=True)
+        self.spool = slurmd_spool(self.daemons or ("nid001",))
+        argv, socket_path = munged(d)
+        self._spawn("munged", argv)
         wait_for(socket_path.exists, 10, "munged socket")
-        ctld_port, slurmd_port = free_port(), free_port()
+        ctld_port = free_port()
         if self.daemons:
             node_lines = "".join(f"NodeName={name} NodeAddr=127.0.0.1 Port={free_port()} CPUs=2 RealMemory=1000 "
                                  f"Weight={self.weights.get(name, 1)} State=UNKNOWN\n" for name in self.daemons)
         else:
             node_lines = f"NodeName={self.nodes} NodeAddr=127.0.0.1 CPUs=2 RealMemory=1000 State=UNKNOWN\n"
         auth = f"socket={socket_path}" + (f",cred_expire={self.cred_expire}" if self.cred_expire else "")
-        self.conf.write_text(f"""\
-ClusterName=vetdtest
-SlurmctldHost={socket.gethostname().split('.')[0]}(127.0.0.1)
-SlurmctldPort={ctld_port}
-SlurmdPort={slurmd_port}
-AuthType=auth/munge
-AuthInfo={auth}
-CredType=cred/munge
-SlurmUser=root
-SlurmdUser=root
-StateSaveLocation={d}/state
-SlurmdSpoolDir={d}/spool/%n
-SlurmctldPidFile={d}/slurmctld.pid
-SlurmdPidFile={d}/slurmd-%n.pid
-SlurmctldLogFile={d}/slurmctld.log
-SlurmdLogFile={d}/slurmd-%n.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SwitchType=switch/none
-MpiDefault=none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-SchedulerType=sched/builtin
-SelectType=select/linear
-ReturnToService=2
-RebootProgram=/bin/true
-SlurmctldTimeout=10
-SlurmdTimeout=300
-{self.extra}{node_lines}PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
-""")
+        self.conf.write_text(slurm_conf(d, spool=self.spool, ctld_addr="127.0.0.1", ctld_port=ctld_port, auth_info=auth,
+                                        node_lines=node_lines, extra=self.extra))
         self._spawn("slurmctld", [_which("slurmctld"), "-D", "-c", "-f", str(self.conf)])
         wait_for(lambda: port_open(ctld_port), 20, "slurmctld to listen")
         for name in self.daemons or ("nid001",):
@@ -224,6 +260,9 @@ SlurmdTimeout=300
                 process.kill()
                 process.wait()
         self.processes.clear()
+        if self.spool is not None:
+            shutil.rmtree(self.spool, ignore_errors=True)
+            self.spool = None
 
 
 def flaky_scontrol(tmp_path: Path, fail_first: int = 0, lose_first_drain: bool = False) -> Path:

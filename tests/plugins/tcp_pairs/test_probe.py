@@ -21,6 +21,8 @@ from vetd.plugins.tcp_pairs.config import TcpPairsConfig
 from vetd.plugins.tcp_pairs.probe import MAGIC, TcpEndpoint
 
 PORT = 18556
+# the throughput figures are measured on this machine: one netns test at a time (tests/conftest.py)
+pytestmark = pytest.mark.xdist_group("netns")
 
 
 @pytest.fixture(scope="module")
