@@ -242,14 +242,19 @@ def test_a_broken_exporter_is_counted_logged_once_and_the_window_has_no_profilin
         assert values["utilization_pct"] == TRAINING["utilization_pct"]  # NVML's own metrics go on
 
 
-def test_a_bad_dcgm_url_stops_the_agent_with_file_line_and_key(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("table", "why"), [
+    ('profiling = "dcgm"\ndcgm_url = "localhost:9400"\n',
+     "dcgm_url = 'localhost:9400': must be an http:// or https:// URL with a host (dcgm-exporter's is "
+     "http://localhost:9400/metrics)"),
+    ('profiling = "dcgm"\ngpm = true\n',
+     'gpm and profiling = "dcgm" both set: gpm was replaced by profiling, keep profiling alone'),
+])
+def test_a_bad_telemetry_table_stops_the_agent_with_file_line_and_key(tmp_path: Path, table: str, why: str) -> None:
     config = tmp_path / "agent.toml"
-    config.write_text('[agent]\ncluster = "c"\n[plugins.telemetry]\nprofiling = "dcgm"\ndcgm_url = "localhost:9400"\n')
+    config.write_text(f'[agent]\ncluster = "c"\n[plugins.telemetry]\n{table}')
     done = run_vetd("plugins", "--config", str(config))
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [
-        f"vetd: config error: {config}:3: plugins.telemetry: dcgm_url = 'localhost:9400': must be an http:// or "
-        "https:// URL with a host (dcgm-exporter's is http://localhost:9400/metrics)"]
+    assert done.stderr.strip().splitlines() == [f"vetd: config error: {config}:3: plugins.telemetry: {why}"]
 
 
 @pytest.mark.parametrize(("gpm", "profiling"), [("true", "gpm"), ("false", "off")])
@@ -257,16 +262,6 @@ def test_an_older_agent_toml_with_gpm_still_loads_as_the_profiling_it_meant(gpm:
     """`gpm` came before `profiling`: a config copied from the older sample must not stop the agent."""
     config = msgspec.toml.decode(f"gpm = {gpm}\n", type=TelemetryConfig, dec_hook=dec_hook)
     assert config.profiling == profiling
-
-
-def test_gpm_beside_another_profiling_is_refused_with_file_line_and_key(tmp_path: Path) -> None:
-    config = tmp_path / "agent.toml"
-    config.write_text('[agent]\ncluster = "c"\n[plugins.telemetry]\nprofiling = "dcgm"\ngpm = true\n')
-    done = run_vetd("plugins", "--config", str(config))
-    assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [
-        f'vetd: config error: {config}:3: plugins.telemetry: gpm and profiling = "dcgm" both set: gpm was '
-        "replaced by profiling, keep profiling alone"]
 
 
 def test_an_agent_s_windows_carry_dcgm_s_values_through_to_the_job_report(
