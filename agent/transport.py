@@ -45,7 +45,7 @@ import structlog
 
 from vetd.agent.spool import Pending, Spool
 from vetd.core import __version__, protocol
-from vetd.core.mqtt import Backoff, BrokerAddress, connect_forever
+from vetd.core.mqtt import Backoff, BrokerAddress, connect_forever, raise_swallowed_cancel
 from vetd.core.protocol import Command, Message, ServiceNotice, State
 
 log = structlog.get_logger("vetd.transport")
@@ -221,6 +221,7 @@ class Transport:
             # QoS 1 returns once the broker's PUBACK is in: only then does it leave the spool.
             await client.publish(pending.topic, pending.payload, qos=pending.qos, timeout=PUBLISH_TIMEOUT_S)
             self.spool.done(pending)
+            raise_swallowed_cancel()  # stopping: the broker has it, and the loop must not wait for the next
 
     @property
     def _ack_topic(self) -> str:

@@ -116,6 +116,21 @@ class Backoff:
         self.attempt = 0
 
 
+def raise_swallowed_cancel() -> None:
+    """Raise again a cancellation of the current task that an ``await`` lost.
+
+    aiomqtt waits for a PUBACK with ``asyncio.wait_for``, which on Python 3.11 returns normally when
+    the cancellation arrives as the PUBACK does (CPython gh-86296, fixed in 3.12): a loop that
+    publishes, then waits for the next message, would wait for ever with its cancel pending, and
+    hold up its task group's shutdown. Call it after such an await, in a loop that cleans up nothing.
+    """
+    import asyncio
+
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 async def connect_forever(
     connect: Callable[[], AbstractAsyncContextManager[Any]],
     session: Callable[[Any, Callable[[], None]], Awaitable[None]],
