@@ -83,7 +83,12 @@ def test_a_throttled_node_is_named_and_the_default_rule_drains_it(clean: Fleet) 
     campaign = campaign_of(rows)
     # one result per node, stored like any other, and the rule drained the slow one (and only it)
     [bad] = wait_for(lambda: fabric_results(fleet, "nid003", campaign), 20, "nid003's fabric_pairs result")
-    assert bad["status"] == "fail" and bad["metrics"]["pair_gbps_median"] < 0.01
+    # slow against the campaign's own threshold (a share of the reference pair), as the verdict says: a
+    # fixed figure under the 16 Mbit/s throttle failed now and then (tbf lets a short probe's burst through)
+    shown = fleet.vetd("campaigns", "show", campaign, "--json")
+    assert shown.returncode == 0, shown.stderr
+    threshold = json.loads(shown.stdout)["threshold_gbps"]
+    assert bad["status"] == "fail" and bad["metrics"]["pair_gbps_median"] < threshold
     wait_for(lambda: {n["node"]: n["state"] for n in fleet.node_states()}["nid003"] == "excluded", 20,
              "nid003 excluded")
     states = {n["node"]: (n["state"], n["reason"]) for n in fleet.node_states()}
