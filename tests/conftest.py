@@ -73,9 +73,13 @@ def pytest_collectreport(report: pytest.CollectReport) -> None:
 #: The niceness of each xdist worker (and what it starts): namespaced nodes, which measure
 #: throughput, run at 0 (tests/support/netns.py node_nice) and so come first on the shared CPUs.
 WORKER_NICE = 5
+#: The main process's --dist, for its workers (set in pytest_configure).
+DIST_ENV = "VETD_TEST_DIST"
 
 
-def pytest_configure() -> None:
+def pytest_configure(config: pytest.Config) -> None:
+    if not os.environ.get("PYTEST_XDIST_WORKER"):  # the main process: what its workers are to check (check_groups)
+        os.environ[DIST_ENV] = str(config.getoption("dist", "no"))
     if os.environ.get("PYTEST_XDIST_WORKER") and os.getpriority(os.PRIO_PROCESS, 0) < WORKER_NICE:
         os.setpriority(os.PRIO_PROCESS, 0, WORKER_NICE)
     try:
@@ -84,10 +88,25 @@ def pytest_configure() -> None:
         raise pytest.UsageError(str(exc)) from None
 
 
+@pytest.hookimpl(trylast=True)  # after pytest-xdist's, which names each grouped item's group
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
             item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
+    check_groups(items)
+
+
+def check_groups(items: list[pytest.Item]) -> None:
+    """Under ``--dist loadgroup`` each worker's grouped items carry ``@GROUP`` (pytest-xdist adds it); without
+    it the groups are silently ignored and their tests share what they must not (pytest 9 with xdist 3.8 did
+    that: pyproject pins pytest below 9). A usage error, not a suite that passes by luck."""
+    if not os.environ.get("PYTEST_XDIST_WORKER") or os.environ.get(DIST_ENV) != "loadgroup":
+        return  # a worker's own --dist is "no": the main process's is passed down in the environment
+    for item in items:
+        if (group := item.get_closest_marker("xdist_group")) is not None and "@" not in item.nodeid:
+            name = group.kwargs.get("name", group.args[0] if group.args else "")
+            pytest.exit(f"{item.nodeid}: xdist_group({name!r}) is not honoured by this pytest / pytest-xdist "
+                        "pair; run serially (-n 0) or install the pinned versions", pytest.ExitCode.USAGE_ERROR)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
